@@ -1,0 +1,78 @@
+"""Shared test fixtures: a tiny in-memory tokenizer and a tiny seeded VLM (no downloads, CPU, seconds)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+# A few hundred words of plain English so the byte-level BPE learns real merges. Captions, questions
+# and answers like the ones the data pipeline produces.
+_CORPUS = """
+A photo of a dog running on the beach near the water. Two people are sitting on a bench in the park.
+A red car is parked next to a white building with large windows. The cat sleeps on a wooden table.
+What color is the bus? The bus is yellow. How many birds are in the sky? There are three birds.
+Describe the image in English: a man is riding a bicycle down a busy street in the city at night.
+A woman holds an umbrella while walking in the rain. Children play football on a green field.
+Question: Is there a clock on the wall? Answer: yes. Question: What is the boy eating? Answer: an apple.
+The kitchen has a stove, a sink, a refrigerator and a small window above the counter.
+A plate of food with rice, vegetables and chicken sits on the table next to a glass of water.
+The train arrives at the station while people wait on the platform with their bags.
+A large brown bear walks through the tall grass near the river in the forest.
+Picture 1: a group of friends smiling at the camera. Picture 2: a mountain covered with snow.
+Generate the caption in English with grounding: the man in the blue shirt is holding a phone.
+An airplane flies over the ocean under a clear blue sky. Boats float in the harbour at sunset.
+The girl wears a pink dress and carries a basket of flowers through the garden.
+A computer, a keyboard and a mouse are on the desk in the office beside a cup of coffee.
+Which animal is larger, the horse or the sheep? The horse is larger than the sheep.
+You are a helpful assistant. The user asks a question about the picture and the assistant answers.
+Read the text in the image. The sign says stop. The street name is Main Street.
+Context: plants need light and water to grow. Options: A. sand B. light C. metal. Answer: B
+""".strip()
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE tokenizer (vocab ~ 600) with every special token the VLM uses."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from models.tokens import ENDOFTEXT, VLM_SPECIAL_TOKENS
+
+    special = [ENDOFTEXT, *VLM_SPECIAL_TOKENS]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=ENDOFTEXT,
+        pad_token=ENDOFTEXT,
+        extra_special_tokens=list(VLM_SPECIAL_TOKENS),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tiny_tokenizer):
+    """A tiny randomly initialised VLM (float32, CPU, eval mode). Treat as read-only; copy it to mutate."""
+    from models import build_vlm, presets
+
+    torch.manual_seed(0)
+    model = build_vlm(presets.tiny(vocab_size=len(tiny_tokenizer)), tokenizer=tiny_tokenizer)
+    return model.eval()
