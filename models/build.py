@@ -1,0 +1,92 @@
+"""Construction of a VLM from configs, a local HF LLM directory, and optionally OpenCLIP weights."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+
+import torch
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.initialization import no_init_weights
+
+from models.config import VLMConfig
+from models.tokens import ensure_special_tokens, image_token_ids
+from models.vlm import VLM
+
+
+def text_config_from_dict(d: dict):
+    """A HF ``PretrainedConfig`` from the ``text_config`` dict of a VLMConfig."""
+    if "model_type" not in d:
+        raise ValueError("text_config needs a 'model_type' (e.g. 'qwen2')")
+    return CONFIG_MAPPING[d["model_type"]].from_dict({k: v for k, v in d.items() if k != "model_type"})
+
+
+def _apply_tokenizer(config: VLMConfig, tokenizer) -> None:
+    """Record the tokenizer's image token ids; flag embeddings as trainable if tokens were added."""
+    added = ensure_special_tokens(tokenizer)
+    ids = image_token_ids(tokenizer)
+    config.image_start_id, config.image_end_id, config.image_pad_id = ids.start, ids.end, ids.pad
+    config.pad_token_id = tokenizer.pad_token_id
+    if added:
+        config.train_embeddings = True
+
+
+def _build_llm(config: VLMConfig, llm_path: str | Path | None, dtype: torch.dtype | None) -> PreTrainedModel:
+    if llm_path is not None:
+        llm = AutoModelForCausalLM.from_pretrained(
+            llm_path, dtype=dtype, attn_implementation=config.attn_implementation, trust_remote_code=False
+        )
+        config.text_config = llm.config.to_dict()
+        return llm
+    return AutoModelForCausalLM.from_config(
+        text_config_from_dict(config.text_config), dtype=dtype, attn_implementation=config.attn_implementation
+    )
+
+
+def build_vlm(
+    config: VLMConfig,
+    tokenizer=None,
+    llm_path: str | Path | None = None,
+    openclip: tuple[str, str] | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    init_weights: bool = True,
+) -> VLM:
+    """Build a VLM.
+
+    - ``tokenizer``: special tokens are added when missing (then ``config.train_embeddings`` is set
+      and the embeddings are resized), and the image token ids recorded in the config.
+    - ``llm_path``: a local HF directory for the LLM (``config.text_config`` is replaced by its
+      config); otherwise the LLM is randomly initialised from ``config.text_config``.
+    - ``openclip``: ``(model_name, checkpoint_path)`` initialises the vision tower from OpenCLIP.
+    - ``device="meta"`` builds without memory (for shapes and parameter counts).
+    - ``init_weights=False`` skips random initialisation (weights are about to be loaded).
+    The config is copied, never mutated; the model's own is ``vlm.config``.
+    """
+    config = copy.deepcopy(config)
+    if tokenizer is not None:
+        _apply_tokenizer(config, tokenizer)
+    skip_init = no_init_weights() if not init_weights else contextlib.nullcontext()
+    with torch.device(device or "cpu"), skip_init:
+        llm = _build_llm(config, llm_path, dtype)
+        if tokenizer is not None and len(tokenizer) > llm.get_input_embeddings().num_embeddings:
+            llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        config.text_config["vocab_size"] = llm.get_input_embeddings().num_embeddings
+        if config.pad_token_id is not None:
+            llm.generation_config.pad_token_id = config.pad_token_id
+        model = VLM(config, llm)
+    if dtype is not None:
+        model.vision.to(dtype)
+        model.resampler.to(dtype)
+    if openclip is not None:
+        from models.openclip import load_openclip_vision
+
+        load_openclip_vision(model.vision, *openclip)
+    model.tokenizer = tokenizer
+    return model
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved beside a VLM (or any local HF tokenizer directory); no remote code."""
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)

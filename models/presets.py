@@ -1,0 +1,59 @@
+"""Named model shapes: the Qwen-VL 7B shape and a tiny one for tests and demos."""
+
+from __future__ import annotations
+
+from models.config import ResamplerConfig, VisionConfig, VLMConfig
+
+
+def qwen_vl_7b(vocab_size: int = 151936) -> VLMConfig:
+    """ViT-bigG/14 at 448 px + 256-query resampler + a Qwen2-architecture decoder of the Qwen-7B shape.
+
+    Qwen-7B's MLP is listed as intermediate_size 22016 in its own config (w1 and w2 together); the
+    Qwen2 architecture counts one branch, hence 11008. Image token ids are filled in by build_vlm
+    from the tokenizer.
+    """
+    return VLMConfig(
+        vision=VisionConfig(image_size=448, patch_size=14, width=1664, layers=48, heads=16, mlp_dim=8192, pos_grid=16),
+        resampler=ResamplerConfig(num_queries=256, head_dim=128),
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=vocab_size,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            tie_word_embeddings=False,
+            hidden_act="silu",
+        ),
+    )
+
+
+def tiny(vocab_size: int) -> VLMConfig:
+    """A model of a few hundred thousand parameters for tests and demos.
+
+    84 px images (6x6 patches) with a 4x4 position table and 16 queries (4x4), so both bicubic
+    resizes of the full-scale model (pos table 16->32, resampler key positions 16->32) are exercised;
+    vision width 96 != LLM width 64, so kv_proj really changes width.
+    """
+    return VLMConfig(
+        vision=VisionConfig(image_size=84, patch_size=14, width=96, layers=2, heads=4, mlp_dim=192, pos_grid=4),
+        resampler=ResamplerConfig(num_queries=16, head_dim=16),
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            tie_word_embeddings=False,
+            hidden_act="silu",
+        ),
+    )

@@ -1,0 +1,230 @@
+"""The VLM: vision tower + resampler + any Hugging Face causal LM, spliced through <imgpad> slots.
+
+See docs/design.md section 1 for the forward contract and docs/model.md for the architecture.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.config import VLMConfig
+from models.loss import causal_lm_loss_sum
+from models.resampler import Resampler
+from models.vision import VisionTower
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+MAX_SHARD_SIZE = "5GB"
+
+
+@dataclass
+class VLMOutput:
+    loss_sum: torch.Tensor | None = None  # fp32 scalar: sum of token cross-entropies
+    num_tokens: torch.Tensor | None = None  # long scalar: supervised tokens
+    loss: torch.Tensor | None = None  # loss_sum / num_tokens
+    logits: torch.Tensor | None = None  # [B, L, V], only when labels is None
+
+
+class VLM(nn.Module):
+    def __init__(self, config: VLMConfig, llm: nn.Module):
+        super().__init__()
+        for name in ("image_start_id", "image_end_id", "image_pad_id"):
+            if getattr(config, name) is None:
+                raise ValueError(f"VLMConfig.{name} is unset; build the model with models.build_vlm(config, tokenizer)")
+        if getattr(llm.get_output_embeddings(), "bias", None) is not None:
+            raise NotImplementedError("LM heads with a bias are not supported by models.loss.causal_lm_loss_sum")
+        self.config = config
+        self.vision = VisionTower(config.vision)
+        self.resampler = Resampler(config.resampler, kv_dim=config.vision.width, dim=config.hidden_size)
+        self.llm = llm
+        self.tokenizer = None  # attached by build_vlm / from_pretrained; saved with the model
+
+    # ----------------------------------------------------------------------------------- images
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[num_images, 3, H, W] -> [num_images, N, d]."""
+        return self.resampler(self.vision(pixel_values))
+
+    def _check_image_spans(self, input_ids: torch.Tensor, num_images: int) -> None:
+        """Raise ValueError naming the batch row when image spans and images disagree.
+
+        One small device->host copy per batch: a silent misalignment would train on the wrong image.
+        """
+        cfg = self.config
+        counts = torch.stack(
+            [
+                (input_ids == cfg.image_start_id).sum(1),
+                (input_ids == cfg.image_end_id).sum(1),
+                (input_ids == cfg.image_pad_id).sum(1),
+            ],
+            dim=1,
+        ).tolist()
+        seen = 0
+        for row, (starts, ends, pads) in enumerate(counts):
+            if starts != ends or pads != starts * cfg.num_image_tokens:
+                raise ValueError(
+                    f"batch row {row}: {starts} <img>, {ends} </img> and {pads} <imgpad> tokens; every image must be "
+                    f"<img> + {cfg.num_image_tokens} x <imgpad> + </img>"
+                )
+            seen += starts
+            if seen > num_images:
+                raise ValueError(
+                    f"batch row {row}: image spans up to this row need {seen} images but pixel_values has {num_images}"
+                )
+        if seen != num_images:
+            raise ValueError(
+                f"batch row {len(counts) - 1} (last): input_ids hold {seen} image spans but pixel_values has "
+                f"{num_images} images"
+            )
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the resampler outputs written into the <imgpad> slots."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        self._check_image_spans(input_ids, num_images)
+        if num_images:
+            features = self.encode_images(pixel_values).to(embeds.dtype)
+            slots = (input_ids == self.config.image_pad_id).unsqueeze(-1).expand_as(embeds)
+            # Slots are filled in row-major order, which is the order of images in pixel_values.
+            embeds = embeds.masked_scatter(slots, features)
+        elif self.training:
+            # Text-only batch: still run vision + resampler on a dummy image so every parameter gets a
+            # (zero) gradient; otherwise DDP / ZeRO ranks disagree and hang (Qwen-VL#179). mean, not
+            # sum, so the dummy term cannot overflow in fp16.
+            side = self.config.vision.patch_size * self.config.vision.pos_grid  # cheapest: no pos resize
+            dummy = torch.zeros(1, 3, side, side, device=embeds.device, dtype=embeds.dtype)
+            embeds = embeds + 0.0 * self.encode_images(dummy).mean().to(embeds.dtype)
+        return embeds
+
+    # ---------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> VLMOutput:
+        embeds = self.embed(input_ids, pixel_values)
+        # use_cache=False: no KV cache in a full forward, and transformers only detects packed rows
+        # (position_ids restarting at 0 with attention_mask=None -> block-diagonal causal mask) when
+        # there is no cache (masking_utils.find_packed_sequence_indices).
+        hidden = self.llm.get_decoder()(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        lm_head = self.llm.get_output_embeddings()
+        if labels is None:
+            return VLMOutput(logits=lm_head(hidden))
+        loss_sum, num_tokens = causal_lm_loss_sum(hidden, lm_head.weight, labels)
+        return VLMOutput(loss_sum=loss_sum, num_tokens=num_tokens, loss=loss_sum / num_tokens.clamp(min=1))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """Left-padded prompts -> only the new tokens [B, T] (HF generate from inputs_embeds)."""
+        embeds = self.embed(input_ids, pixel_values)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+
+    # ------------------------------------------------------------------------------ utilities
+    def module_groups(self) -> dict[str, list[nn.Module]]:
+        """Groups for freezing / optimiser settings. "embeddings" (input embeddings + LM head) is a
+        subset of "llm", listed apart because it must train when special tokens were added."""
+        return {
+            "vision": [self.vision],
+            "resampler": [self.resampler],
+            "llm": [self.llm],
+            "embeddings": [self.llm.get_input_embeddings(), self.llm.get_output_embeddings()],
+        }
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute vision blocks and LLM layers in backward (non-reentrant checkpointing)."""
+        self.vision.gradient_checkpointing = enabled
+        if enabled:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.llm.gradient_checkpointing_disable()
+
+    # ------------------------------------------------------------------------------------ I/O
+    def save_pretrained(
+        self,
+        path: str | Path,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        max_shard_size: int | str = MAX_SHARD_SIZE,
+    ) -> None:
+        """Write config.json, sharded safetensors and (if attached) the tokenizer files to ``path``.
+
+        ``state_dict`` overrides the module's own (e.g. one gathered from ZeRO-3 shards). Tensors
+        sharing storage (tied embeddings) are saved once; loading re-ties them.
+        """
+        from huggingface_hub import split_torch_state_dict_into_shards
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state_dict = dict(self.state_dict() if state_dict is None else state_dict)
+        for key in self._tied_duplicate_keys(state_dict):
+            del state_dict[key]
+        self.config.save(path / "config.json")
+        split = split_torch_state_dict_into_shards(state_dict, max_shard_size=max_shard_size)
+        for filename, keys in split.filename_to_tensors.items():
+            shard = {k: state_dict[k].detach().contiguous().cpu() for k in keys}
+            save_file(shard, path / filename, metadata={"format": "pt"})
+        if split.is_sharded:
+            index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+            (path / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(path)
+
+    def _tied_duplicate_keys(self, state_dict: dict[str, torch.Tensor]) -> list[str]:
+        """Keys of the LM head when it is tied to the input embeddings (same storage)."""
+        if not getattr(self.llm.config, "tie_word_embeddings", False):
+            return []
+        return [k for k in state_dict if k.startswith("llm.") and k.endswith("lm_head.weight")]
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    ) -> VLM:
+        """Load a directory written by ``save_pretrained`` (no remote code, safetensors only)."""
+        from safetensors.torch import load_file
+
+        from models.build import build_vlm, load_tokenizer
+
+        path = Path(path)
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{config_file}: no VLM config (is {path} a directory from VLM.save_pretrained?)")
+        config = VLMConfig.load(config_file)
+        if (path / SAFETENSORS_INDEX).is_file():
+            weight_map = json.loads((path / SAFETENSORS_INDEX).read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (path / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"{path}: neither model.safetensors nor {SAFETENSORS_INDEX}")
+        model = build_vlm(config, dtype=dtype, device=device, init_weights=False)
+        state_dict: dict[str, torch.Tensor] = {}
+        for name in files:
+            state_dict.update(load_file(path / name, device=str(device or "cpu")))
+        expected_missing = set(model._tied_duplicate_keys(model.state_dict()))
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        if set(missing) - expected_missing or unexpected:
+            raise ValueError(
+                f"{path}: checkpoint does not match the config: missing {sorted(set(missing) - expected_missing)[:10]}, "
+                f"unexpected {sorted(unexpected)[:10]}"
+            )
+        if expected_missing:
+            model.llm.tie_weights()
+        if (path / "tokenizer_config.json").is_file():
+            model.tokenizer = load_tokenizer(path)
+        return model
