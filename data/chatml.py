@@ -1,0 +1,87 @@
+"""ChatML rendering of conversations and the loss mask of the reference finetune.py (reference 3.2).
+
+Each block is ``<|im_start|>{role}\\n{content}<|im_end|>\\n``, tokenised piece by piece as the reference
+does (role, "\\n" and content separately), starting with a system block. Labels (``assistant_only=False``,
+the reference's exact rule): in every block ``<|im_start|>``, ``<|im_end|>`` and the "\\n" after it keep
+their ids; assistant content is supervised; role names, the role's "\\n" and system/user content are -100.
+With ``assistant_only=True`` only assistant content and its ``<|im_end|>`` are supervised.
+Image spans are never supervised, and (design.md) the first label of a sample is always -100.
+"""
+
+from __future__ import annotations
+
+from data.sample import IGNORE_INDEX, TokenizedSample, mask_first_label, mask_image_spans
+from data.text import encode_text_with_images, tokenize_plain
+from models.tokens import IM_END, IM_START, IMG_END, IMG_START
+
+DEFAULT_SYSTEM_MESSAGE = "You are a helpful assistant."
+ROLES = ("system", "user", "assistant")
+
+
+def validate_conversation(conversation: list[dict]) -> None:
+    """ValueError unless the conversation is a non-empty list of {from: system|user|assistant, value: str}
+    turns, with at most one system turn and only in first place, and a user turn before any assistant turn."""
+    if not isinstance(conversation, list) or not conversation:
+        raise ValueError("empty conversation (need at least one user turn)")
+    for j, turn in enumerate(conversation):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise ValueError(f"turn {j} must be an object with 'from' and 'value', got {turn!r:.80}")
+        if turn["from"] not in ROLES:
+            raise ValueError(f"turn {j} has role {turn['from']!r}; allowed roles are {', '.join(ROLES)}")
+        if not isinstance(turn["value"], str):
+            raise ValueError(f"turn {j} value must be a string, got {type(turn['value']).__name__}")
+        if turn["from"] == "system" and j != 0:
+            raise ValueError(f"turn {j}: a system turn may only come first")
+    dialog = conversation[1:] if conversation[0]["from"] == "system" else conversation
+    if not dialog:
+        raise ValueError("empty conversation (only a system turn)")
+    if dialog[0]["from"] != "user":
+        # The reference silently dropped a leading non-user turn; we refuse it so nothing vanishes unseen.
+        raise ValueError("the first turn after the system message must come from 'user'")
+
+
+def render_chatml(
+    tokenizer,
+    conversation: list[dict],
+    num_image_tokens: int,
+    system_message: str = DEFAULT_SYSTEM_MESSAGE,
+    assistant_only: bool = False,
+) -> TokenizedSample:
+    """Tokenise a conversation as ChatML with the reference's labels (see module docstring).
+
+    ``conversation`` is a list of ``{"from": "system"|"user"|"assistant", "value": str}``; a leading system
+    turn replaces ``system_message``. Images ``<img>path</img>`` become image spans (paths returned in order).
+    """
+    validate_conversation(conversation)
+    vocab = tokenizer.get_vocab()
+    im_start, im_end = vocab[IM_START], vocab[IM_END]
+    nl = tokenize_plain(tokenizer, "\n")
+
+    if conversation[0]["from"] == "system":
+        system_message, turns = conversation[0]["value"], conversation[1:]
+    else:
+        turns = conversation
+    blocks = [("system", system_message)] + [(t["from"], t["value"]) for t in turns]
+
+    input_ids: list[int] = []
+    labels: list[int] = []
+    image_paths: list[str] = []
+    for role, value in blocks:
+        head = [im_start] + tokenize_plain(tokenizer, role) + nl  # "<|im_start|>role\n"
+        content, paths = encode_text_with_images(tokenizer, value, num_image_tokens)
+        image_paths += paths
+        ids = head + content + [im_end] + nl
+        if role == "assistant":
+            content_labels = list(content)
+            mask_image_spans(content, content_labels, vocab[IMG_START], vocab[IMG_END])
+            if assistant_only:
+                lab = [IGNORE_INDEX] * len(head) + content_labels + [im_end] + [IGNORE_INDEX] * len(nl)
+            else:
+                lab = [im_start] + [IGNORE_INDEX] * (len(head) - 1) + content_labels + [im_end] + nl
+        elif assistant_only:
+            lab = [IGNORE_INDEX] * len(ids)
+        else:
+            lab = [im_start] + [IGNORE_INDEX] * (len(ids) - 1 - 1 - len(nl)) + [im_end] + nl
+        input_ids += ids
+        labels += lab
+    return mask_first_label(TokenizedSample(input_ids, labels, image_paths))

@@ -1,0 +1,192 @@
+"""Loaders for the data files users bring; every record comes out as a plain dict of one of two kinds:
+
+* chat: ``{"conversations": [{"from": "system"|"user"|"assistant", "value": str}, ...]}`` (Qwen-VL
+  fine-tune JSON list or JSONL; LLaVA-style ``human``/``gpt`` + ``<image>`` + ``image`` converted on load);
+* task: ``{"task": ..., "image": ..., ...}`` (multitask records, data.templates) or a pretraining pair
+  ``{"image", "caption"}`` (JSONL/CSV/Parquet through Hugging Face ``datasets``, optionally streamed).
+
+Image paths are resolved against ``image_root`` when given, else against the data file's folder.
+Errors name the file and the record index (JSON list) or line number (JSONL).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from data.chatml import validate_conversation
+from data.templates import task_of, task_prompt_and_target
+from data.text import parse_boxes, split_image_spans
+from models.tokens import IMG_END, IMG_START
+
+FORMATS = ("auto", "qwen", "llava", "multitask", "pretrain")
+LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+LLAVA_IMAGE = "<image>"
+_IMG_SPAN = re.compile(re.escape(IMG_START) + r"(.*?)" + re.escape(IMG_END), re.DOTALL)
+
+
+class DataFormatError(ValueError):
+    """Bad input, with the file and record named in the message."""
+
+
+def resolve_path(path: str, base_dir: Path) -> str:
+    """Absolute paths stay; relative ones are joined to base_dir (the data file's folder or image_root)."""
+    if "://" in path:
+        raise ValueError(f"image URLs are not supported (download the images first): {path}")
+    p = Path(path)
+    return str(p if p.is_absolute() else base_dir / p)
+
+
+def _resolve_text_images(text: str, base_dir: Path) -> str:
+    return _IMG_SPAN.sub(lambda m: f"{IMG_START}{resolve_path(m.group(1).strip(), base_dir)}{IMG_END}", text)
+
+
+def llava_to_qwen(record: dict) -> dict:
+    """A LLaVA record (``image`` str or list, ``<image>`` placeholders, human/gpt roles) -> a chat record.
+
+    Each ``<image>`` is replaced by ``<img>path</img>`` in order; when the text has no placeholder, the
+    images are put in front of the first user turn (LLaVA's convention for single-image data).
+    """
+    images = record.get("image", [])
+    images = [images] if isinstance(images, str) else list(images)
+    turns = []
+    for j, turn in enumerate(record.get("conversations") or []):
+        role = LLAVA_ROLES.get(turn.get("from"))
+        if role is None:
+            raise ValueError(f"turn {j} has role {turn.get('from')!r}; allowed LLaVA roles are {', '.join(LLAVA_ROLES)}")
+        turns.append({"from": role, "value": turn.get("value", "")})
+    placeholders = sum(t["value"].count(LLAVA_IMAGE) for t in turns)
+    if placeholders and placeholders != len(images):
+        raise ValueError(f"{placeholders} {LLAVA_IMAGE} placeholders but {len(images)} images")
+    queue = iter(images)
+    for t in turns:
+        while LLAVA_IMAGE in t["value"]:
+            t["value"] = t["value"].replace(LLAVA_IMAGE, f"{IMG_START}{next(queue)}{IMG_END}", 1)
+    if images and not placeholders:
+        first_user = next((t for t in turns if t["from"] == "user"), None)
+        if first_user is None:
+            raise ValueError("LLaVA record has images but no user turn")
+        first_user["value"] = "".join(f"{IMG_START}{p}{IMG_END}\n" for p in images) + first_user["value"]
+    out = {"conversations": turns}
+    if "id" in record:
+        out["id"] = record["id"]
+    return out
+
+
+def _is_llava(record: dict) -> bool:
+    convs = record.get("conversations") or []
+    return any(isinstance(t, dict) and t.get("from") in ("human", "gpt") for t in convs) or (
+        "image" in record and any(LLAVA_IMAGE in str(t.get("value", "")) for t in convs if isinstance(t, dict)))
+
+
+def normalize_record(record: dict, fmt: str, base_dir: Path) -> dict:
+    """Validate one raw record and return it in our chat or task form with image paths resolved."""
+    if not isinstance(record, dict):
+        raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
+    if fmt == "auto":
+        fmt = ("llava" if _is_llava(record) else "qwen") if "conversations" in record else "multitask"
+    if fmt == "llava":
+        record, fmt = llava_to_qwen(record), "qwen"
+    if fmt == "qwen":
+        if "conversations" not in record:
+            raise ValueError("a chat record needs a 'conversations' list")
+        convs = record["conversations"]
+        validate_conversation(convs)
+        turns = []
+        for turn in convs:
+            split_image_spans(turn["value"])  # unclosed / nested <img> -> ValueError
+            parse_boxes(turn["value"])  # malformed / out-of-range box -> ValueError
+            turns.append({"from": turn["from"], "value": _resolve_text_images(turn["value"], base_dir)})
+        return {"conversations": turns}
+    # multitask or pretrain: a task record
+    out = dict(record)
+    task_of(out)
+    if "image" in out and out["image"] is not None:
+        out["image"] = resolve_path(str(out["image"]), base_dir)
+    has_size = "width" in out and "height" in out
+    needs_header = not has_size and ("bbox" in out or any(
+        isinstance(t, dict) and "quad_px" in t for t in out.get("texts", [])))
+    if not needs_header:  # validate fields and boxes now; pixel boxes without a size wait for the image
+        task_prompt_and_target(out)
+    return out
+
+
+def iter_json_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """(where, raw record) from a JSON list (``.json``) or JSON lines (any other suffix)."""
+    with open(path, encoding="utf-8") as f:
+        if path.suffix == ".json":
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataFormatError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+            if not isinstance(data, list):
+                raise DataFormatError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+            for i, rec in enumerate(data):
+                yield f"{path} record {i}", rec
+            return
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFormatError(f"{path} line {lineno}: malformed JSON: {e.msg} (column {e.colno})") from e
+            yield f"{path} line {lineno}", rec
+
+
+def load_records(path: str | Path, fmt: str = "auto", image_root: str | None = None) -> tuple[list[dict], list[str]]:
+    """All records of a JSON/JSONL file, validated and normalised; returns (records, where-strings).
+
+    Raises DataFormatError naming the file and record/line on the first bad record.
+    """
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+    base_dir = Path(image_root) if image_root else path.parent
+    if fmt == "pretrain":
+        ds = load_pretrain_pairs(path)
+        raws = ((f"{path} row {i}", row) for i, row in enumerate(ds))
+    else:
+        raws = iter_json_records(path)
+    records, wheres = [], []
+    for where, raw in raws:
+        try:
+            records.append(normalize_record(raw, fmt, base_dir))
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataFormatError(f"{where}: {e}") from e
+        wheres.append(where)
+    return records, wheres
+
+
+# --------------------------------------------------------------------- pretraining pairs via `datasets`
+
+_HF_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _builder(path: Path) -> str:
+    try:
+        return _HF_BUILDERS[path.suffix]
+    except KeyError:
+        raise ValueError(f"{path}: pretraining pairs must be .jsonl/.json/.csv/.parquet") from None
+
+
+def load_pretrain_pairs(path: str | Path | list[str], streaming: bool = False,
+                        image_column: str = "image", caption_column: str = "caption"):
+    """(image, caption) pairs as a Hugging Face Dataset (or IterableDataset when streaming).
+
+    ``path`` may be one file or a list of shards of one type; columns are renamed to image/caption.
+    """
+    import datasets  # imported lazily: only this format needs it
+
+    files = [str(p) for p in ([path] if isinstance(path, (str, Path)) else path)]
+    ds = datasets.load_dataset(_builder(Path(files[0])), data_files=files, split="train", streaming=streaming)
+    columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
+    for col in (image_column, caption_column):
+        if col not in columns:
+            raise DataFormatError(f"{files[0]}: pretraining data needs a {col!r} column; found {columns}")
+    renames = {c: n for c, n in ((image_column, "image"), (caption_column, "caption")) if c != n}
+    return ds.rename_columns(renames) if renames else ds

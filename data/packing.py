@@ -1,0 +1,67 @@
+"""Packing several samples into one row (the alternative to padding every sample to the longest).
+
+Contract (docs/design.md, "Packing"): samples are placed in order, a new row starting when the next
+sample does not fit in ``max_len``; each sample's ``position_ids`` restart at 0, which is the boundary
+marker the model uses to keep attention inside a sample; the padding at the end of a row is its own
+segment (positions restarting at 0, labels -100, input ids = pad id). Images stay in order of
+appearance (row by row, left to right) because samples keep their order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from data.sample import IGNORE_INDEX
+
+
+def plan_rows(lengths: list[int], max_len: int) -> list[list[int]]:
+    """Group sample indices into rows, in order, greedily: a row closes when the next sample would overflow."""
+    rows: list[list[int]] = []
+    used = max_len  # forces a new row for the first sample
+    for i, n in enumerate(lengths):
+        if n > max_len:
+            raise ValueError(f"sample {i} has {n} tokens > max_len {max_len}; truncate it first")
+        if used + n > max_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += n
+    return rows
+
+
+def pack(samples: list[dict], max_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Pack tokenised samples (dicts with 1-D ``input_ids``/``labels``) into rows of equal length.
+
+    Rows are right-padded to the longest row (not to max_len: no row of pure padding is computed).
+    Returns ``input_ids``, ``labels``, ``position_ids`` of shape [num_rows, L].
+    """
+    rows = plan_rows([len(s["input_ids"]) for s in samples], max_len)
+    width = max(sum(len(samples[i]["input_ids"]) for i in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            n = len(samples[i]["input_ids"])
+            input_ids[r, start : start + n] = samples[i]["input_ids"]
+            labels[r, start : start + n] = samples[i]["labels"]
+            position_ids[r, start : start + n] = torch.arange(n)
+            start += n
+        position_ids[r, start:] = torch.arange(width - start)  # the padding is its own segment
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def pad(samples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """One sample per row, right-padded to the longest (dynamic padding), with an attention mask."""
+    width = max(len(s["input_ids"]) for s in samples)
+    input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for r, s in enumerate(samples):
+        n = len(s["input_ids"])
+        input_ids[r, :n] = s["input_ids"]
+        labels[r, :n] = s["labels"]
+        attention_mask[r, :n] = 1
+    position_ids = torch.arange(width).expand(len(samples), width).clone()
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": attention_mask}

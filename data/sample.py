@@ -1,0 +1,74 @@
+"""A tokenised training sample and the span-safe truncation applied to it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+IGNORE_INDEX = -100  # label value the loss skips (the reference's LabelSmoother.ignore_index)
+
+
+@dataclass
+class TokenizedSample:
+    """One training sample before images are decoded: labels are aligned with input_ids (the model shifts)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    image_paths: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.input_ids) != len(self.labels):
+            raise ValueError(f"input_ids ({len(self.input_ids)}) and labels ({len(self.labels)}) differ in length")
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_supervised(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+
+def mask_first_label(sample: TokenizedSample) -> TokenizedSample:
+    """Set the first label to -100 (design.md: in a packed row it would predict across the boundary)."""
+    if sample.labels:
+        sample.labels[0] = IGNORE_INDEX
+    return sample
+
+
+def mask_image_spans(ids: list[int], labels: list[int], img_start: int, img_end: int) -> None:
+    """Set labels to -100 on every ``<img> ... </img>`` span, markers included (image slots are never supervised)."""
+    inside = False
+    for i, t in enumerate(ids):
+        if t == img_start:
+            inside = True
+        if inside:
+            labels[i] = IGNORE_INDEX
+        if t == img_end:
+            inside = False
+
+
+def truncate_span_safe(sample: TokenizedSample, max_len: int, img_start: int, img_end: int) -> TokenizedSample | None:
+    """Cut the sample to at most max_len tokens without ever cutting through an image span.
+
+    If max_len falls inside ``<img> ... </img>``, the cut moves back to just before that ``<img>`` (the
+    image and everything after it go). Images are kept only for the spans that survive. Returns None
+    when nothing supervised survives: the caller drops the sample and counts it.
+    """
+    if len(sample) <= max_len:
+        return sample
+    cut = max_len
+    # Find the last <img> before the cut; if its </img> is at or after the cut, the span would be split.
+    kept_images = 0
+    for i in range(cut):
+        if sample.input_ids[i] == img_start:
+            try:
+                end = sample.input_ids.index(img_end, i)
+            except ValueError:  # malformed; treat as split
+                end = len(sample.input_ids)
+            if end >= cut:
+                cut = i
+                break
+            kept_images += 1
+    labels = sample.labels[:cut]
+    if not any(t != IGNORE_INDEX for t in labels):
+        return None
+    return TokenizedSample(sample.input_ids[:cut], labels, sample.image_paths[:kept_images])
