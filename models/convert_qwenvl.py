@@ -314,16 +314,15 @@ def convert_qwenvl(src_dir: str | Path, out_dir: str | Path, dtype: torch.dtype 
     if len(tokenizer) > cfg.text_config["vocab_size"]:
         raise ValueError(f"{config_path}: vocab_size {cfg.text_config['vocab_size']} < tokenizer size {len(tokenizer)}")
 
-    with torch.device("meta"):  # shapes and names only; no memory for weights
-        skeleton = build_vlm(cfg)
+    # Names and shapes only: on the meta device no memory is allocated for weights. The tokenizer
+    # already has every special token, so build_vlm adds none and resizes nothing.
+    skeleton = build_vlm(cfg, tokenizer=tokenizer, device="meta", init_weights=False)
     expected_shapes = {name: t.shape for name, t in skeleton.state_dict().items()}
-    state_dict = convert_state_dict(src_dir, cfg, expected_shapes, dtype)
+    state_dict = convert_state_dict(src_dir, skeleton.config, expected_shapes, dtype)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    skeleton.save_pretrained(out_dir, state_dict=state_dict)
-    tokenizer.save_pretrained(out_dir)
+    skeleton.save_pretrained(out_dir, state_dict=state_dict)  # config.json, safetensors, tokenizer
     log.info("wrote %d tensors (%s) to %s", len(state_dict), dtype, out_dir)
-    return cfg
+    return skeleton.config
 
 
 def main(argv: list[str] | None = None) -> None:
