@@ -31,6 +31,7 @@ import argparse
 import json
 import logging
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,6 +322,10 @@ def convert_qwenvl(src_dir: str | Path, out_dir: str | Path, dtype: torch.dtype 
     state_dict = convert_state_dict(src_dir, skeleton.config, expected_shapes, dtype)
 
     skeleton.save_pretrained(out_dir, state_dict=state_dict)  # config.json, safetensors, tokenizer
+    # Kept verbatim: it records chat_format ("chatml" for Qwen-VL-Chat, "raw" for Qwen-VL), which
+    # eval_mm reads to pick the prompt format, and the release's sampling settings.
+    if (src_dir / "generation_config.json").is_file():
+        shutil.copyfile(src_dir / "generation_config.json", out_dir / "generation_config.json")
     log.info("wrote %d tensors (%s) to %s", len(state_dict), dtype, out_dir)
     return skeleton.config
 

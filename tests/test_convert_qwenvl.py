@@ -23,6 +23,9 @@ from models.convert_qwenvl import convert_qwenvl
 NUM_RANKS = 256 + 6  # 256 single bytes + a few merges
 N_QUERIES = 256  # the reference's default: 256 <imgpad> slots per image
 IMG, IMG_END, IMGPAD = NUM_RANKS + 214, NUM_RANKS + 215, NUM_RANKS + 216  # reference offsets
+# Qwen-VL-Chat's generation_config.json
+GENERATION_CONFIG = {"chat_format": "chatml", "eos_token_id": 151643, "pad_token_id": 151643,
+                     "max_window_size": 6144, "max_new_tokens": 512, "do_sample": True, "top_k": 0, "top_p": 0.3}
 
 
 def tiny_qwen_config() -> dict:
@@ -133,6 +136,7 @@ def write_qwen_dir(path, cfg: dict, sd: dict[str, torch.Tensor], fmt: str = "bin
     """A Qwen-VL HF directory: config.json, sharded weights with an index json, qwen.tiktoken."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    (path / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG))
     write_tiny_tiktoken(path / "qwen.tiktoken")
     keys = list(sd)
     per_shard = math.ceil(len(keys) / shards)
@@ -318,6 +322,38 @@ def test_converted_config_and_tokenizer(converted_fp32):
     assert not cfg.train_embeddings
     tok = converted_fp32.tokenizer
     assert tok is not None and tok.convert_tokens_to_ids("<imgpad>") == IMGPAD
+
+
+def test_generation_config_is_kept_so_the_chat_format_is_known(qwen_checkpoint, tmp_path):
+    from eval_mm.prompts import checkpoint_prompt_format
+
+    src, _, _ = qwen_checkpoint
+    convert_qwenvl(src, tmp_path)
+    assert json.loads((tmp_path / "generation_config.json").read_text()) == GENERATION_CONFIG
+    assert checkpoint_prompt_format(tmp_path) == "chatml"
+
+
+def test_the_released_config_gives_exactly_the_released_parameter_count():
+    """Qwen-VL-Chat's config.json (reference 1.1) on the meta device: our model must hold exactly the
+    19,313,870,336 bf16 bytes of the release's pytorch_model.bin.index.json, with the reference's shapes."""
+    from pathlib import Path
+
+    from models import build_vlm
+    from models.convert_qwenvl import vlm_config_from_qwen
+
+    released = {**tiny_qwen_config(), "hidden_size": 4096, "intermediate_size": 22016, "kv_channels": 128,
+                "num_attention_heads": 32, "num_hidden_layers": 32, "vocab_size": 151936,
+                "visual": {"heads": 16, "image_size": 448, "image_start_id": 151857, "layers": 48,
+                           "mlp_ratio": 4.9231, "output_dim": 4096, "patch_size": 14, "width": 1664}}
+    ids = {"<img>": 151857, "</img>": 151858, "<imgpad>": 151859, "<|endoftext|>": 151643}
+    cfg = vlm_config_from_qwen(released, Path("config.json"), ids)
+    shapes = {k: tuple(t.shape) for k, t in build_vlm(cfg, device="meta", init_weights=False).state_dict().items()}
+    assert sum(math.prod(s) for s in shapes.values()) * 2 == 19_313_870_336
+    assert shapes["vision.blocks.47.mlp.fc1.weight"] == (8192, 1664)
+    assert shapes["vision.pos_embed"] == (256, 1664)
+    assert shapes["resampler.kv_proj.weight"] == (4096, 1664)
+    assert shapes["llm.model.layers.31.mlp.gate_proj.weight"] == (11008, 4096)
+    assert shapes["llm.lm_head.weight"] == (151936, 4096)
 
 
 def test_safetensors_shards_convert_to_the_same_weights(qwen_checkpoint, converted_fp32, tmp_path):
