@@ -46,7 +46,7 @@ def train_tiny_ranks(corpus: str, num_merges: int, seed: int = 0) -> dict[bytes,
     for _ in range(num_merges):
         pairs: collections.Counter = collections.Counter()
         for w, parts in splits.items():
-            for a, b in zip(parts, parts[1:]):
+            for a, b in zip(parts, parts[1:], strict=False):
                 pairs[a, b] += words[w]
         if not pairs:
             break

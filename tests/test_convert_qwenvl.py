@@ -244,7 +244,7 @@ def reference_logits(sd, cfg, input_ids, images):
     for row in range(B):
         starts = (input_ids[row] == IMG).nonzero().flatten().tolist()
         ends = (input_ids[row] == IMG_END).nonzero().flatten().tolist()
-        for a, b in zip(starts, ends):
+        for a, b in zip(starts, ends, strict=True):
             h[row, a + 1:b] = feats[k]
             k += 1
     # RoPE on slot indices 0..L-1 (the reference ignores position_ids), rotate-half on the full head
