@@ -1,0 +1,226 @@
+"""The training loop: one function, read top to bottom, for every mode (single process, DDP,
+ZeRO-2/3, LoRA, Q-LoRA). Mode-specific details live in train.parallel, train.lora, train.checkpoint.
+
+Loss of an optimiser step = (sum of token losses over all its micro-batches and ranks) / (number of
+supervised tokens over all of them). The step's micro-batches are fetched first so the token count
+is known (one all-reduce) before any backward; each micro-batch then back-propagates
+``loss_sum * world_size / step_tokens`` (the world_size undoes the mean over ranks that DDP and
+DeepSpeed apply to gradients). A mean of per-micro-batch means would over-weight short answers.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from train.checkpoint import export_final, load_checkpoint, resolve_resume, save_checkpoint
+from train.freeze import apply_freezing, trainable_table
+from train.logger import MetricLogger, flops_per_token, peak_flops_per_device
+from train.optim import build_optimizer, build_scheduler
+from train.parallel import DistInfo, Engine, all_reduce_sum, init_distributed, resolve_mode
+from train.recipe import Recipe, recipe_to_dict, save_resolved
+
+IGNORE_INDEX = -100
+PROMPT_FORMAT = {"pretrain": "raw", "multitask": "raw", "sft": "chatml"}
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(recipe: Recipe):
+    """The VLM and its tokenizer, from a previous stage's export or from a preset / LLM directory."""
+    from models import VLM, build_vlm, load_tokenizer, presets
+
+    m = recipe.model
+    if m.init_from is not None:
+        model = VLM.from_pretrained(m.init_from)
+        tokenizer = load_tokenizer(m.tokenizer_path) if m.tokenizer_path else model.tokenizer
+        if tokenizer is None:
+            raise FileNotFoundError(f"model.init_from={m.init_from} has no tokenizer files; set model.tokenizer_path")
+    else:
+        tokenizer = load_tokenizer(m.tokenizer_path or m.llm_path)
+        config = getattr(presets, m.preset or "qwen_vl_7b")(vocab_size=len(tokenizer))
+        openclip = (m.openclip_name, m.openclip_checkpoint) if m.openclip_name else None
+        model = build_vlm(config, tokenizer=tokenizer, llm_path=m.llm_path, openclip=openclip)
+    if m.image_size is not None:
+        model.config.vision.image_size = m.image_size  # the position table is resized on the fly
+    model.tokenizer = tokenizer
+    return model, tokenizer
+
+
+def micro_batches(loader):
+    """Batches forever, epoch after epoch (the loader advances its own epoch at the end of each)."""
+    while True:
+        yield from loader
+
+
+def count_supervised(batch: dict[str, Any]) -> int:
+    """Supervised tokens of a host-side batch (the model shifts: label 0 of a row is never used)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def to_device(batch: dict[str, Any], device: torch.device, pixel_dtype: torch.dtype | None) -> dict[str, Any]:
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if pixel_dtype is not None and out.get("pixel_values") is not None:
+        out["pixel_values"] = out["pixel_values"].to(pixel_dtype)
+    return out
+
+
+def train(recipe: Recipe) -> Path:
+    """Run the recipe; returns the directory of the final export."""
+    from data.dataset import build_dataloader
+
+    # ---- processes, seeds, run directory
+    info: DistInfo = init_distributed(recipe.parallel)
+    mode = resolve_mode(recipe.parallel, info.world_size)
+    seed_everything(recipe.train.seed)  # identical model init on every rank
+    run_dir = Path(recipe.checkpoint.out_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(recipe, run_dir / "resolved.yaml")
+
+    # ---- model: build, freeze, (quantise), (LoRA)
+    model, tokenizer = build_model(recipe)
+    if model.config.vision.image_size != recipe.data.image_size:
+        raise ValueError(f"data.image_size={recipe.data.image_size} but the model's vision.image_size is "
+                         f"{model.config.vision.image_size}; set model.image_size and data.image_size alike")
+    apply_freezing(model, recipe.freeze)
+    if recipe.train.grad_checkpointing:
+        model.set_gradient_checkpointing(True)
+    if recipe.quantization.enabled:
+        from train.lora import quantize_llm_4bit
+
+        quantize_llm_4bit(model, recipe.quantization, info.device)
+    if recipe.lora.enabled:
+        from train.lora import apply_lora
+
+        model = apply_lora(model, recipe.lora, recipe.freeze, recipe.train.grad_checkpointing)
+    if info.is_main:
+        print(f"mode {mode}, world size {info.world_size}\n{trainable_table(model)}", flush=True)
+    vlm = model.get_base_model() if recipe.lora.enabled else model
+    num_params = sum(p.numel() for p in model.parameters())
+
+    # ---- data
+    loader = build_dataloader(recipe.data, tokenizer, num_image_tokens=vlm.config.num_image_tokens,
+                              batch_size=recipe.train.micro_batch, rank=info.rank, world_size=info.world_size)
+    accum = recipe.train.grad_accum
+    if recipe.train.steps is not None:
+        total_steps = recipe.train.steps
+    else:
+        total_steps = max(1, math.floor(recipe.train.epochs * len(loader) / accum))
+
+    # ---- optimiser, schedule, parallel engine
+    optimizer = build_optimizer(model, recipe.optim, num_vit_blocks=vlm.config.vision.layers)
+    scheduler = build_scheduler(optimizer, total_steps, recipe.optim.lr, recipe.schedule)
+    engine = Engine(model, optimizer, scheduler, recipe, info)
+    pixel_dtype = torch.bfloat16 if engine.uses_deepspeed and recipe.train.bf16 else None
+
+    # ---- resume
+    step, bad_steps = 0, 0
+    resume_from = resolve_resume(recipe.train.resume, run_dir)
+    if resume_from is not None:
+        trainer_state, loader_state = load_checkpoint(engine, resume_from)
+        loader.load_state_dict(loader_state)
+        step, bad_steps = trainer_state["step"], trainer_state["bad_steps"]
+        if info.is_main:
+            print(f"resumed from {resume_from} at step {step}", flush=True)
+    else:
+        seed_everything(recipe.train.seed + info.rank)  # per-rank streams (dropout) from here on
+
+    # ---- loop
+    logger = MetricLogger(recipe.log, run_dir, info.is_main, config=recipe_to_dict(recipe))
+    peak = peak_flops_per_device()
+    progress = None
+    if info.is_main and recipe.log.progress_bar:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total_steps, initial=step, desc=f"train ({recipe.train.stage})", dynamic_ncols=True)
+    batches = micro_batches(loader)
+    last_step = min(total_steps, recipe.train.stop_after_steps or total_steps)
+    engine.train()
+    window = {"loss_sum": torch.zeros((), device=info.device), "tokens": 0, "inputs": 0, "samples": 0,
+              "steps": 0, "start": time.perf_counter()}
+    while step < last_step:
+        # Fetch the step's micro-batches first: their supervised-token count normalises the loss.
+        step_batches = [next(batches) for _ in range(accum)]
+        local = torch.tensor([sum(count_supervised(b) for b in step_batches),
+                              sum(b["input_ids"].numel() for b in step_batches),
+                              sum(b["num_samples"] for b in step_batches)], dtype=torch.float64)
+        counts = all_reduce_sum(local.to(info.device))  # [supervised tokens, input tokens, samples]
+        scale = info.world_size / counts[0].clamp(min=1)  # stays on device: no sync
+
+        for i, batch in enumerate(step_batches):
+            last = i == accum - 1
+            batch = to_device(batch, info.device, pixel_dtype)
+            with engine.micro_step(last):
+                out = engine.forward(batch)
+                engine.backward(out.loss_sum * scale.to(out.loss_sum.dtype), last)
+            window["loss_sum"] += out.loss_sum.detach().float()
+        lr = engine.lr()  # the lr this step applies (the schedule advances inside engine.step)
+        grad_norm, applied = engine.step()
+        step += 1
+        if not applied:
+            bad_steps += 1
+            if info.is_main:
+                print(f"step {step}: non-finite gradient norm, step skipped ({bad_steps} so far)", flush=True)
+            if bad_steps > recipe.train.max_bad_steps:
+                raise NonFiniteLossError(f"{bad_steps} skipped non-finite steps exceed train.max_bad_steps="
+                                         f"{recipe.train.max_bad_steps}; lower the lr or check the data")
+        window["steps"] += 1
+        window["counts"] = counts if "counts" not in window else window["counts"] + counts
+        if progress is not None:
+            progress.update(1)
+
+        # ---- log (the only host syncs of the loop besides the NaN guard)
+        if step % recipe.log.every == 0 or step == last_step:
+            loss_sum = all_reduce_sum(window["loss_sum"].clone())
+            tokens, inputs, samples = window["counts"].tolist()
+            elapsed = time.perf_counter() - window["start"]
+            metrics = {
+                "loss": float(loss_sum) / max(tokens, 1),
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens_per_s": inputs / elapsed,
+                "samples_per_s": samples / elapsed,
+                "skipped_steps": bad_steps,
+            }
+            if peak is not None:
+                metrics["mfu"] = flops_per_token(num_params) * inputs / elapsed / (peak * info.world_size)
+            logger.log(metrics, step, console=progress is None)
+            if progress is not None:
+                progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+            window = {"loss_sum": torch.zeros((), device=info.device), "steps": 0, "start": time.perf_counter()}
+
+        # ---- checkpoint
+        if recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < total_steps:
+            save_checkpoint(engine, run_dir, step, {"bad_steps": bad_steps, "total_steps": total_steps},
+                            loader.state_dict(), recipe.checkpoint.keep_last)
+
+    if progress is not None:
+        progress.close()
+    logger.close()
+    if info.is_main:
+        print(f"data: {loader.stats.total}", flush=True)
+    if step < total_steps:  # stopped early on purpose (train.stop_after_steps)
+        return run_dir
+    stage = recipe.train.stage
+    training_info = {"stage": stage, "prompt_format": PROMPT_FORMAT[stage], "steps": step,
+                     "skipped_steps": bad_steps, "init_from": recipe.model.init_from,
+                     "data_stats": dict(loader.stats.total)}
+    export = export_final(engine, run_dir / "final", training_info, merge_lora=recipe.lora.merge_on_export)
+    if info.is_main:
+        print(f"exported {export}", flush=True)
+    return export

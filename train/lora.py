@@ -1,0 +1,94 @@
+"""LoRA and Q-LoRA through peft / bitsandbytes.
+
+LoRA adapts the LLM's linear layers (``lora.targets``, matched only inside ``llm.``). Everything the
+recipe's ``freeze`` section says trains besides the LLM (resampler, vision tower, and embeddings +
+LM head when special tokens were added) becomes a peft ``modules_to_save`` entry, so it trains *and*
+is stored in the adapter. (The reference's final save kept only ``lora_`` tensors, losing trained
+embeddings of a base model, and froze the resampler under LoRA, Qwen-VL#116.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from train.freeze import embeddings_train
+from train.recipe import FreezeSection, LoraSection, QuantizationSection
+
+
+def modules_to_save(model: nn.Module, freeze: FreezeSection) -> list[str]:
+    names = [group for group in ("vision", "resampler") if getattr(freeze, group) == "train"]
+    if embeddings_train(freeze, bool(model.config.train_embeddings)):
+        names += _embedding_module_names(model)
+    return names
+
+
+def _embedding_module_names(model: nn.Module) -> list[str]:
+    """Attribute names (last path component) of the LLM's input embeddings and LM head."""
+    wanted = {id(model.llm.get_input_embeddings()): None, id(model.llm.get_output_embeddings()): None}
+    return [name.rsplit(".", 1)[-1] for name, module in model.llm.named_modules() if id(module) in wanted]
+
+
+def apply_lora(model: nn.Module, lora: LoraSection, freeze: FreezeSection, gradient_checkpointing: bool = False):
+    """Wrap the VLM in a peft model: LoRA adapters on the LLM, the recipe's trained modules saved in full."""
+    from peft import LoraConfig, get_peft_model
+
+    if freeze.llm == "train":
+        raise ValueError("lora.enabled with freeze.llm: train: LoRA adapts a frozen LLM; set freeze.llm: frozen")
+    targets = "|".join(lora.targets)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        # Anchored to the LLM so same-named layers elsewhere never get adapters.
+        target_modules=rf"^llm\..*\.({targets})$",
+        modules_to_save=modules_to_save(model, freeze) or None,
+        bias="none",
+    )
+    if gradient_checkpointing:
+        # Checkpointed blocks need an input that requires grad for their recompute to reach the
+        # adapters when the embeddings are frozen.
+        model.llm.enable_input_require_grads()
+    return get_peft_model(model, config)
+
+
+def quantize_llm_4bit(model: nn.Module, cfg: QuantizationSection, device: torch.device) -> None:
+    """Replace the LLM decoder's nn.Linear layers by bitsandbytes 4-bit ones (in place) and prepare the
+    model for k-bit training. CUDA only. The vision tower, resampler, embeddings and LM head stay in
+    higher precision (as in the reference's Int4 checkpoint).
+
+    Written by hand because transformers quantises only while loading a checkpoint with
+    ``from_pretrained``, and the LLM here is part of a VLM loaded from our own directory.
+    """
+    import bitsandbytes as bnb
+    from peft import prepare_model_for_kbit_training
+
+    if device.type != "cuda":
+        raise RuntimeError("Q-LoRA (quantization.enabled) needs a CUDA GPU: bitsandbytes 4-bit kernels")
+    compute_dtype = getattr(torch, cfg.compute_dtype)
+    decoder = model.llm.get_decoder()
+    for parent in list(decoder.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=compute_dtype, compress_statistics=cfg.double_quant,
+                                  quant_type=cfg.quant_type, device="cpu")
+            q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False,
+                                         compress_statistics=cfg.double_quant, quant_type=cfg.quant_type)
+            if child.bias is not None:
+                q.bias = nn.Parameter(child.bias.data.cpu(), requires_grad=False)
+            setattr(parent, name, q.to(device))  # moving to CUDA quantises the weights
+    model.to(device)
+    # Casts norms to fp32 and makes the inputs require grad (so checkpointed blocks backpropagate).
+    prepare_model_for_kbit_training(model.llm, use_gradient_checkpointing=False)
+
+
+def load_lora_vlm(base: nn.Module, adapter_dir: str | Path, merge: bool = False) -> nn.Module:
+    """A trained adapter on top of its base VLM; ``merge=True`` folds it into plain weights (a VLM)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    return model.merge_and_unload() if merge else model

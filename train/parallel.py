@@ -1,0 +1,224 @@
+"""One small interface over a single process, plain DDP, and DeepSpeed ZeRO-2 / ZeRO-3.
+
+The loop only ever calls:
+    with engine.micro_step(last):  out = engine.forward(batch); engine.backward(loss)
+    grad_norm, applied = engine.step()
+so the same loop serves every mode. Each mode's quirks are handled here:
+  * DDP averages gradients over ranks and must skip the all-reduce on non-final micro-batches
+    (``no_sync`` around forward *and* backward).
+  * DeepSpeed owns clipping, the optimiser step and its own gradient accumulation counter; its
+    backward would divide the loss by gradient_accumulation_steps, which we turn off
+    (``scale_wrt_gas=False``) because the loop already normalises by the step's token count.
+  * Our torch optimiser and LambdaLR are handed to ``deepspeed.initialize`` so the recipe's schedule
+    is the one that runs (the reference's DS JSON replaced it by WarmupLR, QwenLM/Qwen-VL#183).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from train.recipe import ParallelSection, Recipe
+
+DS_CONFIG_DIR = Path(__file__).parent / "ds_configs"
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_mode(cfg: ParallelSection, world_size: int) -> str:
+    """"single", "ddp", "zero2" or "zero3"."""
+    if cfg.mode == "auto":
+        return "ddp" if world_size > 1 else "single"
+    return cfg.mode
+
+
+def init_distributed(cfg: ParallelSection) -> DistInfo:
+    """Join the process group started by torchrun / the deepspeed launcher (env:// rendezvous), or run
+    as a single process when neither set RANK/WORLD_SIZE."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    mode = resolve_mode(cfg, world_size)
+    if mode.startswith("zero") and not cuda:
+        # DeepSpeed picks its accelerator at import time; on a CPU-only machine it must be the CPU one.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if world_size > 1 or mode.startswith("zero"):
+        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
+        if mode.startswith("zero"):
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=backend)
+        elif not dist.is_initialized():
+            dist.init_process_group(backend=backend, device_id=device if cuda else None)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def deepspeed_config(recipe: Recipe, mode: str, world_size: int) -> dict[str, Any]:
+    """The shipped train/ds_configs/<mode>.json (or the user's JSON), with the batch, clipping and
+    precision entries filled in from the recipe ("auto" or absent -> recipe value; a different
+    explicit value is an error, so the JSON and the recipe cannot silently disagree)."""
+    path = Path(recipe.parallel.deepspeed_config or DS_CONFIG_DIR / f"{mode}.json")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the DeepSpeed config: {e}") from e
+    for owned in ("optimizer", "scheduler"):
+        if owned in config:
+            raise ValueError(
+                f"{path}: remove '{owned}'; the optimiser and lr schedule come from the recipe's optim / "
+                "schedule sections (a DeepSpeed scheduler would silently replace the cosine, Qwen-VL#183)"
+            )
+    t = recipe.train
+    wanted = {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch * t.grad_accum * world_size,
+        "gradient_clipping": recipe.optim.clip_grad,
+    }
+    for key, value in wanted.items():
+        if config.get(key, "auto") not in ("auto", value):
+            raise ValueError(f"{path}: '{key}' is {config[key]} but the recipe implies {value}; set it to \"auto\"")
+        config[key] = value
+    bf16 = config.setdefault("bf16", {})
+    if bf16.get("enabled", "auto") not in ("auto", recipe.train.bf16):
+        raise ValueError(f"{path}: 'bf16.enabled' disagrees with train.bf16={recipe.train.bf16}")
+    bf16["enabled"] = recipe.train.bf16
+    zero = config.setdefault("zero_optimization", {})
+    expected_stage = int(mode[-1])
+    if zero.get("stage", expected_stage) != expected_stage:
+        raise ValueError(f"{path}: zero_optimization.stage is {zero['stage']} but parallel.mode is {mode}")
+    zero["stage"] = expected_stage
+    if expected_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # export gathers full weights
+    config.setdefault("steps_per_print", 10**9)  # our loop logs
+    return config
+
+
+class Engine:
+    """Forward / backward / optimiser step of ``model`` in one of the four modes."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        recipe: Recipe,
+        dist_info: DistInfo,
+    ):
+        self.mode = resolve_mode(recipe.parallel, dist_info.world_size)
+        self.dist = dist_info
+        self.model = model  # the unwrapped model (state dicts, export)
+        self.clip_grad = recipe.optim.clip_grad
+        self.autocast_bf16 = recipe.train.bf16 and not self.mode.startswith("zero")  # DS casts itself
+        if self.mode.startswith("zero"):
+            import deepspeed
+
+            config = deepspeed_config(recipe, self.mode, dist_info.world_size)
+            # A callable gives the engine our LambdaLR bound to the torch optimiser it wraps.
+            self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=lambda _opt: scheduler, config=config
+            )
+            if self.mode == "zero3":
+                # VLM.forward reads lm_head.weight directly (fused loss) instead of calling lm_head, so
+                # ZeRO-3 must gather it with the VLM's own parameters.
+                head = model.llm.get_output_embeddings()
+                deepspeed.zero.register_external_parameter(model, head.weight)
+        else:
+            model.to(dist_info.device)
+            self.module = model
+            if self.mode == "ddp":
+                device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
+                self.module = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+            self.optimizer, self.scheduler = optimizer, scheduler
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        return self.mode.startswith("zero")
+
+    @contextlib.contextmanager
+    def micro_step(self, last: bool):
+        """Wrap forward + backward of one micro-batch. DDP skips the gradient all-reduce on all but the
+        last micro-batch of an optimiser step."""
+        ctx = self.module.no_sync() if self.mode == "ddp" and not last else contextlib.nullcontext()
+        autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
+        with ctx, autocast:
+            yield
+
+    def forward(self, batch: dict[str, Any]):
+        return self.module(
+            input_ids=batch["input_ids"],
+            pixel_values=batch.get("pixel_values"),
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            labels=batch["labels"],
+        )
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        if self.uses_deepspeed:
+            self.module.backward(loss, scale_wrt_gas=False)
+            if not last:
+                self.module.step()  # not a boundary: DeepSpeed only advances its micro-step counter
+        else:
+            loss.backward()
+
+    def step(self) -> tuple[torch.Tensor | float, bool]:
+        """Clip, step the optimiser and the schedule. Returns (grad norm before clipping, applied);
+        a step with a non-finite gradient norm is skipped (not applied, schedule not advanced)."""
+        if self.uses_deepspeed:
+            skipped_before = self.module.skipped_steps
+            self.module.step()  # boundary: clip, optimiser step (skipped on inf/nan), scheduler step
+            norm = self.module.get_global_grad_norm()
+            applied = self.module.skipped_steps == skipped_before
+            return (norm if norm is not None else float("nan")), applied
+        max_norm = self.clip_grad if self.clip_grad > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        # One host sync per optimiser step: deciding whether to apply needs the value.
+        applied = bool(torch.isfinite(norm))
+        if applied:
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm, applied
+
+    def lr(self) -> float:
+        """The base lr now (group lr divided by its ViT layer-decay scale)."""
+        group = self.scheduler.optimizer.param_groups[0]
+        return group["lr"] / group.get("lr_scale", 1.0)
+
+    def train(self) -> None:
+        self.module.train()
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (in place); identity without a process group."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

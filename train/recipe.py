@@ -1,0 +1,366 @@
+"""Recipes: typed, validated training configurations read from YAML.
+
+A recipe is a YAML file whose top-level sections map onto the dataclasses below. Loading it
+  * follows ``extends: base.yaml`` (relative to the file; deep merge, the child wins),
+  * applies command-line overrides ``section.key=value`` (values parsed as YAML: ``3``, ``1e-4``,
+    ``true``, ``[a, b]``),
+  * rejects unknown or misspelt keys with a suggestion ("did you mean 'optim.lr'?") and values of
+    the wrong type, naming the file and the key.
+``save_resolved`` writes the fully resolved recipe (``resolved.yaml``) beside the run.
+
+The ``data`` section is validated against ``data.DataConfig`` (the data package owns its fields).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+TrainOrFrozen = Literal["train", "frozen"]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file and the key."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ModelSection:
+    # Start from a VLM directory written by a previous stage (VLM.save_pretrained). Takes precedence
+    # over preset / llm_path / openclip_*.
+    init_from: str | None = None
+    preset: Literal["tiny", "qwen_vl_7b"] | None = None  # models.presets.<name>
+    llm_path: str | None = None  # local HF directory of the LLM (weights + tokenizer)
+    tokenizer_path: str | None = None  # default: llm_path, or init_from
+    openclip_name: str | None = None  # e.g. "ViT-bigG-14": initialise the vision tower from OpenCLIP
+    openclip_checkpoint: str | None = None
+    image_size: int | None = None  # override the vision tower's input size (224 in stage 1, 448 later)
+
+
+@dataclass
+class FreezeSection:
+    """What trains. "embeddings" = input embeddings + LM head; "auto" trains them when the LLM trains
+    or when special tokens were added to a base tokenizer (VLMConfig.train_embeddings)."""
+
+    vision: TrainOrFrozen = "frozen"
+    resampler: TrainOrFrozen = "train"
+    llm: TrainOrFrozen = "train"
+    embeddings: Literal["train", "frozen", "auto"] = "auto"
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = False
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.05
+    # Module names inside the LLM (suffixes); the reference's: attention q/k/v/o and MLP gate/up.
+    targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]
+    )
+    merge_on_export: bool = False  # also write a merged full-weight export (final/merged)
+
+
+@dataclass
+class QuantizationSection:
+    """Q-LoRA: the LLM decoder's linear layers in 4-bit through bitsandbytes (CUDA only)."""
+
+    enabled: bool = False
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = 0.05
+    vit_layer_decay: float = 1.0  # lr of ViT block i = lr * decay ** (num_blocks - i); 1.0 = off
+    clip_grad: float = 1.0  # max global grad norm; 0 = no clipping
+
+
+@dataclass
+class ScheduleSection:
+    name: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr: float = 0.0  # cosine ends here (scaled like lr for ViT layer-wise decay)
+
+
+@dataclass
+class TrainSection:
+    steps: int | None = None  # optimiser steps; exactly one of steps / epochs
+    epochs: float | None = None
+    micro_batch: int = 1  # samples (or packed rows) per rank per forward
+    grad_accum: int = 1
+    bf16: bool = True  # autocast to bfloat16 (parameters stay fp32 outside DeepSpeed)
+    grad_checkpointing: bool = False
+    seed: int = 42
+    resume: str | None = None  # "auto" = newest checkpoint in checkpoint.out_dir, or a checkpoint path
+    max_bad_steps: int = 10  # abort after this many skipped non-finite steps
+    stage: Literal["pretrain", "multitask", "sft"] = "pretrain"  # recorded in the export (eval picks ChatML for sft)
+    stop_after_steps: int | None = None  # end the run early (tests of resume); the schedule still uses `steps`
+
+
+@dataclass
+class ParallelSection:
+    # auto: DDP when launched with several processes, a single process otherwise.
+    mode: Literal["auto", "ddp", "zero2", "zero3"] = "auto"
+    deepspeed_config: str | None = None  # your DeepSpeed JSON instead of train/ds_configs/<mode>.json
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+
+
+@dataclass
+class CheckpointSection:
+    out_dir: str = "runs/default"  # the run directory: checkpoints/, final/, resolved.yaml, logs
+    every: int = 0  # save every N optimiser steps; 0 = only the final export
+    keep_last: int = 2
+
+
+@dataclass
+class LogSection:
+    backend: Literal["console", "wandb", "tensorboard"] = "console"
+    every: int = 10  # optimiser steps between logged lines (one host sync each)
+    project: str = "vlrecipe"
+    run_name: str | None = None
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalSection:
+    benches: list[str] = field(default_factory=list)  # evaluated on the final export; empty = none
+    data_root: str | None = None
+    limit: int | None = None
+    batch_size: int = 8
+
+
+@dataclass
+class Recipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: Any = None  # data.DataConfig, validated against its fields at load time
+    freeze: FreezeSection = field(default_factory=FreezeSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    quantization: QuantizationSection = field(default_factory=QuantizationSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read ``path`` (following ``extends``), apply ``key.sub=value`` overrides, validate."""
+    path = Path(path)
+    raw = _read_with_extends(path, seen=())
+    for item in overrides:
+        _apply_override(raw, item, path)
+    return recipe_from_dict(raw, source=str(path))
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
+    """Validate a plain dict (already merged) into a Recipe."""
+    from data.dataset import DataConfig
+
+    raw = dict(raw)
+    data_raw = raw.pop("data", None) or {}
+    recipe = _build(Recipe, raw, prefix="", source=source)
+    recipe.data = _build(DataConfig, data_raw, prefix="data.", source=source)
+    _check_consistency(recipe, source)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    return plain(recipe)
+
+
+def save_resolved(recipe: Recipe, path: str | Path) -> None:
+    """Write the fully resolved recipe (every default filled in) as YAML."""
+    Path(path).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+
+
+def _read_with_extends(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise RecipeError(f"{path}: 'extends' cycle through {[str(p) for p in seen]}")
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    base_name = raw.pop("extends", None)
+    if base_name is None:
+        return raw
+    base = _read_with_extends((path.parent / base_name), seen + (path,))
+    return _deep_merge(base, raw)
+
+
+def _deep_merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _apply_override(raw: dict[str, Any], item: str, source: Path) -> None:
+    if "=" not in item:
+        raise RecipeError(f"override {item!r}: expected section.key=value")
+    dotted, _, text = item.partition("=")
+    keys = dotted.strip().split(".")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"override {item!r}: value is not valid YAML: {e}") from e
+    node = raw
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"override {item!r}: {key!r} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation: dataclass fields drive everything, so the schema lives in one place (the classes above).
+# --------------------------------------------------------------------------------------------------
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    where = prefix.rstrip(".") or "recipe"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: '{where}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known keys: {', '.join(names)})"
+            raise RecipeError(f"{source}: unknown key '{prefix}{key}'{hint}")
+    kwargs = {}
+    for name in names:
+        if name in raw:
+            kwargs[name] = _coerce(hints[name], raw[name], f"{prefix}{name}", source)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"{source}: section '{where}': {e}") from e
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert lists to tuples and ints to floats."""
+
+    def bad(expected: str) -> RecipeError:
+        return RecipeError(f"{source}: '{key}' must be {expected}, got {value!r} ({type(value).__name__})")
+
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, prefix=f"{key}.", source=source)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, key, source)
+            except RecipeError as e:
+                errors.append(str(e))
+        raise bad(" or ".join(_type_name(a) for a in args))
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise RecipeError(f"{source}: '{key}' must be one of {list(args)}, got {value!r}{hint}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad(f"a list ({_type_name(tp)})")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise bad(f"a list of {len(args)} items")
+            return tuple(_coerce(a, v, f"{key}[{i}]", source) for i, (a, v) in enumerate(zip(args, value)))
+        item_tp = args[0] if args else Any
+        items = [_coerce(item_tp, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+        return dict(value)
+    if isinstance(tp, type):
+        if not isinstance(value, tp):
+            raise bad(tp.__name__)
+        return value
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_consistency(recipe: Recipe, source: str) -> None:
+    t = recipe.train
+    if (t.steps is None) == (t.epochs is None):
+        raise RecipeError(f"{source}: set exactly one of 'train.steps' and 'train.epochs'")
+    if recipe.quantization.enabled and not recipe.lora.enabled:
+        raise RecipeError(f"{source}: 'quantization.enabled' (Q-LoRA) needs 'lora.enabled: true'")
+    if recipe.quantization.enabled and recipe.parallel.mode == "zero3":
+        raise RecipeError(f"{source}: 4-bit Q-LoRA cannot be sharded by ZeRO-3; use ddp or zero2")
+    m = recipe.model
+    if m.init_from is None and m.preset is None and m.llm_path is None:
+        raise RecipeError(f"{source}: set 'model.init_from' (a previous stage) or 'model.preset' / 'model.llm_path'")
+    if (m.openclip_name is None) != (m.openclip_checkpoint is None):
+        raise RecipeError(f"{source}: set both 'model.openclip_name' and 'model.openclip_checkpoint', or neither")
+    for name in ("micro_batch", "grad_accum"):
+        if getattr(t, name) < 1:
+            raise RecipeError(f"{source}: 'train.{name}' must be >= 1")
