@@ -1,0 +1,66 @@
+"""Prompt text -> token ids, raw (base checkpoints, the reference's eval prompts) or ChatML (chat/SFT)."""
+
+import json
+from pathlib import Path
+
+from data.chatml import DEFAULT_SYSTEM_MESSAGE
+from data.text import encode_text_with_images, tokenize_plain
+from models.tokens import IM_END, IM_START
+
+PROMPT_FORMATS = ("auto", "chatml", "raw")
+
+
+def checkpoint_prompt_format(checkpoint: str | Path) -> str:
+    """'chatml' when the checkpoint says it is a chat model, else 'raw'.
+
+    Looked up, in order: `chat_format` in generation_config.json (where Qwen-VL-Chat records it) or
+    config.json; a `stage`/`training_stage` of 'sft' or 'chat' in either file. Absent -> 'raw'."""
+    for name in ("generation_config.json", "config.json"):
+        file = Path(checkpoint) / name
+        if not file.is_file():
+            continue
+        config = json.loads(file.read_text())
+        if config.get("chat_format"):
+            return "chatml" if config["chat_format"] == "chatml" else "raw"
+        stage = config.get("stage") or config.get("training_stage")
+        if stage in ("sft", "chat"):
+            return "chatml"
+    return "raw"
+
+
+def encode_prompt(tokenizer, text: str, num_image_tokens: int, prompt_format: str,
+                  system_message: str = DEFAULT_SYSTEM_MESSAGE) -> tuple[list[int], list[str]]:
+    """Token ids of the prompt (ending where the model's answer starts) and the image paths in order.
+
+    ChatML is tokenised piece by piece exactly like data.chatml.render_chatml does in training:
+    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{text}<|im_end|>\\n<|im_start|>assistant\\n
+    """
+    if prompt_format == "raw":
+        return encode_text_with_images(tokenizer, text, num_image_tokens)
+    if prompt_format != "chatml":
+        raise ValueError(f"prompt format must be 'raw' or 'chatml', got {prompt_format!r}")
+    vocab = tokenizer.get_vocab()
+    im_start, im_end = vocab[IM_START], vocab[IM_END]
+    newline = tokenize_plain(tokenizer, "\n")
+    ids: list[int] = []
+    paths: list[str] = []
+    for role, content in (("system", system_message), ("user", text)):
+        content_ids, content_paths = encode_text_with_images(tokenizer, content, num_image_tokens)
+        ids += [im_start] + tokenize_plain(tokenizer, role) + newline + content_ids + [im_end] + newline
+        paths += content_paths
+    ids += [im_start] + tokenize_plain(tokenizer, "assistant") + newline
+    return ids, paths
+
+
+def option_continuation(letter: str, prompt_format: str) -> str:
+    """Text scored after the prompt for one option: ' A' after the raw 'Answer:' (the reference), 'A' as
+    the start of a ChatML assistant turn."""
+    return " " + letter if prompt_format == "raw" else letter
+
+
+def prompt_text(text: str, prompt_format: str, system_message: str = DEFAULT_SYSTEM_MESSAGE) -> str:
+    """The prompt as a string (what encode_prompt tokenises), for the predictions file."""
+    if prompt_format == "raw":
+        return text
+    return (f"{IM_START}system\n{system_message}{IM_END}\n{IM_START}user\n{text}{IM_END}\n"
+            f"{IM_START}assistant\n")

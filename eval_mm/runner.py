@@ -1,0 +1,157 @@
+"""evaluate(): run benchmarks with an already-loaded model, resumable and data-parallel.
+
+Per benchmark, under out_dir/<bench>/:
+  predictions.jsonl         every predicted sample, in dataset order: id, prediction, prompt, raw_output
+  predictions.part<R>.jsonl what rank R predicted in an unfinished run (read back on resume)
+  run_info.json             the prompt format used (a resume with another one is refused)
+  metrics.json              the metrics of the samples evaluated in this call
+"""
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from eval_mm.benchmarks import Benchmark
+from eval_mm.datasets import EvalSample, load_references, load_samples
+from eval_mm.inference import BatchBuilder, PromptBatch, generate_answers, rank_options
+from eval_mm.metrics import MetricOptions, compute_metric
+from eval_mm.sharding import barrier, broadcast_from_rank0, gather_to_all, shard_range, world
+
+SEED = 0
+
+
+def evaluate(model, tokenizer, benches: list[Benchmark] | list[str], data_root: str | Path, out_dir: str | Path,
+             limit: int | None = None, batch_size: int = 8, prompt_format: str = "raw",
+             metric_options: MetricOptions = MetricOptions(), num_workers: int = 0,
+             progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Evaluate `model` on each benchmark; returns {bench: {metric: value}} on every rank.
+
+    Under torch.distributed each rank predicts a contiguous shard of the samples not yet predicted;
+    rank 0 merges and scores. `model` must already be on its device and in eval mode.
+    """
+    from eval_mm.benchmarks import get_benchmark
+
+    benches = [get_benchmark(b) if isinstance(b, str) else b for b in benches]
+    results = {}
+    for bench in benches:
+        results[bench.name] = _evaluate_one(model, tokenizer, bench, Path(data_root), Path(out_dir) / bench.name,
+                                            limit, batch_size, prompt_format, metric_options, num_workers, progress)
+    return results
+
+
+def _evaluate_one(model, tokenizer, bench: Benchmark, data_root: Path, bench_dir: Path, limit: int | None,
+                  batch_size: int, prompt_format: str, metric_options: MetricOptions, num_workers: int,
+                  progress: bool) -> dict[str, Any]:
+    rank, world_size = world()
+    random.seed(SEED)
+    torch.manual_seed(SEED)
+    samples = load_samples(bench, data_root)
+    if limit is not None:
+        samples = samples[:limit]
+    references = load_references(bench, data_root / bench.references_file)
+    missing = [s.id for s in samples if s.id not in references]
+    if missing:
+        raise ValueError(f"{bench.name}: {len(missing)} samples have no annotation in "
+                         f"{data_root / bench.references_file} (e.g. {missing[:5]})")
+    if rank == 0:
+        _check_run_info(bench_dir, prompt_format)
+    barrier()
+
+    # Rank 0 reads what is done and tells the others, so every rank shards the same list.
+    done = broadcast_from_rank0(read_predictions(bench_dir) if rank == 0 else None)
+    todo = [s for s in samples if s.id not in done]
+    mine = [todo[i] for i in shard_range(len(todo), rank, world_size)]
+    new_records = _predict(model, tokenizer, bench, mine, bench_dir / f"predictions.part{rank}.jsonl",
+                           batch_size, prompt_format, num_workers, progress and rank == 0)
+    new_records = gather_to_all(new_records)
+
+    metrics = None
+    if rank == 0:
+        merged = {**done, **{r["id"]: r for r in new_records}}
+        order = {s.id: i for i, s in enumerate(samples)}
+        _write_jsonl(bench_dir / "predictions.jsonl",
+                     sorted(merged.values(), key=lambda r: order.get(r["id"], len(order))))
+        for part in bench_dir.glob("predictions.part*.jsonl"):
+            part.unlink()
+        predictions = {s.id: merged[s.id]["prediction"] for s in samples}
+        metrics = compute_metric(bench.metric, predictions, {s.id: references[s.id] for s in samples},
+                                 metric_options, where=bench.name)
+        metrics["num_resumed"] = sum(1 for s in samples if s.id in done)
+        (bench_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics = broadcast_from_rank0(metrics)
+    barrier()
+    return metrics
+
+
+def _predict(model, tokenizer, bench: Benchmark, samples: list[EvalSample], part_file: Path, batch_size: int,
+             prompt_format: str, num_workers: int, progress: bool) -> list[dict]:
+    """Predict `samples`, appending each batch's records to part_file as soon as it is done."""
+    if not samples:
+        return []
+    device = next(model.parameters()).device
+    config = model.config
+    builder = BatchBuilder(tokenizer, bench, prompt_format, config.num_image_tokens, config.vision.image_size)
+    loader = DataLoader(samples, batch_size=batch_size, shuffle=False, collate_fn=builder, num_workers=num_workers)
+    records = []
+    part_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(part_file, "a", encoding="utf-8") as out:
+        for batch in tqdm(loader, desc=bench.name, disable=not progress):
+            for record in _predict_batch(model, tokenizer, bench, batch, prompt_format, device):
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                records.append(record)
+            out.flush()
+    return records
+
+
+def _predict_batch(model, tokenizer, bench, batch: PromptBatch, prompt_format, device) -> list[dict]:
+    if bench.kind == "choice":
+        ranked = rank_options(model, batch, device)
+        return [{"id": s.id, "prediction": letter, "prompt": p, "raw_output": None, "option_losses": losses}
+                for s, p, (letter, losses) in zip(batch.samples, batch.prompts, ranked)]
+    answers = generate_answers(model, tokenizer, batch, bench, prompt_format, device)
+    return [{"id": s.id, "prediction": a, "prompt": p, "raw_output": a}
+            for s, p, a in zip(batch.samples, batch.prompts, answers)]
+
+
+def read_predictions(bench_dir: Path) -> dict[str, dict]:
+    """Records already predicted: the merged file plus the parts of an interrupted run. A truncated
+    last line (a run killed mid-write) is ignored, and its sample predicted again."""
+    records: dict[str, dict] = {}
+    files = [bench_dir / "predictions.jsonl", *sorted(bench_dir.glob("predictions.part*.jsonl"))]
+    for file in files:
+        if not file.exists():
+            continue
+        lines = file.read_text(encoding="utf-8").splitlines()
+        for index, line in enumerate(lines):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                if index == len(lines) - 1:
+                    continue
+                raise ValueError(f"{file} line {index + 1}: invalid JSON: {e}") from e
+            records[str(record["id"])] = record
+    return records
+
+
+def _check_run_info(bench_dir: Path, prompt_format: str) -> None:
+    info_file = bench_dir / "run_info.json"
+    if info_file.exists():
+        previous = json.loads(info_file.read_text()).get("prompt_format")
+        if previous != prompt_format:
+            raise ValueError(f"{bench_dir} holds predictions made with prompt format {previous!r}, not "
+                             f"{prompt_format!r}; use another --out directory")
+    bench_dir.mkdir(parents=True, exist_ok=True)
+    info_file.write_text(json.dumps({"prompt_format": prompt_format}) + "\n")
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    tmp = path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    tmp.replace(path)
