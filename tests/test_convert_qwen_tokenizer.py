@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import os
 import random
 import unicodedata
 
@@ -205,3 +206,33 @@ def test_a_ranks_file_missing_a_single_byte_is_refused(tmp_path, ranks):
     write_ranks(path, renumbered)
     with pytest.raises(ValueError, match="single bytes have no rank"):
         read_tiktoken_ranks(path)
+
+
+def test_overlapping_merges_on_repetitive_text_match_tiktoken(tmp_path):
+    # Several splits of one token ("aaa" = a+aa = aa+a) compete on runs of one letter: the merge
+    # order must still reproduce tiktoken's choice.
+    order = list(range(256))
+    random.Random(1).shuffle(order)
+    ranks = {bytes([b]): r for r, b in enumerate(order)}
+    for token in [b"aa", b"aaa", b"aaaa", b"ab", b"aab", b"aba", b"abab", b"baa", b"aaab"]:
+        ranks[token] = len(ranks)
+    write_ranks(tmp_path / "rep.tiktoken", ranks)
+    tok = build_qwen_tokenizer(tmp_path / "rep.tiktoken")
+    rng = random.Random(0)
+    for _ in range(500):
+        text = "".join(rng.choice("ab") for _ in range(rng.randint(1, 14)))
+        assert tok.encode(text, add_special_tokens=False) == tiktoken_encode(ranks, text), text
+
+
+@pytest.mark.skipif(not os.environ.get("QWEN_TIKTOKEN"), reason="set QWEN_TIKTOKEN=/path/to/Qwen-VL-Chat/qwen.tiktoken")
+def test_the_released_vocabulary():
+    path = os.environ["QWEN_TIKTOKEN"]
+    ranks = read_tiktoken_ranks(path)
+    assert len(ranks) == QWEN_NUM_RANKS
+    tok = build_qwen_tokenizer(path)
+    vocab = tok.get_vocab()
+    assert (vocab["<|endoftext|>"], vocab["<|im_end|>"], vocab["<ref>"], vocab["<imgpad>"]) == (
+        151643, 151645, 151851, 151859)
+    for text in TEXTS + ["Generate the caption in English with grounding: <ref> a dog</ref><box>(1,2),(3,4)</box>"]:
+        plain = text.split("<")[0]
+        assert tok.encode(plain, add_special_tokens=False) == tiktoken_encode(ranks, plain)
