@@ -9,8 +9,8 @@ def qwen_vl_7b(vocab_size: int = 151936) -> VLMConfig:
     """ViT-bigG/14 at 448 px + 256-query resampler + a Qwen2-architecture decoder of the Qwen-7B shape.
 
     Qwen-7B's MLP is listed as intermediate_size 22016 in its own config (w1 and w2 together); the
-    Qwen2 architecture counts one branch, hence 11008. Image token ids are filled in by build_vlm
-    from the tokenizer.
+    Qwen2 architecture counts one branch, hence 11008. The image token ids default to the Qwen-VL
+    tokenizer's (reference 2.1); build_vlm(config, tokenizer) replaces them with the tokenizer's own.
     """
     return VLMConfig(
         vision=VisionConfig(image_size=448, patch_size=14, width=1664, layers=48, heads=16, mlp_dim=8192, pos_grid=16),
@@ -29,6 +29,10 @@ def qwen_vl_7b(vocab_size: int = 151936) -> VLMConfig:
             tie_word_embeddings=False,
             hidden_act="silu",
         ),
+        image_start_id=151857,
+        image_end_id=151858,
+        image_pad_id=151859,
+        pad_token_id=151643,
     )
 
 

@@ -149,10 +149,15 @@ class VLM(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute vision blocks and LLM layers in backward (non-reentrant checkpointing)."""
         self.vision.gradient_checkpointing = enabled
+        # transformers 5 renamed gradient_* to activation_checkpointing_*; older releases only have the former.
         if enabled:
-            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(self.llm, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
-            self.llm.gradient_checkpointing_disable()
+            getattr(self.llm, "activation_checkpointing_disable", self.llm.gradient_checkpointing_disable)()
 
     # ------------------------------------------------------------------------------------ I/O
     def save_pretrained(

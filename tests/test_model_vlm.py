@@ -211,3 +211,29 @@ def test_module_groups_cover_all_parameters(tiny_vlm):
     assert covered == {id(p) for p in tiny_vlm.parameters()}
     emb = {id(p) for m in groups["embeddings"] for p in m.parameters()}
     assert emb == {id(tiny_vlm.llm.get_input_embeddings().weight), id(tiny_vlm.llm.get_output_embeddings().weight)}
+
+
+def test_gradient_checkpointing_keeps_loss_and_grads(tiny_vlm, batch):
+    input_ids, pixel_values = batch
+    grads = []
+    for enabled in (False, True):
+        model = copy.deepcopy(tiny_vlm).train()
+        model.set_gradient_checkpointing(enabled)
+        model(input_ids, pixel_values=pixel_values, labels=input_ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert model.vision.gradient_checkpointing and model.llm.model.gradient_checkpointing
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_cuda_forward_backward_and_generate(tiny_vlm, batch):
+    model = copy.deepcopy(tiny_vlm).to("cuda", torch.bfloat16).train()
+    input_ids, pixel_values = (t.cuda() for t in batch)
+    out = model(input_ids, pixel_values=pixel_values.bfloat16(), labels=input_ids)
+    assert out.loss_sum.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    new = model.eval().generate(input_ids, pixel_values=pixel_values, max_new_tokens=3, do_sample=False, eos_token_id=None)
+    assert new.shape == (2, 3)
