@@ -12,6 +12,7 @@ is a token boundary. The templates are the evaluators' prompts (eval_mm uses the
 | referring | ``<img>p</img>Describe the region <box>(x1,y1),(x2,y2)</box> in English:`` | `` {ref}`` |
 | grounded_caption | ``<img>p</img>Generate the caption in English with grounding:`` | `` {caption with <ref>/<box>}`` |
 | ocr | ``<img>p</img>OCR with grounding:`` | `` <ref>{text}</ref><quad>(x,y)x4</quad>...`` |
+| choice | ``<img>p</img>Context: {hint}\nQuestion: {question}\nOptions: A. ..\nB. ..\nAnswer:`` | `` {letter}`` |
 | text | (none) | ``{text}`` |
 """
 
@@ -30,7 +31,7 @@ from data.text import (
 )
 from models.tokens import BOX_END, BOX_START, ENDOFTEXT, IMG_END, IMG_START, QUAD_END, QUAD_START, REF_END, REF_START
 
-TASKS = ("caption", "vqa", "grounding", "referring", "grounded_caption", "ocr", "text")
+TASKS = ("caption", "vqa", "grounding", "referring", "grounded_caption", "ocr", "choice", "text")
 
 CAPTION_PROMPT = "Describe the image in English:"
 GROUNDED_CAPTION_PROMPT = "Generate the caption in English with grounding:"
@@ -104,6 +105,15 @@ def task_prompt_and_target(record: dict) -> tuple[str, str]:
         _require(record, "caption")
         parse_boxes(record["caption"])  # validates every box in the caption
         return image + GROUNDED_CAPTION_PROMPT, " " + record["caption"]
+    if task == "choice":  # the multiple-choice evaluator's prompt (reference 5.3); answer = option index
+        _require(record, "question", "choices", "answer")
+        choices, answer = record["choices"], record["answer"]
+        if not 2 <= len(choices) <= 26 or not isinstance(answer, int) or not 0 <= answer < len(choices):
+            raise ValueError(f"choice needs 2..26 choices and an answer index into them, got {answer!r}")
+        options = "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(choices))
+        hint = record.get("hint") or "N/A"
+        return (f"{image}Context: {hint}\nQuestion: {record['question']}\nOptions: {options}\nAnswer:",
+                " " + chr(65 + answer))
     # ocr
     _require(record, "texts")
     width, height = record.get("width"), record.get("height")
