@@ -76,9 +76,10 @@ _ALL = [
     _choice("mmbench_dev", "mmbench/mmbench_dev_20230712.jsonl", metric="circular_accuracy"),
     # MME: the reference asked Qwen-VL-Chat (ChatML); the parser only reads the first 4 characters.
     Benchmark("mme", "mme_dir", "mme/Your_Results", "mme", MME_PROMPT, max_new_tokens=20),
-    # Synthetic sets written by `python -m data.synthetic --out DATA_ROOT/synthetic` (CI and demo).
+    # Synthetic sets written by `python -m data.synthetic --out DATA_ROOT/synthetic` (CI and demo);
+    # their image paths are relative to that folder.
     _caption("synth_caption", "synthetic/caption_test.json"),
-    _vqa("synth_vqa", "synthetic/vqa_test.jsonl", "vqa_accuracy", 10),
+    _vqa("synth_vqa", "synthetic/vqa_test.jsonl", "vqa_accuracy", 10, "synthetic/vqa_test_annotations.json"),
     Benchmark("synth_grounding", "grounding_jsonl", "synthetic/grounding_test.jsonl", "grounding",
               GROUNDING_PROMPT, max_new_tokens=28, min_new_tokens=10),
     _choice("synth_mc", "synthetic/mc_test.jsonl"),
