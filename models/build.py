@@ -89,4 +89,9 @@ def build_vlm(
 
 def load_tokenizer(path: str | Path):
     """The tokenizer saved beside a VLM (or any local HF tokenizer directory); no remote code."""
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    kwargs = {}
+    config_file = Path(path) / "config.json"
+    if config_file.is_file() and '"vlrecipe_vlm"' in config_file.read_text():
+        # A VLM directory: give AutoTokenizer the LLM's config, not our (unknown to it) VLM config.
+        kwargs["config"] = text_config_from_dict(VLMConfig.load(config_file).text_config)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False, **kwargs)
