@@ -29,7 +29,17 @@ from data.text import (
     parse_boxes,
     validate_box,
 )
-from models.tokens import BOX_END, BOX_START, ENDOFTEXT, IMG_END, IMG_START, QUAD_END, QUAD_START, REF_END, REF_START
+from models.tokens import (
+    BOX_END,
+    BOX_START,
+    ENDOFTEXT,
+    IMG_END,
+    IMG_START,
+    QUAD_END,
+    QUAD_START,
+    REF_END,
+    REF_START,
+)
 
 TASKS = ("caption", "vqa", "grounding", "referring", "grounded_caption", "ocr", "choice", "text")
 

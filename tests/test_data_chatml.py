@@ -71,7 +71,7 @@ def test_readme_example_supervises_structure_and_assistant_content(tiny_tokenize
         + "<|im_start|><ref>格子衬衫</ref><box>(588,499),(725,789)</box><|im_end|>\n"
     )
     imgpad = tok.convert_tokens_to_ids("<imgpad>")
-    assert all(lab == IGNORE for i, lab in zip(sample.input_ids, sample.labels) if i == imgpad)
+    assert all(lab == IGNORE for i, lab in zip(sample.input_ids, sample.labels, strict=True) if i == imgpad)
 
 
 def test_assistant_only_supervises_assistant_content_and_its_im_end(tiny_tokenizer):
@@ -94,7 +94,7 @@ def test_images_in_assistant_turns_are_not_supervised(tiny_tokenizer):
     conv = [{"from": "user", "value": "draw"}, {"from": "assistant", "value": "ok <img>x.png</img> done"}]
     sample = render_chatml(tok, conv, N_IMG)
     span = {tok.convert_tokens_to_ids(t) for t in ("<img>", "</img>", "<imgpad>")}
-    assert all(lab == IGNORE for i, lab in zip(sample.input_ids, sample.labels) if i in span)
+    assert all(lab == IGNORE for i, lab in zip(sample.input_ids, sample.labels, strict=True) if i in span)
     assert sample.image_paths == ["x.png"]
 
 
