@@ -166,3 +166,20 @@ def test_corrupt_image_fails_by_default_and_is_skipped_and_counted_when_allowed(
     loader = build_dataloader(cfg, tiny_tokenizer, num_image_tokens=N_IMG, batch_size=2)
     with pytest.raises(ImageLoadError, match="exceed max_bad_images=1"):
         list(loader)
+
+
+def test_streamed_pretraining_pairs_are_split_across_ranks(tmp_path, tiny_tokenizer):
+    for i in range(4):
+        write_image(tmp_path / f"{i}.png")
+    for shard in range(2):
+        lines = [json.dumps({"image": f"{i}.png", "caption": f"c{i}"}) for i in range(shard * 2, shard * 2 + 2)]
+        (tmp_path / f"s{shard}.jsonl").write_text("\n".join(lines) + "\n")
+    seen = 0
+    for rank in (0, 1):
+        cfg = DataConfig(paths=[str(tmp_path / "s0.jsonl"), str(tmp_path / "s1.jsonl")], format="pretrain",
+                         streaming=True, image_size=16, max_len=128, num_workers=0)
+        loader = build_dataloader(cfg, tiny_tokenizer, num_image_tokens=N_IMG, batch_size=4, rank=rank, world_size=2)
+        batches = list(loader)
+        seen += sum(b["num_samples"] for b in batches)
+        assert all(b["pixel_values"].shape[0] == b["num_samples"] for b in batches)
+    assert seen == 4
