@@ -79,6 +79,33 @@ def to_device(batch: dict[str, Any], device: torch.device, pixel_dtype: torch.dt
     return out
 
 
+def accumulate_gradients(
+    engine: Engine, step_batches: list[dict[str, Any]], pixel_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward + backward of one optimiser step's micro-batches (no optimiser step).
+
+    Gradients end up as d/dθ of (sum of token losses over all micro-batches and ranks) / (their
+    supervised-token count). Returns (this rank's loss sum, detached, on device; the all-reduced
+    counts [supervised tokens, input tokens, samples] as a float64 device tensor).
+    """
+    info = engine.dist
+    local = torch.tensor([sum(count_supervised(b) for b in step_batches),
+                          sum(b["input_ids"].numel() for b in step_batches),
+                          sum(b["num_samples"] for b in step_batches)], dtype=torch.float64)
+    counts = all_reduce_sum(local.to(info.device))  # the step's one collective before backward
+    # world_size undoes the gradient mean over ranks of DDP / DeepSpeed; stays on device (no sync).
+    scale = info.world_size / counts[0].clamp(min=1)
+    loss_sum = torch.zeros((), device=info.device)
+    for i, batch in enumerate(step_batches):
+        last = i == len(step_batches) - 1
+        batch = to_device(batch, info.device, pixel_dtype)
+        with engine.micro_step(last):
+            out = engine.forward(batch)
+            engine.backward(out.loss_sum * scale.to(out.loss_sum.dtype), last)
+        loss_sum += out.loss_sum.detach().float()
+    return loss_sum, counts
+
+
 def train(recipe: Recipe) -> Path:
     """Run the recipe; returns the directory of the final export."""
     from data.dataset import build_dataloader
@@ -156,19 +183,8 @@ def train(recipe: Recipe) -> Path:
     while step < last_step:
         # Fetch the step's micro-batches first: their supervised-token count normalises the loss.
         step_batches = [next(batches) for _ in range(accum)]
-        local = torch.tensor([sum(count_supervised(b) for b in step_batches),
-                              sum(b["input_ids"].numel() for b in step_batches),
-                              sum(b["num_samples"] for b in step_batches)], dtype=torch.float64)
-        counts = all_reduce_sum(local.to(info.device))  # [supervised tokens, input tokens, samples]
-        scale = info.world_size / counts[0].clamp(min=1)  # stays on device: no sync
-
-        for i, batch in enumerate(step_batches):
-            last = i == accum - 1
-            batch = to_device(batch, info.device, pixel_dtype)
-            with engine.micro_step(last):
-                out = engine.forward(batch)
-                engine.backward(out.loss_sum * scale.to(out.loss_sum.dtype), last)
-            window["loss_sum"] += out.loss_sum.detach().float()
+        loss_sum, counts = accumulate_gradients(engine, step_batches, pixel_dtype)
+        window["loss_sum"] += loss_sum
         lr = engine.lr()  # the lr this step applies (the schedule advances inside engine.step)
         grad_norm, applied = engine.step()
         step += 1

@@ -66,7 +66,7 @@ def lr_factor(step: int, total_steps: int, lr: float, cfg: ScheduleSection) -> f
     if cfg.name == "constant":
         return 1.0
     floor = cfg.min_lr / lr if lr > 0 else 0.0
-    decay_steps = max(1, total_steps - cfg.warmup_steps)
+    decay_steps = max(1, total_steps - cfg.warmup_steps - 1)  # the last step runs at min_lr
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 

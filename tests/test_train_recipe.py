@@ -1,0 +1,99 @@
+"""Recipes: schema validation with suggestions, extends, typed overrides, the shipped recipes load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from train.recipe import RecipeError, load_recipe, recipe_to_dict, save_resolved
+
+REPO = Path(__file__).resolve().parents[1]
+FULL_SCALE = ["pretrain.yaml", "multitask.yaml", "sft.yaml", "sft_lora.yaml", "sft_qlora.yaml"]
+
+
+def write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+BASE = {"model": {"preset": "tiny"}, "data": {"paths": ["x.json"]}, "train": {"steps": 3}}
+
+
+def test_misspelt_key_is_an_error_that_suggests_the_right_one(tmp_path):
+    f = write(tmp_path / "r.yaml", {**BASE, "optim": {"lrr": 1e-4}})
+    with pytest.raises(RecipeError, match=r"r.yaml: unknown key 'optim.lrr' \(did you mean 'optim.lr'\?\)"):
+        load_recipe(f)
+
+
+def test_misspelt_section_and_data_key_are_suggested(tmp_path):
+    with pytest.raises(RecipeError, match=r"did you mean 'schedule'"):
+        load_recipe(write(tmp_path / "a.yaml", {**BASE, "schedul": {}}))
+    with pytest.raises(RecipeError, match=r"did you mean 'data.max_len'"):
+        load_recipe(write(tmp_path / "b.yaml", {**BASE, "data": {"paths": [], "max_lenn": 3}}))
+
+
+def test_wrong_type_names_the_key_and_the_value(tmp_path):
+    f = write(tmp_path / "r.yaml", {**BASE, "train": {"steps": "ten"}})
+    with pytest.raises(RecipeError, match=r"'train.steps' must be integer or None|'train.steps' must be"):
+        load_recipe(f)
+    with pytest.raises(RecipeError, match=r"'freeze.vision' must be one of \['train', 'frozen'\], got 'froze' "
+                                          r"\(did you mean 'frozen'\?\)"):
+        load_recipe(f.with_name("r.yaml"), ["train.steps=3", "freeze.vision=froze"])
+
+
+def test_overrides_are_parsed_as_typed_values(tmp_path):
+    f = write(tmp_path / "r.yaml", BASE)
+    r = load_recipe(f, ["optim.lr=3e-4", "optim.betas=[0.9, 0.95]", "train.bf16=false", "lora.targets=[q_proj]"])
+    assert r.optim.lr == 3e-4 and r.optim.betas == (0.9, 0.95) and r.train.bf16 is False
+    assert r.lora.targets == ["q_proj"]
+    with pytest.raises(RecipeError, match=r"did you mean 'train.micro_batch'"):
+        load_recipe(f, ["train.micro_bach=2"])
+
+
+def test_extends_deep_merges_and_the_child_wins(tmp_path):
+    write(tmp_path / "base.yaml", {**BASE, "optim": {"lr": 1e-3, "weight_decay": 0.1}})
+    child = write(tmp_path / "child.yaml", {"extends": "base.yaml", "optim": {"lr": 5e-5}})
+    r = load_recipe(child)
+    assert r.optim.lr == 5e-5 and r.optim.weight_decay == 0.1 and r.model.preset == "tiny"
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    r = load_recipe(write(tmp_path / "r.yaml", BASE), ["optim.lr=2e-4"])
+    save_resolved(r, tmp_path / "resolved.yaml")
+    again = load_recipe(tmp_path / "resolved.yaml")
+    assert recipe_to_dict(again) == recipe_to_dict(r)
+
+
+def test_inconsistent_recipes_are_rejected(tmp_path):
+    f = write(tmp_path / "r.yaml", BASE)
+    with pytest.raises(RecipeError, match="exactly one of 'train.steps' and 'train.epochs'"):
+        load_recipe(f, ["train.epochs=1"])
+    with pytest.raises(RecipeError, match="needs 'lora.enabled: true'"):
+        load_recipe(f, ["quantization.enabled=true"])
+
+
+@pytest.mark.parametrize("name", FULL_SCALE)
+def test_full_scale_recipes_load(name):
+    load_recipe(REPO / "recipes" / name)
+
+
+def test_full_scale_recipes_carry_the_papers_settings():
+    pre, multi, sft = (load_recipe(REPO / "recipes" / n) for n in FULL_SCALE[:3])
+    assert (pre.model.image_size, pre.data.image_size) == (224, 224)
+    assert (pre.freeze.vision, pre.freeze.resampler, pre.freeze.llm) == ("train", "train", "frozen")
+    assert pre.optim.betas == (0.9, 0.98) and pre.optim.eps == 1e-6 and pre.optim.weight_decay == 0.05
+    assert (pre.optim.lr, pre.schedule.min_lr, pre.schedule.warmup_steps) == (2e-4, 1e-6, 500)
+    assert pre.optim.vit_layer_decay == 0.95 and pre.optim.clip_grad == 1.0 and pre.train.bf16
+    assert multi.data.image_size == 448 and (multi.freeze.vision, multi.freeze.llm) == ("train", "train")
+    assert (multi.optim.lr, multi.schedule.min_lr, multi.schedule.warmup_steps) == (5e-5, 1e-5, 400)
+    assert (sft.freeze.vision, sft.freeze.resampler, sft.freeze.llm) == ("frozen", "train", "train")
+    assert (sft.optim.lr, sft.schedule.min_lr, sft.schedule.warmup_steps) == (1e-5, 1e-6, 3000)
+    assert sft.train.stage == "sft"
+    assert multi.model.init_from.startswith(pre.checkpoint.out_dir) and sft.model.init_from.startswith(multi.checkpoint.out_dir)
+
+
+@pytest.mark.parametrize("name", ["pretrain.yaml", "multitask.yaml", "sft.yaml", "sft_lora.yaml"])
+def test_tiny_recipes_load(name):
+    load_recipe(REPO / "recipes" / "tiny" / name, ["model.init_from=x", "data.paths=[x.json]"])

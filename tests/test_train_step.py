@@ -1,0 +1,153 @@
+"""One optimiser step: freezing per stage, token-weighted loss over micro-batches (= one big batch),
+masked labels ignored, the schedule, ViT layer-wise lr decay."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.freeze import apply_freezing, trainable_table
+from train.loop import accumulate_gradients
+from train.optim import build_optimizer, build_scheduler, lr_factor, vit_lr_scale
+from train.parallel import DistInfo, Engine
+from train.recipe import ScheduleSection, load_recipe, recipe_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_recipe(**sections):
+    raw = {"model": {"preset": "tiny"}, "data": {"paths": ["x"]}, "train": {"steps": 10, "bf16": False}, **sections}
+    return recipe_from_dict(raw)
+
+
+def single_engine(model, recipe):
+    opt = build_optimizer(model, recipe.optim, model.config.vision.layers)
+    sched = build_scheduler(opt, 10, recipe.optim.lr, recipe.schedule)
+    return Engine(model, opt, sched, recipe, DistInfo(0, 1, 0, torch.device("cpu")))
+
+
+def make_batch(model, lengths, seed, num_supervised):
+    """Text-only rows of given lengths, right-padded; the last `num_supervised[i]` tokens of row i
+    are supervised (so rows carry different token counts)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.text_config["vocab_size"]
+    L = max(lengths)
+    ids = torch.randint(20, vocab, (len(lengths), L), generator=g)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for r, (n, s) in enumerate(zip(lengths, num_supervised)):
+        mask[r, :n] = 1
+        labels[r, n - s:n] = ids[r, n - s:n]
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": pos,
+            "pixel_values": None, "num_samples": len(lengths)}
+
+
+def concat(a, b):
+    L = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
+
+    def pad(t, v):
+        return torch.nn.functional.pad(t, (0, L - t.shape[1]), value=v)
+
+    out = {k: torch.cat([pad(a[k], v), pad(b[k], v)]) for k, v in
+           [("input_ids", 0), ("labels", -100), ("attention_mask", 0), ("position_ids", 0)]}
+    return {**out, "pixel_values": None, "num_samples": a["num_samples"] + b["num_samples"]}
+
+
+@pytest.mark.parametrize("stage,expected", [
+    ("pretrain.yaml", {"vision": True, "resampler": True, "llm": False}),
+    ("multitask.yaml", {"vision": True, "resampler": True, "llm": True}),
+    ("sft.yaml", {"vision": False, "resampler": True, "llm": True}),
+])
+def test_each_stage_freezes_exactly_what_its_recipe_says(tiny_vlm, stage, expected):
+    model = copy.deepcopy(tiny_vlm)
+    recipe = load_recipe(REPO / "recipes" / stage)
+    apply_freezing(model, recipe.freeze)
+    for group, trains in expected.items():
+        flags = {p.requires_grad for m in model.module_groups()[group] for p in m.parameters()}
+        if group == "llm" and not trains:  # embeddings: "auto" follows train_embeddings of the tiny tokenizer
+            flags = {p.requires_grad for n, p in model.llm.named_parameters()
+                     if "embed_tokens" not in n and "lm_head" not in n}
+        assert flags == {trains}, f"{stage}: {group}"
+    assert "resampler" in trainable_table(model)
+
+
+def test_embeddings_train_with_a_frozen_llm_when_tokens_were_added(tiny_vlm):
+    model = copy.deepcopy(tiny_vlm)
+    model.config.train_embeddings = True
+    apply_freezing(model, load_recipe(REPO / "recipes" / "pretrain.yaml").freeze)
+    assert model.llm.get_input_embeddings().weight.requires_grad
+    assert model.llm.get_output_embeddings().weight.requires_grad
+    assert not model.llm.model.layers[0].self_attn.q_proj.weight.requires_grad
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_accumulating_k_micro_batches_gives_the_gradient_of_one_big_batch(tiny_vlm):
+    recipe = tiny_recipe(freeze={"vision": "train", "llm": "train"})
+    a = make_batch(tiny_vlm, [12, 7], seed=1, num_supervised=[9, 2])
+    b = make_batch(tiny_vlm, [5, 10], seed=2, num_supervised=[1, 8])  # other token counts than a
+
+    small = copy.deepcopy(tiny_vlm).train()
+    loss_small, counts = accumulate_gradients(single_engine(small, recipe), [a, b])
+    big = copy.deepcopy(tiny_vlm).train()
+    loss_big, _ = accumulate_gradients(single_engine(big, recipe), [concat(a, b)])
+
+    assert counts[0] == 9 + 2 + 1 + 8
+    torch.testing.assert_close(loss_small, loss_big, rtol=1e-5, atol=1e-5)
+    g_small, g_big = _grads(small), _grads(big)
+    assert g_small.keys() == g_big.keys() and len(g_small) > 10
+    for name in g_big:
+        torch.testing.assert_close(g_small[name], g_big[name], rtol=1e-4, atol=1e-6, msg=name)
+    # And it is NOT the mean of per-micro-batch means, which would weight b's few tokens more.
+    mean_of_means = 0.5 * (small(**{k: v for k, v in a.items() if k != "num_samples"}).loss
+                           + small(**{k: v for k, v in b.items() if k != "num_samples"}).loss)
+    assert abs(float(mean_of_means.detach()) - float(loss_big / counts[0])) > 1e-4
+
+
+def test_loss_ignores_masked_labels(tiny_vlm):
+    recipe = tiny_recipe(freeze={"llm": "train"})
+    a = make_batch(tiny_vlm, [12, 9], seed=3, num_supervised=[4, 3])
+    model = copy.deepcopy(tiny_vlm).train()
+    loss_sum, counts = accumulate_gradients(single_engine(model, recipe), [a])
+    assert int(counts[0]) == 4 + 3
+    # The same sum computed by hand over the supervised (shifted) positions only.
+    with torch.no_grad():
+        logits = model(a["input_ids"], attention_mask=a["attention_mask"], position_ids=a["position_ids"]).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    target = a["labels"][:, 1:]
+    keep = target != -100
+    manual = -logp[keep].gather(-1, target[keep].unsqueeze(-1)).sum()
+    torch.testing.assert_close(loss_sum, manual, rtol=1e-4, atol=1e-4)
+    # Supervising one more token changes both the count and the loss.
+    more = dict(a, labels=a["labels"].clone())
+    more["labels"][0, 3] = a["input_ids"][0, 3]
+    l3, c3 = accumulate_gradients(single_engine(copy.deepcopy(tiny_vlm).train(), recipe), [more])
+    assert int(c3[0]) == 8 and not torch.allclose(loss_sum, l3)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_min_lr():
+    cfg = ScheduleSection(name="cosine", warmup_steps=10, min_lr=1e-6)
+    lrs = [2e-4 * lr_factor(s, 100, 2e-4, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(2e-5) and lrs[9] == pytest.approx(2e-4)
+    assert all(x > y for x, y in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(1e-6)
+
+
+def test_vit_layer_decay_scales_lower_blocks_more(tiny_vlm):
+    assert vit_lr_scale("vision.blocks.1.attn.qkv.weight", 2, 0.95) == pytest.approx(0.95)
+    assert vit_lr_scale("vision.blocks.0.attn.qkv.weight", 2, 0.95) == pytest.approx(0.95**2)
+    assert vit_lr_scale("vision.patch_embed.weight", 2, 0.95) == pytest.approx(0.95**3)
+    assert vit_lr_scale("resampler.proj", 2, 0.95) == 1.0
+    model = copy.deepcopy(tiny_vlm)
+    recipe = tiny_recipe(freeze={"vision": "train"}, optim={"lr": 1e-3, "vit_layer_decay": 0.9})
+    apply_freezing(model, recipe.freeze)
+    opt = build_optimizer(model, recipe.optim, num_vit_blocks=2)
+    assert sorted({round(g["lr"], 8) for g in opt.param_groups}) == [0.000729, 0.00081, 0.0009, 0.001]
+    no_decay = [g for g in opt.param_groups if g["weight_decay"] == 0.0]
+    assert sum(len(g["params"]) for g in no_decay) > 0
