@@ -128,7 +128,7 @@ def _jsonl_sample(bench: Benchmark, record: dict, index: int, root: Path, path: 
         if not isinstance(choices, list) or not 2 <= len(choices) <= 26:
             raise BenchmarkDataError(f"{where}: 'choices' must be a list of 2..26 options, got {choices!r}")
         letters = tuple(chr(ord("A") + i) for i in range(len(choices)))
-        options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(letters, choices))
+        options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(letters, choices, strict=True))
         hint = record.get("hint") or "N/A"  # the reference writes 'N/A' for an empty hint
         text = bench.prompt.format(image=image, hint=hint, question=_field(record, "question", path, index),
                                    options=options)

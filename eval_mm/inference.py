@@ -119,7 +119,7 @@ def rank_options(model, batch: PromptBatch, device: torch.device) -> list[tuple[
     token_losses = F.cross_entropy(logits[:, -max_len:].float().transpose(1, 2), input_ids[:, -max_len:],
                                    reduction="none").cpu()
     results, row = [], 0
-    for sample, lengths in zip(batch.samples, batch.option_lengths):
+    for sample, lengths in zip(batch.samples, batch.option_lengths, strict=True):
         losses = [token_losses[row + i, max_len - n:].mean().item() for i, n in enumerate(lengths)]
         row += len(lengths)
         best = min(range(len(losses)), key=losses.__getitem__)  # first minimum, like argmin

@@ -112,10 +112,10 @@ def _predict_batch(model, tokenizer, bench, batch: PromptBatch, prompt_format, d
     if bench.kind == "choice":
         ranked = rank_options(model, batch, device)
         return [{"id": s.id, "prediction": letter, "prompt": p, "raw_output": None, "option_losses": losses}
-                for s, p, (letter, losses) in zip(batch.samples, batch.prompts, ranked)]
+                for s, p, (letter, losses) in zip(batch.samples, batch.prompts, ranked, strict=True)]
     answers = generate_answers(model, tokenizer, batch, bench, prompt_format, device)
     return [{"id": s.id, "prediction": a, "prompt": p, "raw_output": a}
-            for s, p, a in zip(batch.samples, batch.prompts, answers)]
+            for s, p, a in zip(batch.samples, batch.prompts, answers, strict=True)]
 
 
 def read_predictions(bench_dir: Path) -> dict[str, dict]:
