@@ -179,7 +179,10 @@ def full_state_dict(engine: Engine) -> dict[str, torch.Tensor] | None:
     """The whole model's weights on rank 0 (gathered from the shards under ZeRO-3); None elsewhere.
     Must be called on every rank."""
     if engine.mode == "zero3":
-        return engine.module._zero3_consolidated_16bit_state_dict()
+        gathered = engine.module._zero3_consolidated_16bit_state_dict()
+        if gathered is None:
+            return None
+        return {k.removeprefix("model."): v for k, v in gathered.items()}  # drop the LossOutputs wrapper
     return engine.model.state_dict() if engine.dist.is_main else None
 
 

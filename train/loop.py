@@ -100,7 +100,7 @@ def accumulate_gradients(
         last = i == len(step_batches) - 1
         batch = to_device(batch, info.device, pixel_dtype)
         with engine.micro_step(last):
-            out = engine.forward(batch)
+            out = engine.forward_loss(batch)
             engine.backward(out.loss_sum * scale.to(out.loss_sum.dtype), last)
         loss_sum += out.loss_sum.detach().float()
     return loss_sum, counts

@@ -116,6 +116,26 @@ def deepspeed_config(recipe: Recipe, mode: str, world_size: int) -> dict[str, An
     return config
 
 
+@dataclass
+class StepOutput:
+    loss_sum: torch.Tensor
+    num_tokens: torch.Tensor
+
+
+class LossOutputs(nn.Module):
+    """ZeRO-3 re-gathers a module's parameters for backward through hooks on its output tensors, and
+    cannot see tensors inside a VLMOutput dataclass; this wrapper returns a plain tuple instead.
+    Its state-dict keys gain a ``model.`` prefix (stripped again in train.checkpoint)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **batch) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(**batch)
+        return out.loss_sum, out.num_tokens
+
+
 class Engine:
     """Forward / backward / optimiser step of ``model`` in one of the four modes."""
 
@@ -136,15 +156,16 @@ class Engine:
             import deepspeed
 
             config = deepspeed_config(recipe, self.mode, dist_info.world_size)
+            wrapped = LossOutputs(model) if self.mode == "zero3" else model
             # A callable gives the engine our LambdaLR bound to the torch optimiser it wraps.
             self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=model, optimizer=optimizer, lr_scheduler=lambda _opt: scheduler, config=config
+                model=wrapped, optimizer=optimizer, lr_scheduler=lambda _opt: scheduler, config=config
             )
             if self.mode == "zero3":
                 # VLM.forward reads lm_head.weight directly (fused loss) instead of calling lm_head, so
-                # ZeRO-3 must gather it with the VLM's own parameters.
+                # ZeRO-3 must gather it for the wrapper's forward and backward.
                 head = model.llm.get_output_embeddings()
-                deepspeed.zero.register_external_parameter(model, head.weight)
+                deepspeed.zero.register_external_parameter(wrapped, head.weight)
         else:
             model.to(dist_info.device)
             self.module = model
@@ -168,6 +189,7 @@ class Engine:
             yield
 
     def forward(self, batch: dict[str, Any]):
+        """The model's output; only ``loss_sum`` and ``num_tokens`` are guaranteed."""
         return self.module(
             input_ids=batch["input_ids"],
             pixel_values=batch.get("pixel_values"),
@@ -175,6 +197,12 @@ class Engine:
             position_ids=batch.get("position_ids"),
             labels=batch["labels"],
         )
+
+    def forward_loss(self, batch: dict[str, Any]) -> StepOutput:
+        out = self.forward(batch)
+        if isinstance(out, tuple):
+            return StepOutput(*out)
+        return StepOutput(out.loss_sum, out.num_tokens)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         if self.uses_deepspeed:

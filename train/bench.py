@@ -1,0 +1,448 @@
+"""Training-throughput benchmark at the real Qwen-VL shape: our path against the plain Hugging Face path.
+
+    python -m train.bench --cases lora qlora --workloads mixed 2048 --steps 8 --out bench.json
+
+Random weights at ``models.presets.qwen_vl_7b`` (ViT-bigG/14 448 px, 256-query resampler, Qwen-7B-shaped
+decoder), bf16 weights, one GPU, synthetic token batches built on the host (the DataLoader is measured
+apart: ``python -m data.bench_loader``). For every case x workload it runs
+
+- ``hf``: the anchor, the way the reference finetune.py trains: decoder attention SDPA, gradient
+  checkpointing on every layer, labels into the HF model's own loss (full fp32 logits), one padded
+  sample per step, fused AdamW;
+- ``ours`` (one or more variants, ``--variants``): packed rows of ``--pack-len`` tokens with attention
+  confined to each sample, the fused linear cross-entropy (models.loss), frozen modules under no_grad,
+  checkpointing of ``--ckpt-layers`` decoder layers, compiled vision blocks, no image-span sync;
+
+and prints tokens/s, samples/s, MFU and peak memory side by side (and writes them to ``--out`` as JSON).
+
+MFU convention (``model_flops``): matmul FLOPs of the model, 2 per multiply-add; per token
+2N forward, +4N backward for weights that train, +2N backward for frozen weights that gradient flows
+through (input gradients only), nothing for modules no gradient reaches (a frozen ViT: forward only);
+causal attention 2*s^2*d per layer per sample forward, x3 with backward. Recomputation by checkpointing
+and Q-LoRA dequantisation are not counted (they are overhead, not model FLOPs). Peak: 989 TFLOP/s dense
+bf16 (H100/H200 SXM datasheet); ``--peak-tflops`` overrides (e.g. 780, the measured matmul rate).
+Tokens counted are real sample tokens (image slots included, row padding excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+IGNORE_INDEX = -100
+GiB = 2**30
+
+
+# ------------------------------------------------------------------------------------------ cases
+@dataclass(frozen=True)
+class Case:
+    name: str
+    vision: str = "frozen"  # train | frozen
+    resampler: str = "frozen"
+    llm: str = "frozen"
+    lora: bool = False
+    qlora: bool = False
+    image_size: int = 448
+    llm_layers: int | None = None  # None = the preset's 32; full SFT on one GPU needs fewer
+    why: str = ""
+
+
+CASES = {
+    "lora": Case("lora", lora=True, why="SFT LoRA r=64 on q,k,v,o,gate,up; ViT + resampler frozen"),
+    "qlora": Case("qlora", lora=True, qlora=True, why="SFT Q-LoRA: NF4 decoder, double quant, bf16 compute"),
+    "full": Case("full", resampler="train", llm="train", llm_layers=8,
+                 why="full SFT, ViT frozen; 8 of 32 decoder layers (7.7B + AdamW needs ZeRO over GPUs)"),
+    "pretrain": Case("pretrain", vision="train", resampler="train", image_size=224,
+                     why="stage 1: LLM frozen, ViT + resampler train, 224 px"),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of running a step. ``hf`` is the anchor; the others are ours."""
+
+    name: str
+    hf_loss: bool = False  # labels into the HF model's own loss
+    pack: bool = True  # several samples per row, attention confined by position_ids
+    attn: str = "sdpa"  # sdpa | flex_attention | varlen
+    loss_impl: str = "liger"
+    ckpt_layers: int | None = None  # decoder layers checkpointed (None = all)
+    compile_vision: bool = False
+    compile_llm: bool = False
+    check_spans: bool = False
+
+
+def variants_from_args(a) -> list[Variant]:
+    ours = Variant("ours", attn=a.attn, loss_impl=a.loss_impl, ckpt_layers=a.ckpt_layers,
+                   compile_vision=a.compile_vision, compile_llm=a.compile_llm)
+    table = {
+        "hf": Variant("hf", hf_loss=True, pack=False, loss_impl="torch", check_spans=True),
+        # One optimisation at a time on top of the anchor, then everything ("ours").
+        "hf+liger": Variant("hf+liger", pack=False, loss_impl="liger", check_spans=True),
+        "pack-sdpa": Variant("pack-sdpa", attn="sdpa", loss_impl=a.loss_impl, ckpt_layers=a.ckpt_layers),
+        "pack-flex": Variant("pack-flex", attn="flex_attention", loss_impl=a.loss_impl, ckpt_layers=a.ckpt_layers),
+        "pack-varlen": Variant("pack-varlen", attn="varlen", loss_impl=a.loss_impl, ckpt_layers=a.ckpt_layers),
+        "ours-chunked": dataclasses.replace(ours, name="ours-chunked", loss_impl="chunked"),
+        "ours-nocompile": dataclasses.replace(ours, name="ours-nocompile", compile_vision=False, compile_llm=False),
+        "ours": ours,
+    }
+    unknown = [v for v in a.variants if v not in table]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {list(table)}")
+    # Compiling is irreversible on a built model: compiled variants run last.
+    chosen = [table[v] for v in a.variants]
+    return sorted(chosen, key=lambda v: v.compile_vision or v.compile_llm)
+
+
+# --------------------------------------------------------------------------------------- workloads
+def sample_lengths(workload: str, n: int, gen: torch.Generator) -> list[int]:
+    if workload == "mixed":  # realistic SFT samples: 300-700 tokens each, one 448 px image (258 of them)
+        return torch.randint(300, 701, (n,), generator=gen).tolist()
+    return [int(workload)] * n  # e.g. "2048": every sample exactly that long
+
+
+def make_sample(length: int, num_image_tokens: int, ids, vocab_text: int, gen: torch.Generator) -> dict:
+    """A sample: a short prompt, one image span, more prompt, then a supervised answer (last third)."""
+    span = [ids.image_start_id] + [ids.image_pad_id] * num_image_tokens + [ids.image_end_id]
+    text = torch.randint(0, vocab_text, (length - len(span),), generator=gen)
+    input_ids = torch.cat([text[:8], torch.tensor(span), text[8:]])
+    labels = input_ids.clone()
+    labels[: length - max(1, (length - len(span)) // 3)] = IGNORE_INDEX  # prompt + image unsupervised
+    labels[0] = IGNORE_INDEX
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def make_batches(workload: str, variant: Variant, steps: int, pack_len: int, cfg, image_size: int,
+                 seed: int = 0) -> list[dict]:
+    """Host-side batches for ``steps`` steps: one sample per step (anchor) or one packed row per step."""
+    from data.packing import pack, pad
+
+    gen = torch.Generator().manual_seed(seed)
+    vocab_text = min(cfg.image_start_id, cfg.text_config["vocab_size"]) - 16
+    per_row = 1
+    if variant.pack:
+        per_row = max(1, pack_len // (500 if workload == "mixed" else int(workload)))
+    lengths = sample_lengths(workload, steps * per_row * 2, gen)
+    samples = [make_sample(n, cfg.num_image_tokens, cfg, vocab_text, gen) for n in lengths]
+    batches, i = [], 0
+    while len(batches) < steps:
+        if variant.pack:
+            row, used = [], 0
+            while i < len(samples) and used + len(samples[i]["input_ids"]) <= pack_len:
+                row.append(samples[i])
+                used += len(samples[i]["input_ids"])
+                i += 1
+            batch = pack(row, pack_len, cfg.pad_token_id or 0)
+        else:
+            row = [samples[i]]
+            i += 1
+            batch = pad(row, cfg.pad_token_id or 0)
+        batch["pixel_values"] = torch.randn(len(row), 3, image_size, image_size, generator=gen)
+        batch["num_samples"] = len(row)
+        batch["sample_lengths"] = [len(s["input_ids"]) for s in row]
+        batches.append(batch)
+    return batches
+
+
+# ----------------------------------------------------------------------------------------- FLOPs
+def model_flops(vlm, case: Case, sample_lengths: list[int]) -> float:
+    """Model FLOPs of one step (see the module docstring for the convention)."""
+    vc, tc = vlm.config.vision, vlm.config.text_config
+    d, layers, ffn, vocab = tc["hidden_size"], tc["num_hidden_layers"], tc["intermediate_size"], tc["vocab_size"]
+    kv_dim = d * tc["num_key_value_heads"] // tc["num_attention_heads"]
+    tokens = sum(sample_lengths)
+    images = len(sample_lengths)
+    llm_trains = case.llm == "train"
+    # Decoder: per token 2*N forward; backward 4N if trained, 2N if frozen (input gradients only).
+    n_layer = d * (2 * d + 2 * kv_dim) + 3 * d * ffn
+    n_llm = layers * n_layer + d * vocab  # + LM head (embedding lookups are not matmuls)
+    mult_llm = 6 if llm_trains else 4
+    flops = mult_llm * n_llm * tokens
+    flops += 3 * sum(2 * s * s * d * layers for s in sample_lengths)  # causal attention, fwd + bwd
+    if case.lora:
+        lora_params = layers * 64 * (4 * (d + d) + 2 * (d + ffn))
+        flops += 6 * lora_params * tokens
+    # Resampler: gradient reaches it when it or the ViT trains.
+    patches = (case.image_size // vc.patch_size) ** 2
+    q = vlm.config.num_image_tokens
+    res_fwd = 2 * (patches * vc.width * d + q * d * d + 2 * patches * d * d + 2 * q * d * d) + 4 * q * patches * d
+    res_mult = 3 if (case.resampler == "train" or case.vision == "train") else 1
+    # Vision tower: forward only unless it trains.
+    vit_fwd = vc.layers * (2 * patches * (4 * vc.width**2 + 2 * vc.width * vc.mlp_dim) + 4 * patches**2 * vc.width)
+    vit_fwd += 2 * patches * 3 * vc.patch_size**2 * vc.width
+    vit_mult = 3 if case.vision == "train" else 1
+    return flops + images * (res_mult * res_fwd + vit_mult * vit_fwd)
+
+
+# -------------------------------------------------------------------------------------- attention
+_VARLEN_CACHE: dict = {}
+
+
+def register_varlen_attention() -> str:
+    """A transformers attention function over packed rows through torch's varlen flash attention
+    (torch.nn.attention.varlen), sample boundaries from position_ids. Experimental, bench-only."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    causal_kw = ({"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters
+                 else {"window_size": (-1, 0)})
+
+    def boundaries(position_ids: torch.Tensor):
+        key = (position_ids.data_ptr(), position_ids.shape)
+        if key not in _VARLEN_CACHE:  # once per forward (every layer shares position_ids): one host sync
+            _VARLEN_CACHE.clear()
+            flat = position_ids.flatten()
+            # A sample starts where its positions restart at 0, and every row starts a new one.
+            row_starts = torch.arange(0, flat.numel(), position_ids.shape[1], device=flat.device)
+            starts = torch.unique(torch.cat([(flat == 0).nonzero().flatten(), row_starts]))
+            cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+            _VARLEN_CACHE[key] = (cu, position_ids.shape[1])
+        return _VARLEN_CACHE[key]
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        b, h, l, dh = query.shape
+        cu, max_len = boundaries(kwargs["position_ids"])
+        out = varlen_attn(query.transpose(1, 2).reshape(b * l, h, dh), key.transpose(1, 2).reshape(b * l, -1, dh),
+                          value.transpose(1, 2).reshape(b * l, -1, dh), cu, cu, max_len, max_len, scale=scaling,
+                          **causal_kw)
+        return out.view(b, l, h, dh), None
+
+    AttentionInterface.register("varlen", attention)
+    AttentionMaskInterface.register("varlen", lambda *args, **kwargs: None)
+    return "varlen"
+
+
+def set_attention(vlm, name: str) -> None:
+    if name == "varlen":
+        register_varlen_attention()
+    llm = vlm.llm
+    if hasattr(llm, "set_attn_implementation"):
+        llm.set_attn_implementation(name)
+    else:
+        llm.config._attn_implementation = name
+
+
+# ----------------------------------------------------------------------------------------- model
+def build_case_model(case: Case, device: torch.device, preset: str):
+    """The VLM of ``case`` in bf16 on ``device``, frozen / quantised / LoRA-wrapped like the trainer does."""
+    from models import build_vlm, presets
+    from train.freeze import apply_freezing
+    from train.recipe import FreezeSection, LoraSection, QuantizationSection
+
+    cfg = getattr(presets, preset)(vocab_size=151936 if preset == "qwen_vl_7b" else 700)
+    if preset == "tiny":
+        cfg.image_start_id, cfg.image_end_id, cfg.image_pad_id, cfg.pad_token_id = 690, 691, 692, 0
+    cfg.vision.image_size = case.image_size
+    if case.llm_layers is not None and preset == "qwen_vl_7b":
+        cfg.text_config["num_hidden_layers"] = case.llm_layers
+    torch.manual_seed(0)
+    vlm = build_vlm(cfg, dtype=torch.bfloat16, device=device)
+    freeze = FreezeSection(vision=case.vision, resampler=case.resampler, llm=case.llm, embeddings="frozen")
+    if case.llm == "train":
+        freeze = dataclasses.replace(freeze, embeddings="train")
+    apply_freezing(vlm, freeze)
+    if case.qlora:
+        from train.lora import quantize_llm_4bit
+
+        quantize_llm_4bit(vlm, QuantizationSection(enabled=True), device)
+    model = vlm
+    if case.lora:
+        from train.lora import apply_lora
+
+        model = apply_lora(vlm, LoraSection(enabled=True, r=64, alpha=16, dropout=0.05), freeze, False)
+    return model, vlm
+
+
+def configure(vlm, variant: Variant, case: Case) -> None:
+    """Apply a variant's switches to a built VLM (all reversible except compilation)."""
+    set_attention(vlm, variant.attn)
+    vlm.loss_impl = variant.loss_impl
+    vlm.check_image_spans = variant.check_spans
+    vlm.set_gradient_checkpointing(True, llm_layers=variant.ckpt_layers)
+    vlm.vision.gradient_checkpointing = case.vision == "train"
+    if variant.compile_vision and not getattr(vlm, "_bench_compiled_vision", False):
+        vlm.compile_blocks(vision=True, llm=False)
+        vlm._bench_compiled_vision = True
+    if variant.compile_llm and not getattr(vlm, "_bench_compiled_llm", False):
+        vlm.compile_blocks(vision=False, llm=True)
+        vlm._bench_compiled_llm = True
+
+
+def hf_loss_forward(vlm, batch: dict):
+    """The anchor's forward: the VLM's embeddings into the HF causal LM with labels (its own loss)."""
+    embeds = vlm.embed(batch["input_ids"], batch["pixel_values"])
+    return vlm.llm(inputs_embeds=embeds, attention_mask=batch.get("attention_mask"),
+                   position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False).loss
+
+
+def count_syncs(fn) -> int:
+    """Host-device synchronisations during ``fn()`` (torch's sync debug mode, CUDA only)."""
+    if not torch.cuda.is_available():
+        return -1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+# ------------------------------------------------------------------------------------------- run
+@dataclass
+class Result:
+    case: str
+    workload: str
+    variant: str
+    steps: int
+    s_per_step: float
+    tokens_per_s: float
+    samples_per_s: float
+    mfu: float
+    peak_gib: float
+    reserved_gib: float
+    syncs_per_step: int
+    loss_first: float
+    error: str = ""
+    settings: dict = field(default_factory=dict)
+
+
+def run_variant(model, vlm, case: Case, variant: Variant, workload: str, a, device) -> Result:
+    configure(vlm, variant, case)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    fused = device.type == "cuda" and all(p.dtype in (torch.float32, torch.bfloat16) for p in trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=fused)
+    batches = make_batches(workload, variant, a.warmup + a.steps + 1, a.pack_len, vlm.config, case.image_size)
+    on_device = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in b.items()}
+                 for b in batches]
+
+    def step(batch: dict) -> torch.Tensor:
+        inputs = {k: batch.get(k) for k in ("input_ids", "pixel_values", "attention_mask", "position_ids", "labels")}
+        inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+        with torch.autocast(device.type, dtype=torch.bfloat16):  # as the trainer (and HF Trainer bf16=True)
+            if variant.hf_loss:
+                loss = hf_loss_forward(vlm, inputs)
+            else:
+                out = model(**inputs)
+                # The trainer divides by the step's supervised-token count, known on the host: no sync.
+                loss = out.loss_sum / batch["num_supervised"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    for b, host in zip(on_device, batches):
+        b["num_supervised"] = max(1, int((host["labels"][:, 1:] != IGNORE_INDEX).sum()))
+    model.train()
+    first = step(on_device[0])
+    for b in on_device[1 : a.warmup]:
+        step(b)
+    syncs = count_syncs(lambda: step(on_device[a.warmup]))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    timed = on_device[a.warmup + 1 : a.warmup + 1 + a.steps]
+    start = time.perf_counter()
+    for b in timed:
+        step(b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    tokens = sum(sum(b["sample_lengths"]) for b in timed)
+    samples = sum(b["num_samples"] for b in timed)
+    flops = sum(model_flops(vlm, case, b["sample_lengths"]) for b in timed)
+    peak = a.peak_tflops * 1e12
+    del optimizer
+    return Result(
+        case=case.name, workload=workload, variant=variant.name, steps=len(timed), s_per_step=elapsed / len(timed),
+        tokens_per_s=tokens / elapsed, samples_per_s=samples / elapsed, mfu=flops / elapsed / peak,
+        peak_gib=torch.cuda.max_memory_allocated() / GiB if device.type == "cuda" else float("nan"),
+        reserved_gib=torch.cuda.max_memory_reserved() / GiB if device.type == "cuda" else float("nan"),
+        syncs_per_step=syncs, loss_first=float(first),
+        settings=dataclasses.asdict(variant),
+    )
+
+
+def print_table(results: list[Result], peak_tflops: float) -> None:
+    print(f"\nMFU against {peak_tflops:.0f} TFLOP/s bf16 dense (model FLOPs, see train/bench.py docstring)")
+    header = f"{'case':<9}{'workload':<9}{'variant':<16}{'s/step':>8}{'tok/s':>10}{'samp/s':>8}{'MFU':>7}" \
+             f"{'peak GiB':>10}{'syncs':>7}  note"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        if r.error:
+            print(f"{r.case:<9}{r.workload:<9}{r.variant:<16}  FAILED: {r.error}")
+            continue
+        print(f"{r.case:<9}{r.workload:<9}{r.variant:<16}{r.s_per_step:>8.3f}{r.tokens_per_s:>10,.0f}"
+              f"{r.samples_per_s:>8.2f}{100 * r.mfu:>6.1f}%{r.peak_gib:>10.1f}{r.syncs_per_step:>7d}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", nargs="+", default=["lora", "qlora"], choices=list(CASES))
+    p.add_argument("--workloads", nargs="+", default=["mixed", "2048"], help="'mixed' (300-700 tokens) or a length")
+    p.add_argument("--variants", nargs="+", default=["hf", "ours"])
+    p.add_argument("--steps", type=int, default=6, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--pack-len", type=int, default=8192, help="tokens per packed row (our path)")
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "flex_attention", "varlen"])
+    p.add_argument("--loss-impl", default="liger", choices=["torch", "chunked", "liger", "auto"])
+    p.add_argument("--ckpt-layers", type=int, default=None, help="decoder layers checkpointed (default all)")
+    p.add_argument("--compile-vision", action="store_true")
+    p.add_argument("--compile-llm", action="store_true")
+    p.add_argument("--full-layers", type=int, default=8, help="decoder depth of the full-SFT case on one GPU")
+    p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--preset", default="qwen_vl_7b", choices=["qwen_vl_7b", "tiny"], help="tiny: CPU smoke test")
+    p.add_argument("--out", help="write the results as JSON here")
+    a = p.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    variants = variants_from_args(a)
+    results: list[Result] = []
+    for case_name in a.cases:
+        case = CASES[case_name]
+        if case_name == "full":
+            case = dataclasses.replace(case, llm_layers=a.full_layers)
+        print(f"\n== {case.name}: {case.why}", flush=True)
+        model, vlm = build_case_model(case, device, a.preset)
+        for workload in a.workloads:
+            for variant in variants:
+                if case.qlora and variant.compile_llm:
+                    variant = dataclasses.replace(variant, compile_llm=False)  # bnb 4-bit layers do not trace
+                try:
+                    r = run_variant(model, vlm, case, variant, workload, a, device)
+                except Exception as e:  # a failing variant is reported, the others still run
+                    r = Result(case.name, workload, variant.name, 0, *([math.nan] * 7), loss_first=math.nan,
+                               error=f"{type(e).__name__}: {str(e)[:300]}")
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                results.append(r)
+                print(f"  {workload:<7}{variant.name:<16}"
+                      + (f"{r.tokens_per_s:>9,.0f} tok/s {r.peak_gib:6.1f} GiB loss {r.loss_first:.4f}"
+                         if not r.error else f"FAILED {r.error}"), flush=True)
+        del model, vlm
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print_table(results, a.peak_tflops)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                       "torch": torch.__version__, "args": vars(a),
+                       "results": [dataclasses.asdict(r) for r in results]}, f, indent=2)
+        print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
