@@ -21,6 +21,13 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 MAX_SHARD_SIZE = "5GB"
 
 
+def checkpointed_layer_indices(num_layers: int, num_checkpointed: int) -> set[int]:
+    """``num_checkpointed`` of ``num_layers`` indices, evenly spread (all when equal, none when 0)."""
+    if not 0 <= num_checkpointed <= num_layers:
+        raise ValueError(f"cannot checkpoint {num_checkpointed} of {num_layers} layers")
+    return {int(i * num_layers / num_checkpointed) for i in range(num_checkpointed)} if num_checkpointed else set()
+
+
 @dataclass
 class VLMOutput:
     loss_sum: torch.Tensor | None = None  # fp32 scalar: sum of token cross-entropies
@@ -42,11 +49,25 @@ class VLM(nn.Module):
         self.resampler = Resampler(config.resampler, kv_dim=config.vision.width, dim=config.hidden_size)
         self.llm = llm
         self.tokenizer = None  # attached by build_vlm / from_pretrained; saved with the model
+        # Runtime switches (not saved with the model; the trainer sets them from the recipe's `perf`
+        # section, see docs/benchmarks.md). Every setting computes the same loss.
+        self.loss_impl = "torch"  # models.loss: "torch" | "chunked" | "liger" | "auto"
+        # The image-span check below costs one device->host sync per batch; a trainer whose collator
+        # built the spans itself may turn it off.
+        self.check_image_spans = True
 
     # ----------------------------------------------------------------------------------- images
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[num_images, 3, H, W] -> [num_images, N, d]."""
-        return self.resampler(self.vision(pixel_values))
+        """[num_images, 3, H, W] -> [num_images, N, d].
+
+        A frozen module runs under no_grad: no autograd graph and no saved activations for it (a frozen
+        vision tower under a trainable resampler; both frozen under LoRA on the LLM)."""
+        vision_frozen = not any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not vision_frozen):
+            patches = self.vision(pixel_values)
+        resampler_frozen = vision_frozen and not any(p.requires_grad for p in self.resampler.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not resampler_frozen):
+            return self.resampler(patches)
 
     def _check_image_spans(self, input_ids: torch.Tensor, num_images: int) -> None:
         """Raise ValueError naming the batch row when image spans and images disagree.
@@ -84,7 +105,8 @@ class VLM(nn.Module):
         """Token embeddings with the resampler outputs written into the <imgpad> slots."""
         embeds = self.llm.get_input_embeddings()(input_ids)
         num_images = 0 if pixel_values is None else pixel_values.shape[0]
-        self._check_image_spans(input_ids, num_images)
+        if self.check_image_spans:
+            self._check_image_spans(input_ids, num_images)
         if num_images:
             features = self.encode_images(pixel_values).to(embeds.dtype)
             slots = (input_ids == self.config.image_pad_id).unsqueeze(-1).expand_as(embeds)
@@ -118,7 +140,7 @@ class VLM(nn.Module):
         lm_head = self.llm.get_output_embeddings()
         if labels is None:
             return VLMOutput(logits=lm_head(hidden))
-        loss_sum, num_tokens = causal_lm_loss_sum(hidden, lm_head.weight, labels)
+        loss_sum, num_tokens = causal_lm_loss_sum(hidden, lm_head.weight, labels, impl=self.loss_impl)
         return VLMOutput(loss_sum=loss_sum, num_tokens=num_tokens, loss=loss_sum / num_tokens.clamp(min=1))
 
     @torch.no_grad()
@@ -146,8 +168,14 @@ class VLM(nn.Module):
             "embeddings": [self.llm.get_input_embeddings(), self.llm.get_output_embeddings()],
         }
 
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute vision blocks and LLM layers in backward (non-reentrant checkpointing)."""
+    def set_gradient_checkpointing(self, enabled: bool = True, llm_layers: int | None = None) -> None:
+        """Recompute vision blocks and LLM layers in backward (non-reentrant checkpointing).
+
+        ``llm_layers``: how many decoder layers to checkpoint (None = all), spread evenly over the depth;
+        the others keep their activations. Fewer checkpointed layers trade memory for one forward less
+        of those layers in backward: pick the largest number of un-checkpointed layers the memory budget
+        allows (docs/benchmarks.md measures the cost per layer).
+        """
         self.vision.gradient_checkpointing = enabled
         # transformers 5 renamed gradient_* to activation_checkpointing_*; older releases only have the former.
         if enabled:
@@ -156,8 +184,19 @@ class VLM(nn.Module):
                 enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            layers = self.llm.get_decoder().layers
+            chosen = checkpointed_layer_indices(len(layers), len(layers) if llm_layers is None else llm_layers)
+            for i, layer in enumerate(layers):
+                layer.gradient_checkpointing = i in chosen
         else:
             getattr(self.llm, "activation_checkpointing_disable", self.llm.gradient_checkpointing_disable)()
+
+    def compile_blocks(self, vision: bool = True, llm: bool = False) -> None:
+        """torch.compile each vision block and/or decoder layer in place (fuses LayerNorm/GELU/residual
+        element-wise work; one graph per block type, so compile time does not grow with depth)."""
+        blocks = (list(self.vision.blocks) if vision else []) + (list(self.llm.get_decoder().layers) if llm else [])
+        for block in blocks:
+            block.compile()
 
     # ------------------------------------------------------------------------------------ I/O
     def save_pretrained(
