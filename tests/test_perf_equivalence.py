@@ -1,0 +1,150 @@
+"""Every optimisation of train.bench's "ours" path keeps the loss (and gradients) of the plain path,
+within bf16 tolerance, on the GPU: fused linear cross-entropy (liger) and its chunked fallback,
+packed rows with attention confined to each sample (sdpa dense mask, flex_attention block mask,
+varlen flash attention), selective checkpointing, compiled blocks, and all of them together.
+
+    pytest tests/test_perf_equivalence.py -m gpu -q      (on the GPU machine)
+"""
+
+import copy
+
+import pytest
+import torch
+
+from models import loss as loss_mod
+from models.loss import causal_lm_loss_sum
+from models.tokens import image_token_ids
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+BF16 = dict(rtol=2e-2, atol=2e-2)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
+
+
+@pytest.mark.parametrize("impl", ["chunked", "liger"])
+def test_fused_loss_matches_full_logits_at_qwen_vocab(impl, monkeypatch):
+    if impl == "liger":
+        pytest.importorskip("liger_kernel", reason="liger-kernel is an optional dependency")
+    monkeypatch.setattr(loss_mod, "CHUNK_TOKENS", 500)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(2, 700, 256, device="cuda", generator=gen).bfloat16()
+    weight = (0.05 * torch.randn(151936, 256, device="cuda", generator=gen)).bfloat16()
+    labels = torch.randint(0, 151936, (2, 700), device="cuda", generator=gen)
+    labels[:, :300] = -100
+    out = []
+    for name in ("torch", impl):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss_sum, n = causal_lm_loss_sum(h, w, labels, impl=name)
+        loss_sum.backward()
+        out.append((loss_sum, n, h.grad, w.grad))
+    (ref, n_ref, gh_ref, gw_ref), (got, n_got, gh, gw) = out
+    assert got.dtype == torch.float32 and int(n_got) == int(n_ref)
+    torch.testing.assert_close(got, ref, rtol=2e-3, atol=1e-2)
+    assert rel_err(gh, gh_ref) < 2e-2 and rel_err(gw, gw_ref) < 2e-2
+
+
+# ------------------------------------------------------------------------------- model-level checks
+def samples(model, tok, lengths=(60, 45, 80), seed=0):
+    """Samples with one image each and random text; labels on the text after the image."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = image_token_ids(tok)
+    span = [ids.start] + [ids.pad] * model.config.num_image_tokens + [ids.end]
+    special = set(tok.all_special_ids) | {ids.start, ids.end, ids.pad}
+    vocab = torch.tensor([i for i in range(len(tok)) if i not in special])
+    out = []
+    for n in lengths:
+        text = vocab[torch.randint(0, len(vocab), (n,), generator=gen)].tolist()
+        row = torch.tensor(text[:5] + span + text[5:])
+        labels = row.clone()
+        labels[: 5 + len(span)] = -100
+        out.append((row, labels))
+    pixels = torch.randn(len(lengths), 3, 84, 84, generator=gen)
+    return out, pixels
+
+
+def packed(items, pad_id, tail=3):
+    ids = torch.cat([r for r, _ in items] + [torch.full((tail,), pad_id)])
+    labels = torch.cat([lab for _, lab in items] + [torch.full((tail,), -100)])
+    positions = torch.cat([torch.arange(len(r)) for r, _ in items] + [torch.arange(tail)])
+    return ids[None].cuda(), labels[None].cuda(), positions[None].cuda()
+
+
+def reference(model, items, pixels):
+    """The plain path: each sample alone, sdpa, full-logits loss. Returns (loss_sum, grads)."""
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for i, (row, labels) in enumerate(items):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(row[None].cuda(), pixel_values=pixels[i : i + 1].cuda(), labels=labels[None].cuda())
+        out.loss_sum.backward()
+        total += out.loss_sum.detach()
+    return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def optimised(model, items, pixels, pad_id):
+    model.zero_grad(set_to_none=True)
+    ids, labels, positions = packed(items, pad_id)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(ids, pixel_values=pixels.cuda(), position_ids=positions, labels=labels)
+    out.loss_sum.backward()
+    return out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture
+def cuda_vlm(tiny_vlm):
+    model = copy.deepcopy(tiny_vlm).cuda().train()
+    model.vision.requires_grad_(False)  # SFT: ViT frozen (runs under no_grad), resampler + LLM train
+    return model
+
+
+def assert_same(got, ref):
+    loss, grads = got
+    ref_loss, ref_grads = ref
+    torch.testing.assert_close(loss, ref_loss, **BF16)
+    assert grads.keys() == ref_grads.keys()
+    worst = max((rel_err(grads[n], g), n) for n, g in ref_grads.items())
+    assert worst[0] < 3e-2, f"gradient of {worst[1]} differs by {worst[0]:.3g} (relative norm)"
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention", "varlen"])
+def test_packed_rows_match_separate_samples(cuda_vlm, tiny_tokenizer, attn):
+    from train.bench import set_attention
+
+    items, pixels = samples(cuda_vlm, tiny_tokenizer)
+    ref = reference(cuda_vlm, items, pixels)
+    set_attention(cuda_vlm, attn)
+    assert_same(optimised(cuda_vlm, items, pixels, tiny_tokenizer.pad_token_id), ref)
+
+
+@pytest.mark.parametrize("loss_impl", ["chunked", "liger"])
+def test_fused_loss_in_the_model(cuda_vlm, tiny_tokenizer, loss_impl):
+    if loss_impl == "liger":
+        pytest.importorskip("liger_kernel", reason="liger-kernel is an optional dependency")
+    items, pixels = samples(cuda_vlm, tiny_tokenizer)
+    ref = reference(cuda_vlm, items, pixels)
+    cuda_vlm.loss_impl = loss_impl
+    assert_same(optimised(cuda_vlm, items, pixels, tiny_tokenizer.pad_token_id), ref)
+
+
+def test_selective_checkpointing_and_compiled_blocks(cuda_vlm, tiny_tokenizer):
+    items, pixels = samples(cuda_vlm, tiny_tokenizer)
+    ref = reference(cuda_vlm, items, pixels)
+    cuda_vlm.set_gradient_checkpointing(True, llm_layers=1)
+    cuda_vlm.compile_blocks(vision=True, llm=True)
+    assert_same(optimised(cuda_vlm, items, pixels, tiny_tokenizer.pad_token_id), ref)
+
+
+def test_everything_together_as_the_bench_runs_it(cuda_vlm, tiny_tokenizer):
+    from train.bench import set_attention
+
+    items, pixels = samples(cuda_vlm, tiny_tokenizer, lengths=(30, 90, 50, 70))
+    ref = reference(cuda_vlm, items, pixels)
+    set_attention(cuda_vlm, "varlen")
+    cuda_vlm.loss_impl = "auto"
+    cuda_vlm.check_image_spans = False
+    cuda_vlm.set_gradient_checkpointing(True, llm_layers=1)
+    cuda_vlm.compile_blocks(vision=True, llm=False)
+    assert_same(optimised(cuda_vlm, items, pixels, tiny_tokenizer.pad_token_id), ref)

@@ -1,0 +1,131 @@
+"""The performance switches of the model compute the same thing as the plain path (CPU, tiny model).
+
+The GPU-only switches (liger fused loss, flex / varlen attention, torch.compile) are pinned in
+tests/test_perf_equivalence.py.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from models import loss as loss_mod
+from models.loss import causal_lm_loss_sum
+from models.tokens import image_token_ids
+from models.vlm import checkpointed_layer_indices
+
+
+def _labels(vocab: int, shape, gen) -> torch.Tensor:
+    labels = torch.randint(0, vocab, shape, generator=gen)
+    labels[torch.rand(shape, generator=gen) < 0.4] = -100
+    return labels
+
+
+def test_chunked_loss_equals_full_logits_loss_and_grads(monkeypatch):
+    monkeypatch.setattr(loss_mod, "CHUNK_TOKENS", 7)  # several chunks, the last one ragged
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 20, 16, generator=gen, dtype=torch.float64)
+    weight = torch.randn(50, 16, generator=gen, dtype=torch.float64)
+    labels = _labels(50, (2, 20), gen)
+    results = []
+    for impl in ("torch", "chunked"):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss_sum, n = causal_lm_loss_sum(h, w, labels, impl=impl)
+        loss_sum.backward()
+        results.append((loss_sum, n, h.grad, w.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+def test_unknown_loss_impl_is_rejected():
+    with pytest.raises(ValueError, match="loss impl 'fast'"):
+        causal_lm_loss_sum(torch.zeros(1, 2, 4), torch.zeros(3, 4), torch.zeros(1, 2, dtype=torch.long), impl="fast")
+
+
+def test_auto_loss_impl_falls_back_to_chunked_on_cpu():
+    gen = torch.Generator().manual_seed(1)
+    hidden, weight, labels = torch.randn(1, 9, 8, generator=gen), torch.randn(30, 8, generator=gen), _labels(30, (1, 9), gen)
+    torch.testing.assert_close(causal_lm_loss_sum(hidden, weight, labels, impl="auto"),
+                               causal_lm_loss_sum(hidden, weight, labels, impl="torch"))
+
+
+@pytest.mark.parametrize("layers,count,expected", [(4, 4, {0, 1, 2, 3}), (4, 2, {0, 2}), (32, 0, set()), (6, 3, {0, 2, 4})])
+def test_checkpointed_layers_are_spread_evenly(layers, count, expected):
+    assert checkpointed_layer_indices(layers, count) == expected
+
+
+def test_checkpointing_more_layers_than_exist_is_an_error():
+    with pytest.raises(ValueError, match="cannot checkpoint 5 of 4"):
+        checkpointed_layer_indices(4, 5)
+
+
+def _packed_batch(model, tok):
+    """Two samples with one image each, packed in one row with tail padding."""
+    n = model.config.num_image_tokens
+    ids = image_token_ids(tok)
+    span = [ids.start] + [ids.pad] * n + [ids.end]
+    a = span + tok("A photo of a dog running on the beach", add_special_tokens=False)["input_ids"]
+    b = tok("Question: what color is the bus?", add_special_tokens=False)["input_ids"] + span
+    row = a + b + [tok.pad_token_id] * 2
+    labels = torch.tensor(row)
+    labels[labels == ids.pad] = -100
+    labels[[0, len(a), len(a) + len(b), len(a) + len(b) + 1]] = -100
+    positions = torch.cat([torch.arange(len(a)), torch.arange(len(b)), torch.arange(2)])
+    pixels = torch.randn(2, 3, 84, 84, generator=torch.Generator().manual_seed(0))
+    return torch.tensor([row]), labels[None], positions[None], pixels
+
+
+def test_selective_checkpointing_and_chunked_loss_keep_packed_loss_and_grads(tiny_vlm, tiny_tokenizer, monkeypatch):
+    monkeypatch.setattr(loss_mod, "CHUNK_TOKENS", 16)
+    input_ids, labels, positions, pixels = _packed_batch(tiny_vlm, tiny_tokenizer)
+    runs = []
+    for loss_impl, llm_layers in (("torch", None), ("chunked", 1), ("chunked", 0)):
+        model = copy.deepcopy(tiny_vlm).train()
+        model.loss_impl = loss_impl
+        model.set_gradient_checkpointing(True, llm_layers=llm_layers)
+        out = model(input_ids, pixel_values=pixels, position_ids=positions, labels=labels)
+        out.loss_sum.backward()
+        flags = [layer.gradient_checkpointing for layer in model.llm.get_decoder().layers]
+        assert sum(flags) == (len(flags) if llm_layers is None else llm_layers)
+        runs.append((out.loss_sum.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    for loss_sum, grads in runs[1:]:
+        torch.testing.assert_close(loss_sum, runs[0][0])
+        for name, g in runs[0][1].items():
+            torch.testing.assert_close(grads[name], g, msg=name)
+
+
+def test_frozen_vision_tower_builds_no_graph_but_the_resampler_still_learns(tiny_vlm, tiny_tokenizer):
+    """Stage 3 style (ViT frozen, resampler trains): the ViT runs without autograd state."""
+    model = copy.deepcopy(tiny_vlm).train()
+    model.vision.requires_grad_(False)
+    seen = {}
+    model.vision.register_forward_hook(lambda m, i, o: seen.update(vision_out=o))
+    input_ids, labels, positions, pixels = _packed_batch(model, tiny_tokenizer)
+    out = model(input_ids, pixel_values=pixels, position_ids=positions, labels=labels)
+    out.loss_sum.backward()
+    assert seen["vision_out"].grad_fn is None and not seen["vision_out"].requires_grad
+    assert model.resampler.query.grad is not None and model.resampler.query.grad.abs().sum() > 0
+
+
+def test_frozen_llm_still_backpropagates_into_the_resampler(tiny_vlm, tiny_tokenizer):
+    """Stage 1 (LLM frozen, ViT + resampler train): gradients flow through the frozen decoder."""
+    model = copy.deepcopy(tiny_vlm).train()
+    model.llm.requires_grad_(False)
+    input_ids, labels, positions, pixels = _packed_batch(model, tiny_tokenizer)
+    model(input_ids, pixel_values=pixels, position_ids=positions, labels=labels).loss_sum.backward()
+    assert model.resampler.proj.grad.abs().sum() > 0 and model.vision.patch_embed.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.llm.parameters())
+
+
+def test_span_check_switch_only_skips_the_check(tiny_vlm, tiny_tokenizer):
+    model = copy.deepcopy(tiny_vlm)
+    input_ids, labels, positions, pixels = _packed_batch(model, tiny_tokenizer)
+    with pytest.raises(ValueError, match="batch row 0"):
+        model(input_ids, pixel_values=pixels[:1], position_ids=positions, labels=labels)
+    model.check_image_spans = False
+    with torch.no_grad():
+        a = model(input_ids, pixel_values=pixels, position_ids=positions, labels=labels).loss_sum
+    model.check_image_spans = True
+    with torch.no_grad():
+        b = model(input_ids, pixel_values=pixels, position_ids=positions, labels=labels).loss_sum
+    torch.testing.assert_close(a, b)
