@@ -162,20 +162,31 @@ def task_records(rng: random.Random, image: str, things: list[Thing], size: int)
 
 
 def conversation(rng: random.Random, images: list[tuple[str, list[Thing]]], size: int) -> dict:
-    """A multi-turn Qwen-VL fine-tune conversation about one or two pictures."""
-    header = "".join(f"Picture {i + 1}: <img>{p}</img>\n" for i, (p, _) in enumerate(images))
+    """A multi-turn Qwen-VL fine-tune conversation about one or two pictures.
+
+    One-picture conversations mix chat phrasing ("Find X and give its box.") with the task phrasing
+    of the pretraining templates and evaluators ("Describe the image in English:", "... Answer:",
+    "<ref>X</ref><box>"), as Qwen-VL's SFT data does, so the chat model answers either way.
+    """
     if len(images) == 2:
+        header = "".join(f"Picture {i + 1}: <img>{p}</img>\n" for i, (p, _) in enumerate(images))
         n = rng.randrange(2)
         turns = [(f"{header}Describe picture {n + 1}.", caption(images[n][1]))]
         q, a, _ = rng.choice(questions(images[1 - n][1]))
         turns.append((f"In picture {2 - n}: {q}", a))
     else:
-        things = images[0][1]
+        path, things = images[0]
+        task_phrasing = rng.random() < 0.5
+        turns = [("Describe the image in English:" if task_phrasing else "Describe the image.", caption(things))]
         qs = rng.sample(questions(things), min(2, len(questions(things))))
-        turns = [(header + qs[0][0], qs[0][1])] + [(q, a) for q, a, _ in qs[1:]]
+        turns += [(f"{q} Answer:" if task_phrasing else q, a) for q, a, _ in qs]
         t = rng.choice(things)
-        turns.append((f"Find {t.name} and give its box.",
-                      f"<ref>{t.name}</ref>{format_box(normalize_box(t.box, size, size))}"))
+        box = format_box(normalize_box(t.box, size, size))
+        turns.append((f"<ref>{t.name}</ref><box>" if task_phrasing else f"Find {t.name} and give its box.",
+                      f"<ref>{t.name}</ref>{box}"))
+        rng.shuffle(turns)
+        header = f"<img>{path}</img>" if task_phrasing else f"Picture 1: <img>{path}</img>\n"
+        turns[0] = (header + turns[0][0], turns[0][1])
     convs = []
     for user, assistant in turns:
         convs += [{"from": "user", "value": user}, {"from": "assistant", "value": assistant}]

@@ -61,3 +61,31 @@ def tiny(vocab_size: int) -> VLMConfig:
             hidden_act="silu",
         ),
     )
+
+
+def demo(vocab_size: int) -> VLMConfig:
+    """The embedded demo's model (launch/demo.sh): a few million parameters, trained on 2 CPU cores in minutes.
+
+    Like ``tiny`` (4x4 position table, 16 queries) but wide and deep enough to learn the synthetic
+    world's captions, answers and boxes: vision width 128 with 3 blocks, a 4-layer LLM of width 160.
+    Stage 1 runs at 56 px (4x4 patches = the position table, like 224 px on a 16x16 table at full
+    scale) and stages 2-3 at 84 px (6x6 patches, the table resized bicubically, like 448 px).
+    """
+    return VLMConfig(
+        vision=VisionConfig(image_size=56, patch_size=14, width=128, layers=3, heads=4, mlp_dim=512, pos_grid=4),
+        resampler=ResamplerConfig(num_queries=16, head_dim=32),
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=vocab_size,
+            hidden_size=160,
+            intermediate_size=480,
+            num_hidden_layers=4,
+            num_attention_heads=5,
+            num_key_value_heads=5,
+            max_position_embeddings=1024,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            tie_word_embeddings=False,
+            hidden_act="silu",
+        ),
+    )

@@ -10,8 +10,10 @@ DeepSpeed apply to gradients). A mean of per-micro-batch means would over-weight
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -111,6 +113,7 @@ def train(recipe: Recipe) -> Path:
     from data.dataset import build_dataloader
 
     # ---- processes, seeds, run directory
+    check_eval_section(recipe)
     info: DistInfo = init_distributed(recipe.parallel)
     mode = resolve_mode(recipe.parallel, info.world_size)
     seed_everything(recipe.train.seed)  # identical model init on every rank
@@ -239,4 +242,48 @@ def train(recipe: Recipe) -> Path:
     export = export_final(engine, run_dir / "final", training_info, merge_lora=recipe.lora.merge_on_export)
     if info.is_main:
         print(f"exported {export}", flush=True)
+    if recipe.eval.benches:
+        evaluate_export(recipe, export, info)
     return export
+
+
+def check_eval_section(recipe: Recipe) -> None:
+    """Fail before training, not after, when the recipe's eval section cannot run on the export."""
+    if not recipe.eval.benches:
+        return
+    if recipe.eval.data_root is None:
+        raise ValueError("eval.benches is set but eval.data_root is not (the folder holding e.g. synthetic/)")
+    if recipe.lora.enabled and not recipe.lora.merge_on_export:
+        raise ValueError("eval.benches needs a full-weight export; with LoRA set lora.merge_on_export: true")
+    from eval_mm.benchmarks import get_benchmark
+
+    for name in recipe.eval.benches:
+        get_benchmark(name)  # unknown name -> KeyError listing the known ones
+
+
+def evaluate_export(recipe: Recipe, export: Path, info: DistInfo) -> dict[str, dict[str, Any]]:
+    """Evaluate the final export on ``recipe.eval.benches``, data-parallel over the training ranks.
+
+    The export is reloaded (rather than the in-memory model evaluated) so the figures are those of
+    the files eval_mm would read, with their prompt format (ChatML after SFT); under ZeRO-3 it is
+    also the only copy with whole weights. Rank 0 prints the table and writes EXPORT/metrics.json.
+    """
+    import eval_mm
+    from eval_mm.__main__ import load_checkpoint, print_summary
+    from eval_mm.prompts import checkpoint_prompt_format
+    from eval_mm.sharding import barrier
+
+    eval_dir = Path(recipe.checkpoint.out_dir) / "eval"
+    if info.is_main:  # eval_mm resumes from the predictions it finds: drop those of an earlier run
+        shutil.rmtree(eval_dir, ignore_errors=True)
+    barrier()
+    model, tokenizer = load_checkpoint(export)
+    prompt_format = checkpoint_prompt_format(export)
+    e = recipe.eval
+    results = eval_mm.evaluate(model, tokenizer, e.benches, e.data_root, eval_dir, limit=e.limit,
+                               batch_size=e.batch_size, prompt_format=prompt_format, progress=False)
+    if info.is_main:
+        (export / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nevaluation of {export} ({recipe.train.stage}, {prompt_format} prompts)", end="")
+        print_summary(results)
+    return results

@@ -1,0 +1,56 @@
+"""launch/demo.sh end to end at a reduced size, and the recipe's eval section it relies on."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train.loop import train
+from train.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ["untrained", "pretrain", "multitask", "sft"]
+BENCHES = {"synth_caption": "CIDEr", "synth_vqa": "vqa_accuracy", "synth_grounding": "accuracy_iou0.5",
+           "synth_mc": "accuracy"}
+EVAL_LIMIT = 4
+
+
+def test_demo_writes_metrics_of_every_stage_on_every_benchmark(tmp_path):
+    out = tmp_path / "demo"
+    env = {**os.environ, "PYTHON": sys.executable, "N_TRAIN": "16", "N_EVAL": "8", "EVAL_LIMIT": str(EVAL_LIMIT),
+           "PRETRAIN_STEPS": "2", "MULTITASK_STEPS": "2", "SFT_STEPS": "2", "MICRO_BATCH": "2"}
+    proc = subprocess.run(["bash", str(REPO / "launch" / "demo.sh"), str(out)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics) == STAGES
+    for stage in STAGES:
+        assert set(metrics[stage]) == set(BENCHES), stage
+        for bench, headline in BENCHES.items():
+            scores = metrics[stage][bench]
+            assert isinstance(scores[headline], float) and 0.0 <= scores[headline] <= 1000.0, (stage, bench)
+            assert scores["num_samples"] == EVAL_LIMIT
+    # Each stage's table is printed after it, SFT evaluated with ChatML prompts, and a summary at the end.
+    assert proc.stdout.count("evaluation of ") == len(STAGES)
+    assert "(sft, chatml prompts)" in proc.stdout and "(multitask, raw prompts)" in proc.stdout
+    assert "| sft |" in proc.stdout and "demo wall time" in proc.stdout
+
+
+def test_eval_section_without_data_root_fails_before_training(tmp_path):
+    recipe = load_recipe(REPO / "recipes" / "tiny" / "demo_pretrain.yaml",
+                         ["eval.benches=[synth_vqa]", f"checkpoint.out_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match="eval.data_root"):
+        train(recipe)
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_section_with_an_unknown_benchmark_fails_before_training(tmp_path):
+    recipe = load_recipe(REPO / "recipes" / "tiny" / "demo_pretrain.yaml",
+                         ["eval.benches=[synth_vqaa]", f"eval.data_root={tmp_path}",
+                          f"checkpoint.out_dir={tmp_path / 'run'}"])
+    with pytest.raises(KeyError, match="unknown benchmark 'synth_vqaa'"):
+        train(recipe)
