@@ -24,8 +24,8 @@ def _labels(vocab: int, shape, gen) -> torch.Tensor:
 def test_chunked_loss_equals_full_logits_loss_and_grads(monkeypatch):
     monkeypatch.setattr(loss_mod, "CHUNK_TOKENS", 7)  # several chunks, the last one ragged
     gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(2, 20, 16, generator=gen, dtype=torch.float64)
-    weight = torch.randn(50, 16, generator=gen, dtype=torch.float64)
+    hidden = torch.randn(2, 20, 16, generator=gen)
+    weight = torch.randn(50, 16, generator=gen)
     labels = _labels(50, (2, 20), gen)
     results = []
     for impl in ("torch", "chunked"):
@@ -33,8 +33,8 @@ def test_chunked_loss_equals_full_logits_loss_and_grads(monkeypatch):
         loss_sum, n = causal_lm_loss_sum(h, w, labels, impl=impl)
         loss_sum.backward()
         results.append((loss_sum, n, h.grad, w.grad))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b)
+    for a, b in zip(*results):  # fp32, summed in a different order
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_loss_impl_is_rejected():
@@ -88,10 +88,10 @@ def test_selective_checkpointing_and_chunked_loss_keep_packed_loss_and_grads(tin
         flags = [layer.gradient_checkpointing for layer in model.llm.get_decoder().layers]
         assert sum(flags) == (len(flags) if llm_layers is None else llm_layers)
         runs.append((out.loss_sum.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    for loss_sum, grads in runs[1:]:
-        torch.testing.assert_close(loss_sum, runs[0][0])
+    for loss_sum, grads in runs[1:]:  # fp32, the loss summed in a different order
+        torch.testing.assert_close(loss_sum, runs[0][0], rtol=1e-5, atol=1e-4)
         for name, g in runs[0][1].items():
-            torch.testing.assert_close(grads[name], g, msg=name)
+            torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_frozen_vision_tower_builds_no_graph_but_the_resampler_still_learns(tiny_vlm, tiny_tokenizer):

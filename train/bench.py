@@ -76,12 +76,20 @@ class Variant:
     ckpt_layers: int | None = None  # decoder layers checkpointed (None = all)
     compile_vision: bool = False
     compile_llm: bool = False
+    liger_kernels: bool = False  # liger's RMSNorm / RoPE / SwiGLU kernels in the decoder
+    frozen_bf16: bool = False  # Q-LoRA: keep non-quantised frozen weights bf16 (peft upcasts them to fp32)
     check_spans: bool = False
+
+    @property
+    def one_way(self) -> bool:
+        """Switches that cannot be undone on a built model: such variants run after the others."""
+        return self.compile_vision or self.compile_llm or self.liger_kernels or self.frozen_bf16
 
 
 def variants_from_args(a) -> list[Variant]:
     ours = Variant("ours", attn=a.attn, loss_impl=a.loss_impl, ckpt_layers=a.ckpt_layers,
-                   compile_vision=a.compile_vision, compile_llm=a.compile_llm)
+                   compile_vision=a.compile_vision, compile_llm=a.compile_llm, liger_kernels=a.liger_kernels,
+                   frozen_bf16=True)
     table = {
         "hf": Variant("hf", hf_loss=True, pack=False, loss_impl="torch", check_spans=True),
         # One optimisation at a time on top of the anchor, then everything ("ours").
@@ -90,15 +98,19 @@ def variants_from_args(a) -> list[Variant]:
         "pack-flex": Variant("pack-flex", attn="flex_attention", loss_impl=a.loss_impl, ckpt_layers=a.ckpt_layers),
         "pack-varlen": Variant("pack-varlen", attn="varlen", loss_impl=a.loss_impl, ckpt_layers=a.ckpt_layers),
         "ours-chunked": dataclasses.replace(ours, name="ours-chunked", loss_impl="chunked"),
-        "ours-nocompile": dataclasses.replace(ours, name="ours-nocompile", compile_vision=False, compile_llm=False),
+        "ours-nocompile": dataclasses.replace(ours, name="ours-nocompile", compile_vision=False, compile_llm=False,
+                                              liger_kernels=False, frozen_bf16=False),
+        "ours+cvision": dataclasses.replace(ours, name="ours+cvision", compile_vision=True, compile_llm=False,
+                                            liger_kernels=False, frozen_bf16=False),
+        "ours+liger": dataclasses.replace(ours, name="ours+liger", compile_llm=False, liger_kernels=True),
+        "ours+cllm": dataclasses.replace(ours, name="ours+cllm", compile_llm=True),
         "ours": ours,
     }
     unknown = [v for v in a.variants if v not in table]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {list(table)}")
-    # Compiling is irreversible on a built model: compiled variants run last.
     chosen = [table[v] for v in a.variants]
-    return sorted(chosen, key=lambda v: v.compile_vision or v.compile_llm)
+    return sorted(chosen, key=lambda v: v.one_way)  # stable: the given order otherwise
 
 
 # --------------------------------------------------------------------------------------- workloads
@@ -211,10 +223,15 @@ def register_varlen_attention() -> str:
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         b, h, l, dh = query.shape
         cu, max_len = boundaries(kwargs["position_ids"])
-        out = varlen_attn(query.transpose(1, 2).reshape(b * l, h, dh), key.transpose(1, 2).reshape(b * l, -1, dh),
-                          value.transpose(1, 2).reshape(b * l, -1, dh), cu, cu, max_len, max_len, scale=scaling,
-                          **causal_kw)
-        return out.view(b, l, h, dh), None
+        # Flash kernels take only bf16/fp16; fp32 states appear when norms were upcast (Q-LoRA) or RoPE
+        # promoted them under autocast. SDPA casts the same way under autocast.
+        dtype = query.dtype if query.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+        def flat(t):
+            return t.transpose(1, 2).reshape(b * l, -1, dh).to(dtype)
+
+        out = varlen_attn(flat(query), flat(key), flat(value), cu, cu, max_len, max_len, scale=scaling, **causal_kw)
+        return out.view(b, l, h, dh).to(query.dtype), None
 
     AttentionInterface.register("varlen", attention)
     AttentionMaskInterface.register("varlen", lambda *args, **kwargs: None)
@@ -275,6 +292,16 @@ def configure(vlm, variant: Variant, case: Case) -> None:
     if variant.compile_llm and not getattr(vlm, "_bench_compiled_llm", False):
         vlm.compile_blocks(vision=False, llm=True)
         vlm._bench_compiled_llm = True
+    if variant.liger_kernels and not getattr(vlm, "_bench_liger", False):
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+
+        apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False, model=vlm.llm)
+        vlm._bench_liger = True
+    if variant.frozen_bf16:
+        for p in vlm.llm.parameters():  # 4-bit weights are uint8 Params4bit: untouched
+            if p.dtype == torch.float32 and not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
 
 
 def hf_loss_forward(vlm, batch: dict):
@@ -282,6 +309,17 @@ def hf_loss_forward(vlm, batch: dict):
     embeds = vlm.embed(batch["input_ids"], batch["pixel_values"])
     return vlm.llm(inputs_embeds=embeds, attention_mask=batch.get("attention_mask"),
                    position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False).loss
+
+
+def profile_step(fn, title: str) -> None:
+    """Print where one step's GPU time goes (top kernels by CUDA time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(f"\n-- profile of one step: {title}")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
 
 
 def count_syncs(fn) -> int:
@@ -359,6 +397,8 @@ def run_variant(model, vlm, case: Case, variant: Variant, workload: str, a, devi
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
+    if a.profile and variant.name == a.profile:
+        profile_step(lambda: step(on_device[-1]), f"{case.name} {workload} {variant.name}")
     tokens = sum(sum(b["sample_lengths"]) for b in timed)
     samples = sum(b["num_samples"] for b in timed)
     flops = sum(model_flops(vlm, case, b["sample_lengths"]) for b in timed)
@@ -401,6 +441,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ckpt-layers", type=int, default=None, help="decoder layers checkpointed (default all)")
     p.add_argument("--compile-vision", action="store_true")
     p.add_argument("--compile-llm", action="store_true")
+    p.add_argument("--liger-kernels", action="store_true", help="liger RMSNorm/RoPE/SwiGLU in the decoder (ours)")
+    p.add_argument("--profile", help="print a kernel profile of one step of this variant")
     p.add_argument("--full-layers", type=int, default=8, help="decoder depth of the full-SFT case on one GPU")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--preset", default="qwen_vl_7b", choices=["qwen_vl_7b", "tiny"], help="tiny: CPU smoke test")
