@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # GPU-only checks for the lead (needs 2 GPUs for the ZeRO part, 1 for Q-LoRA):
 #   bash launch/gpu_checks.sh [OUT_DIR]
-# 1. bf16 ZeRO-2 and ZeRO-3 over 2 GPUs on a small-but-real model (Qwen2 LLM shape of 0.5B class is
-#    too big to build offline here, so: the tiny preset widened through overrides is NOT used; instead
-#    the synthetic world + tiny preset at bf16, then save -> resume -> export), and
+# 1. bf16 ZeRO-2 and ZeRO-3 over 2 GPUs on a small-but-real model (models.presets.small: a ViT-L/14-shaped
+#    tower at 448 px, 256 queries, a Qwen2-0.5B-shaped decoder, random weights) on the synthetic world:
+#    save -> resume -> export, and
 # 2. Q-LoRA (4-bit NF4, double quant, bf16 compute) on one GPU, plus the gpu-marked pytest.
 # Set LLM_PATH to a local HF causal LM directory (e.g. Qwen2-0.5B) to run the ZeRO checks on it.
 set -euo pipefail
@@ -17,7 +17,8 @@ if [[ -n "${LLM_PATH:-}" ]]; then
   model=(model.preset=qwen_vl_7b model.llm_path="$LLM_PATH" model.tokenizer_path="$LLM_PATH")
   # a small vision side so the LLM dominates; the 7B-shape ViT would not fit the point of this check
 else
-  model=(model.tokenizer_path="$WORLD/tokenizer")
+  model=(model.preset=small model.tokenizer_path="$WORLD/tokenizer" model.image_size=448 data.image_size=448
+         data.max_len=1024 optim.lr=1.0e-4)
 fi
 common=("${model[@]}" "data.paths=[$WORLD/multitask.jsonl]" train.bf16=true train.steps=40 train.micro_batch=4
         train.grad_accum=2 checkpoint.every=10 log.every=5 log.progress_bar=false freeze.llm=train)

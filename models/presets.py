@@ -89,3 +89,26 @@ def demo(vocab_size: int) -> VLMConfig:
             hidden_act="silu",
         ),
     )
+
+
+def small(vocab_size: int = 151936) -> VLMConfig:
+    """A small-but-real VLM (~0.9B) for multi-GPU checks: a ViT-L/14-shaped tower at 448 px, the
+    256-query resampler, and a Qwen2-0.5B-shaped decoder (the vocabulary follows the tokenizer)."""
+    return VLMConfig(
+        vision=VisionConfig(image_size=448, patch_size=14, width=1024, layers=24, heads=16, mlp_dim=4096, pos_grid=16),
+        resampler=ResamplerConfig(num_queries=256, head_dim=128),
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=vocab_size,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            tie_word_embeddings=False,
+            hidden_act="silu",
+        ),
+    )

@@ -38,7 +38,7 @@ class ModelSection:
     # Start from a VLM directory written by a previous stage (VLM.save_pretrained). Takes precedence
     # over preset / llm_path / openclip_*.
     init_from: str | None = None
-    preset: Literal["tiny", "demo", "qwen_vl_7b"] | None = None  # models.presets.<name>
+    preset: Literal["tiny", "demo", "small", "qwen_vl_7b"] | None = None  # models.presets.<name>
     llm_path: str | None = None  # local HF directory of the LLM (weights + tokenizer)
     tokenizer_path: str | None = None  # default: llm_path, or init_from
     openclip_name: str | None = None  # e.g. "ViT-bigG-14": initialise the vision tower from OpenCLIP
