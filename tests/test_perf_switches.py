@@ -129,3 +129,26 @@ def test_span_check_switch_only_skips_the_check(tiny_vlm, tiny_tokenizer):
     with torch.no_grad():
         b = model(input_ids, pixel_values=pixels, position_ids=positions, labels=labels).loss_sum
     torch.testing.assert_close(a, b)
+
+
+def test_recipe_perf_section_reaches_the_model(tiny_vlm):
+    """The trainer's path: recipe `perf` keys -> PerfSection -> apply_perf_switches on the VLM."""
+    from train.bench import apply_perf_switches
+    from train.recipe import PerfSection
+
+    model = copy.deepcopy(tiny_vlm)
+    model.vision.requires_grad_(False)
+    apply_perf_switches(model, PerfSection(loss_impl="chunked", check_image_spans=False, frozen_bf16=True))
+    assert model.loss_impl == "chunked" and model.check_image_spans is False
+    assert model.vision.patch_embed.weight.dtype == torch.bfloat16  # frozen: stored in bf16
+    assert model.resampler.proj.dtype == torch.float32  # trains: stays fp32 (master weights)
+
+
+def test_recipe_rejects_unknown_perf_values():
+    from train.recipe import RecipeError, recipe_from_dict
+
+    raw = {"model": {"preset": "tiny"}, "train": {"steps": 1}, "data": {"paths": ["x.json"]}}
+    recipe = recipe_from_dict({**raw, "perf": {"attention": "varlen", "checkpoint_llm_layers": 24}})
+    assert recipe.perf.attention == "varlen" and recipe.perf.checkpoint_llm_layers == 24
+    with pytest.raises(RecipeError, match="perf.attention"):
+        recipe_from_dict({**raw, "perf": {"attention": "flash"}})

@@ -279,29 +279,46 @@ def build_case_model(case: Case, device: torch.device, preset: str):
     return model, vlm
 
 
-def configure(vlm, variant: Variant, case: Case) -> None:
-    """Apply a variant's switches to a built VLM (all reversible except compilation)."""
-    set_attention(vlm, variant.attn)
-    vlm.loss_impl = variant.loss_impl
-    vlm.check_image_spans = variant.check_spans
-    vlm.set_gradient_checkpointing(True, llm_layers=variant.ckpt_layers)
-    vlm.vision.gradient_checkpointing = case.vision == "train"
-    if variant.compile_vision and not getattr(vlm, "_bench_compiled_vision", False):
-        vlm.compile_blocks(vision=True, llm=False)
-        vlm._bench_compiled_vision = True
-    if variant.compile_llm and not getattr(vlm, "_bench_compiled_llm", False):
-        vlm.compile_blocks(vision=False, llm=True)
-        vlm._bench_compiled_llm = True
-    if variant.liger_kernels and not getattr(vlm, "_bench_liger", False):
+def apply_perf_switches(vlm, perf) -> None:
+    """Apply a recipe's ``perf`` section (train.recipe.PerfSection) to a built VLM, after freezing,
+    quantisation and LoRA (the trainer and this benchmark both call it). Checkpointing depth is set by
+    ``VLM.set_gradient_checkpointing``. Compilation and liger kernels cannot be undone."""
+    set_attention(vlm, perf.attention)
+    vlm.loss_impl = perf.loss_impl
+    vlm.check_image_spans = perf.check_image_spans
+    if perf.frozen_bf16:
+        # Frozen weights never update, and autocast runs their matmuls in bf16 anyway: fp32 storage only
+        # costs memory (peft's Q-LoRA preparation upcasts embeddings, LM head and norms to fp32).
+        for p in vlm.parameters():
+            if p.dtype == torch.float32 and not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    if perf.liger_kernels and not getattr(vlm, "_liger_kernels", False):
+        if vlm.llm.config.model_type != "qwen2":
+            raise ValueError(f"perf.liger_kernels supports qwen2 decoders, not {vlm.llm.config.model_type}")
         from liger_kernel.transformers import apply_liger_kernel_to_qwen2
 
         apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False, model=vlm.llm)
-        vlm._bench_liger = True
-    if variant.frozen_bf16:
-        for p in vlm.llm.parameters():  # 4-bit weights are uint8 Params4bit: untouched
-            if p.dtype == torch.float32 and not p.requires_grad:
-                p.data = p.data.to(torch.bfloat16)
+        vlm._liger_kernels = True
+    compile_vision = perf.compile_vision and not getattr(vlm, "_compiled_vision", False)
+    compile_llm = perf.compile_llm and not getattr(vlm, "_compiled_llm", False)
+    if compile_vision or compile_llm:
+        vlm.compile_blocks(vision=compile_vision, llm=compile_llm)
+        vlm._compiled_vision = getattr(vlm, "_compiled_vision", False) or compile_vision
+        vlm._compiled_llm = getattr(vlm, "_compiled_llm", False) or compile_llm
+
+
+def configure(vlm, variant: Variant, case: Case) -> None:
+    """Apply a variant's switches to a built VLM (all reversible except compilation and liger kernels)."""
+    from train.recipe import PerfSection
+
+    perf = PerfSection(loss_impl=variant.loss_impl, attention=variant.attn, checkpoint_llm_layers=variant.ckpt_layers,
+                       liger_kernels=variant.liger_kernels, compile_llm=variant.compile_llm,
+                       compile_vision=variant.compile_vision, frozen_bf16=variant.frozen_bf16,
+                       check_image_spans=variant.check_spans)
+    vlm.set_gradient_checkpointing(True, llm_layers=perf.checkpoint_llm_layers)
+    vlm.vision.gradient_checkpointing = case.vision == "train"
+    apply_perf_switches(vlm, perf)
 
 
 def hf_loss_forward(vlm, batch: dict):

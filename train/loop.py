@@ -129,7 +129,7 @@ def train(recipe: Recipe) -> Path:
                          f"{model.config.vision.image_size}; set model.image_size and data.image_size alike")
     apply_freezing(model, recipe.freeze)
     if recipe.train.grad_checkpointing:
-        model.set_gradient_checkpointing(True)
+        model.set_gradient_checkpointing(True, llm_layers=recipe.perf.checkpoint_llm_layers)
     if recipe.quantization.enabled:
         from train.lora import quantize_llm_4bit
 
@@ -138,6 +138,9 @@ def train(recipe: Recipe) -> Path:
         from train.lora import apply_lora
 
         model = apply_lora(model, recipe.lora, recipe.freeze, recipe.train.grad_checkpointing)
+    from train.bench import apply_perf_switches
+
+    apply_perf_switches(model.get_base_model() if recipe.lora.enabled else model, recipe.perf)
     if info.is_main:
         print(f"mode {mode}, world size {info.world_size}\n{trainable_table(model)}", flush=True)
     vlm = model.get_base_model() if recipe.lora.enabled else model

@@ -145,6 +145,23 @@ class EvalSection:
 
 
 @dataclass
+class PerfSection:
+    """Speed switches (measured in docs/benchmarks.md; applied by train.bench.apply_perf_switches).
+    Every setting computes the same loss within bf16 tolerance (tests/test_perf_equivalence.py)."""
+
+    loss_impl: Literal["torch", "chunked", "liger", "auto"] = "torch"  # models.loss; auto = liger on CUDA
+    # Decoder attention. varlen (torch flash varlen, sample boundaries from position_ids) and
+    # flex_attention confine attention to each packed sample without a dense mask; training only.
+    attention: Literal["sdpa", "flex_attention", "varlen"] = "sdpa"
+    checkpoint_llm_layers: int | None = None  # with train.grad_checkpointing: decoder layers recomputed (None = all)
+    liger_kernels: bool = False  # liger-kernel RMSNorm / RoPE / SwiGLU in a Qwen2 decoder
+    compile_llm: bool = False  # torch.compile each decoder layer (not with Q-LoRA)
+    compile_vision: bool = False  # torch.compile each vision block
+    frozen_bf16: bool = False  # store frozen float weights in bf16 (autocast computes in bf16 anyway)
+    check_image_spans: bool = True  # False skips VLM's per-batch span check (one host sync)
+
+
+@dataclass
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
     data: Any = None  # data.DataConfig, validated against its fields at load time
@@ -158,6 +175,7 @@ class Recipe:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    perf: PerfSection = field(default_factory=PerfSection)
 
 
 # --------------------------------------------------------------------------------------------------
