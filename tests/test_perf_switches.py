@@ -152,3 +152,30 @@ def test_recipe_rejects_unknown_perf_values():
     assert recipe.perf.attention == "varlen" and recipe.perf.checkpoint_llm_layers == 24
     with pytest.raises(RecipeError, match="perf.attention"):
         recipe_from_dict({**raw, "perf": {"attention": "flash"}})
+
+
+def test_varlen_attention_falls_back_to_sdpa_for_padded_batches_and_generation(tiny_vlm, tiny_tokenizer):
+    """perf.attention=varlen must not change what a padded batch or cached generation computes (the
+    varlen kernel itself is CUDA-only and pinned in tests/test_perf_equivalence.py)."""
+    pytest.importorskip("torch.nn.attention.varlen", reason="torch without varlen attention")
+    from train.bench import set_attention
+
+    tok = tiny_tokenizer
+    rows = [tok("A red car is parked near the water.", add_special_tokens=False)["input_ids"],
+            tok("The cat sleeps.", add_special_tokens=False)["input_ids"]]
+    width = max(map(len, rows))
+    left = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
+    left_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    right = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+    right_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    labels = right.masked_fill(right_mask == 0, -100)
+    results = []
+    for attn in ("sdpa", "varlen"):
+        model = copy.deepcopy(tiny_vlm)
+        set_attention(model, attn)
+        with torch.no_grad():
+            loss = model(right, attention_mask=right_mask, labels=labels).loss_sum
+        new = model.generate(left, attention_mask=left_mask, max_new_tokens=4, do_sample=False, eos_token_id=None)
+        results.append((loss, new))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    assert torch.equal(results[1][1], results[0][1])
