@@ -111,7 +111,7 @@ def assert_same(got, ref):
 
 @pytest.mark.parametrize("attn", ["sdpa", "flex_attention", "varlen"])
 def test_packed_rows_match_separate_samples(cuda_vlm, tiny_tokenizer, attn):
-    from train.bench import set_attention
+    from models.attention import set_attention
 
     items, pixels = samples(cuda_vlm, tiny_tokenizer)
     ref = reference(cuda_vlm, items, pixels)
@@ -138,7 +138,7 @@ def test_selective_checkpointing_and_compiled_blocks(cuda_vlm, tiny_tokenizer):
 
 
 def test_everything_together_as_the_bench_runs_it(cuda_vlm, tiny_tokenizer):
-    from train.bench import set_attention
+    from models.attention import set_attention
 
     items, pixels = samples(cuda_vlm, tiny_tokenizer, lengths=(30, 90, 50, 70))
     ref = reference(cuda_vlm, items, pixels)

@@ -133,7 +133,7 @@ def test_span_check_switch_only_skips_the_check(tiny_vlm, tiny_tokenizer):
 
 def test_recipe_perf_section_reaches_the_model(tiny_vlm):
     """The trainer's path: recipe `perf` keys -> PerfSection -> apply_perf_switches on the VLM."""
-    from train.bench import apply_perf_switches
+    from train.perf import apply_perf_switches
     from train.recipe import PerfSection
 
     model = copy.deepcopy(tiny_vlm)
@@ -158,7 +158,7 @@ def test_varlen_attention_falls_back_to_sdpa_for_padded_batches_and_generation(t
     """perf.attention=varlen must not change what a padded batch or cached generation computes (the
     varlen kernel itself is CUDA-only and pinned in tests/test_perf_equivalence.py)."""
     pytest.importorskip("torch.nn.attention.varlen", reason="torch without varlen attention")
-    from train.bench import set_attention
+    from models.attention import set_attention
 
     tok = tiny_tokenizer
     rows = [tok("A red car is parked near the water.", add_special_tokens=False)["input_ids"],

@@ -9,7 +9,15 @@ import time
 
 import pytest
 
-from tests.test_train_world import REPO, TINY, make_world, read_losses, run_train, subprocess_env, world_overrides
+from tests.test_train_world import (
+    REPO,
+    TINY,
+    make_world,
+    read_losses,
+    run_train,
+    subprocess_env,
+    world_overrides,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from train.perf import apply_perf_switches
+
 IGNORE_INDEX = -100
 GiB = 2**30
 
@@ -193,73 +195,6 @@ def model_flops(vlm, case: Case, sample_lengths: list[int]) -> float:
     return flops + images * (res_mult * res_fwd + vit_mult * vit_fwd)
 
 
-# -------------------------------------------------------------------------------------- attention
-_VARLEN_CACHE: dict = {}
-
-
-def register_varlen_attention() -> str:
-    """Register "varlen" with transformers: rows without a padding mask (packed or single samples) go
-    through torch's varlen flash attention (torch.nn.attention.varlen) with sample boundaries from
-    position_ids, and no [L, L] mask is ever built; padded batches and generation with a KV cache fall
-    back to SDPA with the mask transformers builds. Written here because transformers' own varlen paths
-    need the flash-attn package."""
-    import inspect
-
-    from torch.nn.attention.varlen import varlen_attn
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import sdpa_mask
-
-    causal_kw = ({"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters
-                 else {"window_size": (-1, 0)})
-
-    def boundaries(position_ids: torch.Tensor):
-        # Once per forward (every layer, and the checkpointed recompute, get the same position_ids
-        # object): one host sync. The cache holds the tensor itself, so a later batch allocated at the
-        # same address can never hit it.
-        if _VARLEN_CACHE.get("key") is not position_ids:
-            flat = position_ids.flatten()
-            # A sample starts where its positions restart at 0, and every row starts a new one.
-            row_starts = torch.arange(0, flat.numel(), position_ids.shape[1], device=flat.device)
-            starts = torch.unique(torch.cat([(flat == 0).nonzero().flatten(), row_starts]))
-            cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
-            _VARLEN_CACHE.update(key=position_ids, value=(cu, position_ids.shape[1]))
-        return _VARLEN_CACHE["value"]
-
-    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        b, h, l, dh = query.shape
-        if attention_mask is not None or kwargs.get("position_ids") is None or key.shape[2] != l:
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, **kwargs)
-        cu, max_len = boundaries(kwargs["position_ids"])
-        # Flash kernels take only bf16/fp16; fp32 states appear when norms were upcast (Q-LoRA) or RoPE
-        # promoted them under autocast. SDPA casts the same way under autocast.
-        dtype = query.dtype if query.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-
-        def flat(t):
-            return t.transpose(1, 2).reshape(b * l, -1, dh).to(dtype)
-
-        out = varlen_attn(flat(query), flat(key), flat(value), cu, cu, max_len, max_len, scale=scaling, **causal_kw)
-        return out.view(b, l, h, dh).to(query.dtype), None
-
-    AttentionInterface.register("varlen", attention)
-    def mask(*args, **kwargs):  # no padding mask: varlen needs none; otherwise SDPA's
-        return None if kwargs.get("attention_mask") is None else sdpa_mask(*args, **kwargs)
-
-    AttentionMaskInterface.register("varlen", mask)
-    return "varlen"
-
-
-def set_attention(vlm, name: str) -> None:
-    if name == "varlen":
-        register_varlen_attention()
-    llm = vlm.llm
-    if hasattr(llm, "set_attn_implementation"):
-        llm.set_attn_implementation(name)
-    else:
-        llm.config._attn_implementation = name
-
-
 # ----------------------------------------------------------------------------------------- model
 def build_case_model(case: Case, device: torch.device, preset: str):
     """The VLM of ``case`` in bf16 on ``device``, frozen / quantised / LoRA-wrapped like the trainer does."""
@@ -289,35 +224,6 @@ def build_case_model(case: Case, device: torch.device, preset: str):
 
         model = apply_lora(vlm, LoraSection(enabled=True, r=64, alpha=16, dropout=0.05), freeze, False)
     return model, vlm
-
-
-def apply_perf_switches(vlm, perf) -> None:
-    """Apply a recipe's ``perf`` section (train.recipe.PerfSection) to a built VLM, after freezing,
-    quantisation and LoRA (the trainer and this benchmark both call it). Checkpointing depth is set by
-    ``VLM.set_gradient_checkpointing``. Compilation and liger kernels cannot be undone."""
-    set_attention(vlm, perf.attention)
-    vlm.loss_impl = perf.loss_impl
-    vlm.check_image_spans = perf.check_image_spans
-    if perf.frozen_bf16:
-        # Frozen weights never update, and autocast runs their matmuls in bf16 anyway: fp32 storage only
-        # costs memory (peft's Q-LoRA preparation upcasts embeddings, LM head and norms to fp32).
-        for p in vlm.parameters():
-            if p.dtype == torch.float32 and not p.requires_grad:
-                p.data = p.data.to(torch.bfloat16)
-    if perf.liger_kernels and not getattr(vlm, "_liger_kernels", False):
-        if vlm.llm.config.model_type != "qwen2":
-            raise ValueError(f"perf.liger_kernels supports qwen2 decoders, not {vlm.llm.config.model_type}")
-        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
-
-        apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=False, model=vlm.llm)
-        vlm._liger_kernels = True
-    compile_vision = perf.compile_vision and not getattr(vlm, "_compiled_vision", False)
-    compile_llm = perf.compile_llm and not getattr(vlm, "_compiled_llm", False)
-    if compile_vision or compile_llm:
-        vlm.compile_blocks(vision=compile_vision, llm=compile_llm)
-        vlm._compiled_vision = getattr(vlm, "_compiled_vision", False) or compile_vision
-        vlm._compiled_llm = getattr(vlm, "_compiled_llm", False) or compile_llm
 
 
 def configure(vlm, variant: Variant, case: Case) -> None:
@@ -432,7 +338,7 @@ def run_variant(model, vlm, case: Case, variant: Variant, workload: str, a, devi
     samples = sum(b["num_samples"] for b in timed)
     flops = sum(model_flops(vlm, case, b["sample_lengths"]) for b in timed)
     peak = a.peak_tflops * 1e12
-    del optimizer
+    optimizer = None  # free its state before the next variant (the closure `step` holds the cell)
     return Result(
         case=case.name, workload=workload, variant=variant.name, steps=len(timed), s_per_step=elapsed / len(timed),
         tokens_per_s=tokens / elapsed, samples_per_s=samples / elapsed, mfu=flops / elapsed / peak,

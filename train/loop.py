@@ -138,7 +138,7 @@ def train(recipe: Recipe) -> Path:
         from train.lora import apply_lora
 
         model = apply_lora(model, recipe.lora, recipe.freeze, recipe.train.grad_checkpointing)
-    from train.bench import apply_perf_switches
+    from train.perf import apply_perf_switches
 
     apply_perf_switches(model.get_base_model() if recipe.lora.enabled else model, recipe.perf)
     if info.is_main:

@@ -146,7 +146,7 @@ class EvalSection:
 
 @dataclass
 class PerfSection:
-    """Speed switches (measured in docs/benchmarks.md; applied by train.bench.apply_perf_switches).
+    """Speed switches (measured in docs/benchmarks.md; applied by train.perf.apply_perf_switches).
     Every setting computes the same loss within bf16 tolerance (tests/test_perf_equivalence.py)."""
 
     loss_impl: Literal["torch", "chunked", "liger", "auto"] = "torch"  # models.loss; auto = liger on CUDA
