@@ -87,6 +87,9 @@ def generate_answers(model, tokenizer, batch: PromptBatch, bench: Benchmark, pro
                      device: torch.device) -> list[str]:
     """Greedy decoding with the KV cache; returns the decoded new text per sample (stripped)."""
     stops = stop_token_ids(tokenizer, prompt_format)
+    # The reference's minimum lengths are for its raw base-model prompts. A chat model ends its turn with
+    # <|im_end|>; forcing more tokens makes it write past the end of its answer, so ChatML asks for 1.
+    min_new_tokens = bench.min_new_tokens if prompt_format == "raw" else 1
     new_tokens = model.generate(
         batch.input_ids.to(device),
         attention_mask=batch.attention_mask.to(device),
@@ -94,7 +97,7 @@ def generate_answers(model, tokenizer, batch: PromptBatch, bench: Benchmark, pro
         do_sample=False,
         num_beams=1,
         max_new_tokens=bench.max_new_tokens,
-        min_new_tokens=bench.min_new_tokens,
+        min_new_tokens=min_new_tokens,
         pad_token_id=stops[0],
         eos_token_id=stops,
         use_cache=True,

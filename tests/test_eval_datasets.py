@@ -72,3 +72,30 @@ def test_prompt_format_from_checkpoint(tmp_path):
     assert checkpoint_prompt_format(tmp_path) == "raw"
     (tmp_path / "generation_config.json").write_text(json.dumps({"stage": "sft"}))
     assert checkpoint_prompt_format(tmp_path) == "chatml"
+
+
+@pytest.mark.parametrize("prompt_format, expected_min", [("raw", 8), ("chatml", 1)])
+def test_minimum_answer_length_applies_to_raw_prompts_only(tiny_tokenizer, prompt_format, expected_min):
+    """The reference's min_new_tokens belong to its raw prompts; a chat model may end its turn at once."""
+    import torch
+
+    from eval_mm.inference import PromptBatch, generate_answers
+
+    seen = {}
+
+    class RecordingModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, input_ids, **kwargs):
+            seen.update(kwargs)
+            return torch.zeros(input_ids.shape[0], 1, dtype=torch.long)
+
+    batch = PromptBatch(samples=[], prompts=["p"], input_ids=torch.ones(1, 3, dtype=torch.long),
+                        attention_mask=torch.ones(1, 3, dtype=torch.long), pixel_values=torch.zeros(0, 3, 4, 4),
+                        option_lengths=[])
+    bench = get_benchmark("synth_caption")
+    assert bench.min_new_tokens == 8
+    generate_answers(RecordingModel(), tiny_tokenizer, batch, bench, prompt_format, torch.device("cpu"))
+    assert seen["min_new_tokens"] == expected_min
