@@ -5,6 +5,25 @@ from __future__ import annotations
 from models.config import ResamplerConfig, VisionConfig, VLMConfig
 
 
+def qwen2_text_config(vocab_size: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
+                      max_positions: int, rope_theta: float = 10000.0) -> dict:
+    """A Hugging Face Qwen2 config dict (RMSNorm eps 1e-6, SwiGLU, untied embeddings, as Qwen-7B)."""
+    return dict(
+        model_type="qwen2",
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        tie_word_embeddings=False,
+        hidden_act="silu",
+    )
+
+
 def qwen_vl_7b(vocab_size: int = 151936) -> VLMConfig:
     """ViT-bigG/14 at 448 px + 256-query resampler + a Qwen2-architecture decoder of the Qwen-7B shape.
 
@@ -15,20 +34,8 @@ def qwen_vl_7b(vocab_size: int = 151936) -> VLMConfig:
     return VLMConfig(
         vision=VisionConfig(image_size=448, patch_size=14, width=1664, layers=48, heads=16, mlp_dim=8192, pos_grid=16),
         resampler=ResamplerConfig(num_queries=256, head_dim=128),
-        text_config=dict(
-            model_type="qwen2",
-            vocab_size=vocab_size,
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            max_position_embeddings=8192,
-            rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-            tie_word_embeddings=False,
-            hidden_act="silu",
-        ),
+        text_config=qwen2_text_config(vocab_size, hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32,
+                                      max_positions=8192),
         image_start_id=151857,
         image_end_id=151858,
         image_pad_id=151859,
@@ -46,20 +53,8 @@ def tiny(vocab_size: int) -> VLMConfig:
     return VLMConfig(
         vision=VisionConfig(image_size=84, patch_size=14, width=96, layers=2, heads=4, mlp_dim=192, pos_grid=4),
         resampler=ResamplerConfig(num_queries=16, head_dim=16),
-        text_config=dict(
-            model_type="qwen2",
-            vocab_size=vocab_size,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-            rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-            tie_word_embeddings=False,
-            hidden_act="silu",
-        ),
+        text_config=qwen2_text_config(vocab_size, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2,
+                                      max_positions=1024),
     )
 
 
@@ -74,20 +69,8 @@ def demo(vocab_size: int) -> VLMConfig:
     return VLMConfig(
         vision=VisionConfig(image_size=56, patch_size=14, width=128, layers=3, heads=4, mlp_dim=512, pos_grid=4),
         resampler=ResamplerConfig(num_queries=16, head_dim=32),
-        text_config=dict(
-            model_type="qwen2",
-            vocab_size=vocab_size,
-            hidden_size=160,
-            intermediate_size=480,
-            num_hidden_layers=4,
-            num_attention_heads=5,
-            num_key_value_heads=5,
-            max_position_embeddings=1024,
-            rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-            tie_word_embeddings=False,
-            hidden_act="silu",
-        ),
+        text_config=qwen2_text_config(vocab_size, hidden=160, intermediate=480, layers=4, heads=5, kv_heads=5,
+                                      max_positions=1024),
     )
 
 
@@ -97,18 +80,6 @@ def small(vocab_size: int = 151936) -> VLMConfig:
     return VLMConfig(
         vision=VisionConfig(image_size=448, patch_size=14, width=1024, layers=24, heads=16, mlp_dim=4096, pos_grid=16),
         resampler=ResamplerConfig(num_queries=256, head_dim=128),
-        text_config=dict(
-            model_type="qwen2",
-            vocab_size=vocab_size,
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=24,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            max_position_embeddings=8192,
-            rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-            tie_word_embeddings=False,
-            hidden_act="silu",
-        ),
+        text_config=qwen2_text_config(vocab_size, hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2,
+                                      max_positions=8192, rope_theta=1000000.0),
     )
