@@ -64,8 +64,15 @@ def test_single_process_then_resume_then_two_process_gloo(checkpoint, data_root,
     two = run_cli(*common, "--out", str(tmp_path / "two"), nproc=2)
     assert strip_resume_counts(two) == strip_resume_counts(single)
     for bench in SYNTH_BENCHES.split(","):
-        one_preds = (tmp_path / "single" / bench / "predictions.jsonl").read_text()
-        assert (tmp_path / "two" / bench / "predictions.jsonl").read_text() == one_preds
+        one = [json.loads(line) for line in (tmp_path / "single" / bench / "predictions.jsonl").read_text().splitlines()]
+        two_ = [json.loads(line) for line in (tmp_path / "two" / bench / "predictions.jsonl").read_text().splitlines()]
+        # Same samples, same order, same outputs. Option losses are compared to float tolerance: a shard
+        # pads its batches differently, which moves the last bits of a float32 cross-entropy.
+        for a, b in zip(one, two_, strict=True):
+            losses_a, losses_b = a.pop("option_losses", None), b.pop("option_losses", None)
+            assert a == b
+            if losses_a is not None:
+                assert losses_b == pytest.approx(losses_a, rel=1e-5)
         assert not list((tmp_path / "two" / bench).glob("predictions.part*"))
 
 
