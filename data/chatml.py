@@ -85,3 +85,14 @@ def render_chatml(
         input_ids += ids
         labels += lab
     return mask_first_label(TokenizedSample(input_ids, labels, image_paths))
+
+
+def encode_chat_prompt(
+    tokenizer, user_text: str, num_image_tokens: int, system_message: str = DEFAULT_SYSTEM_MESSAGE
+) -> tuple[list[int], list[str]]:
+    """Ids of a one-turn ChatML prompt that ends where the assistant's answer starts
+    (``...<|im_start|>assistant\\n``), tokenised exactly as training conversations are; and its image paths."""
+    sample = render_chatml(tokenizer, [{"from": "user", "value": user_text}], num_image_tokens, system_message)
+    im_start = tokenizer.get_vocab()[IM_START]
+    assistant_head = [im_start] + tokenize_plain(tokenizer, "assistant") + tokenize_plain(tokenizer, "\n")
+    return sample.input_ids + assistant_head, sample.image_paths

@@ -3,8 +3,8 @@
 import json
 from pathlib import Path
 
-from data.chatml import DEFAULT_SYSTEM_MESSAGE
-from data.text import encode_text_with_images, tokenize_plain
+from data.chatml import DEFAULT_SYSTEM_MESSAGE, encode_chat_prompt
+from data.text import encode_text_with_images
 from models.tokens import IM_END, IM_START
 
 PROMPT_FORMATS = ("auto", "chatml", "raw")
@@ -32,24 +32,14 @@ def encode_prompt(tokenizer, text: str, num_image_tokens: int, prompt_format: st
                   system_message: str = DEFAULT_SYSTEM_MESSAGE) -> tuple[list[int], list[str]]:
     """Token ids of the prompt (ending where the model's answer starts) and the image paths in order.
 
-    ChatML is tokenised piece by piece exactly like data.chatml.render_chatml does in training:
+    ChatML goes through data.chatml, so prompts are tokenised exactly as training conversations:
     <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{text}<|im_end|>\\n<|im_start|>assistant\\n
     """
     if prompt_format == "raw":
         return encode_text_with_images(tokenizer, text, num_image_tokens)
     if prompt_format != "chatml":
         raise ValueError(f"prompt format must be 'raw' or 'chatml', got {prompt_format!r}")
-    vocab = tokenizer.get_vocab()
-    im_start, im_end = vocab[IM_START], vocab[IM_END]
-    newline = tokenize_plain(tokenizer, "\n")
-    ids: list[int] = []
-    paths: list[str] = []
-    for role, content in (("system", system_message), ("user", text)):
-        content_ids, content_paths = encode_text_with_images(tokenizer, content, num_image_tokens)
-        ids += [im_start] + tokenize_plain(tokenizer, role) + newline + content_ids + [im_end] + newline
-        paths += content_paths
-    ids += [im_start] + tokenize_plain(tokenizer, "assistant") + newline
-    return ids, paths
+    return encode_chat_prompt(tokenizer, text, num_image_tokens, system_message)
 
 
 def option_continuation(letter: str, prompt_format: str) -> str:

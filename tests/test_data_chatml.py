@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from data.chatml import DEFAULT_SYSTEM_MESSAGE, render_chatml
+from data.chatml import DEFAULT_SYSTEM_MESSAGE, encode_chat_prompt, render_chatml
 
 IGNORE = -100
 N_IMG = 5
@@ -109,3 +109,15 @@ def test_images_in_assistant_turns_are_not_supervised(tiny_tokenizer):
 def test_bad_conversations_raise(tiny_tokenizer, conv, message):
     with pytest.raises(ValueError, match=message):
         render_chatml(tiny_tokenizer, conv, N_IMG)
+
+
+def test_chat_prompt_is_the_training_rendering_up_to_the_answer(tiny_tokenizer):
+    """Evaluation prompts (eval_mm, ChatML) see exactly the tokens training put before an answer."""
+    question = "Picture 1: <img>a.png</img>\nWhat color is the circle?"
+    prompt_ids, paths = encode_chat_prompt(tiny_tokenizer, question, num_image_tokens=4)
+    trained = render_chatml(tiny_tokenizer, [{"from": "user", "value": question},
+                                             {"from": "assistant", "value": "red"}], num_image_tokens=4)
+    answer_ids = tiny_tokenizer("red", add_special_tokens=False)["input_ids"]
+    assert trained.input_ids[: len(prompt_ids)] == prompt_ids
+    assert trained.input_ids[len(prompt_ids): len(prompt_ids) + len(answer_ids)] == answer_ids
+    assert paths == trained.image_paths == ["a.png"]
