@@ -151,3 +151,19 @@ def test_vit_layer_decay_scales_lower_blocks_more(tiny_vlm):
     assert sorted({round(g["lr"], 8) for g in opt.param_groups}) == [0.000729, 0.00081, 0.0009, 0.001]
     no_decay = [g for g in opt.param_groups if g["weight_decay"] == 0.0]
     assert sum(len(g["params"]) for g in no_decay) > 0
+
+
+@pytest.mark.parametrize("mode, bf16, expected", [("zero2", True, torch.bfloat16), ("zero3", True, torch.bfloat16),
+                                                  ("zero3", False, torch.float32), ("ddp", True, torch.float32),
+                                                  ("auto", True, torch.float32)])
+def test_models_are_built_in_bf16_only_where_deepspeed_runs_them_in_bf16(tmp_path, tiny_tokenizer, mode, bf16, expected):
+    """DeepSpeed bf16 casts the module and keeps fp32 masters itself: an fp32 build would only double host
+    memory. DDP / single process keep fp32 weights under bf16 autocast (the optimiser updates them)."""
+    from train.loop import build_model
+
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "base.yaml",
+                         [f"model.tokenizer_path={tmp_path / 'tok'}", f"parallel.mode={mode}", f"train.bf16={bf16}",
+                          "model.preset=tiny"])
+    model, _ = build_model(recipe)
+    assert {p.dtype for p in model.parameters()} == {expected}
