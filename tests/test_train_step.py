@@ -167,3 +167,17 @@ def test_models_are_built_in_bf16_only_where_deepspeed_runs_them_in_bf16(tmp_pat
                           "model.preset=tiny"])
     model, _ = build_model(recipe)
     assert {p.dtype for p in model.parameters()} == {expected}
+
+
+def test_pad_vocab_to_gives_the_preset_more_embedding_rows_than_the_tokenizer(tmp_path, tiny_tokenizer):
+    """A small tokenizer can still model Qwen's 151,936-row embedding and LM head (benchmarks)."""
+    from train.loop import build_model
+
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    base = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "base.yaml"
+    overrides = [f"model.tokenizer_path={tmp_path / 'tok'}", "model.preset=tiny"]
+    plain, _ = build_model(load_recipe(base, overrides))
+    padded, _ = build_model(load_recipe(base, [*overrides, "model.pad_vocab_to=4096"]))
+    assert plain.llm.get_input_embeddings().num_embeddings == len(tiny_tokenizer) < 4096
+    assert padded.llm.get_input_embeddings().num_embeddings == 4096
+    assert padded.llm.get_output_embeddings().weight.shape[0] == 4096

@@ -50,8 +50,10 @@ def load_dtype(recipe: Recipe) -> torch.dtype | None:
     return torch.bfloat16 if deepspeed_bf16 else None
 
 
-def build_model(recipe: Recipe):
-    """The VLM and its tokenizer, from a previous stage's export or from a preset / LLM directory."""
+def build_model(recipe: Recipe, init_device: torch.device | None = None):
+    """The VLM and its tokenizer, from a previous stage's export or from a preset / LLM directory.
+    ``init_device``: where a preset's random weights are drawn (a GPU draws 9.65B in seconds; one CPU
+    thread under torchrun takes minutes)."""
     from models import VLM, build_vlm, load_tokenizer, presets
 
     m = recipe.model
@@ -63,9 +65,12 @@ def build_model(recipe: Recipe):
             raise FileNotFoundError(f"model.init_from={m.init_from} has no tokenizer files; set model.tokenizer_path")
     else:
         tokenizer = load_tokenizer(m.tokenizer_path or m.llm_path)
-        config = getattr(presets, m.preset or "qwen_vl_7b")(vocab_size=len(tokenizer))
+        vocab_size = max(len(tokenizer), m.pad_vocab_to or 0)
+        config = getattr(presets, m.preset or "qwen_vl_7b")(vocab_size=vocab_size)
         openclip = (m.openclip_name, m.openclip_checkpoint) if m.openclip_name else None
-        model = build_vlm(config, tokenizer=tokenizer, llm_path=m.llm_path, openclip=openclip, dtype=dtype)
+        device = init_device if m.llm_path is None and m.openclip_name is None else None
+        model = build_vlm(config, tokenizer=tokenizer, llm_path=m.llm_path, openclip=openclip, dtype=dtype,
+                          device=device)
     if m.image_size is not None:
         model.config.vision.image_size = m.image_size  # the position table is resized on the fly
     model.tokenizer = tokenizer
@@ -132,7 +137,9 @@ def train(recipe: Recipe) -> Path:
         save_resolved(recipe, run_dir / "resolved.yaml")
 
     # ---- model: build, freeze, (quantise), (LoRA)
-    model, tokenizer = build_model(recipe)
+    # Random init on the GPU, except under Q-LoRA, which quantises CPU weights as it moves them.
+    on_gpu = info.device.type == "cuda" and not recipe.quantization.enabled
+    model, tokenizer = build_model(recipe, init_device=info.device if on_gpu else None)
     if model.config.vision.image_size != recipe.data.image_size:
         raise ValueError(f"data.image_size={recipe.data.image_size} but the model's vision.image_size is "
                          f"{model.config.vision.image_size}; set model.image_size and data.image_size alike")
@@ -230,6 +237,8 @@ def train(recipe: Recipe) -> Path:
             }
             if peak is not None:
                 metrics["mfu"] = flops_per_token(num_params) * inputs / elapsed / (peak * info.world_size)
+            if info.device.type == "cuda":
+                metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(info.device) / 2**30  # this rank's
             logger.log(metrics, step, console=progress is None)
             if progress is not None:
                 progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")

@@ -44,6 +44,9 @@ class ModelSection:
     openclip_name: str | None = None  # e.g. "ViT-bigG-14": initialise the vision tower from OpenCLIP
     openclip_checkpoint: str | None = None
     image_size: int | None = None  # override the vision tower's input size (224 in stage 1, 448 later)
+    # With preset: at least this many embedding rows (Qwen pads its 151,851 tokens to 151,936); rows past
+    # the tokenizer are never input and train only as logits. Lets small tokenizers model the real shape.
+    pad_vocab_to: int | None = None
 
 
 @dataclass
