@@ -43,5 +43,6 @@ class Collator:
         batch["pixel_values"] = (torch.cat(pixels) if pixels
                                  else torch.zeros(0, 3, self.image_size, self.image_size))
         batch["num_samples"] = len(samples)
+        batch["sample_lengths"] = [len(s["input_ids"]) for s in samples]  # host ints: token counts, FLOPs
         batch["_stats"] = counts
         return batch

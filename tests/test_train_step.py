@@ -43,7 +43,7 @@ def make_batch(model, lengths, seed, num_supervised):
         labels[r, n - s:n] = ids[r, n - s:n]
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     return {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": pos,
-            "pixel_values": None, "num_samples": len(lengths)}
+            "pixel_values": None, "num_samples": len(lengths), "sample_lengths": list(lengths)}
 
 
 def concat(a, b):
@@ -54,7 +54,8 @@ def concat(a, b):
 
     out = {k: torch.cat([pad(a[k], v), pad(b[k], v)]) for k, v in
            [("input_ids", 0), ("labels", -100), ("attention_mask", 0), ("position_ids", 0)]}
-    return {**out, "pixel_values": None, "num_samples": a["num_samples"] + b["num_samples"]}
+    return {**out, "pixel_values": None, "num_samples": a["num_samples"] + b["num_samples"],
+            "sample_lengths": a["sample_lengths"] + b["sample_lengths"]}
 
 
 @pytest.mark.parametrize("stage,expected", [
@@ -98,15 +99,17 @@ def test_accumulating_k_micro_batches_gives_the_gradient_of_one_big_batch(tiny_v
     big = copy.deepcopy(tiny_vlm).train()
     loss_big, _ = accumulate_gradients(single_engine(big, recipe), [concat(a, b)])
 
-    assert counts[0] == 9 + 2 + 1 + 8
+    assert counts.tolist() == [9 + 2 + 1 + 8, 12 + 7 + 5 + 10, 4, 0, 12**2 + 7**2 + 5**2 + 10**2]
     torch.testing.assert_close(loss_small, loss_big, rtol=1e-5, atol=1e-5)
     g_small, g_big = _grads(small), _grads(big)
     assert g_small.keys() == g_big.keys() and len(g_small) > 10
     for name in g_big:
         torch.testing.assert_close(g_small[name], g_big[name], rtol=1e-4, atol=1e-6, msg=name)
     # And it is NOT the mean of per-micro-batch means, which would weight b's few tokens more.
-    mean_of_means = 0.5 * (small(**{k: v for k, v in a.items() if k != "num_samples"}).loss
-                           + small(**{k: v for k, v in b.items() if k != "num_samples"}).loss)
+    def model_inputs(batch):
+        return {k: v for k, v in batch.items() if k not in ("num_samples", "sample_lengths")}
+
+    mean_of_means = 0.5 * (small(**model_inputs(a)).loss + small(**model_inputs(b)).loss)
     assert abs(float(mean_of_means.detach()) - float(loss_big / counts[0])) > 1e-4
 
 

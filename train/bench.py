@@ -15,11 +15,11 @@ apart: ``python -m data.bench_loader``). For every case x workload it runs
 
 and prints tokens/s, samples/s, MFU and peak memory side by side (and writes them to ``--out`` as JSON).
 
-MFU convention (``model_flops``): matmul FLOPs of the model, 2 per multiply-add; per token
-2N forward, +4N backward for weights that train, +2N backward for frozen weights that gradient flows
-through (input gradients only), nothing for modules no gradient reaches (a frozen ViT: forward only);
-causal attention 2*s^2*d per layer per sample forward, x3 with backward. Recomputation by checkpointing
-and Q-LoRA dequantisation are not counted (they are overhead, not model FLOPs). Peak: 989 TFLOP/s dense
+MFU convention (train/flops.py, shared with the training loop): matmul FLOPs of the model, 2 per
+multiply-add; per token 2N forward, +4N backward for weights that train, +2N backward for frozen weights
+that gradient flows through (input gradients only), nothing for modules no gradient reaches (a frozen
+ViT: forward only); causal attention 2*s^2*d per layer per sample forward, x3 with backward.
+Recomputation by checkpointing and Q-LoRA dequantisation are not counted (they are overhead). Peak: 989 TFLOP/s dense
 bf16 (H100/H200 SXM datasheet); ``--peak-tflops`` overrides (e.g. 780, the measured matmul rate).
 Tokens counted are real sample tokens (image slots included, row padding excluded).
 """
@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from train.flops import step_flops
 from train.perf import apply_perf_switches
 
 IGNORE_INDEX = -100
@@ -167,32 +168,13 @@ def make_batches(workload: str, variant: Variant, steps: int, pack_len: int, cfg
 
 # ----------------------------------------------------------------------------------------- FLOPs
 def model_flops(vlm, case: Case, sample_lengths: list[int]) -> float:
-    """Model FLOPs of one step (see the module docstring for the convention)."""
-    vc, tc = vlm.config.vision, vlm.config.text_config
-    d, layers, ffn, vocab = tc["hidden_size"], tc["num_hidden_layers"], tc["intermediate_size"], tc["vocab_size"]
-    kv_dim = d * tc["num_key_value_heads"] // tc["num_attention_heads"]
-    tokens = sum(sample_lengths)
-    images = len(sample_lengths)
-    llm_trains = case.llm == "train"
-    # Decoder: per token 2*N forward; backward 4N if trained, 2N if frozen (input gradients only).
-    n_layer = d * (2 * d + 2 * kv_dim) + 3 * d * ffn
-    n_llm = layers * n_layer + d * vocab  # + LM head (embedding lookups are not matmuls)
-    mult_llm = 6 if llm_trains else 4
-    flops = mult_llm * n_llm * tokens
-    flops += 3 * sum(2 * s * s * d * layers for s in sample_lengths)  # causal attention, fwd + bwd
-    if case.lora:
-        lora_params = layers * 64 * (4 * (d + d) + 2 * (d + ffn))
-        flops += 6 * lora_params * tokens
-    # Resampler: gradient reaches it when it or the ViT trains.
-    patches = (case.image_size // vc.patch_size) ** 2
-    q = vlm.config.num_image_tokens
-    res_fwd = 2 * (patches * vc.width * d + q * d * d + 2 * patches * d * d + 2 * q * d * d) + 4 * q * patches * d
-    res_mult = 3 if (case.resampler == "train" or case.vision == "train") else 1
-    # Vision tower: forward only unless it trains.
-    vit_fwd = vc.layers * (2 * patches * (4 * vc.width**2 + 2 * vc.width * vc.mlp_dim) + 4 * patches**2 * vc.width)
-    vit_fwd += 2 * patches * 3 * vc.patch_size**2 * vc.width
-    vit_mult = 3 if case.vision == "train" else 1
-    return flops + images * (res_mult * res_fwd + vit_mult * vit_fwd)
+    """Model FLOPs of one step (train.flops: the convention the training loop's MFU uses too)."""
+    tc = vlm.config.text_config
+    d, ffn = tc["hidden_size"], tc["intermediate_size"]
+    lora_params = tc["num_hidden_layers"] * 64 * (4 * (d + d) + 2 * (d + ffn)) if case.lora else 0  # r=64
+    rates = step_flops(vlm.config, vision_trains=case.vision == "train", resampler_trains=case.resampler == "train",
+                       llm_trains=case.llm == "train", lora_params=lora_params)
+    return rates(sum(sample_lengths), len(sample_lengths), sum(s * s for s in sample_lengths))
 
 
 # ----------------------------------------------------------------------------------------- model

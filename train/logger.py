@@ -28,14 +28,6 @@ def peak_flops_per_device() -> float | None:
     return None
 
 
-def flops_per_token(num_params: int) -> float:
-    """Training FLOPs per input token by the 6N convention (2N forward + 4N backward, N = every
-    parameter taking part in the forward, frozen ones included since activations still flow back
-    through them; attention's quadratic term and the vision tower's per-patch cost are ignored, so
-    MFU is a slight underestimate for long sequences and an approximation for image tokens)."""
-    return 6.0 * num_params
-
-
 class MetricLogger:
     def __init__(self, cfg: LogSection, run_dir: Path, is_main: bool, config: dict | None = None):
         self.is_main = is_main

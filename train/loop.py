@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from train.checkpoint import export_final, load_checkpoint, resolve_resume, save_checkpoint
+from train.flops import step_flops
 from train.freeze import apply_freezing, trainable_table
-from train.logger import MetricLogger, flops_per_token, peak_flops_per_device
+from train.logger import MetricLogger, peak_flops_per_device
 from train.optim import build_optimizer, build_scheduler
 from train.parallel import DistInfo, Engine, all_reduce_sum, init_distributed, resolve_mode
 from train.recipe import Recipe, recipe_to_dict, save_resolved
@@ -102,12 +103,15 @@ def accumulate_gradients(
 
     Gradients end up as d/dθ of (sum of token losses over all micro-batches and ranks) / (their
     supervised-token count). Returns (this rank's loss sum, detached, on device; the all-reduced
-    counts [supervised tokens, input tokens, samples] as a float64 device tensor).
+    counts [supervised tokens, sample tokens, samples, images, sum of squared sample lengths] as a
+    float64 device tensor; sample tokens exclude row padding).
     """
     info = engine.dist
-    local = torch.tensor([sum(count_supervised(b) for b in step_batches),
-                          sum(b["input_ids"].numel() for b in step_batches),
-                          sum(b["num_samples"] for b in step_batches)], dtype=torch.float64)
+    lengths = [n for b in step_batches for n in b["sample_lengths"]]
+    local = torch.tensor([sum(count_supervised(b) for b in step_batches), sum(lengths),
+                          sum(b["num_samples"] for b in step_batches),
+                          sum(len(b["pixel_values"]) for b in step_batches if b.get("pixel_values") is not None),
+                          sum(n * n for n in lengths)], dtype=torch.float64)
     counts = all_reduce_sum(local.to(info.device))  # the step's one collective before backward
     # world_size undoes the gradient mean over ranks of DDP / DeepSpeed; stays on device (no sync).
     scale = info.world_size / counts[0].clamp(min=1)
@@ -160,7 +164,9 @@ def train(recipe: Recipe) -> Path:
     if info.is_main:
         print(f"mode {mode}, world size {info.world_size}\n{trainable_table(model)}", flush=True)
     vlm = model.get_base_model() if recipe.lora.enabled else model
-    num_params = sum(p.numel() for p in model.parameters())
+    flops = step_flops(vlm.config, vision_trains=recipe.freeze.vision == "train",
+                       resampler_trains=recipe.freeze.resampler == "train", llm_trains=recipe.freeze.llm == "train",
+                       lora_params=sum(p.numel() for n, p in model.named_parameters() if "lora_" in n))
 
     # ---- data
     loader = build_dataloader(recipe.data, tokenizer, num_image_tokens=vlm.config.num_image_tokens,
@@ -225,7 +231,7 @@ def train(recipe: Recipe) -> Path:
         # ---- log (the only host syncs of the loop besides the NaN guard)
         if step % recipe.log.every == 0 or step == last_step:
             loss_sum = all_reduce_sum(window["loss_sum"].clone())
-            tokens, inputs, samples = window["counts"].tolist()
+            tokens, inputs, samples, images, sum_sq = window["counts"].tolist()
             elapsed = time.perf_counter() - window["start"]
             metrics = {
                 "loss": float(loss_sum) / max(tokens, 1),
@@ -236,7 +242,7 @@ def train(recipe: Recipe) -> Path:
                 "skipped_steps": bad_steps,
             }
             if peak is not None:
-                metrics["mfu"] = flops_per_token(num_params) * inputs / elapsed / (peak * info.world_size)
+                metrics["mfu"] = flops(inputs, images, sum_sq) / elapsed / (peak * info.world_size)
             if info.device.type == "cuda":
                 metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(info.device) / 2**30  # this rank's
             logger.log(metrics, step, console=progress is None)

@@ -1,0 +1,59 @@
+"""Model FLOPs of a training step, for MFU: one convention for the training loop and train.bench.
+
+Matmul FLOPs of the model, 2 per multiply-add. Decoder, per token: 2N forward, +4N backward when its
+weights train, +2N when they are frozen but gradient flows through them (input gradients only); N = its
+linear layers + LM head (embedding lookups are not matmuls). LoRA adapters: 6 per adapter parameter per
+token. Causal attention: 2*s^2*d per layer per sample forward, x3 with backward. Per image: the vision
+tower forward only unless it trains (x3), the resampler x3 when gradient reaches it (it or the ViT
+trains). Recomputation by activation checkpointing and Q-LoRA dequantisation are not counted: they
+are overhead, not model FLOPs.
+
+The plain "6 x all parameters x tokens" estimate overstates a VLM step by ~10% at the Qwen-VL shape: a
+frozen 1.84B ViT runs forward only, and per image (1,024 patches), not per text token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from models.config import VLMConfig
+
+
+@dataclass(frozen=True)
+class StepFlops:
+    """FLOP rates of one model under one freezing plan; ``__call__`` gives a step's FLOPs."""
+
+    per_token: float  # decoder linears + LM head + LoRA adapters, forward and backward
+    per_attention_pair: float  # times s^2 per sample of s tokens
+    per_image: float  # vision tower + resampler
+
+    def __call__(self, tokens: float, images: float, sum_sq_lengths: float) -> float:
+        return self.per_token * tokens + self.per_attention_pair * sum_sq_lengths + self.per_image * images
+
+
+def step_flops(
+    config: VLMConfig,
+    *,
+    vision_trains: bool,
+    resampler_trains: bool,
+    llm_trains: bool,
+    lora_params: int = 0,
+) -> StepFlops:
+    """The FLOP rates of ``config`` (at ``config.vision.image_size``) for what trains."""
+    vc, tc = config.vision, config.text_config
+    d, layers, ffn, vocab = tc["hidden_size"], tc["num_hidden_layers"], tc["intermediate_size"], tc["vocab_size"]
+    kv_dim = d * tc["num_key_value_heads"] // tc["num_attention_heads"]
+    n_layer = d * (2 * d + 2 * kv_dim) + 3 * d * ffn  # q, o + k, v + gate, up, down
+    n_llm = layers * n_layer + d * vocab
+    per_token = (6 if llm_trains else 4) * n_llm + 6 * lora_params
+    per_attention_pair = 3 * 2 * d * layers
+
+    patches = (vc.image_size // vc.patch_size) ** 2
+    q = config.num_image_tokens
+    resampler_fwd = (2 * (patches * vc.width * d + q * d * d + 2 * patches * d * d + 2 * q * d * d)
+                     + 4 * q * patches * d)
+    vit_fwd = vc.layers * (2 * patches * (4 * vc.width**2 + 2 * vc.width * vc.mlp_dim) + 4 * patches**2 * vc.width)
+    vit_fwd += 2 * patches * 3 * vc.patch_size**2 * vc.width  # patch embedding
+    per_image = (3 if resampler_trains or vision_trains else 1) * resampler_fwd + (3 if vision_trains else 1) * vit_fwd
+    return StepFlops(per_token=float(per_token), per_attention_pair=float(per_attention_pair),
+                     per_image=float(per_image))
