@@ -45,6 +45,10 @@ class DataConfig:
     image_root: str | None = None  # relative image paths resolve here, else next to the data file
     max_len: int = 2048
     packing: bool = False  # several samples per row (data.packing) instead of one padded sample per row
+    # With packing: row capacity in tokens (default max_len, which stays the per-sample limit). Rows are
+    # padded to the longest of the micro-batch, so longer rows mean less padding (11-13% at max_len 2048
+    # and 24 SFT samples per micro-batch; 0 when a micro-batch fits one row). Needs varlen/flex attention.
+    pack_len: int | None = None
     group_by_length: bool = False  # length-grouped sampling: the alternative to packing (map-style only)
     num_workers: int = 2
     max_bad_images: int = 0  # missing/corrupt images skipped (counted, logged) before failing; 0 = fail at once
@@ -230,7 +234,7 @@ def build_dataloader(config: DataConfig, tokenizer, num_image_tokens: int, batch
     ``batch_size`` counts samples per micro-batch and rank; with packing they share fewer rows.
     """
     collator = Collator(pad_id=tokenizer.convert_tokens_to_ids(ENDOFTEXT), image_size=config.image_size,
-                        max_len=config.max_len, packing=config.packing)
+                        max_len=config.pack_len or config.max_len, packing=config.packing)
     common = {"batch_size": batch_size, "collate_fn": collator, "num_workers": config.num_workers,
               "persistent_workers": False, "pin_memory": torch.cuda.is_available()}
     if config.num_workers > 0:

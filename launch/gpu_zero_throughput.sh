@@ -3,7 +3,8 @@
 # DeepSpeed ZeRO on all GPUs of one node, for tokens/s, MFU and peak memory (printed by the training loop):
 #   bash launch/gpu_zero_throughput.sh [zero2|zero3] [OUT_DIR] [key=value ...]
 # The synthetic world's tokenizer is small; model.pad_vocab_to gives the decoder Qwen's 151,936-row
-# embedding and LM head, so the model is the real 9.65B shape. Packed 2048-token rows, varlen attention,
+# embedding and LM head, so the model is the real 9.65B shape. Samples of up to 2048 tokens packed into
+# rows of up to 16384 (data.pack_len: no row padding), varlen attention,
 # liger kernels and fused linear cross-entropy, every decoder layer checkpointed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +19,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TOKENIZERS_PARALLELISM=false C
 [[ -f "$WORLD/manifest.json" ]] || python -m data.synthetic --out "$WORLD" --seed 0 --n-train 2000 --n-eval 10
 torchrun --standalone --nproc_per_node "$NGPU" -m train recipes/sft.yaml model.init_from=null \
     model.preset=qwen_vl_7b model.pad_vocab_to=151936 model.tokenizer_path="$WORLD/tokenizer" \
-    "data.paths=[$WORLD/sft.json]" data.num_workers=6 parallel.mode="$MODE" \
+    "data.paths=[$WORLD/sft.json]" data.num_workers=6 data.pack_len=16384 parallel.mode="$MODE" \
     perf.attention=varlen perf.loss_impl=auto perf.liger_kernels=true perf.check_image_spans=false \
     checkpoint.out_dir="$OUT/$MODE" checkpoint.every=0 train.steps=100 train.micro_batch=24 train.grad_accum=1 \
     train.stop_after_steps=16 train.resume=null "eval.benches=[]" schedule.warmup_steps=2 log.backend=console \

@@ -64,6 +64,26 @@ def test_collator_concatenates_pixels_in_order_of_appearance_and_counts_drops():
         assert ("attention_mask" in batch) == (not packing)
 
 
+def test_a_longer_pack_len_shares_rows_and_cuts_padding(tmp_path):
+    """Rows are padded to the longest row of the micro-batch; one row per micro-batch pads nothing."""
+    from transformers import AutoTokenizer
+
+    from data.dataset import DataConfig, build_dataloader
+    from data.synthetic import generate
+
+    world = tmp_path / "world"
+    generate(world, seed=1, n_train=40, n_eval=4, image_size=28, vocab_size=600)
+    tokenizer = AutoTokenizer.from_pretrained(world / "tokenizer")
+    padding = {}
+    for pack_len in (None, 4096):
+        config = DataConfig(paths=[str(world / "sft.json")], image_size=28, max_len=256, packing=True,
+                            pack_len=pack_len, num_workers=0, shuffle=False)
+        batch = next(iter(build_dataloader(config, tokenizer, num_image_tokens=4, batch_size=16)))
+        padding[pack_len] = batch["input_ids"].numel() - sum(batch["sample_lengths"])
+        assert batch["num_samples"] == 16 and len(batch["sample_lengths"]) == 16
+    assert padding[None] > 0 and padding[4096] == 0
+
+
 def test_text_only_batch_has_an_empty_pixel_tensor():
     batch = Collator(pad_id=PAD, image_size=S, max_len=8)([make_sample(3, 1)])
     assert batch["pixel_values"].shape == (0, 3, S, S)

@@ -74,6 +74,17 @@ def test_inconsistent_recipes_are_rejected(tmp_path):
         load_recipe(f, ["quantization.enabled=true"])
 
 
+def test_pack_len_needs_packing_a_row_at_least_max_len_and_attention_confined_without_a_dense_mask(tmp_path):
+    f = write(tmp_path / "r.yaml", BASE)
+    with pytest.raises(RecipeError, match="'data.pack_len' needs 'data.packing: true'"):
+        load_recipe(f, ["data.pack_len=8192"])
+    with pytest.raises(RecipeError, match=r"'data.pack_len' \(100\) must be >= 'data.max_len'"):
+        load_recipe(f, ["data.packing=true", "data.pack_len=100"])
+    with pytest.raises(RecipeError, match="dense 8192x8192 mask per row; use varlen or flex_attention"):
+        load_recipe(f, ["data.packing=true", "data.pack_len=8192"])
+    assert load_recipe(f, ["data.packing=true", "data.pack_len=8192", "perf.attention=varlen"]).data.pack_len == 8192
+
+
 @pytest.mark.parametrize("name", FULL_SCALE)
 def test_full_scale_recipes_load(name):
     load_recipe(REPO / "recipes" / name)

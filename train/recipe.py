@@ -387,6 +387,15 @@ def _check_consistency(recipe: Recipe, source: str) -> None:
         raise RecipeError(f"{source}: set 'model.init_from' (a previous stage) or 'model.preset' / 'model.llm_path'")
     if (m.openclip_name is None) != (m.openclip_checkpoint is None):
         raise RecipeError(f"{source}: set both 'model.openclip_name' and 'model.openclip_checkpoint', or neither")
+    d = recipe.data
+    if d.pack_len is not None:
+        if not d.packing:
+            raise RecipeError(f"{source}: 'data.pack_len' needs 'data.packing: true'")
+        if d.pack_len < d.max_len:
+            raise RecipeError(f"{source}: 'data.pack_len' ({d.pack_len}) must be >= 'data.max_len' ({d.max_len})")
+        if d.pack_len > d.max_len and recipe.perf.attention == "sdpa":
+            raise RecipeError(f"{source}: 'data.pack_len' > 'data.max_len' with 'perf.attention: sdpa' builds a "
+                              f"dense {d.pack_len}x{d.pack_len} mask per row; use varlen or flex_attention")
     for name in ("micro_batch", "grad_accum"):
         if getattr(t, name) < 1:
             raise RecipeError(f"{source}: 'train.{name}' must be >= 1")
