@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 from models.config import VLMConfig
 from models.loss import causal_lm_loss_sum
@@ -29,7 +30,9 @@ def checkpointed_layer_indices(num_layers: int, num_checkpointed: int) -> set[in
 
 
 @dataclass
-class VLMOutput:
+class VLMOutput(ModelOutput):
+    # A ModelOutput (a dict of its non-None fields) so that DeepSpeed ZeRO-3's module hooks find the
+    # tensors inside, as they do for Hugging Face models' outputs.
     loss_sum: torch.Tensor | None = None  # fp32 scalar: sum of token cross-entropies
     num_tokens: torch.Tensor | None = None  # long scalar: supervised tokens
     loss: torch.Tensor | None = None  # loss_sum / num_tokens
