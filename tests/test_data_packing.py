@@ -124,3 +124,14 @@ def test_truncation_never_cuts_through_an_image_span():
 def test_sample_with_nothing_supervised_left_is_dropped():
     s = TokenizedSample([1, IMG_S, IMG_P, IMG_P, IMG_E, 5], [IGNORE_INDEX] * 5 + [5], ["a.png"])
     assert truncate_span_safe(s, 4, IMG_S, IMG_E) is None
+
+
+def test_bench_loader_reports_the_padding_that_pack_len_removes(capsys):
+    from data import bench_loader
+
+    argv = ["--workers", "0", "--batches", "2", "--batch-size", "8", "--image-size", "28", "--num-image-tokens", "4",
+            "--packing", "--max-len", "256"]
+    bench_loader.main(argv)
+    bench_loader.main([*argv, "--pack-len", "4096"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("workers=")]
+    assert len(rows) == 2 and "padding 0.0%" not in rows[0] and rows[1].endswith("padding 0.0% of token slots")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -85,3 +86,17 @@ def test_two_node_launch_simulated_on_one_machine(world, tmp_path):
     assert "mode ddp, world size 2" in outs[0]
     assert sorted(read_losses(run)) == [1, 2, 3]
     assert (run / "final" / "model.safetensors").is_file()
+
+
+def test_zero3_module_hooks_see_the_tensors_inside_the_model_output():
+    """ZeRO-3 re-gathers parameters for backward through hooks on a module's output tensors; it finds
+    them only inside tuples, lists and dicts, so VLMOutput must be a dict (a transformers ModelOutput)."""
+    script = ("import sys, torch\n"
+              "from deepspeed.runtime.zero.utils import apply_to_tensors_only\n"
+              "from models.vlm import VLMOutput\n"
+              "out = VLMOutput(loss_sum=torch.ones(()), num_tokens=torch.ones((), dtype=torch.long))\n"
+              "seen = []\n"
+              "apply_to_tensors_only(lambda t: seen.append(t) or t, out)\n"
+              "sys.exit(0 if len(seen) == 2 else 1)\n")
+    result = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -69,6 +69,7 @@ def build_model(recipe: Recipe, init_device: torch.device | None = None):
         vocab_size = max(len(tokenizer), m.pad_vocab_to or 0)
         config = getattr(presets, m.preset or "qwen_vl_7b")(vocab_size=vocab_size)
         openclip = (m.openclip_name, m.openclip_checkpoint) if m.openclip_name else None
+        # Weights read from disk (llm_path, OpenCLIP) are copied in on the CPU; only random ones move.
         device = init_device if m.llm_path is None and m.openclip_name is None else None
         model = build_vlm(config, tokenizer=tokenizer, llm_path=m.llm_path, openclip=openclip, dtype=dtype,
                           device=device)
