@@ -46,3 +46,29 @@ class Collator:
         batch["sample_lengths"] = [len(s["input_ids"]) for s in samples]  # host ints: token counts, FLOPs
         batch["_stats"] = counts
         return batch
+
+
+def split_rows(batch: dict, max_tokens: int | None, image_start_id: int) -> list[dict]:
+    """A host-side batch cut into forward passes of whole rows, each at most ``max_tokens`` tokens (one
+    row when a row alone is longer): the trainer's ``train.max_forward_tokens``, which bounds activation
+    memory whatever the samples' lengths while the loss stays that of the whole step (the loop
+    normalises by the step's supervised tokens). Returns ``[batch]`` when it fits. Each part keeps the
+    keys the forward reads: ids, labels, positions, mask, its images, and its own sample boundaries."""
+    rows, width = batch["input_ids"].shape
+    per_forward = max(1, (max_tokens or rows * width) // width)
+    if per_forward >= rows:
+        return [batch]
+    images_per_row = (batch["input_ids"] == image_start_id).sum(1).tolist()
+    parts, first_image = [], 0
+    for r0 in range(0, rows, per_forward):
+        r1 = min(rows, r0 + per_forward)
+        part = {k: batch[k][r0:r1] for k in ("input_ids", "labels", "position_ids", "attention_mask") if k in batch}
+        n_images = sum(images_per_row[r0:r1])
+        part["pixel_values"] = batch["pixel_values"][first_image : first_image + n_images]
+        first_image += n_images
+        if "cu_seq_lens" in batch:  # every row starts a segment, so the part's rows are whole segments
+            cu = batch["cu_seq_lens"]
+            cu = cu[(cu >= r0 * width) & (cu <= r1 * width)] - r0 * width
+            part["cu_seq_lens"], part["max_length"] = cu, int((cu[1:] - cu[:-1]).max())
+        parts.append(part)
+    return parts

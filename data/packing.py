@@ -33,13 +33,17 @@ def pack(samples: list[dict], max_len: int, pad_id: int) -> dict[str, torch.Tens
     """Pack tokenised samples (dicts with 1-D ``input_ids``/``labels``) into rows of equal length.
 
     Rows are right-padded to the longest row (not to max_len: no row of pure padding is computed).
-    Returns ``input_ids``, ``labels``, ``position_ids`` of shape [num_rows, L].
+    Returns ``input_ids``, ``labels``, ``position_ids`` of shape [num_rows, L], and the sample boundaries
+    over the flattened rows for varlen attention: ``cu_seq_lens`` (int32 [segments + 1]; a row's padding
+    is its own segment) and ``max_length`` (the longest segment, a host int). Computing them here, in the
+    DataLoader worker, spares the forward a device->host sync.
     """
     rows = plan_rows([len(s["input_ids"]) for s in samples], max_len)
     width = max(sum(len(samples[i]["input_ids"]) for i in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    segments: list[int] = []
     for r, row in enumerate(rows):
         start = 0
         for i in row:
@@ -47,9 +51,14 @@ def pack(samples: list[dict], max_len: int, pad_id: int) -> dict[str, torch.Tens
             input_ids[r, start : start + n] = samples[i]["input_ids"]
             labels[r, start : start + n] = samples[i]["labels"]
             position_ids[r, start : start + n] = torch.arange(n)
+            segments.append(n)
             start += n
         position_ids[r, start:] = torch.arange(width - start)  # the padding is its own segment
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        if width > start:
+            segments.append(width - start)
+    cu_seq_lens = torch.tensor([0] + segments, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            "cu_seq_lens": cu_seq_lens, "max_length": max(segments)}
 
 
 def pad(samples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -1,22 +1,35 @@
 """Attention kernels for the LLM beyond transformers' built-ins, chosen by name (recipe ``perf.attention``).
 
-"varlen": packed rows through torch's varlen flash attention, sample boundaries from position_ids
-(docs/design.md: positions restart at 0 at each packed sample), with no [L, L] mask ever built.
+"varlen": packed rows through torch's varlen flash attention, with no [L, L] mask ever built. Sample
+boundaries arrive as ``cu_seq_lens`` (cumulative sample lengths over the flattened rows, int32) and the
+longest sample ``max_length``: the collator computes both on the host (data.packing.pack),
+so the forward needs no device->host sync; without them VLM.forward derives them from position_ids once.
 """
 
 from __future__ import annotations
 
 import torch
 
-_VARLEN_CACHE: dict = {}
+
+def sample_boundaries_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(cu_seq_lens int32 [n+1], longest sample) of a packed [B, L] batch whose positions restart at 0 at
+    each sample (docs/design.md); every row also starts a sample. One host sync (for the longest length):
+    the fallback when the batch did not bring its boundaries."""
+    flat = position_ids.flatten()
+    row_starts = torch.arange(0, flat.numel(), position_ids.shape[1], device=flat.device)
+    starts = torch.unique(torch.cat([(flat == 0).nonzero().flatten(), row_starts]))
+    cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
 
 
 def register_varlen_attention() -> str:
     """Register "varlen" with transformers: rows without a padding mask (packed or single samples) go
-    through torch's varlen flash attention (torch.nn.attention.varlen) with sample boundaries from
-    position_ids, and no [L, L] mask is ever built; padded batches and generation with a KV cache fall
-    back to SDPA with the mask transformers builds. Written here because transformers' own varlen paths
-    need the flash-attn package."""
+    through torch's varlen flash attention (torch.nn.attention.varlen) with the sample boundaries the
+    forward passes as ``cu_seq_lens_q`` / ``max_length_q`` (transformers forwards such keyword arguments
+    to every attention call); padded batches and generation with a KV cache fall back to SDPA with the
+    mask transformers builds. Written here because transformers' own varlen paths need the flash-attn
+    package. The function is pure (no cache, no sync), so torch.compile traces it and a checkpointed
+    layer's recompute saves exactly what its forward saved."""
     import inspect
 
     from torch.nn.attention.varlen import varlen_attn
@@ -27,25 +40,13 @@ def register_varlen_attention() -> str:
     causal_kw = ({"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters
                  else {"window_size": (-1, 0)})
 
-    def boundaries(position_ids: torch.Tensor):
-        # Once per forward (every layer, and the checkpointed recompute, get the same position_ids
-        # object): one host sync. The cache holds the tensor itself, so a later batch allocated at the
-        # same address can never hit it.
-        if _VARLEN_CACHE.get("key") is not position_ids:
-            flat = position_ids.flatten()
-            # A sample starts where its positions restart at 0, and every row starts a new one.
-            row_starts = torch.arange(0, flat.numel(), position_ids.shape[1], device=flat.device)
-            starts = torch.unique(torch.cat([(flat == 0).nonzero().flatten(), row_starts]))
-            cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
-            _VARLEN_CACHE.update(key=position_ids, value=(cu, position_ids.shape[1]))
-        return _VARLEN_CACHE["value"]
-
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         b, h, length, dh = query.shape
-        if attention_mask is not None or kwargs.get("position_ids") is None or key.shape[2] != length:
+        cu = kwargs.get("cu_seq_lens_q")
+        if attention_mask is not None or cu is None or key.shape[2] != length:
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, **kwargs)
-        cu, max_len = boundaries(kwargs["position_ids"])
+        max_len = kwargs["max_length_q"]
         # Flash kernels take only bf16/fp16; fp32 states appear when norms were upcast (Q-LoRA) or RoPE
         # promoted them under autocast. SDPA casts the same way under autocast.
         dtype = query.dtype if query.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
@@ -57,6 +58,7 @@ def register_varlen_attention() -> str:
         return out.view(b, length, h, dh).to(query.dtype), None
 
     AttentionInterface.register("varlen", attention)
+
     def mask(*args, **kwargs):  # no padding mask: varlen needs none; otherwise SDPA's
         return None if kwargs.get("attention_mask") is None else sdpa_mask(*args, **kwargs)
 
@@ -72,3 +74,7 @@ def set_attention(vlm, name: str) -> None:
         llm.set_attn_implementation(name)
     else:
         llm.config._attn_implementation = name
+
+
+def uses_varlen(vlm) -> bool:
+    return getattr(vlm.llm.config, "_attn_implementation", None) == "varlen"

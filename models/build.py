@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.initialization import no_init_weights
 
@@ -52,6 +54,8 @@ def build_vlm(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     init_weights: bool = True,
+    keep_fp32: Callable[[VLM], Iterable[nn.Module]] | None = None,
+    llm_device: str | torch.device | None = None,
 ) -> VLM:
     """Build a VLM.
 
@@ -62,6 +66,10 @@ def build_vlm(
     - ``openclip``: ``(model_name, checkpoint_path)`` initialises the vision tower from OpenCLIP.
     - ``device="meta"`` builds without memory (for shapes and parameter counts).
     - ``init_weights=False`` skips random initialisation (weights are about to be loaded).
+    - ``keep_fp32``: modules stored in float32 whatever ``dtype`` says (the trainer's trainable modules
+      beside bf16 frozen ones), cast before any weights are loaded so loaded values arrive exact.
+    - ``llm_device``: build the LLM there instead (``"meta"``: no memory and no values yet, for Q-LoRA,
+      which materialises and quantises it one layer at a time: train.lora.quantize_llm_4bit).
     The config is copied, never mutated; the model's own is ``vlm.config``.
     """
     config = copy.deepcopy(config)
@@ -69,7 +77,8 @@ def build_vlm(
         _apply_tokenizer(config, tokenizer)
     skip_init = no_init_weights() if not init_weights else contextlib.nullcontext()
     with torch.device(device or "cpu"), skip_init:
-        llm = _build_llm(config, llm_path, dtype)
+        with torch.device(llm_device or device or "cpu"):
+            llm = _build_llm(config, llm_path, dtype)
         if tokenizer is not None and len(tokenizer) > llm.get_input_embeddings().num_embeddings:
             llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         config.text_config["vocab_size"] = llm.get_input_embeddings().num_embeddings
@@ -79,6 +88,8 @@ def build_vlm(
     if dtype is not None:
         model.vision.to(dtype)
         model.resampler.to(dtype)
+    for module in keep_fp32(model) if keep_fp32 is not None else ():
+        module.float()
     if openclip is not None:
         from models.openclip import load_openclip_vision
 

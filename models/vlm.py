@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 from transformers.utils import ModelOutput
 
+from models.attention import sample_boundaries_from_position_ids, uses_varlen
 from models.config import VLMConfig
 from models.loss import causal_lm_loss_sum
 from models.resampler import Resampler
@@ -132,13 +134,25 @@ class VLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        cu_seq_lens: torch.Tensor | None = None,
+        max_length: int | None = None,
     ) -> VLMOutput:
+        """``cu_seq_lens`` / ``max_length``: the packed samples' boundaries (data.packing.pack) for varlen
+        attention; derived from position_ids (one host sync) when varlen runs without them."""
         embeds = self.embed(input_ids, pixel_values)
+        varlen = {}
+        if attention_mask is None and position_ids is not None and uses_varlen(self):
+            if cu_seq_lens is None:
+                cu_seq_lens, max_length = sample_boundaries_from_position_ids(position_ids)
+            cu_seq_lens = cu_seq_lens.to(input_ids.device, non_blocking=True)
+            varlen = {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+                      "max_length_q": max_length, "max_length_k": max_length}
         # use_cache=False: no KV cache in a full forward, and transformers only detects packed rows
         # (position_ids restarting at 0 with attention_mask=None -> block-diagonal causal mask) when
         # there is no cache (masking_utils.find_packed_sequence_indices).
         hidden = self.llm.get_decoder()(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+            **varlen,
         ).last_hidden_state
         lm_head = self.llm.get_output_embeddings()
         if labels is None:
@@ -194,12 +208,14 @@ class VLM(nn.Module):
         else:
             getattr(self.llm, "activation_checkpointing_disable", self.llm.gradient_checkpointing_disable)()
 
-    def compile_blocks(self, vision: bool = True, llm: bool = False) -> None:
+    def compile_blocks(self, vision: bool = True, llm: bool = False, backend: str = "inductor") -> None:
         """torch.compile each vision block and/or decoder layer in place (fuses LayerNorm/GELU/residual
-        element-wise work; one graph per block type, so compile time does not grow with depth)."""
+        element-wise work; one graph per block type, so compile time does not grow with depth). Packed rows
+        change length every step: after the first new length the graphs are traced with a dynamic length
+        (torch's automatic dynamic shapes) instead of recompiled per length."""
         blocks = (list(self.vision.blocks) if vision else []) + (list(self.llm.get_decoder().layers) if llm else [])
         for block in blocks:
-            block.compile()
+            block.compile(backend=backend)
 
     # ------------------------------------------------------------------------------------ I/O
     def save_pretrained(
@@ -240,9 +256,11 @@ class VLM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+        cls, path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+        keep_fp32=None,
     ) -> VLM:
-        """Load a directory written by ``save_pretrained`` (no remote code, safetensors only)."""
+        """Load a directory written by ``save_pretrained`` (no remote code, safetensors only), straight onto
+        ``device`` in ``dtype``; ``keep_fp32`` (see models.build_vlm) keeps some modules in float32."""
         from safetensors.torch import load_file
 
         from models.build import build_vlm, load_tokenizer
@@ -259,12 +277,19 @@ class VLM(nn.Module):
             files = ["model.safetensors"]
         else:
             raise FileNotFoundError(f"{path}: neither model.safetensors nor {SAFETENSORS_INDEX}")
-        model = build_vlm(config, dtype=dtype, device=device, init_weights=False)
-        state_dict: dict[str, torch.Tensor] = {}
-        for name in files:
-            state_dict.update(load_file(path / name, device=str(device or "cpu")))
+        model = build_vlm(config, dtype=dtype, device=device, init_weights=False, keep_fp32=keep_fp32)
+        # Shard by shard, each tensor read straight onto the device and copied into its parameter: the
+        # memory held beyond the model is one shard, never a second copy of the whole state dict.
+        expected = set(model.state_dict())
+        loaded: set[str] = set()
+        unexpected: list[str] = []
+        for name in tqdm(files, desc=f"loading {path.name}", unit="shard", disable=len(files) < 2):
+            shard = load_file(path / name, device=str(device or "cpu"))
+            unexpected += model.load_state_dict(shard, strict=False).unexpected_keys
+            loaded |= set(shard) & expected
+            del shard
         expected_missing = set(model._tied_duplicate_keys(model.state_dict()))
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        missing = sorted(expected - loaded)
         if set(missing) - expected_missing or unexpected:
             raise ValueError(
                 f"{path}: checkpoint does not match the config: missing {sorted(set(missing) - expected_missing)[:10]}, "

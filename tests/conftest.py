@@ -76,3 +76,28 @@ def tiny_vlm(tiny_tokenizer):
     torch.manual_seed(0)
     model = build_vlm(presets.tiny(vocab_size=len(tiny_tokenizer)), tokenizer=tiny_tokenizer)
     return model.eval()
+
+
+def packed_batches(model, tok, widths, seed=0):
+    """Packed rows of samples (one image each) whose total length differs from batch to batch."""
+    from data.packing import pack
+    from models.tokens import image_token_ids
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = image_token_ids(tok)
+    span = [ids.start] + [ids.pad] * model.config.num_image_tokens + [ids.end]
+    special = set(tok.all_special_ids) | {ids.start, ids.end, ids.pad}
+    vocab = torch.tensor([i for i in range(len(tok)) if i not in special])
+    batches = []
+    for lengths in widths:
+        samples = []
+        for n in lengths:
+            text = vocab[torch.randint(0, len(vocab), (n,), generator=gen)].tolist()
+            row = torch.tensor(text[:3] + span + text[3:])
+            labels = row.clone()
+            labels[: 3 + len(span)] = -100
+            samples.append({"input_ids": row, "labels": labels})
+        batch = pack(samples, max_len=sum(len(s["input_ids"]) for s in samples), pad_id=0)
+        batch["pixel_values"] = torch.randn(len(lengths), 3, 84, 84, generator=gen)
+        batches.append(batch)
+    return batches

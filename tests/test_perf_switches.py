@@ -132,16 +132,35 @@ def test_span_check_switch_only_skips_the_check(tiny_vlm, tiny_tokenizer):
 
 
 def test_recipe_perf_section_reaches_the_model(tiny_vlm):
-    """The trainer's path: recipe `perf` keys -> PerfSection -> apply_perf_switches on the VLM."""
-    from train.perf import apply_perf_switches
+    """The trainer's path: recipe `perf` keys -> PerfSection -> resolve_perf -> apply_perf_switches."""
+    from train.perf import apply_perf_switches, resolve_perf
     from train.recipe import PerfSection
 
     model = copy.deepcopy(tiny_vlm)
-    model.vision.requires_grad_(False)
-    apply_perf_switches(model, PerfSection(loss_impl="chunked", check_image_spans=False, frozen_bf16=True))
+    perf, notes = resolve_perf(PerfSection(loss_impl="chunked", check_image_spans=False, liger_kernels="auto",
+                                           compile_llm="auto", compile_vision="auto"), model, cuda=False,
+                               quantized=False)
+    apply_perf_switches(model, perf)
     assert model.loss_impl == "chunked" and model.check_image_spans is False
-    assert model.vision.patch_embed.weight.dtype == torch.bfloat16  # frozen: stored in bf16
-    assert model.resampler.proj.dtype == torch.float32  # trains: stays fp32 (master weights)
+    # Without CUDA every "auto" resolves to off, each with one line saying why.
+    assert (perf.liger_kernels, perf.compile_llm, perf.compile_vision) == (False, False, False)
+    assert len(notes) == 3 and all("auto -> off" in n and "no CUDA device" in n for n in notes)
+
+
+def test_quantized_models_never_compile_their_decoder(tiny_vlm):
+    from train.perf import resolve_perf
+    from train.recipe import PerfSection
+
+    perf, notes = resolve_perf(PerfSection(compile_llm="auto"), tiny_vlm, cuda=True, quantized=True)
+    assert perf.compile_llm is False and any("4-bit" in n for n in notes)
+
+
+def test_unresolved_auto_is_refused(tiny_vlm):
+    from train.perf import apply_perf_switches
+    from train.recipe import PerfSection
+
+    with pytest.raises(ValueError, match="resolved"):
+        apply_perf_switches(copy.deepcopy(tiny_vlm), PerfSection(liger_kernels="auto"))
 
 
 def test_recipe_rejects_unknown_perf_values():

@@ -156,20 +156,49 @@ def test_vit_layer_decay_scales_lower_blocks_more(tiny_vlm):
     assert sum(len(g["params"]) for g in no_decay) > 0
 
 
-@pytest.mark.parametrize("mode, bf16, expected", [("zero2", True, torch.bfloat16), ("zero3", True, torch.bfloat16),
-                                                  ("zero3", False, torch.float32), ("ddp", True, torch.float32),
-                                                  ("auto", True, torch.float32)])
-def test_models_are_built_in_bf16_only_where_deepspeed_runs_them_in_bf16(tmp_path, tiny_tokenizer, mode, bf16, expected):
-    """DeepSpeed bf16 casts the module and keeps fp32 masters itself: an fp32 build would only double host
-    memory. DDP / single process keep fp32 weights under bf16 autocast (the optimiser updates them)."""
+def _tiny_recipe_at(tmp_path, tiny_tokenizer, *overrides):
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    return load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "base.yaml",
+                       [f"model.tokenizer_path={tmp_path / 'tok'}", "model.preset=tiny", *overrides])
+
+
+@pytest.mark.parametrize("mode, bf16, frozen_bf16, frozen, trainable", [
+    ("zero2", True, True, torch.bfloat16, torch.bfloat16),  # DeepSpeed: all bf16, its own fp32 masters
+    ("zero3", True, False, torch.bfloat16, torch.bfloat16),
+    ("zero3", False, True, torch.float32, torch.float32),
+    ("ddp", True, True, torch.bfloat16, torch.float32),  # frozen bf16, trainable fp32 for the optimiser
+    ("auto", True, True, torch.bfloat16, torch.float32),
+    ("auto", True, False, torch.float32, torch.float32),
+    ("auto", False, True, torch.float32, torch.float32),  # no autocast: everything fp32
+])
+def test_models_are_built_in_their_storage_dtypes(tmp_path, tiny_tokenizer, mode, bf16, frozen_bf16, frozen,
+                                                  trainable):
+    """The model is built straight in its final dtypes (it never exists in fp32 as a whole): DeepSpeed bf16
+    casts the module and keeps fp32 masters itself; elsewhere frozen weights are bf16 (perf.frozen_bf16)
+    and the ones that train fp32 (the optimiser updates them)."""
     from train.loop import build_model
 
-    tiny_tokenizer.save_pretrained(tmp_path / "tok")
-    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "base.yaml",
-                         [f"model.tokenizer_path={tmp_path / 'tok'}", f"parallel.mode={mode}", f"train.bf16={bf16}",
-                          "model.preset=tiny"])
+    recipe = _tiny_recipe_at(tmp_path, tiny_tokenizer, f"parallel.mode={mode}", f"train.bf16={bf16}",
+                             f"perf.frozen_bf16={frozen_bf16}")  # tiny: vision frozen, resampler + llm train
     model, _ = build_model(recipe)
-    assert {p.dtype for p in model.parameters()} == {expected}
+    assert {p.dtype for p in model.vision.parameters()} == {frozen}
+    assert {p.dtype for p in model.resampler.parameters()} == {trainable}
+
+
+def test_an_export_loads_with_trainable_weights_exact_and_frozen_ones_in_bf16(tmp_path, tiny_tokenizer, tiny_vlm):
+    """Loading in mixed storage must not round the weights that go on training through bf16."""
+    from train.loop import build_model
+
+    export = tmp_path / "export"
+    model = copy.deepcopy(tiny_vlm)
+    model.tokenizer = tiny_tokenizer
+    model.save_pretrained(export)
+    recipe = _tiny_recipe_at(tmp_path, tiny_tokenizer, f"model.init_from={export}", "model.preset=null",
+                             "train.bf16=true", "freeze.vision=frozen", "freeze.resampler=train")
+    loaded, _ = build_model(recipe)
+    assert torch.equal(loaded.resampler.proj, model.resampler.proj)  # fp32, bit for bit
+    assert loaded.vision.patch_embed.weight.dtype == torch.bfloat16
+    assert torch.equal(loaded.vision.patch_embed.weight, model.vision.patch_embed.weight.bfloat16())
 
 
 def test_pad_vocab_to_gives_the_preset_more_embedding_rows_than_the_tokenizer(tmp_path, tiny_tokenizer):
@@ -184,3 +213,38 @@ def test_pad_vocab_to_gives_the_preset_more_embedding_rows_than_the_tokenizer(tm
     assert plain.llm.get_input_embeddings().num_embeddings == len(tiny_tokenizer) < 4096
     assert padded.llm.get_input_embeddings().num_embeddings == 4096
     assert padded.llm.get_output_embeddings().weight.shape[0] == 4096
+
+
+def test_a_micro_batch_split_into_forwards_of_whole_rows_keeps_loss_and_gradients(tiny_vlm, tiny_tokenizer):
+    """train.max_forward_tokens: a micro-batch of packed rows runs as several forward/backward passes (bounded
+    activation memory) and the step's loss and gradients are those of one pass over the whole micro-batch."""
+    from conftest import packed_batches
+
+    from data.collate import split_rows
+
+    rows = [packed_batches(tiny_vlm, tiny_tokenizer, [lengths], seed=i)[0]
+            for i, lengths in enumerate([(20, 31), (44, 7), (25, 26)])]  # three rows of equal width
+    batch = {k: torch.cat([r[k] for r in rows]) for k in ("input_ids", "labels", "position_ids", "pixel_values")}
+    width = batch["input_ids"].shape[1]
+    segments = [int(n) for r in rows for n in (r["cu_seq_lens"][1:] - r["cu_seq_lens"][:-1])]
+    batch["cu_seq_lens"] = torch.tensor([0, *segments], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    batch["max_length"] = max(segments)
+    batch.update(num_samples=6, sample_lengths=[20 + 18, 31 + 18, 44 + 18, 7 + 18, 25 + 18, 26 + 18])
+
+    parts = split_rows(batch, 2 * width, tiny_vlm.config.image_start_id)
+    assert [p["input_ids"].shape[0] for p in parts] == [2, 1]
+    assert [len(p["pixel_values"]) for p in parts] == [4, 2]
+    assert parts[1]["cu_seq_lens"].tolist() == [0] + rows[2]["cu_seq_lens"][1:].tolist()
+
+    recipe = tiny_recipe()
+    grads = []
+    for max_tokens in (None, 2 * width, 1):
+        model = copy.deepcopy(tiny_vlm).train()
+        engine = single_engine(model, recipe)
+        loss, counts = accumulate_gradients(engine, [batch], max_forward_tokens=max_tokens,
+                                            image_start_id=tiny_vlm.config.image_start_id)
+        grads.append((loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    for loss, g in grads[1:]:
+        torch.testing.assert_close(loss, grads[0][0], rtol=1e-5, atol=1e-5)
+        for name, value in grads[0][1].items():
+            torch.testing.assert_close(g[name], value, rtol=1e-4, atol=1e-6)

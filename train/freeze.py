@@ -20,15 +20,27 @@ def embeddings_train(cfg: FreezeSection, train_embeddings_flag: bool) -> bool:
     return cfg.embeddings == "train"
 
 
-def apply_freezing(model: nn.Module, cfg: FreezeSection) -> dict[str, bool]:
-    """Set ``requires_grad`` on every parameter of ``model`` (a VLM). Returns {group: trains}."""
-    groups = model.module_groups()
-    decision = {
+def group_decisions(model: nn.Module, cfg: FreezeSection) -> dict[str, bool]:
+    """{group: trains} for a VLM under the recipe's freeze section."""
+    return {
         "vision": cfg.vision == "train",
         "resampler": cfg.resampler == "train",
         "llm": cfg.llm == "train",
         "embeddings": embeddings_train(cfg, bool(getattr(model.config, "train_embeddings", False))),
     }
+
+
+def trainable_modules(model: nn.Module, cfg: FreezeSection) -> list[nn.Module]:
+    """The modules whose parameters will train: the trainer keeps them in fp32 (the optimiser's master
+    weights) while frozen ones are stored in bf16 (perf.frozen_bf16)."""
+    groups, decision = model.module_groups(), group_decisions(model, cfg)
+    return [m for group, trains in decision.items() if trains for m in groups[group]]
+
+
+def apply_freezing(model: nn.Module, cfg: FreezeSection) -> dict[str, bool]:
+    """Set ``requires_grad`` on every parameter of ``model`` (a VLM). Returns {group: trains}."""
+    groups = model.module_groups()
+    decision = group_decisions(model, cfg)
     model.requires_grad_(False)
     for group in ("vision", "resampler", "llm", "embeddings"):
         for module in groups[group]:

@@ -10,6 +10,7 @@ DeepSpeed apply to gradients). A mean of per-micro-batch means would over-weight
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import random
@@ -21,15 +22,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from data.collate import split_rows
 from train.checkpoint import export_final, load_checkpoint, resolve_resume, save_checkpoint
 from train.flops import step_flops
-from train.freeze import apply_freezing, trainable_table
+from train.freeze import apply_freezing, trainable_modules, trainable_table
 from train.logger import MetricLogger, peak_flops_per_device
 from train.optim import build_optimizer, build_scheduler
 from train.parallel import DistInfo, Engine, all_reduce_sum, init_distributed, resolve_mode
+from train.perf import apply_perf_switches, frozen_to_bf16, resolve_perf
 from train.recipe import Recipe, recipe_to_dict, save_resolved
 
 IGNORE_INDEX = -100
+GC_EVERY = 50  # optimiser steps between collections of Python's young generation (automatic gc is off)
 PROMPT_FORMAT = {"pretrain": "raw", "multitask": "raw", "sft": "chatml"}
 
 
@@ -43,24 +47,33 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_dtype(recipe: Recipe) -> torch.dtype | None:
-    """bf16 when DeepSpeed will run the model in bf16 anyway (it casts the module and keeps its own fp32
-    master weights): building in fp32 first would only double each rank's host memory (31 GB at 7B).
-    Otherwise fp32 (None): DDP / single-process training keeps fp32 weights under bf16 autocast."""
-    deepspeed_bf16 = recipe.parallel.mode in ("zero2", "zero3") and recipe.train.bf16
-    return torch.bfloat16 if deepspeed_bf16 else None
+def storage_dtypes(recipe: Recipe) -> tuple[torch.dtype | None, bool]:
+    """(dtype the model is built or loaded in, whether its trainable modules are kept in fp32).
+
+    - DeepSpeed in bf16 casts the whole module to bf16 and keeps its own fp32 master weights: build in bf16
+      (building in fp32 first would only double each rank's memory).
+    - Otherwise with train.bf16 and perf.frozen_bf16: frozen weights in bf16 (autocast runs their matmuls in
+      bf16 anyway, and they never update) and trainable ones in fp32 for the optimiser, each loaded straight
+      in its final dtype: the model never exists in fp32 as a whole (a 9.65B fp32 model is 36 GiB).
+    - Otherwise fp32 (None)."""
+    if recipe.parallel.mode in ("zero2", "zero3") and recipe.train.bf16:
+        return torch.bfloat16, False
+    if recipe.train.bf16 and recipe.perf.frozen_bf16:
+        return torch.bfloat16, True
+    return None, False
 
 
-def build_model(recipe: Recipe, init_device: torch.device | None = None):
-    """The VLM and its tokenizer, from a previous stage's export or from a preset / LLM directory.
-    ``init_device``: where a preset's random weights are drawn (a GPU draws 9.65B in seconds; one CPU
-    thread under torchrun takes minutes)."""
+def build_model(recipe: Recipe, device: torch.device | None = None):
+    """The VLM and its tokenizer, from a previous stage's export or from a preset / LLM directory, in the
+    storage dtypes of ``storage_dtypes``. ``device``: where weights are drawn (a preset's random ones: a
+    GPU draws 9.65B in seconds, one CPU thread under torchrun takes minutes) or loaded (an export's)."""
     from models import VLM, build_vlm, load_tokenizer, presets
 
     m = recipe.model
-    dtype = load_dtype(recipe)
+    dtype, trainable_fp32 = storage_dtypes(recipe)
+    keep_fp32 = (lambda vlm: trainable_modules(vlm, recipe.freeze)) if trainable_fp32 else None
     if m.init_from is not None:
-        model = VLM.from_pretrained(m.init_from, dtype=dtype)
+        model = VLM.from_pretrained(m.init_from, dtype=dtype, device=device, keep_fp32=keep_fp32)
         tokenizer = load_tokenizer(m.tokenizer_path) if m.tokenizer_path else model.tokenizer
         if tokenizer is None:
             raise FileNotFoundError(f"model.init_from={m.init_from} has no tokenizer files; set model.tokenizer_path")
@@ -70,9 +83,11 @@ def build_model(recipe: Recipe, init_device: torch.device | None = None):
         config = getattr(presets, m.preset or "qwen_vl_7b")(vocab_size=vocab_size)
         openclip = (m.openclip_name, m.openclip_checkpoint) if m.openclip_name else None
         # Weights read from disk (llm_path, OpenCLIP) are copied in on the CPU; only random ones move.
-        device = init_device if m.llm_path is None and m.openclip_name is None else None
+        on = device if m.llm_path is None and m.openclip_name is None else None
+        # Q-LoRA builds the decoder on the meta device: quantize_llm_4bit creates it layer by layer.
+        llm_device = "meta" if recipe.quantization.enabled and on is not None and on.type == "cuda" else None
         model = build_vlm(config, tokenizer=tokenizer, llm_path=m.llm_path, openclip=openclip, dtype=dtype,
-                          device=device)
+                          device=on, keep_fp32=keep_fp32, llm_device=llm_device)
     if m.image_size is not None:
         model.config.vision.image_size = m.image_size  # the position table is resized on the fly
     model.tokenizer = tokenizer
@@ -98,9 +113,11 @@ def to_device(batch: dict[str, Any], device: torch.device, pixel_dtype: torch.dt
 
 
 def accumulate_gradients(
-    engine: Engine, step_batches: list[dict[str, Any]], pixel_dtype: torch.dtype | None = None
+    engine: Engine, step_batches: list[dict[str, Any]], pixel_dtype: torch.dtype | None = None,
+    max_forward_tokens: int | None = None, image_start_id: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward + backward of one optimiser step's micro-batches (no optimiser step).
+    """Forward + backward of one optimiser step's micro-batches (no optimiser step). A micro-batch longer
+    than ``max_forward_tokens`` runs as several forwards of whole rows (data.collate.split_rows).
 
     Gradients end up as d/dθ of (sum of token losses over all micro-batches and ranks) / (their
     supervised-token count). Returns (this rank's loss sum, detached, on device; the all-reduced
@@ -117,8 +134,9 @@ def accumulate_gradients(
     # world_size undoes the gradient mean over ranks of DDP / DeepSpeed; stays on device (no sync).
     scale = info.world_size / counts[0].clamp(min=1)
     loss_sum = torch.zeros((), device=info.device)
-    for i, batch in enumerate(step_batches):
-        last = i == len(step_batches) - 1
+    forwards = [part for b in step_batches for part in split_rows(b, max_forward_tokens, image_start_id)]
+    for i, batch in enumerate(forwards):
+        last = i == len(forwards) - 1
         batch = to_device(batch, info.device, pixel_dtype)
         with engine.micro_step(last):
             out = engine.forward_loss(batch)
@@ -141,10 +159,12 @@ def train(recipe: Recipe) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(recipe, run_dir / "resolved.yaml")
 
-    # ---- model: build, freeze, (quantise), (LoRA)
-    # Random init on the GPU, except under Q-LoRA, which quantises CPU weights as it moves them.
-    on_gpu = info.device.type == "cuda" and not recipe.quantization.enabled
-    model, tokenizer = build_model(recipe, init_device=info.device if on_gpu else None)
+    # ---- model: build, freeze, (quantise), (LoRA), speed switches
+    # Straight onto the GPU in the final dtypes; ZeRO-3 loads an export on the CPU (it partitions it).
+    cuda = info.device.type == "cuda"
+    # Q-LoRA loads an export on the CPU: quantize_llm_4bit moves the decoder over one layer at a time.
+    on_gpu = cuda and (recipe.model.init_from is None or (mode != "zero3" and not recipe.quantization.enabled))
+    model, tokenizer = build_model(recipe, device=info.device if on_gpu else None)
     if model.config.vision.image_size != recipe.data.image_size:
         raise ValueError(f"data.image_size={recipe.data.image_size} but the model's vision.image_size is "
                          f"{model.config.vision.image_size}; set model.image_size and data.image_size alike")
@@ -159,12 +179,15 @@ def train(recipe: Recipe) -> Path:
         from train.lora import apply_lora
 
         model = apply_lora(model, recipe.lora, recipe.freeze, recipe.train.grad_checkpointing)
-    from train.perf import apply_perf_switches
-
-    apply_perf_switches(model.get_base_model() if recipe.lora.enabled else model, recipe.perf)
-    if info.is_main:
-        print(f"mode {mode}, world size {info.world_size}\n{trainable_table(model)}", flush=True)
     vlm = model.get_base_model() if recipe.lora.enabled else model
+    if storage_dtypes(recipe) == (torch.bfloat16, True):
+        frozen_to_bf16(vlm)  # what quantisation / LoRA wrapping left in fp32 while frozen
+    perf, perf_notes = resolve_perf(recipe.perf, vlm, cuda=cuda, quantized=recipe.quantization.enabled,
+                                    zero3=mode == "zero3")
+    apply_perf_switches(vlm, perf)
+    if info.is_main:
+        print("\n".join([f"mode {mode}, world size {info.world_size}", *perf_notes, trainable_table(model)]),
+              flush=True)
     flops = step_flops(vlm.config, vision_trains=recipe.freeze.vision == "train",
                        resampler_trains=recipe.freeze.resampler == "train", llm_trains=recipe.freeze.llm == "train",
                        lora_params=sum(p.numel() for n, p in model.named_parameters() if "lora_" in n))
@@ -183,6 +206,10 @@ def train(recipe: Recipe) -> Path:
     scheduler = build_scheduler(optimizer, total_steps, recipe.optim.lr, recipe.schedule)
     engine = Engine(model, optimizer, scheduler, recipe, info)
     pixel_dtype = torch.bfloat16 if engine.uses_deepspeed and recipe.train.bf16 else None
+    if info.is_main and cuda:  # what the step's activations add to this is the rest of the peak
+        print(f"memory before the first step: {torch.cuda.memory_allocated(info.device) / 2**30:.1f} GiB allocated "
+              f"(weights and optimiser state; peak so far {torch.cuda.max_memory_allocated(info.device) / 2**30:.1f})",
+              flush=True)
 
     # ---- resume
     step, bad_steps = 0, 0
@@ -207,12 +234,19 @@ def train(recipe: Recipe) -> Path:
     batches = micro_batches(loader)
     last_step = min(total_steps, recipe.train.stop_after_steps or total_steps)
     engine.train()
+    # Python's automatic full collections walk every object of the model, optimiser and compiled graphs:
+    # 0.3-0.5 s stalls at 7B, at the same steps of every run. Freeze what exists now, collect the young
+    # generation ourselves every GC_EVERY steps (as torchtitan does).
+    gc.collect()
+    gc.freeze()
+    gc.disable()
     window = {"loss_sum": torch.zeros((), device=info.device), "tokens": 0, "inputs": 0, "samples": 0,
               "steps": 0, "start": time.perf_counter()}
     while step < last_step:
         # Fetch the step's micro-batches first: their supervised-token count normalises the loss.
         step_batches = [next(batches) for _ in range(accum)]
-        loss_sum, counts = accumulate_gradients(engine, step_batches, pixel_dtype)
+        loss_sum, counts = accumulate_gradients(engine, step_batches, pixel_dtype, recipe.train.max_forward_tokens,
+                                                vlm.config.image_start_id)
         window["loss_sum"] += loss_sum
         lr = engine.lr()  # the lr this step applies (the schedule advances inside engine.step)
         grad_norm, applied = engine.step()
@@ -225,12 +259,15 @@ def train(recipe: Recipe) -> Path:
                 raise NonFiniteLossError(f"{bad_steps} skipped non-finite steps exceed train.max_bad_steps="
                                          f"{recipe.train.max_bad_steps}; lower the lr or check the data")
         window["steps"] += 1
+        if step % GC_EVERY == 0:
+            gc.collect(1)
         window["counts"] = counts if "counts" not in window else window["counts"] + counts
         if progress is not None:
             progress.update(1)
 
         # ---- log (the only host syncs of the loop besides the NaN guard)
-        if step % recipe.log.every == 0 or step == last_step:
+        # The first step is logged too: it shows the run is alive and when training really began.
+        if step % recipe.log.every == 0 or step == last_step or step == 1:
             loss_sum = all_reduce_sum(window["loss_sum"].clone())
             tokens, inputs, samples, images, sum_sq = window["counts"].tolist()
             elapsed = time.perf_counter() - window["start"]
@@ -239,6 +276,9 @@ def train(recipe: Recipe) -> Path:
                 "lr": lr,
                 "grad_norm": float(grad_norm),
                 "tokens_per_s": inputs / elapsed,
+                "tokens": inputs,  # sample tokens of the window (row padding excluded), over all ranks
+                "window_s": elapsed,
+                "time": time.time(),  # wall clock: start-up time = first step's time - process start
                 "samples_per_s": samples / elapsed,
                 "skipped_steps": bad_steps,
             }
@@ -256,6 +296,7 @@ def train(recipe: Recipe) -> Path:
             save_checkpoint(engine, run_dir, step, {"bad_steps": bad_steps, "total_steps": total_steps},
                             loader.state_dict(), recipe.checkpoint.keep_last)
 
+    gc.enable()
     if progress is not None:
         progress.close()
     logger.close()

@@ -55,35 +55,56 @@ def apply_lora(model: nn.Module, lora: LoraSection, freeze: FreezeSection, gradi
 
 
 def quantize_llm_4bit(model: nn.Module, cfg: QuantizationSection, device: torch.device) -> None:
-    """Replace the LLM decoder's nn.Linear layers by bitsandbytes 4-bit ones (in place) and prepare the
-    model for k-bit training. CUDA only. The vision tower, resampler, embeddings and LM head stay in
-    higher precision (as in the reference's Int4 checkpoint).
+    """Replace the LLM decoder's nn.Linear layers by bitsandbytes 4-bit ones, in place, one decoder layer at
+    a time: the layer is moved to the GPU (or, when the LLM was built on the meta device, created there and
+    randomly initialised), its linears quantised, and its bf16 weights freed, so the GPU never holds the
+    whole decoder in bf16 (15 GB at 7B, more than Q-LoRA's whole budget). CUDA only. The vision tower,
+    resampler, embeddings and LM head stay in higher precision (as in the reference's Int4 checkpoint).
 
     Written by hand because transformers quantises only while loading a checkpoint with
-    ``from_pretrained``, and the LLM here is part of a VLM loaded from our own directory.
+    ``from_pretrained``, and the LLM here is part of a VLM loaded from our own directory. peft's
+    ``prepare_model_for_kbit_training`` is not called: it upcasts every other weight (the 1.8B ViT
+    included) to fp32, which the trainer would only cast back (perf.frozen_bf16); the one thing of it
+    checkpointing needs, inputs that require grad, apply_lora does.
     """
     import bitsandbytes as bnb
-    from peft import prepare_model_for_kbit_training
+    from tqdm import tqdm
 
     if device.type != "cuda":
         raise RuntimeError("Q-LoRA (quantization.enabled) needs a CUDA GPU: bitsandbytes 4-bit kernels")
     compute_dtype = getattr(torch, cfg.compute_dtype)
-    decoder = model.llm.get_decoder()
-    for parent in list(decoder.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear:
-                continue
-            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                  compute_dtype=compute_dtype, compress_statistics=cfg.double_quant,
-                                  quant_type=cfg.quant_type, device="cpu")
-            q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False,
-                                         compress_statistics=cfg.double_quant, quant_type=cfg.quant_type)
-            if child.bias is not None:
-                q.bias = nn.Parameter(child.bias.data.cpu(), requires_grad=False)
-            setattr(parent, name, q.to(device))  # moving to CUDA quantises the weights
+    llm = model.llm
+    decoder = llm.get_decoder()
+
+    def materialise(module: nn.Module) -> None:
+        if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
+            module.to_empty(device=device)
+            with torch.no_grad():
+                for sub in module.modules():
+                    llm._init_weights(sub)  # the LLM's own random init (incl. RoPE tables), on the GPU
+        else:
+            module.to(device)
+
+    def quantise(parent: nn.Module, name: str, child: nn.Linear) -> None:
+        q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                              compute_dtype=compute_dtype, compress_statistics=cfg.double_quant,
+                              quant_type=cfg.quant_type, device="meta")
+        q.weight = bnb.nn.Params4bit(child.weight.data.to(compute_dtype), requires_grad=False,
+                                     compress_statistics=cfg.double_quant, quant_type=cfg.quant_type).to(device)
+        if child.bias is not None:
+            q.bias = nn.Parameter(child.bias.data, requires_grad=False)
+        setattr(parent, name, q)
+
+    for layer in tqdm(decoder.layers, desc="quantising the decoder to 4 bits", unit="layer"):
+        materialise(layer)
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:
+                    quantise(parent, name, child)
+    for module in llm.modules():  # embeddings, final norm, RoPE tables, LM head
+        if any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
+            materialise(module)
     model.to(device)
-    # Casts norms to fp32 and makes the inputs require grad (so checkpointed blocks backpropagate).
-    prepare_model_for_kbit_training(model.llm, use_gradient_checkpointing=False)
 
 
 def load_lora_vlm(base: nn.Module, adapter_dir: str | Path, merge: bool = False) -> nn.Module:

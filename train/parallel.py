@@ -184,6 +184,10 @@ class Engine:
         """Wrap forward + backward of one micro-batch. DDP skips the gradient all-reduce on all but the
         last micro-batch of an optimiser step."""
         ctx = self.module.no_sync() if self.mode == "ddp" and not last else contextlib.nullcontext()
+        if self.uses_deepspeed:
+            # A step may hold more forwards than grad_accum (train.max_forward_tokens splits micro-batches):
+            # say where the boundary is rather than let DeepSpeed count micro-steps.
+            self.module.set_gradient_accumulation_boundary(last)
         autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
         with ctx, autocast:
             yield
@@ -196,6 +200,8 @@ class Engine:
             attention_mask=batch.get("attention_mask"),
             position_ids=batch.get("position_ids"),
             labels=batch["labels"],
+            cu_seq_lens=batch.get("cu_seq_lens"),
+            max_length=batch.get("max_length"),
         )
 
     def forward_loss(self, batch: dict[str, Any]) -> StepOutput:

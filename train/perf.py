@@ -1,29 +1,59 @@
-"""The recipe's ``perf`` section applied to a built VLM (the trainer and train.bench both call it).
+"""The recipe's ``perf`` section applied to a built VLM (the trainer calls it; train.bench times the trainer).
 
 Every switch computes the same loss as the plain path (tests/test_perf_*.py); measured gains are in
-docs/benchmarks.md.
+docs/benchmarks.md. "auto" values are resolved here, once, against what this process can run.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+
 import torch
 
 from models.attention import set_attention
+from train.recipe import PerfSection
 
 
-def apply_perf_switches(vlm, perf) -> None:
-    """Apply a recipe's ``perf`` section (train.recipe.PerfSection) to a built VLM, after freezing,
-    quantisation and LoRA (the trainer and this benchmark both call it). Checkpointing depth is set by
-    ``VLM.set_gradient_checkpointing``. Compilation and liger kernels cannot be undone."""
+def resolve_perf(perf: PerfSection, vlm, cuda: bool, quantized: bool, zero3: bool = False
+                 ) -> tuple[PerfSection, list[str]]:
+    """``perf`` with every "auto" replaced by True or False, and one line per switch that auto turned off
+    (the trainer prints them)."""
+    notes: list[str] = []
+
+    def auto(name: str, reasons: list[str]) -> bool:
+        blockers = [why for why in reasons if why]
+        if blockers:
+            notes.append(f"perf.{name}: auto -> off ({'; '.join(blockers)})")
+        return not blockers
+
+    no_cuda = "" if cuda else "no CUDA device"
+    # ZeRO-3 gathers each layer's parameters in module hooks; compiled layers under it are not verified.
+    zero3_why = "not verified under ZeRO-3"
+    resolved = {}
+    if perf.liger_kernels == "auto":
+        resolved["liger_kernels"] = auto("liger_kernels", [
+            no_cuda,
+            "" if importlib.util.find_spec("liger_kernel") else "liger-kernel is not installed (pip install .[gpu])",
+            "" if vlm.llm.config.model_type == "qwen2" else f"no liger kernels for {vlm.llm.config.model_type}",
+        ])
+    if perf.compile_llm == "auto":
+        resolved["compile_llm"] = auto("compile_llm", [
+            no_cuda, "bitsandbytes 4-bit layers do not compile" if quantized else "", zero3_why if zero3 else ""])
+    if perf.compile_vision == "auto":
+        resolved["compile_vision"] = auto("compile_vision", [no_cuda, zero3_why if zero3 else ""])
+    return dataclasses.replace(perf, **resolved), notes
+
+
+def apply_perf_switches(vlm, perf: PerfSection) -> None:
+    """Apply a resolved ``perf`` section (no "auto" left) to a built VLM, after freezing, quantisation and
+    LoRA. Checkpointing depth is set by ``VLM.set_gradient_checkpointing``; frozen_bf16 by the trainer's
+    build (train.loop.storage_dtypes). Compilation and liger kernels cannot be undone."""
+    if "auto" in (perf.liger_kernels, perf.compile_llm, perf.compile_vision):
+        raise ValueError("apply_perf_switches needs a resolved perf section (train.perf.resolve_perf)")
     set_attention(vlm, perf.attention)
     vlm.loss_impl = perf.loss_impl
     vlm.check_image_spans = perf.check_image_spans
-    if perf.frozen_bf16:
-        # Frozen weights never update, and autocast runs their matmuls in bf16 anyway: fp32 storage only
-        # costs memory (peft's Q-LoRA preparation upcasts embeddings, LM head and norms to fp32).
-        for p in vlm.parameters():
-            if p.dtype == torch.float32 and not p.requires_grad:
-                p.data = p.data.to(torch.bfloat16)
     if perf.liger_kernels and not getattr(vlm, "_liger_kernels", False):
         if vlm.llm.config.model_type != "qwen2":
             raise ValueError(f"perf.liger_kernels supports qwen2 decoders, not {vlm.llm.config.model_type}")
@@ -38,3 +68,11 @@ def apply_perf_switches(vlm, perf) -> None:
         vlm.compile_blocks(vision=compile_vision, llm=compile_llm)
         vlm._compiled_vision = getattr(vlm, "_compiled_vision", False) or compile_vision
         vlm._compiled_llm = getattr(vlm, "_compiled_llm", False) or compile_llm
+
+
+def frozen_to_bf16(vlm) -> None:
+    """Store every frozen float32 parameter in bf16 (peft's Q-LoRA preparation and modules loaded in fp32
+    leave some): frozen weights never update, and autocast runs their matmuls in bf16 anyway."""
+    for p in vlm.parameters():
+        if p.dtype == torch.float32 and not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)

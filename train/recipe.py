@@ -113,6 +113,10 @@ class TrainSection:
     max_bad_steps: int = 10  # abort after this many skipped non-finite steps
     stage: Literal["pretrain", "multitask", "sft"] = "pretrain"  # recorded in the export (eval picks ChatML for sft)
     stop_after_steps: int | None = None  # end the run early (tests of resume); the schedule still uses `steps`
+    # Run a micro-batch as several forward/backward passes of whole rows of at most this many tokens: bounds
+    # activation memory whatever the samples' lengths (16 x 2048-token samples = 4 passes of 8192), while
+    # short samples still fill a pass. The loss is that of the whole step. None = one pass per micro-batch.
+    max_forward_tokens: int | None = None
 
 
 @dataclass
@@ -150,17 +154,21 @@ class EvalSection:
 @dataclass
 class PerfSection:
     """Speed switches (measured in docs/benchmarks.md; applied by train.perf.apply_perf_switches).
-    Every setting computes the same loss within bf16 tolerance (tests/test_perf_equivalence.py)."""
+    Every setting computes the same loss within bf16 tolerance (tests/test_perf_*.py). "auto" turns a
+    switch on where it runs (CUDA, the package importable, a supported decoder) and off elsewhere, with
+    one log line saying why."""
 
-    loss_impl: Literal["torch", "chunked", "liger", "auto"] = "torch"  # models.loss; auto = liger on CUDA
-    # Decoder attention. varlen (torch flash varlen, sample boundaries from position_ids) and
+    loss_impl: Literal["torch", "chunked", "liger", "auto"] = "torch"  # models.loss; auto = liger on CUDA, else chunked
+    # Decoder attention. varlen (torch flash varlen, sample boundaries shipped by the collator) and
     # flex_attention confine attention to each packed sample without a dense mask; training only.
     attention: Literal["sdpa", "flex_attention", "varlen"] = "sdpa"
     checkpoint_llm_layers: int | None = None  # with train.grad_checkpointing: decoder layers recomputed (None = all)
-    liger_kernels: bool = False  # liger-kernel RMSNorm / RoPE / SwiGLU in a Qwen2 decoder
-    compile_llm: bool = False  # torch.compile each decoder layer (not with Q-LoRA)
-    compile_vision: bool = False  # torch.compile each vision block
-    frozen_bf16: bool = False  # store frozen float weights in bf16 (autocast computes in bf16 anyway)
+    liger_kernels: bool | Literal["auto"] = "auto"  # liger-kernel RMSNorm / RoPE / SwiGLU in a Qwen2 decoder
+    compile_llm: bool | Literal["auto"] = False  # torch.compile each decoder layer (auto: CUDA, not 4-bit)
+    compile_vision: bool | Literal["auto"] = False  # torch.compile each vision block (auto: CUDA)
+    # With train.bf16: build / load frozen weights in bf16 (autocast computes in bf16 anyway) and only the
+    # trainable ones in fp32, straight onto the GPU. DeepSpeed modes store everything in bf16 regardless.
+    frozen_bf16: bool = True
     check_image_spans: bool = True  # False skips VLM's per-batch span check (one host sync)
 
 
