@@ -10,9 +10,11 @@ DeepSpeed apply to gradients). A mean of per-micro-batch means would over-weight
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -145,6 +147,25 @@ def accumulate_gradients(
     return loss_sum, counts
 
 
+@contextlib.contextmanager
+def profiled(step: int, is_main: bool):
+    """``VLRECIPE_PROFILE_STEP=N``: print where step N's forward/backward time goes (top kernels by device
+    time, torch.profiler) on rank 0. A diagnosis aid; off by default."""
+    if not is_main or os.environ.get("VLRECIPE_PROFILE_STEP") != str(step):
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    print(f"profile of step {step}:\n{prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60)}",
+          flush=True)
+
+
 def train(recipe: Recipe) -> Path:
     """Run the recipe; returns the directory of the final export."""
     from data.dataset import build_dataloader
@@ -245,8 +266,9 @@ def train(recipe: Recipe) -> Path:
     while step < last_step:
         # Fetch the step's micro-batches first: their supervised-token count normalises the loss.
         step_batches = [next(batches) for _ in range(accum)]
-        loss_sum, counts = accumulate_gradients(engine, step_batches, pixel_dtype, recipe.train.max_forward_tokens,
-                                                vlm.config.image_start_id)
+        with profiled(step + 1, info.is_main):
+            loss_sum, counts = accumulate_gradients(engine, step_batches, pixel_dtype,
+                                                    recipe.train.max_forward_tokens, vlm.config.image_start_id)
         window["loss_sum"] += loss_sum
         lr = engine.lr()  # the lr this step applies (the schedule advances inside engine.step)
         grad_norm, applied = engine.step()
