@@ -7,8 +7,8 @@ tests/test_perf_compile.py.)"""
 from __future__ import annotations
 
 import pytest
-
 from test_train_world import TINY, make_world, read_losses, run_train, world_overrides
+
 from train.bench import PLAIN
 
 
