@@ -11,12 +11,17 @@ text before encoding) and the special tokens at the reference's ids. The embeddi
 151,936 rows; ids 151,860..151,935 are unused padding rows that the tokenizer never produces.
 
 Usage: `build_qwen_tokenizer("/path/to/qwen.tiktoken").save_pretrained(out_dir)`.
+
+The inverse (models.export_qwenvl): `tiktoken_ranks_from_tokenizer(tokenizer)` recovers the ranks of a
+tokenizer built this way, refusing one that no `qwen.tiktoken` can carry, and `write_tiktoken_ranks`
+writes them in the release's exact format.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
@@ -24,6 +29,7 @@ from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from models.errors import UserError
 from models.tokens import (
     BOX_END,
     BOX_START,
@@ -126,7 +132,8 @@ def bpe_merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     return [(left, right) for _, left, right in merges]
 
 
-def _build_backend_tokenizer(ranks: dict[bytes, int]) -> Tokenizer:
+def build_qwen_backend_tokenizer(ranks: dict[bytes, int]) -> Tokenizer:
+    """The `tokenizers` object for these ranks: everything but the transformers wrapper."""
     # Byte-level BPE vocabularies are written over printable stand-ins for the 256 bytes (GPT-2's map),
     # the same map the ByteLevel pre-tokenizer and decoder use.
     byte_to_char = bytes_to_unicode()
@@ -163,7 +170,7 @@ def build_qwen_tokenizer(tiktoken_path: str | Path) -> PreTrainedTokenizerFast:
     generation_config. Raises ValueError if the resulting ids disagree with that layout.
     """
     ranks = read_tiktoken_ranks(tiktoken_path)
-    backend = _build_backend_tokenizer(ranks)
+    backend = build_qwen_backend_tokenizer(ranks)
     for offset, token in enumerate(QWEN_SPECIAL_TOKENS):
         token_id = backend.token_to_id(token)
         if token_id != len(ranks) + offset:
@@ -179,3 +186,66 @@ def build_qwen_tokenizer(tiktoken_path: str | Path) -> PreTrainedTokenizerFast:
         chat_template=QWEN_CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The inverse: a tokenizer -> the ranks of its qwen.tiktoken
+# ---------------------------------------------------------------------------------------------
+
+# The parts of tokenizer.json that qwen.tiktoken determines, in the order a mismatch is reported. Runtime
+# settings (truncation, padding) are not part of the vocabulary.
+_TOKENIZER_PARTS = ("added_tokens", "normalizer", "pre_tokenizer", "post_processor", "decoder", "model")
+
+
+def tiktoken_ranks_from_tokenizer(tokenizer: PreTrainedTokenizerFast, where: str = "tokenizer") -> dict[bytes, int]:
+    """The {token_bytes: rank} that `qwen.tiktoken` must hold for `build_qwen_tokenizer` to give back `tokenizer`.
+
+    qwen.tiktoken carries byte-level BPE ranks only: the release's tokenizer fixes everything else (its
+    special tokens, right after the ranks in `QWEN_SPECIAL_TOKENS` order; the NFC normaliser; Qwen's
+    pre-tokenisation regex). So the check is exact: the tokenizer rebuilt from the recovered ranks must
+    serialise to the same tokenizer.json as `tokenizer`. Anything else raises UserError naming `where`
+    and the first thing that differs.
+    """
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = state["model"]
+    if model["type"] != "BPE":
+        raise UserError(f"{where}: a {model['type']} tokenizer; qwen.tiktoken holds byte-level BPE ranks only")
+    added = {t["content"]: t["id"] for t in state["added_tokens"]}
+    foreign = [t for t in added if t not in QWEN_SPECIAL_TOKENS]
+    if foreign:
+        raise UserError(f"{where}: {len(foreign)} added token(s) the release's tokenizer cannot carry (its special "
+                        f"tokens are a fixed set): {foreign[:5]}")
+
+    byte_of_char = {char: byte for byte, char in bytes_to_unicode().items()}
+    ranks: dict[bytes, int] = {}
+    for text, token_id in model["vocab"].items():
+        if text in added:
+            continue  # a trained tokenizer also lists its special tokens in the BPE vocabulary
+        if any(c not in byte_of_char for c in text):
+            raise UserError(f"{where}: token {text!r} (id {token_id}) is not byte-level; qwen.tiktoken holds byte strings")
+        ranks[bytes(byte_of_char[c] for c in text)] = token_id
+
+    n = len(ranks)
+    misplaced = [f"{t} has id {added.get(t)}, the release's is {n + i}"
+                 for i, t in enumerate(QWEN_SPECIAL_TOKENS) if added.get(t) != n + i]
+    if misplaced:
+        raise UserError(f"{where}: the release's special tokens follow the {n} BPE ranks in a fixed order; "
+                        f"{len(misplaced)} of {len(QWEN_SPECIAL_TOKENS)} do not, e.g. {'; '.join(misplaced[:3])}")
+    if sorted(ranks.values()) != list(range(n)):
+        raise UserError(f"{where}: BPE token ids are not exactly 0..{n - 1}, as qwen.tiktoken ranks must be")
+    if any(bytes([b]) not in ranks for b in range(256)):
+        raise UserError(f"{where}: not every single byte is a token, as qwen.tiktoken requires")
+
+    rebuilt = json.loads(build_qwen_backend_tokenizer(ranks).to_str())
+    for part in _TOKENIZER_PARTS:
+        if rebuilt[part] != state[part]:
+            raise UserError(f"{where}: its {part} differs from the one the release's tokenizer uses with these "
+                            "ranks; qwen.tiktoken cannot carry it")
+    return ranks
+
+
+def write_tiktoken_ranks(ranks: dict[bytes, int], path: str | Path) -> None:
+    """Write `base64(token) rank` lines in rank order, as the released qwen.tiktoken is laid out."""
+    in_rank_order = sorted(ranks.items(), key=lambda item: item[1])
+    lines = (f"{base64.b64encode(token).decode('ascii')} {rank}\n" for token, rank in in_rank_order)
+    Path(path).write_text("".join(lines), encoding="ascii", newline="\n")

@@ -1,4 +1,4 @@
-"""Specification of models.qwen_tokenizer: qwen.tiktoken -> a Hugging Face fast tokenizer.
+"""Specification of models.qwen_tokenizer: qwen.tiktoken -> a Hugging Face fast tokenizer, and back.
 
 The fixture writes a small ranks file with the layout of the released qwen.tiktoken: the 256 single
 bytes as ranks 0-255 in a permuted order, then BPE tokens learnt on a small Chinese/English corpus.
@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import base64
 import collections
-import os
 import random
 import unicodedata
+from pathlib import Path
 
 import pytest
 import regex
+from tokenizers import pre_tokenizers
 
+from models.errors import UserError
 from models.qwen_tokenizer import (
     QWEN_EMBEDDING_ROWS,
     QWEN_NUM_RANKS,
     QWEN_SPECIAL_TOKENS,
     build_qwen_tokenizer,
     read_tiktoken_ranks,
+    tiktoken_ranks_from_tokenizer,
+    write_tiktoken_ranks,
 )
 
 # Copied from the reference's tokenization_qwen.py (PAT_STR), independent of the module under test.
@@ -224,15 +228,68 @@ def test_overlapping_merges_on_repetitive_text_match_tiktoken(tmp_path):
         assert tok.encode(text, add_special_tokens=False) == tiktoken_encode(ranks, text), text
 
 
-@pytest.mark.skipif(not os.environ.get("QWEN_TIKTOKEN"), reason="set QWEN_TIKTOKEN=/path/to/Qwen-VL-Chat/qwen.tiktoken")
-def test_the_released_vocabulary():
-    path = os.environ["QWEN_TIKTOKEN"]
-    ranks = read_tiktoken_ranks(path)
+# ------------------------------------------------------------------------------------------------
+# The inverse: a tokenizer -> its qwen.tiktoken (what models.export_qwenvl writes)
+
+
+def test_the_ranks_come_back_from_the_tokenizer_and_are_written_in_the_same_bytes(tokenizer, ranks, tiktoken_file,
+                                                                                   tmp_path):
+    assert tiktoken_ranks_from_tokenizer(tokenizer) == ranks
+    write_tiktoken_ranks(ranks, tmp_path / "qwen.tiktoken")
+    assert (tmp_path / "qwen.tiktoken").read_bytes() == tiktoken_file.read_bytes()
+
+
+def test_a_tokenizer_that_differs_from_what_its_ranks_imply_is_refused(tiktoken_file):
+    gpt2_pieces = build_qwen_tokenizer(tiktoken_file)
+    gpt2_pieces.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    with pytest.raises(UserError, match="^tok: its pre_tokenizer differs"):
+        tiktoken_ranks_from_tokenizer(gpt2_pieces, where="tok")
+    not_nfc = build_qwen_tokenizer(tiktoken_file)
+    not_nfc.backend_tokenizer.normalizer = None
+    with pytest.raises(UserError, match="^tok: its normalizer differs"):
+        tiktoken_ranks_from_tokenizer(not_nfc, where="tok")
+
+
+def test_special_tokens_the_release_does_not_have_or_puts_elsewhere_are_refused(tiktoken_file, tiny_tokenizer):
+    extended = build_qwen_tokenizer(tiktoken_file)
+    extended.add_special_tokens({"additional_special_tokens": ["<|tool_call|>"]})
+    with pytest.raises(UserError, match=r"1 added token\(s\) the release's tokenizer cannot carry.*tool_call"):
+        tiktoken_ranks_from_tokenizer(extended, where="tok")
+    # tests/conftest.py's BPE was trained with its special tokens first, at ids 0..11
+    with pytest.raises(UserError, match="<\\|endoftext\\|> has id 0, the release's is"):
+        tiktoken_ranks_from_tokenizer(tiny_tokenizer, where="tok")
+
+
+# ------------------------------------------------------------------------------------------------
+# The released vocabulary itself, kept in the repository (see tests/assets/qwen_vl/README.md)
+
+RELEASED_VOCABULARY = Path(__file__).parent / "assets" / "qwen_vl" / "qwen.tiktoken"
+
+
+@pytest.fixture(scope="module")
+def released_tokenizer():
+    return build_qwen_tokenizer(RELEASED_VOCABULARY)  # ~20 s: 151,643 ranks, 294,166 merges
+
+
+@pytest.mark.slow
+def test_the_released_vocabulary(released_tokenizer):
+    ranks = read_tiktoken_ranks(RELEASED_VOCABULARY)
     assert len(ranks) == QWEN_NUM_RANKS
-    tok = build_qwen_tokenizer(path)
-    vocab = tok.get_vocab()
+    vocab = released_tokenizer.get_vocab()
     assert (vocab["<|endoftext|>"], vocab["<|im_end|>"], vocab["<ref>"], vocab["<imgpad>"]) == (
         151643, 151645, 151851, 151859)
     for text in TEXTS + ["Generate the caption in English with grounding: <ref> a dog</ref><box>(1,2),(3,4)</box>"]:
         plain = text.split("<")[0]
-        assert tok.encode(plain, add_special_tokens=False) == tiktoken_encode(ranks, plain)
+        assert released_tokenizer.encode(plain, add_special_tokens=False) == tiktoken_encode(ranks, plain)
+
+
+@pytest.mark.slow
+def test_the_released_vocabulary_survives_convert_then_export_byte_for_byte(released_tokenizer, tmp_path):
+    from models.export_qwenvl import read_saved_tokenizer
+
+    released_tokenizer.save_pretrained(tmp_path)  # what models.convert_qwenvl writes beside the model
+    ranks = tiktoken_ranks_from_tokenizer(read_saved_tokenizer(tmp_path))  # what models.export_qwenvl reads
+    write_tiktoken_ranks(ranks, tmp_path / "qwen.tiktoken")
+    assert (tmp_path / "qwen.tiktoken").read_bytes() == RELEASED_VOCABULARY.read_bytes()
+    # Converting that file again gives the same tokenizer: tiktoken_ranks_from_tokenizer has already
+    # rebuilt it from the ranks and found its tokenizer.json identical to the one exported.
