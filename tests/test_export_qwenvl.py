@@ -207,6 +207,30 @@ def test_the_written_files_and_config_keys_are_the_releases(exported):
     assert generation["top_p"] == 0.3 and generation["max_window_size"] == 6144  # Qwen-VL-Chat's defaults
 
 
+def test_the_7b_preset_gives_the_released_config_json():
+    """Our full-size preset (Qwen-VL's shapes) written as the release's config.json: the values of
+    Qwen-VL-Chat's own (reference 1.1; --dynamic-ntk gives its long-context settings)."""
+    from models import presets
+    from models.build import text_config_from_dict
+    from models.export_qwenvl import release_config
+
+    cfg = presets.qwen_vl_7b()
+    config = release_config(cfg, text_config_from_dict(cfg.text_config), torch.bfloat16, dynamic_ntk=True)
+    released = {
+        "architectures": ["QWenLMHeadModel"], "attn_dropout_prob": 0.0, "emb_dropout_prob": 0.0,
+        "bf16": True, "fp16": False, "fp32": False, "hidden_size": 4096, "initializer_range": 0.02,
+        "intermediate_size": 22016, "kv_channels": 128, "layer_norm_epsilon": 1e-6,
+        "max_position_embeddings": 8192, "model_type": "qwen", "no_bias": True, "num_attention_heads": 32,
+        "num_hidden_layers": 32, "onnx_safe": None, "rotary_emb_base": 10000, "rotary_pct": 1.0,
+        "scale_attn_weights": True, "seq_length": 2048, "tie_word_embeddings": False,
+        "tokenizer_type": "QWenTokenizer", "torch_dtype": "bfloat16", "use_cache": True, "use_dynamic_ntk": True,
+        "use_flash_attn": "auto", "use_logn_attn": True, "vocab_size": 151936,
+        "visual": {"heads": 16, "image_size": 448, "image_start_id": 151857, "layers": 48, "mlp_ratio": 4.9231,
+                   "n_queries": 256, "output_dim": 4096, "patch_size": 14, "width": 1664},
+    }
+    assert {k: v for k, v in config.items() if k != "auto_map"} == released
+
+
 def test_a_source_without_chat_format_is_exported_as_a_raw_model(source, tmp_path):
     export_vlm(source, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["chat_format"] == "raw"
