@@ -34,6 +34,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -46,6 +47,9 @@ from models.qwen_tokenizer import (
     write_tiktoken_ranks,
 )
 from models.tokens import ENDOFTEXT, IMG_END, IMG_PAD, IMG_START
+
+if TYPE_CHECKING:
+    from models.vlm import VLM
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +257,7 @@ def release_tokenizer_config() -> dict:
             "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]}}
 
 
-def release_generation_config(source: dict | None, endoftext_id: int, where: str) -> dict:
+def release_generation_config(source: dict | None, endoftext_id: int, where: str = "model") -> dict:
     """generation_config.json: the source's settings over Qwen-VL-Chat's, eos = pad = <|endoftext|>.
 
     `chat_format` is what the release's `model.chat` and our eval_mm read to pick the prompt format;
@@ -377,71 +381,73 @@ def _write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2) + "\n")
 
 
-def _fresh_output_dir(out_dir: Path) -> Path:
-    """A temporary sibling of `out_dir` to write into; renamed to `out_dir` when complete."""
+def _check_destination(out_dir: Path, code_from: Path | None) -> None:
+    """Refuse a non-empty OUT_DIR or a --code-from without the release's code, before any work."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"{out_dir}: already exists and is not empty; choose a new directory")
-    tmp = out_dir.with_name(f".{out_dir.name}.export-tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by an export that was killed
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _copy_release_code(code_from: Path, out_dir: Path) -> None:
-    if not (code_from / "modeling_qwen.py").is_file():
+    if code_from is not None and not (code_from / "modeling_qwen.py").is_file():
         raise UserError(f"{code_from / 'modeling_qwen.py'}: not found; --code-from takes a downloaded "
                         "Qwen/Qwen-VL-Chat (or Qwen/Qwen-VL) directory")
-    for pattern in RELEASE_CODE_FILES:
-        for file in sorted(code_from.glob(pattern)):
-            shutil.copyfile(file, out_dir / file.name)
 
 
 def write_release(
     out_dir: str | Path,
-    model,
+    model: VLM,
     ranks: dict[bytes, int],
-    generation_config: dict | None = None,
+    generation: dict,
     dtype: torch.dtype | None = None,
     dynamic_ntk: bool = False,
     code_from: str | Path | None = None,
     max_shard_size: int | str = "5GB",
-    where: str = "model",
 ) -> dict:
-    """Write `model` (checked by check_exportable, which gave `ranks`) in the release layout, atomically.
-    Returns the written config.json as a dict. `dtype` None keeps the model's (its embeddings' dtype)."""
-    out_dir = Path(out_dir)
-    cfg: VLMConfig = model.config
+    """Write `model` in the release layout: `ranks` from check_exportable, `generation` from
+    release_generation_config. Atomic: written into a temporary sibling of `out_dir`, renamed when
+    complete. `dtype` None keeps the model's (its embeddings' dtype). Returns the config.json written."""
+    out_dir, code_from = Path(out_dir), None if code_from is None else Path(code_from)
+    _check_destination(out_dir, code_from)
+    cfg = model.config
     dtype = dtype or model.llm.get_input_embeddings().weight.dtype
-    tokenizer = model.tokenizer
-    endoftext_id = tokenizer.get_vocab()[ENDOFTEXT]
     config = release_config(cfg, model.llm.config, dtype, dynamic_ntk)
-    generation = release_generation_config(generation_config, endoftext_id, where)
     if cfg.vision.image_size // cfg.vision.patch_size != VLLM_PATCH_GRID:
         log.warning("vLLM's Qwen-VL counts (image_size // patch_size // 2)^2 image tokens, %d here, not the "
                     "model's %d: vLLM will not serve this model (the release's own code will)",
                     (cfg.vision.image_size // cfg.vision.patch_size // 2) ** 2, cfg.resampler.num_queries)
 
-    tmp = _fresh_output_dir(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.export-tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by an export that was killed
+    tmp.mkdir(parents=True)
     state_dict = {k: v.to(dtype) for k, v in export_state_dict(model.state_dict(), cfg).items()}
     _write_safetensors(state_dict, tmp, max_shard_size)
     _write_json(tmp / "config.json", config)
     _write_json(tmp / "generation_config.json", generation)
     _write_json(tmp / "tokenizer_config.json", release_tokenizer_config())
     write_tiktoken_ranks(ranks, tmp / "qwen.tiktoken")
-    if code_from is not None:
-        _copy_release_code(Path(code_from), tmp)
+    for pattern in RELEASE_CODE_FILES if code_from is not None else ():
+        for file in sorted(code_from.glob(pattern)):
+            shutil.copyfile(file, tmp / file.name)
     if out_dir.exists():
-        out_dir.rmdir()  # empty, checked by _fresh_output_dir
+        out_dir.rmdir()  # empty, checked above
     tmp.rename(out_dir)
     log.info("wrote %d tensors (%s) in the Qwen-VL release layout to %s", len(state_dict), dtype, out_dir)
     return config
 
 
-def export_vlm(model, out_dir: str | Path, **kwargs) -> dict:
-    """Export an in-memory VLM (with its tokenizer attached). Keyword arguments as for `write_release`."""
-    ranks = check_exportable(model.config, model.llm, model.tokenizer, where=kwargs.get("where", "model"))
-    return write_release(out_dir, model, ranks, **kwargs)
+def export_vlm(
+    model: VLM,
+    out_dir: str | Path,
+    generation_config: dict | None = None,
+    dtype: torch.dtype | None = None,
+    dynamic_ntk: bool = False,
+    code_from: str | Path | None = None,
+    max_shard_size: int | str = "5GB",
+) -> dict:
+    """Export an in-memory VLM with its tokenizer attached; `generation_config` holds the source's
+    generation settings (chat_format, sampling), if any. Returns the config.json written."""
+    ranks = check_exportable(model.config, model.llm, model.tokenizer, where="model")
+    generation = release_generation_config(generation_config, model.tokenizer.get_vocab()[ENDOFTEXT], "model")
+    return write_release(out_dir, model, ranks, generation, dtype=dtype, dynamic_ntk=dynamic_ntk,
+                         code_from=code_from, max_shard_size=max_shard_size)
 
 
 def read_saved_tokenizer(src_dir: Path):
@@ -464,9 +470,10 @@ def export_qwenvl(
     code_from: str | Path | None = None,
     max_shard_size: int | str = "5GB",
 ) -> dict:
-    """Export the VLM directory SRC_DIR to OUT_DIR in the release layout; returns the written config.json.
+    """Export the VLM directory SRC_DIR to OUT_DIR in the release layout; returns the config.json written.
 
-    The architecture and tokenizer are checked on a weightless (meta) model before any weight is read.
+    Every check (architecture and vocabulary on a weightless meta-device model, the generation config,
+    the destination) runs before a weight is read.
     """
     from models import VLM, build_vlm  # late import: models/__init__ pulls in transformers
 
@@ -484,14 +491,15 @@ def export_qwenvl(
     tokenizer = read_saved_tokenizer(src_dir)
     skeleton = build_vlm(cfg, device="meta", init_weights=False)
     ranks = check_exportable(skeleton.config, skeleton.llm, tokenizer, where=str(config_file))
+    gen_file = src_dir / "generation_config.json"
+    source_generation = json.loads(gen_file.read_text()) if gen_file.is_file() else None
+    generation = release_generation_config(source_generation, tokenizer.get_vocab()[ENDOFTEXT], str(gen_file))
+    _check_destination(Path(out_dir), None if code_from is None else Path(code_from))
 
     log.info("loading %s", src_dir)
     model = VLM.from_pretrained(src_dir, dtype=dtype)
-    gen_file = src_dir / "generation_config.json"
-    generation = json.loads(gen_file.read_text()) if gen_file.is_file() else None
-    return write_release(out_dir, model, ranks, generation_config=generation, dtype=dtype,
-                         dynamic_ntk=dynamic_ntk, code_from=code_from, max_shard_size=max_shard_size,
-                         where=str(gen_file))
+    return write_release(out_dir, model, ranks, generation, dtype=dtype, dynamic_ntk=dynamic_ntk,
+                         code_from=code_from, max_shard_size=max_shard_size)
 
 
 def main(argv: list[str] | None = None) -> None:

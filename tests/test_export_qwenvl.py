@@ -364,6 +364,12 @@ def test_a_non_empty_output_directory_is_refused(source_dir, tmp_path):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
+def test_a_code_from_directory_without_the_releases_code_is_refused(source_dir, tmp_path):
+    with pytest.raises(UserError, match="modeling_qwen.py: not found"):
+        export_qwenvl(source_dir, tmp_path / "out", code_from=tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_directory_in_the_release_layout_is_refused(exported, tmp_path):
     with pytest.raises(UserError, match="already in the Qwen-VL release layout"):
         export_qwenvl(exported, tmp_path / "out")
