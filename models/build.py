@@ -99,9 +99,18 @@ def build_vlm(
 
 
 def load_tokenizer(path: str | Path):
-    """The tokenizer saved beside a VLM (or any local HF tokenizer directory); no remote code."""
+    """The tokenizer saved beside a VLM (or any local HF tokenizer directory); no remote code.
+
+    A directory with ``tokenizer.json`` loads exactly that file (PreTrainedTokenizerFast): AutoTokenizer,
+    given a VLM directory's LLM config, would rebuild a Qwen2Tokenizer with Qwen2's pre-tokenizer and
+    normaliser instead of the saved ones, and encode some texts differently from training."""
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(path)
+    if (path / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(path)
     kwargs = {}
-    config_file = Path(path) / "config.json"
+    config_file = path / "config.json"
     if config_file.is_file() and '"vlrecipe_vlm"' in config_file.read_text():
         # A VLM directory: give AutoTokenizer the LLM's config, not our (unknown to it) VLM config.
         kwargs["config"] = text_config_from_dict(VLMConfig.load(config_file).text_config)

@@ -64,3 +64,19 @@ def test_missing_weights_are_a_clear_error(tmp_path, tiny_vlm):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         VLM.from_pretrained(tmp_path)
+
+
+def test_a_saved_vlm_tokenizes_exactly_like_the_tokenizer_it_was_trained_with(tmp_path, tiny_vlm, tiny_tokenizer):
+    """load_tokenizer must read the saved tokenizer.json, not rebuild the LLM family's tokenizer class
+    (a Qwen2Tokenizer with Qwen2's pre-tokenizer split ' 1' into ' ' + '1' and added NFC)."""
+    import copy
+
+    from models import load_tokenizer
+
+    model = copy.deepcopy(tiny_vlm)
+    model.tokenizer = tiny_tokenizer
+    model.save_pretrained(tmp_path / "vlm")
+    loaded = load_tokenizer(tmp_path / "vlm")
+    texts = [" 1", "a 1 photo of 2 dogs", "Café", "<img>a.png</img><|im_start|>user\nhi<|im_end|>", "x  y\n\nz"]
+    for text in texts:
+        assert loaded(text)["input_ids"] == tiny_tokenizer(text)["input_ids"], text
