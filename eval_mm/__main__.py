@@ -34,12 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-root", required=True)
     run.add_argument("--out", required=True)
     run.add_argument("--limit", type=int, default=None, help="only the first N samples of each benchmark")
-    run.add_argument("--batch-size", type=int, default=8)
-    run.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (tokenising, image decoding)")
+    run.add_argument("--batch-size", type=int, default=32,
+                     help="prompts per batch (multiple choice: all options of a prompt count as one)")
+    run.add_argument("--num-workers", type=int, default=None,
+                     help="DataLoader workers (tokenising, image decoding); default 4 with CUDA, 0 on CPU")
     run.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto",
                      help="auto: chatml if the checkpoint records a chat format / SFT stage, else raw")
     run.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                      help="auto: bfloat16 on GPU, float32 on CPU")
+    run.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                     help="on: a static KV cache whose decode step transformers compiles (CUDA graphs), and "
+                          "compiled vision blocks; auto: on with CUDA (docs/evaluation.md)")
     _add_metric_options(run)
 
     score = sub.add_parser("score", help="score saved predictions without a model")
@@ -133,10 +138,14 @@ def cmd_run(args) -> dict:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         model, tokenizer = load_checkpoint(args.checkpoint, args.dtype)
+        compiled = torch.cuda.is_available() if args.compile == "auto" else args.compile == "on"
+        if compiled:
+            model.compile_blocks(vision=True)
         prompt_format = checkpoint_prompt_format(args.checkpoint) if args.prompt_format == "auto" else args.prompt_format
         results = evaluate(model, tokenizer, benches, args.data_root, args.out, limit=args.limit,
                            batch_size=args.batch_size, prompt_format=prompt_format,
-                           metric_options=_metric_options(args), num_workers=args.num_workers)
+                           metric_options=_metric_options(args), num_workers=args.num_workers,
+                           static_cache=compiled)
         if not dist.is_initialized() or dist.get_rank() == 0:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")

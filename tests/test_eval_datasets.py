@@ -94,7 +94,7 @@ def test_minimum_answer_length_applies_to_raw_prompts_only(tiny_tokenizer, promp
 
     batch = PromptBatch(samples=[], prompts=["p"], input_ids=torch.ones(1, 3, dtype=torch.long),
                         attention_mask=torch.ones(1, 3, dtype=torch.long), pixel_values=torch.zeros(0, 3, 4, 4),
-                        option_lengths=[])
+                        num_images=[0], option_ids=[], pad_id=0)
     bench = get_benchmark("synth_caption")
     assert bench.min_new_tokens == 8
     generate_answers(RecordingModel(), tiny_tokenizer, batch, bench, prompt_format, torch.device("cpu"))

@@ -81,20 +81,28 @@ def test_in_process_api_is_independent_of_batch_size_and_resumes_partial_runs(ti
 
     benches = ["synth_vqa", "synth_mc"]
     by_one = eval_mm.evaluate(tiny_vlm, tiny_tokenizer, benches, data_root, tmp_path / "a", batch_size=1, progress=False)
-    by_three = eval_mm.evaluate(tiny_vlm, tiny_tokenizer, benches, data_root, tmp_path / "b", batch_size=3, progress=False)
-    for bench in benches:
-        preds_a = [json.loads(x)["prediction"] for x in (tmp_path / "a" / bench / "predictions.jsonl").read_text().splitlines()]
-        preds_b = [json.loads(x)["prediction"] for x in (tmp_path / "b" / bench / "predictions.jsonl").read_text().splitlines()]
-        assert preds_a == preds_b
-    assert strip_resume_counts(by_one) == strip_resume_counts(by_three)
+    # Batches of 3 (the loader sorts prompts by length, the last batch is short) with the static KV cache,
+    # and all 5 in one batch: the same predictions, option losses and metrics, in dataset order.
+    for name, batch_size, static_cache in (("b", 3, True), ("c", N_EVAL, False)):
+        other = eval_mm.evaluate(tiny_vlm, tiny_tokenizer, benches, data_root, tmp_path / name, batch_size=batch_size,
+                                 static_cache=static_cache, progress=False)
+        assert strip_resume_counts(other) == strip_resume_counts(by_one)
+        for bench in benches:
+            records_a = [json.loads(x) for x in (tmp_path / "a" / bench / "predictions.jsonl").read_text().splitlines()]
+            records_b = [json.loads(x) for x in (tmp_path / name / bench / "predictions.jsonl").read_text().splitlines()]
+            assert [r["id"] for r in records_b] == [str(i) for i in range(N_EVAL)]
+            assert [r["prediction"] for r in records_a] == [r["prediction"] for r in records_b]
+            if bench == "synth_mc":
+                for a, b in zip(records_a, records_b, strict=True):
+                    assert b["option_losses"] == pytest.approx(a["option_losses"], rel=1e-5)
 
     # An interrupted run: 2 predictions in a part file (last line truncated) -> only the rest is predicted.
-    partial = tmp_path / "c" / "synth_vqa"
+    partial = tmp_path / "d" / "synth_vqa"
     partial.mkdir(parents=True)
     lines = (tmp_path / "a" / "synth_vqa" / "predictions.jsonl").read_text().splitlines()
     (partial / "predictions.part0.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:10])
     (partial / "run_info.json").write_text(json.dumps({"prompt_format": "raw"}))
-    resumed = eval_mm.evaluate(tiny_vlm, tiny_tokenizer, ["synth_vqa"], data_root, tmp_path / "c", progress=False)
+    resumed = eval_mm.evaluate(tiny_vlm, tiny_tokenizer, ["synth_vqa"], data_root, tmp_path / "d", progress=False)
     assert resumed["synth_vqa"]["num_resumed"] == 2
     assert (partial / "predictions.jsonl").read_text().splitlines() == lines
 
