@@ -160,8 +160,9 @@ def print_table(results: dict) -> None:
           f"{results['max_new_tokens']} new tokens, {results['options']} options")
     print(f"{'variant':10} {'batch':>5} {'generate/s':>11} {'choice/s':>9} {'warm-up s':>10} {'peak GiB':>9}")
     for r in results["variants"].values():
+        peak = f"{r['peak_memory_gib']:.2f}" if "peak_memory_gib" in r else "-"  # CUDA only
         print(f"{r['variant']:10} {r['batch_size']:>5} {r['generate_samples_per_s']:>11.2f} "
-              f"{r['choice_samples_per_s']:>9.2f} {r['warmup_s']:>10.1f} {r.get('peak_memory_gib', float('nan')):>9.2f}")
+              f"{r['choice_samples_per_s']:>9.2f} {r['warmup_s']:>10.1f} {peak:>9}")
 
 
 def _cli() -> int:
