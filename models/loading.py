@@ -203,8 +203,6 @@ def _adapter_base(layout: ExportLayout, base: str | Path | None) -> Path:
 
 def _load_adapter(layout: ExportLayout, base: str | Path | None, dtype: torch.dtype, device: torch.device,
                   merge: bool, depth: int, keep_fp32=None):
-    from peft import PeftModel
-
     from models.build import load_tokenizer
     from models.config import VLMConfig
 
@@ -222,13 +220,18 @@ def _load_adapter(layout: ExportLayout, base: str | Path | None, dtype: torch.dt
     if any((layout.path / f).is_file() for f in TOKENIZER_FILES):
         tok = load_tokenizer(layout.path)
     try:
-        peft_model = PeftModel.from_pretrained(model, str(layout.path))
+        model = apply_adapter(model, layout.path, merge)
     except (KeyError, RuntimeError, ValueError) as e:  # shapes / names that do not fit the base
         raise UserError(f"{layout.path}: the adapter does not fit the base {base_path}: {e}") from e
-    peft_model.to(device)
-    if merge:
-        return peft_model.merge_and_unload(), tok
-    return peft_model, tok
+    return model.to(device), tok
+
+
+def apply_adapter(base, adapter_dir: str | Path, merge: bool = True):
+    """A peft adapter directory on a base VLM (in memory); ``merge`` folds it into plain weights (a VLM)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    return model.merge_and_unload() if merge else model
 
 
 def _check_base_fits(trained, base, adapter: Path, base_path: Path) -> None:
