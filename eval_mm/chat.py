@@ -267,8 +267,7 @@ class Chat:
         """Prompt ids (ending where the answer starts) and image paths for ``turns`` ending in a user turn."""
         num_image_tokens = self.vlm.config.num_image_tokens
         if self.prompt_format == "chatml":
-            system = self.system
-            return encode_conversation_prompt(self.tokenizer, turns, num_image_tokens, system)
+            return encode_conversation_prompt(self.tokenizer, turns, num_image_tokens, self.system)
         ids: list[int] = []
         paths: list[str] = []
         for turn in turns:
@@ -320,7 +319,10 @@ class Chat:
         device = next(self.model.parameters()).device
         dtype = next(self.vlm.resampler.parameters()).dtype
         size = self.vlm.config.vision.image_size
-        pixels = torch.stack([load_image(p, size) for p in paths]) if paths else torch.zeros(0, 3, size, size)
+        try:
+            pixels = torch.stack([load_image(p, size) for p in paths]) if paths else torch.zeros(0, 3, size, size)
+        except ImageLoadError as e:  # an image of the conversation was removed or damaged since
+            raise UserError(str(e)) from e
         stops = stop_token_ids(self.tokenizer, self.prompt_format)
         streamer = AnswerStreamer(self.tokenizer, stops)
         stop = StopWhenAsked()
