@@ -78,6 +78,7 @@ def build_model(recipe: Recipe, device: torch.device | None = None):
         # Any export: a full one, a LoRA run's final/ (its adapter merged into its base here), merged/, ...
         model, tokenizer = load_pretrained(m.init_from, dtype=dtype or torch.float32, device=device, merge=True,
                                            tokenizer=m.tokenizer_path, keep_fp32=keep_fp32)
+        model.train()  # load_pretrained hands out models for inference
     else:
         tokenizer = load_tokenizer(m.tokenizer_path or m.llm_path)
         vocab_size = max(len(tokenizer), m.pad_vocab_to or 0)
