@@ -92,7 +92,19 @@ def encode_chat_prompt(
 ) -> tuple[list[int], list[str]]:
     """Ids of a one-turn ChatML prompt that ends where the assistant's answer starts
     (``...<|im_start|>assistant\\n``), tokenised exactly as training conversations are; and its image paths."""
-    sample = render_chatml(tokenizer, [{"from": "user", "value": user_text}], num_image_tokens, system_message)
+    return encode_conversation_prompt(tokenizer, [{"from": "user", "value": user_text}], num_image_tokens,
+                                      system_message)
+
+
+def encode_conversation_prompt(
+    tokenizer, conversation: list[dict], num_image_tokens: int, system_message: str = DEFAULT_SYSTEM_MESSAGE
+) -> tuple[list[int], list[str]]:
+    """Ids of a multi-turn ChatML prompt (the conversation so far, ending with a user turn) followed by
+    ``<|im_start|>assistant\\n``: rendered by ``render_chatml``, so a chat's prompt is exactly the prefix of
+    the training sample its finished conversation would be. Returns (ids, image paths in order)."""
+    if not conversation or conversation[-1].get("from") != "user":
+        raise ValueError("a prompt conversation must end with a user turn")
+    sample = render_chatml(tokenizer, conversation, num_image_tokens, system_message)
     im_start = tokenizer.get_vocab()[IM_START]
     assistant_head = [im_start] + tokenize_plain(tokenizer, "assistant") + tokenize_plain(tokenizer, "\n")
     return sample.input_ids + assistant_head, sample.image_paths

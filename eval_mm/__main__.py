@@ -1,4 +1,4 @@
-"""python -m eval_mm run|score|list (see docs/evaluation.md)."""
+"""python -m eval_mm run|score|list|chat (see docs/evaluation.md)."""
 
 import argparse
 import json
@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 from eval_mm.benchmarks import BENCHMARKS, get_benchmark, parse_bench_list
+from eval_mm.chat import add_model_arguments
 from eval_mm.metrics import MetricOptions
 from eval_mm.prompts import PROMPT_FORMATS
+from models.errors import UserError, run_cli
 
 
 def _add_metric_options(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="evaluate a checkpoint (single device or under torchrun)")
-    run.add_argument("--checkpoint", required=True, help="directory written by VLM.save_pretrained")
+    run.add_argument("--checkpoint", required=True,
+                     help="any export: a full one, merged/, an adapter, or a run's final/ (models.load_pretrained)")
+    run.add_argument("--base", default=None, help="the base an adapter goes on (default: its training_info.json init_from)")
     run.add_argument("--bench", required=True, help="comma-separated benchmark names (see `list`)")
     run.add_argument("--data-root", required=True)
     run.add_argument("--out", required=True)
@@ -54,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_metric_options(score)
 
     sub.add_parser("list", help="benchmarks, their data files and metrics")
+
+    chat = sub.add_parser("chat", help="talk to a checkpoint about images (one question, or a session on stdin)")
+    add_model_arguments(chat)
+    chat.add_argument("--image", action="append", default=[], metavar="PATH", help="an image for the first question (repeatable)")
+    chat.add_argument("--prompt", default=None, help="answer this once and exit (without it: an interactive session)")
+    chat.add_argument("--draw", default=None, metavar="OUT.png",
+                      help="write the last image with the answer's <ref>/<box> drawn as labelled rectangles")
+    chat.add_argument("--json", action="store_true", help='with --prompt: print {"answer", "boxes"} as the last line')
     return parser
 
 
@@ -88,60 +100,24 @@ def cmd_score(args) -> dict:
     return metrics
 
 
-def load_checkpoint(checkpoint: str | Path, dtype_name: str = "auto"):
-    """(model on its device in eval mode, tokenizer); clear errors for a wrong directory."""
-    import torch
-
-    from models import VLM
-
-    checkpoint = Path(checkpoint)
-    if not (checkpoint / "config.json").is_file():
-        raise FileNotFoundError(f"{checkpoint}: not a checkpoint directory (no config.json)")
-    if not any((checkpoint / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        raise FileNotFoundError(f"{checkpoint}: checkpoint has no tokenizer (expected tokenizer.json or "
-                                "tokenizer_config.json beside config.json; save it with VLM.save_pretrained "
-                                "with a tokenizer attached)")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if dtype_name == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, dtype_name)
-    model = VLM.from_pretrained(checkpoint, dtype=dtype, device=device).eval()
-    if model.tokenizer is None:
-        from models import load_tokenizer
-
-        model.tokenizer = load_tokenizer(checkpoint)
-    return model, model.tokenizer
-
-
-def print_summary(results: dict[str, dict]) -> None:
-    print(f"\n{'benchmark':24} {'samples':>8}  metrics")
-    for bench, metrics in results.items():
-        shown = {k: v for k, v in metrics.items() if "/" not in k and k not in ("num_samples",)}
-        text = "  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
-        print(f"{bench:24} {metrics.get('num_samples', 0):>8}  {text}")
-
-
 def cmd_run(args) -> dict:
     import torch
     import torch.distributed as dist
 
     from eval_mm.prompts import checkpoint_prompt_format
-    from eval_mm.runner import evaluate
+    from eval_mm.runner import evaluate, print_summary
+    from models.loading import load_pretrained, pick_device, resolve_export
 
     benches = parse_bench_list(args.bench)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
-        model, tokenizer = load_checkpoint(args.checkpoint, args.dtype)
+        model, tokenizer = load_pretrained(args.checkpoint, base=args.base, dtype=args.dtype, device=pick_device())
         compiled = torch.cuda.is_available() if args.compile == "auto" else args.compile == "on"
         if compiled:
             model.compile_blocks(vision=True)
-        prompt_format = checkpoint_prompt_format(args.checkpoint) if args.prompt_format == "auto" else args.prompt_format
+        weights_dir = resolve_export(args.checkpoint).path  # merged/ or adapter/ of a run's final/: the format is there
+        prompt_format = checkpoint_prompt_format(weights_dir) if args.prompt_format == "auto" else args.prompt_format
         results = evaluate(model, tokenizer, benches, args.data_root, args.out, limit=args.limit,
                            batch_size=args.batch_size, prompt_format=prompt_format,
                            metric_options=_metric_options(args), num_workers=args.num_workers,
@@ -158,16 +134,32 @@ def cmd_run(args) -> dict:
             dist.destroy_process_group()
 
 
+def cmd_chat(args) -> None:
+    from eval_mm.chat import chat_from_args, interactive, one_shot
+
+    if args.json and args.prompt is None:
+        raise UserError("--json needs --prompt (one question, one JSON line)")
+    chat = chat_from_args(args)
+    if args.prompt is not None:
+        one_shot(chat, args.prompt, args.image, sys.stdout, as_json=args.json, draw=args.draw)
+    else:
+        for image in args.image:
+            chat.add_image(image)
+        interactive(chat, sys.stdin, sys.stdout, draw=args.draw)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "list":
         cmd_list()
     elif args.command == "score":
         cmd_score(args)
+    elif args.command == "chat":
+        cmd_chat(args)
     else:
         cmd_run(args)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -182,3 +182,12 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     tmp.replace(path)
+
+
+def print_summary(results: dict[str, dict]) -> None:
+    """The metrics of `evaluate` as a table, one benchmark per line (the CLI's and the trainer's)."""
+    print(f"\n{'benchmark':24} {'samples':>8}  metrics")
+    for bench, metrics in results.items():
+        shown = {k: v for k, v in metrics.items() if "/" not in k and k not in ("num_samples",)}
+        text = "  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+        print(f"{bench:24} {metrics.get('num_samples', 0):>8}  {text}")

@@ -3,6 +3,7 @@
 from models import presets
 from models.build import build_vlm, load_tokenizer
 from models.config import ResamplerConfig, VisionConfig, VLMConfig
+from models.loading import load_pretrained
 from models.vlm import VLM, VLMOutput
 
 __all__ = [
@@ -13,5 +14,6 @@ __all__ = [
     "ResamplerConfig",
     "build_vlm",
     "load_tokenizer",
+    "load_pretrained",
     "presets",
 ]

@@ -140,7 +140,8 @@ def test_checkpoint_without_tokenizer_is_a_clear_error(checkpoint, tmp_path):
     for file in bare.iterdir():
         if file.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens", "chat_template")):
             file.unlink()
-    from eval_mm.__main__ import load_checkpoint
+    from models import load_pretrained
+    from models.errors import UserError
 
-    with pytest.raises(FileNotFoundError, match="checkpoint has no tokenizer"):
-        load_checkpoint(bare)
+    with pytest.raises(UserError, match="the export has no tokenizer"):
+        load_pretrained(bare)

@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from models.loading import apply_adapter
 from train.freeze import apply_freezing
-from train.lora import apply_lora, load_lora_vlm
+from train.lora import apply_lora
 from train.recipe import FreezeSection, LoraSection, QuantizationSection
 
 
@@ -44,9 +45,9 @@ def test_lora_save_load_merge_give_the_same_outputs(tiny_vlm, tmp_path):
     for part in ("embed_tokens", "lm_head", "resampler.query", "lora_A", "lora_B"):
         assert any(part in k for k in saved), f"{part} missing from the saved adapter"
 
-    loaded = load_lora_vlm(copy.deepcopy(reference_base), tmp_path / "adapter").eval()
+    loaded = apply_adapter(copy.deepcopy(reference_base), tmp_path / "adapter", merge=False).eval()
     torch.testing.assert_close(loaded(ids).logits, want)
-    merged = load_lora_vlm(copy.deepcopy(reference_base), tmp_path / "adapter", merge=True).eval()
+    merged = apply_adapter(copy.deepcopy(reference_base), tmp_path / "adapter", merge=True).eval()
     assert type(merged).__name__ == "VLM"
     torch.testing.assert_close(merged(ids).logits, want, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(reference_base.eval()(ids).logits, want)

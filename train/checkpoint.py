@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.loading import VLM_CONFIG_OF_ADAPTER
 from train.parallel import DistInfo, Engine, barrier
 
 CHECKPOINTS = "checkpoints"
@@ -188,8 +189,9 @@ def full_state_dict(engine: Engine) -> dict[str, torch.Tensor] | None:
 
 def export_final(engine: Engine, out_dir: str | Path, training_info: dict, merge_lora: bool = False) -> Path:
     """Write the final model: an HF-style VLM directory (``VLM.save_pretrained``), or for LoRA the
-    adapter (``adapter/``, with trained embeddings / resampler as modules_to_save) and, on request,
-    a merged full export (``merged/``). ``training_info.json`` records the stage and the prompt format
+    adapter (``adapter/``, with trained embeddings / resampler as modules_to_save, the model's config and
+    the tokenizer) and, on request, a merged full export (``merged/``); models.load_pretrained loads any
+    of them. ``training_info.json`` records the stage and the prompt format
     eval_mm should use ("chatml" after SFT). Returns the directory eval_mm should load."""
     out_dir = Path(out_dir)
     state_dict = full_state_dict(engine)  # collective under ZeRO-3: every rank
@@ -199,6 +201,12 @@ def export_final(engine: Engine, out_dir: str | Path, training_info: dict, merge
         model = engine.model
         if hasattr(model, "peft_config"):  # LoRA / Q-LoRA
             model.save_pretrained(out_dir / "adapter", state_dict=state_dict)
+            # What models.load_pretrained needs besides the base (training_info's init_from): the trained
+            # model's config (its image size may differ from the base's) and the tokenizer it trained with.
+            vlm = model.get_base_model()
+            vlm.config.save(out_dir / "adapter" / VLM_CONFIG_OF_ADAPTER)
+            if vlm.tokenizer is not None:
+                vlm.tokenizer.save_pretrained(out_dir / "adapter")
             if merge_lora:
                 merged = model.merge_and_unload()
                 merged.save_pretrained(out_dir / "merged")

@@ -69,16 +69,16 @@ def build_model(recipe: Recipe, device: torch.device | None = None):
     """The VLM and its tokenizer, from a previous stage's export or from a preset / LLM directory, in the
     storage dtypes of ``storage_dtypes``. ``device``: where weights are drawn (a preset's random ones: a
     GPU draws 9.65B in seconds, one CPU thread under torchrun takes minutes) or loaded (an export's)."""
-    from models import VLM, build_vlm, load_tokenizer, presets
+    from models import build_vlm, load_pretrained, load_tokenizer, presets
 
     m = recipe.model
     dtype, trainable_fp32 = storage_dtypes(recipe)
     keep_fp32 = (lambda vlm: trainable_modules(vlm, recipe.freeze)) if trainable_fp32 else None
     if m.init_from is not None:
-        model = VLM.from_pretrained(m.init_from, dtype=dtype, device=device, keep_fp32=keep_fp32)
-        tokenizer = load_tokenizer(m.tokenizer_path) if m.tokenizer_path else model.tokenizer
-        if tokenizer is None:
-            raise FileNotFoundError(f"model.init_from={m.init_from} has no tokenizer files; set model.tokenizer_path")
+        # Any export: a full one, a LoRA run's final/ (its adapter merged into its base here), merged/, ...
+        model, tokenizer = load_pretrained(m.init_from, dtype=dtype or torch.float32, device=device, merge=True,
+                                           tokenizer=m.tokenizer_path, keep_fp32=keep_fp32)
+        model.train()  # load_pretrained hands out models for inference
     else:
         tokenizer = load_tokenizer(m.tokenizer_path or m.llm_path)
         vocab_size = max(len(tokenizer), m.pad_vocab_to or 0)
@@ -328,7 +328,7 @@ def train(recipe: Recipe) -> Path:
         return run_dir
     stage = recipe.train.stage
     training_info = {"stage": stage, "prompt_format": PROMPT_FORMAT[stage], "steps": step,
-                     "skipped_steps": bad_steps, "init_from": recipe.model.init_from,
+                     "skipped_steps": bad_steps, "init_from": _absolute(recipe.model.init_from),
                      "data_stats": dict(loader.stats.total)}
     export = export_final(engine, run_dir / "final", training_info, merge_lora=recipe.lora.merge_on_export)
     if info.is_main:
@@ -338,14 +338,20 @@ def train(recipe: Recipe) -> Path:
     return export
 
 
+def _absolute(path: str | None) -> str | None:
+    """init_from as an absolute path: models.load_pretrained finds an adapter's base from any directory."""
+    return None if path is None else str(Path(path).resolve())
+
+
 def check_eval_section(recipe: Recipe) -> None:
     """Fail before training, not after, when the recipe's eval section cannot run on the export."""
     if not recipe.eval.benches:
         return
     if recipe.eval.data_root is None:
         raise ValueError("eval.benches is set but eval.data_root is not (the folder holding e.g. synthetic/)")
-    if recipe.lora.enabled and not recipe.lora.merge_on_export:
-        raise ValueError("eval.benches needs a full-weight export; with LoRA set lora.merge_on_export: true")
+    if recipe.lora.enabled and not recipe.lora.merge_on_export and recipe.model.init_from is None:
+        raise ValueError("eval.benches with a LoRA export needs the base the adapter goes on: set model.init_from "
+                         "(or lora.merge_on_export: true)")
     from eval_mm.benchmarks import get_benchmark
 
     for name in recipe.eval.benches:
@@ -360,15 +366,16 @@ def evaluate_export(recipe: Recipe, export: Path, info: DistInfo) -> dict[str, d
     also the only copy with whole weights. Rank 0 prints the table and writes EXPORT/metrics.json.
     """
     import eval_mm
-    from eval_mm.__main__ import load_checkpoint, print_summary
     from eval_mm.prompts import checkpoint_prompt_format
+    from eval_mm.runner import print_summary
     from eval_mm.sharding import barrier
+    from models import load_pretrained
 
     eval_dir = Path(recipe.checkpoint.out_dir) / "eval"
     if info.is_main:  # eval_mm resumes from the predictions it finds: drop those of an earlier run
         shutil.rmtree(eval_dir, ignore_errors=True)
     barrier()
-    model, tokenizer = load_checkpoint(export)
+    model, tokenizer = load_pretrained(export, device=info.device)  # an adapter goes on init_from, merged
     prompt_format = checkpoint_prompt_format(export)
     e = recipe.eval
     results = eval_mm.evaluate(model, tokenizer, e.benches, e.data_root, eval_dir, limit=e.limit,

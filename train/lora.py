@@ -9,8 +9,6 @@ embeddings of a base model, and froze the resampler under LoRA, Qwen-VL#116.)
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
@@ -105,11 +103,3 @@ def quantize_llm_4bit(model: nn.Module, cfg: QuantizationSection, device: torch.
         if any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
             materialise(module)
     model.to(device)
-
-
-def load_lora_vlm(base: nn.Module, adapter_dir: str | Path, merge: bool = False) -> nn.Module:
-    """A trained adapter on top of its base VLM; ``merge=True`` folds it into plain weights (a VLM)."""
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
-    return model.merge_and_unload() if merge else model

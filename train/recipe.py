@@ -35,8 +35,8 @@ class RecipeError(ValueError):
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class ModelSection:
-    # Start from a VLM directory written by a previous stage (VLM.save_pretrained). Takes precedence
-    # over preset / llm_path / openclip_*.
+    # Start from any export of a previous stage (models.load_pretrained: a full export, a LoRA run's final/,
+    # whose adapter is merged into its base, merged/, adapter/). Takes precedence over preset / llm_path / openclip_*.
     init_from: str | None = None
     preset: Literal["tiny", "demo", "small", "qwen_vl_7b"] | None = None  # models.presets.<name>
     llm_path: str | None = None  # local HF directory of the LLM (weights + tokenizer)
