@@ -84,7 +84,11 @@ class ShardReader:
             records = [rows[start] for start, _ in ranges]
         else:
             fs, path = fsspec.core.url_to_fs(url)
-            blobs = fs.cat_ranges([path] * len(ranges), [s for s, _ in ranges], [e for _, e in ranges])
+            if fs.async_impl:  # remote: the ranges are fetched concurrently
+                blobs = fs.cat_ranges([path] * len(ranges), [s for s, _ in ranges], [e for _, e in ranges])
+            else:  # local: one open file, not one per range
+                with fs.open(path, "rb") as f:
+                    blobs = [_read_at(f, s, e) for s, e in ranges]
             header = self._csv_header(url)[0] if self.kind == "csv" else None
             records = [self._parse_blob(url, blob, start, header) for blob, (start, _) in zip(blobs, ranges)]
         return records
@@ -208,6 +212,11 @@ def _tar_samples(f, url: str, base: int) -> Iterator[Record]:
         raise UserError(f"{url}: unreadable tar after byte {end}: {e}") from e
     if sample is not None:
         yield sample, start, end
+
+
+def _read_at(f, start: int, end: int) -> bytes:
+    f.seek(start)
+    return f.read(end - start)
 
 
 class _TrackedLines:
