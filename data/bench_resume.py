@@ -96,10 +96,13 @@ def main(argv: list[str] | None = None) -> None:
         for batches in (a.early, late):
             state, reach = position_after(config, tokenizer, a.batch_size, batches)
             rows.append((f"after batch {batches}", state, reach))
-        for name, state, reach in rows:
-            times = [time_to_first_batch(config, tokenizer, a.batch_size, state) for _ in range(a.repeats)]
-            print(f"{name:26s} resume -> first batch: median {statistics.median(times):6.3f} s  "
-                  f"(min {min(times):.3f}, max {max(times):.3f}, {a.repeats} runs)"
+        times: list[list[float]] = [[] for _ in rows]
+        for _ in range(a.repeats):  # interleaved, so that a shared machine's load weighs on each alike
+            for row, (_, state, _) in zip(times, rows):
+                row.append(time_to_first_batch(config, tokenizer, a.batch_size, state))
+        for (name, _, reach), row in zip(rows, times):
+            print(f"{name:26s} resume -> first batch: median {statistics.median(row):6.3f} s  "
+                  f"(min {min(row):.3f}, max {max(row):.3f}, {a.repeats} runs)"
                   + (f"; reading up to it took {reach:.1f} s" if reach else ""), flush=True)
 
 
