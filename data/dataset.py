@@ -171,7 +171,7 @@ class StreamingVLMDataset(IterableDataset):
             raise UserError(f"data.paths: streamed shards must all be of one kind, got {', '.join(kinds)}")
         self.webdataset = config.format == "webdataset"
         if self.webdataset != (kinds[0] == "tar"):
-            raise UserError("data.format: webdataset reads .tar shards" if self.webdataset else
+            raise UserError(f"data.format: webdataset reads .tar shards, not {self.urls[0]}" if self.webdataset else
                             f"data.paths: {self.urls[0]} is a tar shard: set data.format: webdataset")
         if not self.webdataset and config.format not in ("pretrain", "auto"):
             raise UserError(f"data.streaming reads pretraining pairs; data.format={config.format!r} is not streamed")
