@@ -1,29 +1,59 @@
 """DataLoader throughput on the synthetic world: samples/s at a given resolution per worker count.
 
     python -m data.bench_loader [--data DIR] [--image-size 448] [--workers 0 1 2 4] [--batches 20]
+    python -m data.bench_loader --webdataset [--source-size 384] [--image-size 224] [--workers 16 --batches 200]
 
 Without --data, a small synthetic world is generated in a temporary folder first. Measures the whole
 pipeline a trainer sees (tokenise, decode + bicubic resize + normalise, collate/pack), after one warm-up
-batch per run so worker start-up is not counted.
+batch per worker so worker start-up (and, streamed, filling the shuffle buffers) is not counted. Prints
+samples/s in total and per worker.
+
+``--webdataset``: the world's pretraining pairs, drawn at ``--source-size`` px and stored as JPEG
+(quality 90, as img2dataset writes) in WebDataset shards of ``--shard-size`` samples, streamed as
+``data.format: webdataset`` would be (shuffle buffer ``--shuffle-buffer``).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import tempfile
 import time
 from pathlib import Path
 
+from PIL import Image
+
 from data.dataset import DataConfig, build_dataloader
+from data.webdataset import shard_pattern, write_shards
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its DataLoader workers so far."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for proc in (me, *me.children(recursive=True)):
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def measure(config: DataConfig, tokenizer, num_image_tokens: int, batch_size: int,
-            batches: int) -> tuple[float, float]:
-    """(samples/s, fraction of the batches' token slots that are padding)."""
+            batches: int) -> tuple[float, float, float]:
+    """(samples/s, samples per CPU-second, fraction of the batches' token slots that are padding).
+
+    Samples per CPU-second (main process + workers over the timed batches) is what one free core
+    delivers: on a shared machine it holds where wall-clock rates sink with the load."""
     loader = build_dataloader(config, tokenizer, num_image_tokens, batch_size)
     it = iter(loader)
-    next(it)  # warm-up: worker start-up and first prefetch
-    n, real, slots, start = 0, 0, 0, time.perf_counter()
+    for _ in range(max(config.num_workers, 1)):
+        next(it)  # warm-up: worker start-up and first prefetch (a batch from each worker)
+    n, real, slots, start, cpu = 0, 0, 0, time.perf_counter(), cpu_seconds()
     for _ in range(batches):
         try:
             batch = next(it)
@@ -32,7 +62,21 @@ def measure(config: DataConfig, tokenizer, num_image_tokens: int, batch_size: in
         n += batch["num_samples"]
         real += sum(batch["sample_lengths"])
         slots += batch["input_ids"].numel()
-    return n / (time.perf_counter() - start), 1 - real / max(slots, 1)
+    wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    return n / wall, n / max(cpu, 1e-9), 1 - real / max(slots, 1)
+
+
+def write_jpeg_shards(world: Path, shard_size: int) -> str:
+    """The world's pretraining pairs as WebDataset shards of JPEG images; returns the brace pattern."""
+    def samples():
+        for line in (world / "pretrain.jsonl").read_text().splitlines():
+            pair = json.loads(line)
+            jpeg = io.BytesIO()
+            with Image.open(world / pair["image"]) as img:
+                img.convert("RGB").save(jpeg, format="JPEG", quality=90)
+            yield {"__key__": Path(pair["image"]).stem, "jpg": jpeg.getvalue(), "txt": pair["caption"].encode()}
+
+    return shard_pattern(write_shards(samples(), world / "jpeg_shards", "pretrain", shard_size))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,21 +95,39 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--packing", action="store_true")
     p.add_argument("--max-len", type=int, default=4096, help="per-sample token limit (and row length when packing)")
     p.add_argument("--pack-len", type=int, default=None, help="row length when packing (default --max-len)")
+    p.add_argument("--webdataset", action="store_true", help="stream the pretraining pairs from JPEG WebDataset shards")
+    p.add_argument("--source-size", type=int, default=None,
+                   help="side of the generated images in px (default: 384 with --webdataset, else 112)")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="--webdataset: samples per shard (default: 2 shards per worker of the largest count)")
+    p.add_argument("--shuffle-buffer", type=int, default=1000, help="--webdataset: records each worker mixes")
     a = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(a.data) if a.data else Path(tmp)
         if not a.data:
-            generate(data, seed=0, n_train=a.batch_size * (a.batches + 2), n_eval=10)
+            # enough samples that every worker delivers its warm-up batch and the timed ones
+            n_train = a.batch_size * (a.batches + 2 * max(a.workers) + 2)
+            print(f"generating {n_train} synthetic samples ...", flush=True)
+            generate(data, seed=0, n_train=n_train, n_eval=10, image_size=a.source_size or (384 if a.webdataset else 112))
         tokenizer = AutoTokenizer.from_pretrained(data / "tokenizer")
-        print(f"{data / a.file}: {a.image_size}px, batch {a.batch_size}, packing={a.packing}, max_len={a.max_len}, "
+        if a.webdataset:
+            pairs = len((data / "pretrain.jsonl").read_text().splitlines())
+            shard_size = a.shard_size or max(1, pairs // (2 * max(*a.workers, 1)))
+            paths, fmt = [write_jpeg_shards(data, shard_size)], "webdataset"
+            what = (f"{paths[0]} ({pairs} pairs): {a.source_size or 384}px JPEG in shards of {shard_size}, "
+                    f"shuffle buffer {a.shuffle_buffer}")
+        else:
+            paths, fmt, what = [str(data / a.file)], "auto", str(data / a.file)
+        print(f"{what}: {a.image_size}px, batch {a.batch_size}, packing={a.packing}, max_len={a.max_len}, "
               f"pack_len={a.pack_len}")
         for workers in a.workers:
-            cfg = DataConfig(paths=[str(data / a.file)], image_size=a.image_size, max_len=a.max_len,
-                             num_workers=workers, packing=a.packing, pack_len=a.pack_len)
-            rate, padding = measure(cfg, tokenizer, a.num_image_tokens, a.batch_size, a.batches)
-            print(f"workers={workers:2d}  {rate:8.1f} samples/s  ({rate / max(workers, 1):.1f} per worker)  "
-                  f"padding {padding:.1%} of token slots")
+            cfg = DataConfig(paths=paths, format=fmt, image_size=a.image_size, max_len=a.max_len,
+                             num_workers=workers, packing=a.packing, pack_len=a.pack_len,
+                             shuffle_buffer=a.shuffle_buffer)
+            rate, per_cpu, padding = measure(cfg, tokenizer, a.num_image_tokens, a.batch_size, a.batches)
+            print(f"workers={workers:2d}  {rate:8.1f} samples/s in total  ({rate / max(workers, 1):.1f} per worker)  "
+                  f"{per_cpu:6.1f} samples per CPU-second  padding {padding:.1%} of token slots", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,22 +14,35 @@ The trainer calls one function::
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from data import stats
 from data.chatml import DEFAULT_SYSTEM_MESSAGE, render_chatml
 from data.collate import Collator
-from data.formats import DataFormatError, load_pretrain_pairs, load_records, normalize_record
+from data.formats import DataFormatError, load_records, normalize_record
 from data.images import ImageLoadError, load_image
 from data.sample import TokenizedSample, truncate_span_safe
 from data.sampler import ResumableSampler
+from data.shards import ShardReader, expand_shard_patterns, shard_kind
+from data.streaming import ReaderStream, assign_shards
 from data.templates import render_task
+from data.webdataset import (
+    DEFAULT_CAPTION_KEY,
+    DEFAULT_IMAGE_KEYS,
+    BadSample,
+    pair_of,
+    parse_caption_key,
+    parse_image_keys,
+)
+from models.errors import UserError
 from models.tokens import ENDOFTEXT, IMG_END, IMG_START
 
 logger = logging.getLogger(__name__)
@@ -39,8 +52,10 @@ logger = logging.getLogger(__name__)
 class DataConfig:
     """What the trainer's recipe says about data (the ``data:`` section of a recipe)."""
 
-    paths: list[str]  # data files; several are concatenated (map-style) or streamed one after another
-    format: str = "auto"  # auto | qwen | llava | multitask | pretrain (see data.formats)
+    # data files; several are concatenated (map-style) or streamed as shards. Streamed: brace patterns
+    # (/data/laion/{00000..01023}.tar) and fsspec URLs are expanded/opened (data.shards)
+    paths: list[str]
+    format: str = "auto"  # auto | qwen | llava | multitask | pretrain (see data.formats) | webdataset
     image_size: int = 448  # 224 in the first pretraining stage of the recipe, 448 afterwards
     image_root: str | None = None  # relative image paths resolve here, else next to the data file
     max_len: int = 2048
@@ -56,9 +71,16 @@ class DataConfig:
     system_message: str = DEFAULT_SYSTEM_MESSAGE
     seed: int = 0
     shuffle: bool = True
-    streaming: bool = False  # pretraining pairs through datasets' streaming (IterableDataset)
+    streaming: bool = False  # pretraining pairs read shard by shard (data.streaming); webdataset implies it
+    shuffle_buffer: int = 1000  # streaming: records each DataLoader worker mixes (held in memory; re-read on resume)
     image_column: str = "image"
     caption_column: str = "caption"
+    wds_image_keys: str = DEFAULT_IMAGE_KEYS  # webdataset: image member extensions, the first present is used
+    wds_caption_key: str = DEFAULT_CAPTION_KEY  # webdataset: caption member ("txt"), or "json:caption" for a JSON field
+
+    def __post_init__(self) -> None:
+        if self.format == "webdataset":
+            self.streaming = True
 
 
 class SampleBuilder:
@@ -80,7 +102,8 @@ class SampleBuilder:
         except (ValueError, KeyError) as e:
             raise DataFormatError(f"{where}: {e}") from e
 
-    def build(self, record: dict, where: str) -> dict:
+    def build(self, record: dict, where: str, image_bytes: dict[str, bytes] | None = None) -> dict:
+        """``image_bytes``: images already in memory (WebDataset members), by the path the record names."""
         full = self.tokenize(record, where)
         sample = truncate_span_safe(full, self.config.max_len, self.img_start, self.img_end)
         if sample is None:
@@ -88,7 +111,8 @@ class SampleBuilder:
                            where, len(full), self.config.max_len)
             return {"dropped": stats.DROPPED_TOO_LONG}
         try:
-            pixels = [load_image(p, self.config.image_size, where) for p in sample.image_paths]
+            pixels = [load_image(p, self.config.image_size, where, data=(image_bytes or {}).get(p))
+                      for p in sample.image_paths]
         except ImageLoadError as e:
             if self.config.max_bad_images <= 0:
                 raise
@@ -130,41 +154,116 @@ class VLMDataset(Dataset):
 
 
 class StreamingVLMDataset(IterableDataset):
-    """Pretraining pairs streamed with Hugging Face ``datasets``: split across ranks with
-    ``split_dataset_by_node`` and across DataLoader workers by ``datasets`` itself (by file shard, so
-    give it at least as many files as workers; extra workers idle, with a warning from ``datasets``)."""
+    """Streamed pretraining pairs -> batches: JSONL/CSV/Parquet/JSON-list shards or WebDataset tars.
 
-    def __init__(self, config: DataConfig, tokenizer, num_image_tokens: int, rank: int, world_size: int) -> None:
-        from datasets.distributed import split_dataset_by_node
+    Each DataLoader worker is one reader of data.streaming (its own shards, shuffle buffer and position)
+    and yields whole batches, each carrying ``_position``: the worker's position after it. The loader
+    keeps the position of the last batch it delivered from each worker; ``resume_at`` hands them back
+    before the next ``iter()`` (workers are started per iteration and get a copy of this object).
+    """
 
-        ds = load_pretrain_pairs(config.paths, streaming=True, image_column=config.image_column,
-                                 caption_column=config.caption_column)
-        if config.shuffle:
-            ds = ds.shuffle(seed=config.seed, buffer_size=10_000)
-        self.hf_dataset = split_dataset_by_node(ds, rank=rank, world_size=world_size)
-        self.base_dir = Path(config.image_root) if config.image_root else Path(config.paths[0]).parent
-        self.source = ",".join(config.paths)
+    def __init__(self, config: DataConfig, tokenizer, num_image_tokens: int, rank: int, world_size: int,
+                 batch_size: int, collator: Collator) -> None:
+        self.config, self.rank, self.batch_size, self.collator = config, rank, batch_size, collator
+        self.urls = expand_shard_patterns(config.paths)
+        kinds = sorted({shard_kind(u) for u in self.urls})
+        if len(kinds) > 1:
+            raise UserError(f"data.paths: streamed shards must all be of one kind, got {', '.join(kinds)}")
+        self.webdataset = config.format == "webdataset"
+        if self.webdataset != (kinds[0] == "tar"):
+            raise UserError(f"data.format: webdataset reads .tar shards, not {self.urls[0]}" if self.webdataset else
+                            f"data.paths: {self.urls[0]} is a tar shard: set data.format: webdataset")
+        if not self.webdataset and config.format not in ("pretrain", "auto"):
+            raise UserError(f"data.streaming reads pretraining pairs; data.format={config.format!r} is not streamed")
+        self.reader = ShardReader(kinds[0])
+        self.image_keys = parse_image_keys(config.wds_image_keys)
+        self.caption_key = parse_caption_key(config.wds_caption_key)
+        self.num_workers = max(config.num_workers, 1)
+        self.num_readers = world_size * self.num_workers
+        self.shards_digest = hashlib.sha1("\n".join(self.urls).encode()).hexdigest()
+        self.base_dir = Path(config.image_root) if config.image_root else Path(self.urls[0]).parent
         self.builder = SampleBuilder(tokenizer, num_image_tokens, config)
+        self.epoch, self.first_worker = 0, 0
+        self.positions: dict[int, dict] = {}
+        if rank == 0 and len(self.urls) < self.num_readers:
+            logger.warning("%d shards for %d readers (%d ranks x %d workers): readers share shards, each reading "
+                           "all of its shard and keeping every k-th record; give >= %d shards to read each once",
+                           len(self.urls), self.num_readers, world_size, self.num_workers, self.num_readers)
+        elif rank == 0 and len(self.urls) % self.num_readers:
+            logger.warning("%d shards for %d readers (%d ranks x %d workers): some read one shard more, so ranks' "
+                           "epochs differ in length; give a multiple of %d", len(self.urls), self.num_readers,
+                           world_size, self.num_workers, self.num_readers)
 
     def set_epoch(self, epoch: int) -> None:
-        self.hf_dataset.set_epoch(epoch)  # reshuffles shard order and buffer per epoch
+        self.epoch = epoch
+
+    def resume_at(self, epoch: int, positions: dict[int, dict], first_worker: int) -> None:
+        """Before ``iter()``: worker w restarts from ``positions[w]`` (absent: the epoch's start); DataLoader
+        worker 0 plays worker ``first_worker``, so batches keep coming in the uninterrupted run's order."""
+        self.epoch, self.positions, self.first_worker = epoch, positions, first_worker
 
     def __iter__(self) -> Iterator[dict]:
-        for i, row in enumerate(self.hf_dataset):
-            where = f"{self.source} streamed row {i} (this rank/worker)"
+        info = get_worker_info()
+        worker = ((info.id if info is not None else 0) + self.first_worker) % self.num_workers
+        reader = self.rank * self.num_workers + worker
+        cfg = self.config
+        assignments = assign_shards(len(self.urls), self.num_readers, reader, cfg.seed, self.epoch, cfg.shuffle)
+        saved = self.positions.get(worker)
+        stream = ReaderStream(self.urls, self.reader, assignments, cfg.shuffle_buffer if cfg.shuffle else 1,
+                              seed=(cfg.seed, self.epoch, reader), state=saved["stream"] if saved else None)
+        items = []
+        for raw, url, index in stream:
+            items.append(self._sample(raw, url, index))
+            if len(items) == self.batch_size:
+                yield self._batch(items, worker, stream)
+                items = []
+        if items:
+            yield self._batch(items, worker, stream)
+
+    def _batch(self, items: list[dict], worker: int, stream: ReaderStream) -> dict:
+        batch = self.collator(items)
+        batch["_position"] = {"worker": worker, "epoch": self.epoch, "stream": stream.state_dict()}
+        return batch
+
+    def _sample(self, raw: dict, url: str, index: int) -> dict:
+        where = f"{url} record {index}"
+        if not self.webdataset:
+            record = {k: v for k, v in raw.items() if k not in (self.config.image_column, self.config.caption_column)}
+            for column, name in ((self.config.image_column, "image"), (self.config.caption_column, "caption")):
+                if column not in raw:
+                    raise DataFormatError(f"{where}: pretraining data needs a {column!r} column; found {sorted(raw)}")
+                record[name] = raw[column]
             try:
-                record = normalize_record(dict(row), "pretrain", self.base_dir)
+                record = normalize_record(record, "pretrain", self.base_dir)
             except ValueError as e:
                 raise DataFormatError(f"{where}: {e}") from e
-            yield self.builder.build(record, where)
+            return self.builder.build(record, where)
+        where = f"{where} (key {raw['__key__']!r})"
+        try:
+            record, image = pair_of(raw, url, self.image_keys, self.caption_key)
+        except BadSample as e:
+            if self.config.max_bad_images <= 0:
+                raise UserError(f"{where}: {e} (data.max_bad_images > 0 skips such samples)") from e
+            logger.warning("skipping sample (max_bad_images=%d): %s: %s", self.config.max_bad_images, where, e)
+            return {"dropped": stats.DROPPED_BAD_SAMPLE}
+        return self.builder.build(record, where, image_bytes={record["image"]: image})
+
+
+def _as_is(batch: dict) -> dict:
+    """The DataLoader's collate_fn for streaming: workers already yield whole batches."""
+    return batch
 
 
 @dataclass
 class ResumableLoader:
-    """A DataLoader plus the bookkeeping the contract needs: it advances the sampler as batches reach
-    the trainer (so ``state_dict`` is exact despite prefetching), strips the per-batch ``_stats``,
-    enforces ``max_bad_images`` over the whole run, skips batches whose samples were all dropped and
-    logs the drop counters at the end of each epoch."""
+    """A DataLoader plus the bookkeeping the contract needs: it records the position of the data as
+    batches reach the trainer (so ``state_dict`` is exact despite prefetching), strips the per-batch
+    ``_stats``, enforces ``max_bad_images`` over the whole run, skips batches whose samples were all
+    dropped and logs the drop counters at the end of each epoch.
+
+    Map-style data: the sampler's count of consumed samples. Streamed data: each worker's position after
+    the last batch delivered from it, and which worker delivers next (the DataLoader takes batches from
+    its workers in turn, skipping those that are done, so that fixes the order of the rest)."""
 
     dataloader: DataLoader
     batch_size: int
@@ -172,16 +271,15 @@ class ResumableLoader:
     sampler: ResumableSampler | None = None  # None when streaming
     stats: stats.DataStats = field(default_factory=stats.DataStats)
     epoch: int = 0
-    batches_done: int = 0  # streaming only: batches delivered this epoch (resume fast-forwards over them)
+    positions: dict[int, dict] = field(default_factory=dict)  # streaming: worker -> position after its last batch
+    next_worker: int = 0  # streaming: the worker whose batch comes next
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self.batches_done = 0
+            self.positions, self.next_worker = {}, 0
         self.epoch = epoch
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
-        else:
-            self.dataloader.dataset.set_epoch(epoch)
 
     def __len__(self) -> int:
         """Batches left in this epoch (map-style only)."""
@@ -190,41 +288,74 @@ class ResumableLoader:
         return -(-len(self.sampler) // self.batch_size)
 
     def __iter__(self) -> Iterator[dict]:
-        skip = 0 if self.sampler is not None else self.batches_done
+        streamed = self.sampler is None
+        if streamed:
+            self.dataloader.dataset.resume_at(self.epoch, dict(self.positions), self.next_worker)
         for batch in self.dataloader:
-            if skip:  # streaming resume: replay the order up to where the checkpoint was taken
-                skip -= 1
-                continue
             counts = batch.pop("_stats")
             self.stats.add(counts)
-            if self.stats.total[stats.DROPPED_BAD_IMAGE] > self.max_bad_images:
-                raise ImageLoadError(f"{self.stats.total[stats.DROPPED_BAD_IMAGE]} bad images exceed "
-                                     f"max_bad_images={self.max_bad_images} (see the warnings above for the files)")
-            if self.sampler is not None:
+            bad = self.stats.total[stats.DROPPED_BAD_IMAGE] + self.stats.total[stats.DROPPED_BAD_SAMPLE]
+            if bad > self.max_bad_images:
+                raise ImageLoadError(f"{bad} bad images or samples exceed max_bad_images={self.max_bad_images} "
+                                     "(see the warnings above for the files)")
+            if streamed:
+                position = batch.pop("_position")
+                self.positions[position["worker"]] = position
+                self.next_worker = (position["worker"] + 1) % self.dataloader.dataset.num_workers
+            else:
                 # every item the sampler gave (kept or dropped) is consumed
                 self.sampler.advance(counts[stats.SAMPLES] + counts[stats.DROPPED_TOO_LONG]
                                      + counts[stats.DROPPED_BAD_IMAGE])
-            else:
-                self.batches_done += 1
             if batch["num_samples"] > 0:
                 yield batch
         self.stats.end_epoch(self.epoch)
         self.set_epoch(self.epoch + 1)  # a checkpoint taken now resumes at the start of the next epoch
 
     def state_dict(self) -> dict:
-        state = {"epoch": self.epoch, "stats": self.stats.state_dict(), "batches_done": self.batches_done}
+        """Plain lists, dicts and numbers (a JSON or ``torch.load(weights_only=True)`` round trip keeps it)."""
+        state = {"epoch": self.epoch, "stats": self.stats.state_dict()}
         if self.sampler is not None:
             state["sampler"] = self.sampler.state_dict()
+        else:
+            dataset = self.dataloader.dataset
+            state["stream"] = {
+                "num_workers": dataset.num_workers, "num_readers": dataset.num_readers,
+                "shards": len(dataset.urls), "shards_digest": dataset.shards_digest, "next_worker": self.next_worker,
+                "positions": [_plain(self.positions[w]) if w in self.positions else None
+                              for w in range(dataset.num_workers)],
+            }
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = state["epoch"]
-        self.batches_done = state.get("batches_done", 0)
         self.stats.load_state_dict(state["stats"])
         if self.sampler is not None:
             self.sampler.load_state_dict(state["sampler"])
-        else:
-            self.dataloader.dataset.set_epoch(self.epoch)
+            return
+        dataset = self.dataloader.dataset
+        saved = state.get("stream")
+        if saved is None:  # a checkpoint from before O(1) resume kept only a batch count
+            logger.warning("the checkpoint has no streaming position: epoch %d restarts from its beginning", self.epoch)
+            self.positions, self.next_worker = {}, 0
+            return
+        now = {"num_workers": dataset.num_workers, "num_readers": dataset.num_readers, "shards": len(dataset.urls),
+               "shards_digest": dataset.shards_digest}
+        changed = [k for k in now if saved[k] != now[k]]
+        if changed:
+            raise UserError(f"the checkpoint's data position was saved with {', '.join(f'{k}={saved[k]}' for k in changed)}, "
+                            f"now {', '.join(f'{k}={now[k]}' for k in changed)}: resume with the same data.paths, "
+                            "data.num_workers and number of ranks (readers = ranks x workers), or start a new run")
+        self.positions = {w: p for w, p in enumerate(saved["positions"]) if p is not None}
+        self.next_worker = saved["next_worker"]
+
+
+def _plain(value):
+    """numpy arrays (a position's buffer references) -> lists, recursively."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def build_dataloader(config: DataConfig, tokenizer, num_image_tokens: int, batch_size: int,
@@ -235,16 +366,16 @@ def build_dataloader(config: DataConfig, tokenizer, num_image_tokens: int, batch
     """
     collator = Collator(pad_id=tokenizer.convert_tokens_to_ids(ENDOFTEXT), image_size=config.image_size,
                         max_len=config.pack_len or config.max_len, packing=config.packing)
-    common = {"batch_size": batch_size, "collate_fn": collator, "num_workers": config.num_workers,
-              "persistent_workers": False, "pin_memory": torch.cuda.is_available()}
+    common = {"num_workers": config.num_workers, "persistent_workers": False, "pin_memory": torch.cuda.is_available()}
     if config.num_workers > 0:
         common["prefetch_factor"] = 2
     if config.streaming:
-        dataset = StreamingVLMDataset(config, tokenizer, num_image_tokens, rank, world_size)
-        return ResumableLoader(DataLoader(dataset, **common), batch_size, config.max_bad_images)
+        dataset = StreamingVLMDataset(config, tokenizer, num_image_tokens, rank, world_size, batch_size, collator)
+        return ResumableLoader(DataLoader(dataset, batch_size=None, collate_fn=_as_is, **common), batch_size,
+                               config.max_bad_images)
     dataset = VLMDataset(config, tokenizer, num_image_tokens)
     lengths = dataset.token_lengths() if config.group_by_length else None
     sampler = ResumableSampler(len(dataset), seed=config.seed, rank=rank, world_size=world_size,
                                shuffle=config.shuffle, lengths=lengths)
-    return ResumableLoader(DataLoader(dataset, sampler=sampler, **common), batch_size,
-                           config.max_bad_images, sampler=sampler)
+    return ResumableLoader(DataLoader(dataset, sampler=sampler, batch_size=batch_size, collate_fn=collator, **common),
+                           batch_size, config.max_bad_images, sampler=sampler)

@@ -171,7 +171,8 @@ def _builder(path: Path) -> str:
     try:
         return _HF_BUILDERS[path.suffix]
     except KeyError:
-        raise ValueError(f"{path}: pretraining pairs must be .jsonl/.json/.csv/.parquet") from None
+        raise ValueError(f"{path}: pretraining pairs must be .jsonl/.json/.csv/.parquet "
+                         "(WebDataset .tar shards: data.format: webdataset)") from None
 
 
 def load_pretrain_pairs(path: str | Path | list[str], streaming: bool = False,

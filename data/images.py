@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
@@ -17,13 +18,14 @@ class ImageLoadError(RuntimeError):
     """An image that is missing or cannot be decoded; the message names the file (and record when known)."""
 
 
-def load_image(path: str | Path, image_size: int, where: str = "") -> torch.Tensor:
+def load_image(path: str | Path, image_size: int, where: str = "", data: bytes | None = None) -> torch.Tensor:
     """Read an image as FloatTensor [3, S, S]: RGB, squashed (aspect ratio not kept) to S x S with bicubic
     resampling, normalised with the CLIP mean/std. ``where`` (e.g. "train.json record 12") goes into errors.
+    ``data``: the file's bytes when they are in memory already (a WebDataset member); ``path`` names them.
     """
     suffix = f" (referenced by {where})" if where else ""
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data) if data is not None else path) as img:
             rgb = img.convert("RGB")  # convert() forces a full decode, so truncated files fail here
     except FileNotFoundError as e:
         raise ImageLoadError(f"image file not found: {path}{suffix}") from e

@@ -16,6 +16,7 @@ logger = logging.getLogger("data.stats")
 SAMPLES = "samples"  # samples that reached a batch
 DROPPED_TOO_LONG = "dropped_too_long"  # nothing supervised survives span-safe truncation
 DROPPED_BAD_IMAGE = "dropped_bad_image"  # missing/corrupt image, skipped because max_bad_images allows it
+DROPPED_BAD_SAMPLE = "dropped_bad_sample"  # webdataset sample without a usable image/caption member (same cap)
 TRUNCATED = "truncated"  # cut at max_len (never inside an image span), still used
 
 
@@ -47,6 +48,6 @@ class DataStats:
 
 
 def format_counts(counts: dict[str, int]) -> str:
-    keys = [SAMPLES, TRUNCATED, DROPPED_TOO_LONG, DROPPED_BAD_IMAGE]
+    keys = [SAMPLES, TRUNCATED, DROPPED_TOO_LONG, DROPPED_BAD_IMAGE, DROPPED_BAD_SAMPLE]
     keys += sorted(k for k in counts if k not in keys)
     return ", ".join(f"{k}={counts.get(k, 0)}" for k in keys)

@@ -1,6 +1,6 @@
 """A small synthetic multimodal world a tiny model can learn on a CPU in minutes.
 
-    python -m data.synthetic --out DIR --seed S [--n-train 2000 --n-eval 200 --image-size 112]
+    python -m data.synthetic --out DIR --seed S [--n-train 2000 --n-eval 200 --image-size 112] [--webdataset]
 
 Images are 1-3 big coloured shapes, each in its own quadrant, or one rendered word, on a light
 background. Few colours, few shapes, fixed phrasing: what a tiny model can learn quickly, so training
@@ -9,6 +9,8 @@ runs write identical bytes). Files (all paths inside are relative to DIR, the fi
 
   images/{train,eval}/NNNNNN.png
   pretrain.jsonl           {image, caption}                       pretraining pairs
+  webdataset/pretrain-NNNNNN.tar  the same pairs as WebDataset shards (--webdataset): KEY.png, KEY.txt,
+                           KEY.json {caption, image}; the manifest names them by a brace pattern
   multitask.jsonl          {task, image, ...}                     data.templates records
   sft.json                 Qwen-VL fine-tune JSON (multi-turn, some with 2 pictures, <ref>/<box> answers)
   caption_test.json        COCO format {images[{id, image}], annotations[{id, image_id, caption}]}
@@ -231,9 +233,21 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int) -> None:
                             extra_special_tokens=list(VLM_SPECIAL_TOKENS)).save_pretrained(out_dir)
 
 
+def write_pretrain_shards(out: Path, pretrain: list[dict], shard_size: int) -> str:
+    """The pretraining pairs as WebDataset shards in ``out/webdataset``; returns their brace pattern
+    relative to ``out``."""
+    from data.webdataset import shard_pattern, write_shards
+
+    samples = ({"__key__": Path(p["image"]).stem, "png": (out / p["image"]).read_bytes(),
+                "txt": p["caption"].encode(), "json": json.dumps(p).encode()} for p in pretrain)
+    paths = write_shards(samples, out / "webdataset", "pretrain", shard_size)
+    return str(Path(shard_pattern(paths)).relative_to(out))
+
+
 def generate(out: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int = 200, image_size: int = 112,
-             vocab_size: int = 1024, text_fraction: float = 0.25) -> dict:
-    """Write the whole world to ``out``; returns the manifest."""
+             vocab_size: int = 1024, text_fraction: float = 0.25, webdataset_shard_size: int | None = None) -> dict:
+    """Write the whole world to ``out``; returns the manifest. ``webdataset_shard_size``: also write the
+    pretraining pairs as WebDataset shards of that many samples."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world = World(seed, image_size, text_fraction)
@@ -285,6 +299,11 @@ def generate(out: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int = 
         count = len(data) if isinstance(data, list) else len(data.get("images", data.get("annotations", [])))
         manifest["files"][name] = {"path": file, "split": split, "format": fmt, "count": count}
 
+    if webdataset_shard_size:
+        manifest["files"]["pretrain_webdataset"] = {
+            "path": write_pretrain_shards(out, pretrain, webdataset_shard_size), "split": "train",
+            "format": "WebDataset shards of the pretraining pairs (png, txt, json)", "count": len(pretrain)}
+
     texts = [DEFAULT_SYSTEM_MESSAGE, "system\nuser\nassistant\n"]
     texts += [" ".join(task_prompt_and_target(r)).replace(f"<img>{r['image']}</img>", "") for r in multitask[:20000]]
     texts += [t["value"] for c in sft for t in c["conversations"]]
@@ -304,8 +323,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-size", type=int, default=112, help="side of the square images in pixels")
     p.add_argument("--vocab-size", type=int, default=1024, help="size of the BPE tokenizer trained on the text")
     p.add_argument("--text-fraction", type=float, default=0.25, help="share of images showing a word")
+    p.add_argument("--webdataset", action="store_true", help="also write the pretraining pairs as WebDataset shards")
+    p.add_argument("--shard-size", type=int, default=100, help="samples per WebDataset shard")
     a = p.parse_args(argv)
-    m = generate(a.out, a.seed, a.n_train, a.n_eval, a.image_size, a.vocab_size, a.text_fraction)
+    m = generate(a.out, a.seed, a.n_train, a.n_eval, a.image_size, a.vocab_size, a.text_fraction,
+                 webdataset_shard_size=a.shard_size if a.webdataset else None)
     for name, f in m["files"].items():
         print(f"{name:22s} {f['count']:7d}  {Path(a.out) / f['path']}")
 
