@@ -172,7 +172,7 @@ def test_packed_micro_batches_fill_rows_and_pad_to_the_longest():
     wide = micro_batch_shape(dataclasses.replace(data, pack_len=16384), 24, 392, 1)
     assert (wide.rows, wide.tokens) == (1, 24 * 392)
     unpacked = micro_batch_shape(dataclasses.replace(data, packing=False), 3, 2048, 1)
-    assert (unpacked.rows, unpacked.row_len) == (3, 2048)
+    assert (unpacked.rows, unpacked.row_len, unpacked.packed) == (3, 2048, False)
 
 
 def test_largest_fitting_is_the_last_micro_batch_under_budget():

@@ -24,7 +24,8 @@ Activations of a micro-batch of T tokens (row padding included) and N images
   adapter its dropout mask and the bf16 copy of its input. A checkpointed layer keeps only its input
   (the residual stream: fp32 when the embedding table is fp32, bf16 otherwise) and recomputes the rest
   in backward, one layer at a time. Frozen fp32 weights under autocast: each linear keeps the bf16 copy
-  of its weight for backward (recomputed layers: one layer at a time).
+  of its weight for backward (recomputed layers: one layer at a time). Padded rows (no packing), and SDPA
+  on packed rows, add a boolean [L, L] mask per row.
 - backward working set of one layer, per token: the gradients of the MLP's three [T, ffn] tensors and
   of the residual stream in and out.
 - loss: ``torch`` materialises fp32 logits (the log-softmax output kept, 12 bytes per token x vocab at
@@ -125,6 +126,7 @@ class MicroBatch:
     row_len: int
     images: float
     real_tokens: float  # sample tokens, row padding excluded (what tokens/s counts)
+    packed: bool = True  # several samples per row (no attention mask) or one padded sample per row
 
     @property
     def tokens(self) -> int:
@@ -264,8 +266,8 @@ def decoder_terms(c: Counts, d: Dims, s: Setup, b: MicroBatch) -> tuple[float, f
     # Frozen fp32 linears under autocast keep the bf16 copy of their weight for the input gradient.
     copies = 2 * c.layer_linears if frozen_weights_fp32_under_autocast(s) and not s.llm_trains and not s.quantized else 0
     live = b.tokens * (checkpointed * ckpt + plain * kept) + plain * copies
-    if s.attention == "sdpa":
-        live += b.rows * b.row_len**2  # transformers' boolean [L, L] mask per row (padding or packing)
+    if s.attention == "sdpa" or (s.attention == "varlen" and not b.packed):
+        live += b.rows * b.row_len**2  # a boolean [L, L] mask per row: SDPA's (varlen falls back to it on padding)
     recompute = (b.tokens * kept + copies) if checkpointed else 0
     return live, recompute + b.tokens * work
 
@@ -329,10 +331,10 @@ def estimate(c: Counts, d: Dims, s: Setup, b: MicroBatch) -> Estimate:
         "loss forward": base + gathered + vision_kept + decoder_kept + loss_forward,
         "backward: loss": base + gathered + buckets + kept + loss_backward,
         "backward: first decoder layer": base + gathered + buckets + kept + decoder_work,
-        "optimizer step": static + optimizer_step_transient(c, s),
     }
-    if s.vision_trains:
+    if s.vision_trains:  # last in backward: every other gradient exists by then
         phases["backward: vision tower"] = static + gathered + buckets + vision_kept + vision_work
+    phases["optimizer step"] = static + optimizer_step_transient(c, s)
 
     startup = 0.0
     if s.built_on_gpu:

@@ -225,7 +225,7 @@ def micro_batch_shape(data, micro_batch: int, tokens_per_sample: float, images_p
     else:
         rows, width = micro_batch, round(tokens_per_sample)
     return MicroBatch(samples=micro_batch, rows=rows, row_len=width, images=micro_batch * images_per_sample,
-                      real_tokens=micro_batch * tokens_per_sample)
+                      real_tokens=micro_batch * tokens_per_sample, packed=data.packing)
 
 
 @dataclass
@@ -241,7 +241,6 @@ class Plan:
     flops_per_step: float  # per GPU, one optimiser step (train/flops.py)
     mfu: float
     peak_tflops: float
-    packed: bool = False
     largest_micro_batch: int = 0  # 0: not even one sample fits
     notes: list[str] = field(default_factory=list)
 
@@ -313,7 +312,7 @@ def make_plan(recipe: Recipe, source: str, gpus: int = 1, gpu_mem_gib: float = D
     flops = rates(samples * tokens, samples * images_per_sample, samples * tokens**2)
     plan = Plan(recipe=source, model=model, setup=setup, batch=batch, estimate=est, tokens_per_sample=tokens,
                 images_per_sample=images_per_sample, gpu_mem_gib=gpu_mem_gib, flops_per_step=flops, mfu=mfu,
-                peak_tflops=peak_tflops, packed=data.packing, notes=notes)
+                peak_tflops=peak_tflops, notes=notes)
     plan.largest_micro_batch = largest_fitting(lambda mb: needed_bytes(estimate_for(mb)[1], setup),
                                                gpu_mem_gib * GiB)
     return plan
@@ -336,7 +335,8 @@ def largest_fitting(needed, budget: float) -> int:
 
 # ------------------------------------------------------------------------------------------ output
 def _gib(x: float) -> str:
-    return f"{x / GiB:.1f}"
+    v = x / GiB
+    return f"{v:.1f}" if v >= 0.1 or v == 0 else f"{v:.2g}"
 
 
 def _b(n: float) -> str:
@@ -363,7 +363,7 @@ def render(plan: Plan) -> str:
     if c.quantized:
         lines.append(f"{'4-bit (NF4) decoder weights':<34}{c.quantized:>16,}")
     lines.append(f"{'mode':<34}{describe_mode(s)}")
-    packing = f"{'packed in ' if plan.packed else ''}{b.rows} row(s) of {b.row_len}"
+    packing = f"{'packed in ' if b.packed else ''}{b.rows} row(s) of {b.row_len}"
     lines.append(f"{'micro-batch':<34}{b.samples} samples x {plan.tokens_per_sample:g} tokens = "
                  f"{b.tokens:,} tokens ({packing}), {b.images:g} images at {plan.model.config.vision.image_size} px")
     ckpt = (f"{s.checkpointed_layers} of {plan.model.config.text_config['num_hidden_layers']} decoder layers "
@@ -390,7 +390,7 @@ def render(plan: Plan) -> str:
                     "more GPUs or ZeRO-3)"))
     lines += ["", f"{'FLOPs per step (train/flops.py)':<34}{plan.flops_per_step:.3e} per GPU  "
                   f"({s.grad_accum} micro-batch(es) of {b.samples} samples)"]
-    lines.append(f"{'step time':<34}{plan.step_time:.3f} s at {plan.mfu:.0%} MFU of {plan.peak_tflops:g} TFLOP/s")
+    lines.append(f"{'step time':<34}{plan.step_time:.3g} s at {plan.mfu:.0%} MFU of {plan.peak_tflops:g} TFLOP/s")
     per_gpu = plan.tokens_per_step / plan.step_time
     lines.append(f"{'tokens/s':<34}{per_gpu:,.0f} per GPU, {per_gpu * s.gpus:,.0f} over {s.gpus} GPU(s)")
     if plan.notes:
