@@ -250,7 +250,7 @@ class Plan:
 
     @property
     def needed(self) -> float:
-        return self.estimate.process_peak + self.allowance
+        return needed_bytes(self.estimate, self.setup)
 
     @property
     def fits(self) -> bool:
