@@ -156,17 +156,40 @@ def test_a_frozen_vision_tower_keeps_no_activations():
     assert "backward: vision tower" in trains.phases
 
 
-def test_frozen_bf16_halves_the_frozen_weights_and_the_build_is_fp32_outside_deepspeed():
+def test_frozen_bf16_halves_the_frozen_weights_and_the_build_adds_only_an_export_shard():
     counts = counts_7b(128_974_848)
-    fp32 = estimate(counts, QWEN, dataclasses.replace(LORA, frozen_bf16=False, built_on_gpu=True), ROW)
-    bf16 = estimate(counts, QWEN, dataclasses.replace(LORA, built_on_gpu=True), ROW)
+    fp32 = estimate(counts, QWEN, dataclasses.replace(LORA, frozen_bf16=False), ROW)
+    bf16 = estimate(counts, QWEN, dataclasses.replace(LORA, load_shard_bytes=5e9), ROW)
     assert fp32.terms["weights: frozen"] == 2 * bf16.terms["weights: frozen"] == 4 * counts.frozen
-    assert bf16.startup == fp32.startup == 4 * counts.total  # drawn in fp32 before frozen_bf16 casts
-    assert bf16.process_peak == bf16.startup > bf16.peak
+    # weights arrive in their final dtypes (train.loop.storage_dtypes), one safetensors shard at a time
+    at_rest = sum(v for k, v in bf16.terms.items() if k.startswith("weights") and "autocast" not in k)
+    assert bf16.startup == at_rest + 5e9 < bf16.peak == bf16.process_peak
+
+
+def test_zero3_draws_a_preset_whole_on_every_gpu_before_partitioning():
+    counts = counts_7b(7_813_115_904)
+    setup = Setup(mode="zero3", gpus=64, frozen_bf16=True, zero3_built_whole=True, checkpointed_layers=32)
+    est = estimate(counts, QWEN, setup, ROW)
+    assert est.startup == 2 * counts.total
+    assert est.peak < est.startup == est.process_peak  # 18 GiB of bf16 weights beat a 1/64 share of the step
+
+
+def test_max_forward_tokens_bounds_the_activations_to_one_pass_and_keeps_gradients_across_passes():
+    data = dataclasses.replace(load_recipe(REPO / "recipes/sft_lora.yaml").data, pack_len=8192)
+    whole = micro_batch_shape(data, 16, 2048, 1)
+    split = micro_batch_shape(data, 16, 2048, 1, max_forward_tokens=8192)
+    assert (whole.passes, whole.pass_tokens) == (1, 4 * 8192)
+    assert (split.passes, split.pass_tokens, split.pass_images) == (4, 8192, 4)
+    counts = counts_7b(128_974_848)
+    one_row = MicroBatch(samples=4, rows=1, row_len=8192, images=4, real_tokens=8192)
+    alone, in_four = (estimate(counts, QWEN, LORA, b) for b in (one_row, split))
+    assert in_four.terms["activations: decoder"] == alone.terms["activations: decoder"]
+    # the fp32 gradients of earlier passes are there when a later pass starts its backward
+    assert in_four.phases["backward: loss"] - alone.phases["backward: loss"] == 4 * counts.trainable
 
 
 def test_packed_micro_batches_fill_rows_and_pad_to_the_longest():
-    data = load_recipe(REPO / "recipes/sft_lora.yaml").data  # max_len 2048, packing, no pack_len
+    data = load_recipe(REPO / "recipes/sft.yaml").data  # max_len 2048, packing, no pack_len
     b = micro_batch_shape(data, 24, 392, 1.11)  # 5 samples per 2048-token row
     assert (b.rows, b.row_len, b.real_tokens) == (5, 1960, 24 * 392) and b.images == pytest.approx(26.64)
     wide = micro_batch_shape(dataclasses.replace(data, pack_len=16384), 24, 392, 1)
@@ -208,6 +231,9 @@ def test_the_plan_lands_within_15_percent_of_every_gpu_measurement():
     print("\n" + markdown(rows))
     assert len(rows) == len(MEASUREMENTS) == 9
     for row in rows:
+        if row.run.superseded:  # measured before a fix: what it measured is the superseded build
+            assert abs(row.explained_gib / row.run.measured_gib - 1) <= 0.15, row.run.name
+            continue
         assert abs(row.error) <= 0.15, f"{row.run.name}: measured {row.run.measured_gib}, planned {row.planned_gib:.1f}"
     # docs/benchmarks.md shows this very table
     docs = (REPO / "docs/benchmarks.md").read_text()
@@ -261,12 +287,14 @@ def test_user_mistakes_are_one_error_line(monkeypatch, capsys, argv, message):
 def test_json_output_holds_the_table(monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     code, out, _ = run_cli_main(monkeypatch, capsys, "recipes/sft_lora.yaml", "--gpus", "8", "--json",
-                                "--tokens-per-sample", "600", "--gpu-mem", "141")
+                                "--tokens-per-sample", "600", "--gpu-mem", "141", "parallel.mode=zero2")
     plan = json.loads(out)
     assert code == 0 and plan["setup"]["mode"] == "zero2" and plan["setup"]["gpus"] == 8
     assert plan["parameters"]["trainable"] == 220_766_208  # r=64 adapters on q,k,v,o,gate,up + the resampler
-    assert plan["fits"] is True and plan["largest_micro_batch"] >= 2 and plan["peak_gib"] < 141
-    assert plan["micro_batch"]["tokens"] == 2 * 600 and plan["tokens_per_s_per_gpu"] > 0
+    assert plan["fits"] is True and plan["largest_micro_batch"] >= 16 and plan["peak_gib"] < 141
+    # 16 samples of 600 tokens: 13 to a row of 8192, two rows, one forward pass each
+    assert plan["micro_batch"]["tokens"] == 2 * 13 * 600 and plan["micro_batch"]["rows_per_pass"] == 1
+    assert plan["tokens_per_s_per_gpu"] > 0
 
 
 def test_the_table_names_the_peak_and_the_verdict(monkeypatch, capsys):

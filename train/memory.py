@@ -7,16 +7,17 @@ in the breakdown, so a figure can be traced to its cause. The result is comparab
 context and the allocator's slack are not in it (train/plan.py adds an allowance for them).
 
 Storage of parameters (bytes per parameter)
-- single process / DDP: the trainer builds in fp32 and autocasts to bf16. Trainable: fp32 weight 4 +
-  fp32 gradient 4 + AdamW exp_avg and exp_avg_sq 8 + the bf16 copy autocast caches for the whole step
-  (forward and backward run inside one autocast region) 2. DDP adds its fp32 gradient buckets (4).
-  Frozen: 4, or 2 with ``perf.frozen_bf16``. Q-LoRA decoder linears: NF4, 0.5 + quantisation constants
+- single process / DDP, bf16 autocast: trainable fp32 weight 4 + fp32 gradient 4 + AdamW exp_avg and
+  exp_avg_sq 8 + the bf16 copy autocast caches for the whole step (forward and backward run inside one
+  autocast region) 2. DDP adds its fp32 gradient buckets (4). Frozen: 2 with ``perf.frozen_bf16`` (the
+  default: built or loaded in bf16), else 4. Q-LoRA decoder linears: NF4, 0.5 + quantisation constants
   (blocks of 64: one absmax each, itself 8-bit with an fp32 constant per 256 blocks under double quant).
 - DeepSpeed (bf16): every weight bf16 (2). Trainable also: fp32 master 4 + AdamW 8 + the bf16 gradient
   partition 2, all divided by the GPU count; ZeRO-3 divides the bf16 weights too. ZeRO-2 keeps two
   gradient buckets of ``reduce_bucket_size`` during backward (``overlap_comm``), ZeRO-3 one.
 
-Activations of a micro-batch of T tokens (row padding included) and N images
+Activations of one forward pass of T tokens (row padding included) and N images: a micro-batch, or with
+``train.max_forward_tokens`` the largest of the passes it is cut into (whole rows each)
 - decoder layer, kept for backward, per token: its two RMSNorms' inputs (fp32 upcasts in the Hugging Face
   kernel, the input itself in liger's), q, k, v and the output of flash/varlen attention (no L x L mask),
   the SwiGLU inputs (gate and up; HF also keeps silu(gate)), the inputs of linears whose weights train
@@ -37,9 +38,10 @@ Activations of a micro-batch of T tokens (row padding included) and N images
   autocast). The resampler keeps its inputs and k/v projections when gradient reaches it.
 
 Phases: the peak is the largest of the vision forward, the loss, the first decoder layer of backward
-(all saved activations still live), the vision tower's backward, and the optimiser step (fp32 gradient
-copies and AdamW's foreach temporary). ``startup`` is the trainer's build: a preset's random weights are
-drawn on the GPU in the build dtype (fp32 outside DeepSpeed) before frozen_bf16 casts them.
+(all saved activations still live), the vision tower's backward, and the optimiser step (DeepSpeed's fp32
+gradient copies; AdamW's foreach temporary where the fused kernel cannot run). ``startup`` is the build:
+the trainer puts weights on the GPU in their final dtypes, plus one safetensors shard at a time when it
+reads an export there; ZeRO-3 draws a preset's random weights whole on every GPU before partitioning.
 """
 
 from __future__ import annotations
@@ -109,7 +111,9 @@ class Setup:
     loss_impl: str = "liger"  # torch | chunked | liger ("auto" resolved by the caller)
     attention: str = "varlen"
     grad_accum: int = 1
-    built_on_gpu: bool = False  # random weights drawn on the GPU in the build dtype (train.loop.build_model)
+    fused_adamw: bool = True  # train.optim: the fused kernel when every trainable weight is on the GPU
+    load_shard_bytes: float = 0.0  # an export read onto the GPU: the largest safetensors shard, held once
+    zero3_built_whole: bool = False  # ZeRO-3 from a preset: drawn whole in bf16 on each GPU, then partitioned
     zero: dict = field(default_factory=dict)  # DeepSpeed zero_optimization settings
 
     @property
@@ -119,7 +123,8 @@ class Setup:
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """One micro-batch on one GPU: ``rows`` rows padded to ``row_len`` tokens, ``images`` images."""
+    """One micro-batch on one GPU: ``rows`` rows padded to ``row_len`` tokens, ``images`` images, run as
+    forward passes of ``rows_per_pass`` rows (train.max_forward_tokens; all rows at once by default)."""
 
     samples: int
     rows: int
@@ -127,10 +132,28 @@ class MicroBatch:
     images: float
     real_tokens: float  # sample tokens, row padding excluded (what tokens/s counts)
     packed: bool = True  # several samples per row (no attention mask) or one padded sample per row
+    rows_per_pass: int | None = None
 
     @property
     def tokens(self) -> int:
         return self.rows * self.row_len
+
+    @property
+    def passes(self) -> int:
+        return math.ceil(self.rows / self.pass_rows)
+
+    @property
+    def pass_rows(self) -> int:
+        return min(self.rows, self.rows_per_pass or self.rows)
+
+    @property
+    def pass_tokens(self) -> int:
+        """Tokens of the largest forward pass: what activations scale with."""
+        return self.pass_rows * self.row_len
+
+    @property
+    def pass_images(self) -> float:
+        return self.images * self.pass_rows / self.rows
 
 
 @dataclass
@@ -140,7 +163,7 @@ class Estimate:
 
     terms: dict[str, float]
     phases: dict[str, float]
-    startup: float  # while building the model (0 when the weights arrive already in their final dtype)
+    startup: float  # while the model is built or loaded, before the first step
 
     @property
     def peak_phase(self) -> str:
@@ -226,16 +249,18 @@ def zero3_gathered(c: Counts, d: Dims, s: Setup) -> float:
 
 
 def optimizer_step_transient(c: Counts, s: Setup) -> float:
-    """Extra bytes while the optimiser steps.
-    - the trainer's torch AdamW (foreach): one fp32 temporary of a parameter group (sqrt of exp_avg_sq).
-    - ZeRO-2: per group, the bf16 gradient partition flattened and cast to an fp32 gradient (2 + 4 bytes).
-    - ZeRO-3: per sub-group (zero_optimization.sub_group_size): the fp32 gradient and AdamW's temporary."""
+    """Extra bytes while the optimiser steps. torch's fused AdamW has no large temporary; its foreach form
+    (weights not on the GPU when the optimiser is built) keeps one fp32 tensor of a group (sqrt of exp_avg_sq).
+    - ZeRO-2: per group, the bf16 gradient partition flattened and cast to an fp32 gradient (2 + 4 bytes;
+      the gradient partition is freed before the last group steps, which covers a foreach temporary).
+    - ZeRO-3: the same per sub-group of at most zero_optimization.sub_group_size elements."""
+    foreach = 0 if s.fused_adamw else 4
     if s.mode == "zero2":
         return 6 * c.largest_group / s.gpus
     if s.mode == "zero3":
         sub_group = min(float(s.zero.get("sub_group_size", 1e9)), c.largest_group / s.gpus)
-        return 8 * sub_group
-    return 4 * c.largest_group
+        return max(6, 4 + foreach) * sub_group
+    return foreach * c.largest_group
 
 
 # ------------------------------------------------------------------------------------------ activations
@@ -265,16 +290,17 @@ def decoder_terms(c: Counts, d: Dims, s: Setup, b: MicroBatch) -> tuple[float, f
     plain = d.layers - checkpointed
     # Frozen fp32 linears under autocast keep the bf16 copy of their weight for the input gradient.
     copies = 2 * c.layer_linears if frozen_weights_fp32_under_autocast(s) and not s.llm_trains and not s.quantized else 0
-    live = b.tokens * (checkpointed * ckpt + plain * kept) + plain * copies
+    tokens = b.pass_tokens
+    live = tokens * (checkpointed * ckpt + plain * kept) + plain * copies
     if s.attention == "sdpa" or (s.attention == "varlen" and not b.packed):
-        live += b.rows * b.row_len**2  # a boolean [L, L] mask per row: SDPA's (varlen falls back to it on padding)
-    recompute = (b.tokens * kept + copies) if checkpointed else 0
-    return live, recompute + b.tokens * work
+        live += b.pass_rows * b.row_len**2  # a boolean [L, L] mask per row: SDPA's (varlen falls back to it on padding)
+    recompute = (tokens * kept + copies) if checkpointed else 0
+    return live, recompute + tokens * work
 
 
 def loss_terms(d: Dims, s: Setup, b: MicroBatch) -> tuple[float, float, float]:
     """(kept from the loss's forward to its backward, extra bytes at its backward, extra at its forward)."""
-    act, T, V, h = (2 if s.bf16 else 4), b.tokens, d.vocab, d.hidden
+    act, T, V, h = (2 if s.bf16 else 4), b.pass_tokens, d.vocab, d.hidden
     head_copy = 2 * V * h if head_fp32_under_autocast(s) else 0
     if s.loss_impl == "liger":
         chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(T / math.ceil(V / h)))))
@@ -290,7 +316,7 @@ def loss_terms(d: Dims, s: Setup, b: MicroBatch) -> tuple[float, float, float]:
 def vision_terms(d: Dims, s: Setup, b: MicroBatch) -> tuple[float, float, float]:
     """(kept for backward, working set of the vision backward, forward transient of a frozen tower)."""
     act = 2 if s.bf16 else 4
-    n, p, w, m = b.images, d.patches, d.vit_width, d.vit_mlp
+    n, p, w, m = b.pass_images, d.patches, d.vit_width, d.vit_mlp
     kept = work = forward = 0.0
     if s.vision_trains:
         stream = act if s.deepspeed or not s.bf16 else 4  # fp32 under autocast: LayerNorm outputs fp32
@@ -313,9 +339,10 @@ def vision_terms(d: Dims, s: Setup, b: MicroBatch) -> tuple[float, float, float]
 def estimate(c: Counts, d: Dims, s: Setup, b: MicroBatch) -> Estimate:
     terms = parameter_terms(c, s)
     static = sum(terms.values())
-    # Gradients exist during backward from its start when DeepSpeed owns them or micro-batches accumulate;
+    # Gradients exist during backward from its start when DeepSpeed owns them or forward passes accumulate;
     # otherwise (set_to_none after each step) they appear layer by layer as the activations go.
-    base = static - (0 if s.deepspeed or s.grad_accum > 1 else terms["gradients: fp32"])
+    accumulating = s.grad_accum > 1 or b.passes > 1
+    base = static - (0 if s.deepspeed or accumulating else terms["gradients: fp32"])
     buckets, gathered = reduce_buckets(s), zero3_gathered(c, d, s)
 
     vision_kept, vision_work, vision_forward = vision_terms(d, s, b)
@@ -336,8 +363,6 @@ def estimate(c: Counts, d: Dims, s: Setup, b: MicroBatch) -> Estimate:
         phases["backward: vision tower"] = static + gathered + buckets + vision_kept + vision_work
     phases["optimizer step"] = static + optimizer_step_transient(c, s)
 
-    startup = 0.0
-    if s.built_on_gpu:
-        # train.loop.load_dtype: bf16 under DeepSpeed, fp32 otherwise; ZeRO-3 partitions only afterwards.
-        startup = c.total * (2 if s.deepspeed and s.bf16 else 4)
+    at_rest = sum(v for k, v in terms.items() if k.startswith("weights") and "autocast" not in k)
+    startup = c.total * 2 if s.zero3_built_whole else at_rest + s.load_shard_bytes
     return Estimate(terms=terms, phases=phases, startup=startup)

@@ -33,6 +33,7 @@ DEFAULT_PEAK_TFLOPS = 989.0  # dense bf16, H100 / H200 SXM (train/logger.py)
 CONTEXT_GIB = 1.0  # CUDA context + kernels' workspaces outside torch's allocator
 NCCL_GIB = 0.5  # communicator buffers, with more than one GPU or under DeepSpeed
 ALLOCATOR_SLACK = 0.10  # reserved but unallocated blocks of the caching allocator, as a share of the peak
+MAX_SHARD_BYTES = 5e9  # models.vlm.MAX_SHARD_SIZE ("5GB")
 SYNTHETIC_VOCAB = 1024  # data.synthetic's tokenizer: the tiny presets' vocabulary when no tokenizer is given
 MAX_MICRO_BATCH = 1 << 16
 
@@ -189,17 +190,17 @@ def setup_of(recipe: Recipe, model: ModelPlan, gpus: int, notes: list[str], sour
     checkpointed = recipe.perf.checkpoint_llm_layers
     if checkpointed is not None and not 0 <= checkpointed <= layers:
         raise UserError(f"{source}: perf.checkpoint_llm_layers={checkpointed} but the decoder has {layers} layers")
-    loss_impl = recipe.perf.loss_impl
-    if loss_impl == "auto":
-        loss_impl = "liger"
-        notes.append("perf.loss_impl auto = liger (a CUDA machine with liger-kernel installed)")
-    liger_kernels = recipe.perf.liger_kernels
-    if liger_kernels == "auto":
-        liger_kernels = True
-        notes.append("perf.liger_kernels auto = on (a CUDA machine with liger-kernel installed)")
+    # "auto" as train.perf.resolve_perf decides it on the GPU machine, assumed to have the gpu extra (liger).
+    perf = recipe.perf
+    qwen2 = model.config.text_config.get("model_type") == "qwen2"
+    loss_impl = "liger" if perf.loss_impl == "auto" else perf.loss_impl
+    liger_kernels = qwen2 if perf.liger_kernels == "auto" else perf.liger_kernels
+    if "auto" in (perf.loss_impl, perf.liger_kernels):
+        notes.append("perf auto switches as on a CUDA machine with liger-kernel installed: fused liger loss"
+                     + (", liger kernels" if liger_kernels else ""))
     m = recipe.model
-    built_on_gpu = (m.init_from is None and m.llm_path is None and m.openclip_name is None
-                    and not recipe.quantization.enabled)
+    drawn_on_gpu = m.init_from is None and m.llm_path is None and m.openclip_name is None  # train.loop.build_model
+    loaded_on_gpu = m.init_from is not None and mode != "zero3" and not recipe.quantization.enabled
     return Setup(
         mode=mode, gpus=gpus, bf16=recipe.train.bf16, frozen_bf16=recipe.perf.frozen_bf16,
         vision_trains=model.trains["vision"], resampler_trains=model.trains["resampler"],
@@ -208,15 +209,30 @@ def setup_of(recipe: Recipe, model: ModelPlan, gpus: int, notes: list[str], sour
         lora_dropout=recipe.lora.dropout, quantized=recipe.quantization.enabled,
         double_quant=recipe.quantization.double_quant, grad_checkpointing=recipe.train.grad_checkpointing,
         checkpointed_layers=layers if checkpointed is None else checkpointed, liger_kernels=bool(liger_kernels),
-        loss_impl=loss_impl, attention=recipe.perf.attention, grad_accum=recipe.train.grad_accum,
-        built_on_gpu=built_on_gpu, zero=zero,
+        loss_impl=loss_impl, attention=perf.attention, grad_accum=recipe.train.grad_accum, zero=zero,
+        # train.optim fuses AdamW when the weights are on the GPU as it is built (Q-LoRA moves them there).
+        fused_adamw=drawn_on_gpu or loaded_on_gpu or recipe.quantization.enabled,
+        load_shard_bytes=largest_shard(m.init_from, notes) if loaded_on_gpu else 0.0,
+        zero3_built_whole=mode == "zero3" and drawn_on_gpu,
     )
 
 
-def micro_batch_shape(data, micro_batch: int, tokens_per_sample: float, images_per_sample: float) -> MicroBatch:
+def largest_shard(export: str, notes: list[str]) -> float:
+    """Bytes of the largest safetensors file of an export (VLM.from_pretrained holds one at a time on the
+    GPU beside the model); models.vlm.MAX_SHARD_SIZE when the export does not exist yet."""
+    files = list(Path(export).glob("*.safetensors"))
+    if files:
+        return float(max(f.stat().st_size for f in files))
+    notes.append(f"export shards of {MAX_SHARD_BYTES / 1e9:g} GB (models.vlm.MAX_SHARD_SIZE) read onto the GPU")
+    return MAX_SHARD_BYTES
+
+
+def micro_batch_shape(data, micro_batch: int, tokens_per_sample: float, images_per_sample: float,
+                      max_forward_tokens: int | None = None) -> MicroBatch:
     """Rows and tokens of a micro-batch of ``micro_batch`` samples of ``tokens_per_sample`` tokens each.
     Packed (data.packing): greedy rows of up to pack_len (else max_len) tokens, padded to the longest row
-    (data.packing.pack); otherwise one sample per row."""
+    (data.packing.pack); otherwise one sample per row. ``max_forward_tokens`` (train.max_forward_tokens):
+    forward passes of as many whole rows as fit (at least one; data.collate.split_rows)."""
     if data.packing:
         row_capacity = data.pack_len or data.max_len
         per_row = max(1, int(row_capacity // tokens_per_sample))
@@ -224,8 +240,9 @@ def micro_batch_shape(data, micro_batch: int, tokens_per_sample: float, images_p
         width = round(min(micro_batch, per_row) * tokens_per_sample)
     else:
         rows, width = micro_batch, round(tokens_per_sample)
+    rows_per_pass = max(1, max_forward_tokens // width) if max_forward_tokens else None
     return MicroBatch(samples=micro_batch, rows=rows, row_len=width, images=micro_batch * images_per_sample,
-                      real_tokens=micro_batch * tokens_per_sample, packed=data.packing)
+                      real_tokens=micro_batch * tokens_per_sample, packed=data.packing, rows_per_pass=rows_per_pass)
 
 
 @dataclass
@@ -302,7 +319,7 @@ def make_plan(recipe: Recipe, source: str, gpus: int = 1, gpu_mem_gib: float = D
     dims = dims_of(model.config)
 
     def estimate_for(micro_batch: int) -> tuple[MicroBatch, Estimate]:
-        batch = micro_batch_shape(data, micro_batch, tokens, images_per_sample)
+        batch = micro_batch_shape(data, micro_batch, tokens, images_per_sample, recipe.train.max_forward_tokens)
         return batch, estimate(model.counts, dims, setup, batch)
 
     batch, est = estimate_for(recipe.train.micro_batch)
@@ -364,6 +381,8 @@ def render(plan: Plan) -> str:
         lines.append(f"{'4-bit (NF4) decoder weights':<34}{c.quantized:>16,}")
     lines.append(f"{'mode':<34}{describe_mode(s)}")
     packing = f"{'packed in ' if b.packed else ''}{b.rows} row(s) of {b.row_len}"
+    if b.passes > 1:
+        packing += f"; {b.passes} forward passes of {b.pass_tokens:,} tokens (train.max_forward_tokens)"
     lines.append(f"{'micro-batch':<34}{b.samples} samples x {plan.tokens_per_sample:g} tokens = "
                  f"{b.tokens:,} tokens ({packing}), {b.images:g} images at {plan.model.config.vision.image_size} px")
     ckpt = (f"{s.checkpointed_layers} of {plan.model.config.text_config['num_hidden_layers']} decoder layers "
@@ -379,8 +398,9 @@ def render(plan: Plan) -> str:
         lines.append(f"    {phase:<30}{_gib(value):>8}" + ("  <- peak" if phase == est.peak_phase else ""))
     lines.append(f"{'peak of a step':<34}{_gib(est.peak):>8}  (at {est.peak_phase}; torch.cuda.max_memory_allocated)")
     if est.startup > est.peak:
-        lines.append(f"{'peak while building the model':<34}{_gib(est.startup):>8}  (random weights drawn on the GPU in "
-                     f"{'bf16' if s.deepspeed else 'fp32'} before frozen_bf16 casts them)")
+        why = ("the whole bf16 model on each GPU before ZeRO-3 partitions it" if s.zero3_built_whole
+               else "the weights and the largest export shard being read")
+        lines.append(f"{'peak while building the model':<34}{_gib(est.startup):>8}  ({why})")
     lines.append(f"{'+ allowance':<34}{_gib(plan.allowance):>8}  (CUDA context and NCCL, "
                  f"{ALLOCATOR_SLACK:.0%} allocator slack)")
     verdict = "fits" if plan.fits else "DOES NOT FIT"

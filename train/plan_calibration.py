@@ -2,7 +2,8 @@
 prints the table of docs/benchmarks.md (measured, planned, error); tests/test_train_plan.py holds each
 run within 15%.
 
-Each run is written as the recipe and overrides it ran with. Two kinds of figure:
+Each run is written as the recipe and overrides it ran with; the switches whose defaults have moved since
+(perf autos, frozen_bf16, max_forward_tokens) are pinned to what the run had. Two kinds of figure:
 - "trainer": the training loop's ``peak_mem_gib``, ``torch.cuda.max_memory_allocated()`` since the process
   started, so it includes building the model (compared with the plan's process peak);
 - "bench": train.bench's peak over its timed steps, after ``reset_peak_memory_stats`` (compared with the
@@ -23,15 +24,25 @@ REPO = Path(__file__).resolve().parents[1]
 # The issue-11 runs' model: the Qwen-VL shape with random weights and the synthetic world's tokenizer
 # (no special token added, so embeddings: auto leaves the embeddings frozen) padded to Qwen's vocabulary.
 FULL_SHAPE = ("model.init_from=null", "model.preset=qwen_vl_7b", "model.pad_vocab_to=151936")
-# train.bench's LoRA / Q-LoRA "ours": the ViT and the resampler frozen, frozen weights bf16, liger, varlen.
-BENCH = (*FULL_SHAPE, "freeze.resampler=frozen", "perf.frozen_bf16=true", "perf.liger_kernels=true",
+# Before commit 7365904: no compiled layers unless asked, no liger kernels unless asked, frozen weights fp32,
+# one forward per micro-batch.
+THEN = ("perf.compile_llm=false", "perf.compile_vision=false", "perf.liger_kernels=false", "perf.frozen_bf16=false",
+        "train.max_forward_tokens=null")
+# train.bench's LoRA / Q-LoRA "ours" (before 7365904 it ran its own step): the ViT and the resampler frozen,
+# every frozen weight bf16, liger loss and kernels, varlen.
+BENCH = (*FULL_SHAPE, *THEN, "freeze.resampler=frozen", "perf.frozen_bf16=true", "perf.liger_kernels=true",
          "perf.loss_impl=liger", "perf.attention=varlen", "train.grad_accum=1", "parallel.mode=auto")
 # launch/gpu_zero_throughput.sh at commit c8e5ed8 (before data.pack_len: rows of at most 2048 tokens).
-ZERO = (*FULL_SHAPE, "perf.attention=varlen", "perf.loss_impl=auto", "perf.liger_kernels=true",
+ZERO = (*FULL_SHAPE, *THEN, "perf.attention=varlen", "perf.loss_impl=auto", "perf.liger_kernels=true",
         "perf.check_image_spans=false", "train.micro_batch=24", "train.grad_accum=1")
-# Issue 11's trainer runs: 16 synthetic SFT samples per micro-batch in rows of 8192. parallel.mode=auto:
-# the figures show a fp32 build (train.loop.load_dtype), which only happens outside DeepSpeed.
-ISSUE11 = (*FULL_SHAPE, "train.micro_batch=16", "train.grad_accum=1", "data.pack_len=8192", "parallel.mode=auto")
+# Issue 11's trainer runs (commit ca58d91): 16 synthetic SFT samples per micro-batch in rows of 8192, with
+# sft_lora.yaml's perf section of then. parallel.mode=auto: the figures show an fp32 build, which the
+# trainer did only outside DeepSpeed.
+ISSUE11 = (*FULL_SHAPE, *THEN, "perf.attention=varlen", "perf.loss_impl=auto", "perf.check_image_spans=true",
+           "train.micro_batch=16", "train.grad_accum=1", "data.pack_len=8192", "parallel.mode=auto")
+# Commit 7365904 builds frozen weights in bf16 straight on the GPU; before it the trainer drew the whole
+# model in fp32 there (LoRA adapters and peft's resampler copy added) and cast frozen weights afterwards.
+FP32_BUILD = "superseded by 7365904: the model drawn whole in fp32 before the cast"
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,7 @@ class Measurement:
     gpus: int = 1
     tokens_per_sample: float = 390.0
     images_per_sample: float = 1.0
+    superseded: str = ""  # the trainer has changed since; the figure is checked against what explains it
 
 
 MEASUREMENTS = [
@@ -52,7 +64,7 @@ MEASUREMENTS = [
                 "issue 11, H100", tokens_per_sample=390, images_per_sample=1.1),
     Measurement("LoRA: + frozen_bf16 + liger kernels, one process", "recipes/sft_lora.yaml",
                 (*ISSUE11, "perf.frozen_bf16=true", "perf.liger_kernels=true", "perf.check_image_spans=false"),
-                36.8, "trainer", "issue 11, H100", tokens_per_sample=390, images_per_sample=1.1),
+                36.8, "trainer", "issue 11, H100", tokens_per_sample=390, images_per_sample=1.1, superseded=FP32_BUILD),
     Measurement("Q-LoRA: sft_qlora + liger kernels, one process", "recipes/sft_qlora.yaml", (*ISSUE11, "perf.liger_kernels=true"),
                 24.9, "trainer", "issue 11, H100", tokens_per_sample=390, images_per_sample=1.1),
     Measurement("LoRA bench, mixed (300-700 tokens), rows of 8192", "recipes/sft_lora.yaml",
@@ -89,8 +101,16 @@ class Row:
         return self.planned_gib / self.run.measured_gib - 1
 
     @property
+    def explained_gib(self) -> float:
+        """What a superseded figure measured: the fp32 build of every parameter the run had."""
+        return self.plan.model.counts.total * 4 / GiB
+
+    @property
     def where(self) -> str:
         est = self.plan.estimate
+        if self.run.superseded:
+            return (f"{self.run.superseded}: {self.explained_gib:.1f} GiB "
+                    f"({percent(self.explained_gib / self.run.measured_gib - 1)})")
         if self.run.kind == "trainer" and est.startup > est.peak:
             return f"building the model (step peak {est.peak / GiB:.1f})"
         return est.peak_phase
