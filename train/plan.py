@@ -227,19 +227,22 @@ def largest_shard(export: str, notes: list[str]) -> float:
     return MAX_SHARD_BYTES
 
 
+def samples_per_row(data, tokens_per_sample: float) -> int:
+    """Samples of equal length in one row: as many as fit in pack_len (else max_len) when packing."""
+    if not data.packing:
+        return 1
+    return max(1, int((data.pack_len or data.max_len) // tokens_per_sample))
+
+
 def micro_batch_shape(data, micro_batch: int, tokens_per_sample: float, images_per_sample: float,
                       max_forward_tokens: int | None = None) -> MicroBatch:
     """Rows and tokens of a micro-batch of ``micro_batch`` samples of ``tokens_per_sample`` tokens each.
     Packed (data.packing): greedy rows of up to pack_len (else max_len) tokens, padded to the longest row
     (data.packing.pack); otherwise one sample per row. ``max_forward_tokens`` (train.max_forward_tokens):
     forward passes of as many whole rows as fit (at least one; data.collate.split_rows)."""
-    if data.packing:
-        row_capacity = data.pack_len or data.max_len
-        per_row = max(1, int(row_capacity // tokens_per_sample))
-        rows = math.ceil(micro_batch / per_row)
-        width = round(min(micro_batch, per_row) * tokens_per_sample)
-    else:
-        rows, width = micro_batch, round(tokens_per_sample)
+    per_row = samples_per_row(data, tokens_per_sample)
+    rows = math.ceil(micro_batch / per_row)
+    width = round(min(micro_batch, per_row) * tokens_per_sample)
     rows_per_pass = max(1, max_forward_tokens // width) if max_forward_tokens else None
     return MicroBatch(samples=micro_batch, rows=rows, row_len=width, images=micro_batch * images_per_sample,
                       real_tokens=micro_batch * tokens_per_sample, packed=data.packing, rows_per_pass=rows_per_pass)
@@ -258,7 +261,8 @@ class Plan:
     flops_per_step: float  # per GPU, one optimiser step (train/flops.py)
     mfu: float
     peak_tflops: float
-    largest_micro_batch: int = 0  # 0: not even one sample fits
+    largest_micro_batch: int | None = 0  # 0: not even one sample fits; None: not bounded (max_forward_tokens)
+    largest_forward_tokens: int | None = None  # with train.max_forward_tokens: the longest pass that fits
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -330,14 +334,27 @@ def make_plan(recipe: Recipe, source: str, gpus: int = 1, gpu_mem_gib: float = D
     plan = Plan(recipe=source, model=model, setup=setup, batch=batch, estimate=est, tokens_per_sample=tokens,
                 images_per_sample=images_per_sample, gpu_mem_gib=gpu_mem_gib, flops_per_step=flops, mfu=mfu,
                 peak_tflops=peak_tflops, notes=notes)
-    plan.largest_micro_batch = largest_fitting(lambda mb: needed_bytes(estimate_for(mb)[1], setup),
-                                               gpu_mem_gib * GiB)
+    budget = gpu_mem_gib * GiB
+    if recipe.train.max_forward_tokens is None:
+        plan.largest_micro_batch = largest_fitting(lambda mb: needed_bytes(estimate_for(mb)[1], setup), budget)
+        return plan
+    # Memory follows the forward pass, not the micro-batch: suggest the longest pass of whole rows that fits
+    # (in a micro-batch of more rows than that, so gradients persist across passes as they would).
+    per_row = samples_per_row(data, tokens)
+    row = round(per_row * tokens)
+
+    def needed_for_rows(rows: int) -> float:
+        shape = micro_batch_shape(data, (rows + 1) * per_row, tokens, images_per_sample, rows * row)
+        return needed_bytes(estimate(model.counts, dims, setup, shape), setup)
+
+    plan.largest_micro_batch = None
+    plan.largest_forward_tokens = largest_fitting(needed_for_rows, budget) * row
     return plan
 
 
 def largest_fitting(needed, budget: float) -> int:
-    """The largest micro-batch m (1 <= m <= MAX_MICRO_BATCH) with needed(m) <= budget, 0 if none
-    (needed grows with m: exponential search, then bisection)."""
+    """The largest m (1 <= m <= MAX_MICRO_BATCH) with needed(m) <= budget, 0 if none (needed grows with m:
+    exponential search, then bisection)."""
     if needed(1) > budget:
         return 0
     low, high = 1, 2
@@ -405,9 +422,13 @@ def render(plan: Plan) -> str:
                  f"{ALLOCATOR_SLACK:.0%} allocator slack)")
     verdict = "fits" if plan.fits else "DOES NOT FIT"
     lines.append(f"{'needed / --gpu-mem':<34}{_gib(plan.needed):>8} / {plan.gpu_mem_gib:g}  {verdict}")
-    lines.append(f"{'largest micro-batch that fits':<34}{plan.largest_micro_batch:>8}"
-                 + ("" if plan.largest_micro_batch else "  (not even one sample: shorten rows, checkpoint, "
-                    "more GPUs or ZeRO-3)"))
+    if plan.largest_forward_tokens is not None:
+        lines.append(f"{'largest forward pass that fits':<34}{plan.largest_forward_tokens:>8}  tokens (whole rows, "
+                     f"train.max_forward_tokens; the micro-batch itself does not bound memory)")
+    else:
+        lines.append(f"{'largest micro-batch that fits':<34}{plan.largest_micro_batch:>8}")
+    if not (plan.largest_micro_batch or plan.largest_forward_tokens):
+        lines.append(f"{'':<34}not even one row fits: shorter rows, more checkpointed layers, more GPUs or ZeRO-3")
     lines += ["", f"{'FLOPs per step (train/flops.py)':<34}{plan.flops_per_step:.3e} per GPU  "
                   f"({s.grad_accum} micro-batch(es) of {b.samples} samples)"]
     lines.append(f"{'step time':<34}{plan.step_time:.3g} s at {plan.mfu:.0%} MFU of {plan.peak_tflops:g} TFLOP/s")
@@ -439,6 +460,7 @@ def to_json(plan: Plan) -> dict[str, Any]:
         "gpu_mem_gib": plan.gpu_mem_gib,
         "fits": plan.fits,
         "largest_micro_batch": plan.largest_micro_batch,
+        "largest_forward_tokens": plan.largest_forward_tokens,
         "flops_per_step": plan.flops_per_step,
         "mfu": plan.mfu,
         "peak_tflops": plan.peak_tflops,

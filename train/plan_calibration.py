@@ -2,13 +2,16 @@
 prints the table of docs/benchmarks.md (measured, planned, error); tests/test_train_plan.py holds each
 run within 15%.
 
-Each run is written as the recipe and overrides it ran with; the switches whose defaults have moved since
-(perf autos, frozen_bf16, max_forward_tokens) are pinned to what the run had. Two kinds of figure:
+Each run is written as the recipe and overrides it ran with; for runs before commit 7365904 the switches
+whose defaults have moved since (perf autos, frozen_bf16, max_forward_tokens) are pinned to what the run
+had. Three kinds of figure:
 - "trainer": the training loop's ``peak_mem_gib``, ``torch.cuda.max_memory_allocated()`` since the process
-  started, so it includes building the model (compared with the plan's process peak);
-- "bench": train.bench's peak over its timed steps, after ``reset_peak_memory_stats`` (compared with the
-  plan's step peak). train.bench builds in bf16 and applies the recipe switches itself; its LoRA cases
-  are the trainer's single-GPU LoRA with frozen weights in bf16 (perf.frozen_bf16) and the resampler frozen.
+  started, so it includes building the model (compared with the plan's process peak); since 7365904
+  ``python -m train.bench`` reports the same figure;
+- "bench": the former standalone train.bench's peak over its timed steps, after ``reset_peak_memory_stats``
+  (compared with the plan's step peak). It built in bf16 and applied the switches itself; its LoRA cases
+  are the trainer's single-GPU LoRA with frozen weights in bf16 and the resampler frozen;
+- "build": the peak before the first step (the trainer prints it), compared with the plan's start-up.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from train.bench import PLAIN
 from train.memory import GiB
 from train.plan import ModelPlan, Plan, make_plan, plan_model
 from train.recipe import load_recipe
@@ -43,6 +47,12 @@ ISSUE11 = (*FULL_SHAPE, *THEN, "perf.attention=varlen", "perf.loss_impl=auto", "
 # Commit 7365904 builds frozen weights in bf16 straight on the GPU; before it the trainer drew the whole
 # model in fp32 there (LoRA adapters and peft's resampler copy added) and cast frozen weights afterwards.
 FP32_BUILD = "superseded by 7365904: the model drawn whole in fp32 before the cast"
+# The trainer since 7365904 (docs/benchmarks.md, "Training speed"): the recipe as shipped, its 24 GB / 16 GB
+# settings, and the plain anchor (train.bench's PLAIN overrides, 2 samples per forward, accumulating to 16).
+FORWARDS_4K = ("data.pack_len=4096", "train.max_forward_tokens=4096")
+PLAIN_ANCHOR = (*PLAIN, "train.micro_batch=2", "train.grad_accum=8")
+TRAINER = "docs/benchmarks.md (trainer), H100"
+BENCH_THEN = "docs/benchmarks.md (history), H100"
 
 
 @dataclass(frozen=True)
@@ -68,17 +78,32 @@ MEASUREMENTS = [
     Measurement("Q-LoRA: sft_qlora + liger kernels, one process", "recipes/sft_qlora.yaml", (*ISSUE11, "perf.liger_kernels=true"),
                 24.9, "trainer", "issue 11, H100", tokens_per_sample=390, images_per_sample=1.1),
     Measurement("LoRA bench, mixed (300-700 tokens), rows of 8192", "recipes/sft_lora.yaml",
-                (*BENCH, "data.pack_len=8192", "train.micro_batch=16"), 23.9, "bench", "docs/benchmarks.md, H100",
+                (*BENCH, "data.pack_len=8192", "train.micro_batch=16"), 23.9, "bench", BENCH_THEN,
                 tokens_per_sample=500),
     Measurement("LoRA bench, 2048-token samples, rows of 8192", "recipes/sft_lora.yaml",
-                (*BENCH, "data.pack_len=8192", "train.micro_batch=4"), 23.5, "bench", "docs/benchmarks.md, H100",
+                (*BENCH, "data.pack_len=8192", "train.micro_batch=4"), 23.5, "bench", BENCH_THEN,
                 tokens_per_sample=2048),
     Measurement("Q-LoRA bench, mixed, rows of 4096", "recipes/sft_qlora.yaml",
-                (*BENCH, "data.pack_len=4096", "train.micro_batch=8"), 12.7, "bench", "docs/benchmarks.md, H100",
+                (*BENCH, "data.pack_len=4096", "train.micro_batch=8"), 12.7, "bench", BENCH_THEN,
                 tokens_per_sample=500),
     Measurement("Q-LoRA bench, 2048-token samples, rows of 8192", "recipes/sft_qlora.yaml",
-                (*BENCH, "data.pack_len=8192", "train.micro_batch=4"), 14.7, "bench", "docs/benchmarks.md, H100",
+                (*BENCH, "data.pack_len=8192", "train.micro_batch=4"), 14.7, "bench", BENCH_THEN,
                 tokens_per_sample=2048),
+    Measurement("LoRA: sft_lora as shipped, world", "recipes/sft_lora.yaml", FULL_SHAPE, 25.3, "trainer", TRAINER,
+                tokens_per_sample=390, images_per_sample=1.1),
+    Measurement("LoRA: sft_lora, forwards of 4096, world", "recipes/sft_lora.yaml", (*FULL_SHAPE, *FORWARDS_4K), 23.9,
+                "trainer", TRAINER, tokens_per_sample=390, images_per_sample=1.1),
+    Measurement("LoRA: sft_lora as shipped, 2048-token samples", "recipes/sft_lora.yaml", FULL_SHAPE, 25.6, "trainer",
+                TRAINER, tokens_per_sample=2048),
+    Measurement("LoRA: sft_lora, forwards of 4096, 2048-token samples", "recipes/sft_lora.yaml",
+                (*FULL_SHAPE, *FORWARDS_4K), 23.6, "trainer", TRAINER, tokens_per_sample=2048),
+    Measurement("LoRA: plain anchor (PLAIN, 2 padded samples per forward), world", "recipes/sft_lora.yaml",
+                (*FULL_SHAPE, *PLAIN_ANCHOR), 43.8, "trainer", TRAINER, tokens_per_sample=390, images_per_sample=1.1),
+    Measurement("Q-LoRA: sft_qlora as shipped, world", "recipes/sft_qlora.yaml", FULL_SHAPE, 16.5, "trainer", TRAINER,
+                tokens_per_sample=390, images_per_sample=1.1),
+    Measurement("Q-LoRA: sft_qlora, forwards of 4096, world", "recipes/sft_qlora.yaml", (*FULL_SHAPE, *FORWARDS_4K),
+                15.1, "trainer", TRAINER, tokens_per_sample=390, images_per_sample=1.1),
+    Measurement("Q-LoRA: build before the first step", "recipes/sft_qlora.yaml", FULL_SHAPE, 10.1, "build", TRAINER),
     Measurement("full SFT, ZeRO-2, 2 GPUs (rank 0)", "recipes/sft.yaml", (*ZERO, "parallel.mode=zero2"), 90.9,
                 "trainer", "docs/benchmarks.md, 2 H200", gpus=2, tokens_per_sample=392, images_per_sample=1.11),
     Measurement("full SFT, ZeRO-3, 2 GPUs (rank 0)", "recipes/sft.yaml", (*ZERO, "parallel.mode=zero3"), 68.6,
@@ -94,7 +119,7 @@ class Row:
     @property
     def planned_gib(self) -> float:
         est = self.plan.estimate
-        return (est.process_peak if self.run.kind == "trainer" else est.peak) / GiB
+        return {"trainer": est.process_peak, "bench": est.peak, "build": est.startup}[self.run.kind] / GiB
 
     @property
     def error(self) -> float:
@@ -111,6 +136,8 @@ class Row:
         if self.run.superseded:
             return (f"{self.run.superseded}: {self.explained_gib:.1f} GiB "
                     f"({percent(self.explained_gib / self.run.measured_gib - 1)})")
+        if self.run.kind == "build":
+            return "building the model"
         if self.run.kind == "trainer" and est.startup > est.peak:
             return f"building the model (step peak {est.peak / GiB:.1f})"
         return est.peak_phase
