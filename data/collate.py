@@ -15,10 +15,16 @@ class Collator:
     """Runs in DataLoader workers. ``packing=False``: dynamic right padding with ``attention_mask``;
     ``packing=True``: several samples per row up to ``max_len`` (data.packing), no attention mask.
 
-    Dataset items are either samples (``input_ids``, ``labels``, ``pixel_values``, ``truncated``) or drop
-    markers (``{"dropped": counter_name}``). The returned dict has the contract keys plus ``_stats``
+    Dataset items are either samples (``input_ids``, ``labels``, ``pixel_values``, ``truncated``),
+    preference pairs (``chosen`` and ``rejected`` samples sharing ``pixel_values``, ``truncated``, ``index``)
+    or drop markers (``{"dropped": counter_name}``). The returned dict has the contract keys plus ``_stats``
     (counts of this batch; the loader removes it) and is ``None``-free: a batch whose samples were all
     dropped has ``num_samples == 0`` and no tensors, and the loader skips it.
+
+    A batch of pairs holds 2 sequences per pair, chosen then rejected, each with its own copy of the prompt's
+    images; with packing a pair shares a row. It adds ``sequence_ids`` (data.packing), ``num_pairs`` and
+    ``pair_index`` (the pairs' dataset indices, for precomputed reference log-probs); ``num_samples`` and
+    ``sample_lengths`` count sequences.
     """
 
     pad_id: int
@@ -38,7 +44,18 @@ class Collator:
         counts[stats.SAMPLES] = len(samples)
         if not samples:
             return {"num_samples": 0, "_stats": counts}
-        batch = pack(samples, self.max_len, self.pad_id) if self.packing else pad(samples, self.pad_id)
+        pairs = [s for s in samples if "chosen" in s]
+        if pairs:
+            if len(pairs) != len(samples):
+                raise ValueError("a batch mixes preference pairs and plain samples")
+            samples = [{**s[key], "pixel_values": s["pixel_values"]} for s in pairs for key in ("chosen", "rejected")]
+        if self.packing:
+            batch = pack(samples, self.max_len, self.pad_id, group=2 if pairs else 1, sequence_ids=bool(pairs))
+        else:
+            batch = pad(samples, self.pad_id, sequence_ids=bool(pairs))
+        if pairs:
+            batch["num_pairs"] = len(pairs)
+            batch["pair_index"] = torch.tensor([s.get("index", -1) for s in pairs], dtype=torch.long)
         pixels = [s["pixel_values"] for s in samples if len(s["pixel_values"])]
         batch["pixel_values"] = (torch.cat(pixels) if pixels
                                  else torch.zeros(0, 3, self.image_size, self.image_size))
