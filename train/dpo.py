@@ -181,7 +181,8 @@ def place_frozen_copy(reference: nn.Module, recipe: Recipe, engine: Engine) -> n
     ref_engine, *_ = deepspeed.initialize(model=wrapped, config=config)
     # VLM.forward reads lm_head.weight directly (fused loss): ZeRO-3 must gather it for the forward.
     deepspeed.zero.register_external_parameter(wrapped, reference.llm.get_output_embeddings().weight)
-    return ref_engine.eval()
+    ref_engine.eval()  # DeepSpeedEngine.eval returns None, unlike nn.Module.eval
+    return ref_engine
 
 
 def build_reference(recipe: Recipe, engine: Engine, loader, frozen_reference: nn.Module | None,
