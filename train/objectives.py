@@ -28,6 +28,8 @@ IGNORE_INDEX = -100
 
 
 class Objective(Protocol):
+    runs_reference: bool  # a reference model's forward per micro-batch (counted in MFU)
+
     def count(self, batches: list[dict[str, Any]]) -> list[float]: ...
 
     def __call__(self, engine: Engine, batch: dict[str, Any], counts: torch.Tensor
