@@ -70,9 +70,13 @@ def split_rows(batch: dict, max_tokens: int | None, image_start_id: int) -> list
     row when a row alone is longer): the trainer's ``train.max_forward_tokens``, which bounds activation
     memory whatever the samples' lengths while the loss stays that of the whole step (the loop
     normalises by the step's supervised tokens). Returns ``[batch]`` when it fits. Each part keeps the
-    keys the forward reads: ids, labels, positions, mask, its images, and its own sample boundaries."""
+    keys the forward reads: ids, labels, positions, mask, its images, and its own sample boundaries; a
+    batch of preference pairs is cut between pairs (a padded pair's two rows stay together) and each part
+    gets its own pairs' ``sequence_ids`` (renumbered from 0), ``num_pairs`` and ``pair_index``."""
     rows, width = batch["input_ids"].shape
     per_forward = max(1, (max_tokens or rows * width) // width)
+    if "sequence_ids" in batch and "attention_mask" in batch:  # padded pairs: one sequence per row
+        per_forward = max(2, per_forward - per_forward % 2)
     if per_forward >= rows:
         return [batch]
     images_per_row = (batch["input_ids"] == image_start_id).sum(1).tolist()
@@ -87,5 +91,11 @@ def split_rows(batch: dict, max_tokens: int | None, image_start_id: int) -> list
             cu = batch["cu_seq_lens"]
             cu = cu[(cu >= r0 * width) & (cu <= r1 * width)] - r0 * width
             part["cu_seq_lens"], part["max_length"] = cu, int((cu[1:] - cu[:-1]).max())
+        if "sequence_ids" in batch:  # the part's pairs: sequences first..last (rows hold whole pairs)
+            seq = batch["sequence_ids"][r0:r1]
+            first, last = int(seq[seq >= 0].min()), int(seq.max())
+            part["sequence_ids"] = torch.where(seq >= 0, seq - first, seq)
+            part["num_pairs"] = (last - first + 1) // 2
+            part["pair_index"] = batch["pair_index"][first // 2 : (last + 1) // 2]
         parts.append(part)
     return parts

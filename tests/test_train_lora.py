@@ -103,9 +103,9 @@ def test_vision_lora_save_load_merge_give_the_same_logits(tiny_vlm, tmp_path):
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert any("vision.blocks.1.mlp.fc2.lora_B" in k for k in saved)
 
-    loaded = load_lora_vlm(copy.deepcopy(reference_base), tmp_path / "adapter").eval()
+    loaded = apply_adapter(copy.deepcopy(reference_base), tmp_path / "adapter", merge=False).eval()
     torch.testing.assert_close(loaded(ids, pixel_values=pixels).logits, want)
-    merged = load_lora_vlm(copy.deepcopy(reference_base), tmp_path / "adapter", merge=True).eval()
+    merged = apply_adapter(copy.deepcopy(reference_base), tmp_path / "adapter", merge=True).eval()
     assert type(merged).__name__ == "VLM" and not any("lora" in k for k in merged.state_dict())
     torch.testing.assert_close(merged(ids, pixel_values=pixels).logits, want, rtol=1e-4, atol=1e-4)
     # merging folded the vision adapters into the ViT's own weights

@@ -154,7 +154,8 @@ class FrozenCopyReference:
     def __call__(self, engine: Engine, batch: dict[str, Any]) -> torch.Tensor:
         out = self.module(input_ids=batch["input_ids"], pixel_values=batch.get("pixel_values"),
                           attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"),
-                          labels=batch["labels"], return_token_logps=True)
+                          labels=batch["labels"], cu_seq_lens=batch.get("cu_seq_lens"),
+                          max_length=batch.get("max_length"), return_token_logps=True)
         return pair_logps(out[2] if isinstance(out, tuple) else out.token_logps, batch)
 
 
