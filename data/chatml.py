@@ -6,6 +6,8 @@ the reference's exact rule): in every block ``<|im_start|>``, ``<|im_end|>`` and
 their ids; assistant content is supervised; role names, the role's "\\n" and system/user content are -100.
 With ``assistant_only=True`` only assistant content and its ``<|im_end|>`` are supervised.
 Image spans are never supervised, and (design.md) the first label of a sample is always -100.
+A preference pair (``render_preference_pair``) is two such samples sharing the prompt, each supervised
+only on its answer.
 """
 
 from __future__ import annotations
@@ -85,6 +87,28 @@ def render_chatml(
         input_ids += ids
         labels += lab
     return mask_first_label(TokenizedSample(input_ids, labels, image_paths))
+
+
+def render_preference_pair(
+    tokenizer,
+    conversation: list[dict],
+    chosen: str,
+    rejected: str,
+    num_image_tokens: int,
+    system_message: str = DEFAULT_SYSTEM_MESSAGE,
+) -> tuple[TokenizedSample, TokenizedSample]:
+    """A preference pair as two ChatML samples: the prompt ``conversation`` (ending with a user turn) followed
+    by the chosen, then the rejected assistant answer. Blocks are tokenised one by one, so both start with
+    the same prompt tokens. Labels cover only the final answer: its content and its ``<|im_end|>`` (as
+    ``assistant_only``); nothing of the prompt, earlier assistant turns included."""
+    prompt_len = len(render_chatml(tokenizer, conversation, num_image_tokens, system_message))
+    pair = []
+    for answer in (chosen, rejected):
+        sample = render_chatml(tokenizer, [*conversation, {"from": "assistant", "value": answer}], num_image_tokens,
+                               system_message, assistant_only=True)
+        sample.labels[:prompt_len] = [IGNORE_INDEX] * prompt_len
+        pair.append(sample)
+    return pair[0], pair[1]
 
 
 def encode_chat_prompt(

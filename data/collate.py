@@ -15,10 +15,16 @@ class Collator:
     """Runs in DataLoader workers. ``packing=False``: dynamic right padding with ``attention_mask``;
     ``packing=True``: several samples per row up to ``max_len`` (data.packing), no attention mask.
 
-    Dataset items are either samples (``input_ids``, ``labels``, ``pixel_values``, ``truncated``) or drop
-    markers (``{"dropped": counter_name}``). The returned dict has the contract keys plus ``_stats``
+    Dataset items are either samples (``input_ids``, ``labels``, ``pixel_values``, ``truncated``),
+    preference pairs (``chosen`` and ``rejected`` samples sharing ``pixel_values``, ``truncated``, ``index``)
+    or drop markers (``{"dropped": counter_name}``). The returned dict has the contract keys plus ``_stats``
     (counts of this batch; the loader removes it) and is ``None``-free: a batch whose samples were all
     dropped has ``num_samples == 0`` and no tensors, and the loader skips it.
+
+    A batch of pairs holds 2 sequences per pair, chosen then rejected, each with its own copy of the prompt's
+    images; with packing a pair shares a row. It adds ``sequence_ids`` (data.packing), ``num_pairs`` and
+    ``pair_index`` (the pairs' dataset indices, for precomputed reference log-probs); ``num_samples`` and
+    ``sample_lengths`` count sequences.
     """
 
     pad_id: int
@@ -39,7 +45,18 @@ class Collator:
         counts[stats.SAMPLES] = len(samples)
         if not samples:
             return {"num_samples": 0, "_stats": counts}
-        batch = pack(samples, self.max_len, self.pad_id) if self.packing else pad(samples, self.pad_id)
+        pairs = [s for s in samples if "chosen" in s]
+        if pairs:
+            if len(pairs) != len(samples):
+                raise ValueError("a batch mixes preference pairs and plain samples")
+            samples = [{**s[key], "pixel_values": s["pixel_values"]} for s in pairs for key in ("chosen", "rejected")]
+        if self.packing:
+            batch = pack(samples, self.max_len, self.pad_id, group=2 if pairs else 1, sequence_ids=bool(pairs))
+        else:
+            batch = pad(samples, self.pad_id, sequence_ids=bool(pairs))
+        if pairs:
+            batch["num_pairs"] = len(pairs)
+            batch["pair_index"] = torch.tensor([s.get("index", -1) for s in pairs], dtype=torch.long)
         pixels = [s["pixel_values"] for s in samples if len(s["pixel_values"])]
         batch["pixel_values"] = (torch.cat(pixels) if pixels
                                  else torch.zeros(0, 3, self.image_size, self.image_size))
@@ -54,9 +71,13 @@ def split_rows(batch: dict, max_tokens: int | None, image_start_id: int) -> list
     row when a row alone is longer): the trainer's ``train.max_forward_tokens``, which bounds activation
     memory whatever the samples' lengths while the loss stays that of the whole step (the loop
     normalises by the step's supervised tokens). Returns ``[batch]`` when it fits. Each part keeps the
-    keys the forward reads: ids, labels, positions, mask, its images, and its own sample boundaries."""
+    keys the forward reads: ids, labels, positions, mask, its images, and its own sample boundaries; a
+    batch of preference pairs is cut between pairs (a padded pair's two rows stay together) and each part
+    gets its own pairs' ``sequence_ids`` (renumbered from 0), ``num_pairs`` and ``pair_index``."""
     rows, width = batch["input_ids"].shape
     per_forward = max(1, (max_tokens or rows * width) // width)
+    if "sequence_ids" in batch and "attention_mask" in batch:  # padded pairs: one sequence per row
+        per_forward = max(2, per_forward - per_forward % 2)
     if per_forward >= rows:
         return [batch]
     images_per_row = (batch["input_ids"] == image_start_id).sum(1).tolist()
@@ -71,5 +92,11 @@ def split_rows(batch: dict, max_tokens: int | None, image_start_id: int) -> list
             cu = batch["cu_seq_lens"]
             cu = cu[(cu >= r0 * width) & (cu <= r1 * width)] - r0 * width
             part["cu_seq_lens"], part["max_length"] = cu, int((cu[1:] - cu[:-1]).max())
+        if "sequence_ids" in batch:  # the part's pairs: sequences first..last (rows hold whole pairs)
+            seq = batch["sequence_ids"][r0:r1]
+            first, last = int(seq[seq >= 0].min()), int(seq.max())
+            part["sequence_ids"] = torch.where(seq >= 0, seq - first, seq)
+            part["num_pairs"] = (last - first + 1) // 2
+            part["pair_index"] = batch["pair_index"][first // 2 : (last + 1) // 2]
         parts.append(part)
     return parts

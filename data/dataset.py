@@ -25,11 +25,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from data import stats
-from data.chatml import DEFAULT_SYSTEM_MESSAGE, render_chatml
+from data.chatml import DEFAULT_SYSTEM_MESSAGE, render_chatml, render_preference_pair
 from data.collate import Collator
-from data.formats import DataFormatError, load_records, normalize_record
+from data.formats import DataFormatError, is_preference, load_records, normalize_record
 from data.images import ImageLoadError, load_image
-from data.sample import TokenizedSample, truncate_span_safe
+from data.sample import TokenizedSample, truncate_pair, truncate_span_safe
 from data.sampler import ResumableSampler
 from data.shards import ShardReader, expand_shard_patterns, shard_kind
 from data.streaming import ReaderStream, assign_shards
@@ -102,8 +102,17 @@ class SampleBuilder:
         except (ValueError, KeyError) as e:
             raise DataFormatError(f"{where}: {e}") from e
 
+    def tokenize_pair(self, record: dict, where: str) -> tuple[TokenizedSample, TokenizedSample]:
+        try:
+            return render_preference_pair(self.tokenizer, record["conversations"], record["chosen"],
+                                          record["rejected"], self.num_image_tokens, self.config.system_message)
+        except (ValueError, KeyError) as e:
+            raise DataFormatError(f"{where}: {e}") from e
+
     def build(self, record: dict, where: str, image_bytes: dict[str, bytes] | None = None) -> dict:
         """``image_bytes``: images already in memory (WebDataset members), by the path the record names."""
+        if is_preference(record):
+            return self.build_pair(record, where)
         full = self.tokenize(record, where)
         sample = truncate_span_safe(full, self.config.max_len, self.img_start, self.img_end)
         if sample is None:
@@ -126,11 +135,36 @@ class SampleBuilder:
             "truncated": len(sample) < len(full),
         }
 
+    def build_pair(self, record: dict, where: str) -> dict:
+        """A preference pair: chosen and rejected samples (answers cut at max_len; a pair that cannot fit
+        is an error, data.sample.truncate_pair) sharing the prompt's decoded images."""
+        chosen, rejected = self.tokenize_pair(record, where)
+        try:
+            chosen, rejected, truncated = truncate_pair(chosen, rejected, self.config.max_len, self.img_start,
+                                                        self.img_end)
+        except ValueError as e:
+            raise DataFormatError(f"{where}: {e}") from e
+        try:
+            pixels = [load_image(p, self.config.image_size, where) for p in chosen.image_paths]
+        except ImageLoadError as e:
+            if self.config.max_bad_images <= 0:
+                raise
+            logger.warning("skipping pair (max_bad_images=%d): %s", self.config.max_bad_images, e)
+            return {"dropped": stats.DROPPED_BAD_IMAGE}
+        s = self.config.image_size
+        return {
+            "chosen": {"input_ids": torch.tensor(chosen.input_ids), "labels": torch.tensor(chosen.labels)},
+            "rejected": {"input_ids": torch.tensor(rejected.input_ids), "labels": torch.tensor(rejected.labels)},
+            "pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, 3, s, s),
+            "truncated": truncated,
+        }
+
 
 class VLMDataset(Dataset):
-    """Map-style dataset over JSON/JSONL/CSV/Parquet records, validated when loaded."""
+    """Map-style dataset over JSON/JSONL/CSV/Parquet records, validated when loaded. ``preference``: every
+    record must be a preference pair (DPO), else none may be."""
 
-    def __init__(self, config: DataConfig, tokenizer, num_image_tokens: int) -> None:
+    def __init__(self, config: DataConfig, tokenizer, num_image_tokens: int, preference: bool = False) -> None:
         self.records: list[dict] = []
         self.wheres: list[str] = []
         for path in config.paths:
@@ -139,18 +173,33 @@ class VLMDataset(Dataset):
             self.wheres += wheres
         if not self.records:
             raise DataFormatError(f"no records in {config.paths}")
+        for record, where in zip(self.records, self.wheres, strict=True):
+            if is_preference(record) != preference:
+                raise DataFormatError(
+                    f"{where}: not a preference pair (no 'chosen'/'rejected'); train.stage: dpo needs pairs only"
+                    if preference else f"{where}: a preference pair (chosen/rejected); train it with train.stage: dpo")
         self.builder = SampleBuilder(tokenizer, num_image_tokens, config)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
-        return self.builder.build(self.records[index], self.wheres[index])
+        item = self.builder.build(self.records[index], self.wheres[index])
+        if "chosen" in item:
+            item["index"] = index  # looks up precomputed reference log-probs (train.dpo)
+        return item
 
     def token_lengths(self) -> list[int]:
-        """Token count of every sample (tokenises everything once: used for length grouping)."""
-        return [min(len(self.builder.tokenize(r, w)), self.builder.config.max_len)
-                for r, w in zip(self.records, self.wheres, strict=True)]
+        """Token count of every sample (of both sequences of a pair; tokenises everything once: used for
+        length grouping)."""
+        max_len = self.builder.config.max_len
+
+        def length(record: dict, where: str) -> int:
+            if is_preference(record):
+                return sum(min(len(s), max_len) for s in self.builder.tokenize_pair(record, where))
+            return min(len(self.builder.tokenize(record, where)), max_len)
+
+        return [length(r, w) for r, w in zip(self.records, self.wheres, strict=True)]
 
 
 class StreamingVLMDataset(IterableDataset):
@@ -359,11 +408,14 @@ def _plain(value):
 
 
 def build_dataloader(config: DataConfig, tokenizer, num_image_tokens: int, batch_size: int,
-                     rank: int = 0, world_size: int = 1) -> ResumableLoader:
+                     rank: int = 0, world_size: int = 1, preference: bool = False) -> ResumableLoader:
     """The trainer's one entry point: a resumable loader of batch dicts (docs/design.md section 2).
 
-    ``batch_size`` counts samples per micro-batch and rank; with packing they share fewer rows.
+    ``batch_size`` counts samples (preference pairs when ``preference``) per micro-batch and rank; with
+    packing they share fewer rows.
     """
+    if preference and config.streaming:
+        raise DataFormatError("preference pairs are read map-style; set data.streaming: false")
     collator = Collator(pad_id=tokenizer.convert_tokens_to_ids(ENDOFTEXT), image_size=config.image_size,
                         max_len=config.pack_len or config.max_len, packing=config.packing)
     common = {"num_workers": config.num_workers, "persistent_workers": False, "pin_memory": torch.cuda.is_available()}
@@ -373,7 +425,7 @@ def build_dataloader(config: DataConfig, tokenizer, num_image_tokens: int, batch
         dataset = StreamingVLMDataset(config, tokenizer, num_image_tokens, rank, world_size, batch_size, collator)
         return ResumableLoader(DataLoader(dataset, batch_size=None, collate_fn=_as_is, **common), batch_size,
                                config.max_bad_images)
-    dataset = VLMDataset(config, tokenizer, num_image_tokens)
+    dataset = VLMDataset(config, tokenizer, num_image_tokens, preference)
     lengths = dataset.token_lengths() if config.group_by_length else None
     sampler = ResumableSampler(len(dataset), seed=config.seed, rank=rank, world_size=world_size,
                                shuffle=config.shuffle, lengths=lengths)

@@ -1,7 +1,10 @@
-"""Loaders for the data files users bring; every record comes out as a plain dict of one of two kinds:
+"""Loaders for the data files users bring; every record comes out as a plain dict of one of three kinds:
 
 * chat: ``{"conversations": [{"from": "system"|"user"|"assistant", "value": str}, ...]}`` (Qwen-VL
   fine-tune JSON list or JSONL; LLaVA-style ``human``/``gpt`` + ``<image>`` + ``image`` converted on load);
+* preference pair (DPO): ``{"conversations": [... ending with the user turn], "chosen": str, "rejected": str}``
+  from ``{"conversations", "chosen": {"from": "assistant"|"gpt", "value"}, "rejected": {...}}``, Qwen-VL or
+  LLaVA style (the answers may also be plain strings);
 * task: ``{"task": ..., "image": ..., ...}`` (multitask records, data.templates) or a pretraining pair
   ``{"image", "caption"}`` (JSONL/CSV/Parquet through Hugging Face ``datasets``, optionally streamed).
 
@@ -81,12 +84,58 @@ def _is_llava(record: dict) -> bool:
         "image" in record and any(LLAVA_IMAGE in str(t.get("value", "")) for t in convs if isinstance(t, dict)))
 
 
+PREFERENCE_KEYS = ("chosen", "rejected")
+
+
+def is_preference(record: dict) -> bool:
+    """A preference pair (DPO data): the record has a 'chosen' or 'rejected' answer."""
+    return any(key in record for key in PREFERENCE_KEYS)
+
+
+def _answer_text(answer, key: str) -> str:
+    """The text of a 'chosen'/'rejected' answer: ``{"from": "assistant"|"gpt", "value": str}`` or a string."""
+    if isinstance(answer, dict):
+        if answer.get("from") not in ("assistant", "gpt"):
+            raise ValueError(f"'{key}' must come from 'assistant' (or LLaVA's 'gpt'), got {answer.get('from')!r}")
+        answer = answer.get("value")
+    if not isinstance(answer, str) or not answer.strip():
+        raise ValueError(f"'{key}' must be a non-empty answer text, got {answer!r:.80}")
+    if IMG_START in answer or LLAVA_IMAGE in answer:
+        raise ValueError(f"'{key}' contains an image; images belong in the prompt, which both answers share")
+    return answer
+
+
+def _normalize_preference(record: dict, llava: bool, base_dir: Path) -> dict:
+    """A preference pair: the prompt conversation (ending with the user turn the answers reply to) and two
+    different answers. Validated like a chat record whose last turn is the chosen answer."""
+    missing = [key for key in PREFERENCE_KEYS if key not in record]
+    if missing:
+        raise ValueError(f"preference record without '{missing[0]}' (a pair needs both 'chosen' and 'rejected')")
+    chosen, rejected = (_answer_text(record[key], key) for key in PREFERENCE_KEYS)
+    if chosen == rejected:
+        raise ValueError("'chosen' and 'rejected' are identical: the pair teaches nothing")
+    prompt = {k: v for k, v in record.items() if k not in PREFERENCE_KEYS}
+    if llava:
+        prompt = llava_to_qwen(prompt)
+    turns = prompt.get("conversations")
+    if not isinstance(turns, list) or not turns or not isinstance(turns[-1], dict) or turns[-1].get("from") != "user":
+        raise ValueError("a preference record's 'conversations' must end with the user turn the answers reply to")
+    chat = normalize_record({"conversations": [*turns, {"from": "assistant", "value": chosen}]}, "qwen", base_dir)
+    parse_boxes(rejected)  # malformed / out-of-range box -> ValueError
+    out = {"conversations": chat["conversations"][:-1], "chosen": chosen, "rejected": rejected}
+    if "id" in record:
+        out["id"] = record["id"]
+    return out
+
+
 def normalize_record(record: dict, fmt: str, base_dir: Path) -> dict:
-    """Validate one raw record and return it in our chat or task form with image paths resolved."""
+    """Validate one raw record and return it in our chat, preference or task form with image paths resolved."""
     if not isinstance(record, dict):
         raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
     if fmt == "auto":
         fmt = ("llava" if _is_llava(record) else "qwen") if "conversations" in record else "multitask"
+    if fmt in ("qwen", "llava") and is_preference(record):
+        return _normalize_preference(record, fmt == "llava", base_dir)
     if fmt == "llava":
         record, fmt = llava_to_qwen(record), "qwen"
     if fmt == "qwen":

@@ -72,3 +72,35 @@ def truncate_span_safe(sample: TokenizedSample, max_len: int, img_start: int, im
     if not any(t != IGNORE_INDEX for t in labels):
         return None
     return TokenizedSample(sample.input_ids[:cut], labels, sample.image_paths[:kept_images])
+
+
+def _cut_falls_in_image_span(ids: list[int], cut: int, img_start: int, img_end: int) -> bool:
+    """Whether keeping ``ids[:cut]`` would leave an ``<img>`` without its ``</img>``."""
+    inside = False
+    for t in ids[:cut]:
+        if t == img_start:
+            inside = True
+        elif t == img_end:
+            inside = False
+    return inside
+
+
+def truncate_pair(
+    chosen: TokenizedSample, rejected: TokenizedSample, max_len: int, img_start: int, img_end: int
+) -> tuple[TokenizedSample, TokenizedSample, bool]:
+    """Cut each sequence of a preference pair to at most max_len tokens; returns (chosen, rejected, truncated).
+
+    Only answers may be cut (their end goes, as TRL truncates completions). A cut that leaves nothing of
+    an answer (the prompt alone fills max_len) or that falls inside an image span of the prompt is a
+    ValueError: dropping half a pair, or training on half an image, would be silent damage.
+    """
+    out = []
+    for name, sample in (("chosen", chosen), ("rejected", rejected)):
+        cut = truncate_span_safe(sample, max_len, img_start, img_end)
+        if cut is None:
+            cut_image = _cut_falls_in_image_span(sample.input_ids, max_len, img_start, img_end)
+            what = "cuts through an image span of the prompt" if cut_image else "leaves nothing of the answer"
+            raise ValueError(f"the {name} sequence has {len(sample)} tokens and max_len={max_len} {what}; "
+                             "raise data.max_len or shorten the prompt")
+        out.append(cut)
+    return out[0], out[1], len(out[0]) < len(chosen) or len(out[1]) < len(rejected)

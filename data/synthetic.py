@@ -13,11 +13,14 @@ runs write identical bytes). Files (all paths inside are relative to DIR, the fi
                            KEY.json {caption, image}; the manifest names them by a brace pattern
   multitask.jsonl          {task, image, ...}                     data.templates records
   sft.json                 Qwen-VL fine-tune JSON (multi-turn, some with 2 pictures, <ref>/<box> answers)
+  dpo.json                 preference pairs {conversations, chosen, rejected}: the right colour / count / box
+                           against a plausible wrong one (DPO)
   caption_test.json        COCO format {images[{id, image}], annotations[{id, image_id, caption}]}
   vqa_test.jsonl           {image, question, question_id, answer, answers (10)}
   vqa_test_annotations.json  VQAv2-style {annotations[{question_id, answers[{answer, answer_id}], ...}]}
   grounding_test.jsonl     RefCOCO-style {image, sent, bbox (xyxy px), width, height}
   mc_test.jsonl            ScienceQA-style {image, hint, question, choices, answer (index)}
+  dpo_test.json            held-out preference pairs (eval_mm's synth_preference)
   tokenizer/               byte-level BPE trained on all the text above, with the VLM special tokens
   manifest.json            every file with its kind, format and record count
 """
@@ -195,6 +198,50 @@ def conversation(rng: random.Random, images: list[tuple[str, list[Thing]]], size
     return {"conversations": convs}
 
 
+def moved_box(box: tuple[int, int, int, int], size: int) -> tuple[int, int, int, int]:
+    """A box of the same size in the opposite corner of the image (another quadrant)."""
+    x1, y1, x2, y2 = box
+    w, h = x2 - x1, y2 - y1
+    nx = 0 if x1 + x2 > size else size - w
+    ny = 0 if y1 + y2 > size else size - h
+    return (nx, ny, nx + w, ny + h)
+
+
+def preference_pair(rng: random.Random, path: str, things: list[Thing], size: int) -> dict:
+    """One preference record about one picture: a question, its right answer (chosen) and a plausible wrong
+    one (rejected): another colour (one in the picture when there is one), a count off by one, or the box of
+    another object in the picture (else the right box moved to the opposite corner). Phrased like the SFT
+    conversations, chat or task style."""
+    kinds = ["color", "box"]
+    if things[0].kind != "word":
+        kinds.append("count")
+        if not any(sum(o.kind == t.kind for o in things) == 1 for t in things):
+            kinds.remove("color")  # every shape kind repeats: "the circle" would be ambiguous
+    kind = rng.choice(kinds)
+    if kind == "count":
+        n = len(things)
+        question, right, wrong = "How many shapes are there?", str(n), str(rng.choice([m for m in (n - 1, n + 1)
+                                                                                       if 1 <= m <= 3]))
+    elif kind == "color":
+        t = rng.choice([t for t in things if t.kind == "word" or sum(o.kind == t.kind for o in things) == 1])
+        question = "What color is the word?" if t.kind == "word" else f"What color is the {t.kind}?"
+        seen = [o.color for o in things if o.color != t.color]
+        right, wrong = t.color, rng.choice(seen or [c for c in COLORS if c != t.color])
+    else:
+        t = rng.choice(things)
+        others = [o for o in things if o is not t]
+        wrong_box = rng.choice(others).box if others else moved_box(t.box, size)
+        right, wrong = (f"<ref>{t.name}</ref>{format_box(normalize_box(box, size, size))}" for box in (t.box, wrong_box))
+    task_phrasing = rng.random() < 0.5
+    if kind == "box":
+        question = f"<ref>{t.name}</ref><box>" if task_phrasing else f"Find {t.name} and give its box."
+    elif task_phrasing:
+        question += " Answer:"
+    header = f"<img>{path}</img>" if task_phrasing else f"Picture 1: <img>{path}</img>\n"
+    return {"conversations": [{"from": "user", "value": header + question}],
+            "chosen": {"from": "assistant", "value": right}, "rejected": {"from": "assistant", "value": wrong}}
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
@@ -278,17 +325,23 @@ def generate(out: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int = 
         t = rng.choice(things)
         grounding_test.append({"image": p, "sent": t.name, "bbox": list(t.box), "width": size, "height": size})
     mc_test = [{"image": p, **choice_question(rng, things)} for p, things in evals]
+    dpo_rng = random.Random(f"{seed}/preference")  # its own stream: the other files stay as they were
+    dpo = [{"id": f"dpo_{i}", **preference_pair(dpo_rng, p, things, size)} for i, (p, things) in enumerate(train)]
+    dpo_test = [{"id": f"dpo_test_{i}", **preference_pair(dpo_rng, p, things, size)}
+                for i, (p, things) in enumerate(evals)]
 
     files = {
         "pretrain": ("pretrain.jsonl", "train", "pretrain pairs {image, caption}", pretrain),
         "multitask": ("multitask.jsonl", "train", "multitask records (data.templates)", multitask),
         "sft": ("sft.json", "train", "Qwen-VL fine-tune JSON list", sft),
+        "dpo": ("dpo.json", "train", "preference pairs {conversations, chosen, rejected} (Qwen-VL JSON)", dpo),
         "caption_test": ("caption_test.json", "eval", "COCO caption JSON", caption_test),
         "vqa_test": ("vqa_test.jsonl", "eval", "VQA JSONL {image, question, question_id, answer, answers}", vqa_test),
         "vqa_test_annotations": ("vqa_test_annotations.json", "eval", "VQAv2 annotations JSON", {"annotations": vqa_ann}),
         "grounding_test": ("grounding_test.jsonl", "eval", "RefCOCO JSONL {image, sent, bbox xyxy px, width, height}",
                            grounding_test),
         "mc_test": ("mc_test.jsonl", "eval", "multiple choice JSONL {image, hint, question, choices, answer}", mc_test),
+        "dpo_test": ("dpo_test.json", "eval", "preference pairs {conversations, chosen, rejected}", dpo_test),
     }
     manifest = {"seed": seed, "image_size": size, "n_train_images": n_train, "n_eval_images": n_eval,
                 "paths": "relative to this folder",

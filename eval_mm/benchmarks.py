@@ -19,12 +19,14 @@ SEED_PROMPT = "{prompt}"  # SEED-Bench records carry their full prompt (referenc
 class Benchmark:
     name: str
     # Record format, i.e. which loader in eval_mm.datasets reads the files:
-    # "vqa_jsonl" | "coco_caption" | "grounding_jsonl" | "choice_jsonl" | "seed_jsonl" | "mme_dir"
+    # "vqa_jsonl" | "coco_caption" | "grounding_jsonl" | "choice_jsonl" | "seed_jsonl" | "mme_dir" | "preference_json"
     format: str
     test_file: str  # what the model is asked about
     metric: str  # a key of eval_mm.metrics.METRICS
     prompt: str
-    kind: str = "generate"  # "generate" (greedy decoding) or "choice" (likelihood ranking of letters)
+    # "generate" (greedy decoding), "choice" (likelihood ranking of letters) or "preference" (log-prob of
+    # the chosen vs the rejected answer of a pair, eval_mm.preference)
+    kind: str = "generate"
     annotation_file: str | None = None  # ground truth when it is not in test_file (official VQA/DocVQA json)
     max_new_tokens: int = 10
     min_new_tokens: int = 1
@@ -83,6 +85,9 @@ _ALL = [
     Benchmark("synth_grounding", "grounding_jsonl", "synthetic/grounding_test.jsonl", "grounding",
               GROUNDING_PROMPT, max_new_tokens=28, min_new_tokens=10),
     _choice("synth_mc", "synthetic/mc_test.jsonl"),
+    # Held-out preference pairs (the DPO stage's): share of pairs whose chosen answer is the likelier.
+    Benchmark("synth_preference", "preference_json", "synthetic/dpo_test.json", "preference", "",
+              kind="preference"),
 ]
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in _ALL}
 

@@ -20,6 +20,7 @@ class EvalSample:
     id: str
     text: str  # prompt body; images written <img>path</img> with paths resolved
     options: tuple[str, ...] = ()  # option letters, for likelihood ranking
+    record: dict | None = None  # a preference pair (data.formats form), for kind "preference"
 
 
 class BenchmarkDataError(ValueError):
@@ -102,6 +103,11 @@ def load_samples(bench: Benchmark, data_root: str | Path) -> list[EvalSample]:
             where = f"{path} image record {index}"
             file = resolve_image(str(_field(image, "image", path, index)), root, path, where)
             samples.append(EvalSample(str(_field(image, "id", path, index)), bench.prompt.format(image=file)))
+    elif bench.format == "preference_json":  # the training format, validated by the training loader
+        from data.formats import load_records
+
+        records, _ = load_records(path, "auto")
+        samples = [EvalSample(record_id(r, i), r["conversations"][-1]["value"], record=r) for i, r in enumerate(records)]
     elif bench.format == "mme_dir":
         samples = [EvalSample(sample_id, bench.prompt.format(image=resolve_image(
             f"{path.parent}/images/{task}/{image}", root, path, f"{path}/{task}.txt line {line}"), question=question))
@@ -177,6 +183,8 @@ def load_references(bench: Benchmark, path: str | Path) -> dict[str, Any]:
         return refs
     if bench.format == "mme_dir":
         return {k: (task, image, gt) for k, (task, image, _q, gt, _line) in _mme_records(path).items()}
+    if bench.format == "preference_json":  # the truth is in the pair itself: 'chosen' is the better answer
+        return {record_id(r, i): "chosen" for i, r in enumerate(read_json(path))}
     if path.suffix == ".json":  # official VQA annotations or DocVQA/InfoVQA ground truth
         return _official_json_references(path)
     refs = {}

@@ -21,6 +21,7 @@ from eval_mm.benchmarks import Benchmark
 from eval_mm.datasets import EvalSample, load_references, load_samples
 from eval_mm.inference import BatchBuilder, PromptBatch, StaticCacheSlot, generate_answers, rank_options
 from eval_mm.metrics import MetricOptions, compute_metric
+from eval_mm.preference import PairBatchBuilder, score_pairs
 from eval_mm.sharding import barrier, broadcast_from_rank0, gather_to_all, shard_range, world
 from models.tokens import IMG_START
 
@@ -113,7 +114,10 @@ def _predict(model, tokenizer, bench: Benchmark, samples: list[EvalSample], part
     device = next(model.parameters()).device
     config = model.config
     samples = sorted(samples, key=lambda s: -estimated_prompt_tokens(s, config.num_image_tokens))
-    builder = BatchBuilder(tokenizer, bench, prompt_format, config.num_image_tokens, config.vision.image_size)
+    if bench.kind == "preference":
+        builder = PairBatchBuilder(tokenizer, bench.name, config.num_image_tokens, config.vision.image_size)
+    else:
+        builder = BatchBuilder(tokenizer, bench, prompt_format, config.num_image_tokens, config.vision.image_size)
     on_cuda = device.type == "cuda"
     if num_workers is None:
         num_workers = min(4, os.cpu_count() or 1) if on_cuda else 0
@@ -122,7 +126,7 @@ def _predict(model, tokenizer, bench: Benchmark, samples: list[EvalSample], part
     if static_cache is None:
         static_cache = on_cuda
     rows = min(batch_size, len(samples))
-    cache = StaticCacheSlot(model.llm.config, rows) if static_cache and bench.kind != "choice" else None
+    cache = StaticCacheSlot(model.llm.config, rows) if static_cache and bench.kind == "generate" else None
     records = []
     part_file.parent.mkdir(parents=True, exist_ok=True)
     with open(part_file, "a", encoding="utf-8") as out:
@@ -134,8 +138,11 @@ def _predict(model, tokenizer, bench: Benchmark, samples: list[EvalSample], part
     return records
 
 
-def _predict_batch(model, tokenizer, bench, batch: PromptBatch, prompt_format, device,
+def _predict_batch(model, tokenizer, bench, batch: PromptBatch | dict, prompt_format, device,
                    cache: StaticCacheSlot | None) -> list[dict]:
+    if bench.kind == "preference":  # batch: a dict of pairs (eval_mm.preference); prediction: the margin
+        return [{"id": s.id, "prediction": margin, "prompt": s.text, "raw_output": None}
+                for s, margin in zip(batch["samples"], score_pairs(model, batch, device), strict=True)]
     if bench.kind == "choice":
         ranked = rank_options(model, batch, device)
         return [{"id": s.id, "prediction": letter, "prompt": p, "raw_output": None, "option_losses": losses}

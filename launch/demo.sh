@@ -2,17 +2,19 @@
 # The embedded demo on CPU: synthetic world -> pretrain -> multitask -> SFT of models.presets.demo,
 # each stage evaluated on held-out synthetic benchmarks (the recipe's eval section, train/loop.py).
 #   bash launch/demo.sh [OUT_DIR]      (default runs/demo; about 8-10 minutes on 2 free CPU cores)
+#   DPO=1 bash launch/demo.sh [OUT_DIR]   adds a fourth stage, DPO on preference pairs, and the held-out
+#                                         preference accuracy (synth_preference) to every evaluation
 # Prints a metrics table after each stage and writes OUT_DIR/metrics.json as
 # {stage: {benchmark: {metric: value}}}, the untrained model as stage "untrained".
 # Smaller runs (tests/test_demo.py) set N_TRAIN, N_EVAL, EVAL_LIMIT, PRETRAIN_STEPS, MULTITASK_STEPS,
-# SFT_STEPS and MICRO_BATCH; by default the recipes/tiny/demo_*.yaml values apply.
+# SFT_STEPS, DPO_STEPS and MICRO_BATCH; by default the recipes/tiny/demo_*.yaml values apply.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${1:-runs/demo}")
 PY=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python)}
 DATA_ROOT="$OUT/data"  # eval_mm's data root: the synthetic benchmarks live in DATA_ROOT/synthetic
 WORLD="$DATA_ROOT/synthetic"
-BENCHES=${BENCHES:-synth_caption,synth_vqa,synth_grounding,synth_mc}
+BENCHES=${BENCHES:-synth_caption,synth_vqa,synth_grounding,synth_mc${DPO:+,synth_preference}}
 EVAL_LIMIT=${EVAL_LIMIT:-200}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 start=$SECONDS
@@ -36,18 +38,22 @@ stage untrained demo_pretrain.yaml pretrain.jsonl 1 optim.lr=0.0 schedule.warmup
 stage pretrain demo_pretrain.yaml pretrain.jsonl "${PRETRAIN_STEPS:-}"
 stage multitask demo_multitask.yaml multitask.jsonl "${MULTITASK_STEPS:-}" model.init_from="$OUT/pretrain/final"
 stage sft demo_sft.yaml sft.json "${SFT_STEPS:-}" model.init_from="$OUT/multitask/final"
+if [[ -n "${DPO:-}" ]]; then
+    stage dpo demo_dpo.yaml dpo.json "${DPO_STEPS:-}" model.init_from="$OUT/sft/final"
+fi
 
 # Gather the per-stage figures (RUN/final/metrics.json, written by the recipe's eval) into one file.
-$PY - "$OUT" "$(( SECONDS - start ))" <<'PYEOF'
+$PY - "$OUT" "$(( SECONDS - start ))" "${DPO:-}" <<'PYEOF'
 import json, sys
 from pathlib import Path
 
 out, seconds = Path(sys.argv[1]), int(sys.argv[2])
-stages = ("untrained", "pretrain", "multitask", "sft")
+stages = ("untrained", "pretrain", "multitask", "sft") + (("dpo",) if sys.argv[3] else ())
 results = {s: json.loads((out / s / "final" / "metrics.json").read_text()) for s in stages}
 (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
 # The headline metric of each benchmark, one row per stage (the README's table).
-headline = {"synth_caption": "CIDEr", "synth_vqa": "vqa_accuracy", "synth_grounding": "accuracy_iou0.5", "synth_mc": "accuracy"}
+headline = {"synth_caption": "CIDEr", "synth_vqa": "vqa_accuracy", "synth_grounding": "accuracy_iou0.5", "synth_mc": "accuracy",
+            "synth_preference": "accuracy"}
 columns = [(b, m) for b, m in headline.items() if b in results["sft"] and m in results["sft"][b]]
 print("\n| stage | " + " | ".join(f"{b} {m}" for b, m in columns) + " |")
 print("|---|" + "---:|" * len(columns))

@@ -9,6 +9,12 @@ Three implementations of the same number, chosen by ``impl`` (``VLM.loss_impl``)
 - ``"liger"``: liger-kernel's fused linear cross-entropy (optional dependency, CUDA): logits are computed
   and turned into gradients chunk by chunk inside the forward, never stored.
 - ``"auto"``: liger when it is importable and the tensors are on CUDA, else chunked.
+
+Preference training (DPO) needs each labelled token's log-probability, not their sum:
+``causal_lm_token_logps`` gives them with the same implementations (liger's per-token mode is not used:
+its ``reduction="none"`` gradients were wrong, Liger-Kernel#968 and PR #1298, so "liger" and "auto"
+take the chunked path there), and ``sum_per_sequence`` adds them up per packed or padded sequence.
+The SFT path above is untouched.
 """
 
 from __future__ import annotations
@@ -46,6 +52,42 @@ def causal_lm_loss_sum(
     else:
         loss_sum = _ce_sum(shift_hidden, lm_head_weight, shift_labels)
     return loss_sum.float(), num_tokens
+
+
+def causal_lm_token_logps(
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, impl: str = "torch"
+) -> torch.Tensor:
+    """log p(label_t | tokens < t) for every position, [B, L] fp32, aligned with ``labels``: 0 where the
+    label is -100 and in column 0 (never predicted). ``-token_logps.sum()`` is ``causal_lm_loss_sum``."""
+    if impl not in LOSS_IMPLS:
+        raise ValueError(f"loss impl {impl!r}: expected one of {LOSS_IMPLS}")
+    shift_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1)
+    if impl == "torch":
+        nll = _ce_per_token(shift_hidden, lm_head_weight, shift_labels)
+    else:  # chunked, liger, auto: see the module docstring
+        nll = torch.cat([
+            checkpoint(_ce_per_token, h, lm_head_weight, y, use_reentrant=False)
+            if torch.is_grad_enabled() and (h.requires_grad or lm_head_weight.requires_grad)
+            else _ce_per_token(h, lm_head_weight, y)
+            for h, y in zip(shift_hidden.split(CHUNK_TOKENS), shift_labels.split(CHUNK_TOKENS))
+        ])
+    logps = -nll.float().view(labels.shape[0], -1)
+    return F.pad(logps, (1, 0))
+
+
+def sum_per_sequence(token_logps: torch.Tensor, sequence_ids: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """Sum token log-probs [B, L] into their sequences: ``sequence_ids`` [B, L] gives each position's
+    sequence (0 .. num_sequences-1, row-major over packed or padded rows; -1 on padding, whose log-probs
+    are 0). Returns [num_sequences] fp32."""
+    index = sequence_ids.clamp(min=0).reshape(-1)  # padding adds its zeros to sequence 0: harmless
+    out = token_logps.new_zeros(num_sequences)
+    return out.index_add(0, index, token_logps.reshape(-1))
+
+
+def _ce_per_token(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = hidden @ weight.T
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
 
 
 def _ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

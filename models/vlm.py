@@ -16,7 +16,7 @@ from transformers.utils import ModelOutput
 
 from models.attention import sample_boundaries_from_position_ids, uses_varlen
 from models.config import VLMConfig
-from models.loss import causal_lm_loss_sum
+from models.loss import IGNORE_INDEX, causal_lm_loss_sum, causal_lm_token_logps
 from models.resampler import Resampler
 from models.vision import VisionTower
 
@@ -39,6 +39,7 @@ class VLMOutput(ModelOutput):
     num_tokens: torch.Tensor | None = None  # long scalar: supervised tokens
     loss: torch.Tensor | None = None  # loss_sum / num_tokens
     logits: torch.Tensor | None = None  # [B, L, V], only when labels is None
+    token_logps: torch.Tensor | None = None  # [B, L] fp32 log-prob of each label, with return_token_logps
 
 
 class VLM(nn.Module):
@@ -136,9 +137,12 @@ class VLM(nn.Module):
         labels: torch.Tensor | None = None,
         cu_seq_lens: torch.Tensor | None = None,
         max_length: int | None = None,
+        return_token_logps: bool = False,
     ) -> VLMOutput:
         """``cu_seq_lens`` / ``max_length``: the packed samples' boundaries (data.packing.pack) for varlen
-        attention; derived from position_ids (one host sync) when varlen runs without them."""
+        attention; derived from position_ids (one host sync) when varlen runs without them.
+        ``return_token_logps`` (with labels): also each label's log-probability (preference training,
+        models.loss.causal_lm_token_logps); the loss sum is then their negated sum."""
         embeds = self.embed(input_ids, pixel_values)
         varlen = {}
         if attention_mask is None and position_ids is not None and uses_varlen(self):
@@ -157,8 +161,14 @@ class VLM(nn.Module):
         lm_head = self.llm.get_output_embeddings()
         if labels is None:
             return VLMOutput(logits=lm_head(hidden))
-        loss_sum, num_tokens = causal_lm_loss_sum(hidden, lm_head.weight, labels, impl=self.loss_impl)
-        return VLMOutput(loss_sum=loss_sum, num_tokens=num_tokens, loss=loss_sum / num_tokens.clamp(min=1))
+        if return_token_logps:
+            token_logps = causal_lm_token_logps(hidden, lm_head.weight, labels, impl=self.loss_impl)
+            loss_sum, num_tokens = -token_logps.sum(), (labels[:, 1:] != IGNORE_INDEX).sum()
+        else:
+            token_logps = None
+            loss_sum, num_tokens = causal_lm_loss_sum(hidden, lm_head.weight, labels, impl=self.loss_impl)
+        return VLMOutput(loss_sum=loss_sum, num_tokens=num_tokens, loss=loss_sum / num_tokens.clamp(min=1),
+                         token_logps=token_logps)
 
     @torch.no_grad()
     def generate(

@@ -60,6 +60,30 @@ def test_training_files_load_and_batch_with_the_generated_tokenizer(world):
         assert (batch["input_ids"] == tok.convert_tokens_to_ids("<img>")).sum() == batch["pixel_values"].shape[0]
 
 
+def test_preference_pairs_set_the_right_answer_against_a_plausible_wrong_one(world):
+    out, manifest = world
+    assert manifest["files"]["dpo"]["count"] == 40 and manifest["files"]["dpo_test"]["count"] == 12
+    records, _ = load_records(out / "dpo.json")  # validated as preference pairs
+    kinds = set()
+    for r in records:
+        question = r["conversations"][-1]["value"]
+        chosen, rejected = r["chosen"], r["rejected"]
+        if "<box>" in chosen:
+            kinds.add("box")
+            assert parse_boxes(chosen) != parse_boxes(rejected) and chosen.split("<box>")[0] == rejected.split("<box>")[0]
+        elif "How many" in question:
+            kinds.add("count")
+            assert abs(int(chosen) - int(rejected)) == 1
+        else:
+            kinds.add("color")
+            assert "color" in question and {chosen, rejected} <= {"red", "green", "blue", "yellow"}
+    assert kinds == {"box", "count", "color"}
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    cfg = DataConfig(paths=[str(out / "dpo.json")], image_size=32, max_len=512, num_workers=0)
+    batch = next(iter(build_dataloader(cfg, tok, num_image_tokens=4, batch_size=4, preference=True)))
+    assert batch["num_pairs"] == 4 and batch["pixel_values"].shape[0] == 8
+
+
 def test_eval_sets_follow_the_benchmark_formats(world):
     out, _ = world
     cap = json.loads((out / "caption_test.json").read_text())

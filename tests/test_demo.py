@@ -12,18 +12,19 @@ from train.loop import train
 from train.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["untrained", "pretrain", "multitask", "sft"]
+STAGES = ["untrained", "pretrain", "multitask", "sft", "dpo"]  # dpo: the optional fourth stage (DPO=1)
 BENCHES = {"synth_caption": "CIDEr", "synth_vqa": "vqa_accuracy", "synth_grounding": "accuracy_iou0.5",
-           "synth_mc": "accuracy"}
+           "synth_mc": "accuracy", "synth_preference": "accuracy"}
 EVAL_LIMIT = 4
 
 
 def test_demo_writes_metrics_of_every_stage_on_every_benchmark(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "PYTHON": sys.executable, "N_TRAIN": "16", "N_EVAL": "8", "EVAL_LIMIT": str(EVAL_LIMIT),
-           "PRETRAIN_STEPS": "2", "MULTITASK_STEPS": "2", "SFT_STEPS": "2", "MICRO_BATCH": "2"}
+           "PRETRAIN_STEPS": "2", "MULTITASK_STEPS": "2", "SFT_STEPS": "2", "DPO_STEPS": "2", "MICRO_BATCH": "2",
+           "DPO": "1"}
     proc = subprocess.run(["bash", str(REPO / "launch" / "demo.sh"), str(out)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     metrics = json.loads((out / "metrics.json").read_text())
@@ -37,7 +38,8 @@ def test_demo_writes_metrics_of_every_stage_on_every_benchmark(tmp_path):
     # Each stage's table is printed after it, SFT evaluated with ChatML prompts, and a summary at the end.
     assert proc.stdout.count("evaluation of ") == len(STAGES)
     assert "(sft, chatml prompts)" in proc.stdout and "(multitask, raw prompts)" in proc.stdout
-    assert "| sft |" in proc.stdout and "demo wall time" in proc.stdout
+    assert "(dpo, chatml prompts)" in proc.stdout and "rewards/accuracies" in proc.stdout
+    assert "| sft |" in proc.stdout and "| dpo |" in proc.stdout and "demo wall time" in proc.stdout
 
 
 def test_eval_section_without_data_root_fails_before_training(tmp_path):

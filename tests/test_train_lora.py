@@ -53,6 +53,65 @@ def test_lora_save_load_merge_give_the_same_outputs(tiny_vlm, tmp_path):
     assert not torch.allclose(reference_base.eval()(ids).logits, want)
 
 
+VISION_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+
+
+def image_inputs(model, seed=0):
+    """One image span and its pixels, so the vision tower's adapters matter."""
+    cfg = model.config
+    ids = torch.tensor([[30, 40, cfg.image_start_id] + [cfg.image_pad_id] * cfg.num_image_tokens
+                        + [cfg.image_end_id, 41, 42, 43]])
+    return ids, torch.randn(1, 3, 84, 84, generator=torch.Generator().manual_seed(seed))
+
+
+def test_vision_lora_trains_adapters_on_the_vit_and_nothing_else_of_it(tiny_vlm):
+    base = copy.deepcopy(tiny_vlm)
+    freeze = FreezeSection(vision="frozen", resampler="train", llm="frozen", embeddings="frozen")
+    apply_freezing(base, freeze)
+    model = apply_lora(base, LoraSection(enabled=True, r=4, dropout=0.0, vision_targets=VISION_TARGETS), freeze)
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    vision = [n for n, _ in model.named_parameters() if ".vision." in n]
+    assert {n for n in vision if n in trains} == {n for n in vision if "lora_" in n}
+    for block in range(tiny_vlm.config.vision.layers):
+        for target in VISION_TARGETS:
+            assert f"base_model.model.vision.blocks.{block}.{target}.lora_A.default.weight" in trains
+    assert not any("patch_embed" in n or "ln_" in n for n in trains if ".vision." in n)
+    assert not [n for n in trains if ".llm." in n and "lora_" not in n]  # the LLM only through its adapters
+    ids, pixels = image_inputs(tiny_vlm)
+    model.train()
+    model(ids, pixel_values=pixels, labels=ids).loss.backward()
+    # lora_B starts at zero, so lora_A gets no gradient at first; lora_B does
+    vision_b = [p.grad for n, p in model.named_parameters() if ".vision." in n and "lora_B" in n]
+    assert vision_b and all(g is not None and g.abs().sum() > 0 for g in vision_b)  # gradient reaches the ViT
+    with pytest.raises(ValueError, match="adapts a frozen vision tower"):
+        apply_lora(copy.deepcopy(tiny_vlm), LoraSection(enabled=True, vision_targets=["attn.qkv"]),
+                   FreezeSection(vision="train", llm="frozen"))
+
+
+def test_vision_lora_save_load_merge_give_the_same_logits(tiny_vlm, tmp_path):
+    base = copy.deepcopy(tiny_vlm)
+    freeze = FreezeSection(vision="frozen", resampler="train", llm="frozen", embeddings="frozen")
+    apply_freezing(base, freeze)
+    reference_base = copy.deepcopy(base)
+    model = apply_lora(base, LoraSection(enabled=True, r=4, alpha=8, dropout=0.0, targets=["q_proj"],
+                                         vision_targets=VISION_TARGETS), freeze)
+    _perturb_trainable(model)
+    model.eval()
+    ids, pixels = image_inputs(tiny_vlm, seed=1)
+    want = model(ids, pixel_values=pixels).logits
+    model.save_pretrained(tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert any("vision.blocks.1.mlp.fc2.lora_B" in k for k in saved)
+
+    loaded = apply_adapter(copy.deepcopy(reference_base), tmp_path / "adapter", merge=False).eval()
+    torch.testing.assert_close(loaded(ids, pixel_values=pixels).logits, want)
+    merged = apply_adapter(copy.deepcopy(reference_base), tmp_path / "adapter", merge=True).eval()
+    assert type(merged).__name__ == "VLM" and not any("lora" in k for k in merged.state_dict())
+    torch.testing.assert_close(merged(ids, pixel_values=pixels).logits, want, rtol=1e-4, atol=1e-4)
+    # merging folded the vision adapters into the ViT's own weights
+    assert not torch.allclose(merged.vision.blocks[0].attn.qkv.weight, reference_base.vision.blocks[0].attn.qkv.weight)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_qlora_trains_4bit_decoder(tiny_vlm):

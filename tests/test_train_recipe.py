@@ -10,7 +10,8 @@ import yaml
 from train.recipe import RecipeError, load_recipe, recipe_to_dict, save_resolved
 
 REPO = Path(__file__).resolve().parents[1]
-FULL_SCALE = ["pretrain.yaml", "multitask.yaml", "sft.yaml", "sft_lora.yaml", "sft_qlora.yaml"]
+FULL_SCALE = ["pretrain.yaml", "multitask.yaml", "sft.yaml", "sft_lora.yaml", "sft_qlora.yaml", "dpo.yaml",
+              "dpo_lora.yaml"]
 
 
 def write(path: Path, data: dict) -> Path:
@@ -105,6 +106,40 @@ def test_full_scale_recipes_carry_the_papers_settings():
     assert multi.model.init_from.startswith(pre.checkpoint.out_dir) and sft.model.init_from.startswith(multi.checkpoint.out_dir)
 
 
-@pytest.mark.parametrize("name", ["pretrain.yaml", "multitask.yaml", "sft.yaml", "sft_lora.yaml"])
+def test_dpo_recipes_start_from_the_sft_export_with_their_reference():
+    dpo, lora = (load_recipe(REPO / "recipes" / n) for n in ("dpo.yaml", "dpo_lora.yaml"))
+    sft = load_recipe(REPO / "recipes" / "sft.yaml")
+    for r in (dpo, lora):
+        assert r.train.stage == "dpo" and r.model.init_from.startswith(sft.checkpoint.out_dir)
+        assert r.data.pack_len >= 2 * r.data.max_len and r.perf.attention == "varlen"
+    assert (dpo.preference.reference, dpo.parallel.mode, dpo.freeze.llm) == ("frozen_copy", "zero3", "train")
+    assert (lora.preference.reference, lora.lora.dropout, lora.freeze.llm) == ("adapter_disabled", 0.0, "frozen")
+
+
+def test_inconsistent_preference_settings_are_rejected(tmp_path):
+    f = write(tmp_path / "r.yaml", {**BASE, "train": {"steps": 3, "stage": "dpo"}})
+    assert load_recipe(f).preference.reference == "auto"
+    for override, message in [
+        ("preference.reference=adapter_disabled", "'preference.reference: adapter_disabled' needs 'lora.enabled: true'"),
+        ("preference.beta=0", "'preference.beta' must be > 0"),
+        ("preference.label_smoothing=0.5", r"'preference.label_smoothing' must be in \[0, 0.5\)"),
+        ("data.packing=true", r"a packed row holds both sequences of a pair: set 'data.pack_len' >= 2 x 'data.max_len'"),
+        ("data.streaming=true", "reads preference pairs map-style"),
+    ]:
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(f, [override])
+    with pytest.raises(RecipeError, match="applies to loss: sigmoid only"):
+        load_recipe(f, ["preference.loss=ipo", "preference.label_smoothing=0.1"])
+    with pytest.raises(RecipeError, match="use 'preference.reference: adapter_disabled'"):
+        load_recipe(f, ["lora.enabled=true", "freeze.llm=frozen", "preference.reference=frozen_copy"])
+    with pytest.raises(RecipeError, match="'lora.vision_targets' adapts a frozen vision tower"):
+        load_recipe(f, ["lora.enabled=true", "freeze.vision=train", "lora.vision_targets=[attn.qkv]"])
+    with pytest.raises(RecipeError, match=r"'preference.loss' must be one of \['sigmoid', 'ipo'\]"):
+        load_recipe(f, ["preference.loss=hinge"])
+
+
+@pytest.mark.parametrize("name", ["pretrain.yaml", "multitask.yaml", "sft.yaml", "sft_lora.yaml", "dpo.yaml",
+                                  "dpo_lora.yaml", "demo_pretrain.yaml", "demo_multitask.yaml", "demo_sft.yaml",
+                                  "demo_dpo.yaml"])
 def test_tiny_recipes_load(name):
     load_recipe(REPO / "recipes" / "tiny" / name, ["model.init_from=x", "data.paths=[x.json]"])

@@ -99,7 +99,8 @@ def test_accumulating_k_micro_batches_gives_the_gradient_of_one_big_batch(tiny_v
     big = copy.deepcopy(tiny_vlm).train()
     loss_big, _ = accumulate_gradients(single_engine(big, recipe), [concat(a, b)])
 
-    assert counts.tolist() == [9 + 2 + 1 + 8, 12 + 7 + 5 + 10, 4, 0, 12**2 + 7**2 + 5**2 + 10**2]
+    # [supervised, sample tokens, samples, images, sum of squared lengths] + the objective's [supervised]
+    assert counts.tolist() == [9 + 2 + 1 + 8, 12 + 7 + 5 + 10, 4, 0, 12**2 + 7**2 + 5**2 + 10**2, 9 + 2 + 1 + 8]
     torch.testing.assert_close(loss_small, loss_big, rtol=1e-5, atol=1e-5)
     g_small, g_big = _grads(small), _grads(big)
     assert g_small.keys() == g_big.keys() and len(g_small) > 10
@@ -110,7 +111,7 @@ def test_accumulating_k_micro_batches_gives_the_gradient_of_one_big_batch(tiny_v
         return {k: v for k, v in batch.items() if k not in ("num_samples", "sample_lengths")}
 
     mean_of_means = 0.5 * (small(**model_inputs(a)).loss + small(**model_inputs(b)).loss)
-    assert abs(float(mean_of_means.detach()) - float(loss_big / counts[0])) > 1e-4
+    assert abs(float(mean_of_means.detach()) - float(loss_big[0] / counts[0])) > 1e-4
 
 
 def test_loss_ignores_masked_labels(tiny_vlm):
@@ -126,7 +127,7 @@ def test_loss_ignores_masked_labels(tiny_vlm):
     target = a["labels"][:, 1:]
     keep = target != -100
     manual = -logp[keep].gather(-1, target[keep].unsqueeze(-1)).sum()
-    torch.testing.assert_close(loss_sum, manual, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss_sum[0], manual, rtol=1e-4, atol=1e-4)
     # Supervising one more token changes both the count and the loss.
     more = dict(a, labels=a["labels"].clone())
     more["labels"][0, 3] = a["input_ids"][0, 3]

@@ -3,9 +3,10 @@
 Matmul FLOPs of the model, 2 per multiply-add. Decoder, per token: 2N forward, +4N backward when its
 weights train, +2N when they are frozen but gradient flows through them (input gradients only); N = its
 linear layers + LM head (embedding lookups are not matmuls). LoRA adapters: 6 per adapter parameter per
-token. Causal attention: 2*s^2*d per layer per sample forward, x3 with backward. Per image: the vision
-tower forward only unless it trains (x3), the resampler x3 when gradient reaches it (it or the ViT
-trains). Recomputation by activation checkpointing and Q-LoRA dequantisation are not counted: they
+token (vision tower adapters: per patch). Causal attention: 2*s^2*d per layer per sample forward, x3 with
+backward. Per image: the vision tower forward only unless it trains (x3) or carries LoRA adapters (x2: input
+gradients through its frozen weights), the resampler x3 when gradient reaches it (it or the ViT trains). A
+frozen reference model's forward (DPO) is model work too: ``forward_flops``. Recomputation by activation checkpointing and Q-LoRA dequantisation are not counted: they
 are overhead, not model FLOPs.
 
 The plain "6 x all parameters x tokens" estimate overstates a VLM step by ~10% at the Qwen-VL shape: a
@@ -30,6 +31,10 @@ class StepFlops:
     def __call__(self, tokens: float, images: float, sum_sq_lengths: float) -> float:
         return self.per_token * tokens + self.per_attention_pair * sum_sq_lengths + self.per_image * images
 
+    def __add__(self, other: StepFlops) -> StepFlops:
+        return StepFlops(self.per_token + other.per_token, self.per_attention_pair + other.per_attention_pair,
+                         self.per_image + other.per_image)
+
 
 def step_flops(
     config: VLMConfig,
@@ -38,15 +43,34 @@ def step_flops(
     resampler_trains: bool,
     llm_trains: bool,
     lora_params: int = 0,
+    vision_lora_params: int = 0,
 ) -> StepFlops:
-    """The FLOP rates of ``config`` (at ``config.vision.image_size``) for what trains."""
+    """The FLOP rates of ``config`` (at ``config.vision.image_size``) for what trains. ``lora_params``:
+    adapter parameters in the LLM; ``vision_lora_params``: in the vision tower."""
+    n_llm, attention_fwd, patches, resampler_fwd, vit_fwd = _forward_parts(config)
+    per_token = (6 if llm_trains else 4) * n_llm + 6 * lora_params
+    vit_factor = 3 if vision_trains else 2 if vision_lora_params else 1
+    per_image = ((3 if resampler_trains or vision_trains or vision_lora_params else 1) * resampler_fwd
+                 + vit_factor * vit_fwd + 6 * vision_lora_params * patches)
+    return StepFlops(per_token=float(per_token), per_attention_pair=float(3 * attention_fwd),
+                     per_image=float(per_image))
+
+
+def forward_flops(config: VLMConfig) -> StepFlops:
+    """A forward pass only (DPO's frozen reference model)."""
+    n_llm, attention_fwd, _, resampler_fwd, vit_fwd = _forward_parts(config)
+    return StepFlops(per_token=float(2 * n_llm), per_attention_pair=float(attention_fwd),
+                     per_image=float(resampler_fwd + vit_fwd))
+
+
+def _forward_parts(config: VLMConfig) -> tuple[int, int, int, int, int]:
+    """(decoder linear + LM head parameters, attention forward FLOPs per s^2, patches per image, resampler
+    and vision tower forward FLOPs per image)."""
     vc, tc = config.vision, config.text_config
     d, layers, ffn, vocab = tc["hidden_size"], tc["num_hidden_layers"], tc["intermediate_size"], tc["vocab_size"]
     kv_dim = d * tc["num_key_value_heads"] // tc["num_attention_heads"]
     n_layer = d * (2 * d + 2 * kv_dim) + 3 * d * ffn  # q, o + k, v + gate, up, down
     n_llm = layers * n_layer + d * vocab
-    per_token = (6 if llm_trains else 4) * n_llm + 6 * lora_params
-    per_attention_pair = 3 * 2 * d * layers
 
     patches = (vc.image_size // vc.patch_size) ** 2
     q = config.num_image_tokens
@@ -54,6 +78,4 @@ def step_flops(
                      + 4 * q * patches * d)
     vit_fwd = vc.layers * (2 * patches * (4 * vc.width**2 + 2 * vc.width * vc.mlp_dim) + 4 * patches**2 * vc.width)
     vit_fwd += 2 * patches * 3 * vc.patch_size**2 * vc.width  # patch embedding
-    per_image = (3 if resampler_trains or vision_trains else 1) * resampler_fwd + (3 if vision_trains else 1) * vit_fwd
-    return StepFlops(per_token=float(per_token), per_attention_pair=float(per_attention_pair),
-                     per_image=float(per_image))
+    return n_llm, 2 * d * layers, patches, resampler_fwd, vit_fwd

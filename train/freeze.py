@@ -72,7 +72,7 @@ def _group_of(name: str) -> str:
         if name.startswith(prefix):
             name = name[len(prefix):]
     if "lora_" in name:
-        return "llm (lora adapters)"
+        return "vision (lora adapters)" if name.startswith("vision.") else "llm (lora adapters)"
     if "embed_tokens" in name or "lm_head" in name:
         return "llm (embeddings/head)"
     return name.split(".", 1)[0]

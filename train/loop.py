@@ -6,6 +6,8 @@ supervised tokens over all of them). The step's micro-batches are fetched first 
 is known (one all-reduce) before any backward; each micro-batch then back-propagates
 ``loss_sum * world_size / step_tokens`` (the world_size undoes the mean over ranks that DDP and
 DeepSpeed apply to gradients). A mean of per-micro-batch means would over-weight short answers.
+The stage's objective (train/objectives.py: this token-weighted cross-entropy, or DPO's pair-weighted
+loss, train/dpo.py) is chosen in one place and owns that normalisation.
 """
 
 from __future__ import annotations
@@ -26,17 +28,18 @@ import torch
 
 from data.collate import split_rows
 from train.checkpoint import export_final, load_checkpoint, resolve_resume, save_checkpoint
-from train.flops import step_flops
+from train.dpo import copy_for_reference
+from train.flops import forward_flops, step_flops
 from train.freeze import apply_freezing, trainable_modules, trainable_table
 from train.logger import MetricLogger, peak_flops_per_device
+from train.objectives import LanguageModelling, Objective, build_objective, count_supervised
 from train.optim import build_optimizer, build_scheduler
 from train.parallel import DistInfo, Engine, all_reduce_sum, init_distributed, resolve_mode
 from train.perf import apply_perf_switches, frozen_to_bf16, resolve_perf
 from train.recipe import Recipe, recipe_to_dict, save_resolved
 
-IGNORE_INDEX = -100
 GC_EVERY = 50  # optimiser steps between collections of Python's young generation (automatic gc is off)
-PROMPT_FORMAT = {"pretrain": "raw", "multitask": "raw", "sft": "chatml"}
+PROMPT_FORMAT = {"pretrain": "raw", "multitask": "raw", "sft": "chatml", "dpo": "chatml"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -102,11 +105,6 @@ def micro_batches(loader):
         yield from loader
 
 
-def count_supervised(batch: dict[str, Any]) -> int:
-    """Supervised tokens of a host-side batch (the model shifts: label 0 of a row is never used)."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
 def to_device(batch: dict[str, Any], device: torch.device, pixel_dtype: torch.dtype | None) -> dict[str, Any]:
     out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     if pixel_dtype is not None and out.get("pixel_values") is not None:
@@ -114,37 +112,40 @@ def to_device(batch: dict[str, Any], device: torch.device, pixel_dtype: torch.dt
     return out
 
 
+NUM_COUNTS = 5  # the loop's own counts, before the objective's (accumulate_gradients)
+
+
 def accumulate_gradients(
     engine: Engine, step_batches: list[dict[str, Any]], pixel_dtype: torch.dtype | None = None,
-    max_forward_tokens: int | None = None, image_start_id: int = -1,
+    max_forward_tokens: int | None = None, image_start_id: int = -1, objective: Objective | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward + backward of one optimiser step's micro-batches (no optimiser step). A micro-batch longer
     than ``max_forward_tokens`` runs as several forwards of whole rows (data.collate.split_rows).
 
-    Gradients end up as d/dθ of (sum of token losses over all micro-batches and ranks) / (their
-    supervised-token count). Returns (this rank's loss sum, detached, on device; the all-reduced
-    counts [supervised tokens, sample tokens, samples, images, sum of squared sample lengths] as a
-    float64 device tensor; sample tokens exclude row padding).
+    Gradients end up as d/dθ of the objective's step loss (language modelling by default: sum of token
+    losses over all micro-batches and ranks / their supervised-token count). Returns (this rank's sums for
+    the objective's metrics, detached, on device; the all-reduced counts [supervised tokens, sample tokens,
+    samples, images, sum of squared sample lengths, *the objective's counts] as a float64 device tensor;
+    sample tokens exclude row padding).
     """
+    objective = objective or LanguageModelling()
     info = engine.dist
     lengths = [n for b in step_batches for n in b["sample_lengths"]]
     local = torch.tensor([sum(count_supervised(b) for b in step_batches), sum(lengths),
                           sum(b["num_samples"] for b in step_batches),
                           sum(len(b["pixel_values"]) for b in step_batches if b.get("pixel_values") is not None),
-                          sum(n * n for n in lengths)], dtype=torch.float64)
+                          sum(n * n for n in lengths), *objective.count(step_batches)], dtype=torch.float64)
     counts = all_reduce_sum(local.to(info.device))  # the step's one collective before backward
-    # world_size undoes the gradient mean over ranks of DDP / DeepSpeed; stays on device (no sync).
-    scale = info.world_size / counts[0].clamp(min=1)
-    loss_sum = torch.zeros((), device=info.device)
+    sums = None
     forwards = [part for b in step_batches for part in split_rows(b, max_forward_tokens, image_start_id)]
     for i, batch in enumerate(forwards):
         last = i == len(forwards) - 1
         batch = to_device(batch, info.device, pixel_dtype)
         with engine.micro_step(last):
-            out = engine.forward_loss(batch)
-            engine.backward(out.loss_sum * scale.to(out.loss_sum.dtype), last)
-        loss_sum += out.loss_sum.detach().float()
-    return loss_sum, counts
+            loss, batch_sums = objective(engine, batch, counts[NUM_COUNTS:])
+            engine.backward(loss, last)
+        sums = batch_sums if sums is None else sums + batch_sums
+    return sums, counts
 
 
 @contextlib.contextmanager
@@ -209,13 +210,17 @@ def train(recipe: Recipe) -> Path:
     if info.is_main:
         print("\n".join([f"mode {mode}, world size {info.world_size}", *perf_notes, trainable_table(model)]),
               flush=True)
+    adapters = {n: p.numel() for n, p in model.named_parameters() if "lora_" in n}
+    vision_adapters = sum(size for n, size in adapters.items() if ".vision.blocks." in n)
     flops = step_flops(vlm.config, vision_trains=recipe.freeze.vision == "train",
                        resampler_trains=recipe.freeze.resampler == "train", llm_trains=recipe.freeze.llm == "train",
-                       lora_params=sum(p.numel() for n, p in model.named_parameters() if "lora_" in n))
+                       lora_params=sum(adapters.values()) - vision_adapters, vision_lora_params=vision_adapters)
+    frozen_reference = copy_for_reference(model, recipe)  # DPO: before the engine wraps or shards the model
 
     # ---- data
     loader = build_dataloader(recipe.data, tokenizer, num_image_tokens=vlm.config.num_image_tokens,
-                              batch_size=recipe.train.micro_batch, rank=info.rank, world_size=info.world_size)
+                              batch_size=recipe.train.micro_batch, rank=info.rank, world_size=info.world_size,
+                              preference=recipe.train.stage == "dpo")
     accum = recipe.train.grad_accum
     if recipe.train.steps is not None:
         total_steps = recipe.train.steps
@@ -227,6 +232,9 @@ def train(recipe: Recipe) -> Path:
     scheduler = build_scheduler(optimizer, total_steps, recipe.optim.lr, recipe.schedule)
     engine = Engine(model, optimizer, scheduler, recipe, info)
     pixel_dtype = torch.bfloat16 if engine.uses_deepspeed and recipe.train.bf16 else None
+    objective = build_objective(recipe, engine, loader, frozen_reference, pixel_dtype, run_dir)
+    if objective.runs_reference:  # DPO's reference forward is model work too
+        flops = flops + forward_flops(vlm.config)
     if info.is_main and cuda:  # what the step's activations add to this is the rest of the peak
         print(f"memory before the first step: {torch.cuda.memory_allocated(info.device) / 2**30:.1f} GiB allocated "
               f"(weights and optimiser state; peak so far {torch.cuda.max_memory_allocated(info.device) / 2**30:.1f})",
@@ -261,15 +269,14 @@ def train(recipe: Recipe) -> Path:
     gc.collect()
     gc.freeze()
     gc.disable()
-    window = {"loss_sum": torch.zeros((), device=info.device), "tokens": 0, "inputs": 0, "samples": 0,
-              "steps": 0, "start": time.perf_counter()}
+    window = {"steps": 0, "start": time.perf_counter()}
     while step < last_step:
-        # Fetch the step's micro-batches first: their supervised-token count normalises the loss.
+        # Fetch the step's micro-batches first: their supervised-token (or pair) count normalises the loss.
         step_batches = [next(batches) for _ in range(accum)]
         with profiled(step + 1, info.is_main):
-            loss_sum, counts = accumulate_gradients(engine, step_batches, pixel_dtype,
-                                                    recipe.train.max_forward_tokens, vlm.config.image_start_id)
-        window["loss_sum"] += loss_sum
+            sums, counts = accumulate_gradients(engine, step_batches, pixel_dtype, recipe.train.max_forward_tokens,
+                                                vlm.config.image_start_id, objective)
+        window["sums"] = sums if "sums" not in window else window["sums"] + sums
         lr = engine.lr()  # the lr this step applies (the schedule advances inside engine.step)
         grad_norm, applied = engine.step()
         step += 1
@@ -290,11 +297,11 @@ def train(recipe: Recipe) -> Path:
         # ---- log (the only host syncs of the loop besides the NaN guard)
         # The first step is logged too: it shows the run is alive and when training really began.
         if step % recipe.log.every == 0 or step == last_step or step == 1:
-            loss_sum = all_reduce_sum(window["loss_sum"].clone())
-            tokens, inputs, samples, images, sum_sq = window["counts"].tolist()
+            sums = all_reduce_sum(window["sums"].clone())
+            _supervised, inputs, samples, images, sum_sq, *own = window["counts"].tolist()
             elapsed = time.perf_counter() - window["start"]
             metrics = {
-                "loss": float(loss_sum) / max(tokens, 1),
+                **objective.metrics(sums.tolist(), own),
                 "lr": lr,
                 "grad_norm": float(grad_norm),
                 "tokens_per_s": inputs / elapsed,
@@ -311,7 +318,7 @@ def train(recipe: Recipe) -> Path:
             logger.log(metrics, step, console=progress is None)
             if progress is not None:
                 progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-            window = {"loss_sum": torch.zeros((), device=info.device), "steps": 0, "start": time.perf_counter()}
+            window = {"steps": 0, "start": time.perf_counter()}
 
         # ---- checkpoint
         if recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < total_steps:

@@ -1,6 +1,8 @@
 """LoRA and Q-LoRA through peft / bitsandbytes.
 
-LoRA adapts the LLM's linear layers (``lora.targets``, matched only inside ``llm.``). Everything the
+LoRA adapts the LLM's linear layers (``lora.targets``, matched only inside ``llm.``) and, when asked, the
+vision tower's (``lora.vision_targets``, e.g. ``attn.qkv``, matched only inside ``vision.blocks``; the ViT
+stays frozen, its adapters train, are saved in the adapter and merged on export). Everything the
 recipe's ``freeze`` section says trains besides the LLM (resampler, vision tower, and embeddings +
 LM head when special tokens were added) becomes a peft ``modules_to_save`` entry, so it trains *and*
 is stored in the adapter. (The reference's final save kept only ``lora_`` tensors, losing trained
@@ -8,6 +10,8 @@ embeddings of a base model, and froze the resampler under LoRA, Qwen-VL#116.)
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 from torch import nn
@@ -29,19 +33,29 @@ def _embedding_module_names(model: nn.Module) -> list[str]:
     return [name.rsplit(".", 1)[-1] for name, module in model.llm.named_modules() if id(module) in wanted]
 
 
+def target_pattern(lora: LoraSection) -> str:
+    """peft's target_modules regex: the LLM's targets inside ``llm.``, the vision targets inside the ViT's
+    blocks, so same-named layers elsewhere never get adapters."""
+    pattern = rf"llm\..*\.({'|'.join(map(re.escape, lora.targets))})"
+    if lora.vision_targets:
+        pattern += rf"|vision\.blocks\.\d+\.({'|'.join(map(re.escape, lora.vision_targets))})"
+    return rf"^({pattern})$"
+
+
 def apply_lora(model: nn.Module, lora: LoraSection, freeze: FreezeSection, gradient_checkpointing: bool = False):
-    """Wrap the VLM in a peft model: LoRA adapters on the LLM, the recipe's trained modules saved in full."""
+    """Wrap the VLM in a peft model: LoRA adapters on the LLM (and the ViT), the recipe's trained modules
+    saved in full."""
     from peft import LoraConfig, get_peft_model
 
     if freeze.llm == "train":
         raise ValueError("lora.enabled with freeze.llm: train: LoRA adapts a frozen LLM; set freeze.llm: frozen")
-    targets = "|".join(lora.targets)
+    if lora.vision_targets and freeze.vision == "train":
+        raise ValueError("lora.vision_targets adapts a frozen vision tower; set freeze.vision: frozen")
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        # Anchored to the LLM so same-named layers elsewhere never get adapters.
-        target_modules=rf"^llm\..*\.({targets})$",
+        target_modules=target_pattern(lora),
         modules_to_save=modules_to_save(model, freeze) or None,
         bias="none",
     )

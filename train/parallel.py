@@ -120,6 +120,7 @@ def deepspeed_config(recipe: Recipe, mode: str, world_size: int) -> dict[str, An
 class StepOutput:
     loss_sum: torch.Tensor
     num_tokens: torch.Tensor
+    token_logps: torch.Tensor | None = None  # [B, L], when asked for (preference training)
 
 
 class LossOutputs(nn.Module):
@@ -131,9 +132,11 @@ class LossOutputs(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, **batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, **batch) -> tuple[torch.Tensor, ...]:
         out = self.model(**batch)
-        return out.loss_sum, out.num_tokens
+        if out.token_logps is None:
+            return out.loss_sum, out.num_tokens
+        return out.loss_sum, out.num_tokens, out.token_logps
 
 
 class Engine:
@@ -188,12 +191,17 @@ class Engine:
             # A step may hold more forwards than grad_accum (train.max_forward_tokens splits micro-batches):
             # say where the boundary is rather than let DeepSpeed count micro-steps.
             self.module.set_gradient_accumulation_boundary(last)
-        autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
-        with ctx, autocast:
+        with ctx, self.autocast():
             yield
 
-    def forward(self, batch: dict[str, Any]):
-        """The model's output; only ``loss_sum`` and ``num_tokens`` are guaranteed."""
+    def autocast(self):
+        """bf16 autocast where the mode computes in bf16 over fp32 weights (DeepSpeed casts itself)."""
+        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
+
+    def forward(self, batch: dict[str, Any], token_logps: bool = False):
+        """The model's output; only ``loss_sum`` and ``num_tokens`` are guaranteed (and ``token_logps``
+        when asked for)."""
+        extra = {"return_token_logps": True} if token_logps else {}
         return self.module(
             input_ids=batch["input_ids"],
             pixel_values=batch.get("pixel_values"),
@@ -202,13 +210,14 @@ class Engine:
             labels=batch["labels"],
             cu_seq_lens=batch.get("cu_seq_lens"),
             max_length=batch.get("max_length"),
+            **extra,
         )
 
-    def forward_loss(self, batch: dict[str, Any]) -> StepOutput:
-        out = self.forward(batch)
+    def forward_loss(self, batch: dict[str, Any], token_logps: bool = False) -> StepOutput:
+        out = self.forward(batch, token_logps)
         if isinstance(out, tuple):
             return StepOutput(*out)
-        return StepOutput(out.loss_sum, out.num_tokens)
+        return StepOutput(out.loss_sum, out.num_tokens, out.token_logps)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         if self.uses_deepspeed:
@@ -244,6 +253,9 @@ class Engine:
 
     def train(self) -> None:
         self.module.train()
+
+    def eval(self) -> None:
+        self.module.eval()
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:

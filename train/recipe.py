@@ -70,6 +70,9 @@ class LoraSection:
     targets: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]
     )
+    # Module names inside the vision tower's blocks (suffixes, e.g. attn.qkv, attn.proj, mlp.fc1, mlp.fc2):
+    # adapters on a frozen ViT (freeze.vision: frozen). Empty = the ViT gets none.
+    vision_targets: list[str] = field(default_factory=list)
     merge_on_export: bool = False  # also write a merged full-weight export (final/merged)
 
 
@@ -111,7 +114,8 @@ class TrainSection:
     seed: int = 42
     resume: str | None = None  # "auto" = newest checkpoint in checkpoint.out_dir, or a checkpoint path
     max_bad_steps: int = 10  # abort after this many skipped non-finite steps
-    stage: Literal["pretrain", "multitask", "sft"] = "pretrain"  # recorded in the export (eval picks ChatML for sft)
+    # Recorded in the export (eval picks ChatML after sft and dpo); dpo trains on preference pairs (`preference`).
+    stage: Literal["pretrain", "multitask", "sft", "dpo"] = "pretrain"
     stop_after_steps: int | None = None  # end the run early (tests of resume); the schedule still uses `steps`
     # Run a micro-batch as several forward/backward passes of whole rows of at most this many tokens: bounds
     # activation memory whatever the samples' lengths (16 x 2048-token samples = 4 passes of 8192), while
@@ -173,6 +177,21 @@ class PerfSection:
 
 
 @dataclass
+class PreferenceSection:
+    """Preference optimisation (train.stage: dpo) on chosen/rejected pairs; docs/training.md "DPO"."""
+
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"  # DPO's -log sigmoid(beta * margin), or IPO's squared loss
+    beta: float = 0.1  # how far the policy may move from the reference (the KL weight)
+    label_smoothing: float = 0.0  # sigmoid only: the chance a pair's labels are flipped (conservative DPO)
+    sft_weight: float = 0.0  # > 0 adds sft_weight x the token-mean NLL of the chosen answers (RPO)
+    # Where the reference log-probs come from: auto = adapter_disabled with LoRA, frozen_copy otherwise.
+    # adapter_disabled: the policy network with its LoRA adapter off (no second copy); frozen_copy: a frozen
+    # copy of the initial model (sharded alike under ZeRO-3); precomputed: one pass over the data before
+    # training, stored in OUT/reference_logps.safetensors.
+    reference: Literal["auto", "frozen_copy", "adapter_disabled", "precomputed"] = "auto"
+
+
+@dataclass
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
     data: Any = None  # data.DataConfig, validated against its fields at load time
@@ -187,6 +206,7 @@ class Recipe:
     log: LogSection = field(default_factory=LogSection)
     eval: EvalSection = field(default_factory=EvalSection)
     perf: PerfSection = field(default_factory=PerfSection)
+    preference: PreferenceSection = field(default_factory=PreferenceSection)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -407,3 +427,29 @@ def _check_consistency(recipe: Recipe, source: str) -> None:
     for name in ("micro_batch", "grad_accum"):
         if getattr(t, name) < 1:
             raise RecipeError(f"{source}: 'train.{name}' must be >= 1")
+    if recipe.lora.vision_targets and recipe.freeze.vision == "train":
+        raise RecipeError(f"{source}: 'lora.vision_targets' adapts a frozen vision tower; set 'freeze.vision: frozen'")
+    if t.stage == "dpo":
+        _check_preference(recipe, source)
+
+
+def _check_preference(recipe: Recipe, source: str) -> None:
+    p, d = recipe.preference, recipe.data
+    if p.beta <= 0:
+        raise RecipeError(f"{source}: 'preference.beta' must be > 0, got {p.beta}")
+    if not 0 <= p.label_smoothing < 0.5:
+        raise RecipeError(f"{source}: 'preference.label_smoothing' must be in [0, 0.5), got {p.label_smoothing}")
+    if p.label_smoothing and p.loss != "sigmoid":
+        raise RecipeError(f"{source}: 'preference.label_smoothing' applies to loss: sigmoid only")
+    if p.sft_weight < 0:
+        raise RecipeError(f"{source}: 'preference.sft_weight' must be >= 0, got {p.sft_weight}")
+    if p.reference == "adapter_disabled" and not recipe.lora.enabled:
+        raise RecipeError(f"{source}: 'preference.reference: adapter_disabled' needs 'lora.enabled: true'")
+    if p.reference == "frozen_copy" and recipe.lora.enabled:
+        raise RecipeError(f"{source}: with LoRA the reference is the network with its adapter off: use "
+                          "'preference.reference: adapter_disabled' (no second copy) or precomputed")
+    if d.streaming:
+        raise RecipeError(f"{source}: 'train.stage: dpo' reads preference pairs map-style; set 'data.streaming: false'")
+    if d.packing and (d.pack_len or d.max_len) < 2 * d.max_len:
+        raise RecipeError(f"{source}: with 'train.stage: dpo' a packed row holds both sequences of a pair: set "
+                          f"'data.pack_len' >= 2 x 'data.max_len' ({2 * d.max_len})")

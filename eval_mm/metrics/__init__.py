@@ -85,6 +85,11 @@ def _circular(predictions, references, options):
             "num_questions": num_questions}
 
 
+def _preference(predictions, references, options):
+    margins = [float(predictions[k]) for k in references]  # log p(chosen) - log p(rejected)
+    return {"accuracy": _mean_percent([float(m > 0) for m in margins]), "mean_margin": sum(margins) / len(margins)}
+
+
 def _caption(predictions, references, options):
     return caption_scores(predictions, references, with_meteor=options.with_meteor)
 
@@ -105,6 +110,7 @@ METRICS: dict[str, Callable[[dict[str, str], dict[str, Any], MetricOptions], dic
     "circular_accuracy": _circular,
     "caption": _caption,
     "mme": _mme,
+    "preference": _preference,
 }
 
 
