@@ -361,11 +361,13 @@ def run_train_expect_failure(args):
 
 
 @pytest.mark.slow
-def test_zero3_frozen_copy_is_sharded_like_the_policy_on_two_processes(pairs_world, tmp_path):
+@pytest.mark.parametrize("recipe, export", [("dpo.yaml", "model.safetensors"),  # frozen_copy: a 2nd ZeRO-3 engine
+                                            ("dpo_lora.yaml", "adapter/adapter_model.safetensors")])  # adapter off
+def test_zero3_reference_equals_the_sharded_policy_at_step_0_on_two_processes(pairs_world, tmp_path, recipe, export):
     run = tmp_path / "zero3"
-    run_train(dpo_args("dpo.yaml", pairs_world, run, "parallel.mode=zero3", "train.micro_batch=1",
+    run_train(dpo_args(recipe, pairs_world, run, "parallel.mode=zero3", "train.micro_batch=1",
                        "train.grad_accum=2"), nproc=2, timeout=600)
     losses = read_losses(run)
-    assert losses[1] == pytest.approx(LOG2, abs=1e-5)  # the sharded reference equals the policy at step 0
+    assert losses[1] == pytest.approx(LOG2, abs=1e-5)  # the reference equals the policy at step 0
     assert all(math.isfinite(v) for v in losses.values()) and losses[3] != pytest.approx(LOG2, abs=1e-5)
-    assert (run / "final" / "model.safetensors").is_file()
+    assert (run / "final" / export).is_file()
