@@ -30,6 +30,7 @@ from data.images import ImageLoadError, load_image
 from data.sample import TokenizedSample, truncate_span_safe
 from data.sampler import ResumableSampler
 from data.templates import render_task
+from data.text import token_id
 from models.tokens import ENDOFTEXT, IMG_END, IMG_START
 
 logger = logging.getLogger(__name__)
@@ -68,8 +69,7 @@ class SampleBuilder:
         self.tokenizer = tokenizer
         self.num_image_tokens = num_image_tokens
         self.config = config
-        vocab = tokenizer.get_vocab()
-        self.img_start, self.img_end = vocab[IMG_START], vocab[IMG_END]
+        self.img_start, self.img_end = token_id(tokenizer, IMG_START), token_id(tokenizer, IMG_END)
 
     def tokenize(self, record: dict, where: str) -> TokenizedSample:
         try:
