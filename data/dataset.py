@@ -18,6 +18,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
@@ -60,6 +61,10 @@ class DataConfig:
     streaming: bool = False  # pretraining pairs through datasets' streaming (IterableDataset)
     image_column: str = "image"
     caption_column: str = "caption"
+    # The dataset check (python -m data.check) run by the trainer before the model is built, on rank 0:
+    # fast = records, tokens, tags, truncation, duplicates, images exist; full = + every image decoded.
+    check: Literal["off", "fast", "full"] = "fast"
+    check_max_error_fraction: float = 0.001  # the check fails when more records than this have an error
 
 
 class SampleBuilder:
