@@ -80,7 +80,9 @@ def test_a_clean_file_passes_with_its_counts(folder, tiny_tokenizer):
 
 # (kind, records planted twice among clean ones, malformed JSONL lines, config, mode)
 PLANTED = {
-    "invalid_record": ([{"conversations": [{"from": "bot", "value": "hi"}]}], ["{not json"], {}, "fast"),
+    "invalid_record": ([{"conversations": [{"from": "bot", "value": "hi"}]},
+                        {"task": "grounding", "image": "nope.png", "ref": "x", "bbox": [1, 2, 3, 4]}],  # size unknown
+                       ["{not json"], {}, "fast"),
     "malformed_img_tag": ([chat("<img>a.png What is it?", "red")], [], {}, "fast"),
     "image_count_mismatch": ([{"image": ["a.png"], "conversations": [
         {"from": "human", "value": "<image><image> Compare."}, {"from": "gpt", "value": "same"}]}], [], {}, "fast"),

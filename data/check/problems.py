@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from data.formats import ImageCountError
-from data.images import ImageLoadError
 from data.sample import TokenizedSample
 from data.templates import task_of, task_prompt_and_target
 from data.text import BoxError, GroundingTagError, ImageTagError, check_grounding_tags
@@ -30,8 +29,8 @@ class Problem:
 
 
 PROBLEMS: dict[str, Problem] = {p.kind: p for p in (
-    Problem("invalid_record", True,
-            "training refuses the record: malformed JSON, a bad role or field, an unknown task"),
+    Problem("invalid_record", True, "training refuses the record: malformed JSON, a bad role or field, an unknown "
+                                    "task, an image whose size a pixel box needs that cannot be read"),
     Problem("malformed_img_tag", True, "an <img> tag unclosed, nested, stray or without a path"),
     Problem("image_count_mismatch", True, "<image> placeholders differ in number from the record's images"),
     Problem("bad_box", True, "a <box> or <quad> malformed, with coordinates outside [0, 1000) or corners "
@@ -43,7 +42,7 @@ PROBLEMS: dict[str, Problem] = {p.kind: p for p in (
     Problem("no_supervised_tokens", True, "no token of the sample is supervised: it adds nothing to the loss"),
     Problem("dropped_too_long", True,
             "nothing supervised fits in max_len without cutting an image span: training drops the sample"),
-    # Image problems are judged against data.max_bad_images, not the error fraction (see report.py).
+    # Found by the image part, counted by file, judged against data.max_bad_images (see report.py).
     Problem("missing_image", True, "an image file that does not exist"),
     Problem("undecodable_image", True, "an image file that cannot be decoded"),
     Problem("truncated", False, "longer than max_len: training cuts it (never inside an image span)"),
@@ -59,10 +58,11 @@ CONTROL_TOKENS = (IMG_PAD, IM_START, IM_END)
 
 def classify(error: BaseException) -> str:
     """The problem kind of an exception raised while validating or tokenising a record."""
+    # An image that had to be read to tokenise (pixel boxes without a size) and could not be: the record
+    # cannot be rendered, and training stops on it, so it is an invalid record (ImageLoadError: the default).
     while error is not None:  # DataFormatError wraps the original exception (raise ... from e)
         for cls, kind in ((ImageTagError, "malformed_img_tag"), (BoxError, "bad_box"),
-                          (GroundingTagError, "malformed_grounding_tag"),
-                          (ImageCountError, "image_count_mismatch"), (ImageLoadError, "missing_image")):
+                          (GroundingTagError, "malformed_grounding_tag"), (ImageCountError, "image_count_mismatch")):
             if isinstance(error, cls):
                 return kind
         error = error.__cause__

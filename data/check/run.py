@@ -47,7 +47,6 @@ class Totals:
 
     records: int = 0
     error_records: int = 0
-    record_image_errors: int = 0
     formats: Counter = field(default_factory=Counter)
     tasks: Counter = field(default_factory=Counter)
     problems: Counter = field(default_factory=Counter)
@@ -65,7 +64,6 @@ class Totals:
     def add(self, r: ChunkResult, max_examples: int) -> None:
         self.records += r.records
         self.error_records += r.error_records
-        self.record_image_errors += r.record_image_errors
         self.formats.update(r.formats)
         self.tasks.update(r.tasks)
         for kind, examples in r.examples.items():
@@ -170,14 +168,13 @@ def _count_image_problems(totals: Totals, bad_images: dict[str, tuple[str, str]]
 
 
 def _samples_with_bad_images(totals: Totals, bad_images: dict[str, tuple[str, str]]) -> int:
-    """Samples that reference at least one bad image (training drops each, or fails: max_bad_images),
-    plus records whose image header could not be read while tokenising."""
+    """Samples that reference at least one bad image (training skips each, within max_bad_images)."""
     if not bad_images:
-        return totals.record_image_errors
+        return 0
     bad_ids = {totals.image_ids[p] for p in bad_images}
     count, start = 0, 0
     for end in totals.sample_image_end:
         if any(totals.sample_images[i] in bad_ids for i in range(start, end)):
             count += 1
         start = end
-    return count + totals.record_image_errors
+    return count

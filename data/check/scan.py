@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.check.problems import IMAGE_PROBLEMS, PROBLEMS, classify, record_kind, text_problems
+from data.check.problems import PROBLEMS, classify, record_kind, text_problems
 from data.dataset import DataConfig, SampleBuilder
 from data.formats import detect_format, iter_raw_records, load_pretrain_pairs, normalize_record
 from data.images import ImageLoadError
@@ -74,8 +74,7 @@ class ChunkResult:
     """What one chunk contributes to the report. Per-sample lists are aligned (one entry per sample)."""
 
     records: int = 0
-    error_records: int = 0  # records with at least one error (image problems aside: see report.py)
-    record_image_errors: int = 0  # records whose image header had to be read and could not be
+    error_records: int = 0  # records with at least one error (image files are checked later: run.py)
     formats: Counter = field(default_factory=Counter)
     tasks: Counter = field(default_factory=Counter)
     problems: Counter = field(default_factory=Counter)  # kind -> records with it
@@ -94,10 +93,8 @@ class ChunkResult:
             examples = self.examples.setdefault(kind, [])
             if len(examples) < max_examples:
                 examples.append((where, message))
-        if any(PROBLEMS[k].error and k not in IMAGE_PROBLEMS for k in kinds):
+        if any(PROBLEMS[k].error for k in kinds):
             self.error_records += 1
-        if any(k in IMAGE_PROBLEMS for k in kinds):
-            self.record_image_errors += 1
 
 
 @dataclass
