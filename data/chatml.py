@@ -13,7 +13,7 @@ only on its answer.
 from __future__ import annotations
 
 from data.sample import IGNORE_INDEX, TokenizedSample, mask_first_label, mask_image_spans
-from data.text import encode_text_with_images, tokenize_plain
+from data.text import encode_text_with_images, token_id, tokenize_plain
 from models.tokens import IM_END, IM_START, IMG_END, IMG_START
 
 DEFAULT_SYSTEM_MESSAGE = "You are a helpful assistant."
@@ -55,8 +55,8 @@ def render_chatml(
     turn replaces ``system_message``. Images ``<img>path</img>`` become image spans (paths returned in order).
     """
     validate_conversation(conversation)
-    vocab = tokenizer.get_vocab()
-    im_start, im_end = vocab[IM_START], vocab[IM_END]
+    im_start, im_end = token_id(tokenizer, IM_START), token_id(tokenizer, IM_END)
+    img_start, img_end = token_id(tokenizer, IMG_START), token_id(tokenizer, IMG_END)
     nl = tokenize_plain(tokenizer, "\n")
 
     if conversation[0]["from"] == "system":
@@ -75,7 +75,7 @@ def render_chatml(
         ids = head + content + [im_end] + nl
         if role == "assistant":
             content_labels = list(content)
-            mask_image_spans(content, content_labels, vocab[IMG_START], vocab[IMG_END])
+            mask_image_spans(content, content_labels, img_start, img_end)
             if assistant_only:
                 lab = [IGNORE_INDEX] * len(head) + content_labels + [im_end] + [IGNORE_INDEX] * len(nl)
             else:
@@ -129,6 +129,6 @@ def encode_conversation_prompt(
     if not conversation or conversation[-1].get("from") != "user":
         raise ValueError("a prompt conversation must end with a user turn")
     sample = render_chatml(tokenizer, conversation, num_image_tokens, system_message)
-    im_start = tokenizer.get_vocab()[IM_START]
+    im_start = token_id(tokenizer, IM_START)
     assistant_head = [im_start] + tokenize_plain(tokenizer, "assistant") + tokenize_plain(tokenizer, "\n")
     return sample.input_ids + assistant_head, sample.image_paths

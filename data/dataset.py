@@ -19,6 +19,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from data.sampler import ResumableSampler
 from data.shards import ShardReader, expand_shard_patterns, shard_kind
 from data.streaming import ReaderStream, assign_shards
 from data.templates import render_task
+from data.text import token_id
 from data.webdataset import (
     DEFAULT_CAPTION_KEY,
     DEFAULT_IMAGE_KEYS,
@@ -78,6 +80,11 @@ class DataConfig:
     wds_image_keys: str = DEFAULT_IMAGE_KEYS  # webdataset: image member extensions, the first present is used
     wds_caption_key: str = DEFAULT_CAPTION_KEY  # webdataset: caption member ("txt"), or "json:caption" for a JSON field
 
+    # The dataset check (python -m data.check) run by the trainer before the model is built, on rank 0:
+    # fast = records, tokens, tags, truncation, duplicates, images exist; full = + every image decoded.
+    check: Literal["off", "fast", "full"] = "fast"
+    check_max_error_fraction: float = 0.001  # the check fails when more records than this have an error
+
     def __post_init__(self) -> None:
         if self.format == "webdataset":
             self.streaming = True
@@ -90,8 +97,7 @@ class SampleBuilder:
         self.tokenizer = tokenizer
         self.num_image_tokens = num_image_tokens
         self.config = config
-        vocab = tokenizer.get_vocab()
-        self.img_start, self.img_end = vocab[IMG_START], vocab[IMG_END]
+        self.img_start, self.img_end = token_id(tokenizer, IMG_START), token_id(tokenizer, IMG_END)
 
     def tokenize(self, record: dict, where: str) -> TokenizedSample:
         try:

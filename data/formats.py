@@ -34,6 +34,10 @@ class DataFormatError(ValueError):
     """Bad input, with the file and record named in the message."""
 
 
+class ImageCountError(ValueError):
+    """A LLaVA record whose ``<image>`` placeholders and ``image`` list differ in number."""
+
+
 def resolve_path(path: str, base_dir: Path) -> str:
     """Absolute paths stay; relative ones are joined to base_dir (the data file's folder or image_root)."""
     if "://" in path:
@@ -62,7 +66,7 @@ def llava_to_qwen(record: dict) -> dict:
         turns.append({"from": role, "value": turn.get("value", "")})
     placeholders = sum(t["value"].count(LLAVA_IMAGE) for t in turns)
     if placeholders and placeholders != len(images):
-        raise ValueError(f"{placeholders} {LLAVA_IMAGE} placeholders but {len(images)} images")
+        raise ImageCountError(f"{placeholders} {LLAVA_IMAGE} placeholders but {len(images)} images")
     queue = iter(images)
     for t in turns:
         while LLAVA_IMAGE in t["value"]:
@@ -128,12 +132,18 @@ def _normalize_preference(record: dict, llava: bool, base_dir: Path) -> dict:
     return out
 
 
+def detect_format(record: dict, fmt: str) -> str:
+    """The format a record is read in: ``fmt`` itself, or for ``auto`` the record's own (qwen, llava, multitask)."""
+    if fmt != "auto":
+        return fmt
+    return ("llava" if _is_llava(record) else "qwen") if "conversations" in record else "multitask"
+
+
 def normalize_record(record: dict, fmt: str, base_dir: Path) -> dict:
     """Validate one raw record and return it in our chat, preference or task form with image paths resolved."""
     if not isinstance(record, dict):
         raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
-    if fmt == "auto":
-        fmt = ("llava" if _is_llava(record) else "qwen") if "conversations" in record else "multitask"
+    fmt = detect_format(record, fmt)
     if fmt in ("qwen", "llava") and is_preference(record):
         return _normalize_preference(record, fmt == "llava", base_dir)
     if fmt == "llava":
@@ -162,8 +172,12 @@ def normalize_record(record: dict, fmt: str, base_dir: Path) -> dict:
     return out
 
 
-def iter_json_records(path: Path) -> Iterator[tuple[str, dict]]:
-    """(where, raw record) from a JSON list (``.json``) or JSON lines (any other suffix)."""
+def iter_json_records(path: Path, malformed: list[tuple[str, str]] | None = None) -> Iterator[tuple[str, dict]]:
+    """(where, raw record) from a JSON list (``.json``) or JSON lines (any other suffix).
+
+    A malformed JSON line raises DataFormatError, or, when ``malformed`` is a list, is appended to it
+    as (where, message) and skipped (the dataset check counts them).
+    """
     with open(path, encoding="utf-8") as f:
         if path.suffix == ".json":
             try:
@@ -178,11 +192,16 @@ def iter_json_records(path: Path) -> Iterator[tuple[str, dict]]:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
+            where = f"{path} line {lineno}"
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataFormatError(f"{path} line {lineno}: malformed JSON: {e.msg} (column {e.colno})") from e
-            yield f"{path} line {lineno}", rec
+                message = f"malformed JSON: {e.msg} (column {e.colno})"
+                if malformed is None:
+                    raise DataFormatError(f"{where}: {message}") from e
+                malformed.append((where, message))
+                continue
+            yield where, rec
 
 
 def load_records(path: str | Path, fmt: str = "auto", image_root: str | None = None) -> tuple[list[dict], list[str]]:
@@ -191,24 +210,31 @@ def load_records(path: str | Path, fmt: str = "auto", image_root: str | None = N
     Raises DataFormatError naming the file and record/line on the first bad record.
     """
     path = Path(path)
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if not path.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
     base_dir = Path(image_root) if image_root else path.parent
-    if fmt == "pretrain":
-        ds = load_pretrain_pairs(path)
-        raws = ((f"{path} row {i}", row) for i, row in enumerate(ds))
-    else:
-        raws = iter_json_records(path)
     records, wheres = [], []
-    for where, raw in raws:
+    for where, raw in iter_raw_records(path, fmt):
         try:
             records.append(normalize_record(raw, fmt, base_dir))
         except (ValueError, KeyError, TypeError) as e:
             raise DataFormatError(f"{where}: {e}") from e
         wheres.append(where)
     return records, wheres
+
+
+def iter_raw_records(path: str | Path, fmt: str = "auto",
+                     malformed: list[tuple[str, str]] | None = None) -> Iterator[tuple[str, dict]]:
+    """(where, raw record) of one data file, not yet validated: JSON/JSONL records, or the rows of a
+    pretraining file (JSONL/CSV/Parquet through ``datasets``). ``malformed``: see iter_json_records."""
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if fmt == "pretrain":
+        for i, row in enumerate(load_pretrain_pairs(path)):
+            yield f"{path} row {i}", row
+    else:
+        yield from iter_json_records(path, malformed)
 
 
 # --------------------------------------------------------------------- pretraining pairs via `datasets`

@@ -18,19 +18,25 @@ class ImageLoadError(RuntimeError):
     """An image that is missing or cannot be decoded; the message names the file (and record when known)."""
 
 
+def decode_image(path: str | Path, where: str = "", data: bytes | None = None) -> Image.Image:
+    """The whole image decoded as RGB; ImageLoadError (naming the file and ``where``) if missing or corrupt.
+    ``data``: the file's bytes when they are in memory already (a WebDataset member); ``path`` names them."""
+    suffix = f" (referenced by {where})" if where else ""
+    try:
+        with Image.open(io.BytesIO(data) if data is not None else path) as img:
+            return img.convert("RGB")  # convert() forces a full decode, so truncated files fail here
+    except FileNotFoundError as e:
+        raise ImageLoadError(f"image file not found: {path}{suffix}") from e
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ImageLoadError(f"cannot decode image {path}{suffix}: {e}") from e
+
+
 def load_image(path: str | Path, image_size: int, where: str = "", data: bytes | None = None) -> torch.Tensor:
     """Read an image as FloatTensor [3, S, S]: RGB, squashed (aspect ratio not kept) to S x S with bicubic
     resampling, normalised with the CLIP mean/std. ``where`` (e.g. "train.json record 12") goes into errors.
     ``data``: the file's bytes when they are in memory already (a WebDataset member); ``path`` names them.
     """
-    suffix = f" (referenced by {where})" if where else ""
-    try:
-        with Image.open(io.BytesIO(data) if data is not None else path) as img:
-            rgb = img.convert("RGB")  # convert() forces a full decode, so truncated files fail here
-    except FileNotFoundError as e:
-        raise ImageLoadError(f"image file not found: {path}{suffix}") from e
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ImageLoadError(f"cannot decode image {path}{suffix}: {e}") from e
+    rgb = decode_image(path, where, data)
     # Resize the PIL image (as the reference's transforms.Resize((S, S), BICUBIC) did), not a float
     # tensor: PIL's bicubic antialiases when downscaling and torch's does not by default.
     resized = TF.resize(rgb, [image_size, image_size], interpolation=InterpolationMode.BICUBIC)

@@ -24,7 +24,7 @@ class TokenizedSample:
 
     @property
     def num_supervised(self) -> int:
-        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+        return len(self.labels) - self.labels.count(IGNORE_INDEX)
 
 
 def mask_first_label(sample: TokenizedSample) -> TokenizedSample:
@@ -46,6 +46,28 @@ def mask_image_spans(ids: list[int], labels: list[int], img_start: int, img_end:
             inside = False
 
 
+def span_safe_cut(input_ids: list[int], max_len: int, img_start: int, img_end: int) -> tuple[int, int]:
+    """Where a sample longer than max_len is cut, and how many images survive: ``(cut, kept_images)``.
+
+    The cut is max_len, or just before the ``<img>`` whose span max_len falls into (a cut < max_len
+    means an image span was in the way: that image and everything after it go).
+    """
+    kept_images, i = 0, 0
+    while True:  # list.index scans in C: this runs once per image, not once per token
+        try:
+            i = input_ids.index(img_start, i, max_len)
+        except ValueError:
+            return max_len, kept_images
+        try:
+            end = input_ids.index(img_end, i)
+        except ValueError:  # malformed; treat as split
+            end = len(input_ids)
+        if end >= max_len:
+            return i, kept_images
+        kept_images += 1
+        i = end + 1
+
+
 def truncate_span_safe(sample: TokenizedSample, max_len: int, img_start: int, img_end: int) -> TokenizedSample | None:
     """Cut the sample to at most max_len tokens without ever cutting through an image span.
 
@@ -55,21 +77,9 @@ def truncate_span_safe(sample: TokenizedSample, max_len: int, img_start: int, im
     """
     if len(sample) <= max_len:
         return sample
-    cut = max_len
-    # Find the last <img> before the cut; if its </img> is at or after the cut, the span would be split.
-    kept_images = 0
-    for i in range(cut):
-        if sample.input_ids[i] == img_start:
-            try:
-                end = sample.input_ids.index(img_end, i)
-            except ValueError:  # malformed; treat as split
-                end = len(sample.input_ids)
-            if end >= cut:
-                cut = i
-                break
-            kept_images += 1
+    cut, kept_images = span_safe_cut(sample.input_ids, max_len, img_start, img_end)
     labels = sample.labels[:cut]
-    if not any(t != IGNORE_INDEX for t in labels):
+    if labels.count(IGNORE_INDEX) == len(labels):
         return None
     return TokenizedSample(sample.input_ids[:cut], labels, sample.image_paths[:kept_images])
 

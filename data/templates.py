@@ -21,6 +21,7 @@ from __future__ import annotations
 from data.images import image_size_of
 from data.sample import IGNORE_INDEX, TokenizedSample, mask_first_label
 from data.text import (
+    BoxError,
     encode_text_with_images,
     format_box,
     format_points,
@@ -86,7 +87,7 @@ def _quad_text(item: dict, width: float | None, height: float | None) -> str:
     else:  # quad_px: pixel points, normalised like boxes
         points = [(normalize_coord(x, width), normalize_coord(y, height)) for x, y in item["quad_px"]]
     if len(points) != 4:
-        raise ValueError(f"a quad has 4 points, got {len(points)}")
+        raise BoxError(f"a quad has 4 points, got {len(points)}")
     return f"{REF_START}{item['text']}{REF_END}{QUAD_START}{format_points(points)}{QUAD_END}"
 
 

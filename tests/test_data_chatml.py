@@ -121,3 +121,31 @@ def test_chat_prompt_is_the_training_rendering_up_to_the_answer(tiny_tokenizer):
     assert trained.input_ids[: len(prompt_ids)] == prompt_ids
     assert trained.input_ids[len(prompt_ids): len(prompt_ids) + len(answer_ids)] == answer_ids
     assert paths == trained.image_paths == ["a.png"]
+
+
+class NoVocabCopies:
+    """A tokenizer whose get_vocab() fails: that call copies the whole vocabulary (0.3 s for Qwen's
+    151k tokens), so rendering must look up its special tokens one by one instead."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def get_vocab(self):
+        raise AssertionError("get_vocab() called while rendering a sample")
+
+    def __call__(self, *args, **kwargs):
+        return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def test_rendering_never_copies_the_vocabulary(tiny_tokenizer):
+    from data.dataset import DataConfig, SampleBuilder
+
+    tok = NoVocabCopies(tiny_tokenizer)
+    expected = render_chatml(tiny_tokenizer, README_EXAMPLE, N_IMG)
+    assert render_chatml(tok, README_EXAMPLE, N_IMG) == expected
+    builder = SampleBuilder(tok, N_IMG, DataConfig(paths=[]))
+    assert builder.tokenize({"task": "vqa", "image": "a.png", "question": "Is it red?", "answer": "yes"}, "r")
+    assert encode_chat_prompt(tok, "hi", N_IMG)[0]

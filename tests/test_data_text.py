@@ -73,3 +73,24 @@ def test_out_of_range_or_malformed_box_in_text_is_rejected():
         parse_boxes("<box>(0,0),(1000,5)</box>")
     with pytest.raises(ValueError, match="malformed box"):
         parse_boxes("<box>(0,0)</box>")
+
+
+def test_grounding_tags_pair_up_and_a_prompt_may_end_with_an_open_box():
+    from data.text import BoxError, GroundingTagError, check_grounding_tags
+
+    check_grounding_tags("<ref>a dog</ref><box>(1,2),(300,400)</box> and <ref>t</ref><quad>(1,2),(3,4),(5,6),(7,8)</quad>")
+    check_grounding_tags("<img>p.png</img><ref>the dog</ref><box>", open_box_at_end=True)  # the grounding prompt
+    for text, error in [
+        ("<ref>the dog</ref><box>", GroundingTagError),  # not a prompt: the open box is unclosed
+        ("<ref>the dog<box>(1,2),(3,4)</box>", GroundingTagError),  # box inside an open ref
+        ("a dog</ref>", GroundingTagError),  # stray closing tag
+        ("<box>(1,2),(3,4)</box></box>", GroundingTagError),
+        ("<ref>dog</ref><box>(1,2),(3,4)</box> more <ref>cat", GroundingTagError),
+        ("<box>(1,2),(1000,4)</box>", BoxError),
+        ("<quad>(1,2),(3,4),(5,6)</quad>", BoxError),  # three points
+        ("<quad>(1,2),(3,4),(5,6),(7,1000)</quad>", BoxError),
+    ]:
+        with pytest.raises(error):
+            check_grounding_tags(text, open_box_at_end=False)
+    with pytest.raises(GroundingTagError):  # an open box followed by more text is no prompt ending
+        check_grounding_tags("<ref>dog</ref><box> and then", open_box_at_end=True)

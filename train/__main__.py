@@ -11,6 +11,7 @@ import sys
 # instead of fragmenting and retrying (a stall of a tenth of a second or more). Set before CUDA starts.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
+from models.errors import run_cli
 from train.loop import train
 from train.recipe import RecipeError, load_recipe
 
@@ -29,4 +30,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

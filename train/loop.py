@@ -28,6 +28,7 @@ import torch
 
 from data.collate import split_rows
 from train.checkpoint import export_final, load_checkpoint, resolve_resume, save_checkpoint
+from train.data_check import check_data_at_startup
 from train.dpo import copy_for_reference
 from train.flops import forward_flops, step_flops
 from train.freeze import apply_freezing, trainable_modules, trainable_table
@@ -180,6 +181,7 @@ def train(recipe: Recipe) -> Path:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(recipe, run_dir / "resolved.yaml")
+    check_data_at_startup(recipe, info.is_main, run_dir)  # data.check: bad data fails here, before any weights load
 
     # ---- model: build, freeze, (quantise), (LoRA), speed switches
     # Straight onto the GPU in the final dtypes; ZeRO-3 loads an export on the CPU (it partitions it).

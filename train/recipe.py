@@ -13,6 +13,7 @@ The ``data`` section is validated against ``data.DataConfig`` (the data package 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -221,11 +222,13 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return recipe_from_dict(raw, source=str(path))
 
 
-def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
-    """Validate a plain dict (already merged) into a Recipe."""
+def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>", overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Validate a plain dict (already merged), after ``key.sub=value`` overrides, into a Recipe."""
     from data.dataset import DataConfig
 
-    raw = dict(raw)
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        _apply_override(raw, item, Path(source))
     data_raw = raw.pop("data", None) or {}
     recipe = _build(Recipe, raw, prefix="", source=source)
     recipe.data = _build(DataConfig, data_raw, prefix="data.", source=source)

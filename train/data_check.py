@@ -1,0 +1,93 @@
+"""The dataset check at trainer start-up (``data.check: off|fast|full`` in the recipe), and what both
+it and ``python -m data.check RECIPE.yaml`` need from a recipe without building the model: the
+tokenizer training will use and the number of image tokens per image.
+
+Rank 0 checks while the other ranks wait; when the check fails every rank raises the same one-line
+UserError, before any weights are loaded. The report is written into the run directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from models.errors import UserError
+from train.recipe import ModelSection, Recipe
+
+# A streamed corpus is too large to read at start-up (1.4B pairs in stage 1): its first records stand
+# for it. 100k records take about a minute on one core (docs/data.md has the measured rates).
+STREAMING_STARTUP_RECORDS = 100_000
+
+
+def recipe_tokenizer(model: ModelSection):
+    """The tokenizer train.loop.build_model uses (tokenizer_path, else the init_from export's, else the
+    LLM's), with the VLM special tokens added as build_vlm adds them."""
+    from models import load_tokenizer
+    from models.tokens import ensure_special_tokens
+
+    path = model.tokenizer_path or model.init_from or model.llm_path
+    if path is None:
+        raise UserError("the recipe names no tokenizer: set model.tokenizer_path (or model.init_from / model.llm_path)")
+    if not Path(path).is_dir():
+        raise UserError(f"tokenizer directory not found: {path}")
+    tokenizer = load_tokenizer(path)
+    ensure_special_tokens(tokenizer)
+    return tokenizer
+
+
+def recipe_image_tokens(model: ModelSection) -> int:
+    """Image tokens per image: the init_from export's config, else the preset's (the Qwen-VL shape: 256)."""
+    from models import presets
+    from models.config import VLMConfig
+
+    if model.init_from is not None:
+        config_file = Path(model.init_from) / "config.json"
+        if not config_file.is_file():
+            raise UserError(f"model.init_from={model.init_from} has no config.json")
+        return VLMConfig.load(config_file).num_image_tokens
+    return getattr(presets, model.preset or "qwen_vl_7b")(vocab_size=1).num_image_tokens
+
+
+def check_data_at_startup(recipe: Recipe, is_main: bool, run_dir: Path) -> None:
+    """Run ``data.check`` (fast or full) on rank 0 before the model is built; raise UserError on every
+    rank if the data fails it. Writes RUN_DIR/data_check.{json,txt}."""
+    if recipe.data.check == "off":
+        return
+    failure, error = None, None
+    if is_main:
+        try:
+            failure = _run_check(recipe, run_dir)
+        except Exception as e:  # reach the waiting ranks too, then re-raise here with the traceback
+            failure, error = f"data check: {e}", e
+    failure = _from_main(failure)  # the other ranks wait here (within the process group's timeout)
+    if error is not None:
+        raise error
+    if failure is not None:
+        raise UserError(failure)
+
+
+def _from_main(value: str | None) -> str | None:
+    """Rank 0's value on every rank (itself without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _run_check(recipe: Recipe, run_dir: Path) -> str | None:
+    from data.check import CheckOptions, check_data
+
+    data = recipe.data
+    options = CheckOptions(mode=data.check, max_error_fraction=data.check_max_error_fraction,
+                           micro_batch=recipe.train.micro_batch, progress=recipe.log.progress_bar,
+                           limit=STREAMING_STARTUP_RECORDS if data.streaming else None)
+    report = check_data(data, recipe_tokenizer(recipe.model), recipe_image_tokens(recipe.model), options)
+    report.write(run_dir)
+    limited = f" (first {options.limit:,} records)" if options.limit else ""
+    where = f"report: {run_dir / 'data_check.txt'}"
+    if report.passed:
+        print(f"{report.summary()}{limited}; {where}", flush=True)
+        return None
+    return f"{report.summary()}{limited}; {where} (data.check: off skips the check)"
