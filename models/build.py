@@ -13,8 +13,12 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer, Pr
 from transformers.initialization import no_init_weights
 
 from models.config import VLMConfig
+from models.errors import MissingFileError
 from models.tokens import ensure_special_tokens, image_token_ids
 from models.vlm import VLM
+
+# Files of which a Hugging Face tokenizer directory has at least one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 def text_config_from_dict(d: dict):
@@ -107,6 +111,10 @@ def load_tokenizer(path: str | Path):
     from transformers import PreTrainedTokenizerFast
 
     path = Path(path)
+    if not path.is_dir():
+        raise MissingFileError(f"{path}: tokenizer directory not found (tokenizers are never downloaded)")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise MissingFileError(f"{path}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
     if (path / "tokenizer.json").is_file():
         return PreTrainedTokenizerFast.from_pretrained(path)
     kwargs = {}
