@@ -428,8 +428,7 @@ class ResumableLoader:
         for batch in self.dataloader:
             counts = batch.pop("_stats")
             self.stats.add(counts)
-            for path, message in batch.pop("_bad_images", ()):
-                self._count_bad_image(path, message)
+            self.count_bad_images(batch.pop("_bad_images", ()))
             if streamed:
                 position = batch.pop("_position")
                 self.positions[position["worker"]] = position
@@ -443,16 +442,18 @@ class ResumableLoader:
         self.stats.end_epoch(self.epoch)
         self.set_epoch(self.epoch + 1)  # a checkpoint taken now resumes at the start of the next epoch
 
-    def _count_bad_image(self, path: str, message: str) -> None:
-        """A sample was skipped for a bad image file: a file not seen before counts against max_bad_images."""
-        if not self.stats.add_bad_image(path, message):
-            return  # already counted (an earlier epoch, another record, another worker)
-        n = len(self.stats.bad_images)
-        if n > self.max_bad_images:
-            raise ImageLoadError(f"{message}; {n} distinct bad image files exceed data.max_bad_images="
-                                 f"{self.max_bad_images}", path)
-        logger.warning("%s; the samples that use it are skipped (%d of data.max_bad_images=%d bad files)",
-                       message, n, self.max_bad_images)
+    def count_bad_images(self, bad_images) -> None:
+        """A batch's ``_bad_images`` (file, message): samples skipped for a bad image. A file not seen before
+        counts against max_bad_images (also called by passes that read the dataset outside this loader)."""
+        for path, message in bad_images:
+            if not self.stats.add_bad_image(path, message):
+                continue  # already counted (an earlier epoch, another record, another worker)
+            n = len(self.stats.bad_images)
+            if n > self.max_bad_images:
+                raise ImageLoadError(f"{message}; {n} distinct bad image files exceed data.max_bad_images="
+                                     f"{self.max_bad_images}", path)
+            logger.warning("%s; the samples that use it are skipped (%d of data.max_bad_images=%d bad files)",
+                           message, n, self.max_bad_images)
 
     def state_dict(self) -> dict:
         """Plain lists, dicts and numbers (a JSON or ``torch.load(weights_only=True)`` round trip keeps it)."""

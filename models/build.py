@@ -14,11 +14,9 @@ from transformers.initialization import no_init_weights
 
 from models.config import VLMConfig
 from models.errors import MissingFileError
+from models.loading import TOKENIZER_FILES
 from models.tokens import ensure_special_tokens, image_token_ids
 from models.vlm import VLM
-
-# Files of which a Hugging Face tokenizer directory has at least one.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 def text_config_from_dict(d: dict):

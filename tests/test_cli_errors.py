@@ -159,7 +159,7 @@ CASES = {
         ["-m", "eval_mm", "run", "--checkpoint", w.ckpt, "--bench", "synth_vqaa", "--data-root", str(w.t),
          "--out", str(w.t / "o")], ["unknown benchmark 'synth_vqaa'"]),
     "eval run: missing checkpoint": lambda w: Case(eval_args(w, checkpoint=str(w.t / "no_ckpt")),
-                                                   ["no_ckpt", "not a checkpoint directory"]),
+                                                   ["no_ckpt", "not found"]),
     "eval run: missing benchmark file": lambda w: Case(eval_args(w, "images"),
                                                        ["synth_vqa", "data file not found", "synthetic/vqa_test.jsonl"]),
     "eval run: malformed record": lambda w: Case(eval_args(w, "root_bad_record"),
