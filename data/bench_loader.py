@@ -15,7 +15,6 @@ samples/s in total and per worker.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import tempfile
@@ -26,6 +25,7 @@ from PIL import Image
 
 from data.dataset import DataConfig, build_dataloader
 from data.webdataset import shard_pattern, write_shards
+from models.errors import ArgumentParser, MissingFileError, non_negative_int, positive_int, run_cli
 
 
 def cpu_seconds() -> float:
@@ -80,28 +80,33 @@ def write_jpeg_shards(world: Path, shard_size: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from transformers import AutoTokenizer
-
     from data.synthetic import generate
+    from models.build import load_tokenizer
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m data.bench_loader", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="a folder written by `python -m data.synthetic` (default: generate one)")
     p.add_argument("--file", default="sft.json", help="which training file of the world to read")
-    p.add_argument("--image-size", type=int, default=448)
-    p.add_argument("--num-image-tokens", type=int, default=256)
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4])
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--image-size", type=positive_int, default=448)
+    p.add_argument("--num-image-tokens", type=positive_int, default=256)
+    p.add_argument("--workers", type=non_negative_int, nargs="+", default=[0, 1, 2, 4])
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--batches", type=positive_int, default=20)
     p.add_argument("--packing", action="store_true")
-    p.add_argument("--max-len", type=int, default=4096, help="per-sample token limit (and row length when packing)")
-    p.add_argument("--pack-len", type=int, default=None, help="row length when packing (default --max-len)")
+    p.add_argument("--max-len", type=positive_int, default=4096,
+                   help="per-sample token limit (and row length when packing)")
+    p.add_argument("--pack-len", type=positive_int, default=None, help="row length when packing (default --max-len)")
     p.add_argument("--webdataset", action="store_true", help="stream the pretraining pairs from JPEG WebDataset shards")
-    p.add_argument("--source-size", type=int, default=None,
+    p.add_argument("--source-size", type=positive_int, default=None,
                    help="side of the generated images in px (default: 384 with --webdataset, else 112)")
-    p.add_argument("--shard-size", type=int, default=None,
+    p.add_argument("--shard-size", type=positive_int, default=None,
                    help="--webdataset: samples per shard (default: 2 shards per worker of the largest count)")
-    p.add_argument("--shuffle-buffer", type=int, default=1000, help="--webdataset: records each worker mixes")
+    p.add_argument("--shuffle-buffer", type=positive_int, default=1000, help="--webdataset: records each worker mixes")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     a = p.parse_args(argv)
+    if a.pack_len is not None and (not a.packing or a.pack_len < a.max_len):
+        p.error("argument --pack-len: needs --packing and a value >= --max-len")
+    if a.data and not Path(a.data).is_dir():
+        raise MissingFileError(f"--data {a.data}: no such folder (write one with `python -m data.synthetic --out DIR`)")
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(a.data) if a.data else Path(tmp)
@@ -110,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
             n_train = a.batch_size * (a.batches + 2 * max(a.workers) + 2)
             print(f"generating {n_train} synthetic samples ...", flush=True)
             generate(data, seed=0, n_train=n_train, n_eval=10, image_size=a.source_size or (384 if a.webdataset else 112))
-        tokenizer = AutoTokenizer.from_pretrained(data / "tokenizer")
+        tokenizer = load_tokenizer(data / "tokenizer")
         if a.webdataset:
             pairs = len((data / "pretrain.jsonl").read_text().splitlines())
             shard_size = a.shard_size or max(1, pairs // (2 * max(*a.workers, 1)))
@@ -131,4 +136,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

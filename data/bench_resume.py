@@ -15,7 +15,6 @@ The default late position (60% of the epoch) has full buffers and readers deep i
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 from data.dataset import DataConfig, build_dataloader
-from models.errors import run_cli
+from models.errors import ArgumentParser, run_cli
 
 
 def position_after(config: DataConfig, tokenizer, batch_size: int, batches: int) -> tuple[dict, float]:
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from data.synthetic import generate
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m data.bench_resume", description=__doc__.split("\n\n")[0])
     p.add_argument("--format", choices=["webdataset", "jsonl"], default="webdataset")
     p.add_argument("--n-train", type=int, default=6000, help="samples in the epoch")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")

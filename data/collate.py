@@ -17,9 +17,11 @@ class Collator:
 
     Dataset items are either samples (``input_ids``, ``labels``, ``pixel_values``, ``truncated``),
     preference pairs (``chosen`` and ``rejected`` samples sharing ``pixel_values``, ``truncated``, ``index``)
-    or drop markers (``{"dropped": counter_name}``). The returned dict has the contract keys plus ``_stats``
-    (counts of this batch; the loader removes it) and is ``None``-free: a batch whose samples were all
-    dropped has ``num_samples == 0`` and no tensors, and the loader skips it.
+    or drop markers (``{"dropped": counter_name}``, with ``"bad_image": (file, message)`` for a bad image).
+    The returned dict has the contract keys plus ``_stats`` (counts of this batch) and ``_bad_images`` (the
+    (file, message) of each sample dropped for a bad image), both removed by the loader, and is
+    ``None``-free: a batch whose samples were all dropped has ``num_samples == 0`` and no tensors, and the
+    loader skips it.
 
     A batch of pairs holds 2 sequences per pair, chosen then rejected, each with its own copy of the prompt's
     images; with packing a pair shares a row. It adds ``sequence_ids`` (data.packing), ``num_pairs`` and
@@ -35,16 +37,18 @@ class Collator:
     def __call__(self, items: list[dict]) -> dict:
         counts = {stats.SAMPLES: 0, stats.TRUNCATED: 0, stats.DROPPED_TOO_LONG: 0, stats.DROPPED_BAD_IMAGE: 0,
                   stats.DROPPED_BAD_SAMPLE: 0}
-        samples = []
+        samples, bad_images = [], []
         for item in items:
             if "dropped" in item:
                 counts[item["dropped"]] += 1
+                if "bad_image" in item:
+                    bad_images.append(item["bad_image"])
             else:
                 samples.append(item)
                 counts[stats.TRUNCATED] += int(item.get("truncated", False))
         counts[stats.SAMPLES] = len(samples)
         if not samples:
-            return {"num_samples": 0, "_stats": counts}
+            return {"num_samples": 0, "_stats": counts, "_bad_images": bad_images}
         pairs = [s for s in samples if "chosen" in s]
         if pairs:
             if len(pairs) != len(samples):
@@ -63,6 +67,7 @@ class Collator:
         batch["num_samples"] = len(samples)
         batch["sample_lengths"] = [len(s["input_ids"]) for s in samples]  # host ints: token counts, FLOPs
         batch["_stats"] = counts
+        batch["_bad_images"] = bad_images
         return batch
 
 

@@ -1,10 +1,12 @@
 """Records -> tokenised samples with pixels -> batches: the datasets and ``build_dataloader``.
 
 Tokenisation happens lazily in ``__getitem__`` and image decoding therefore in DataLoader workers.
-The trainer calls one function::
+The trainer calls two functions: ``load_data`` when it starts (records validated, image files checked,
+before any model is built) and ``build_dataloader``::
 
-    loader = build_dataloader(DataConfig(paths=["train.json"], image_size=448, max_len=2048),
-                              tokenizer, num_image_tokens=256, batch_size=8, rank=r, world_size=w)
+    records = load_data(config)            # DataConfig(paths=["train.json"], image_size=448, max_len=2048)
+    loader = build_dataloader(config, tokenizer, num_image_tokens=256, batch_size=8, rank=r, world_size=w,
+                              records=records)
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)
         for batch in loader: ...           # the batch dict of docs/design.md section 2
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -28,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from data import stats
 from data.chatml import DEFAULT_SYSTEM_MESSAGE, render_chatml, render_preference_pair
 from data.collate import Collator
-from data.formats import DataFormatError, is_preference, load_records, normalize_record
+from data.formats import DataFormatError, is_preference, load_records, normalize_record, record_image_paths
 from data.images import ImageLoadError, load_image
 from data.sample import TokenizedSample, truncate_pair, truncate_span_safe
 from data.sampler import ResumableSampler
@@ -68,7 +72,10 @@ class DataConfig:
     pack_len: int | None = None
     group_by_length: bool = False  # length-grouped sampling: the alternative to packing (map-style only)
     num_workers: int = 2
-    max_bad_images: int = 0  # missing/corrupt images skipped (counted, logged) before failing; 0 = fail at once
+    # Distinct image files (webdataset: samples) that may be missing or undecodable: the samples using them
+    # are skipped (counted, logged); one more stops the run. 0 = the first one does. Missing files are found
+    # when the data is loaded, undecodable ones when a worker first reads them (each file counts once).
+    max_bad_images: int = 0
     assistant_only: bool = False  # chat: supervise assistant content + <|im_end|> only
     system_message: str = DEFAULT_SYSTEM_MESSAGE
     seed: int = 0
@@ -105,7 +112,9 @@ class SampleBuilder:
                 return render_chatml(self.tokenizer, record["conversations"], self.num_image_tokens,
                                      self.config.system_message, self.config.assistant_only)
             return render_task(self.tokenizer, record, self.num_image_tokens)
-        except (ValueError, KeyError) as e:
+        except ImageLoadError:
+            raise  # a pixel box needed the image's size from its header: a bad image, not a bad record
+        except (ValueError, KeyError, TypeError) as e:
             raise DataFormatError(f"{where}: {e}") from e
 
     def tokenize_pair(self, record: dict, where: str) -> tuple[TokenizedSample, TokenizedSample]:
@@ -116,23 +125,22 @@ class SampleBuilder:
             raise DataFormatError(f"{where}: {e}") from e
 
     def build(self, record: dict, where: str, image_bytes: dict[str, bytes] | None = None) -> dict:
-        """``image_bytes``: images already in memory (WebDataset members), by the path the record names."""
+        """The sample, or a drop marker. ``image_bytes``: images already in memory (WebDataset members), by
+        the path the record names. A bad image never raises here: the marker carries the file to the main
+        process, which counts distinct files against max_bad_images (ResumableLoader)."""
         if is_preference(record):
             return self.build_pair(record, where)
-        full = self.tokenize(record, where)
-        sample = truncate_span_safe(full, self.config.max_len, self.img_start, self.img_end)
-        if sample is None:
-            logger.warning("%s: dropped: %d tokens, nothing supervised fits in max_len=%d without cutting an image",
-                           where, len(full), self.config.max_len)
-            return {"dropped": stats.DROPPED_TOO_LONG}
         try:
+            full = self.tokenize(record, where)
+            sample = truncate_span_safe(full, self.config.max_len, self.img_start, self.img_end)
+            if sample is None:
+                logger.warning("%s: dropped: %d tokens, nothing supervised fits in max_len=%d without cutting an "
+                               "image", where, len(full), self.config.max_len)
+                return {"dropped": stats.DROPPED_TOO_LONG}
             pixels = [load_image(p, self.config.image_size, where, data=(image_bytes or {}).get(p))
                       for p in sample.image_paths]
         except ImageLoadError as e:
-            if self.config.max_bad_images <= 0:
-                raise
-            logger.warning("skipping sample (max_bad_images=%d): %s", self.config.max_bad_images, e)
-            return {"dropped": stats.DROPPED_BAD_IMAGE}
+            return bad_image_marker(e)
         s = self.config.image_size
         return {
             "input_ids": torch.tensor(sample.input_ids, dtype=torch.long),
@@ -153,10 +161,7 @@ class SampleBuilder:
         try:
             pixels = [load_image(p, self.config.image_size, where) for p in chosen.image_paths]
         except ImageLoadError as e:
-            if self.config.max_bad_images <= 0:
-                raise
-            logger.warning("skipping pair (max_bad_images=%d): %s", self.config.max_bad_images, e)
-            return {"dropped": stats.DROPPED_BAD_IMAGE}
+            return bad_image_marker(e)
         s = self.config.image_size
         return {
             "chosen": {"input_ids": torch.tensor(chosen.input_ids), "labels": torch.tensor(chosen.labels)},
@@ -166,24 +171,104 @@ class SampleBuilder:
         }
 
 
-class VLMDataset(Dataset):
-    """Map-style dataset over JSON/JSONL/CSV/Parquet records, validated when loaded. ``preference``: every
-    record must be a preference pair (DPO), else none may be."""
+def bad_image_marker(error: ImageLoadError) -> dict:
+    """The drop marker of a sample whose image is missing or undecodable, with the file and the message."""
+    return {"dropped": stats.DROPPED_BAD_IMAGE, "bad_image": (error.path or str(error), str(error))}
 
-    def __init__(self, config: DataConfig, tokenizer, num_image_tokens: int, preference: bool = False) -> None:
-        self.records: list[dict] = []
-        self.wheres: list[str] = []
-        for path in config.paths:
-            records, wheres = load_records(path, config.format, config.image_root)
-            self.records += records
-            self.wheres += wheres
-        if not self.records:
-            raise DataFormatError(f"no records in {config.paths}")
-        for record, where in zip(self.records, self.wheres, strict=True):
-            if is_preference(record) != preference:
-                raise DataFormatError(
-                    f"{where}: not a preference pair (no 'chosen'/'rejected'); train.stage: dpo needs pairs only"
-                    if preference else f"{where}: a preference pair (chosen/rejected); train it with train.stage: dpo")
+
+@dataclass
+class Records:
+    """The validated records of a map-style data config, minus those whose image files are missing."""
+
+    records: list[dict]
+    wheres: list[str]  # "FILE record i" / "FILE line n" of each record, for error messages
+    missing_images: dict[str, str]  # missing file -> the first record that refers to it
+    dropped: int = 0  # records removed because an image file is missing
+
+
+def load_data(config: DataConfig, preference: bool = False) -> Records | None:
+    """Read and validate every record, and check that every image file exists, before a model is built.
+    ``preference``: every record must be a preference pair (DPO), else none may be.
+
+    Missing files are summarised in one message (how many, a few paths, the records that use them). More
+    distinct missing files than ``config.max_bad_images`` is a UserError; fewer are logged and the records
+    that use them dropped (counted in data.stats). Streamed data (None returned) is checked as it is read.
+    """
+    if config.streaming:
+        return None
+    records: list[dict] = []
+    wheres: list[str] = []
+    for path in config.paths:
+        file_records, file_wheres = load_records(path, config.format, config.image_root)
+        records += file_records
+        wheres += file_wheres
+    if not records:
+        raise DataFormatError(f"no records in {', '.join(config.paths) or 'data.paths (empty)'}")
+    for record, where in zip(records, wheres, strict=True):
+        if is_preference(record) != preference:
+            raise DataFormatError(
+                f"{where}: not a preference pair (no 'chosen'/'rejected'); train.stage: dpo needs pairs only"
+                if preference else f"{where}: a preference pair (chosen/rejected); train it with train.stage: dpo")
+    missing = _on_rank0(lambda: find_missing_images(records, wheres))
+    if not missing:
+        return Records(records, wheres, {})
+    uses = [any(p in missing for p in record_image_paths(r)) for r in records]
+    summary = (f"{len(missing)} image files are missing, used by {sum(uses)} of the {len(records)} records of "
+               f"{', '.join(config.paths)}: " + "; ".join(f"{p} ({w})" for p, w in list(missing.items())[:5])
+               + ("; ..." if len(missing) > 5 else ""))
+    if len(missing) > config.max_bad_images:
+        hint = " (relative paths resolve against data.image_root, else the data file's folder)"
+        raise ImageLoadError(f"{summary}. That exceeds data.max_bad_images={config.max_bad_images}{hint}",
+                             next(iter(missing)))
+    kept = [i for i, bad in enumerate(uses) if not bad]
+    if not kept:
+        raise ImageLoadError(f"{summary}. No record is left", next(iter(missing)))
+    logger.warning("%s. Those records are skipped (data.max_bad_images=%d)", summary, config.max_bad_images)
+    return Records([records[i] for i in kept], [wheres[i] for i in kept], missing, dropped=len(records) - len(kept))
+
+
+def find_missing_images(records: list[dict], wheres: list[str], threads: int = 32,
+                        chunk: int = 512) -> dict[str, str]:
+    """{missing image file: the first record that refers to it}. Each distinct file is checked once, by a
+    thread pool (stat calls wait on the disk or a network file system, not on Python), with a progress
+    bar when there are many."""
+    first_use: dict[str, str] = {}
+    for record, where in zip(records, wheres, strict=True):
+        for path in record_image_paths(record):
+            first_use.setdefault(path, where)
+    paths = list(first_use)
+    chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
+    missing: list[str] = []
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(chunks)))) as pool:
+        results = pool.map(lambda files: [p for p in files if not os.path.isfile(p)], chunks)
+        if len(paths) >= 20_000:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(chunks), unit="chunk", desc=f"checking {len(paths)} image files")
+        for found in results:
+            missing += found
+    return {p: first_use[p] for p in missing}
+
+
+def _on_rank0(compute):
+    """``compute()`` on rank 0 only, its result sent to every rank (all ranks must drop the same records,
+    and one rank checking spares a shared file system the same stat calls from every rank)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return compute()
+    box = [compute() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class VLMDataset(Dataset):
+    """Map-style dataset over JSON/JSONL/CSV/Parquet records, validated when loaded (see ``load_data``)."""
+
+    def __init__(self, config: DataConfig, tokenizer, num_image_tokens: int, preference: bool = False,
+                 records: Records | None = None) -> None:
+        self.data = records if records is not None else load_data(config, preference)
+        self.records, self.wheres = self.data.records, self.data.wheres
         self.builder = SampleBuilder(tokenizer, num_image_tokens, config)
 
     def __len__(self) -> int:
@@ -296,11 +381,8 @@ class StreamingVLMDataset(IterableDataset):
         where = f"{where} (key {raw['__key__']!r})"
         try:
             record, image = pair_of(raw, url, self.image_keys, self.caption_key)
-        except BadSample as e:
-            if self.config.max_bad_images <= 0:
-                raise UserError(f"{where}: {e} (data.max_bad_images > 0 skips such samples)") from e
-            logger.warning("skipping sample (max_bad_images=%d): %s: %s", self.config.max_bad_images, where, e)
-            return {"dropped": stats.DROPPED_BAD_SAMPLE}
+        except BadSample as e:  # counted like a bad image file: the sample is the unit
+            return {"dropped": stats.DROPPED_BAD_SAMPLE, "bad_image": (where, f"{where}: {e}")}
         return self.builder.build(record, where, image_bytes={record["image"]: image})
 
 
@@ -313,8 +395,11 @@ def _as_is(batch: dict) -> dict:
 class ResumableLoader:
     """A DataLoader plus the bookkeeping the contract needs: it records the position of the data as
     batches reach the trainer (so ``state_dict`` is exact despite prefetching), strips the per-batch
-    ``_stats``, enforces ``max_bad_images`` over the whole run, skips batches whose samples were all
-    dropped and logs the drop counters at the end of each epoch.
+    ``_stats`` and ``_bad_images``, enforces ``max_bad_images`` over the whole run, skips batches whose
+    samples were all dropped and logs the drop counters at the end of each epoch.
+
+    max_bad_images counts distinct files: a worker reports every sample it skipped with its file, and only
+    the main process, which sees every worker's batches, knows whether the file was seen before.
 
     Map-style data: the sampler's count of consumed samples. Streamed data: each worker's position after
     the last batch delivered from it, and which worker delivers next (the DataLoader takes batches from
@@ -349,10 +434,7 @@ class ResumableLoader:
         for batch in self.dataloader:
             counts = batch.pop("_stats")
             self.stats.add(counts)
-            bad = self.stats.total[stats.DROPPED_BAD_IMAGE] + self.stats.total[stats.DROPPED_BAD_SAMPLE]
-            if bad > self.max_bad_images:
-                raise ImageLoadError(f"{bad} bad images or samples exceed max_bad_images={self.max_bad_images} "
-                                     "(see the warnings above for the files)")
+            self.count_bad_images(batch.pop("_bad_images", ()))
             if streamed:
                 position = batch.pop("_position")
                 self.positions[position["worker"]] = position
@@ -365,6 +447,19 @@ class ResumableLoader:
                 yield batch
         self.stats.end_epoch(self.epoch)
         self.set_epoch(self.epoch + 1)  # a checkpoint taken now resumes at the start of the next epoch
+
+    def count_bad_images(self, bad_images) -> None:
+        """A batch's ``_bad_images`` (file, message): samples skipped for a bad image. A file not seen before
+        counts against max_bad_images (also called by passes that read the dataset outside this loader)."""
+        for path, message in bad_images:
+            if not self.stats.add_bad_image(path, message):
+                continue  # already counted (an earlier epoch, another record, another worker)
+            n = len(self.stats.bad_images)
+            if n > self.max_bad_images:
+                raise ImageLoadError(f"{message}; {n} distinct bad image files exceed data.max_bad_images="
+                                     f"{self.max_bad_images}", path)
+            logger.warning("%s; the samples that use it are skipped (%d of data.max_bad_images=%d bad files)",
+                           message, n, self.max_bad_images)
 
     def state_dict(self) -> dict:
         """Plain lists, dicts and numbers (a JSON or ``torch.load(weights_only=True)`` round trip keeps it)."""
@@ -414,11 +509,13 @@ def _plain(value):
 
 
 def build_dataloader(config: DataConfig, tokenizer, num_image_tokens: int, batch_size: int,
-                     rank: int = 0, world_size: int = 1, preference: bool = False) -> ResumableLoader:
+                     rank: int = 0, world_size: int = 1, preference: bool = False,
+                     records: Records | None = None) -> ResumableLoader:
     """The trainer's one entry point: a resumable loader of batch dicts (docs/design.md section 2).
 
     ``batch_size`` counts samples (preference pairs when ``preference``) per micro-batch and rank; with
-    packing they share fewer rows.
+    packing they share fewer rows. ``records``: what ``load_data(config, preference)`` returned (loaded
+    here when not given).
     """
     if preference and config.streaming:
         raise DataFormatError("preference pairs are read map-style; set data.streaming: false")
@@ -431,9 +528,11 @@ def build_dataloader(config: DataConfig, tokenizer, num_image_tokens: int, batch
         dataset = StreamingVLMDataset(config, tokenizer, num_image_tokens, rank, world_size, batch_size, collator)
         return ResumableLoader(DataLoader(dataset, batch_size=None, collate_fn=_as_is, **common), batch_size,
                                config.max_bad_images)
-    dataset = VLMDataset(config, tokenizer, num_image_tokens, preference)
+    dataset = VLMDataset(config, tokenizer, num_image_tokens, preference, records)
     lengths = dataset.token_lengths() if config.group_by_length else None
     sampler = ResumableSampler(len(dataset), seed=config.seed, rank=rank, world_size=world_size,
                                shuffle=config.shuffle, lengths=lengths)
-    return ResumableLoader(DataLoader(dataset, sampler=sampler, batch_size=batch_size, collate_fn=collator, **common),
-                           batch_size, config.max_bad_images, sampler=sampler)
+    loader = ResumableLoader(DataLoader(dataset, sampler=sampler, batch_size=batch_size, collate_fn=collator,
+                                        **common), batch_size, config.max_bad_images, sampler=sampler)
+    loader.stats.start_with_missing_images(dataset.data.missing_images, dataset.data.dropped)
+    return loader

@@ -22,6 +22,7 @@ from pathlib import Path
 from data.chatml import validate_conversation
 from data.templates import task_of, task_prompt_and_target
 from data.text import parse_boxes, split_image_spans
+from models.errors import MissingFileError, UserError
 from models.tokens import IMG_END, IMG_START
 
 FORMATS = ("auto", "qwen", "llava", "multitask", "pretrain")
@@ -30,7 +31,7 @@ LLAVA_IMAGE = "<image>"
 _IMG_SPAN = re.compile(re.escape(IMG_START) + r"(.*?)" + re.escape(IMG_END), re.DOTALL)
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError):
     """Bad input, with the file and record named in the message."""
 
 
@@ -172,6 +173,14 @@ def normalize_record(record: dict, fmt: str, base_dir: Path) -> dict:
     return out
 
 
+def record_image_paths(record: dict) -> list[str]:
+    """The image files a normalised record refers to (paths already resolved), in order."""
+    if "conversations" in record:
+        return [value for turn in record["conversations"] for kind, value in split_image_spans(turn["value"])
+                if kind == "image"]
+    return [record["image"]] if record.get("image") is not None else []
+
+
 def iter_json_records(path: Path, malformed: list[tuple[str, str]] | None = None) -> Iterator[tuple[str, dict]]:
     """(where, raw record) from a JSON list (``.json``) or JSON lines (any other suffix).
 
@@ -184,24 +193,30 @@ def iter_json_records(path: Path, malformed: list[tuple[str, str]] | None = None
                 data = json.load(f)
             except json.JSONDecodeError as e:
                 raise DataFormatError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+            except UnicodeDecodeError as e:
+                raise DataFormatError(f"{path}: not UTF-8 text (byte {e.start}); is it a JSON file?") from e
             if not isinstance(data, list):
                 raise DataFormatError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
             for i, rec in enumerate(data):
                 yield f"{path} record {i}", rec
             return
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                message = f"malformed JSON: {e.msg} (column {e.colno})"
-                if malformed is None:
-                    raise DataFormatError(f"{where}: {message}") from e
-                malformed.append((where, message))
-                continue
-            yield where, rec
+        lineno = 0
+        try:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path} line {lineno}"
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    message = f"malformed JSON: {e.msg} (column {e.colno})"
+                    if malformed is None:
+                        raise DataFormatError(f"{where}: {message}") from e
+                    malformed.append((where, message))
+                    continue
+                yield where, rec
+        except UnicodeDecodeError as e:
+            raise DataFormatError(f"{path} line {lineno + 1}: not UTF-8 text; is it a JSON lines file?") from e
 
 
 def load_records(path: str | Path, fmt: str = "auto", image_root: str | None = None) -> tuple[list[dict], list[str]]:
@@ -210,6 +225,10 @@ def load_records(path: str | Path, fmt: str = "auto", image_root: str | None = N
     Raises DataFormatError naming the file and record/line on the first bad record.
     """
     path = Path(path)
+    if fmt not in FORMATS:
+        raise DataFormatError(f"{path}: unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if not path.is_file():
+        raise MissingFileError(f"data file not found: {path}")
     base_dir = Path(image_root) if image_root else path.parent
     records, wheres = [], []
     for where, raw in iter_raw_records(path, fmt):
@@ -246,8 +265,8 @@ def _builder(path: Path) -> str:
     try:
         return _HF_BUILDERS[path.suffix]
     except KeyError:
-        raise ValueError(f"{path}: pretraining pairs must be .jsonl/.json/.csv/.parquet "
-                         "(WebDataset .tar shards: data.format: webdataset)") from None
+        raise DataFormatError(f"{path}: pretraining pairs must be .jsonl/.json/.csv/.parquet "
+                              "(WebDataset .tar shards: data.format: webdataset)") from None
 
 
 def load_pretrain_pairs(path: str | Path | list[str], streaming: bool = False,
@@ -259,7 +278,10 @@ def load_pretrain_pairs(path: str | Path | list[str], streaming: bool = False,
     import datasets  # imported lazily: only this format needs it
 
     files = [str(p) for p in ([path] if isinstance(path, (str, Path)) else path)]
-    ds = datasets.load_dataset(_builder(Path(files[0])), data_files=files, split="train", streaming=streaming)
+    try:
+        ds = datasets.load_dataset(_builder(Path(files[0])), data_files=files, split="train", streaming=streaming)
+    except datasets.exceptions.DatasetGenerationError as e:  # the parser's own message is the cause's
+        raise DataFormatError(f"{', '.join(files)}: cannot read the pretraining pairs: {e.__cause__ or e}") from e
     columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
     for col in (image_column, caption_column):
         if col not in columns:

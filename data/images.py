@@ -10,12 +10,19 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from models.errors import UserError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class ImageLoadError(RuntimeError):
-    """An image that is missing or cannot be decoded; the message names the file (and record when known)."""
+class ImageLoadError(UserError):
+    """An image that is missing or cannot be decoded; the message names the file (and record when known).
+    ``path`` is the file (the data pipeline counts distinct bad files against data.max_bad_images)."""
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else str(path)
 
 
 def decode_image(path: str | Path, where: str = "", data: bytes | None = None) -> Image.Image:
@@ -26,9 +33,9 @@ def decode_image(path: str | Path, where: str = "", data: bytes | None = None) -
         with Image.open(io.BytesIO(data) if data is not None else path) as img:
             return img.convert("RGB")  # convert() forces a full decode, so truncated files fail here
     except FileNotFoundError as e:
-        raise ImageLoadError(f"image file not found: {path}{suffix}") from e
+        raise ImageLoadError(f"image file not found: {path}{suffix}", path) from e
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ImageLoadError(f"cannot decode image {path}{suffix}: {e}") from e
+        raise ImageLoadError(f"cannot decode image {path}{suffix}: {e}", path) from e
 
 
 def load_image(path: str | Path, image_size: int, where: str = "", data: bytes | None = None) -> torch.Tensor:
@@ -51,8 +58,8 @@ def image_size_of(path: str | Path, where: str = "") -> tuple[int, int]:
         with Image.open(path) as img:
             return img.size
     except FileNotFoundError as e:
-        raise ImageLoadError(f"image file not found: {path}{suffix}") from e
+        raise ImageLoadError(f"image file not found: {path}{suffix}", path) from e
     except (UnidentifiedImageError, OSError) as e:
-        raise ImageLoadError(f"cannot read image {path}{suffix}: {e}") from e
+        raise ImageLoadError(f"cannot read image {path}{suffix}: {e}", path) from e
 
 

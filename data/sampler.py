@@ -16,6 +16,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
+from models.errors import UserError
+
 
 class ResumableSampler(Sampler[int]):
     def __init__(
@@ -88,6 +90,6 @@ class ResumableSampler(Sampler[int]):
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "num_samples", "world_size"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"sampler state was saved with {key}={state[key]}, now {getattr(self, key)}: "
+                raise UserError(f"sampler state was saved with {key}={state[key]}, now {getattr(self, key)}: "
                                  "the resumed order would differ")
         self.epoch, self.consumed = state["epoch"], state["consumed"]

@@ -38,6 +38,7 @@ from PIL import Image, ImageDraw, ImageFont
 from data.chatml import DEFAULT_SYSTEM_MESSAGE
 from data.templates import task_prompt_and_target
 from data.text import format_box, normalize_box, normalize_coord
+from models.errors import ArgumentParser, UserError, positive_int, run_cli
 from models.tokens import ENDOFTEXT, VLM_SPECIAL_TOKENS
 
 COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (230, 190, 20)}
@@ -367,23 +368,42 @@ def generate(out: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int = 
     return manifest
 
 
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m data.synthetic", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=2000, help="training images")
-    p.add_argument("--n-eval", type=int, default=200, help="held-out evaluation images")
-    p.add_argument("--image-size", type=int, default=112, help="side of the square images in pixels")
-    p.add_argument("--vocab-size", type=int, default=1024, help="size of the BPE tokenizer trained on the text")
-    p.add_argument("--text-fraction", type=float, default=0.25, help="share of images showing a word")
+    p.add_argument("--n-train", type=positive_int, default=2000, help="training images")
+    p.add_argument("--n-eval", type=positive_int, default=200, help="held-out evaluation images")
+    p.add_argument("--image-size", type=positive_int, default=112, help="side of the square images in pixels (>= 16)")
+    p.add_argument("--vocab-size", type=positive_int, default=1024, help="size of the BPE tokenizer trained on the text")
+    p.add_argument("--text-fraction", type=fraction, default=0.25, help="share of images showing a word")
     p.add_argument("--webdataset", action="store_true", help="also write the pretraining pairs as WebDataset shards")
-    p.add_argument("--shard-size", type=int, default=100, help="samples per WebDataset shard")
+    p.add_argument("--shard-size", type=positive_int, default=100, help="samples per WebDataset shard")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     a = p.parse_args(argv)
-    m = generate(a.out, a.seed, a.n_train, a.n_eval, a.image_size, a.vocab_size, a.text_fraction,
+    if a.image_size < 16:
+        p.error(f"argument --image-size: must be >= 16 (shapes and words need room), got {a.image_size}")
+    out = Path(a.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create the folder: {e.strerror or e}") from e
+    m = generate(out, a.seed, a.n_train, a.n_eval, a.image_size, a.vocab_size, a.text_fraction,
                  webdataset_shard_size=a.shard_size if a.webdataset else None)
     for name, f in m["files"].items():
-        print(f"{name:22s} {f['count']:7d}  {Path(a.out) / f['path']}")
+        print(f"{name:22s} {f['count']:7d}  {out / f['path']}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

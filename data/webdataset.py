@@ -14,6 +14,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from models.errors import UserError
+
 DEFAULT_IMAGE_KEYS = "jpg;png;webp"
 DEFAULT_CAPTION_KEY = "txt"
 
@@ -26,7 +28,7 @@ def parse_image_keys(spec: str) -> list[str]:
     """``"jpg;png;webp"`` -> the member extensions tried in order for the image."""
     keys = [k.strip().lower() for k in spec.split(";") if k.strip()]
     if not keys:
-        raise ValueError(f"data.wds_image_keys={spec!r}: give at least one extension, e.g. 'jpg;png;webp'")
+        raise UserError(f"data.wds_image_keys={spec!r}: give at least one extension, e.g. 'jpg;png;webp'")
     return keys
 
 
@@ -34,7 +36,7 @@ def parse_caption_key(spec: str) -> tuple[str, str | None]:
     """``"txt"`` -> (member ``txt``, whole text); ``"json:caption"`` -> (member ``json``, its field ``caption``)."""
     member, _, field = spec.partition(":")
     if not member.strip() or (":" in spec and not field.strip()):
-        raise ValueError(f"data.wds_caption_key={spec!r}: expected a member extension ('txt') or "
+        raise UserError(f"data.wds_caption_key={spec!r}: expected a member extension ('txt') or "
                          "'MEMBER:FIELD' for a field of a JSON member ('json:caption')")
     return member.strip().lower(), field.strip() or None
 

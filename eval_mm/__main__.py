@@ -1,4 +1,6 @@
-"""python -m eval_mm run|score|list|chat (see docs/evaluation.md)."""
+"""python -m eval_mm run|score|list|chat (see docs/evaluation.md). A mistake in the command line, a
+benchmark file or a path prints one line ``error: ...`` and exits with status 2 (``--debug`` shows the
+traceback)."""
 
 import argparse
 import json
@@ -10,13 +12,23 @@ from eval_mm.benchmarks import BENCHMARKS, get_benchmark, parse_bench_list
 from eval_mm.chat import add_model_arguments
 from eval_mm.metrics import MetricOptions
 from eval_mm.prompts import PROMPT_FORMATS
-from models.errors import UserError, run_cli
+from models.errors import ArgumentParser, MissingFileError, UserError, non_negative_int, positive_int, run_cli
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 def _add_metric_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chartqa-reference-order", action="store_true",
                         help="score ChartQA with the reference's swapped relaxed_correctness arguments")
-    parser.add_argument("--box-divisor", type=float, default=1000.0,
+    parser.add_argument("--box-divisor", type=positive_float, default=1000.0,
                         help="map box coordinates back with x / DIVISOR * width (1000, as training; 999 = reference RefCOCO)")
     parser.add_argument("--meteor", action="store_true", help="also compute METEOR for captions (needs Java)")
 
@@ -27,7 +39,8 @@ def _metric_options(args) -> MetricOptions:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m eval_mm", description=__doc__)
+    parser = ArgumentParser(prog="python -m eval_mm", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="evaluate a checkpoint (single device or under torchrun)")
@@ -37,10 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--bench", required=True, help="comma-separated benchmark names (see `list`)")
     run.add_argument("--data-root", required=True)
     run.add_argument("--out", required=True)
-    run.add_argument("--limit", type=int, default=None, help="only the first N samples of each benchmark")
-    run.add_argument("--batch-size", type=int, default=32,
+    run.add_argument("--limit", type=positive_int, default=None, help="only the first N samples of each benchmark")
+    run.add_argument("--batch-size", type=positive_int, default=32,
                      help="prompts per batch (multiple choice: all options of a prompt count as one)")
-    run.add_argument("--num-workers", type=int, default=None,
+    run.add_argument("--num-workers", type=non_negative_int, default=None,
                      help="DataLoader workers (tokenising, image decoding); default 4 with CUDA, 0 on CPU")
     run.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto",
                      help="auto: chatml if the checkpoint records a chat format / SFT stage, else raw")
@@ -84,16 +97,16 @@ def cmd_score(args) -> dict:
     references = load_references(bench, args.annotations)
     predictions = {}
     path = Path(args.predictions)
-    if not path.exists():
-        raise FileNotFoundError(f"predictions file not found: {path}")
+    if not path.is_file():
+        raise MissingFileError(f"predictions file not found: {path}")
     for index, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
             predictions[str(record["id"])] = str(record["prediction"] if record["prediction"] is not None else "")
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{path} record {index}: need a JSON object with 'id' and 'prediction' ({e})") from e
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{path} line {index + 1}: need a JSON object with 'id' and 'prediction' ({e})") from e
     metrics = compute_metric(bench.metric, predictions, references, _metric_options(args),
                              where=f"{bench.name} ({path} vs {args.annotations})")
     print(json.dumps(metrics))

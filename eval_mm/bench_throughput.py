@@ -40,7 +40,7 @@ from eval_mm.inference import (
     rank_options_per_row,
 )
 from models import build_vlm, presets
-from models.errors import UserError, run_cli
+from models.errors import ArgumentParser, UserError, non_negative_int, positive_int, run_cli
 
 # Ids past the Qwen vocabulary's ordinary tokens, used as the image markers of this tokenizer-free model.
 IMG_START_ID, IMG_END_ID, IMG_PAD_ID, PAD_ID = 151857, 151858, 151859, 151643
@@ -115,20 +115,21 @@ def parse_variants(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m eval_mm.bench_throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", type=parse_variants, default=list(VARIANTS),
                         help=f"comma-separated, among {','.join(VARIANTS)} (default: all; always run in that order)")
-    parser.add_argument("--batch-size", type=int, default=32, help="prompts per batch of batched and fast "
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="prompts per batch of batched and fast "
                         "(the default of `eval_mm run`)")
-    parser.add_argument("--baseline-batch-size", type=int, default=8, help="prompts per batch of baseline "
+    parser.add_argument("--baseline-batch-size", type=positive_int, default=8, help="prompts per batch of baseline "
                         "(the default before issue 11)")
-    parser.add_argument("--batches", type=int, default=8, help="timed batches per path and variant")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed batches per path and variant first")
-    parser.add_argument("--max-new-tokens", type=int, default=10, help="VQA budget of the reference")
-    parser.add_argument("--prompt-tokens", type=int, default=32, help="text tokens after the image")
-    parser.add_argument("--options", type=int, default=4, help="letters ranked per multiple-choice prompt")
+    parser.add_argument("--batches", type=positive_int, default=8, help="timed batches per path and variant")
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed batches per path and variant first")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=10, help="VQA budget of the reference")
+    parser.add_argument("--prompt-tokens", type=positive_int, default=32, help="text tokens after the image")
+    parser.add_argument("--options", type=positive_int, default=4, help="letters ranked per multiple-choice prompt")
     parser.add_argument("--preset", choices=["qwen_vl_7b", "tiny"], default="qwen_vl_7b",
                         help="tiny: a CPU smoke test of this script")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     args = parser.parse_args(argv)
     if args.preset == "qwen_vl_7b" and not torch.cuda.is_available():
         raise UserError("bench_throughput needs a CUDA GPU for --preset qwen_vl_7b (a 7B model in bf16); "

@@ -6,6 +6,8 @@ that directory works as a data root). Token budgets and prompts are the referenc
 
 from dataclasses import dataclass
 
+from models.errors import UserError
+
 # Prompt bodies; {image} is the image path, other fields come from the record.
 VQA_PROMPT = "<img>{image}</img>{question} Answer:"
 CAPTION_PROMPT = "<img>{image}</img>Describe the image in English:"
@@ -92,13 +94,19 @@ _ALL = [
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in _ALL}
 
 
+class UnknownBenchmarkError(UserError, KeyError):
+    """A benchmark name that is not in the registry (a KeyError too, for callers that look names up)."""
+
+
 def get_benchmark(name: str) -> Benchmark:
     if name not in BENCHMARKS:
-        raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHMARKS))}")
+        raise UnknownBenchmarkError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHMARKS))}")
     return BENCHMARKS[name]
 
 
 def parse_bench_list(spec: str) -> list[Benchmark]:
     """'a,b,c' -> benchmarks, in order, without duplicates."""
     names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise UserError(f"no benchmark names in {spec!r}; see `python -m eval_mm list`")
     return [get_benchmark(n) for n in dict.fromkeys(names)]

@@ -11,6 +11,7 @@ from typing import Any
 
 from eval_mm.benchmarks import Benchmark
 from eval_mm.metrics.choice import MME_COGNITION, MME_PERCEPTION
+from models.errors import MissingFileError, UserError
 
 _ID_KEYS = ("question_id", "questionId", "id", "index")
 
@@ -23,13 +24,13 @@ class EvalSample:
     record: dict | None = None  # a preference pair (data.formats form), for kind "preference"
 
 
-class BenchmarkDataError(ValueError):
-    pass
+class BenchmarkDataError(UserError):
+    """A malformed benchmark file; the message names the file and the record."""
 
 
 def require_file(path: Path, bench: str) -> Path:
-    if not path.exists():
-        raise FileNotFoundError(f"{bench}: data file not found: expected {path}")
+    if not path.is_file():
+        raise MissingFileError(f"{bench}: data file not found: expected {path}")
     return path
 
 
@@ -54,6 +55,8 @@ def read_json(path: Path) -> Any:
 
 
 def _field(record: dict, key: str, path: Path, index: int) -> Any:
+    if not isinstance(record, dict):
+        raise BenchmarkDataError(f"{path} record {index}: expected a JSON object, got {type(record).__name__}")
     if key not in record:
         raise BenchmarkDataError(f"{path} record {index}: missing field {key!r} (has {sorted(record)})")
     return record[key]
@@ -83,7 +86,7 @@ def resolve_image(image: str, data_root: Path, data_file: Path, where: str) -> s
     for candidate in candidates:
         if candidate.exists():
             return str(candidate)
-    raise FileNotFoundError(f"{where}: image not found; tried {', '.join(map(str, candidates))}")
+    raise MissingFileError(f"{where}: image not found; tried {', '.join(map(str, candidates))}")
 
 
 def _answers(value: Any) -> list[str]:
@@ -139,7 +142,7 @@ def _jsonl_sample(bench: Benchmark, record: dict, index: int, root: Path, path: 
         text = bench.prompt.format(image=image, hint=hint, question=_field(record, "question", path, index),
                                    options=options)
         return EvalSample(sample_id, text, letters)
-    raise ValueError(f"{bench.name}: unknown record format {bench.format!r}")
+    raise ValueError(f"{bench.name}: unknown record format {bench.format!r}")  # a registry bug, not the user's
 
 
 def _resolve_inline_images(text: str, root: Path, path: Path, where: str) -> str:

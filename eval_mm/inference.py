@@ -61,7 +61,8 @@ class BatchBuilder:
         prompts, num_images, option_ids = [], [], []
         for sample in samples:
             ids, paths = encode_prompt(self.tokenizer, sample.text, self.num_image_tokens, self.prompt_format)
-            images += [load_image(p, self.image_size, where=f"{self.bench.name} sample {sample.id}") for p in paths]
+            where = f"{self.bench.name} sample {sample.id} of {self.bench.test_file}"
+            images += [load_image(p, self.image_size, where=where) for p in paths]
             rows.append(ids)
             num_images.append(len(paths))
             prompts.append(prompt_text(sample.text, self.prompt_format))

@@ -23,6 +23,7 @@ from eval_mm.inference import BatchBuilder, PromptBatch, StaticCacheSlot, genera
 from eval_mm.metrics import MetricOptions, compute_metric
 from eval_mm.preference import PairBatchBuilder, score_pairs
 from eval_mm.sharding import barrier, broadcast_from_rank0, gather_to_all, shard_range, world
+from models.errors import UserError
 from models.tokens import IMG_START
 
 SEED = 0
@@ -64,7 +65,7 @@ def _evaluate_one(model, tokenizer, bench: Benchmark, data_root: Path, bench_dir
     references = load_references(bench, data_root / bench.references_file)
     missing = [s.id for s in samples if s.id not in references]
     if missing:
-        raise ValueError(f"{bench.name}: {len(missing)} samples have no annotation in "
+        raise UserError(f"{bench.name}: {len(missing)} samples have no annotation in "
                          f"{data_root / bench.references_file} (e.g. {missing[:5]})")
     if rank == 0:
         _check_run_info(bench_dir, prompt_format)
@@ -167,7 +168,7 @@ def read_predictions(bench_dir: Path) -> dict[str, dict]:
             except json.JSONDecodeError as e:
                 if index == len(lines) - 1:
                     continue
-                raise ValueError(f"{file} line {index + 1}: invalid JSON: {e}") from e
+                raise UserError(f"{file} line {index + 1}: invalid JSON: {e}") from e
             records[str(record["id"])] = record
     return records
 
@@ -177,7 +178,7 @@ def _check_run_info(bench_dir: Path, prompt_format: str) -> None:
     if info_file.exists():
         previous = json.loads(info_file.read_text()).get("prompt_format")
         if previous != prompt_format:
-            raise ValueError(f"{bench_dir} holds predictions made with prompt format {previous!r}, not "
+            raise UserError(f"{bench_dir} holds predictions made with prompt format {previous!r}, not "
                              f"{prompt_format!r}; use another --out directory")
     bench_dir.mkdir(parents=True, exist_ok=True)
     info_file.write_text(json.dumps({"prompt_format": prompt_format}) + "\n")

@@ -15,7 +15,7 @@ import html
 from collections.abc import Callable, Iterator
 
 from eval_mm.chat import Chat, add_model_arguments, chat_from_args, draw_boxes
-from models.errors import UserError, run_cli
+from models.errors import ArgumentParser, UserError, run_cli
 
 TITLE = "vlrecipe chat"
 
@@ -96,7 +96,7 @@ def local_theme():
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval_mm.web", description=__doc__,
+    parser = ArgumentParser(prog="python -m eval_mm.web", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 exposes it to the network)")

@@ -7,7 +7,8 @@
 # Prints a metrics table after each stage and writes OUT_DIR/metrics.json as
 # {stage: {benchmark: {metric: value}}}, the untrained model as stage "untrained".
 # Smaller runs (tests/test_demo.py) set N_TRAIN, N_EVAL, EVAL_LIMIT, PRETRAIN_STEPS, MULTITASK_STEPS,
-# SFT_STEPS, DPO_STEPS and MICRO_BATCH; by default the recipes/tiny/demo_*.yaml values apply.
+# SFT_STEPS, DPO_STEPS and MICRO_BATCH; by default the recipes/tiny/demo_*.yaml values apply. DEMO_THREADS
+# (default 2) is torch's CPU thread count; the README's figures are for 2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${1:-runs/demo}")
@@ -16,7 +17,11 @@ DATA_ROOT="$OUT/data"  # eval_mm's data root: the synthetic benchmarks live in D
 WORLD="$DATA_ROOT/synthetic"
 BENCHES=${BENCHES:-synth_caption,synth_vqa,synth_grounding,synth_mc${DPO:+,synth_preference}}
 EVAL_LIMIT=${EVAL_LIMIT:-200}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# The thread count is pinned, not taken from the environment: it sets the order of float sums in torch's
+# CPU kernels, so 1 and 2 threads give different weights from the first step (README "reproducible").
+DEMO_THREADS=${DEMO_THREADS:-2}
+export OMP_NUM_THREADS=$DEMO_THREADS MKL_NUM_THREADS=$DEMO_THREADS TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 start=$SECONDS
 mkdir -p "$OUT"
 [[ -f "$WORLD/manifest.json" ]] || $PY -m data.synthetic --out "$WORLD" --seed 0 \

@@ -13,6 +13,8 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer, Pr
 from transformers.initialization import no_init_weights
 
 from models.config import VLMConfig
+from models.errors import MissingFileError
+from models.loading import TOKENIZER_FILES
 from models.tokens import ensure_special_tokens, image_token_ids
 from models.vlm import VLM
 
@@ -107,6 +109,10 @@ def load_tokenizer(path: str | Path):
     from transformers import PreTrainedTokenizerFast
 
     path = Path(path)
+    if not path.is_dir():
+        raise MissingFileError(f"{path}: tokenizer directory not found (tokenizers are never downloaded)")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise MissingFileError(f"{path}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
     if (path / "tokenizer.json").is_file():
         return PreTrainedTokenizerFast.from_pretrained(path)
     kwargs = {}

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from models.errors import UserError
+
 
 @dataclass
 class VisionConfig:
@@ -100,4 +102,4 @@ class VLMConfig:
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (ValueError, TypeError, KeyError) as e:
-            raise ValueError(f"{path}: not a valid VLM config: {e}") from e
+            raise UserError(f"{path}: not a valid VLM config: {e}") from e

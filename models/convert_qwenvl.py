@@ -27,9 +27,9 @@ dtype change or a row permutation needs a copy, so at most one full copy is ever
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+import pickle
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -37,9 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from models.config import ResamplerConfig, VisionConfig, VLMConfig
+from models.errors import ArgumentParser, MissingFileError, UserError, run_cli
 from models.qwen_tokenizer import build_qwen_tokenizer
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ QWEN_DEFAULT_QUERIES = 256  # VisionTransformer(n_queries=256) unless config.vis
 
 def _require(condition: bool, config_path: Path, message: str) -> None:
     if not condition:
-        raise ValueError(f"{config_path}: {message}")
+        raise UserError(f"{config_path}: {message}")
 
 
 def vlm_config_from_qwen(qwen: dict, config_path: Path, image_token_ids: dict[str, int]) -> VLMConfig:
@@ -142,7 +143,7 @@ def _split_fused_qkv(t: torch.Tensor, cfg: VLMConfig) -> list[torch.Tensor]:
     """QWen c_attn rows are [q; k; v] as three contiguous blocks of `hidden` rows."""
     hidden = cfg.hidden_size
     if t.shape[0] != 3 * hidden:
-        raise ValueError(f"expected {3 * hidden} rows, got {tuple(t.shape)}")
+        raise UserError(f"expected {3 * hidden} rows, got {tuple(t.shape)}")
     # clone: three views of one storage cannot be saved as separate safetensors entries
     return [part.clone() for part in t.split(hidden, dim=0)]
 
@@ -151,7 +152,7 @@ def _per_head_qkv_to_blocked(t: torch.Tensor, cfg: VLMConfig) -> list[torch.Tens
     """Visual in_proj rows [heads, 3, head_dim] (reference) -> [3, heads, head_dim] (ours)."""
     heads, width = cfg.vision.heads, cfg.vision.width
     if t.shape[0] != 3 * width:
-        raise ValueError(f"expected {3 * width} rows, got {tuple(t.shape)}")
+        raise UserError(f"expected {3 * width} rows, got {tuple(t.shape)}")
     rows = t.reshape(heads, 3, width // heads, *t.shape[1:])
     return [rows.transpose(0, 1).reshape(t.shape).contiguous()]
 
@@ -212,7 +213,7 @@ def convert_tensor(key: str, tensor: torch.Tensor, cfg: VLMConfig) -> dict[str, 
             try:
                 parts = rule.transform(tensor, cfg)
             except ValueError as e:
-                raise ValueError(f"{key}: {e}") from e
+                raise UserError(f"{key}: {e}") from e
             return {match.expand(target): part for target, part in zip(rule.targets, parts, strict=True)}
     return None
 
@@ -234,21 +235,27 @@ def source_weight_files(src_dir: Path) -> list[Path]:
             files = [src_dir / name for name in dict.fromkeys(weight_map.values())]
             missing = [f.name for f in files if not f.exists()]
             if missing:
-                raise FileNotFoundError(f"{index}: lists shards that are not in {src_dir}: {missing}")
+                raise MissingFileError(f"{index}: lists shards that are not in {src_dir}: {missing}")
             return files
         if (src_dir / single_name).exists():
             return [src_dir / single_name]
-    raise FileNotFoundError(f"{src_dir}: no model.safetensors[.index.json] or pytorch_model.bin[.index.json]")
+    raise MissingFileError(f"{src_dir}: no model.safetensors[.index.json] or pytorch_model.bin[.index.json]")
 
 
 def iter_source_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, tensor) of one shard. .bin shards are memory-mapped (weights_only: no pickled code)."""
+    try:
+        if path.suffix == ".safetensors":
+            shard = safe_open(str(path), framework="pt", device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError) as e:
+        raise UserError(f"{path}: cannot read the weights (corrupt or incomplete download?): {e}") from e
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with shard as f:
             for key in f.keys():
                 yield key, f.get_tensor(key)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         yield from state.items()
 
 
@@ -258,9 +265,9 @@ def iter_source_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _format_keys(keys: list[str], limit: int = 20) -> str:
-    shown = "\n  ".join(sorted(keys)[:limit])
-    more = f"\n  ... and {len(keys) - limit} more" if len(keys) > limit else ""
-    return f"\n  {shown}{more}"
+    shown = ", ".join(sorted(keys)[:limit])
+    more = f", ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f" {shown}{more}"
 
 
 def convert_state_dict(
@@ -284,19 +291,19 @@ def convert_state_dict(
                 if name not in expected_shapes:
                     unexpected.append(f"{key} (-> {name}, which our model does not have)")
                 elif value.shape != expected_shapes[name]:
-                    raise ValueError(
+                    raise UserError(
                         f"{path}: {key} has shape {tuple(tensor.shape)}; as {name} it should be "
                         f"{tuple(expected_shapes[name])} for the model described by config.json"
                     )
                 elif name in converted:
-                    raise ValueError(f"{path}: {key} maps to {name}, which another entry already filled")
+                    raise UserError(f"{path}: {key} maps to {name}, which another entry already filled")
                 else:
                     converted[name] = value.to(dtype)
     if unexpected:
-        raise ValueError(f"{src_dir}: {len(unexpected)} unexpected checkpoint entries:{_format_keys(unexpected)}")
+        raise UserError(f"{src_dir}: {len(unexpected)} unexpected checkpoint entries:{_format_keys(unexpected)}")
     missing = [name for name in expected_shapes if name not in converted]
     if missing:
-        raise ValueError(f"{src_dir}: the checkpoint lacks {len(missing)} of our parameters:{_format_keys(missing)}")
+        raise UserError(f"{src_dir}: the checkpoint lacks {len(missing)} of our parameters:{_format_keys(missing)}")
     if derived:
         log.info("skipped %d derived entries (rotary inv_freq, recomputed from rotary_emb_base)", len(derived))
     return converted
@@ -308,12 +315,19 @@ def convert_qwenvl(src_dir: str | Path, out_dir: str | Path, dtype: torch.dtype 
 
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     config_path = src_dir / "config.json"
+    if not config_path.is_file():
+        raise MissingFileError(f"{src_dir}: not a Qwen-VL checkpoint directory (no config.json)")
     tokenizer = build_qwen_tokenizer(src_dir / "qwen.tiktoken")
     vocab = tokenizer.get_vocab()
     token_ids = {t: vocab[t] for t in ("<img>", "</img>", "<imgpad>", "<|endoftext|>")}
-    cfg = vlm_config_from_qwen(json.loads(config_path.read_text()), config_path, token_ids)
+    try:
+        cfg = vlm_config_from_qwen(json.loads(config_path.read_text()), config_path, token_ids)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{config_path}: not valid JSON: {e}") from e
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{config_path}: missing or malformed entry {e} of a Qwen-VL config") from e
     if len(tokenizer) > cfg.text_config["vocab_size"]:
-        raise ValueError(f"{config_path}: vocab_size {cfg.text_config['vocab_size']} < tokenizer size {len(tokenizer)}")
+        raise UserError(f"{config_path}: vocab_size {cfg.text_config['vocab_size']} < tokenizer size {len(tokenizer)}")
 
     # Names and shapes only: on the meta device no memory is allocated for weights. The tokenizer
     # already has every special token, so build_vlm adds none and resizes nothing.
@@ -331,17 +345,18 @@ def convert_qwenvl(src_dir: str | Path, out_dir: str | Path, dtype: torch.dtype 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m models.convert_qwenvl",
         description="Convert a Qwen-VL / Qwen-VL-Chat HF directory into a VLM directory (no remote code).",
     )
     parser.add_argument("src_dir", type=Path, help="downloaded Qwen/Qwen-VL or Qwen/Qwen-VL-Chat directory")
     parser.add_argument("out_dir", type=Path, help="where to write the converted model")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     convert_qwenvl(args.src_dir, args.out_dir, dtype=getattr(torch, args.dtype))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -25,7 +25,6 @@ are the only copies made (about a fifth of the weights at full scale).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -40,7 +39,7 @@ import torch
 from torch import nn
 
 from models.config import VLMConfig
-from models.errors import UserError, run_cli
+from models.errors import ArgumentParser, UserError, run_cli
 from models.qwen_tokenizer import (
     QWEN_MODEL_MAX_LENGTH,
     tiktoken_ranks_from_tokenizer,
@@ -503,7 +502,7 @@ def export_qwenvl(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m models.export_qwenvl",
         description="Export a VLM directory to the layout of the released Qwen-VL(-Chat) (the inverse of "
                     "models.convert_qwenvl).",

@@ -29,7 +29,7 @@ from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from models.errors import UserError
+from models.errors import MissingFileError, UserError
 from models.tokens import (
     BOX_END,
     BOX_START,
@@ -86,6 +86,8 @@ def read_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
     BPE can then encode any input); a violation names the file and the line.
     """
     path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path}: tiktoken ranks file not found")
     ranks: dict[bytes, int] = {}
     with path.open("rb") as f:
         for line_no, line in enumerate(f, start=1):
@@ -94,20 +96,20 @@ def read_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
                 continue
             parts = line.split()
             if len(parts) != 2:
-                raise ValueError(f"{path}:{line_no}: expected 'base64_token rank', got {line[:80]!r}")
+                raise UserError(f"{path}:{line_no}: expected 'base64_token rank', got {line[:80]!r}")
             try:
                 token = base64.b64decode(parts[0], validate=True)
                 rank = int(parts[1])
             except (binascii.Error, ValueError) as e:
-                raise ValueError(f"{path}:{line_no}: cannot parse {line[:80]!r}: {e}") from e
+                raise UserError(f"{path}:{line_no}: cannot parse {line[:80]!r}: {e}") from e
             if token in ranks:
-                raise ValueError(f"{path}:{line_no}: token {token!r} appears twice (ranks {ranks[token]}, {rank})")
+                raise UserError(f"{path}:{line_no}: token {token!r} appears twice (ranks {ranks[token]}, {rank})")
             ranks[token] = rank
     if sorted(ranks.values()) != list(range(len(ranks))):
-        raise ValueError(f"{path}: ranks are not exactly 0..{len(ranks) - 1}")
+        raise UserError(f"{path}: ranks are not exactly 0..{len(ranks) - 1}")
     missing_bytes = [b for b in range(256) if bytes([b]) not in ranks]
     if missing_bytes:
-        raise ValueError(f"{path}: {len(missing_bytes)} single bytes have no rank, e.g. {missing_bytes[:8]}")
+        raise UserError(f"{path}: {len(missing_bytes)} single bytes have no rank, e.g. {missing_bytes[:8]}")
     return ranks
 
 
@@ -174,7 +176,7 @@ def build_qwen_tokenizer(tiktoken_path: str | Path) -> PreTrainedTokenizerFast:
     for offset, token in enumerate(QWEN_SPECIAL_TOKENS):
         token_id = backend.token_to_id(token)
         if token_id != len(ranks) + offset:
-            raise ValueError(
+            raise UserError(
                 f"{tiktoken_path}: special token {token} got id {token_id}, expected {len(ranks) + offset} "
                 "(does the ranks file already contain it as a regular token?)"
             )

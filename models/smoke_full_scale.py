@@ -13,19 +13,24 @@ import time
 import torch
 
 from models import build_vlm, presets
+from models.errors import ArgumentParser, UserError, positive_int, run_cli
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq", type=int, default=2048, help="tokens in the row (one image span included)")
-    parser.add_argument("--steps", type=int, default=3, help="timed forward+backward steps after one warm-up")
+    parser = ArgumentParser(prog="python -m models.smoke_full_scale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq", type=positive_int, default=2048, help="tokens in the row (one image span included)")
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed forward+backward steps after one warm-up")
     parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in vision and LLM")
     parser.add_argument("--tiny", action="store_true", help="dry-run the script with the tiny preset (CPU ok)")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     args = parser.parse_args()
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise UserError(f"--device {args.device!r}: {e}") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("needs a CUDA GPU (or --tiny --device cpu for a dry run)")
+        raise UserError("no CUDA GPU here: the full-scale smoke test needs one (or --tiny --device cpu for a dry run)")
 
     if args.tiny:
         cfg = presets.tiny(vocab_size=1000)
@@ -33,6 +38,9 @@ def main() -> None:
     else:
         cfg = presets.qwen_vl_7b()
     vocab = cfg.text_config["vocab_size"]
+    n = cfg.num_image_tokens
+    if args.seq < n + 3:
+        raise UserError(f"--seq must be at least {n + 3} (one image span of {n} tokens), got {args.seq}")
     t0 = time.perf_counter()
     torch.manual_seed(0)
     model = build_vlm(cfg, dtype=torch.bfloat16, device=device).train()
@@ -43,9 +51,6 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     counts = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in ("vision", "resampler", "llm")}
 
-    n = cfg.num_image_tokens
-    if args.seq < n + 3:
-        raise SystemExit(f"--seq must be at least {n + 3} (one image span)")
     text = torch.randint(0, cfg.image_start_id, (args.seq - n - 2,), device=device)
     span = torch.tensor([cfg.image_start_id] + [cfg.image_pad_id] * n + [cfg.image_end_id], device=device)
     input_ids = torch.cat([text[:8], span, text[8:]])[None]
@@ -81,4 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

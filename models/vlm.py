@@ -16,6 +16,7 @@ from transformers.utils import ModelOutput
 
 from models.attention import sample_boundaries_from_position_ids, uses_varlen
 from models.config import VLMConfig
+from models.errors import MissingFileError, UserError
 from models.loss import IGNORE_INDEX, causal_lm_loss_sum, causal_lm_token_logps
 from models.resampler import Resampler
 from models.vision import VisionTower
@@ -271,6 +272,7 @@ class VLM(nn.Module):
     ) -> VLM:
         """Load a directory written by ``save_pretrained`` (no remote code, safetensors only), straight onto
         ``device`` in ``dtype``; ``keep_fp32`` (see models.build_vlm) keeps some modules in float32."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         from models.build import build_vlm, load_tokenizer
@@ -278,7 +280,7 @@ class VLM(nn.Module):
         path = Path(path)
         config_file = path / "config.json"
         if not config_file.is_file():
-            raise FileNotFoundError(f"{config_file}: no VLM config (is {path} a directory from VLM.save_pretrained?)")
+            raise MissingFileError(f"{config_file}: no VLM config (is {path} a directory from VLM.save_pretrained?)")
         config = VLMConfig.load(config_file)
         if (path / SAFETENSORS_INDEX).is_file():
             weight_map = json.loads((path / SAFETENSORS_INDEX).read_text())["weight_map"]
@@ -286,7 +288,7 @@ class VLM(nn.Module):
         elif (path / "model.safetensors").is_file():
             files = ["model.safetensors"]
         else:
-            raise FileNotFoundError(f"{path}: neither model.safetensors nor {SAFETENSORS_INDEX}")
+            raise MissingFileError(f"{path}: neither model.safetensors nor {SAFETENSORS_INDEX}")
         model = build_vlm(config, dtype=dtype, device=device, init_weights=False, keep_fp32=keep_fp32)
         # Shard by shard, each tensor read straight onto the device and copied into its parameter: the
         # memory held beyond the model is one shard, never a second copy of the whole state dict.
@@ -294,14 +296,17 @@ class VLM(nn.Module):
         loaded: set[str] = set()
         unexpected: list[str] = []
         for name in tqdm(files, desc=f"loading {path.name}", unit="shard", disable=len(files) < 2):
-            shard = load_file(path / name, device=str(device or "cpu"))
+            try:
+                shard = load_file(path / name, device=str(device or "cpu"))
+            except (SafetensorError, OSError) as e:
+                raise UserError(f"{path / name}: cannot read the weights (corrupt or incomplete?): {e}") from e
             unexpected += model.load_state_dict(shard, strict=False).unexpected_keys
             loaded |= set(shard) & expected
             del shard
         expected_missing = set(model._tied_duplicate_keys(model.state_dict()))
         missing = sorted(expected - loaded)
         if set(missing) - expected_missing or unexpected:
-            raise ValueError(
+            raise UserError(
                 f"{path}: checkpoint does not match the config: missing {sorted(set(missing) - expected_missing)[:10]}, "
                 f"unexpected {sorted(unexpected)[:10]}"
             )

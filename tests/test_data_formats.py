@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from data import stats
-from data.dataset import DataConfig, VLMDataset, build_dataloader
+from data.dataset import DataConfig, build_dataloader
 from data.formats import DataFormatError, llava_to_qwen, load_pretrain_pairs, load_records
 from data.images import CLIP_MEAN, CLIP_STD, ImageLoadError, load_image
 from data.templates import render_task, task_prompt_and_target
@@ -121,6 +121,12 @@ def test_pretrain_pairs_load_from_csv_and_parquet(tmp_path):
         assert [dict(r) for r in ds] == [{"image": "a.png", "caption": "one"}, {"image": "b.png", "caption": "two"}]
 
 
+def test_a_malformed_pretraining_file_names_the_file_and_the_row(tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"image": "a.png", "caption": "x"}\n{"image": "b.png", "caption": \n')
+    with pytest.raises(DataFormatError, match=r"p\.jsonl: cannot read the pretraining pairs: .*row 1"):
+        load_pretrain_pairs(tmp_path / "p.jsonl")
+
+
 def _dataset_files(tmp_path, n=6):
     for i in range(n):
         write_image(tmp_path / "imgs" / f"{i}.png", color=(i * 40, 0, 0))
@@ -156,15 +162,17 @@ def test_corrupt_image_fails_by_default_and_is_skipped_and_counted_when_allowed(
     path = _dataset_files(tmp_path, n=4)
     (tmp_path / "imgs" / "2.png").write_bytes(b"garbage")
     cfg = DataConfig(paths=[str(path)], image_size=16, max_len=256, num_workers=0, shuffle=False)
-    with pytest.raises(ImageLoadError, match=r"2\.png.*train\.json record 2"):
-        VLMDataset(cfg, tiny_tokenizer, N_IMG)[2]
+    loader = build_dataloader(cfg, tiny_tokenizer, num_image_tokens=N_IMG, batch_size=2)
+    with pytest.raises(ImageLoadError, match=r"cannot decode image .*2\.png \(referenced by .*train\.json record 2\)"
+                                             r".*exceed data\.max_bad_images=0"):
+        list(loader)
     cfg.max_bad_images = 1
     loader = build_dataloader(cfg, tiny_tokenizer, num_image_tokens=N_IMG, batch_size=2)
     assert sum(b["num_samples"] for b in loader) == 3
     assert loader.stats.total[stats.DROPPED_BAD_IMAGE] == 1
-    (tmp_path / "imgs" / "3.png").unlink()  # a second bad image exceeds the cap
+    (tmp_path / "imgs" / "3.png").write_bytes(b"garbage")  # a second bad file exceeds the cap
     loader = build_dataloader(cfg, tiny_tokenizer, num_image_tokens=N_IMG, batch_size=2)
-    with pytest.raises(ImageLoadError, match="exceed max_bad_images=1"):
+    with pytest.raises(ImageLoadError, match=r"3\.png.*2 distinct bad image files exceed data\.max_bad_images=1"):
         list(loader)
 
 

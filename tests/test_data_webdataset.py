@@ -97,7 +97,7 @@ def test_bad_samples_fail_naming_shard_and_key_or_are_skipped_and_counted_under_
     loader = loader_for(both, tiny_tokenizer, max_bad_images=2)
     assert ids_of(loader, tiny_tokenizer) == [0, 2, 3, 5]
     assert loader.stats.total[stats.DROPPED_BAD_IMAGE] == 1 and loader.stats.total[stats.DROPPED_BAD_SAMPLE] == 1
-    with pytest.raises(ImageLoadError, match="2 bad images or samples exceed max_bad_images=1"):
+    with pytest.raises(ImageLoadError, match="2 distinct bad image files exceed data.max_bad_images=1"):
         list(loader_for(both, tiny_tokenizer, max_bad_images=1))
 
 

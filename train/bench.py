@@ -26,7 +26,6 @@ each, cut at N tokens by ``data.max_len=N`` (so every sample has exactly N token
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -35,6 +34,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from models.errors import ArgumentParser, non_negative_int, positive_int, run_cli
 
 PLAIN = [  # the reference's way (see the module docstring)
     "data.packing=false", "data.pack_len=null", "perf.attention=sdpa", "perf.loss_impl=torch",
@@ -147,15 +148,15 @@ def print_table(results: list[Result]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", help="a recipe YAML, e.g. recipes/sft_lora.yaml")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides (model, paths, ...)")
+    p.add_argument("overrides", nargs="*", default=[], help="section.key=value overrides (model, paths, ...)")
     p.add_argument("--workloads", nargs="+", default=["world"], help="'world' and/or a sample length, e.g. 2048")
     p.add_argument("--variants", nargs="+", default=["plain", "recipe"], choices=["plain", "recipe"])
-    p.add_argument("--steps", type=int, default=20, help="optimiser steps per run (train.stop_after_steps)")
-    p.add_argument("--warmup", type=int, default=8, help="steps left out of the averages (compilation, caches)")
+    p.add_argument("--steps", type=positive_int, default=20, help="optimiser steps per run (train.stop_after_steps)")
+    p.add_argument("--warmup", type=non_negative_int, default=8, help="steps left out of the averages (compilation, caches)")
     p.add_argument("--work", default="runs/bench", help="where the data and the runs go")
-    p.add_argument("--n-train", type=int, default=2000, help="images of the synthetic world")
+    p.add_argument("--n-train", type=positive_int, default=2000, help="images of the synthetic world")
     p.add_argument("--tag", default="", help="appended to the run folders' names (several runs in one --work)")
     p.add_argument("--out", help="also write the results as JSON here")
     a = p.parse_args(argv)
@@ -198,4 +199,4 @@ def plain_batching(recipe_path: str, overrides: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

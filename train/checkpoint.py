@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.errors import MissingFileError, UserError
 from models.loading import VLM_CONFIG_OF_ADAPTER
 from train.parallel import DistInfo, Engine, barrier
 
@@ -54,7 +55,7 @@ def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
         return found[-1][1] if found else None
     path = Path(resume)
     if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"train.resume={resume}: not a complete checkpoint (no trainer_state.json)")
+        raise MissingFileError(f"train.resume={resume}: not a complete checkpoint (no trainer_state.json)")
     return path
 
 
@@ -150,7 +151,7 @@ def load_checkpoint(engine: Engine, path: Path) -> tuple[dict, dict]:
     info: DistInfo = engine.dist
     rank_file = path / f"rank_{info.rank:05d}.pt"
     if not rank_file.is_file():
-        raise FileNotFoundError(f"{rank_file}: missing; was the checkpoint written with a different world size?")
+        raise MissingFileError(f"{rank_file}: missing; was the checkpoint written with a different world size?")
     if engine.uses_deepspeed:
         loaded, _ = engine.module.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False)
         if loaded is None:
@@ -159,7 +160,7 @@ def load_checkpoint(engine: Engine, path: Path) -> tuple[dict, dict]:
         saved = load_file(path / "model.safetensors", device=str(info.device))
         expected = trainable_state_dict(engine.model)
         if set(saved) != set(expected):
-            raise ValueError(
+            raise UserError(
                 f"{path}: trainable parameters differ from the recipe's: missing {sorted(set(expected) - set(saved))[:5]}, "
                 f"unexpected {sorted(set(saved) - set(expected))[:5]}"
             )

@@ -251,6 +251,7 @@ def precompute_reference_logps(engine: Engine, loader, pixel_dtype: torch.dtype 
     engine.eval()
     for batch in tqdm(order, desc="reference log-probs", disable=not info.is_main):
         batch.pop("_stats")
+        loader.count_bad_images(batch.pop("_bad_images", ()))  # max_bad_images holds here too
         if batch["num_samples"] == 0:  # every pair of the batch dropped for a bad image
             if engine.mode == "zero3":
                 raise RuntimeError("a batch of the reference pass lost all its pairs to bad images; under ZeRO-3 "

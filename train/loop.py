@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from data.collate import split_rows
+from models.errors import MissingFileError, UserError
 from train.checkpoint import export_final, load_checkpoint, resolve_resume, save_checkpoint
 from train.data_check import check_data_at_startup
 from train.dpo import copy_for_reference
@@ -170,12 +171,15 @@ def profiled(step: int, is_main: bool):
 
 def train(recipe: Recipe) -> Path:
     """Run the recipe; returns the directory of the final export."""
-    from data.dataset import build_dataloader
+    from data.dataset import build_dataloader, load_data
 
     # ---- processes, seeds, run directory
+    check_paths(recipe)
     check_eval_section(recipe)
     info: DistInfo = init_distributed(recipe.parallel)
     mode = resolve_mode(recipe.parallel, info.world_size)
+    # Data records validated and their image files checked before anything is written or built.
+    records = load_data(recipe.data, preference=recipe.train.stage == "dpo")
     seed_everything(recipe.train.seed)  # identical model init on every rank
     run_dir = Path(recipe.checkpoint.out_dir)
     if info.is_main:
@@ -190,8 +194,8 @@ def train(recipe: Recipe) -> Path:
     on_gpu = cuda and (recipe.model.init_from is None or (mode != "zero3" and not recipe.quantization.enabled))
     model, tokenizer = build_model(recipe, device=info.device if on_gpu else None)
     if model.config.vision.image_size != recipe.data.image_size:
-        raise ValueError(f"data.image_size={recipe.data.image_size} but the model's vision.image_size is "
-                         f"{model.config.vision.image_size}; set model.image_size and data.image_size alike")
+        raise UserError(f"data.image_size={recipe.data.image_size} but the model's vision.image_size is "
+                        f"{model.config.vision.image_size}; set model.image_size and data.image_size alike")
     apply_freezing(model, recipe.freeze)
     if recipe.train.grad_checkpointing:
         model.set_gradient_checkpointing(True, llm_layers=recipe.perf.checkpoint_llm_layers)
@@ -222,7 +226,7 @@ def train(recipe: Recipe) -> Path:
     # ---- data
     loader = build_dataloader(recipe.data, tokenizer, num_image_tokens=vlm.config.num_image_tokens,
                               batch_size=recipe.train.micro_batch, rank=info.rank, world_size=info.world_size,
-                              preference=recipe.train.stage == "dpo")
+                              preference=recipe.train.stage == "dpo", records=records)
     accum = recipe.train.grad_accum
     if recipe.train.steps is not None:
         total_steps = recipe.train.steps
@@ -352,19 +356,35 @@ def _absolute(path: str | None) -> str | None:
     return None if path is None else str(Path(path).resolve())
 
 
+def check_paths(recipe: Recipe) -> None:
+    """Fail at once, naming the key, when a file or directory the recipe names does not exist."""
+    m = recipe.model
+    named = {"model.init_from": m.init_from, "model.llm_path": m.llm_path, "model.tokenizer_path": m.tokenizer_path,
+             "model.openclip_checkpoint": m.openclip_checkpoint,
+             "parallel.deepspeed_config": recipe.parallel.deepspeed_config}
+    if recipe.train.resume not in (None, "auto"):
+        named["train.resume"] = recipe.train.resume
+    for key, value in named.items():
+        if value is not None and not Path(value).exists():
+            raise MissingFileError(f"{key}={value}: no such file or directory")
+
+
 def check_eval_section(recipe: Recipe) -> None:
     """Fail before training, not after, when the recipe's eval section cannot run on the export."""
     if not recipe.eval.benches:
         return
     if recipe.eval.data_root is None:
-        raise ValueError("eval.benches is set but eval.data_root is not (the folder holding e.g. synthetic/)")
+        raise UserError("eval.benches is set but eval.data_root is not (the folder holding e.g. synthetic/)")
     if recipe.lora.enabled and not recipe.lora.merge_on_export and recipe.model.init_from is None:
-        raise ValueError("eval.benches with a LoRA export needs the base the adapter goes on: set model.init_from "
-                         "(or lora.merge_on_export: true)")
+        raise UserError("eval.benches with a LoRA export needs the base the adapter goes on: set model.init_from "
+                        "(or lora.merge_on_export: true)")
     from eval_mm.benchmarks import get_benchmark
+    from eval_mm.datasets import require_file
 
     for name in recipe.eval.benches:
-        get_benchmark(name)  # unknown name -> KeyError listing the known ones
+        bench = get_benchmark(name)  # unknown name -> UserError listing the known ones
+        for file in dict.fromkeys((bench.test_file, bench.references_file)):
+            require_file(Path(recipe.eval.data_root) / file, f"eval.benches {name} (eval.data_root)")
 
 
 def evaluate_export(recipe: Recipe, export: Path, info: DistInfo) -> dict[str, dict[str, Any]]:

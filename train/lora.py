@@ -16,6 +16,7 @@ import re
 import torch
 from torch import nn
 
+from models.errors import UserError
 from train.freeze import embeddings_train
 from train.recipe import FreezeSection, LoraSection, QuantizationSection
 
@@ -48,9 +49,9 @@ def apply_lora(model: nn.Module, lora: LoraSection, freeze: FreezeSection, gradi
     from peft import LoraConfig, get_peft_model
 
     if freeze.llm == "train":
-        raise ValueError("lora.enabled with freeze.llm: train: LoRA adapts a frozen LLM; set freeze.llm: frozen")
+        raise UserError("lora.enabled with freeze.llm: train: LoRA adapts a frozen LLM; set freeze.llm: frozen")
     if lora.vision_targets and freeze.vision == "train":
-        raise ValueError("lora.vision_targets adapts a frozen vision tower; set freeze.vision: frozen")
+        raise UserError("lora.vision_targets adapts a frozen vision tower; set freeze.vision: frozen")
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,

@@ -13,6 +13,7 @@ import re
 import torch
 from torch import nn
 
+from models.errors import UserError
 from train.recipe import OptimSection, ScheduleSection
 
 # Parameters that are not weights of a matmul: no weight decay.
@@ -47,7 +48,7 @@ def param_groups(model: nn.Module, cfg: OptimSection, num_vit_blocks: int) -> li
         group["params"].append(param)
         group["names"].append(name)
     if not groups:
-        raise ValueError("no trainable parameters: check the recipe's freeze / lora sections")
+        raise UserError("no trainable parameters: check the recipe's freeze / lora sections")
     return list(groups.values())
 
 

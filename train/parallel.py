@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from models.errors import UserError
 from train.recipe import ParallelSection, Recipe
 
 DS_CONFIG_DIR = Path(__file__).parent / "ds_configs"
@@ -83,10 +84,10 @@ def deepspeed_config(recipe: Recipe, mode: str, world_size: int) -> dict[str, An
     try:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the DeepSpeed config: {e}") from e
+        raise UserError(f"{path}: cannot read the DeepSpeed config: {e}") from e
     for owned in ("optimizer", "scheduler"):
         if owned in config:
-            raise ValueError(
+            raise UserError(
                 f"{path}: remove '{owned}'; the optimiser and lr schedule come from the recipe's optim / "
                 "schedule sections (a DeepSpeed scheduler would silently replace the cosine, Qwen-VL#183)"
             )
@@ -99,16 +100,16 @@ def deepspeed_config(recipe: Recipe, mode: str, world_size: int) -> dict[str, An
     }
     for key, value in wanted.items():
         if config.get(key, "auto") not in ("auto", value):
-            raise ValueError(f"{path}: '{key}' is {config[key]} but the recipe implies {value}; set it to \"auto\"")
+            raise UserError(f"{path}: '{key}' is {config[key]} but the recipe implies {value}; set it to \"auto\"")
         config[key] = value
     bf16 = config.setdefault("bf16", {})
     if bf16.get("enabled", "auto") not in ("auto", recipe.train.bf16):
-        raise ValueError(f"{path}: 'bf16.enabled' disagrees with train.bf16={recipe.train.bf16}")
+        raise UserError(f"{path}: 'bf16.enabled' disagrees with train.bf16={recipe.train.bf16}")
     bf16["enabled"] = recipe.train.bf16
     zero = config.setdefault("zero_optimization", {})
     expected_stage = int(mode[-1])
     if zero.get("stage", expected_stage) != expected_stage:
-        raise ValueError(f"{path}: zero_optimization.stage is {zero['stage']} but parallel.mode is {mode}")
+        raise UserError(f"{path}: zero_optimization.stage is {zero['stage']} but parallel.mode is {mode}")
     zero["stage"] = expected_stage
     if expected_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # export gathers full weights

@@ -12,6 +12,7 @@ import importlib.util
 import torch
 
 from models.attention import set_attention
+from models.errors import UserError
 from train.recipe import PerfSection
 
 
@@ -56,7 +57,7 @@ def apply_perf_switches(vlm, perf: PerfSection) -> None:
     vlm.check_image_spans = perf.check_image_spans
     if perf.liger_kernels and not getattr(vlm, "_liger_kernels", False):
         if vlm.llm.config.model_type != "qwen2":
-            raise ValueError(f"perf.liger_kernels supports qwen2 decoders, not {vlm.llm.config.model_type}")
+            raise UserError(f"perf.liger_kernels supports qwen2 decoders, not {vlm.llm.config.model_type}")
         from liger_kernel.transformers import apply_liger_kernel_to_qwen2
 
         apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,

@@ -15,7 +15,6 @@ caching allocator's slack). docs/benchmarks.md compares the plan with every GPU 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.errors import UserError, run_cli
+from models.errors import ArgumentParser, UserError, run_cli
 from train.memory import Counts, Dims, Estimate, GiB, MicroBatch, Setup, estimate
 from train.recipe import Recipe, RecipeError, load_recipe
 
@@ -471,7 +470,7 @@ def to_json(plan: Plan) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m train.plan", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m train.plan", description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", help="recipe YAML (see recipes/)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, as for python -m train")
     p.add_argument("--gpus", type=int, default=1, help="GPUs (parallel.mode auto: DDP when more than one)")

@@ -24,10 +24,12 @@ from typing import Any, Literal
 
 import yaml
 
+from models.errors import UserError
+
 TrainOrFrozen = Literal["train", "frozen"]
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A recipe that cannot be used; the message names the file and the key."""
 
 

@@ -15,6 +15,7 @@ from eval_mm.metrics.text_match import (
     relaxed_accuracy_score,
 )
 from eval_mm.metrics.vqa import vqa_question_accuracy
+from models.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,8 @@ class MetricOptions:
     with_meteor: bool = False  # METEOR needs Java and takes a while to start
 
 
-class CoverageError(ValueError):
-    pass
+class CoverageError(UserError):
+    """Predictions and annotations of a benchmark do not cover the same ids."""
 
 
 def check_coverage(predictions: dict[str, Any], references: dict[str, Any], where: str = "") -> None:
@@ -79,7 +80,7 @@ def _circular(predictions, references, options):
         try:
             correct[int(k)] = predictions[k].strip() == references[k]
         except ValueError as e:
-            raise ValueError(f"MMBench ids must be integer indices, got {k!r}") from e
+            raise UserError(f"MMBench ids must be integer indices, got {k!r}") from e
     accuracy, num_questions = circular_accuracy(correct)
     return {"circular_accuracy": 100.0 * accuracy, "accuracy": _mean_percent([float(v) for v in correct.values()]),
             "num_questions": num_questions}
@@ -118,7 +119,7 @@ def compute_metric(metric: str, predictions: dict[str, str], references: dict[st
                    options: MetricOptions = MetricOptions(), where: str = "") -> dict[str, Any]:
     """Score predictions (id -> model answer text) against references (id -> ground truth)."""
     if not references:
-        raise ValueError(f"{where}: no annotations to score")
+        raise UserError(f"{where}: no annotations to score")
     check_coverage(predictions, references, where)
     result = METRICS[metric](predictions, references, options)
     return {**result, "num_samples": len(references)}
