@@ -228,6 +228,28 @@ def test_with_max_forward_tokens_the_suggestion_is_the_longest_pass_that_fits(to
     assert at[0].fits and not at[1].fits
 
 
+def test_dpo_plans_two_sequences_per_pair_the_reference_and_its_forward(tokenizer_dir):
+    from train.flops import forward_flops, step_flops
+
+    copy = make_plan(load_recipe(REPO / "recipes/tiny/dpo.yaml", [*tiny_overrides(tokenizer_dir), "perf.loss_impl=auto"]),
+                     "r", tokens_per_sample=100)
+    assert (copy.batch.samples, copy.batch.images) == (4, 4)  # 2 pairs: 4 sequences, each with its image
+    counts = copy.model.counts
+    assert copy.estimate.terms["weights: DPO reference copy"] == 4 * counts.total  # a deep copy, fp32 (bf16 off)
+    assert copy.setup.loss_impl == "chunked"  # per-token log-probs: auto / liger take the chunked path
+    assert "DPO reference forward" in copy.estimate.phases
+    rates = step_flops(copy.model.config, vision_trains=False, resampler_trains=True, llm_trains=True)
+    rates = rates + forward_flops(copy.model.config)
+    assert copy.flops_per_step == rates(4 * 100, 4, 4 * 100**2)
+
+    lora = make_plan(load_recipe(REPO / "recipes/tiny/dpo_lora.yaml", tiny_overrides(tokenizer_dir)), "r",
+                     tokens_per_sample=100)
+    assert lora.setup.reference == "adapter_disabled" and "weights: DPO reference copy" not in lora.estimate.terms
+    # adapters on the frozen ViT: gradient runs through it, so it keeps activations (checkpointing is off)
+    assert lora.model.vision_lora > 0 and len(lora.setup.vision_lora_inputs) == 4
+    assert "backward: vision tower" in lora.estimate.phases
+
+
 def test_flops_and_step_time_follow_the_training_logs_convention(tokenizer_dir):
     from train.flops import step_flops
 

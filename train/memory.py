@@ -34,8 +34,12 @@ Activations of one forward pass of T tokens (row padding included) and N images:
   cross-entropy computes the gradient in the forward, chunk by chunk (it keeps only the [T, d] input
   gradient, and the [V, d] head gradient when the head trains).
 - vision: a frozen ViT runs under no_grad (nothing kept; one block's activations for all images at a
-  time in its forward); a trained one keeps each block's input when checkpointed (fp32 residual under
-  autocast). The resampler keeps its inputs and k/v projections when gradient reaches it.
+  time in its forward); a trained one, or one with LoRA adapters, keeps each block's input when
+  checkpointed (fp32 residual under autocast). The resampler keeps its inputs and k/v projections when
+  gradient reaches it.
+- DPO (train.stage: dpo): a micro-batch of pairs holds two sequences per pair, each with its images; the
+  per-token log-probs take the chunked path; ``frozen_copy`` keeps a second copy of the model (partitioned
+  under ZeRO-3), and its or the adapter-disabled reference pass runs under no_grad before the policy's.
 
 Phases: the peak is the largest of the vision forward, the loss, the first decoder layer of backward
 (all saved activations still live), the vision tower's backward, and the optimiser step (DeepSpeed's fp32
@@ -101,6 +105,7 @@ class Setup:
     llm_trains: bool = True  # the decoder's own weights
     head_trains: bool = True  # input embeddings + LM head
     lora_inputs: tuple[int, ...] = ()  # in_features of each LoRA-adapted linear of one decoder layer
+    vision_lora_inputs: tuple[int, ...] = ()  # the same for one vision block (lora.vision_targets)
     lora_r: int = 0
     lora_dropout: float = 0.0
     quantized: bool = False
@@ -115,6 +120,8 @@ class Setup:
     load_shard_bytes: float = 0.0  # an export read onto the GPU: the largest safetensors shard, held once
     zero3_built_whole: bool = False  # ZeRO-3 from a preset: drawn whole in bf16 on each GPU, then partitioned
     zero: dict = field(default_factory=dict)  # DeepSpeed zero_optimization settings
+    # DPO (train.stage: dpo): where the reference log-probs come from (train.dpo.reference_mode), or "" (not DPO)
+    reference: str = ""
 
     @property
     def deepspeed(self) -> bool:
@@ -228,6 +235,12 @@ def parameter_terms(c: Counts, s: Setup) -> dict[str, float]:
         if s.mode == "ddp":
             terms["gradients: DDP buckets"] = t * 4
         terms["optimizer: AdamW states"] = t * 8
+    if s.reference == "frozen_copy":  # train.dpo.copy_for_reference: a deep copy of the built model
+        if s.deepspeed:  # its own ZeRO-3 engine partitions it; under ZeRO-2 it is a plain bf16 module
+            terms["weights: DPO reference copy"] = c.total * 2 / (w if s.mode == "zero3" else 1)
+        else:  # the policy's storage dtypes: frozen bf16 (frozen_bf16), trainable modules fp32
+            terms["weights: DPO reference copy"] = (c.frozen * (2 if s.frozen_bf16 else 4) + t * 4
+                                                    + c.quantized * nf4_bytes_per_param(s.double_quant))
     return terms
 
 
@@ -318,9 +331,14 @@ def vision_terms(d: Dims, s: Setup, b: MicroBatch) -> tuple[float, float, float]
     act = 2 if s.bf16 else 4
     n, p, w, m = b.pass_images, d.patches, d.vit_width, d.vit_mlp
     kept = work = forward = 0.0
-    if s.vision_trains:
+    dropout_mask = 1 if s.lora_dropout > 0 else 0
+    if s.vision_trains or s.vision_lora_inputs:  # gradient runs through the tower: it keeps activations
         stream = act if s.deepspeed or not s.bf16 else 4  # fp32 under autocast: LayerNorm outputs fp32
-        block = act * (7 * w + 2 * m) + 3 * stream * w  # linear inputs, attention, GELU input; LN outputs, mid residual
+        # q, k, v and output of attention, the GELU input, the mid-block residual (its LayerNorm's input);
+        # trained linears keep their inputs (qkv, proj, fc1: width; fc2: mlp), LoRA adapters theirs
+        block = act * (4 * w + m) + stream * w
+        block += act * (3 * w + m) if s.vision_trains else 0
+        block += sum((act + dropout_mask) * n + act * s.lora_r for n in s.vision_lora_inputs)
         if s.grad_checkpointing:
             kept = n * p * d.vit_layers * stream * w
             work = n * p * (block + 3 * act * m)
@@ -329,10 +347,20 @@ def vision_terms(d: Dims, s: Setup, b: MicroBatch) -> tuple[float, float, float]
             work = n * p * 3 * act * m
     else:
         forward = n * p * (10 * w + 4 * m)  # under no_grad: one block of every image at a time
-    if s.vision_trains or s.resampler_trains:
+    if s.vision_trains or s.vision_lora_inputs or s.resampler_trains:
         kept += n * p * act * (w + 5 * d.hidden)  # kv_proj input, its output, LayerNorm, k and v projections
     kept += n * d.queries * d.hidden * act  # resampler outputs spliced into the embeddings
     return kept, work, forward
+
+
+def reference_forward(d: Dims, s: Setup, b: MicroBatch) -> float:
+    """DPO's reference pass under no_grad: the hidden states plus the largest of the vision tower's block,
+    one decoder layer's working set, and one chunk of per-token log-probs (fp32 logits of 2,048 tokens)."""
+    _, kept, work = decoder_per_token(d, s)
+    T = b.pass_tokens
+    logits = 10 * min(T, CHUNKED_LOSS_TOKENS) * d.vocab
+    vision = b.pass_images * d.patches * (10 * d.vit_width + 4 * d.vit_mlp)
+    return T * residual_bytes(s) * d.hidden + max(vision, T * (kept + work), logits)
 
 
 # --------------------------------------------------------------------------------------------- phases
@@ -359,9 +387,11 @@ def estimate(c: Counts, d: Dims, s: Setup, b: MicroBatch) -> Estimate:
         "backward: loss": base + gathered + buckets + kept + loss_backward,
         "backward: first decoder layer": base + gathered + buckets + kept + decoder_work,
     }
-    if s.vision_trains:  # last in backward: every other gradient exists by then
+    if s.vision_trains or s.vision_lora_inputs:  # last in backward: every other gradient exists by then
         phases["backward: vision tower"] = static + gathered + buckets + vision_kept + vision_work
     phases["optimizer step"] = static + optimizer_step_transient(c, s)
+    if s.reference in ("frozen_copy", "adapter_disabled"):  # before the policy's forward, under no_grad
+        phases["DPO reference forward"] = base + gathered + reference_forward(d, s, b)
 
     at_rest = sum(v for k, v in terms.items() if k.startswith("weights") and "autocast" not in k)
     startup = c.total * 2 if s.zero3_built_whole else at_rest + s.load_shard_bytes

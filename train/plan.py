@@ -47,6 +47,8 @@ class ModelPlan:
     groups: dict[str, tuple[int, int]]  # group -> (trainable, total)
     trains: dict[str, bool]  # vision, resampler, llm, embeddings (train.freeze.apply_freezing)
     lora_inputs: tuple[int, ...]  # in_features of the LoRA-adapted linears of one decoder layer
+    vision_lora_inputs: tuple[int, ...]  # the same for one vision block (lora.vision_targets)
+    vision_lora: int  # adapter parameters in the vision tower (train/flops.py counts them per patch)
     notes: list[str] = field(default_factory=list)
 
 
@@ -138,8 +140,9 @@ def plan_model(recipe: Recipe, source: str = "recipe") -> ModelPlan:
         except ValueError as e:
             raise UserError(f"{source}: {e}") from e
     lora_inputs = tuple(mod.in_features for mod in decoder.layers[0].modules() if hasattr(mod, "lora_A"))
+    vision_lora_inputs = tuple(mod.in_features for mod in model.vision.blocks[0].modules() if hasattr(mod, "lora_A"))
 
-    total = trainable = quantized = lora = 0
+    total = trainable = quantized = lora = vision_lora = 0
     groups: dict[str, list[int]] = {}
     for name, p in wrapped.named_parameters():
         n = p.numel()
@@ -151,6 +154,7 @@ def plan_model(recipe: Recipe, source: str = "recipe") -> ModelPlan:
             row[0] += n
         quantized += n if id(p) in quantized_ids else 0
         lora += n if "lora_" in name else 0
+        vision_lora += n if "lora_" in name and ".vision.blocks." in f".{name}" else 0
     if trainable == 0:
         raise UserError(f"{source}: nothing trains: check the freeze and lora sections")
     largest = max(sum(p.numel() for p in g["params"])
@@ -158,7 +162,8 @@ def plan_model(recipe: Recipe, source: str = "recipe") -> ModelPlan:
     counts = Counts(total=total, trainable=trainable, quantized=quantized, lora=lora, largest_group=largest,
                     layer_linears=layer_linears)
     return ModelPlan(config=model.config, counts=counts, groups={k: (v[0], v[1]) for k, v in groups.items()},
-                     trains=trains, lora_inputs=lora_inputs, notes=notes)
+                     trains=trains, lora_inputs=lora_inputs, vision_lora_inputs=vision_lora_inputs,
+                     vision_lora=vision_lora, notes=notes)
 
 
 def dims_of(config) -> Dims:
@@ -197,14 +202,24 @@ def setup_of(recipe: Recipe, model: ModelPlan, gpus: int, notes: list[str], sour
     if "auto" in (perf.loss_impl, perf.liger_kernels):
         notes.append("perf auto switches as on a CUDA machine with liger-kernel installed: fused liger loss"
                      + (", liger kernels" if liger_kernels else ""))
+    reference = ""
+    if recipe.train.stage == "dpo":
+        from train.dpo import reference_mode
+
+        reference = reference_mode(recipe)
+        if loss_impl != "torch":  # models.loss.causal_lm_token_logps: liger's per-token mode is not used
+            loss_impl = "chunked"
+        notes.append(f"DPO: micro_batch counts pairs (2 sequences, each with its images; --tokens-per-sample is "
+                     f"per sequence), per-token log-probs chunked, reference {reference}")
     m = recipe.model
     drawn_on_gpu = m.init_from is None and m.llm_path is None and m.openclip_name is None  # train.loop.build_model
     loaded_on_gpu = m.init_from is not None and mode != "zero3" and not recipe.quantization.enabled
     return Setup(
-        mode=mode, gpus=gpus, bf16=recipe.train.bf16, frozen_bf16=recipe.perf.frozen_bf16,
+        # train.loop.storage_dtypes: frozen weights bf16 only with bf16 training
+        mode=mode, gpus=gpus, bf16=recipe.train.bf16, frozen_bf16=recipe.perf.frozen_bf16 and recipe.train.bf16,
         vision_trains=model.trains["vision"], resampler_trains=model.trains["resampler"],
         llm_trains=model.trains["llm"], head_trains=model.trains["embeddings"],
-        lora_inputs=model.lora_inputs, lora_r=recipe.lora.r if recipe.lora.enabled else 0,
+        lora_inputs=model.lora_inputs, vision_lora_inputs=model.vision_lora_inputs, lora_r=recipe.lora.r if recipe.lora.enabled else 0,
         lora_dropout=recipe.lora.dropout, quantized=recipe.quantization.enabled,
         double_quant=recipe.quantization.double_quant, grad_checkpointing=recipe.train.grad_checkpointing,
         checkpointed_layers=layers if checkpointed is None else checkpointed, liger_kernels=bool(liger_kernels),
@@ -212,7 +227,7 @@ def setup_of(recipe: Recipe, model: ModelPlan, gpus: int, notes: list[str], sour
         # train.optim fuses AdamW when the weights are on the GPU as it is built (Q-LoRA moves them there).
         fused_adamw=drawn_on_gpu or loaded_on_gpu or recipe.quantization.enabled,
         load_shard_bytes=largest_shard(m.init_from, notes) if loaded_on_gpu else 0.0,
-        zero3_built_whole=mode == "zero3" and drawn_on_gpu,
+        zero3_built_whole=mode == "zero3" and drawn_on_gpu, reference=reference,
     )
 
 
@@ -226,25 +241,28 @@ def largest_shard(export: str, notes: list[str]) -> float:
     return MAX_SHARD_BYTES
 
 
-def samples_per_row(data, tokens_per_sample: float) -> int:
-    """Samples of equal length in one row: as many as fit in pack_len (else max_len) when packing."""
+def samples_per_row(data, tokens_per_sample: float, group: int = 1) -> int:
+    """Sequences of equal length in one row: as many groups of ``group`` (a DPO pair: 2) as fit in pack_len
+    (else max_len) when packing, else one sequence per row."""
     if not data.packing:
         return 1
-    return max(1, int((data.pack_len or data.max_len) // tokens_per_sample))
+    return group * max(1, int((data.pack_len or data.max_len) // (group * tokens_per_sample)))
 
 
 def micro_batch_shape(data, micro_batch: int, tokens_per_sample: float, images_per_sample: float,
-                      max_forward_tokens: int | None = None) -> MicroBatch:
-    """Rows and tokens of a micro-batch of ``micro_batch`` samples of ``tokens_per_sample`` tokens each.
-    Packed (data.packing): greedy rows of up to pack_len (else max_len) tokens, padded to the longest row
-    (data.packing.pack); otherwise one sample per row. ``max_forward_tokens`` (train.max_forward_tokens):
-    forward passes of as many whole rows as fit (at least one; data.collate.split_rows)."""
-    per_row = samples_per_row(data, tokens_per_sample)
-    rows = math.ceil(micro_batch / per_row)
-    width = round(min(micro_batch, per_row) * tokens_per_sample)
+                      max_forward_tokens: int | None = None, group: int = 1) -> MicroBatch:
+    """Rows and tokens of a micro-batch of ``micro_batch`` samples (DPO: pairs of ``group`` = 2 sequences,
+    each with its images) of ``tokens_per_sample`` tokens per sequence. Packed (data.packing): greedy rows of
+    up to pack_len (else max_len) tokens, padded to the longest row (data.packing.pack); otherwise one
+    sequence per row. ``max_forward_tokens`` (train.max_forward_tokens): forward passes of as many whole
+    rows as fit (at least one; data.collate.split_rows)."""
+    sequences = micro_batch * group
+    per_row = samples_per_row(data, tokens_per_sample, group)
+    rows = math.ceil(sequences / per_row)
+    width = round(min(sequences, per_row) * tokens_per_sample)
     rows_per_pass = max(1, max_forward_tokens // width) if max_forward_tokens else None
-    return MicroBatch(samples=micro_batch, rows=rows, row_len=width, images=micro_batch * images_per_sample,
-                      real_tokens=micro_batch * tokens_per_sample, packed=data.packing, rows_per_pass=rows_per_pass)
+    return MicroBatch(samples=sequences, rows=rows, row_len=width, images=sequences * images_per_sample,
+                      real_tokens=sequences * tokens_per_sample, packed=data.packing, rows_per_pass=rows_per_pass)
 
 
 @dataclass
@@ -301,7 +319,7 @@ def make_plan(recipe: Recipe, source: str, gpus: int = 1, gpu_mem_gib: float = D
               tokens_per_sample: float | None = None, images_per_sample: float = 1.0, mfu: float = 0.35,
               peak_tflops: float = DEFAULT_PEAK_TFLOPS, model: ModelPlan | None = None) -> Plan:
     """The plan of ``recipe`` on ``gpus`` GPUs. ``model`` reuses a ModelPlan of the same recipe model."""
-    from train.flops import step_flops
+    from train.flops import forward_flops, step_flops
 
     for name, value, low in (("--gpus", gpus, 1), ("--gpu-mem", gpu_mem_gib, 1e-9), ("--peak-tflops", peak_tflops, 1e-9)):
         if value < low:
@@ -320,14 +338,20 @@ def make_plan(recipe: Recipe, source: str, gpus: int = 1, gpu_mem_gib: float = D
         notes.append(f"every sample {data.max_len} tokens (data.max_len, the worst case; --tokens-per-sample)")
     setup = setup_of(recipe, model, gpus, notes, source)
     dims = dims_of(model.config)
+    group = 2 if setup.reference else 1  # DPO: a pair is two sequences
 
     def estimate_for(micro_batch: int) -> tuple[MicroBatch, Estimate]:
-        batch = micro_batch_shape(data, micro_batch, tokens, images_per_sample, recipe.train.max_forward_tokens)
+        batch = micro_batch_shape(data, micro_batch, tokens, images_per_sample, recipe.train.max_forward_tokens,
+                                  group)
         return batch, estimate(model.counts, dims, setup, batch)
 
     batch, est = estimate_for(recipe.train.micro_batch)
+    # The training loop's FLOP count: train.loop (adapters in the ViT per patch; DPO's reference forward).
+    llm_lora = model.counts.lora - model.vision_lora
     rates = step_flops(model.config, vision_trains=setup.vision_trains, resampler_trains=setup.resampler_trains,
-                       llm_trains=setup.llm_trains, lora_params=model.counts.lora)
+                       llm_trains=setup.llm_trains, lora_params=llm_lora, vision_lora_params=model.vision_lora)
+    if setup.reference in ("frozen_copy", "adapter_disabled"):
+        rates = rates + forward_flops(model.config)
     samples = batch.samples * setup.grad_accum
     flops = rates(samples * tokens, samples * images_per_sample, samples * tokens**2)
     plan = Plan(recipe=source, model=model, setup=setup, batch=batch, estimate=est, tokens_per_sample=tokens,
@@ -339,11 +363,11 @@ def make_plan(recipe: Recipe, source: str, gpus: int = 1, gpu_mem_gib: float = D
         return plan
     # Memory follows the forward pass, not the micro-batch: suggest the longest pass of whole rows that fits
     # (in a micro-batch of more rows than that, so gradients persist across passes as they would).
-    per_row = samples_per_row(data, tokens)
+    per_row = samples_per_row(data, tokens, group)
     row = round(per_row * tokens)
 
     def needed_for_rows(rows: int) -> float:
-        shape = micro_batch_shape(data, (rows + 1) * per_row, tokens, images_per_sample, rows * row)
+        shape = micro_batch_shape(data, (rows + 1) * per_row // group, tokens, images_per_sample, rows * row, group)
         return needed_bytes(estimate(model.counts, dims, setup, shape), setup)
 
     plan.largest_micro_batch = None
@@ -399,7 +423,8 @@ def render(plan: Plan) -> str:
     packing = f"{'packed in ' if b.packed else ''}{b.rows} row(s) of {b.row_len}"
     if b.passes > 1:
         packing += f"; {b.passes} forward passes of {b.pass_tokens:,} tokens (train.max_forward_tokens)"
-    lines.append(f"{'micro-batch':<34}{b.samples} samples x {plan.tokens_per_sample:g} tokens = "
+    what = f"{b.samples // 2} pairs = {b.samples} sequences" if s.reference else f"{b.samples} samples"
+    lines.append(f"{'micro-batch':<34}{what} x {plan.tokens_per_sample:g} tokens = "
                  f"{b.tokens:,} tokens ({packing}), {b.images:g} images at {plan.model.config.vision.image_size} px")
     ckpt = (f"{s.checkpointed_layers} of {plan.model.config.text_config['num_hidden_layers']} decoder layers "
             f"checkpointed" if s.grad_checkpointing else "no activation checkpointing")
@@ -429,7 +454,7 @@ def render(plan: Plan) -> str:
     if not (plan.largest_micro_batch or plan.largest_forward_tokens):
         lines.append(f"{'':<34}not even one row fits: shorter rows, more checkpointed layers, more GPUs or ZeRO-3")
     lines += ["", f"{'FLOPs per step (train/flops.py)':<34}{plan.flops_per_step:.3e} per GPU  "
-                  f"({s.grad_accum} micro-batch(es) of {b.samples} samples)"]
+                  f"({s.grad_accum} micro-batch(es) of {what})"]
     lines.append(f"{'step time':<34}{plan.step_time:.3g} s at {plan.mfu:.0%} MFU of {plan.peak_tflops:g} TFLOP/s")
     per_gpu = plan.tokens_per_step / plan.step_time
     lines.append(f"{'tokens/s':<34}{per_gpu:,.0f} per GPU, {per_gpu * s.gpus:,.0f} over {s.gpus} GPU(s)")
