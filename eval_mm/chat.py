@@ -39,7 +39,7 @@ from data.chatml import DEFAULT_SYSTEM_MESSAGE, encode_conversation_prompt
 from data.images import ImageLoadError, image_size_of, load_image
 from data.text import COORD_RANGE, encode_text_with_images, tokenize_plain
 from eval_mm.inference import stop_token_ids
-from models.errors import UserError
+from models.errors import UserError, positive_int
 from models.tokens import BOX_END, BOX_START, IMG_END, IMG_START, REF_END, REF_START
 
 # A <ref> phrase followed by one or more boxes, or a box on its own (ref None).
@@ -380,11 +380,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default=None,
                         help="the base an adapter goes on (default: its training_info.json init_from)")
     parser.add_argument("--system", default=None, help="the ChatML system message (default: the training default)")
-    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=512)
     parser.add_argument("--temperature", type=float, default=None,
                         help="sample at this temperature (default: greedy; 0 = greedy)")
     parser.add_argument("--top-p", type=float, default=None, help="sample from the top-p nucleus")
-    parser.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens")
+    parser.add_argument("--top-k", type=positive_int, default=None, help="sample from the k likeliest tokens")
     parser.add_argument("--repetition-penalty", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling (re-applied before every answer)")
     parser.add_argument("--prompt-format", choices=["auto", "chatml", "raw"], default="auto",

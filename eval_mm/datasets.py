@@ -29,7 +29,7 @@ class BenchmarkDataError(UserError):
 
 
 def require_file(path: Path, bench: str) -> Path:
-    if not path.is_file():
+    if not path.exists():  # a file, or MME's results directory
         raise MissingFileError(f"{bench}: data file not found: expected {path}")
     return path
 

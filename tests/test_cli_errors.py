@@ -189,6 +189,13 @@ CASES = {
                                                 str(w.t / "c")], ["pytorch_model.bin", "cannot read the weights"]),
     "convert: bad --dtype": lambda w: Case(["-m", "models.convert_qwenvl", "a", "b", "--dtype", "fp8"],
                                            ["argument --dtype", "invalid choice: 'fp8'"]),
+    # python -m models.export_qwenvl, python -m eval_mm chat
+    "export: source is not an export": lambda w: Case(["-m", "models.export_qwenvl", str(w.t / "no_src"),
+                                                       str(w.t / "e")], ["no_src/config.json", "not found"]),
+    "chat: missing checkpoint": lambda w: Case(["-m", "eval_mm", "chat", "--checkpoint", str(w.t / "no_ckpt"),
+                                                "--prompt", "hi"], ["checkpoint not found", "no_ckpt"]),
+    "chat: bad --max-new-tokens": lambda w: Case(["-m", "eval_mm", "chat", "--checkpoint", w.ckpt, "--max-new-tokens",
+                                                  "0"], ["argument --max-new-tokens", "must be >= 1"]),
     # python -m data.synthetic
     "synthetic: --n-train 0": lambda w: Case(["-m", "data.synthetic", "--out", str(w.t / "s"), "--n-train", "0"],
                                              ["argument --n-train", "must be >= 1"]),

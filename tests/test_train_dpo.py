@@ -342,7 +342,7 @@ def test_precomputed_reference_is_stored_once_and_reused_on_resume(pairs_world, 
     assert "resumed from" in proc.stdout and os.stat(stored).st_mtime_ns == stamp
     losses = read_losses(run)
     assert sorted(losses) == [1, 2, 3, 4] and losses[1] == pytest.approx(LOG2, abs=1e-5)
-    other = tmp_path / "other.json"
+    other = pairs_world[0].parent / f"other_{tmp_path.name}.json"  # beside the world: its image paths resolve
     other.write_text(json.dumps(json.loads(pairs_world[0].read_text())[:5]))
     proc = run_train_expect_failure([*args[:3], f"data.paths=[{other}]", *args[4:], "train.resume=auto"])
     assert "reference_logps.safetensors was computed for other data" in proc.stderr
