@@ -13,12 +13,13 @@ and prints records/s and images/s, with the wall time, the CPU time and the load
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
 import time
 from pathlib import Path
+
+from models.errors import ArgumentParser, run_cli
 
 
 def write_big_file(world: Path, records: int) -> Path:
@@ -44,7 +45,7 @@ def cpu_seconds() -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m data.bench_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--world", required=True, help="synthetic world folder (generated if missing)")
     p.add_argument("--records", type=int, default=1_000_000)
     p.add_argument("--workers", type=int, default=None, help="processes for the text part (default: one per core)")
@@ -90,4 +91,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

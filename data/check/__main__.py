@@ -19,15 +19,15 @@ from typing import NoReturn
 
 from data.check.run import CheckOptions, check_data
 from data.formats import FORMATS, DataFormatError
-from models.errors import UserError, run_cli
+from models.errors import ArgumentParser, UserError, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
     from train.data_check import recipe_image_tokens, recipe_tokenizer
     from train.recipe import load_recipe, recipe_from_dict
 
-    p = argparse.ArgumentParser(prog="python -m data.check", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m data.check", description=__doc__.split("\n\n")[0],
+                       epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("args", nargs="*", metavar="RECIPE.yaml | section.key=value",
                    help="a recipe and overrides, as for python -m train (with --data: overrides only)")
     p.add_argument("--data", action="append", metavar="FILE", help="check this data file (repeatable) instead of a recipe's")
