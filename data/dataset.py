@@ -366,24 +366,44 @@ class StreamingVLMDataset(IterableDataset):
         return batch
 
     def _sample(self, raw: dict, url: str, index: int) -> dict:
-        where = f"{url} record {index}"
-        if not self.webdataset:
-            record = {k: v for k, v in raw.items() if k not in (self.config.image_column, self.config.caption_column)}
-            for column, name in ((self.config.image_column, "image"), (self.config.caption_column, "caption")):
-                if column not in raw:
-                    raise DataFormatError(f"{where}: pretraining data needs a {column!r} column; found {sorted(raw)}")
-                record[name] = raw[column]
-            try:
-                record = normalize_record(record, "pretrain", self.base_dir)
-            except ValueError as e:
-                raise DataFormatError(f"{where}: {e}") from e
-            return self.builder.build(record, where)
-        where = f"{where} (key {raw['__key__']!r})"
         try:
-            record, image = pair_of(raw, url, self.image_keys, self.caption_key)
+            record, where, image = streamed_pair(raw, url, index, self.config, self.image_keys, self.caption_key)
         except BadSample as e:  # counted like a bad image file: the sample is the unit
-            return {"dropped": stats.DROPPED_BAD_SAMPLE, "bad_image": (where, f"{where}: {e}")}
-        return self.builder.build(record, where, image_bytes={record["image"]: image})
+            return {"dropped": stats.DROPPED_BAD_SAMPLE, "bad_image": (e.where, str(e))}
+        if image is not None:
+            return self.builder.build(record, where, image_bytes={record["image"]: image})
+        try:
+            record = normalize_record(record, "pretrain", self.base_dir)
+        except ValueError as e:
+            raise DataFormatError(f"{where}: {e}") from e
+        return self.builder.build(record, where)
+
+
+def streamed_pair(raw: dict, url: str, index: int, config: DataConfig, image_keys: list[str],
+                  caption_key: tuple[str, str | None]) -> tuple[dict, str, bytes | None]:
+    """A streamed shard's raw record as the pretraining pair ``{image, caption}``, where it is (for
+    messages), and, for a WebDataset sample, the image's bytes (its ``image`` names the shard member; a
+    JSONL/CSV/Parquet row's names a file, not yet resolved: ``normalize_record`` does that). Training and
+    ``python -m data.check`` both read streamed records through this.
+
+    DataFormatError: a row without the configured columns. BadSample (``.where`` set): a WebDataset
+    sample without a usable image or caption member."""
+    where = f"{url} record {index}"
+    if config.format != "webdataset":
+        record = {k: v for k, v in raw.items() if k not in (config.image_column, config.caption_column)}
+        for column, name in ((config.image_column, "image"), (config.caption_column, "caption")):
+            if column not in raw:
+                raise DataFormatError(f"{where}: pretraining data needs a {column!r} column; found {sorted(raw)}")
+            record[name] = raw[column]
+        return record, where, None
+    where = f"{where} (key {raw['__key__']!r})"
+    try:
+        record, image = pair_of(raw, url, image_keys, caption_key)
+    except BadSample as e:
+        error = BadSample(f"{where}: {e}")
+        error.where = where
+        raise error from e
+    return record, where, image
 
 
 def _as_is(batch: dict) -> dict:

@@ -100,6 +100,26 @@ def training_info(path: str | Path) -> dict:
         raise UserError(f"{file}: malformed JSON ({e})") from e
 
 
+def export_config_and_tokenizer(path: str | Path, base: str | Path | None = None, depth: int = 0):
+    """``(VLMConfig, tokenizer directory)`` of any export, read from its files without loading weights
+    (the dataset check needs both before the model is built). An adapter's are its own
+    ``vlm_config.json`` / tokenizer files where it has them, else its base's."""
+    from models.config import VLMConfig
+
+    layout = resolve_export(path)
+    if layout.kind == "full":
+        return VLMConfig.load(layout.path / "config.json"), layout.path
+    if depth >= MAX_ADAPTER_CHAIN:
+        raise UserError(f"{layout.origin}: more than {MAX_ADAPTER_CHAIN} adapters on top of each other "
+                        "(does an init_from point back at its own run?)")
+    config, tokenizer_dir = export_config_and_tokenizer(_adapter_base(layout, base), depth=depth + 1)
+    if (layout.path / VLM_CONFIG_OF_ADAPTER).is_file():
+        config = VLMConfig.load(layout.path / VLM_CONFIG_OF_ADAPTER)
+    if any((layout.path / f).is_file() for f in TOKENIZER_FILES):
+        tokenizer_dir = layout.path
+    return config, tokenizer_dir
+
+
 def pick_device(name: str | None = None) -> torch.device:
     """None / "auto": this process's GPU (``LOCAL_RANK`` under torchrun) when CUDA is there, else the CPU."""
     import os

@@ -200,6 +200,29 @@ def test_streamed_pretraining_pairs_are_checked_like_the_streaming_dataset(folde
     assert report["images"]["samples_with_bad_images"] == 1 and report["result"]["passed"]
 
 
+def test_webdataset_shards_are_checked_sample_by_sample(folder, tiny_tokenizer):
+    """data.format: webdataset: the images are shard members (no file to look for); a sample without a
+    caption member is an invalid record, and full mode decodes every image member as training would."""
+    from data.webdataset import write_shards
+
+    png = (folder / "a.png").read_bytes()
+    samples = [{"__key__": f"{i:03d}", "png": png, "txt": f"a red picture {i}".encode()} for i in range(5)]
+    samples += [{"__key__": "005", "png": png}, {"__key__": "006", "png": b"not an image", "txt": b"broken"}]
+    shards = write_shards(samples, folder / "shards", "wds", 4)  # 2 shards
+    pattern = str(folder / "shards" / "wds-{000000..000001}.tar")
+    assert [s.name for s in shards] == ["wds-000000.tar", "wds-000001.tar"]
+
+    fast = run_check(Path(pattern), tiny_tokenizer, format="webdataset", max_bad_images=2)
+    assert fast["records"] == 7 and fast["formats"] == {"webdataset": 6} and fast["tasks"] == {"caption": 6}
+    assert error_kinds(fast) == {"invalid_record": 1}  # key 005: no caption member
+    assert "key '005'" in fast["problems"]["invalid_record"]["examples"][0]["where"]
+    assert fast["images"]["checked"] == 0  # in the shards: nothing to stat
+
+    full = run_check(Path(pattern), tiny_tokenizer, mode="full", format="webdataset", max_bad_images=2)
+    assert error_kinds(full) == {"invalid_record": 1, "undecodable_image": 1}
+    assert full["records"] == 7 and full["samples"] == 5
+
+
 @pytest.mark.slow
 def test_worker_processes_give_the_report_of_one_process(folder, tiny_tokenizer):
     path = write(folder, "workers.jsonl", clean_records(30) * 3 + [chat("<img>a.png", "x")])

@@ -24,7 +24,11 @@ def recipe_tokenizer(model: ModelSection):
     from models import load_tokenizer
     from models.tokens import ensure_special_tokens
 
-    path = model.tokenizer_path or model.init_from or model.llm_path
+    path = model.tokenizer_path or model.llm_path
+    if model.tokenizer_path is None and model.init_from is not None:
+        from models.loading import export_config_and_tokenizer
+
+        path = export_config_and_tokenizer(model.init_from)[1]  # a LoRA run's final/: its adapter's, or its base's
     if path is None:
         raise UserError("the recipe names no tokenizer: set model.tokenizer_path (or model.init_from / model.llm_path)")
     if not Path(path).is_dir():
@@ -37,13 +41,11 @@ def recipe_tokenizer(model: ModelSection):
 def recipe_image_tokens(model: ModelSection) -> int:
     """Image tokens per image: the init_from export's config, else the preset's (the Qwen-VL shape: 256)."""
     from models import presets
-    from models.config import VLMConfig
 
     if model.init_from is not None:
-        config_file = Path(model.init_from) / "config.json"
-        if not config_file.is_file():
-            raise UserError(f"model.init_from={model.init_from} has no config.json")
-        return VLMConfig.load(config_file).num_image_tokens
+        from models.loading import export_config_and_tokenizer
+
+        return export_config_and_tokenizer(model.init_from)[0].num_image_tokens
     return getattr(presets, model.preset or "qwen_vl_7b")(vocab_size=1).num_image_tokens
 
 

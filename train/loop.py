@@ -178,14 +178,15 @@ def train(recipe: Recipe) -> Path:
     check_eval_section(recipe)
     info: DistInfo = init_distributed(recipe.parallel)
     mode = resolve_mode(recipe.parallel, info.world_size)
-    # Data records validated and their image files checked before anything is written or built.
-    records = load_data(recipe.data, preference=recipe.train.stage == "dpo")
     seed_everything(recipe.train.seed)  # identical model init on every rank
     run_dir = Path(recipe.checkpoint.out_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(recipe, run_dir / "resolved.yaml")
-    check_data_at_startup(recipe, info.is_main, run_dir)  # data.check: bad data fails here, before any weights load
+    # data.check first: it reports every bad record at once (RUN_DIR/data_check.txt), where loading stops at
+    # the first; then the records are validated and their image files checked, all before any weights load.
+    check_data_at_startup(recipe, info.is_main, run_dir)
+    records = load_data(recipe.data, preference=recipe.train.stage == "dpo")
 
     # ---- model: build, freeze, (quantise), (LoRA), speed switches
     # Straight onto the GPU in the final dtypes; ZeRO-3 loads an export on the CPU (it partitions it).

@@ -104,26 +104,27 @@ def check_data(config: DataConfig, tokenizer, num_image_tokens: int, options: Ch
             raise UserError(f"data file not found: {path}")
     workers = options.workers or _default_workers(config)
     totals = Totals()
-    malformed: list[tuple[str, str]] = []
+    malformed: list[tuple[str, ...]] = []
     start = time.perf_counter()
     from tqdm import tqdm
 
     with tqdm(desc="data.check records", unit="rec", disable=not options.progress, mininterval=1.0) as bar:
-        chunks = read_chunks(config, malformed, options.limit)
+        chunks = read_chunks(config, malformed, options.limit, decode=options.mode == "full")
         init_args = (tokenizer, num_image_tokens, config, options.max_examples)
         for result in _map_in_order(scan_chunk, chunks, workers, init_scan, init_args):
             totals.add(result, options.max_examples)
             bar.update(result.records)
-    for where, message in malformed:  # malformed JSON lines: records training would refuse
+    for where, message, *kind in malformed:  # malformed JSON lines, unusable shard samples: training refuses them
         totals.records += 1
         totals.error_records += 1
-        totals.add_problem("invalid_record", 1, [(where, message)], options.max_examples)
+        totals.add_problem(kind[0] if kind else "invalid_record", 1, [(where, message)], options.max_examples)
     text_seconds = time.perf_counter() - start
     if totals.records == 0:
         raise UserError(f"no records in {', '.join(config.paths)}")
 
     start = time.perf_counter()
-    paths = list(totals.image_ids)
+    # A WebDataset sample's image is a member of its shard: read (and, in full mode, decoded) with the record.
+    paths = [] if config.format == "webdataset" else list(totals.image_ids)
     if options.image_sample is not None and options.image_sample < len(paths):
         paths = random.Random(0).sample(paths, options.image_sample)
     bad_images = check_images(paths, decode=options.mode == "full", threads=options.image_threads,

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.check.problems import PROBLEMS, classify, record_kind, text_problems
-from data.dataset import DataConfig, SampleBuilder
-from data.formats import detect_format, iter_raw_records, load_pretrain_pairs, normalize_record
-from data.images import ImageLoadError
+from data.dataset import DataConfig, SampleBuilder, streamed_pair
+from data.formats import DataFormatError, detect_format, iter_raw_records, normalize_record
+from data.images import ImageLoadError, decode_image
+from data.shards import ShardReader, expand_shard_patterns, shard_kind
+from data.webdataset import BadSample, parse_caption_key, parse_image_keys
 from data.sample import TokenizedSample, span_safe_cut, truncate_span_safe
 
 CHUNK_RECORDS = 1000  # records per work item: amortises the inter-process traffic, small enough to stream
@@ -126,8 +128,12 @@ def scan_chunk(chunk: Chunk) -> ChunkResult:
         result.records += 1
         problems: dict[str, str] = {}
         try:
-            result.formats[detect_format(raw, chunk.fmt) if isinstance(raw, dict) else chunk.fmt] += 1
-            record = normalize_record(raw, chunk.fmt, chunk.base_dir)
+            if chunk.fmt == "webdataset":  # streamed_pair's {image, caption}; the image is a shard member
+                result.formats[chunk.fmt] += 1
+                record = raw
+            else:
+                result.formats[detect_format(raw, chunk.fmt) if isinstance(raw, dict) else chunk.fmt] += 1
+                record = normalize_record(raw, chunk.fmt, chunk.base_dir)
             kind = record_kind(record)
             result.tasks[kind.task(record)] += 1
             for text, is_prompt in kind.texts(record):
@@ -171,12 +177,13 @@ def measure_sample(sample: TokenizedSample, ctx: ScanContext, where: str, proble
     result.digests.append(hashlib.blake2b(identity, digest_size=12).digest())
 
 
-def read_chunks(config: DataConfig, malformed: list[tuple[str, str]], limit: int | None = None,
-                chunk_records: int = CHUNK_RECORDS) -> Iterator[Chunk]:
-    """The records training reads, in file order, in chunks. Malformed JSON lines are appended to
-    ``malformed`` (the caller counts them) instead of stopping the check."""
+def read_chunks(config: DataConfig, malformed: list[tuple[str, ...]], limit: int | None = None,
+                chunk_records: int = CHUNK_RECORDS, decode: bool = False) -> Iterator[Chunk]:
+    """The records training reads, in file order, in chunks. Malformed JSON lines and unusable WebDataset
+    samples are appended to ``malformed`` as (where, message[, problem kind]) instead of stopping the
+    check; the caller counts them. ``decode``: decode the images stored inside shards (full mode)."""
     budget = limit if limit is not None else float("inf")
-    for fmt, base_dir, items in _sources(config, malformed):
+    for fmt, base_dir, items in _sources(config, malformed, decode):
         chunk: list[tuple[str, object]] = []
         for item in items:
             if budget <= 0:
@@ -192,15 +199,41 @@ def read_chunks(config: DataConfig, malformed: list[tuple[str, str]], limit: int
             return
 
 
-def _sources(config: DataConfig, malformed: list[tuple[str, str]]) -> Iterator[tuple[str, Path, Iterator]]:
+def _sources(config: DataConfig, malformed: list[tuple[str, ...]],
+             decode: bool = False) -> Iterator[tuple[str, Path, Iterator]]:
     """(format, image base folder, (where, raw record) iterator) per source, as data.dataset reads them."""
-    if config.streaming:  # StreamingVLMDataset: pretraining pairs through datasets' streaming
-        ds = load_pretrain_pairs(config.paths, streaming=True, image_column=config.image_column,
-                                 caption_column=config.caption_column)
-        base_dir = Path(config.image_root) if config.image_root else Path(config.paths[0]).parent
-        source = ",".join(config.paths)
-        yield "pretrain", base_dir, ((f"{source} streamed row {i}", dict(row)) for i, row in enumerate(ds))
+    if config.streaming:  # StreamingVLMDataset: shard by shard, through the trainer's streamed_pair
+        urls = expand_shard_patterns(config.paths)
+        base_dir = Path(config.image_root) if config.image_root else Path(urls[0]).parent
+        fmt = "webdataset" if config.format == "webdataset" else "pretrain"
+        yield fmt, base_dir, _streamed_pairs(config, urls, malformed, decode)
         return
     for path in config.paths:  # VLMDataset: data.formats.load_records per file
         base_dir = Path(config.image_root) if config.image_root else Path(path).parent
         yield config.format, base_dir, iter_raw_records(path, config.format, malformed)
+
+
+def _streamed_pairs(config: DataConfig, urls: list[str], malformed: list[tuple[str, ...]],
+                    decode: bool) -> Iterator[tuple[str, dict]]:
+    """Every shard's records in shard order (the check reads them all; training shuffles). A WebDataset
+    sample's image is a member of its shard, not a file: a sample without a usable member is malformed;
+    ``decode`` (full mode) decodes each image here, while its bytes are at hand."""
+    keys, caption_key = parse_image_keys(config.wds_image_keys), parse_caption_key(config.wds_caption_key)
+    reader = ShardReader(shard_kind(urls[0]))
+    for url in urls:
+        for index, (raw, _, _) in enumerate(reader.read(url)):
+            try:
+                record, where, image = streamed_pair(raw, url, index, config, keys, caption_key)
+            except BadSample as e:
+                malformed.append((e.where, str(e)))
+                continue
+            except DataFormatError as e:
+                malformed.append((f"{url} record {index}", str(e)))
+                continue
+            if image is not None and decode:
+                try:
+                    decode_image(record["image"], where, data=image)
+                except ImageLoadError as e:
+                    malformed.append((where, str(e), "undecodable_image"))
+                    continue
+            yield where, record
