@@ -52,6 +52,7 @@ def test_bad_data_stops_the_trainer_with_one_line_before_the_model_is_built(worl
     assert proc.returncode == 2
     lines = failure_lines(proc)
     assert len(lines) == 1 and lines[0].startswith("error: data check (fast) failed: 8 of 8 records (100%) have errors")
+    assert f"first: {world / 'bad_chat.json'} record 0: box coordinate 1000 outside" in lines[0]  # file and record
     assert "trainable" not in proc.stdout  # the model's parameter table: never built
     report = json.loads((run / "data_check.json").read_text())
     assert report["problems"]["bad_box"]["count"] == 8 and not (run / "final").exists()

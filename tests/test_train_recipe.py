@@ -53,6 +53,17 @@ def test_overrides_are_parsed_as_typed_values(tmp_path):
         load_recipe(f, ["train.micro_bach=2"])
 
 
+def test_a_bare_off_means_off_though_yaml_reads_it_as_false(tmp_path):
+    """YAML 1.1 turns `check: off` (file or override) into False; a choice that has "off" takes it as that."""
+    f = (tmp_path / "r.yaml")
+    f.write_text("model: {preset: tiny}\ndata: {paths: [x.json], check: off}\ntrain: {steps: 3}\n")
+    assert load_recipe(f).data.check == "off"
+    assert load_recipe(f, ["data.check=full"]).data.check == "full"
+    assert load_recipe(f, ["data.check=off"]).data.check == "off"
+    with pytest.raises(RecipeError, match=r"'freeze.vision' must be one of"):  # no "off" among its choices
+        load_recipe(f, ["freeze.vision=off"])
+
+
 def test_extends_deep_merges_and_the_child_wins(tmp_path):
     write(tmp_path / "base.yaml", {**BASE, "optim": {"lr": 1e-3, "weight_decay": 0.1}})
     child = write(tmp_path / "child.yaml", {"extends": "base.yaml", "optim": {"lr": 5e-5}})

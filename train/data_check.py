@@ -92,4 +92,5 @@ def _run_check(recipe: Recipe, run_dir: Path) -> str | None:
     if report.passed:
         print(f"{report.summary()}{limited}; {where}", flush=True)
         return None
-    return f"{report.summary()}{limited}; {where} (data.check: off skips the check)"
+    first = report.first_error()  # the file and record of one error, so the line alone says where to look
+    return f"{report.summary()}{limited}; {f'first: {first}; ' if first else ''}{where} (data.check: off skips the check)"

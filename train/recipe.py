@@ -356,6 +356,8 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
                 errors.append(str(e))
         raise bad(" or ".join(_type_name(a) for a in args))
     if origin is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in args:
+            return "on" if value else "off"  # YAML 1.1 reads a bare off / on (data.check: off) as a bool
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""

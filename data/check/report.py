@@ -45,6 +45,14 @@ class CheckReport:
             f"(threshold {100 * r['max_error_fraction']:.3g}%)")
         return f"data check ({self.report['check']['mode']}) {verdict}: {reasons}"
 
+    def first_error(self) -> str | None:
+        """``where: message`` of the first example of the first error kind found, None without errors."""
+        for problem in self.report["problems"].values():
+            if problem["severity"] == "error" and problem["examples"]:
+                example = problem["examples"][0]
+                return f"{example['where']}: {example['message']}"
+        return None
+
     def text(self) -> str:
         return render_text(self.report)
 
