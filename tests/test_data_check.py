@@ -268,3 +268,34 @@ def test_cli_user_mistakes_print_one_error_line(folder, tmp_path, monkeypatch, c
         cli()
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines() == [f"error: data file not found: {tmp_path / 'missing.json'}"]
+
+
+def pair(prompt: str, chosen: str, rejected: str) -> dict:
+    return {"conversations": [{"from": "user", "value": prompt}], "chosen": {"from": "assistant", "value": chosen},
+            "rejected": {"from": "assistant", "value": rejected}}
+
+
+def test_preference_pairs_are_checked_as_dpo_trains_on_them(folder, tiny_tokenizer):
+    """A pair is two samples (chosen, rejected) under the task "preference"; each answer is scanned for tag
+    problems; a pair that training refuses (identical answers, a prompt that max_len cuts through an image
+    span) is an invalid record with training's reason."""
+    good = [pair(f"Picture 1: <img>a.png</img>\nWhat colour is it? ({i})", "red", "blue") for i in range(6)]
+    good.append(pair("<img>b.png</img>Find the dog.", "<ref>the dog</ref><box>(1,2),(300,400)</box>",
+                     "<ref>the dog</ref><box>(500,600),(900,990)</box>"))
+    bad = [pair("<img>a.png</img>What colour?", "red", "red"),  # identical answers
+           pair("<img>a.png</img>Where?", "<ref>it</ref><box>(1,2),(3,4)</box>", "<ref>it<box>(1,2),(3,4)</box>"),
+           pair("A long preamble before the picture: " + "words " * 12 + "<img>b.png</img>Which colour?",
+                "blue", "green")]
+    path = write(folder, "pairs.json", good + bad)
+    report = run_check(path, tiny_tokenizer, max_len=128, image_tokens=64)
+    assert report["records"] == 10
+    assert report["tasks"] == {"preference": 9}  # the identical pair is refused before its task is known
+    assert report["samples"] == 2 * 8  # two per pair that tokenises (a tag problem is found, not fatal)
+    assert error_kinds(report) == {"invalid_record": 2, "malformed_grounding_tag": 1}
+    messages = [e["message"] for e in report["problems"]["invalid_record"]["examples"]]
+    assert "identical" in messages[0] and "cuts through an image span of the prompt" in messages[1]
+    assert report["problems"]["invalid_record"]["examples"][1]["where"] == f"{path} record 9"
+    clean = run_check(write(folder, "good_pairs.json", good), tiny_tokenizer, mode="full", max_len=256,
+                      image_tokens=64)
+    assert clean["result"]["passed"] and clean["problems"] == {}
+    assert 0 < clean["tokens"]["supervised"] < clean["tokens"]["used"]

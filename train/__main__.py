@@ -14,6 +14,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 from models.errors import ArgumentParser, run_cli
 from train.loop import train
+from train.parallel import shutdown_distributed
 from train.recipe import load_recipe
 
 
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     args = parser.parse_args(argv)
     train(load_recipe(args.recipe, args.overrides))
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -269,3 +269,12 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group once every rank is done. Without it the backend's threads are torn down by
+    the interpreter's exit: under load a gloo rank then aborts ("terminate called without an active
+    exception", exit -6) after a run that succeeded."""
+    if dist.is_available() and dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()

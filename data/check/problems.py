@@ -6,7 +6,7 @@ Two tables, the only places to extend:
   or a warning, and what it means;
 * ``RECORD_KINDS``: for each kind of normalised record (data.formats), which task it counts under,
   which of its texts are scanned for tag problems, and which tokenised samples training makes of it.
-  A new record kind (preference pairs for DPO, say) adds one entry here and nothing elsewhere.
+  A new record kind adds one entry here and nothing elsewhere (preference pairs did).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from data.formats import ImageCountError
-from data.sample import TokenizedSample
+from data.formats import ImageCountError, is_preference
+from data.sample import TokenizedSample, truncate_pair
 from data.templates import task_of, task_prompt_and_target
 from data.text import BoxError, GroundingTagError, ImageTagError, check_grounding_tags
 from models.tokens import IM_END, IM_START, IMG_PAD
@@ -110,8 +110,23 @@ def _one_sample(builder, record: dict, where: str) -> list[TokenizedSample]:
     return [builder.tokenize(record, where)]
 
 
-RECORD_KINDS: tuple[RecordKind, ...] = (
-    RecordKind("chat", lambda r: "conversations" in r, lambda r: "chat", _chat_texts, _one_sample),
+def _preference_texts(record: dict) -> list[tuple[str, bool]]:
+    return _chat_texts(record) + [(record[key], False) for key in ("chosen", "rejected")]
+
+
+def _pair_samples(builder, record: dict, where: str) -> list[TokenizedSample]:
+    """Chosen and rejected, each one sample. A pair that max_len cuts through an image span of its prompt,
+    or that keeps nothing of an answer, is refused by training (data.dataset ``build_pair``), not dropped:
+    a ValueError here, so an invalid record with training's message."""
+    chosen, rejected = builder.tokenize_pair(record, where)
+    truncate_pair(chosen, rejected, builder.config.max_len, builder.img_start, builder.img_end)
+    return [chosen, rejected]
+
+
+RECORD_KINDS: tuple[RecordKind, ...] = (  # the first match wins: a preference pair has conversations too
+    RecordKind("preference", is_preference, lambda r: "preference", _preference_texts, _pair_samples),
+    RecordKind("chat",
+ lambda r: "conversations" in r, lambda r: "chat", _chat_texts, _one_sample),
     RecordKind("task", lambda r: True, task_of, _task_texts, _one_sample),
 )
 
