@@ -100,3 +100,17 @@ def test_zero3_module_hooks_see_the_tensors_inside_the_model_output():
               "sys.exit(0 if len(seen) == 2 else 1)\n")
     result = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_finished_run_leaves_its_process_group(tmp_path):
+    """python -m train ends with train.parallel.shutdown_distributed: the group is destroyed, not left to the
+    interpreter's exit (where a loaded gloo rank aborted after a successful run)."""
+    import torch.distributed as dist
+
+    from train.parallel import shutdown_distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    shutdown_distributed()
+    assert not dist.is_initialized()
+    shutdown_distributed()  # a single process without a group: nothing to do

@@ -125,8 +125,7 @@ def _pair_samples(builder, record: dict, where: str) -> list[TokenizedSample]:
 
 RECORD_KINDS: tuple[RecordKind, ...] = (  # the first match wins: a preference pair has conversations too
     RecordKind("preference", is_preference, lambda r: "preference", _preference_texts, _pair_samples),
-    RecordKind("chat",
- lambda r: "conversations" in r, lambda r: "chat", _chat_texts, _one_sample),
+    RecordKind("chat", lambda r: "conversations" in r, lambda r: "chat", _chat_texts, _one_sample),
     RecordKind("task", lambda r: True, task_of, _task_texts, _one_sample),
 )
 

@@ -20,9 +20,9 @@ from data.check.problems import PROBLEMS, classify, record_kind, text_problems
 from data.dataset import DataConfig, SampleBuilder, streamed_pair
 from data.formats import DataFormatError, detect_format, iter_raw_records, normalize_record
 from data.images import ImageLoadError, decode_image
+from data.sample import TokenizedSample, span_safe_cut, truncate_span_safe
 from data.shards import ShardReader, expand_shard_patterns, shard_kind
 from data.webdataset import BadSample, parse_caption_key, parse_image_keys
-from data.sample import TokenizedSample, span_safe_cut, truncate_span_safe
 
 CHUNK_RECORDS = 1000  # records per work item: amortises the inter-process traffic, small enough to stream
 
