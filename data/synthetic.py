@@ -210,8 +210,10 @@ def moved_box(box: tuple[int, int, int, int], size: int) -> tuple[int, int, int,
 
 def preference_pair(rng: random.Random, path: str, things: list[Thing], size: int) -> dict:
     """One preference record about one picture: a question, its right answer (chosen) and a plausible wrong
-    one (rejected): another colour (one in the picture when there is one), a count off by one, or the box of
-    another object in the picture (else the right box moved to the opposite corner). Phrased like the SFT
+    one (rejected): another colour (one in the picture when there is one), another count, or the box of
+    another object in the picture (else the right box moved to the opposite corner). Rejected answers are
+    drawn so that no answer is rejected more often than it is right: a model cannot win pairs by avoiding
+    an answer without looking at the picture. Phrased like the SFT
     conversations, chat or task style."""
     kinds = ["color", "box"]
     if things[0].kind != "word":
@@ -221,8 +223,9 @@ def preference_pair(rng: random.Random, path: str, things: list[Thing], size: in
     kind = rng.choice(kinds)
     if kind == "count":
         n = len(things)
-        question, right, wrong = "How many shapes are there?", str(n), str(rng.choice([m for m in (n - 1, n + 1)
-                                                                                       if 1 <= m <= 3]))
+        # Any other count, not the nearest: pictures hold 1-3 shapes, and "off by one" would make "2" the
+        # rejected answer of two pairs in three, which a model learns to avoid without looking at the picture.
+        question, right, wrong = "How many shapes are there?", str(n), str(rng.choice([m for m in (1, 2, 3) if m != n]))
     elif kind == "color":
         t = rng.choice([t for t in things if t.kind == "word" or sum(o.kind == t.kind for o in things) == 1])
         question = "What color is the word?" if t.kind == "word" else f"What color is the {t.kind}?"

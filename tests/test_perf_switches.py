@@ -198,3 +198,14 @@ def test_varlen_attention_falls_back_to_sdpa_for_padded_batches_and_generation(t
         results.append((loss, new))
     torch.testing.assert_close(results[1][0], results[0][0])
     assert torch.equal(results[1][1], results[0][1])
+
+
+def test_dpo_with_the_adapter_disabled_reference_never_compiles_its_decoder(tiny_vlm):
+    """The reference pass runs the same compiled layers with the adapters off; their checkpointed recompute
+    then saved other tensors than the forward (CheckpointError on the H100), so auto keeps them eager."""
+    from train.perf import resolve_perf
+    from train.recipe import PerfSection
+
+    perf, notes = resolve_perf(PerfSection(compile_llm="auto"), tiny_vlm, cuda=True, quantized=False,
+                               adapter_off_reference=True)
+    assert perf.compile_llm is False and any("adapter-disabled reference" in n for n in notes)

@@ -114,3 +114,13 @@ def test_a_finished_run_leaves_its_process_group(tmp_path):
     shutdown_distributed()
     assert not dist.is_initialized()
     shutdown_distributed()  # a single process without a group: nothing to do
+
+
+def test_ddp_asked_for_on_one_process_runs_as_a_single_process():
+    """parallel.mode: ddp without torchrun (one process) must not ask for a process group nobody started."""
+    from train.parallel import resolve_mode
+    from train.recipe import ParallelSection
+
+    assert resolve_mode(ParallelSection(mode="ddp"), world_size=1) == "single"
+    assert resolve_mode(ParallelSection(mode="ddp"), world_size=2) == "ddp"
+    assert resolve_mode(ParallelSection(mode="zero2"), world_size=1) == "zero2"

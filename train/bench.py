@@ -21,7 +21,9 @@ what is timed is train.loop.
 
 Workloads (made once in ``--work``): ``world`` = the synthetic SFT world (``python -m data.synthetic``,
 about 390 tokens and 1.1 images per sample); a number N = conversations of the world's turns, one image
-each, cut at N tokens by ``data.max_len=N`` (so every sample has exactly N tokens).
+each, cut at N tokens by ``data.max_len=N`` (so every sample has exactly N tokens). A DPO recipe
+(``train.stage: dpo``) runs on the world's preference pairs (``dpo.json``); its tokens/s counts both
+sequences of every pair.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from models.errors import ArgumentParser, non_negative_int, positive_int, run_cli
+from models.errors import ArgumentParser, UserError, non_negative_int, positive_int, run_cli
 
 PLAIN = [  # the reference's way (see the module docstring)
     "data.packing=false", "data.pack_len=null", "perf.attention=sdpa", "perf.loss_impl=torch",
@@ -94,10 +96,13 @@ def make_long_conversations(world: Path, tokens: int, count: int = 600) -> Path:
     return out
 
 
-def workload_overrides(workload: str, world: Path) -> list[str]:
+def workload_overrides(workload: str, world: Path, preference: bool = False) -> list[str]:
+    """The data overrides of a workload; a DPO recipe (``preference``) trains on the world's pairs."""
     common = [f"model.tokenizer_path={world / 'tokenizer'}", "data.format=qwen", "data.max_bad_images=0"]
     if workload == "world":
-        return [*common, f"data.paths=[{world / 'sft.json'}]"]
+        return [*common, f"data.paths=[{world / ('dpo.json' if preference else 'sft.json')}]"]
+    if preference:
+        raise UserError(f"workload {workload}: a DPO recipe runs on the 'world' workload (its preference pairs)")
     long = make_long_conversations(world, int(workload))
     return [*common, f"data.paths=[{long}]", f"data.max_len={int(workload)}"]
 
@@ -163,11 +168,14 @@ def main(argv: list[str] | None = None) -> None:
     if a.steps <= a.warmup:
         p.error("--steps must exceed --warmup")
 
+    from train.recipe import load_recipe
+
+    preference = load_recipe(a.recipe, a.overrides).train.stage == "dpo"
     work = Path(a.work).resolve()
     world = make_world(work, a.n_train)
     results = []
     for workload in a.workloads:
-        data = workload_overrides(workload, world)
+        data = workload_overrides(workload, world, preference)
         for variant in a.variants:
             run_dir = work / f"run_{workload}_{variant}{a.tag}"
             overrides = [*data, *a.overrides, *(PLAIN if variant == "plain" else []),

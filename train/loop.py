@@ -212,7 +212,8 @@ def train(recipe: Recipe) -> Path:
     if storage_dtypes(recipe) == (torch.bfloat16, True):
         frozen_to_bf16(vlm)  # what quantisation / LoRA wrapping left in fp32 while frozen
     perf, perf_notes = resolve_perf(recipe.perf, vlm, cuda=cuda, quantized=recipe.quantization.enabled,
-                                    zero3=mode == "zero3")
+                                    zero3=mode == "zero3", adapter_off_reference=recipe.train.stage == "dpo"
+                                    and recipe.preference.reference == "adapter_disabled")
     apply_perf_switches(vlm, perf)
     if info.is_main:
         print("\n".join([f"mode {mode}, world size {info.world_size}", *perf_notes, trainable_table(model)]),

@@ -46,8 +46,8 @@ class DistInfo:
 
 def resolve_mode(cfg: ParallelSection, world_size: int) -> str:
     """"single", "ddp", "zero2" or "zero3"."""
-    if cfg.mode == "auto":
-        return "ddp" if world_size > 1 else "single"
+    if cfg.mode == "auto" or (cfg.mode == "ddp" and world_size == 1):
+        return "ddp" if world_size > 1 else "single"  # DDP over one process would need a process group
     return cfg.mode
 
 

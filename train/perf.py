@@ -16,8 +16,8 @@ from models.errors import UserError
 from train.recipe import PerfSection
 
 
-def resolve_perf(perf: PerfSection, vlm, cuda: bool, quantized: bool, zero3: bool = False
-                 ) -> tuple[PerfSection, list[str]]:
+def resolve_perf(perf: PerfSection, vlm, cuda: bool, quantized: bool, zero3: bool = False,
+                 adapter_off_reference: bool = False) -> tuple[PerfSection, list[str]]:
     """``perf`` with every "auto" replaced by True or False, and one line per switch that auto turned off
     (the trainer prints them)."""
     notes: list[str] = []
@@ -31,6 +31,9 @@ def resolve_perf(perf: PerfSection, vlm, cuda: bool, quantized: bool, zero3: boo
     no_cuda = "" if cuda else "no CUDA device"
     # ZeRO-3 gathers each layer's parameters in module hooks; compiled layers under it are not verified.
     zero3_why = "not verified under ZeRO-3"
+    # DPO's reference pass through the same layers with the adapters switched off: on the H100 the compiled
+    # decoder layers' checkpointed recompute then saved other tensors than their forward (CheckpointError).
+    adapter_off_why = "DPO's adapter-disabled reference pass breaks the compiled layers' recompute"
     resolved = {}
     if perf.liger_kernels == "auto":
         resolved["liger_kernels"] = auto("liger_kernels", [
@@ -40,7 +43,8 @@ def resolve_perf(perf: PerfSection, vlm, cuda: bool, quantized: bool, zero3: boo
         ])
     if perf.compile_llm == "auto":
         resolved["compile_llm"] = auto("compile_llm", [
-            no_cuda, "bitsandbytes 4-bit layers do not compile" if quantized else "", zero3_why if zero3 else ""])
+            no_cuda, "bitsandbytes 4-bit layers do not compile" if quantized else "", zero3_why if zero3 else "",
+            adapter_off_why if adapter_off_reference else ""])
     if perf.compile_vision == "auto":
         resolved["compile_vision"] = auto("compile_vision", [no_cuda, zero3_why if zero3 else ""])
     return dataclasses.replace(perf, **resolved), notes
