@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from models.config import ResamplerConfig
-from models.vision import resize_pos_table
+from models.vision import ResizedPosTable
 
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -45,6 +45,7 @@ class Resampler(nn.Module):
         self.query = nn.Parameter(torch.empty(cfg.num_queries, dim))
         # A buffer (saved, never trained) so converted checkpoints keep their exact values.
         self.register_buffer("pos_embed", sincos_2d(dim, cfg.grid), persistent=True)
+        self.resized_pos_embed = ResizedPosTable()  # the keys' positions on the patch grid, resized once
         self.kv_proj = nn.Linear(kv_dim, dim, bias=False)
         self.attn = nn.MultiheadAttention(dim, dim // cfg.head_dim, batch_first=True)
         self.ln_q = nn.LayerNorm(dim, eps=cfg.ln_eps)
@@ -65,7 +66,7 @@ class Resampler(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Patch features [B, P, kv_dim] (P a square) -> [B, N, d]."""
-        pos_k = resize_pos_table(self.pos_embed, x.shape[1]).to(x.dtype)
+        pos_k = self.resized_pos_embed(self.pos_embed, x.shape[1]).to(x.dtype)
         pos_q = self.pos_embed.to(x.dtype)
         kv = self.ln_kv(self.kv_proj(x))
         q = (self.ln_q(self.query) + pos_q).unsqueeze(0).expand(x.shape[0], -1, -1)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from models.config import VisionConfig
-from models.vision import VisionTower, resize_pos_table
+from models.vision import ResizedPosTable, VisionTower, resize_pos_table
 
 CFG = VisionConfig(image_size=84, patch_size=14, width=32, layers=2, heads=4, mlp_dim=64, pos_grid=4)
 
@@ -24,6 +24,30 @@ def test_pos_table_resize_is_float32_bicubic_and_identity_at_equal_size():
     ).reshape(8, 36).T.to(torch.bfloat16)
     assert resized.dtype == torch.bfloat16
     assert torch.equal(resized, expected)
+
+
+def test_a_table_that_does_not_train_is_resized_once_and_again_when_it_changes():
+    """Frozen tables (the ViT's in SFT, the resampler's sin-cos buffer) are resized once per size; a write
+    into the table (loading weights) or a new size resizes again; a training table is never cached."""
+    table, resized = torch.randn(16, 8), ResizedPosTable()
+    first = resized(table, 36)
+    assert torch.equal(first, resize_pos_table(table, 36)) and resized(table, 36) is first
+    assert resized(table, 64).shape == (64, 8)
+    table.copy_(torch.randn(16, 8))  # what load_state_dict does
+    assert torch.equal(resized(table, 36), resize_pos_table(table, 36))
+    trained = torch.randn(16, 8, requires_grad=True)
+    resized(trained, 36).sum().backward()
+    assert trained.grad is not None and resized(trained, 36) is not resized(trained, 36)
+
+
+def test_frozen_tower_gives_the_same_features_as_a_fresh_resize_after_new_weights():
+    tower = VisionTower(CFG).requires_grad_(False)
+    px = torch.randn(2, 3, 84, 84)
+    tower(px)
+    tower.load_state_dict({k: torch.randn_like(v) for k, v in tower.state_dict().items()})
+    fresh = VisionTower(CFG)
+    fresh.load_state_dict(tower.state_dict())
+    torch.testing.assert_close(tower(px), fresh(px))
 
 
 def test_tower_matches_a_plain_pre_ln_vit():

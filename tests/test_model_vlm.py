@@ -222,6 +222,29 @@ def test_gradient_checkpointing_keeps_loss_and_grads(tiny_vlm, batch):
         model(input_ids, pixel_values=pixel_values, labels=input_ids).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
     assert model.vision.gradient_checkpointing and model.llm.model.gradient_checkpointing
+    assert model.resampler_checkpointing
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, msg=name)
+
+
+def test_a_checkpointed_resampler_keeps_only_its_input_for_backward(tiny_vlm):
+    """Under a frozen ViT the resampler trains and, unless checkpointed, keeps its k/v projections, their casts
+    and LayerNorm inputs for every image until the decoder's backward is done (1.4 GiB of a full-shape LoRA
+    step); checkpointed it keeps its input and gives the same gradients."""
+    pixels = images(4)
+    kept, grads = [], []
+    for enabled in (False, True):
+        model = copy.deepcopy(tiny_vlm).train()
+        model.vision.requires_grad_(False)
+        model.resampler_checkpointing = enabled
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            features = model.encode_images(pixels)
+        kept.append(sum(t.numel() * t.element_size() for t in saved if not isinstance(t, torch.nn.Parameter)))
+        features.square().sum().backward()
+        grads.append({n: p.grad for n, p in model.resampler.named_parameters()})
+    patches = 4 * tiny_vlm.config.vision.grid**2 * tiny_vlm.config.vision.width * 4  # the ViT's fp32 output
+    assert kept[1] == patches < kept[0] / 4
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, msg=name)
 

@@ -5,6 +5,7 @@ tests/test_perf_equivalence.py.
 """
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -209,3 +210,18 @@ def test_dpo_with_the_adapter_disabled_reference_never_compiles_its_decoder(tiny
     perf, notes = resolve_perf(PerfSection(compile_llm="auto"), tiny_vlm, cuda=True, quantized=False,
                                adapter_off_reference=True)
     assert perf.compile_llm is False and any("adapter-disabled reference" in n for n in notes)
+
+
+def test_liger_kernels_stay_off_where_the_decoder_layers_compile(tiny_vlm):
+    """Inductor fuses RMSNorm, RoPE and SwiGLU inside the compiled layers itself, and liger's RoPE breaks their
+    graph (12% slower on the H100); liger stays on where nothing compiles the decoder (Q-LoRA)."""
+    from train.perf import resolve_perf
+    from train.recipe import PerfSection
+
+    auto = PerfSection(liger_kernels="auto", compile_llm="auto")
+    compiled, notes = resolve_perf(auto, tiny_vlm, cuda=True, quantized=False)
+    assert compiled.compile_llm is True and compiled.liger_kernels is False
+    assert any("liger_kernels" in n and "compile" in n for n in notes)
+    quantized, _ = resolve_perf(auto, tiny_vlm, cuda=True, quantized=True)
+    assert quantized.compile_llm is False and quantized.liger_kernels is (importlib.util.find_spec("liger_kernel")
+                                                                          is not None)

@@ -12,11 +12,9 @@ loss, train/dpo.py) is chosen in one place and owns that normalisation.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -30,6 +28,7 @@ from data.collate import split_rows
 from models.errors import MissingFileError, UserError
 from train.checkpoint import export_final, load_checkpoint, resolve_resume, save_checkpoint
 from train.data_check import check_data_at_startup
+from train.diagnose import finish_memory_recording, profiled, start_memory_recording
 from train.dpo import copy_for_reference
 from train.flops import forward_flops, step_flops
 from train.freeze import apply_freezing, trainable_modules, trainable_table
@@ -150,25 +149,6 @@ def accumulate_gradients(
     return sums, counts
 
 
-@contextlib.contextmanager
-def profiled(step: int, is_main: bool):
-    """``VLRECIPE_PROFILE_STEP=N``: print where step N's forward/backward time goes (top kernels by device
-    time, torch.profiler) on rank 0. A diagnosis aid; off by default."""
-    if not is_main or os.environ.get("VLRECIPE_PROFILE_STEP") != str(step):
-        yield
-        return
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
-        yield
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    print(f"profile of step {step}:\n{prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60)}",
-          flush=True)
-
-
 def train(recipe: Recipe) -> Path:
     """Run the recipe; returns the directory of the final export."""
     from data.dataset import build_dataloader, load_data
@@ -277,6 +257,7 @@ def train(recipe: Recipe) -> Path:
     gc.collect()
     gc.freeze()
     gc.disable()
+    start_memory_recording(info.is_main)  # VLRECIPE_MEMORY_STEP (train/diagnose.py); off by default
     window = {"steps": 0, "start": time.perf_counter()}
     while step < last_step:
         # Fetch the step's micro-batches first: their supervised-token (or pair) count normalises the loss.
@@ -288,6 +269,7 @@ def train(recipe: Recipe) -> Path:
         lr = engine.lr()  # the lr this step applies (the schedule advances inside engine.step)
         grad_norm, applied = engine.step()
         step += 1
+        finish_memory_recording(step, info.is_main)
         if not applied:
             bad_steps += 1
             if info.is_main:
