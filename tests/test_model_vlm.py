@@ -238,7 +238,7 @@ def test_a_checkpointed_resampler_keeps_only_its_input_for_backward(tiny_vlm):
         model.vision.requires_grad_(False)
         model.resampler_checkpointing = enabled
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, keep=saved.append: keep(t) or t, lambda t: t):
             features = model.encode_images(pixels)
         kept.append(sum(t.numel() * t.element_size() for t in saved if not isinstance(t, torch.nn.Parameter)))
         features.square().sum().backward()

@@ -225,3 +225,26 @@ def test_liger_kernels_stay_off_where_the_decoder_layers_compile(tiny_vlm):
     quantized, _ = resolve_perf(auto, tiny_vlm, cuda=True, quantized=True)
     assert quantized.compile_llm is False and quantized.liger_kernels is (importlib.util.find_spec("liger_kernel")
                                                                           is not None)
+
+
+def test_liger_kernels_stay_on_the_model_they_were_applied_to(tiny_vlm, tiny_tokenizer):
+    """liger rebinds transformers' Qwen2 classes and RoPE for the whole process; a model built afterwards (an
+    export loaded on the CPU for chat after training) must still run transformers' own code there."""
+    pytest.importorskip("liger_kernel", reason="liger-kernel is an optional dependency (pip install .[gpu])")
+    from transformers.models.qwen2 import modeling_qwen2 as qwen2
+
+    from models import build_vlm, presets
+    from train.perf import apply_liger_to
+
+    norm_class, mlp_class = qwen2.Qwen2RMSNorm, qwen2.Qwen2MLP
+    apply_liger_to(copy.deepcopy(tiny_vlm).llm)
+    assert (qwen2.Qwen2RMSNorm, qwen2.Qwen2MLP) == (norm_class, mlp_class)
+    torch.manual_seed(0)
+    later = build_vlm(presets.tiny(vocab_size=len(tiny_tokenizer)), tokenizer=tiny_tokenizer).eval()
+    ids = torch.tensor([tiny_tokenizer("a red square")["input_ids"]])
+    torch.testing.assert_close(later(ids).logits, tiny_vlm(ids).logits)  # runs on the CPU, as transformers
+    q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    cos, sin = torch.randn(1, 5, 8), torch.randn(1, 5, 8)
+    rope = qwen2.apply_rotary_pos_emb.transformers_rope
+    for got, want in zip(qwen2.apply_rotary_pos_emb(q, k, cos, sin), rope(q, k, cos, sin)):
+        assert torch.equal(got, want)

@@ -6,6 +6,8 @@
 - ``VLRECIPE_MEMORY_STEP=N``: record every CUDA allocation from the first step to the end of step N
   (torch.cuda.memory._record_memory_history), then print what was live at the peak, grouped by the
   allocating source line, and write the snapshot to ``VLRECIPE_PROFILE_DIR`` (pytorch.org/memory_viz).
+  Run it with ``perf.compile_llm=false perf.compile_vision=false``: with compiled layers, torch 2.11 failed in
+  the first step while recording (SystemError from autograd's Function.apply, one H100, 2026-12-06).
 
 Written here rather than in the loop so that the loop reads as training; both only observe.
 """
