@@ -36,7 +36,7 @@ Activations of one forward pass of T tokens (row padding included) and N images:
 - vision: a frozen ViT runs under no_grad (nothing kept; one block's activations for all images at a
   time in its forward); a trained one, or one with LoRA adapters, keeps each block's input when
   checkpointed (fp32 residual under autocast). The resampler keeps its inputs and k/v projections when
-  gradient reaches it.
+  gradient reaches it, only its input when checkpointed.
 - DPO (train.stage: dpo): a micro-batch of pairs holds two sequences per pair, each with its images; the
   per-token log-probs take the chunked path; ``frozen_copy`` keeps a second copy of the model (partitioned
   under ZeRO-3), and its or the adapter-disabled reference pass runs under no_grad before the policy's.
@@ -348,7 +348,12 @@ def vision_terms(d: Dims, s: Setup, b: MicroBatch) -> tuple[float, float, float]
     else:
         forward = n * p * (10 * w + 4 * m)  # under no_grad: one block of every image at a time
     if s.vision_trains or s.vision_lora_inputs or s.resampler_trains:
-        kept += n * p * act * (w + 5 * d.hidden)  # kv_proj input, its output, LayerNorm, k and v projections
+        resampler = n * p * act * (w + 5 * d.hidden)  # kv_proj input, its output, LayerNorm, k and v projections
+        if s.grad_checkpointing:  # checkpointed with the rest (VLM.set_gradient_checkpointing): input kept
+            kept += n * p * act * w
+            work = max(work, resampler)  # its recompute, at the end of backward
+        else:
+            kept += resampler
     kept += n * d.queries * d.hidden * act  # resampler outputs spliced into the embeddings
     return kept, work, forward
 

@@ -52,6 +52,7 @@ FP32_BUILD = "superseded by 7365904: the model drawn whole in fp32 before the ca
 FORWARDS_4K = ("data.pack_len=4096", "train.max_forward_tokens=4096")
 PLAIN_ANCHOR = (*PLAIN, "train.micro_batch=2", "train.grad_accum=8")
 TRAINER = "docs/benchmarks.md (trainer), H100"
+TODAY = "docs/benchmarks.md (trainer at 100feda: resampler checkpointed, liger off under compile), H100, 2026-12-06"
 BENCH_THEN = "docs/benchmarks.md (history), H100"
 
 
@@ -103,6 +104,12 @@ MEASUREMENTS = [
                 tokens_per_sample=390, images_per_sample=1.1),
     Measurement("Q-LoRA: sft_qlora, forwards of 4096, world", "recipes/sft_qlora.yaml", (*FULL_SHAPE, *FORWARDS_4K),
                 15.1, "trainer", TRAINER, tokens_per_sample=390, images_per_sample=1.1),
+    Measurement("LoRA: sft_lora as shipped, world (resampler checkpointed)", "recipes/sft_lora.yaml", FULL_SHAPE, 24.3,
+                "trainer", TODAY, tokens_per_sample=390, images_per_sample=1.1),
+    Measurement("LoRA: sft_lora as shipped, 2048-token samples (resampler checkpointed)", "recipes/sft_lora.yaml",
+                FULL_SHAPE, 25.6, "trainer", TODAY, tokens_per_sample=2048),
+    Measurement("Q-LoRA: sft_qlora as shipped, world (resampler checkpointed)", "recipes/sft_qlora.yaml", FULL_SHAPE,
+                15.2, "trainer", TODAY, tokens_per_sample=390, images_per_sample=1.1),
     Measurement("Q-LoRA: build before the first step", "recipes/sft_qlora.yaml", FULL_SHAPE, 10.1, "build", TRAINER),
     Measurement("full SFT, ZeRO-2, 2 GPUs (rank 0)", "recipes/sft.yaml", (*ZERO, "parallel.mode=zero2"), 90.9,
                 "trainer", "docs/benchmarks.md, 2 H200", gpus=2, tokens_per_sample=392, images_per_sample=1.11),
