@@ -1,6 +1,6 @@
 """Diagnosis aids for the training loop, off unless an environment variable asks for them.
 
-- ``VLRECIPE_PROFILE_STEP=N``: profile step N (forward, backward and optimiser step) with torch.profiler;
+- ``VLRECIPE_PROFILE_STEP=N`` (or ``N,M,...``): profile step N (forward, backward and optimiser step) with torch.profiler;
   rank 0 prints the top kernels by device time, the step's wall time and how much of it the GPU was busy,
   and, with ``VLRECIPE_PROFILE_DIR=DIR``, writes DIR/trace_stepN.json.gz (chrome://tracing, Perfetto).
 - ``VLRECIPE_MEMORY_STEP=N``: record every CUDA allocation from the first step to the end of step N
@@ -33,6 +33,10 @@ def _env_step(name: str) -> int | None:
     return int(value) if value and value.isdigit() else None
 
 
+def _env_steps(name: str) -> set[int]:
+    return {int(v) for v in os.environ.get(name, "").split(",") if v.strip().isdigit()}
+
+
 def _out_dir() -> Path | None:
     value = os.environ.get("VLRECIPE_PROFILE_DIR")
     return Path(value) if value else None
@@ -41,7 +45,7 @@ def _out_dir() -> Path | None:
 @contextlib.contextmanager
 def profiled(step: int, is_main: bool):
     """Profile optimiser step ``step`` when ``VLRECIPE_PROFILE_STEP`` names it (rank 0 only)."""
-    if not is_main or _env_step("VLRECIPE_PROFILE_STEP") != step:
+    if not is_main or step not in _env_steps("VLRECIPE_PROFILE_STEP"):
         yield
         return
     from torch.profiler import ProfilerActivity, profile

@@ -1,0 +1,37 @@
+"""The diagnosis aids (train/diagnose.py): which steps are profiled, and the memory report at the peak."""
+
+from train.diagnose import _env_steps, live_at_peak
+
+
+def frame(path: str, line: int, name: str) -> dict:
+    return {"filename": path, "line": line, "name": name}
+
+
+def test_profiled_steps_come_from_a_comma_separated_list(monkeypatch):
+    monkeypatch.setenv("VLRECIPE_PROFILE_STEP", "9,11")
+    assert _env_steps("VLRECIPE_PROFILE_STEP") == {9, 11}
+    monkeypatch.setenv("VLRECIPE_PROFILE_STEP", "8")
+    assert _env_steps("VLRECIPE_PROFILE_STEP") == {8}
+    monkeypatch.delenv("VLRECIPE_PROFILE_STEP")
+    assert _env_steps("VLRECIPE_PROFILE_STEP") == set()
+
+
+def test_the_memory_report_lists_what_was_live_at_the_highest_point_by_our_allocating_line():
+    """Replaying the allocator's trace: the peak is after the second allocation (3 GiB live); the third comes
+    after a free and never meets the first two. Our own frame names an allocation before a library's."""
+    gib = 2**30
+    ours = [frame("/x/torch/nn/modules/linear.py", 125, "forward"), frame("/repo/models/vlm.py", 80, "encode_images")]
+    library = [frame("/site-packages/transformers/models/qwen2/modeling_qwen2.py", 297, "forward")]
+    events = [
+        {"action": "alloc", "addr": 1, "size": 1 * gib, "frames": ours},
+        {"action": "alloc", "addr": 2, "size": 2 * gib, "frames": library},
+        {"action": "free_requested", "addr": 2},
+        {"action": "free_completed", "addr": 2},
+        {"action": "alloc", "addr": 3, "size": 1 * gib, "frames": library},
+    ]
+    report = live_at_peak({"device_traces": [events]}, before=5 * gib)
+    lines = report.splitlines()
+    assert "3.00 GiB allocated while recording (+ 5.00 GiB" in lines[0]
+    assert "2.000 GiB  transformers/models/qwen2/modeling_qwen2.py:297 forward" in lines[1]
+    assert "1.000 GiB  models/vlm.py:80 encode_images" in lines[2]
+    assert len(lines) == 3
