@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from data.dataset import DataConfig, build_dataloader
 from data.formats import load_records
-from data.synthetic import draw_shapes, generate, preference_pair
+from data.synthetic import COLORS, Thing, draw_shapes, generate, preference_pairs
 from data.text import normalize_box, parse_boxes
 from models.tokens import VLM_SPECIAL_TOKENS
 
@@ -62,8 +62,10 @@ def test_training_files_load_and_batch_with_the_generated_tokenizer(world):
 
 def test_preference_pairs_set_the_right_answer_against_a_plausible_wrong_one(world):
     out, manifest = world
-    assert manifest["files"]["dpo"]["count"] == 40 and manifest["files"]["dpo_test"]["count"] == 12
     records, _ = load_records(out / "dpo.json")  # validated as preference pairs
+    assert manifest["files"]["dpo"]["count"] == len(records) > 40  # several pairs per training image
+    images = {r["conversations"][-1]["value"].split("<img>")[1].split("</img>")[0] for r in records}
+    assert len(images) == 40 and all("/images/train/" in p for p in images)
     kinds = set()
     for r in records:
         question = r["conversations"][-1]["value"]
@@ -76,12 +78,34 @@ def test_preference_pairs_set_the_right_answer_against_a_plausible_wrong_one(wor
             assert chosen != rejected and {chosen, rejected} <= {"1", "2", "3"}
         else:
             kinds.add("color")
-            assert "color" in question and {chosen, rejected} <= {"red", "green", "blue", "yellow"}
+            assert "color" in question and chosen != rejected and {chosen, rejected} <= set(COLORS)
     assert kinds == {"box", "count", "color"}
+    held_out, _ = load_records(out / "dpo_test.json")
+    assert manifest["files"]["dpo_test"]["count"] == len(held_out) > 12
+    assert all("/images/eval/" in r["conversations"][-1]["value"] for r in held_out)
     tok = AutoTokenizer.from_pretrained(out / "tokenizer")
     cfg = DataConfig(paths=[str(out / "dpo.json")], image_size=32, max_len=512, num_workers=0)
     batch = next(iter(build_dataloader(cfg, tok, num_image_tokens=4, batch_size=4, preference=True)))
     assert batch["num_pairs"] == 4 and batch["pixel_values"].shape[0] == 8
+
+
+def test_a_picture_gives_a_pair_for_every_question_it_answers():
+    """The count, the colour of each object its kind names alone (of two circles, "the circle" is ambiguous)
+    and the box of each object: DPO sees every contrast of a picture, and the held-out pairs number several
+    per image (a less noisy accuracy)."""
+    import random
+
+    def asked(things):
+        pairs = preference_pairs(random.Random(0), "x.png", things, 64)
+        questions = [p["conversations"][0]["value"].split("</img>")[1].strip().removesuffix(" Answer:") for p in pairs]
+        return sorted(q.replace("Find ", "").replace(" and give its box.", "").replace("<ref>", "").replace("</ref><box>", "")
+                      for q in questions)
+
+    shapes = [Thing("red", "circle", (0, 0, 20, 20)), Thing("blue", "circle", (40, 0, 60, 20)),
+              Thing("green", "square", (0, 40, 20, 60))]
+    assert asked(shapes) == ["How many shapes are there?", "What color is the square?", "the blue circle",
+                             "the green square", "the red circle"]
+    assert asked([Thing("red", "word", (5, 5, 30, 15), word="cat")]) == ["What color is the word?", "the word cat"]
 
 
 def test_eval_sets_follow_the_benchmark_formats(world):
@@ -123,9 +147,9 @@ def test_no_answer_is_rejected_more_often_than_it_is_right():
     chosen, rejected = collections.Counter(), collections.Counter()
     for i in range(3000):
         _, things = draw_shapes(rng, 64)
-        pair = preference_pair(rng, f"{i}.png", things, 64)
-        chosen[pair["chosen"]["value"]] += 1
-        rejected[pair["rejected"]["value"]] += 1
+        for pair in preference_pairs(rng, f"{i}.png", things, 64):
+            chosen[pair["chosen"]["value"]] += 1
+            rejected[pair["rejected"]["value"]] += 1
     for answer in ("1", "2", "3", "red", "green", "blue", "yellow"):
         assert chosen[answer] > 100
         assert abs(rejected[answer] - chosen[answer]) < 0.25 * chosen[answer], (answer, chosen[answer], rejected[answer])

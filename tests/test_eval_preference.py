@@ -38,13 +38,13 @@ def test_synth_preference_scores_every_held_out_pair_with_its_margin(data_root, 
     results = eval_mm.evaluate(model, tokenizer, ["synth_preference"], data_root, tmp_path, batch_size=4,
                                prompt_format="chatml", progress=False)
     scores = results["synth_preference"]
-    assert scores["num_samples"] == N_EVAL and 0.0 <= scores["accuracy"] <= 100.0
+    records, _ = load_records(data_root / "synthetic" / "dpo_test.json")  # several pairs per held-out image
+    assert scores["num_samples"] == len(records) > N_EVAL and 0.0 <= scores["accuracy"] <= 100.0
     predictions = [json.loads(line) for line in (tmp_path / "synth_preference" / "predictions.jsonl").read_text().splitlines()]
-    assert [p["id"] for p in predictions] == [f"dpo_test_{i}" for i in range(N_EVAL)]
-    assert scores["accuracy"] == pytest.approx(100 * sum(p["prediction"] > 0 for p in predictions) / N_EVAL)
+    assert [p["id"] for p in predictions] == [r["id"] for r in records]
+    assert scores["accuracy"] == pytest.approx(100 * sum(p["prediction"] > 0 for p in predictions) / len(records))
 
     # Record 0 scored by hand: each answer's tokens' log-probs under the model, summed.
-    records, _ = load_records(data_root / "synthetic" / "dpo_test.json")
     pair = render_preference_pair(tokenizer, records[0]["conversations"], records[0]["chosen"], records[0]["rejected"],
                                   model.config.num_image_tokens)
     pixels = torch.stack([load_image(p, model.config.vision.image_size) for p in pair[0].image_paths])
