@@ -108,6 +108,19 @@ def test_a_picture_gives_a_pair_for_every_question_it_answers():
     assert asked([Thing("red", "word", (5, 5, 30, 15), word="cat")]) == ["What color is the word?", "the word cat"]
 
 
+def test_the_preference_pairs_leave_every_other_file_as_it_was(world, tmp_path, monkeypatch):
+    """Their own random stream: how many pairs a picture gives cannot change the other stages' data (the
+    demo's figures for stages 1-3 stay valid when the preference pairs change)."""
+    import data.synthetic
+
+    out, _ = world
+    monkeypatch.setattr(data.synthetic, "preference_pairs", lambda *args: [])
+    generate(tmp_path / "b", seed=5, n_train=40, n_eval=12, image_size=64, vocab_size=600)
+    files = [f for f in _all_files(out) if f.name not in ("dpo.json", "dpo_test.json", "manifest.json")]
+    match, mismatch, errors = filecmp.cmpfiles(out, tmp_path / "b", [str(f) for f in files], shallow=False)
+    assert len(match) == len(files) > 52 and mismatch == [] and errors == []
+
+
 def test_eval_sets_follow_the_benchmark_formats(world):
     out, _ = world
     cap = json.loads((out / "caption_test.json").read_text())
