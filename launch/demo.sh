@@ -2,8 +2,9 @@
 # The embedded demo on CPU: synthetic world -> pretrain -> multitask -> SFT of models.presets.demo,
 # each stage evaluated on held-out synthetic benchmarks (the recipe's eval section, train/loop.py).
 #   bash launch/demo.sh [OUT_DIR]      (default runs/demo; about 8-10 minutes on 2 free CPU cores)
-#   DPO=1 bash launch/demo.sh [OUT_DIR]   adds a fourth stage, DPO on preference pairs, and the held-out
-#                                         preference accuracy (synth_preference) to every evaluation
+#   DPO=1 bash launch/demo.sh [OUT_DIR]   adds a fourth stage, DPO on preference pairs (about 3 minutes more),
+#                                         and the held-out preference accuracy (synth_preference) to every
+#                                         evaluation
 # Prints a metrics table after each stage and writes OUT_DIR/metrics.json as
 # {stage: {benchmark: {metric: value}}}, the untrained model as stage "untrained".
 # Smaller runs (tests/test_demo.py) set N_TRAIN, N_EVAL, EVAL_LIMIT, PRETRAIN_STEPS, MULTITASK_STEPS,
@@ -16,7 +17,9 @@ PY=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python
 DATA_ROOT="$OUT/data"  # eval_mm's data root: the synthetic benchmarks live in DATA_ROOT/synthetic
 WORLD="$DATA_ROOT/synthetic"
 BENCHES=${BENCHES:-synth_caption,synth_vqa,synth_grounding,synth_mc${DPO:+,synth_preference}}
-EVAL_LIMIT=${EVAL_LIMIT:-200}
+# Every held-out sample by default: one per eval image for caption, VQA, grounding and multiple choice (200),
+# every preference pair of those images (several per image) for synth_preference. EVAL_LIMIT caps each benchmark.
+EVAL_LIMIT=${EVAL_LIMIT:-}
 # The thread count is pinned, not taken from the environment: it sets the order of float sums in torch's
 # CPU kernels, so 1 and 2 threads give different weights from the first step (README "reproducible").
 DEMO_THREADS=${DEMO_THREADS:-2}
@@ -29,7 +32,8 @@ mkdir -p "$OUT"
 
 # Overrides shared by every stage; the optional ones only when set in the environment.
 common=(model.tokenizer_path="$WORLD/tokenizer" log.progress_bar=false
-        "eval.benches=[$BENCHES]" eval.data_root="$DATA_ROOT" eval.limit="$EVAL_LIMIT")
+        "eval.benches=[$BENCHES]" eval.data_root="$DATA_ROOT")
+[[ -n "$EVAL_LIMIT" ]] && common+=(eval.limit="$EVAL_LIMIT")
 [[ -n "${MICRO_BATCH:-}" ]] && common+=(train.micro_batch="$MICRO_BATCH")
 stage() {  # stage NAME RECIPE DATA_FILE STEPS [overrides...]
     local name=$1 recipe=$2 data=$3 n=$4; shift 4
