@@ -58,6 +58,10 @@ class Result:
     startup_s: float
     loss_first: float
     error: str = ""
+    # The median step: a step whose shapes are new pays a one-time cost (on the H100 each step meeting an
+    # image count not seen before took 0.2-0.5 s more, docs/benchmarks.md); a short window holds a few of
+    # them, a long run almost none. Both figures come from the same steps.
+    median_tokens_per_s: float = float("nan")
 
 
 def make_world(work: Path, n_train: int) -> Path:
@@ -130,16 +134,18 @@ def summarise(workload: str, variant: str, launched: float, rows: list[dict], wa
                       error or "no step after warm-up was logged")
     seconds = sum(r["window_s"] for r in timed)
     tokens = sum(r["tokens"] for r in timed)
+    per_step = sorted(r["tokens"] / r["window_s"] for r in timed)
+    median = (per_step[(len(per_step) - 1) // 2] + per_step[len(per_step) // 2]) / 2
     samples = sum(r["samples_per_s"] * r["window_s"] for r in timed)
     mfu = [r["mfu"] * r["window_s"] for r in timed if "mfu" in r]
     return Result(workload, variant, len(timed), tokens / seconds, samples / seconds,
                   sum(mfu) / seconds if mfu else None,
                   max((r["peak_mem_gib"] for r in rows if "peak_mem_gib" in r), default=None),
-                  rows[0]["time"] - launched, rows[0]["loss"])
+                  rows[0]["time"] - launched, rows[0]["loss"], median_tokens_per_s=median)
 
 
 def print_table(results: list[Result]) -> None:
-    header = f"{'workload':<10}{'variant':<9}{'steps':>6}{'tok/s':>10}{'samp/s':>9}{'MFU':>8}{'peak GiB':>10}" \
+    header = f"{'workload':<10}{'variant':<9}{'steps':>6}{'tok/s':>10}{'median':>9}{'samp/s':>9}{'MFU':>8}{'peak GiB':>10}" \
              f"{'start-up s':>12}{'loss@1':>9}"
     print("\n" + header + "\n" + "-" * len(header))
     for r in results:
@@ -148,7 +154,8 @@ def print_table(results: list[Result]) -> None:
             continue
         mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "-"
         peak = f"{r.peak_gib:.1f}" if r.peak_gib is not None else "-"
-        print(f"{r.workload:<10}{r.variant:<9}{r.steps:>6}{r.tokens_per_s:>10,.0f}{r.samples_per_s:>9.2f}{mfu:>8}"
+        print(f"{r.workload:<10}{r.variant:<9}{r.steps:>6}{r.tokens_per_s:>10,.0f}{r.median_tokens_per_s:>9,.0f}"
+              f"{r.samples_per_s:>9.2f}{mfu:>8}"
               f"{peak:>10}{r.startup_s:>12.1f}{r.loss_first:>9.4f}")
 
 
