@@ -198,10 +198,13 @@ def setup_of(recipe: Recipe, model: ModelPlan, gpus: int, notes: list[str], sour
     perf = recipe.perf
     qwen2 = model.config.text_config.get("model_type") == "qwen2"
     loss_impl = "liger" if perf.loss_impl == "auto" else perf.loss_impl
+    # Where the decoder layers compile, resolve_perf leaves liger's kernels off: inductor fuses the same
+    # RMSNorm / RoPE / SwiGLU work, and its layers keep what liger's would (the calibration's 2026-12-06 rows).
+    # The memory model is liger's either way.
     liger_kernels = qwen2 if perf.liger_kernels == "auto" else perf.liger_kernels
     if "auto" in (perf.loss_impl, perf.liger_kernels):
         notes.append("perf auto switches as on a CUDA machine with liger-kernel installed: fused liger loss"
-                     + (", liger kernels" if liger_kernels else ""))
+                     + (", liger kernels (or compiled layers fusing the same work)" if liger_kernels else ""))
     reference = ""
     if recipe.train.stage == "dpo":
         from train.dpo import reference_mode

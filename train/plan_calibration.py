@@ -110,6 +110,8 @@ MEASUREMENTS = [
                 FULL_SHAPE, 25.6, "trainer", TODAY, tokens_per_sample=2048),
     Measurement("Q-LoRA: sft_qlora as shipped, world (resampler checkpointed)", "recipes/sft_qlora.yaml", FULL_SHAPE,
                 15.2, "trainer", TODAY, tokens_per_sample=390, images_per_sample=1.1),
+    Measurement("DPO-LoRA: dpo_lora as shipped, world pairs", "recipes/dpo_lora.yaml", FULL_SHAPE, 25.5, "trainer",
+                TODAY, tokens_per_sample=298),
     Measurement("Q-LoRA: build before the first step", "recipes/sft_qlora.yaml", FULL_SHAPE, 10.1, "build", TRAINER),
     Measurement("full SFT, ZeRO-2, 2 GPUs (rank 0)", "recipes/sft.yaml", (*ZERO, "parallel.mode=zero2"), 90.9,
                 "trainer", "docs/benchmarks.md, 2 H200", gpus=2, tokens_per_sample=392, images_per_sample=1.11),
