@@ -35,3 +35,11 @@ def test_the_memory_report_lists_what_was_live_at_the_highest_point_by_our_alloc
     assert "2.000 GiB  transformers/models/qwen2/modeling_qwen2.py:297 forward" in lines[1]
     assert "1.000 GiB  models/vlm.py:80 encode_images" in lines[2]
     assert len(lines) == 3
+
+
+def test_gpu_busy_time_is_the_union_of_kernel_spans():
+    """Overlapping kernels (two streams) and nested spans count once; gaps do not count."""
+    from train.diagnose import busy_time
+
+    assert busy_time([(0, 10), (5, 15), (20, 25), (21, 22)]) == 20
+    assert busy_time([]) == 0

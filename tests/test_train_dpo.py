@@ -25,6 +25,7 @@ from train.dpo import (
     pair_logps,
     place_frozen_copy,
     precompute_reference_logps,
+    runs_adapter_off_reference,
 )
 from train.freeze import apply_freezing
 from train.loop import NUM_COUNTS, accumulate_gradients, to_device
@@ -371,3 +372,17 @@ def test_zero3_reference_equals_the_sharded_policy_at_step_0_on_two_processes(pa
     assert losses[1] == pytest.approx(LOG2, abs=1e-5)  # the reference equals the policy at step 0
     assert all(math.isfinite(v) for v in losses.values()) and losses[3] != pytest.approx(LOG2, abs=1e-5)
     assert (run / "final" / export).is_file()
+
+
+def test_the_adapter_off_reference_is_recognised_when_auto_picks_it():
+    """preference.reference defaults to auto, which LoRA resolves to adapter_disabled: the trainer must see it
+    (it keeps the decoder layers uncompiled for that reference pass), not only the explicit setting."""
+    raw = {"model": {"preset": "tiny"}, "data": {"paths": ["x.json"]}, "train": {"steps": 1, "stage": "dpo"}}
+    assert runs_adapter_off_reference(recipe_from_dict({**raw, "lora": {"enabled": True}}))
+    assert runs_adapter_off_reference(recipe_from_dict({**raw, "lora": {"enabled": True},
+                                                        "preference": {"reference": "adapter_disabled"}}))
+    assert not runs_adapter_off_reference(recipe_from_dict({**raw, "lora": {"enabled": True},
+                                                            "preference": {"reference": "precomputed"}}))
+    assert not runs_adapter_off_reference(recipe_from_dict(raw))  # auto without LoRA: a frozen copy
+    assert not runs_adapter_off_reference(recipe_from_dict({**raw, "train": {"steps": 1, "stage": "sft"},
+                                                            "lora": {"enabled": True}}))

@@ -28,11 +28,6 @@ PROJECT_DIRS = ("/models/", "/train/", "/data/")  # frames of ours name an alloc
 LIBRARY_HINTS = ("transformers/", "peft/", "liger_kernel/", "torch/nn/", "torch/utils/checkpoint", "torch/optim/")
 
 
-def _env_step(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value and value.isdigit() else None
-
-
 def _env_steps(name: str) -> set[int]:
     return {int(v) for v in os.environ.get(name, "").split(",") if v.strip().isdigit()}
 
@@ -64,7 +59,10 @@ def profiled(step: int, is_main: bool):
     averages = prof.key_averages()
     lines = [f"profile of step {step}:", averages.table(sort_by=sort, row_limit=30, max_name_column_width=70)]
     if cuda:
-        busy = sum(e.self_device_time_total for e in averages) / 1e6
+        from torch.autograd import DeviceType
+
+        kernels = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+        busy = busy_time(kernels) / 1e6
         lines.append(f"step {step}: wall {wall * 1e3:.0f} ms, GPU kernels {busy * 1e3:.0f} ms "
                      f"({100 * busy / wall:.0f}% busy)")
     print("\n".join(lines), flush=True)
@@ -79,20 +77,30 @@ def profiled(step: int, is_main: bool):
         print(f"wrote {trace}.gz", flush=True)
 
 
+def busy_time(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) spans: the time a device ran any kernel (a sum of kernel times
+    would count overlapping kernels, and kernels listed under their launching op, twice)."""
+    busy, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return busy
+
+
 _recording_began_at = 0  # bytes allocated when recording began (weights; the trace holds the rest)
 
 
 def start_memory_recording(is_main: bool) -> None:
     """Start recording allocations (before the first step) when ``VLRECIPE_MEMORY_STEP`` is set."""
     global _recording_began_at
-    if is_main and torch.cuda.is_available() and _env_step("VLRECIPE_MEMORY_STEP") is not None:
+    if is_main and torch.cuda.is_available() and _env_steps("VLRECIPE_MEMORY_STEP"):
         _recording_began_at = torch.cuda.memory_allocated()
         torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
 
 
 def finish_memory_recording(step: int, is_main: bool) -> None:
     """After step ``VLRECIPE_MEMORY_STEP``: print the live allocations at the recorded peak and stop."""
-    if not is_main or not torch.cuda.is_available() or _env_step("VLRECIPE_MEMORY_STEP") != step:
+    if not is_main or not torch.cuda.is_available() or step != max(_env_steps("VLRECIPE_MEMORY_STEP"), default=0):
         return
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)

@@ -127,6 +127,12 @@ def reference_mode(recipe: Recipe) -> str:
     return mode
 
 
+def runs_adapter_off_reference(recipe: Recipe) -> bool:
+    """Whether the reference pass runs the policy's own layers with the adapters off (train.perf keeps those
+    layers uncompiled)."""
+    return recipe.train.stage == "dpo" and reference_mode(recipe) == "adapter_disabled"
+
+
 def copy_for_reference(model: nn.Module, recipe: Recipe) -> nn.Module | None:
     """The frozen copy of the initial model (frozen_copy only), taken before the engine wraps or shards the
     policy; it keeps the policy's runtime switches (attention kernel, loss implementation)."""

@@ -29,7 +29,7 @@ from models.errors import MissingFileError, UserError
 from train.checkpoint import export_final, load_checkpoint, resolve_resume, save_checkpoint
 from train.data_check import check_data_at_startup
 from train.diagnose import finish_memory_recording, profiled, start_memory_recording
-from train.dpo import copy_for_reference
+from train.dpo import copy_for_reference, runs_adapter_off_reference
 from train.flops import forward_flops, step_flops
 from train.freeze import apply_freezing, trainable_modules, trainable_table
 from train.logger import MetricLogger, peak_flops_per_device
@@ -192,8 +192,7 @@ def train(recipe: Recipe) -> Path:
     if storage_dtypes(recipe) == (torch.bfloat16, True):
         frozen_to_bf16(vlm)  # what quantisation / LoRA wrapping left in fp32 while frozen
     perf, perf_notes = resolve_perf(recipe.perf, vlm, cuda=cuda, quantized=recipe.quantization.enabled,
-                                    zero3=mode == "zero3", adapter_off_reference=recipe.train.stage == "dpo"
-                                    and recipe.preference.reference == "adapter_disabled")
+                                    zero3=mode == "zero3", adapter_off_reference=runs_adapter_off_reference(recipe))
     apply_perf_switches(vlm, perf)
     if info.is_main:
         print("\n".join([f"mode {mode}, world size {info.world_size}", *perf_notes, trainable_table(model)]),
