@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from data import stats
-from data.packing import pack, pad
+from data.packing import pack, pad, supervised_positions
 
 
 @dataclass
@@ -58,6 +58,8 @@ class Collator:
             batch = pack(samples, self.max_len, self.pad_id, group=2 if pairs else 1, sequence_ids=bool(pairs))
         else:
             batch = pad(samples, self.pad_id, sequence_ids=bool(pairs))
+        if not pairs:  # DPO needs every position's log-prob (train.dpo), not only the supervised ones'
+            batch["label_positions"] = supervised_positions(batch["labels"])
         if pairs:
             batch["num_pairs"] = len(pairs)
             batch["pair_index"] = torch.tensor([s.get("index", -1) for s in pairs], dtype=torch.long)
@@ -76,7 +78,8 @@ def split_rows(batch: dict, max_tokens: int | None, image_start_id: int) -> list
     row when a row alone is longer): the trainer's ``train.max_forward_tokens``, which bounds activation
     memory whatever the samples' lengths while the loss stays that of the whole step (the loop
     normalises by the step's supervised tokens). Returns ``[batch]`` when it fits. Each part keeps the
-    keys the forward reads: ids, labels, positions, mask, its images, and its own sample boundaries; a
+    keys the forward reads: ids, labels, positions, mask, its images, and its own sample boundaries and
+    supervised positions; a
     batch of preference pairs is cut between pairs (a padded pair's two rows stay together) and each part
     gets its own pairs' ``sequence_ids`` (renumbered from 0), ``num_pairs`` and ``pair_index``."""
     rows, width = batch["input_ids"].shape
@@ -97,6 +100,8 @@ def split_rows(batch: dict, max_tokens: int | None, image_start_id: int) -> list
             cu = batch["cu_seq_lens"]
             cu = cu[(cu >= r0 * width) & (cu <= r1 * width)] - r0 * width
             part["cu_seq_lens"], part["max_length"] = cu, int((cu[1:] - cu[:-1]).max())
+        if "label_positions" in batch:
+            part["label_positions"] = supervised_positions(part["labels"])
         if "sequence_ids" in batch:  # the part's pairs: sequences first..last (rows hold whole pairs)
             seq = batch["sequence_ids"][r0:r1]
             first, last = int(seq[seq >= 0].min()), int(seq.max())

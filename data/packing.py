@@ -90,3 +90,12 @@ def pad(samples: list[dict], pad_id: int, sequence_ids: bool = False) -> dict[st
     if sequence_ids:  # row r holds sample r
         batch["sequence_ids"] = torch.where(attention_mask.bool(), torch.arange(len(samples))[:, None], -1)
     return batch
+
+
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The flat indices into [B * L] of the labels a causal LM predicts (not -100, not in column 0: nothing
+    precedes it in its row). The collator ships them as ``label_positions`` so that the loss computes the LM
+    head only there (models.loss.causal_lm_loss_sum) without searching for them on the GPU (a host sync)."""
+    predicted = labels != IGNORE_INDEX
+    predicted[:, 0] = False
+    return predicted.reshape(-1).nonzero().squeeze(1)

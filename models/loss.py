@@ -29,19 +29,29 @@ CHUNK_TOKENS = 2048  # chunked: [2048, 151936] fp32 logits = 1.2 GiB live at a t
 
 
 def causal_lm_loss_sum(
-    hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, impl: str = "torch"
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, impl: str = "torch",
+    label_positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy summed over supervised tokens.
 
     hidden [B, L, d] final hidden states; lm_head_weight [V, d]; labels [B, L] aligned with the
     inputs (position t is predicted from position t-1), -100 = ignore.
+    ``label_positions`` (optional): the flat indices into [B * L] of every supervised label that is
+    predicted (label != -100, column >= 1), as the collator ships them (data.packing.supervised_positions). With them
+    the LM head and the loss run only at those positions: the same sum, without the [tokens, V] logits of
+    the prompt and image tokens (most of an SFT row) and without a device->host sync to find them.
     Returns (loss_sum fp32 scalar, num_tokens long scalar). Summing (not averaging) lets the trainer
     divide by the supervised-token count of the whole optimiser step across micro-batches and ranks.
     """
     if impl not in LOSS_IMPLS:
         raise ValueError(f"loss impl {impl!r}: expected one of {LOSS_IMPLS}")
-    shift_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    shift_labels = labels[:, 1:].reshape(-1)
+    if label_positions is not None:
+        # Label at flat position p (row b, column t >= 1) is predicted from the hidden state at p - 1.
+        shift_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, label_positions - 1)
+        shift_labels = labels.reshape(-1).index_select(0, label_positions)
+    else:
+        shift_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        shift_labels = labels[:, 1:].reshape(-1)
     num_tokens = (shift_labels != IGNORE_INDEX).sum()
     if impl == "auto":
         impl = "liger" if hidden.is_cuda and _liger_available() else "chunked"

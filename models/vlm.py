@@ -17,6 +17,7 @@ from transformers.utils import ModelOutput
 
 from models.attention import sample_boundaries_from_position_ids, uses_varlen
 from models.config import VLMConfig
+from models.decoder_layers import compile_layers, install_checkpointing, installed
 from models.errors import MissingFileError, UserError
 from models.loss import IGNORE_INDEX, causal_lm_loss_sum, causal_lm_token_logps
 from models.resampler import Resampler
@@ -63,6 +64,9 @@ class VLM(nn.Module):
         # The image-span check below costs one device->host sync per batch; a trainer whose collator
         # built the spans itself may turn it off.
         self.check_image_spans = True
+        # The LM head and loss only at the supervised positions the collator ships (label_positions), when
+        # it ships them: the same loss, without the prompt's and image slots' logits.
+        self.loss_at_label_positions = True
         self.resampler_checkpointing = False  # set_gradient_checkpointing
 
     # ----------------------------------------------------------------------------------- images
@@ -145,11 +149,14 @@ class VLM(nn.Module):
         cu_seq_lens: torch.Tensor | None = None,
         max_length: int | None = None,
         return_token_logps: bool = False,
+        label_positions: torch.Tensor | None = None,
     ) -> VLMOutput:
         """``cu_seq_lens`` / ``max_length``: the packed samples' boundaries (data.packing.pack) for varlen
         attention; derived from position_ids (one host sync) when varlen runs without them.
         ``return_token_logps`` (with labels): also each label's log-probability (preference training,
-        models.loss.causal_lm_token_logps); the loss sum is then their negated sum."""
+        models.loss.causal_lm_token_logps); the loss sum is then their negated sum.
+        ``label_positions``: the supervised labels' flat positions (data.packing.supervised_positions); the
+        loss then computes logits only there (``loss_at_label_positions``)."""
         embeds = self.embed(input_ids, pixel_values)
         varlen = {}
         if attention_mask is None and position_ids is not None and uses_varlen(self):
@@ -173,7 +180,9 @@ class VLM(nn.Module):
             loss_sum, num_tokens = -token_logps.sum(), (labels[:, 1:] != IGNORE_INDEX).sum()
         else:
             token_logps = None
-            loss_sum, num_tokens = causal_lm_loss_sum(hidden, lm_head.weight, labels, impl=self.loss_impl)
+            positions = label_positions if self.loss_at_label_positions else None
+            loss_sum, num_tokens = causal_lm_loss_sum(hidden, lm_head.weight, labels, impl=self.loss_impl,
+                                                      label_positions=positions)
         return VLMOutput(loss_sum=loss_sum, num_tokens=num_tokens, loss=loss_sum / num_tokens.clamp(min=1),
                          token_logps=token_logps)
 
@@ -225,17 +234,25 @@ class VLM(nn.Module):
             layers = self.llm.get_decoder().layers
             chosen = checkpointed_layer_indices(len(layers), len(layers) if llm_layers is None else llm_layers)
             for i, layer in enumerate(layers):
-                layer.gradient_checkpointing = i in chosen
+                # Llama-family layers skip the down projection's recompute (models.decoder_layers); others
+                # are checkpointed whole by transformers.
+                if not install_checkpointing(layer, i in chosen):
+                    layer.gradient_checkpointing = i in chosen
         else:
             getattr(self.llm, "activation_checkpointing_disable", self.llm.gradient_checkpointing_disable)()
+            for layer in self.llm.get_decoder().layers:
+                if installed(layer):
+                    install_checkpointing(layer, False)
 
     def compile_blocks(self, vision: bool = True, llm: bool = False, backend: str = "inductor") -> None:
         """torch.compile each vision block and/or decoder layer in place (fuses LayerNorm/GELU/residual
         element-wise work; one graph per block type, so compile time does not grow with depth). Packed rows
         change length every step: after the first new length the graphs are traced with a dynamic length
         (torch's automatic dynamic shapes) instead of recompiled per length."""
-        blocks = (list(self.vision.blocks) if vision else []) + (list(self.llm.get_decoder().layers) if llm else [])
-        for block in blocks:
+        layers = list(self.llm.get_decoder().layers) if llm else []
+        # Layers run by models.decoder_layers compile their parts there, outside the checkpoint.
+        compile_layers([layer for layer in layers if installed(layer)], backend)
+        for block in (list(self.vision.blocks) if vision else []) + [layer for layer in layers if not installed(layer)]:
             block.compile(backend=backend)
 
     # ------------------------------------------------------------------------------------ I/O

@@ -64,6 +64,18 @@ def test_collator_concatenates_pixels_in_order_of_appearance_and_counts_drops():
         assert ("attention_mask" in batch) == (not packing)
 
 
+def test_collator_ships_the_flat_positions_of_every_predicted_label():
+    """label_positions: where the loss needs logits (a label that is not -100 and has a token before it in
+    its row), found in the worker so the training step never searches for them on the GPU."""
+    items = [make_sample(3, 1, n_images=1), make_sample(4, 2), make_sample(2, 3)]
+    for packing in (False, True):
+        batch = Collator(pad_id=PAD, image_size=S, max_len=8, packing=packing)(items)
+        labels = batch["labels"]
+        expected = [r * labels.shape[1] + t for r in range(labels.shape[0]) for t in range(1, labels.shape[1])
+                    if labels[r, t] != IGNORE_INDEX]
+        assert batch["label_positions"].tolist() == expected and expected
+
+
 def test_a_longer_pack_len_shares_rows_and_cuts_padding(tmp_path):
     """Rows are padded to the longest row of the micro-batch; one row per micro-batch pads nothing."""
     from transformers import AutoTokenizer

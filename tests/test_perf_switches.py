@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from models import loss as loss_mod
+from models.decoder_layers import is_checkpointed
 from models.loss import causal_lm_loss_sum
 from models.tokens import image_token_ids
 from models.vlm import checkpointed_layer_indices
@@ -35,6 +36,28 @@ def test_chunked_loss_equals_full_logits_loss_and_grads(monkeypatch):
         loss_sum.backward()
         results.append((loss_sum, n, h.grad, w.grad))
     for a, b in zip(*results):  # fp32, summed in a different order
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["torch", "chunked"])
+def test_the_loss_at_the_supervised_positions_only_equals_the_loss_over_every_position(impl, monkeypatch):
+    """perf.loss_at_label_positions: the LM head runs only where a label is predicted (the collator's
+    label_positions); loss, token count and the gradients of hidden states and head are unchanged."""
+    from data.packing import supervised_positions
+
+    monkeypatch.setattr(loss_mod, "CHUNK_TOKENS", 5)
+    gen = torch.Generator().manual_seed(2)
+    hidden, weight, labels = torch.randn(3, 12, 16, generator=gen), torch.randn(40, 16, generator=gen), _labels(40, (3, 12), gen)
+    labels[1, 0] = 7  # a label in column 0 is never predicted: nothing precedes it in its row
+    positions = supervised_positions(labels)
+    assert 12 not in positions.tolist() and len(positions) == int((labels[:, 1:] != -100).sum())
+    results = []
+    for label_positions in (None, positions):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss_sum, n = causal_lm_loss_sum(h, w, labels, impl=impl, label_positions=label_positions)
+        loss_sum.backward()
+        results.append((loss_sum, n, h.grad, w.grad))
+    for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -86,7 +109,7 @@ def test_selective_checkpointing_and_chunked_loss_keep_packed_loss_and_grads(tin
         model.set_gradient_checkpointing(True, llm_layers=llm_layers)
         out = model(input_ids, pixel_values=pixels, position_ids=positions, labels=labels)
         out.loss_sum.backward()
-        flags = [layer.gradient_checkpointing for layer in model.llm.get_decoder().layers]
+        flags = [is_checkpointed(layer) for layer in model.llm.get_decoder().layers]
         assert sum(flags) == (len(flags) if llm_layers is None else llm_layers)
         runs.append((out.loss_sum.detach(), {n: p.grad for n, p in model.named_parameters()}))
     for loss_sum, grads in runs[1:]:  # fp32, the loss summed in a different order

@@ -222,6 +222,7 @@ def test_a_micro_batch_split_into_forwards_of_whole_rows_keeps_loss_and_gradient
     from conftest import packed_batches
 
     from data.collate import split_rows
+    from data.packing import supervised_positions
 
     rows = [packed_batches(tiny_vlm, tiny_tokenizer, [lengths], seed=i)[0]
             for i, lengths in enumerate([(20, 31), (44, 7), (25, 26)])]  # three rows of equal width
@@ -232,8 +233,12 @@ def test_a_micro_batch_split_into_forwards_of_whole_rows_keeps_loss_and_gradient
     batch["max_length"] = max(segments)
     batch.update(num_samples=6, sample_lengths=[20 + 18, 31 + 18, 44 + 18, 7 + 18, 25 + 18, 26 + 18])
 
+    batch["label_positions"] = supervised_positions(batch["labels"])
+
     parts = split_rows(batch, 2 * width, tiny_vlm.config.image_start_id)
     assert [p["input_ids"].shape[0] for p in parts] == [2, 1]
+    for part in parts:  # each forward gets the supervised positions of its own rows
+        assert torch.equal(part["label_positions"], supervised_positions(part["labels"]))
     assert [len(p["pixel_values"]) for p in parts] == [4, 2]
     assert parts[1]["cu_seq_lens"].tolist() == [0] + rows[2]["cu_seq_lens"][1:].tolist()
 

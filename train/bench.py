@@ -42,7 +42,8 @@ from models.errors import ArgumentParser, UserError, non_negative_int, positive_
 PLAIN = [  # the reference's way (see the module docstring)
     "data.packing=false", "data.pack_len=null", "perf.attention=sdpa", "perf.loss_impl=torch",
     "perf.liger_kernels=false", "perf.compile_llm=false", "perf.compile_vision=false", "perf.frozen_bf16=false",
-    "perf.check_image_spans=true", "perf.checkpoint_llm_layers=null", "train.max_forward_tokens=null",
+    "perf.check_image_spans=true", "perf.loss_at_label_positions=false",
+    "perf.checkpoint_llm_layers=null", "train.max_forward_tokens=null",
 ]
 
 

@@ -178,6 +178,12 @@ class Engine:
                 self.module = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
             self.optimizer, self.scheduler = optimizer, scheduler
         self.trainable = [p for p in model.parameters() if p.requires_grad]
+        # perf.offload_activations: what the forward saves for backward waits in pinned host memory (train.offload)
+        self.offload = None
+        if recipe.perf.offload_activations and dist_info.device.type == "cuda":
+            from train.offload import ActivationOffload
+
+            self.offload = ActivationOffload()
 
     @property
     def uses_deepspeed(self) -> bool:
@@ -203,16 +209,18 @@ class Engine:
         """The model's output; only ``loss_sum`` and ``num_tokens`` are guaranteed (and ``token_logps``
         when asked for)."""
         extra = {"return_token_logps": True} if token_logps else {}
-        return self.module(
-            input_ids=batch["input_ids"],
-            pixel_values=batch.get("pixel_values"),
-            attention_mask=batch.get("attention_mask"),
-            position_ids=batch.get("position_ids"),
-            labels=batch["labels"],
-            cu_seq_lens=batch.get("cu_seq_lens"),
-            max_length=batch.get("max_length"),
-            **extra,
-        )
+        with self.offload.saved_on_host() if self.offload else contextlib.nullcontext():
+            return self.module(
+                input_ids=batch["input_ids"],
+                pixel_values=batch.get("pixel_values"),
+                attention_mask=batch.get("attention_mask"),
+                position_ids=batch.get("position_ids"),
+                labels=batch["labels"],
+                cu_seq_lens=batch.get("cu_seq_lens"),
+                max_length=batch.get("max_length"),
+                label_positions=batch.get("label_positions"),
+                **extra,
+            )
 
     def forward_loss(self, batch: dict[str, Any], token_logps: bool = False) -> StepOutput:
         out = self.forward(batch, token_logps)

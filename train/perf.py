@@ -63,6 +63,7 @@ def apply_perf_switches(vlm, perf: PerfSection) -> None:
     set_attention(vlm, perf.attention)
     vlm.loss_impl = perf.loss_impl
     vlm.check_image_spans = perf.check_image_spans
+    vlm.loss_at_label_positions = perf.loss_at_label_positions
     if perf.liger_kernels and not getattr(vlm, "_liger_kernels", False):
         if vlm.llm.config.model_type != "qwen2":
             raise UserError(f"perf.liger_kernels supports qwen2 decoders, not {vlm.llm.config.model_type}")

@@ -177,6 +177,12 @@ class PerfSection:
     # trainable ones in fp32, straight onto the GPU. DeepSpeed modes store everything in bf16 regardless.
     frozen_bf16: bool = True
     check_image_spans: bool = True  # False skips VLM's per-batch span check (one host sync)
+    # The LM head and loss only at the supervised positions the collator ships (an SFT row is mostly prompt
+    # and image slots, whose [tokens, vocab] logits the loss never uses); False: at every position.
+    loss_at_label_positions: bool = True
+    # What autograd keeps across the forward (with checkpointed layers: each layer's input) waits in pinned
+    # host memory, copied on side streams (train.offload); CUDA only, ignored elsewhere.
+    offload_activations: bool = False
 
 
 @dataclass
