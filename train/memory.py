@@ -24,9 +24,10 @@ Activations of one forward pass of T tokens (row padding included) and N images:
   (q/k/v share one, o_proj reuses the attention output, gate/up share one, down_proj), and per LoRA
   adapter its dropout mask and the bf16 copy of its input. A checkpointed layer keeps only its input
   (the residual stream: fp32 when the embedding table is fp32, bf16 otherwise) and recomputes the rest
-  in backward, one layer at a time. Frozen fp32 weights under autocast: each linear keeps the bf16 copy
-  of its weight for backward (recomputed layers: one layer at a time). Padded rows (no packing), and SDPA
-  on packed rows, add a boolean [L, L] mask per row.
+  in backward, one layer at a time. With ``perf.offload_activations`` what the layers keep waits in host
+  memory but for two layers' worth (the one backward works on, the next one fetched). Frozen fp32 weights
+  under autocast: each linear keeps the bf16 copy of its weight for backward (recomputed layers: one layer
+  at a time). Padded rows (no packing), and SDPA on packed rows, add a boolean [L, L] mask per row.
 - backward working set of one layer, per token: the gradients of the MLP's three [T, ffn] tensors and
   of the residual stream in and out.
 - loss: ``torch`` materialises fp32 logits (the log-softmax output kept, 12 bytes per token x vocab at
@@ -122,6 +123,7 @@ class Setup:
     zero: dict = field(default_factory=dict)  # DeepSpeed zero_optimization settings
     # DPO (train.stage: dpo): where the reference log-probs come from (train.dpo.reference_mode), or "" (not DPO)
     reference: str = ""
+    offload_activations: bool = False  # perf.offload_activations: the decoder's saved activations wait on the host
 
     @property
     def deepspeed(self) -> bool:
@@ -304,7 +306,10 @@ def decoder_terms(c: Counts, d: Dims, s: Setup, b: MicroBatch) -> tuple[float, f
     # Frozen fp32 linears under autocast keep the bf16 copy of their weight for the input gradient.
     copies = 2 * c.layer_linears if frozen_weights_fp32_under_autocast(s) and not s.llm_trains and not s.quantized else 0
     tokens = b.pass_tokens
-    live = tokens * (checkpointed * ckpt + plain * kept) + plain * copies
+    if s.offload_activations:  # train.offload: on the GPU, the layer backward is working on and the next one
+        live = tokens * min(2, d.layers) * (ckpt if checkpointed else kept) + plain * copies
+    else:
+        live = tokens * (checkpointed * ckpt + plain * kept) + plain * copies
     if s.attention == "sdpa" or (s.attention == "varlen" and not b.packed):
         live += b.pass_rows * b.row_len**2  # a boolean [L, L] mask per row: SDPA's (varlen falls back to it on padding)
     recompute = (tokens * kept + copies) if checkpointed else 0

@@ -231,6 +231,7 @@ def setup_of(recipe: Recipe, model: ModelPlan, gpus: int, notes: list[str], sour
         fused_adamw=drawn_on_gpu or loaded_on_gpu or recipe.quantization.enabled,
         load_shard_bytes=largest_shard(m.init_from, notes) if loaded_on_gpu else 0.0,
         zero3_built_whole=mode == "zero3" and drawn_on_gpu, reference=reference,
+        offload_activations=perf.offload_activations,
     )
 
 

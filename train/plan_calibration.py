@@ -31,7 +31,7 @@ FULL_SHAPE = ("model.init_from=null", "model.preset=qwen_vl_7b", "model.pad_voca
 # Before commit 7365904: no compiled layers unless asked, no liger kernels unless asked, frozen weights fp32,
 # one forward per micro-batch.
 THEN = ("perf.compile_llm=false", "perf.compile_vision=false", "perf.liger_kernels=false", "perf.frozen_bf16=false",
-        "train.max_forward_tokens=null")
+        "train.max_forward_tokens=null", "perf.offload_activations=false")
 # train.bench's LoRA / Q-LoRA "ours" (before 7365904 it ran its own step): the ViT and the resampler frozen,
 # every frozen weight bf16, liger loss and kernels, varlen.
 BENCH = (*FULL_SHAPE, *THEN, "freeze.resampler=frozen", "perf.frozen_bf16=true", "perf.liger_kernels=true",
@@ -53,6 +53,10 @@ FORWARDS_4K = ("data.pack_len=4096", "train.max_forward_tokens=4096")
 PLAIN_ANCHOR = (*PLAIN, "train.micro_batch=2", "train.grad_accum=8")
 TRAINER = "docs/benchmarks.md (trainer), H100"
 TODAY = "docs/benchmarks.md (trainer at 100feda: resampler checkpointed, liger off under compile), H100, 2026-12-06"
+# Before sft_lora.yaml turned perf.offload_activations on (commit after e0c170e).
+SHIPPED_THEN = (*FULL_SHAPE, "perf.offload_activations=false")
+OFFLOAD = ("docs/benchmarks.md (trainer after e0c170e: loss at the label positions, down projection not recomputed), "
+           "H100, 2026-12-06")
 BENCH_THEN = "docs/benchmarks.md (history), H100"
 
 
@@ -90,28 +94,38 @@ MEASUREMENTS = [
     Measurement("Q-LoRA bench, 2048-token samples, rows of 8192", "recipes/sft_qlora.yaml",
                 (*BENCH, "data.pack_len=8192", "train.micro_batch=4"), 14.7, "bench", BENCH_THEN,
                 tokens_per_sample=2048),
-    Measurement("LoRA: sft_lora as shipped, world", "recipes/sft_lora.yaml", FULL_SHAPE, 25.3, "trainer", TRAINER,
+    Measurement("LoRA: sft_lora as shipped, world", "recipes/sft_lora.yaml", SHIPPED_THEN, 25.3, "trainer", TRAINER,
                 tokens_per_sample=390, images_per_sample=1.1),
-    Measurement("LoRA: sft_lora, forwards of 4096, world", "recipes/sft_lora.yaml", (*FULL_SHAPE, *FORWARDS_4K), 23.9,
+    Measurement("LoRA: sft_lora, forwards of 4096, world", "recipes/sft_lora.yaml", (*SHIPPED_THEN, *FORWARDS_4K), 23.9,
                 "trainer", TRAINER, tokens_per_sample=390, images_per_sample=1.1),
-    Measurement("LoRA: sft_lora as shipped, 2048-token samples", "recipes/sft_lora.yaml", FULL_SHAPE, 25.6, "trainer",
+    Measurement("LoRA: sft_lora as shipped, 2048-token samples", "recipes/sft_lora.yaml", SHIPPED_THEN, 25.6, "trainer",
                 TRAINER, tokens_per_sample=2048),
     Measurement("LoRA: sft_lora, forwards of 4096, 2048-token samples", "recipes/sft_lora.yaml",
-                (*FULL_SHAPE, *FORWARDS_4K), 23.6, "trainer", TRAINER, tokens_per_sample=2048),
+                (*SHIPPED_THEN, *FORWARDS_4K), 23.6, "trainer", TRAINER, tokens_per_sample=2048),
     Measurement("LoRA: plain anchor (PLAIN, 2 padded samples per forward), world", "recipes/sft_lora.yaml",
                 (*FULL_SHAPE, *PLAIN_ANCHOR), 43.8, "trainer", TRAINER, tokens_per_sample=390, images_per_sample=1.1),
-    Measurement("Q-LoRA: sft_qlora as shipped, world", "recipes/sft_qlora.yaml", FULL_SHAPE, 16.5, "trainer", TRAINER,
+    Measurement("Q-LoRA: sft_qlora as shipped, world", "recipes/sft_qlora.yaml", SHIPPED_THEN, 16.5, "trainer", TRAINER,
                 tokens_per_sample=390, images_per_sample=1.1),
     Measurement("Q-LoRA: sft_qlora, forwards of 4096, world", "recipes/sft_qlora.yaml", (*FULL_SHAPE, *FORWARDS_4K),
                 15.1, "trainer", TRAINER, tokens_per_sample=390, images_per_sample=1.1),
-    Measurement("LoRA: sft_lora as shipped, world (resampler checkpointed)", "recipes/sft_lora.yaml", FULL_SHAPE, 24.3,
+    Measurement("LoRA: sft_lora as shipped, world (resampler checkpointed)", "recipes/sft_lora.yaml", SHIPPED_THEN, 24.3,
                 "trainer", TODAY, tokens_per_sample=390, images_per_sample=1.1),
     Measurement("LoRA: sft_lora as shipped, 2048-token samples (resampler checkpointed)", "recipes/sft_lora.yaml",
-                FULL_SHAPE, 25.6, "trainer", TODAY, tokens_per_sample=2048),
+                SHIPPED_THEN, 25.6, "trainer", TODAY, tokens_per_sample=2048),
     Measurement("Q-LoRA: sft_qlora as shipped, world (resampler checkpointed)", "recipes/sft_qlora.yaml", FULL_SHAPE,
                 15.2, "trainer", TODAY, tokens_per_sample=390, images_per_sample=1.1),
     Measurement("DPO-LoRA: dpo_lora as shipped, world pairs", "recipes/dpo_lora.yaml", FULL_SHAPE, 25.5, "trainer",
                 TODAY, tokens_per_sample=298),
+    Measurement("LoRA: sft_lora, offload off, world", "recipes/sft_lora.yaml", SHIPPED_THEN, 24.3, "trainer",
+                OFFLOAD, tokens_per_sample=390, images_per_sample=1.1),
+    Measurement("LoRA: sft_lora, offload off, 2048-token samples", "recipes/sft_lora.yaml", SHIPPED_THEN, 25.6,
+                "trainer", OFFLOAD, tokens_per_sample=2048),
+    Measurement("LoRA: sft_lora as shipped (layer inputs offloaded), world", "recipes/sft_lora.yaml", FULL_SHAPE, 23.4,
+                "trainer", OFFLOAD, tokens_per_sample=390, images_per_sample=1.1),
+    Measurement("LoRA: sft_lora as shipped (layer inputs offloaded), 2048-token samples", "recipes/sft_lora.yaml",
+                FULL_SHAPE, 23.7, "trainer", OFFLOAD, tokens_per_sample=2048),
+    Measurement("Q-LoRA: sft_qlora as shipped, world (down projection not recomputed)", "recipes/sft_qlora.yaml",
+                FULL_SHAPE, 15.4, "trainer", OFFLOAD, tokens_per_sample=390, images_per_sample=1.1),
     Measurement("Q-LoRA: build before the first step", "recipes/sft_qlora.yaml", FULL_SHAPE, 10.1, "build", TRAINER),
     Measurement("full SFT, ZeRO-2, 2 GPUs (rank 0)", "recipes/sft.yaml", (*ZERO, "parallel.mode=zero2"), 90.9,
                 "trainer", "docs/benchmarks.md, 2 H200", gpus=2, tokens_per_sample=392, images_per_sample=1.11),
