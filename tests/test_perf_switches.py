@@ -271,3 +271,20 @@ def test_liger_kernels_stay_on_the_model_they_were_applied_to(tiny_vlm, tiny_tok
     rope = qwen2.apply_rotary_pos_emb.transformers_rope
     for got, want in zip(qwen2.apply_rotary_pos_emb(q, k, cos, sin), rope(q, k, cos, sin)):
         assert torch.equal(got, want)
+
+def test_offloading_activations_needs_cuda_and_says_so_where_it_is_off(tiny_vlm):
+    """perf.offload_activations (sft_lora.yaml) parks saved tensors in pinned host memory through CUDA copy
+    streams: on a CPU run the trainer turns it off with one line, and its engine offloads nothing."""
+    from train.parallel import DistInfo, Engine
+    from train.perf import resolve_perf
+    from train.recipe import PerfSection, Recipe
+
+    on = PerfSection(offload_activations=True)
+    assert resolve_perf(on, tiny_vlm, cuda=True, quantized=False)[0].offload_activations is True
+    cpu, notes = resolve_perf(on, tiny_vlm, cuda=False, quantized=False)
+    assert cpu.offload_activations is False and "perf.offload_activations: off (no CUDA device)" in notes
+    model = copy.deepcopy(tiny_vlm)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = Engine(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+                    Recipe(perf=on), DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    assert engine.offload is None

@@ -12,6 +12,7 @@ loss, train/dpo.py) is chosen in one place and owns that normalisation.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -217,7 +218,7 @@ def train(recipe: Recipe) -> Path:
     # ---- optimiser, schedule, parallel engine
     optimizer = build_optimizer(model, recipe.optim, num_vit_blocks=vlm.config.vision.layers)
     scheduler = build_scheduler(optimizer, total_steps, recipe.optim.lr, recipe.schedule)
-    engine = Engine(model, optimizer, scheduler, recipe, info)
+    engine = Engine(model, optimizer, scheduler, dataclasses.replace(recipe, perf=perf), info)
     pixel_dtype = torch.bfloat16 if engine.uses_deepspeed and recipe.train.bf16 else None
     objective = build_objective(recipe, engine, loader, frozen_reference, pixel_dtype, run_dir)
     if objective.runs_reference:  # DPO's reference forward is model work too

@@ -51,6 +51,9 @@ def resolve_perf(perf: PerfSection, vlm, cuda: bool, quantized: bool, zero3: boo
         ])
     if perf.compile_vision == "auto":
         resolved["compile_vision"] = auto("compile_vision", [no_cuda, zero3_why if zero3 else ""])
+    if perf.offload_activations and not cuda:  # pinned host memory and copy streams are CUDA's
+        notes.append("perf.offload_activations: off (no CUDA device)")
+        resolved["offload_activations"] = False
     return dataclasses.replace(perf, **resolved), notes
 
 
