@@ -58,11 +58,11 @@ class Collator:
             batch = pack(samples, self.max_len, self.pad_id, group=2 if pairs else 1, sequence_ids=bool(pairs))
         else:
             batch = pad(samples, self.pad_id, sequence_ids=bool(pairs))
-        if not pairs:  # DPO needs every position's log-prob (train.dpo), not only the supervised ones'
-            batch["label_positions"] = supervised_positions(batch["labels"])
-        if pairs:
+        if pairs:  # DPO needs every position's log-prob (train.dpo): no label_positions
             batch["num_pairs"] = len(pairs)
             batch["pair_index"] = torch.tensor([s.get("index", -1) for s in pairs], dtype=torch.long)
+        else:
+            batch["label_positions"] = supervised_positions(batch["labels"])
         pixels = [s["pixel_values"] for s in samples if len(s["pixel_values"])]
         batch["pixel_values"] = (torch.cat(pixels) if pixels
                                  else torch.zeros(0, 3, self.image_size, self.image_size))
@@ -79,9 +79,9 @@ def split_rows(batch: dict, max_tokens: int | None, image_start_id: int) -> list
     memory whatever the samples' lengths while the loss stays that of the whole step (the loop
     normalises by the step's supervised tokens). Returns ``[batch]`` when it fits. Each part keeps the
     keys the forward reads: ids, labels, positions, mask, its images, and its own sample boundaries and
-    supervised positions; a
-    batch of preference pairs is cut between pairs (a padded pair's two rows stay together) and each part
-    gets its own pairs' ``sequence_ids`` (renumbered from 0), ``num_pairs`` and ``pair_index``."""
+    supervised positions; a batch of preference pairs is cut between pairs (a padded pair's two rows stay
+    together) and each part gets its own pairs' ``sequence_ids`` (renumbered from 0), ``num_pairs`` and
+    ``pair_index``."""
     rows, width = batch["input_ids"].shape
     per_forward = max(1, (max_tokens or rows * width) // width)
     if "sequence_ids" in batch and "attention_mask" in batch:  # padded pairs: one sequence per row

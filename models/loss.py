@@ -37,9 +37,9 @@ def causal_lm_loss_sum(
     hidden [B, L, d] final hidden states; lm_head_weight [V, d]; labels [B, L] aligned with the
     inputs (position t is predicted from position t-1), -100 = ignore.
     ``label_positions`` (optional): the flat indices into [B * L] of every supervised label that is
-    predicted (label != -100, column >= 1), as the collator ships them (data.packing.supervised_positions). With them
-    the LM head and the loss run only at those positions: the same sum, without the [tokens, V] logits of
-    the prompt and image tokens (most of an SFT row) and without a device->host sync to find them.
+    predicted (label != -100, column >= 1), as the collator ships them (data.packing.supervised_positions).
+    With them the LM head and the loss run only at those positions: the same sum, without the [tokens, V]
+    logits of the prompt and image tokens (most of an SFT row) and without a device->host sync to find them.
     Returns (loss_sum fp32 scalar, num_tokens long scalar). Summing (not averaging) lets the trainer
     divide by the supervised-token count of the whole optimiser step across micro-batches and ranks.
     """

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -135,8 +136,7 @@ def summarise(workload: str, variant: str, launched: float, rows: list[dict], wa
                       error or "no step after warm-up was logged")
     seconds = sum(r["window_s"] for r in timed)
     tokens = sum(r["tokens"] for r in timed)
-    per_step = sorted(r["tokens"] / r["window_s"] for r in timed)
-    median = (per_step[(len(per_step) - 1) // 2] + per_step[len(per_step) // 2]) / 2
+    median = statistics.median(r["tokens"] / r["window_s"] for r in timed)
     samples = sum(r["samples_per_s"] * r["window_s"] for r in timed)
     mfu = [r["mfu"] * r["window_s"] for r in timed if "mfu" in r]
     return Result(workload, variant, len(timed), tokens / seconds, samples / seconds,

@@ -74,7 +74,7 @@ class ActivationOffload:
             tensor.record_stream(compute)
             before = parked[packed - 1] if packed > 0 else None
             if before is not None and before.fetched is None and not before.unpacked:
-                self._fetch(parked[packed - 1])  # backward runs in reverse: the previous layer's input is next
+                self._fetch(before)  # backward runs in reverse: the previous layer's input is next
             return tensor
 
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
