@@ -288,3 +288,30 @@ def test_offloading_activations_needs_cuda_and_says_so_where_it_is_off(tiny_vlm)
     engine = Engine(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
                     Recipe(perf=on), DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
     assert engine.offload is None
+
+
+@pytest.mark.parametrize("compile_llm", [False, True])
+def test_fused_lora_forwards_go_only_where_the_blocks_do_not_compile(tiny_vlm, compile_llm):
+    """perf.fused_lora: Q-LoRA's and DPO's eager decoder layers run the fused LoRA forward; compiled layers
+    keep peft's, whose element-wise work inductor fuses (measured slower fused there, docs/benchmarks.md).
+    The vision tower's adapters follow the vision blocks' compilation alike."""
+    from train.freeze import apply_freezing
+    from train.lora import apply_lora
+    from train.perf import apply_perf_switches
+    from train.recipe import FreezeSection, LoraSection, PerfSection
+
+    freeze = FreezeSection(vision="frozen", resampler="train", llm="frozen")
+    base = copy.deepcopy(tiny_vlm)
+    apply_freezing(base, freeze)
+    model = apply_lora(base, LoraSection(enabled=True, r=4, targets=["q_proj"], vision_targets=["attn.qkv"]), freeze)
+    vlm = model.get_base_model()
+    apply_perf_switches(vlm, PerfSection(liger_kernels=False, compile_llm=compile_llm, compile_vision=False))
+    fused = {name.split(".")[0] for name, m in vlm.named_modules() if getattr(m, "_vlrecipe_fused", False)}
+    assert fused == ({"vision"} if compile_llm else {"llm", "vision"})
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    plain = copy.deepcopy(tiny_vlm)
+    apply_perf_switches(plain, PerfSection(liger_kernels=False, fused_lora=False))
+    assert not any(getattr(m, "_vlrecipe_fused", False) for m in plain.modules())
+    assert torch.backends.cuda.cudnn_sdp_enabled() is False  # perf.cudnn_attention: False by default
+    apply_perf_switches(plain, PerfSection(liger_kernels=False, cudnn_attention=True))
+    assert torch.backends.cuda.cudnn_sdp_enabled() is True

@@ -21,7 +21,7 @@ def _perturb_trainable(model):
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
+                p.add_(0.05 * torch.randn(p.shape, generator=g).to(p.device))
 
 
 def test_lora_save_load_merge_give_the_same_outputs(tiny_vlm, tmp_path):
@@ -131,3 +131,114 @@ def test_qlora_trains_4bit_decoder(tiny_vlm):
     out.loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+# ---- the fused LoRA forward (perf.fused_lora) against peft's own ----------------------------------------
+class _TwoProjections(torch.nn.Module):
+    def __init__(self, dim: int = 48):
+        super().__init__()
+        self.q_proj, self.up_proj = torch.nn.Linear(dim, dim, bias=False), torch.nn.Linear(dim, 2 * dim)
+
+    def forward(self, x):
+        return self.up_proj(torch.tanh(self.q_proj(x)))
+
+
+def _peft_and_fused(dropout: float, dtype=torch.float32, device="cpu"):
+    from peft import LoraConfig, get_peft_model
+
+    from train.lora import fuse_lora_forwards
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "up_proj"])
+    peft_model = get_peft_model(_TwoProjections(), config)
+    _perturb_trainable(peft_model)
+    for p in peft_model.parameters():  # frozen base in the storage dtype, adapters in fp32
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+    peft_model.to(device)
+    fused = copy.deepcopy(peft_model)
+    assert fuse_lora_forwards(fused) == 2 and fuse_lora_forwards(fused) == 0  # installed once
+    return peft_model, fused
+
+
+def _run(model, x, seed: int, autocast: bool):
+    torch.manual_seed(seed)
+    model.zero_grad()
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = model(x)
+    (out.float() ** 2).mean().backward()
+    return out, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_fused_lora_forward_gives_peft_outputs_and_gradients(dropout):
+    """fp32: the same dropout mask (same seed), the same outputs and adapter gradients as peft's forward."""
+    peft_model, fused = _peft_and_fused(dropout)
+    x = torch.randn(3, 5, 48, requires_grad=True)
+    want, want_grads = _run(peft_model, x, seed=1, autocast=False)
+    want_x = x.grad.clone()
+    x.grad = None
+    got, got_grads = _run(fused, x, seed=1, autocast=False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, want_x, rtol=1e-5, atol=1e-6)
+    assert want_grads.keys() == got_grads.keys() and len(want_grads) == 4
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_lora_forward_under_bf16_autocast_matches_peft_within_bf16():
+    """The trainer's setting: frozen bf16 base, fp32 adapters, bf16 autocast (CPU here, CUDA in the trainer)."""
+    peft_model, fused = _peft_and_fused(0.0, dtype=torch.bfloat16)
+    x = torch.randn(4, 7, 48)
+    want, want_grads = _run(peft_model, x, seed=1, autocast=True)
+    got, got_grads = _run(fused, x, seed=1, autocast=True)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    for name in want_grads:
+        assert got_grads[name].dtype == torch.float32
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=5e-2, atol=1e-3)
+
+
+def test_fused_lora_forward_leaves_disabled_and_merged_adapters_to_peft():
+    peft_model, fused = _peft_and_fused(0.0)
+    x = torch.randn(2, 3, 48)
+    with torch.no_grad():
+        with fused.disable_adapter(), peft_model.disable_adapter():  # the DPO reference: the base model
+            torch.testing.assert_close(fused(x), peft_model(x))
+        base = fused.get_base_model()
+        torch.testing.assert_close(fused(x), peft_model(x), rtol=1e-5, atol=1e-6)
+        base.q_proj.merge()
+        base.up_proj.merge()
+        torch.testing.assert_close(fused(x), peft_model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bitsandbytes 4-bit layers)")
+def test_fused_lora_forward_on_4bit_layers_matches_peft():
+    """Q-LoRA: the adapter's product added in place to the 4-bit layer's output (peft clones it first)."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+
+    from train.lora import fuse_lora_forwards
+
+    torch.manual_seed(0)
+    model = _TwoProjections(64)
+    for name in ("q_proj", "up_proj"):
+        dense = getattr(model, name)
+        q = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=dense.bias is not None,
+                              compute_dtype=torch.bfloat16, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(dense.weight.data, requires_grad=False, quant_type="nf4")
+        if dense.bias is not None:
+            q.bias = torch.nn.Parameter(dense.bias.data, requires_grad=False)
+        setattr(model, name, q)
+    model = model.cuda()
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"]))
+    _perturb_trainable(peft_model)
+    fused = copy.deepcopy(peft_model)
+    assert fuse_lora_forwards(fused) == 2
+    x = torch.randn(3, 5, 64, device="cuda")
+    want, want_grads = _run(peft_model, x, seed=1, autocast=True)
+    got, got_grads = _run(fused, x, seed=1, autocast=True)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=5e-2, atol=1e-3)

@@ -12,6 +12,7 @@ embeddings of a base model, and froze the resampler under LoRA, Qwen-VL#116.)
 from __future__ import annotations
 
 import re
+import types
 
 import torch
 from torch import nn
@@ -118,3 +119,42 @@ def quantize_llm_4bit(model: nn.Module, cfg: QuantizationSection, device: torch.
         if any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
             materialise(module)
     model.to(device)
+
+
+def _fused_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """peft's LoRA linear, ``base(x) + B(A(dropout(x))) * scaling``, with less element-wise work per call:
+    the scaling multiplies the rank-r product (r columns, not the layer's output width), and the base output
+    takes the adapter's product in place, in the matrix product itself (``addmm_``: C += h @ B^T), where peft
+    writes ``B(...)``, scales it and adds it in two more passes over the output (three with Q-LoRA's
+    defensive clone of the 4-bit output). The dropout runs in the input's dtype, which under autocast is the
+    dtype the product reads anyway (peft first copies the input to the adapter's fp32). Anything else peft
+    handles (adapters disabled or merged, several adapters, DoRA-like variants, extra arguments) goes to
+    peft's own forward. Same maths; tests/test_train_lora.py pins outputs and gradients to peft's."""
+    active = self.active_adapters
+    if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1
+            or active[0] not in self.lora_A or active[0] in self.lora_variant or self.lora_bias.get(active[0])):
+        return type(self).forward(self, x, *args, **kwargs)
+    name = active[0]
+    a, b = self.lora_A[name].weight, self.lora_B[name].weight
+    rows = x.reshape(-1, x.shape[-1])
+    out = self.base_layer(rows)  # a fresh [tokens, out] tensor: nothing saves it, so it may take the add
+    dropped = self.lora_dropout[name](rows)
+    if not torch.is_autocast_enabled(x.device.type):
+        dropped = dropped.to(a.dtype)
+    h = torch.nn.functional.linear(dropped, a) * self.scaling[name]
+    out.addmm_(h.to(out.dtype), b.t().to(out.dtype))  # in-place ops skip autocast: cast B as autocast would
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def fuse_lora_forwards(model: nn.Module) -> int:
+    """Run every peft LoRA linear layer of ``model`` through ``_fused_lora_forward``; returns how many."""
+    from peft.tuners.lora import LoraLayer
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and isinstance(getattr(module, "base_layer", None), nn.Linear) \
+                and not hasattr(module, "_vlrecipe_fused"):
+            module.forward = types.MethodType(_fused_lora_forward, module)
+            module._vlrecipe_fused = True
+            count += 1
+    return count

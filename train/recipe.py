@@ -183,6 +183,14 @@ class PerfSection:
     # What autograd keeps across the forward (with checkpointed layers: each layer's input) waits in pinned
     # host memory, copied on side streams (train.offload); CUDA only, ignored elsewhere.
     offload_activations: bool = False
+    # LoRA linears of the parts that run uncompiled (Q-LoRA's decoder, DPO's, ...) with the adapter's
+    # scaling on its rank-r product and its add inside the matrix product (train.lora.fuse_lora_forwards).
+    # Compiled parts keep peft's forward: inductor fuses its element-wise work itself. False: peft's everywhere.
+    fused_lora: bool = True
+    # False: PyTorch's scaled_dot_product_attention never picks its cuDNN backend (the ViT's and the
+    # resampler's attention), which builds a plan per new batch shape (a step meeting a new image count
+    # took 0.2-0.5 s more on one H100); flash attention runs instead. True: torch's default choice.
+    cudnn_attention: bool = False
 
 
 @dataclass
