@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--bench", required=True)
     score.add_argument("--predictions", required=True, help="JSONL with 'id' and 'prediction' per line")
     score.add_argument("--annotations", required=True, help="the benchmark's annotation file (see `list`)")
+    score.add_argument("--reference-predictions", default=None, metavar="JSONL",
+                       help="a preference benchmark's predictions by the reference model (e.g. the SFT export "
+                            "a DPO run started from): adds the held-out reward accuracy (eval_mm.metrics)")
     _add_metric_options(score)
 
     sub.add_parser("list", help="benchmarks, their data files and metrics")
@@ -95,10 +98,35 @@ def cmd_score(args) -> dict:
 
     bench = get_benchmark(args.bench)
     references = load_references(bench, args.annotations)
-    predictions = {}
     path = Path(args.predictions)
+    predictions = read_prediction_file(path)
+    metrics = compute_metric(bench.metric, predictions, references, _metric_options(args),
+                             where=f"{bench.name} ({path} vs {args.annotations})")
+    if args.reference_predictions is not None:
+        from eval_mm.metrics import reward_accuracy
+
+        if bench.kind != "preference":
+            raise UserError(f"--reference-predictions: {bench.name} is not a preference benchmark")
+        reference_path = Path(args.reference_predictions)
+        metrics |= reward_accuracy(_margins(predictions, path), _margins(read_prediction_file(reference_path),
+                                                                         reference_path),
+                                   where=f"{bench.name} ({path} vs {reference_path})")
+    print(json.dumps(metrics))
+    return metrics
+
+
+def _margins(predictions: dict[str, str], path: Path) -> dict[str, float]:
+    try:
+        return {k: float(v) for k, v in predictions.items()}
+    except ValueError as e:
+        raise UserError(f"{path}: a preference prediction must be a number (a margin in nats): {e}") from e
+
+
+def read_prediction_file(path: Path) -> dict[str, str]:
+    """id -> prediction of a ``predictions.jsonl`` (what ``run`` writes); one error line per bad record."""
     if not path.is_file():
         raise MissingFileError(f"predictions file not found: {path}")
+    predictions = {}
     for index, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
         if not line.strip():
             continue
@@ -107,10 +135,7 @@ def cmd_score(args) -> dict:
             predictions[str(record["id"])] = str(record["prediction"] if record["prediction"] is not None else "")
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise UserError(f"{path} line {index + 1}: need a JSON object with 'id' and 'prediction' ({e})") from e
-    metrics = compute_metric(bench.metric, predictions, references, _metric_options(args),
-                             where=f"{bench.name} ({path} vs {args.annotations})")
-    print(json.dumps(metrics))
-    return metrics
+    return predictions
 
 
 def cmd_run(args) -> dict:

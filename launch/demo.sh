@@ -68,5 +68,16 @@ print("\n| stage | " + " | ".join(f"{b} {m}" for b, m in columns) + " |")
 print("|---|" + "---:|" * len(columns))
 for s in stages:
     print(f"| {s} | " + " | ".join(f"{results[s][b][m]:.1f}" for b, m in columns) + " |")
+if "dpo" in results:  # DPO's implicit reward on the held-out pairs, its SFT start as the reference
+    from eval_mm.metrics import reward_accuracy
+    from eval_mm.runner import read_predictions
+
+    margins = {s: {k: float(r["prediction"]) for k, r in read_predictions(out / s / "eval" / "synth_preference").items()}
+               for s in ("sft", "dpo")}
+    reward = reward_accuracy(margins["dpo"], margins["sft"], where="synth_preference")
+    results["dpo"]["synth_preference"] |= reward
+    (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nDPO's reward accuracy on the {reward['num_pairs']} held-out pairs (its margin over the SFT export's): "
+          f"{reward['reward_accuracy']:.1f}% (mean margin change {reward['mean_margin_change']:+.2f} nats)")
 print(f"\nwrote {out / 'metrics.json'}; demo wall time {seconds // 60} min {seconds % 60} s")
 PYEOF

@@ -40,6 +40,10 @@ def test_demo_writes_metrics_of_every_stage_on_every_benchmark(tmp_path):
     assert "(sft, chatml prompts)" in proc.stdout and "(multitask, raw prompts)" in proc.stdout
     assert "(dpo, chatml prompts)" in proc.stdout and "rewards/accuracies" in proc.stdout
     assert "| sft |" in proc.stdout and "| dpo |" in proc.stdout and "demo wall time" in proc.stdout
+    # DPO's implicit reward on the held-out pairs, its SFT start as the reference (eval_mm.metrics.reward_accuracy)
+    reward = metrics["dpo"]["synth_preference"]
+    assert reward["num_pairs"] == EVAL_LIMIT and 0.0 <= reward["reward_accuracy"] <= 100.0
+    assert f"DPO's reward accuracy on the {EVAL_LIMIT} held-out pairs" in proc.stdout
 
 
 def test_eval_section_without_data_root_fails_before_training(tmp_path):

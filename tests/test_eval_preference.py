@@ -56,3 +56,46 @@ def test_synth_preference_scores_every_held_out_pair_with_its_margin(data_root, 
             keep = labels[0, 1:] != -100
             logps.append(logp[keep].gather(-1, labels[0, 1:][keep][:, None]).sum().item())
     assert predictions[0]["prediction"] == pytest.approx(logps[0] - logps[1], abs=1e-4)
+
+
+def test_reward_accuracy_is_the_share_of_pairs_whose_margin_grew_over_the_reference():
+    """DPO's implicit reward beta * ((policy margin) - (reference margin)) is positive: TRL's
+    rewards/accuracies, on held-out pairs. A pair whose margin did not move is not a win."""
+    from eval_mm.metrics import CoverageError, reward_accuracy
+
+    policy, reference = {"a": 2.0, "b": -0.5, "c": 1.0, "d": 3.0}, {"a": 1.0, "b": -1.5, "c": 1.0, "d": 4.0}
+    assert reward_accuracy(policy, reference) == {"reward_accuracy": 50.0, "mean_margin_change": 0.25, "num_pairs": 4}
+    with pytest.raises(CoverageError, match="cover different pairs"):
+        reward_accuracy(policy, {"a": 1.0})
+
+
+def test_score_cli_adds_the_reward_accuracy_against_a_reference_models_predictions(data_root, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from eval_mm.benchmarks import get_benchmark
+    from eval_mm.datasets import load_references
+
+    bench = get_benchmark("synth_preference")
+    annotations = data_root / bench.test_file
+    ids = sorted(load_references(bench, annotations))
+    policy, reference = tmp_path / "dpo.jsonl", tmp_path / "sft.jsonl"
+    policy.write_text("".join(json.dumps({"id": k, "prediction": 1.0 + i}) + "\n" for i, k in enumerate(ids)))
+    reference.write_text("".join(json.dumps({"id": k, "prediction": 2.0}) + "\n" for k in ids))
+
+    def score(*extra):
+        return subprocess.run([sys.executable, "-m", "eval_mm", "score", "--bench", "synth_preference",
+                               "--predictions", str(policy), "--annotations", str(annotations), *extra],
+                              cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+
+    out = score("--reference-predictions", str(reference))
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads(out.stdout.strip().splitlines()[-1])
+    n = len(ids)  # margins 1, 2, ..., n against 2 everywhere: n - 2 pairs grew
+    assert metrics["num_pairs"] == metrics["num_samples"] == n and metrics["accuracy"] == 100.0
+    assert metrics["reward_accuracy"] == pytest.approx(100.0 * (n - 2) / n)
+    reference.write_text("".join(json.dumps({"id": k, "prediction": 2.0}) + "\n" for k in ids[1:]))
+    out = score("--reference-predictions", str(reference))
+    assert out.returncode != 0 and "error:" in out.stderr and "cover different pairs" in out.stderr
+    assert "Traceback" not in out.stderr

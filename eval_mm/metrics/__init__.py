@@ -91,6 +91,20 @@ def _preference(predictions, references, options):
     return {"accuracy": _mean_percent([float(m > 0) for m in margins]), "mean_margin": sum(margins) / len(margins)}
 
 
+def reward_accuracy(margins: dict[str, float], reference_margins: dict[str, float], where: str = "") -> dict:
+    """DPO's implicit reward on held-out pairs: a pair is right when the policy widened its margin
+    log p(chosen) - log p(rejected) over the reference model's (the reward margin beta * (policy margin -
+    reference margin) > 0), the evaluation form of TRL's ``rewards/accuracies``. Both dicts map pair ids to
+    margins (each model's ``predictions.jsonl`` of a preference benchmark) and must cover the same pairs."""
+    missing = sorted(set(margins) ^ set(reference_margins))
+    if missing:
+        raise CoverageError(f"{where}: the policy's and the reference's predictions cover different pairs "
+                            f"({len(missing)} differ, e.g. {missing[0]!r})")
+    changes = [float(margins[k]) - float(reference_margins[k]) for k in margins]
+    return {"reward_accuracy": _mean_percent([float(c > 0) for c in changes]),
+            "mean_margin_change": sum(changes) / len(changes), "num_pairs": len(changes)}
+
+
 def _caption(predictions, references, options):
     return caption_scores(predictions, references, with_meteor=options.with_meteor)
 
