@@ -129,10 +129,12 @@ def _fused_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> to
     defensive clone of the 4-bit output). The dropout runs in the input's dtype, which under autocast is the
     dtype the product reads anyway (peft first copies the input to the adapter's fp32). Anything else peft
     handles (adapters disabled or merged, several adapters, DoRA-like variants, extra arguments) goes to
-    peft's own forward. Same maths; tests/test_train_lora.py pins outputs and gradients to peft's."""
+    peft's own forward. Same maths; tests/test_train_lora.py pins outputs and gradients to peft's. Written
+    here because peft has no such path (its forward is one per layer type, for every adapter setting)."""
     active = self.active_adapters
     if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1
-            or active[0] not in self.lora_A or active[0] in self.lora_variant or self.lora_bias.get(active[0])):
+            or active[0] not in self.lora_A or active[0] in getattr(self, "lora_variant", {})
+            or getattr(self, "lora_bias", {}).get(active[0])):
         return type(self).forward(self, x, *args, **kwargs)
     name = active[0]
     a, b = self.lora_A[name].weight, self.lora_B[name].weight
