@@ -108,18 +108,10 @@ def cmd_score(args) -> dict:
         if bench.kind != "preference":
             raise UserError(f"--reference-predictions: {bench.name} is not a preference benchmark")
         reference_path = Path(args.reference_predictions)
-        metrics |= reward_accuracy(_margins(predictions, path), _margins(read_prediction_file(reference_path),
-                                                                         reference_path),
+        metrics |= reward_accuracy(predictions, read_prediction_file(reference_path),
                                    where=f"{bench.name} ({path} vs {reference_path})")
     print(json.dumps(metrics))
     return metrics
-
-
-def _margins(predictions: dict[str, str], path: Path) -> dict[str, float]:
-    try:
-        return {k: float(v) for k, v in predictions.items()}
-    except ValueError as e:
-        raise UserError(f"{path}: a preference prediction must be a number (a margin in nats): {e}") from e
 
 
 def read_prediction_file(path: Path) -> dict[str, str]:

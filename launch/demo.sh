@@ -72,7 +72,7 @@ if "dpo" in results:  # DPO's implicit reward on the held-out pairs, its SFT sta
     from eval_mm.metrics import reward_accuracy
     from eval_mm.runner import read_predictions
 
-    margins = {s: {k: float(r["prediction"]) for k, r in read_predictions(out / s / "eval" / "synth_preference").items()}
+    margins = {s: {k: r["prediction"] for k, r in read_predictions(out / s / "eval" / "synth_preference").items()}
                for s in ("sft", "dpo")}
     reward = reward_accuracy(margins["dpo"], margins["sft"], where="synth_preference")
     results["dpo"]["synth_preference"] |= reward

@@ -91,7 +91,8 @@ def _preference(predictions, references, options):
     return {"accuracy": _mean_percent([float(m > 0) for m in margins]), "mean_margin": sum(margins) / len(margins)}
 
 
-def reward_accuracy(margins: dict[str, float], reference_margins: dict[str, float], where: str = "") -> dict:
+def reward_accuracy(margins: dict[str, float | str], reference_margins: dict[str, float | str],
+                    where: str = "") -> dict:
     """DPO's implicit reward on held-out pairs: a pair is right when the policy widened its margin
     log p(chosen) - log p(rejected) over the reference model's (the reward margin beta * (policy margin -
     reference margin) > 0), the evaluation form of TRL's ``rewards/accuracies``. Both dicts map pair ids to
@@ -100,7 +101,10 @@ def reward_accuracy(margins: dict[str, float], reference_margins: dict[str, floa
     if missing:
         raise CoverageError(f"{where}: the policy's and the reference's predictions cover different pairs "
                             f"({len(missing)} differ, e.g. {missing[0]!r})")
-    changes = [float(margins[k]) - float(reference_margins[k]) for k in margins]
+    try:  # predictions files hold them as written (numbers, or their text when read back by `score`)
+        changes = [float(margins[k]) - float(reference_margins[k]) for k in margins]
+    except ValueError as e:
+        raise UserError(f"{where}: a preference prediction must be a number (a margin in nats): {e}") from e
     return {"reward_accuracy": _mean_percent([float(c > 0) for c in changes]),
             "mean_margin_change": sum(changes) / len(changes), "num_pairs": len(changes)}
 
