@@ -23,10 +23,12 @@ class Collator:
     ``None``-free: a batch whose samples were all dropped has ``num_samples == 0`` and no tensors, and the
     loader skips it.
 
-    A batch of pairs holds 2 sequences per pair, chosen then rejected, each with its own copy of the prompt's
-    images; with packing a pair shares a row. It adds ``sequence_ids`` (data.packing), ``num_pairs`` and
-    ``pair_index`` (the pairs' dataset indices, for precomputed reference log-probs); ``num_samples`` and
-    ``sample_lengths`` count sequences.
+    A batch of pairs holds 2 sequences per pair, chosen then rejected; with packing a pair shares a row. Both
+    sequences show the prompt's images, which ``pixel_values`` holds once per pair: ``image_index`` maps each
+    image span (in order of appearance) to its row of ``pixel_values``, so the vision tower and resampler
+    encode a pair's images once, not once per sequence. It adds ``sequence_ids`` (data.packing),
+    ``num_pairs`` and ``pair_index`` (the pairs' dataset indices, for precomputed reference log-probs);
+    ``num_samples`` and ``sample_lengths`` count sequences.
     """
 
     pad_id: int
@@ -63,14 +65,27 @@ class Collator:
             batch["pair_index"] = torch.tensor([s.get("index", -1) for s in pairs], dtype=torch.long)
         else:
             batch["label_positions"] = supervised_positions(batch["labels"])
-        pixels = [s["pixel_values"] for s in samples if len(s["pixel_values"])]
+        pixels = [s["pixel_values"] for s in (pairs or samples) if len(s["pixel_values"])]
         batch["pixel_values"] = (torch.cat(pixels) if pixels
                                  else torch.zeros(0, 3, self.image_size, self.image_size))
+        if pairs:
+            batch["image_index"] = pair_image_index([len(s["pixel_values"]) for s in pairs])
         batch["num_samples"] = len(samples)
         batch["sample_lengths"] = [len(s["input_ids"]) for s in samples]  # host ints: token counts, FLOPs
         batch["_stats"] = counts
         batch["_bad_images"] = bad_images
         return batch
+
+
+def pair_image_index(images_per_pair: list[int]) -> torch.Tensor:
+    """[image spans] long: each span's row of the pairs' ``pixel_values`` (each pair's images once). The
+    spans come in the order of the sequences, chosen then rejected of each pair, and both sequences of a
+    pair show the same images: [0, 1, 0, 1, 2, 2] for pairs of 2 and 1 images."""
+    index, first = [], 0
+    for n in images_per_pair:
+        index += [*range(first, first + n)] * 2
+        first += n
+    return torch.tensor(index, dtype=torch.long)
 
 
 def split_rows(batch: dict, max_tokens: int | None, image_start_id: int) -> list[dict]:
@@ -89,13 +104,19 @@ def split_rows(batch: dict, max_tokens: int | None, image_start_id: int) -> list
     if per_forward >= rows:
         return [batch]
     images_per_row = (batch["input_ids"] == image_start_id).sum(1).tolist()
-    parts, first_image = [], 0
+    parts, first_span = [], 0
     for r0 in range(0, rows, per_forward):
         r1 = min(rows, r0 + per_forward)
         part = {k: batch[k][r0:r1] for k in ("input_ids", "labels", "position_ids", "attention_mask") if k in batch}
-        n_images = sum(images_per_row[r0:r1])
-        part["pixel_values"] = batch["pixel_values"][first_image : first_image + n_images]
-        first_image += n_images
+        n_spans = sum(images_per_row[r0:r1])
+        if "image_index" in batch:  # pairs: the part's spans point into a contiguous run of images
+            index = batch["image_index"][first_span : first_span + n_spans]
+            first, end = (int(index.min()), int(index.max()) + 1) if n_spans else (0, 0)
+            part["image_index"] = index - first
+            part["pixel_values"] = batch["pixel_values"][first:end]
+        else:
+            part["pixel_values"] = batch["pixel_values"][first_span : first_span + n_spans]
+        first_span += n_spans
         if "cu_seq_lens" in batch:  # every row starts a segment, so the part's rows are whole segments
             cu = batch["cu_seq_lens"]
             cu = cu[(cu >= r0 * width) & (cu <= r1 * width)] - r0 * width

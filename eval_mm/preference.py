@@ -46,6 +46,7 @@ def score_pairs(model, batch: dict[str, Any], device: torch.device) -> list[floa
     """log p(chosen) - log p(rejected) per pair, each summed over the answer's labelled tokens."""
     out = model(batch["input_ids"].to(device), pixel_values=batch["pixel_values"].to(device, next(model.parameters()).dtype),
                 attention_mask=batch["attention_mask"].to(device), position_ids=batch["position_ids"].to(device),
-                labels=batch["labels"].to(device), return_token_logps=True)
+                labels=batch["labels"].to(device), image_index=batch["image_index"].to(device),
+                return_token_logps=True)
     logps = sum_per_sequence(out.token_logps, batch["sequence_ids"].to(device), 2 * batch["num_pairs"]).view(-1, 2)
     return (logps[:, 0] - logps[:, 1]).tolist()

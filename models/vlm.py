@@ -5,7 +5,9 @@ See docs/design.md section 1 for the forward contract and docs/model.md for the 
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,23 @@ def checkpointed_layer_indices(num_layers: int, num_checkpointed: int) -> set[in
     if not 0 <= num_checkpointed <= num_layers:
         raise ValueError(f"cannot checkpoint {num_checkpointed} of {num_layers} layers")
     return {int(i * num_layers / num_checkpointed) for i in range(num_checkpointed)} if num_checkpointed else set()
+
+
+@contextlib.contextmanager
+def frozen_vision_shared(*vlms: VLM) -> Iterator[None]:
+    """Inside the block the frozen vision towers of ``vlms`` encode a given ``pixel_values`` tensor once
+    between them: DPO's reference and policy forwards of a micro-batch show the same images to towers of
+    equal weights (one model's tower, or a frozen copy of it; train.dpo), and the frozen 1.8B ViT is the
+    costliest part of a short sequence. A tower that trains or carries adapters runs as usual; the
+    encoding is held until the block ends."""
+    memo: dict = {}
+    for vlm in vlms:
+        vlm.shared_vision = memo
+    try:
+        yield
+    finally:
+        for vlm in vlms:
+            vlm.shared_vision = None
 
 
 @dataclass
@@ -68,6 +87,7 @@ class VLM(nn.Module):
         # it ships them: the same loss, without the prompt's and image slots' logits.
         self.loss_at_label_positions = True
         self.resampler_checkpointing = False  # set_gradient_checkpointing
+        self.shared_vision: dict | None = None  # frozen_vision_shared: one frozen-tower encoding per pixel tensor
 
     # ----------------------------------------------------------------------------------- images
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -76,8 +96,14 @@ class VLM(nn.Module):
         A frozen module runs under no_grad: no autograd graph and no saved activations for it (a frozen
         vision tower under a trainable resampler; both frozen under LoRA on the LLM)."""
         vision_frozen = not any(p.requires_grad for p in self.vision.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not vision_frozen):
-            patches = self.vision(pixel_values)
+        memo = self.shared_vision if vision_frozen else None
+        if memo is not None and memo.get("pixels") is pixel_values:
+            patches = memo["patches"]
+        else:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not vision_frozen):
+                patches = self.vision(pixel_values)
+            if memo is not None:
+                memo.update(pixels=pixel_values, patches=patches)
         resampler_frozen = vision_frozen and not any(p.requires_grad for p in self.resampler.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not resampler_frozen):
             if self.resampler_checkpointing and self.training and torch.is_grad_enabled():
@@ -118,14 +144,20 @@ class VLM(nn.Module):
                 f"{num_images} images"
             )
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with the resampler outputs written into the <imgpad> slots."""
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the resampler outputs written into the <imgpad> slots. ``image_index``
+        ([image spans] long): the row of ``pixel_values`` each span shows, when spans share images (the two
+        sequences of a preference pair): each image is then encoded once."""
         embeds = self.llm.get_input_embeddings()(input_ids)
         num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        num_spans = num_images if image_index is None else image_index.shape[0]
         if self.check_image_spans:
-            self._check_image_spans(input_ids, num_images)
-        if num_images:
+            self._check_image_spans(input_ids, num_spans)
+        if num_spans:
             features = self.encode_images(pixel_values).to(embeds.dtype)
+            if image_index is not None:
+                features = features.index_select(0, image_index)
             slots = (input_ids == self.config.image_pad_id).unsqueeze(-1).expand_as(embeds)
             # Slots are filled in row-major order, which is the order of images in pixel_values.
             embeds = embeds.masked_scatter(slots, features)
@@ -150,14 +182,16 @@ class VLM(nn.Module):
         max_length: int | None = None,
         return_token_logps: bool = False,
         label_positions: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
     ) -> VLMOutput:
         """``cu_seq_lens`` / ``max_length``: the packed samples' boundaries (data.packing.pack) for varlen
         attention; derived from position_ids (one host sync) when varlen runs without them.
         ``return_token_logps`` (with labels): also each label's log-probability (preference training,
         models.loss.causal_lm_token_logps); the loss sum is then their negated sum.
         ``label_positions``: the supervised labels' flat positions (data.packing.supervised_positions); the
-        loss then computes logits only there (``loss_at_label_positions``)."""
-        embeds = self.embed(input_ids, pixel_values)
+        loss then computes logits only there (``loss_at_label_positions``).
+        ``image_index``: each image span's row of ``pixel_values`` where spans share images (``embed``)."""
+        embeds = self.embed(input_ids, pixel_values, image_index)
         varlen = {}
         if attention_mask is None and position_ids is not None and uses_varlen(self):
             if cu_seq_lens is None:

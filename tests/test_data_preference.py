@@ -10,7 +10,7 @@ from PIL import Image
 
 from data import stats
 from data.chatml import render_chatml, render_preference_pair
-from data.collate import Collator
+from data.collate import Collator, pair_image_index, split_rows
 from data.dataset import DataConfig, VLMDataset, build_dataloader
 from data.formats import DataFormatError, load_records
 from data.packing import pack, plan_rows
@@ -122,7 +122,9 @@ def test_packing_keeps_the_two_sequences_of_a_pair_in_one_row():
     assert batch["input_ids"][0, :7].tolist() == [100, 101, 102, 103, 150, 151, 152]
     assert (batch["num_pairs"], batch["num_samples"], batch["sample_lengths"]) == (2, 4, [4, 3, 5, 5])
     assert batch["pair_index"].tolist() == [7, 3]
-    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [100.0, 100.0, 200.0, 200.0]  # each sequence's copy
+    # each pair's images once; both of its sequences' image spans point at them
+    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [100.0, 200.0]
+    assert batch["image_index"].tolist() == [0, 0, 1, 1]
     assert batch["_stats"][stats.SAMPLES] == 2 and batch["_stats"][stats.DROPPED_BAD_IMAGE] == 1
 
 
@@ -150,7 +152,8 @@ def test_a_dpo_loader_takes_pairs_only_and_other_stages_refuse_them(tmp_path, ti
     with pytest.raises(DataFormatError, match=r"chat\.json record 0: not a preference pair"):
         VLMDataset(mixed, tiny_tokenizer, 4, preference=True)
     batch = next(iter(build_dataloader(config, tiny_tokenizer, num_image_tokens=4, batch_size=2, preference=True)))
-    assert batch["num_pairs"] == 2 and batch["pixel_values"].shape == (4, 3, 16, 16)
+    assert batch["num_pairs"] == 2 and batch["pixel_values"].shape == (2, 3, 16, 16)  # one image per pair
+    assert batch["image_index"].tolist() == [0, 0, 1, 1]
     assert sorted(batch["pair_index"].tolist()) == [0, 1]
 
 
@@ -165,3 +168,34 @@ def test_a_max_len_inside_the_prompts_image_is_an_error_naming_the_record(tmp_pa
     with pytest.raises(DataFormatError, match=rf"pairs\.json record 0: the chosen sequence has {len(chosen)} tokens "
                                               rf"and max_len={inside_image} cuts through an image span"):
         dataset[0]
+
+
+def test_a_pairs_images_are_indexed_once_for_both_sequences():
+    """Spans come chosen then rejected, pair by pair: pairs of 2, 0 and 1 images."""
+    assert pair_image_index([2, 0, 1]).tolist() == [0, 1, 0, 1, 2, 2]
+    assert pair_image_index([]).tolist() == []
+
+
+def test_splitting_a_batch_of_pairs_gives_each_forward_its_pairs_images():
+    """split_rows cuts between pairs; each part holds only its pairs' images and indexes them from 0."""
+    image_start = 7
+
+    def with_image_spans(item, n):  # n image-start tokens in each sequence, so split_rows counts spans
+        for key in ("chosen", "rejected"):
+            item[key]["input_ids"][2:2 + n] = image_start
+        return item
+
+    items = [with_image_spans(pair_item(100, 4, 4, n_images=2), 2), with_image_spans(pair_item(200, 4, 4, n_images=0), 0),
+             with_image_spans(pair_item(300, 4, 4, n_images=1), 1)]
+    batch = Collator(pad_id=0, image_size=8, max_len=8, packing=True)(items)
+    assert batch["image_index"].tolist() == [0, 1, 0, 1, 2, 2]
+    parts = split_rows(batch, max_tokens=8, image_start_id=image_start)  # one row (one pair) per forward
+    assert [p["pixel_values"][:, 0, 0, 0].tolist() for p in parts] == [[100.0, 100.0], [], [300.0]]
+    assert [p["image_index"].tolist() for p in parts] == [[0, 1, 0, 1], [], [0, 0]]
+
+
+def test_an_answer_holding_an_image_is_refused(tiny_tokenizer):
+    """Batches hold a pair's images once, so they must be the prompt's: an answer cannot bring its own."""
+    prompt = [{"from": "user", "value": "Picture 1: <img>a.png</img>\nWhat is it?"}]
+    with pytest.raises(ValueError, match="an answer of the pair holds an image"):
+        render_preference_pair(tiny_tokenizer, prompt, "a cat", "<img>b.png</img> a dog", 4)

@@ -86,7 +86,8 @@ def test_preference_pairs_set_the_right_answer_against_a_plausible_wrong_one(wor
     tok = AutoTokenizer.from_pretrained(out / "tokenizer")
     cfg = DataConfig(paths=[str(out / "dpo.json")], image_size=32, max_len=512, num_workers=0)
     batch = next(iter(build_dataloader(cfg, tok, num_image_tokens=4, batch_size=4, preference=True)))
-    assert batch["num_pairs"] == 4 and batch["pixel_values"].shape[0] == 8
+    assert batch["num_pairs"] == 4 and batch["pixel_values"].shape[0] == 4  # each pair's picture once
+    assert batch["image_index"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
 def test_a_picture_gives_a_pair_for_every_question_it_answers():

@@ -107,6 +107,60 @@ def test_gradients_reach_every_parameter_with_images(tiny_vlm, batch):
         assert all(p.grad.abs().sum() > 0 for p in part.parameters())
 
 
+def test_shared_images_encoded_once_give_the_loss_and_gradients_of_each_span_its_own_copy(tiny_vlm, batch):
+    """image_index (a preference pair's two sequences show the same images): the spans [0, 1 | 0] over two
+    images equal three images [a, b, a] in loss and in every gradient, vision tower and resampler included."""
+    input_ids, _ = batch
+    shared = images(2, seed=3)
+    runs = []
+    for pixel_values, index in ((shared[[0, 1, 0]], None), (shared, torch.tensor([0, 1, 0]))):
+        model = copy.deepcopy(tiny_vlm).train()
+        loss = model(input_ids, pixel_values=pixel_values, labels=input_ids, image_index=index).loss
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_copies, grads_copies), (loss_once, grads_once) = runs
+    torch.testing.assert_close(loss_once, loss_copies)
+    for name, grad in grads_copies.items():
+        torch.testing.assert_close(grads_once[name], grad, msg=name)
+    with pytest.raises(ValueError, match="batch row 1: image spans up to this row need 3"):  # checked against the index
+        tiny_vlm(input_ids, pixel_values=shared, labels=input_ids, image_index=torch.tensor([0, 1]))
+
+
+def test_frozen_towers_encode_a_pixel_tensor_once_inside_frozen_vision_shared(tiny_vlm, batch):
+    """DPO's reference and policy forwards (one model, or a frozen copy of it) see the same pixel tensor: its
+    frozen tower runs once between them, with the outputs it would give alone. A tower that trains runs each
+    time, and outside the block nothing is shared."""
+    from models.vlm import frozen_vision_shared
+
+    input_ids, pixel_values = batch
+    policy = copy.deepcopy(tiny_vlm).train()
+    policy.vision.requires_grad_(False)
+    reference = copy.deepcopy(policy).eval()
+    runs = []
+    for model in (policy, reference):
+        model.vision.register_forward_hook(lambda module, args, out: runs.append(module))
+    alone = [model(input_ids, pixel_values=pixel_values, labels=input_ids).loss_sum for model in (reference, policy)]
+    assert len(runs) == 2
+    runs.clear()
+    with frozen_vision_shared(policy, reference):
+        with torch.no_grad():
+            shared_reference = reference(input_ids, pixel_values=pixel_values, labels=input_ids).loss_sum
+        shared_policy = policy(input_ids, pixel_values=pixel_values, labels=input_ids).loss_sum
+        policy(input_ids, pixel_values=pixel_values.clone(), labels=input_ids)  # another tensor: encoded anew
+    assert runs == [reference.vision, policy.vision]
+    assert torch.equal(shared_reference, alone[0]) and torch.equal(shared_policy.detach(), alone[1].detach())
+    shared_policy.backward()  # the resampler still trains on the shared encoding
+    assert all(p.grad is not None for p in policy.resampler.parameters())
+    assert policy.shared_vision is None and reference.shared_vision is None
+
+    policy.vision.requires_grad_(True)  # a training tower is never shared
+    runs.clear()
+    with frozen_vision_shared(policy):
+        for _ in range(2):
+            policy(input_ids, pixel_values=pixel_values, labels=input_ids)
+    assert runs == [policy.vision, policy.vision]
+
+
 def test_text_only_training_batch_gives_zero_grads_to_vision_and_resampler(tiny_vlm, tiny_tokenizer):
     model = copy.deepcopy(tiny_vlm).train()
     ids = torch.tensor([text(tiny_tokenizer, "What color is the bus? The bus is yellow.")])

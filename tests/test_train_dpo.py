@@ -206,6 +206,43 @@ def test_step_loss_is_pair_weighted_over_micro_batches_and_the_sft_term_token_we
             torch.testing.assert_close(g[name], grads[0][name], rtol=1e-3, atol=1e-5, msg=name)
 
 
+def test_a_pairs_images_encoded_once_and_shared_with_the_reference_give_the_step_of_separate_copies(
+        tiny_vlm, monkeypatch):
+    """The batch holds a pair's images once (image_index) and the frozen ViT encodes them once for reference
+    and policy: the step's metrics and gradients are those of every sequence with its own copy, each forward
+    encoding its own (as before both changes)."""
+    import contextlib
+
+    import train.dpo
+
+    cfg, vocab = tiny_vlm.config, tiny_vlm.config.text_config["vocab_size"]
+
+    def image(seed):
+        return (cfg.image_start_id, cfg.image_pad_id, cfg.image_end_id, cfg.num_image_tokens,
+                torch.randn(1, 3, 84, 84, generator=torch.Generator().manual_seed(seed)))
+
+    items = [pair_item(vocab, 6, 4, 5, seed=20, image=image(1)), pair_item(vocab, 5, 3, 6, seed=21),
+             pair_item(vocab, 7, 5, 2, seed=22, image=image(2))]
+    once = collate(items, packing=True)
+    assert once["pixel_values"].shape[0] == 2 and once["image_index"].tolist() == [0, 0, 1, 1]
+    copies = {k: v for k, v in once.items() if k != "image_index"}
+    copies["pixel_values"] = once["pixel_values"][once["image_index"]]
+    runs = []
+    for batch, shared in ((once, True), (copies, False)):
+        if not shared:
+            monkeypatch.setattr(train.dpo, "frozen_vision_shared", lambda *vlms: contextlib.nullcontext())
+        engine, objective = full_dpo(tiny_vlm, sft_weight=0.5)
+        _perturb_trainable(engine.model)  # policy away from its reference: margins are not 0
+        metrics = run_step(engine, objective, [batch])
+        runs.append((metrics, {n: p.grad for n, p in engine.model.named_parameters() if p.grad is not None}))
+    (metrics_once, grads_once), (metrics_copies, grads_copies) = runs
+    assert metrics_once["rewards/margins"] != 0.0
+    assert metrics_once == pytest.approx(metrics_copies, rel=1e-5, abs=1e-5)  # margins: differences of sums
+    assert grads_once.keys() == grads_copies.keys() and any(".resampler." in f".{n}" for n in grads_once)
+    for name, grad in grads_copies.items():
+        torch.testing.assert_close(grads_once[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def _perturb_trainable(model):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -232,6 +269,7 @@ def test_adapter_disabled_reference_gives_the_base_models_log_probs(tiny_vlm):
     with torch.no_grad():
         reference = AdapterDisabledReference()(engine, batch)
         base_logps = pair_logps(untouched(batch["input_ids"], pixel_values=batch["pixel_values"],
+                                          image_index=batch["image_index"],
                                           attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
                                           labels=batch["labels"], return_token_logps=True).token_logps, batch)
         policy = pair_logps(engine.forward_loss(batch, token_logps=True).token_logps, batch)

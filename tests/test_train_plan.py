@@ -233,14 +233,15 @@ def test_dpo_plans_two_sequences_per_pair_the_reference_and_its_forward(tokenize
 
     copy = make_plan(load_recipe(REPO / "recipes/tiny/dpo.yaml", [*tiny_overrides(tokenizer_dir), "perf.loss_impl=auto"]),
                      "r", tokens_per_sample=100)
-    assert (copy.batch.samples, copy.batch.images) == (4, 4)  # 2 pairs: 4 sequences, each with its image
+    assert (copy.batch.samples, copy.batch.images) == (4, 2)  # 2 pairs: 4 sequences, one image per pair
     counts = copy.model.counts
     assert copy.estimate.terms["weights: DPO reference copy"] == 4 * counts.total  # a deep copy, fp32 (bf16 off)
     assert copy.setup.loss_impl == "chunked"  # per-token log-probs: auto / liger take the chunked path
     assert "DPO reference forward" in copy.estimate.phases
     rates = step_flops(copy.model.config, vision_trains=False, resampler_trains=True, llm_trains=True)
-    rates = rates + forward_flops(copy.model.config)
-    assert copy.flops_per_step == rates(4 * 100, 4, 4 * 100**2)
+    # the copy on the policy's GPU shares the policy's frozen ViT encoding: only its resampler runs
+    rates = rates + forward_flops(copy.model.config, vision=False)
+    assert copy.flops_per_step == rates(4 * 100, 2, 4 * 100**2)
 
     lora = make_plan(load_recipe(REPO / "recipes/tiny/dpo_lora.yaml", tiny_overrides(tokenizer_dir)), "r",
                      tokens_per_sample=100)

@@ -31,6 +31,7 @@ from torch import nn
 
 from models.errors import UserError
 from models.loss import sum_per_sequence
+from models.vlm import frozen_vision_shared
 from train.objectives import IGNORE_INDEX
 from train.parallel import Engine, LossOutputs, all_reduce_sum, barrier, deepspeed_config
 from train.recipe import PreferenceSection, Recipe
@@ -74,10 +75,12 @@ class DirectPreference:
     SUMS = ("pair_loss", "chosen_nll", "rewards_chosen", "rewards_rejected", "accuracies", "logps_chosen",
             "logps_rejected")
 
-    def __init__(self, cfg: PreferenceSection, reference) -> None:
+    def __init__(self, cfg: PreferenceSection, reference, policy_vision_frozen: bool = True) -> None:
         self.cfg = cfg
         self.reference = reference
         self.runs_reference = not isinstance(reference, PrecomputedReference)  # a forward per step (FLOPs)
+        shares_tower = isinstance(reference, AdapterDisabledReference) or bool(reference.vision_twins)
+        self.reference_encodes_images = self.runs_reference and not (shares_tower and policy_vision_frozen)
 
     def count(self, batches: list[dict[str, Any]]) -> list[float]:
         return [sum(b["num_pairs"] for b in batches), sum(count_chosen_tokens(b) for b in batches)]
@@ -85,9 +88,11 @@ class DirectPreference:
     def __call__(self, engine: Engine, batch: dict[str, Any], counts: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         pairs, chosen_tokens = counts[0].clamp(min=1), counts[1].clamp(min=1)
-        with torch.no_grad():
-            reference = self.reference(engine, batch)
-        policy = pair_logps(engine.forward_loss(batch, token_logps=True).token_logps, batch)
+        # A frozen vision tower encodes the micro-batch's images once for the reference and the policy.
+        with frozen_vision_shared(base_vlm(engine.model), *self.reference.vision_twins):
+            with torch.no_grad():
+                reference = self.reference(engine, batch)
+            policy = pair_logps(engine.forward_loss(batch, token_logps=True).token_logps, batch)
         c = self.cfg
         losses, chosen_rewards, rejected_rewards = dpo_losses(policy[:, 0], policy[:, 1], reference[:, 0],
                                                               reference[:, 1], c.loss, c.beta, c.label_smoothing)
@@ -143,8 +148,15 @@ def copy_for_reference(model: nn.Module, recipe: Recipe) -> nn.Module | None:
     return reference.eval()
 
 
+def base_vlm(model: nn.Module) -> nn.Module:
+    """The VLM inside a peft model (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 class AdapterDisabledReference:
     """The policy network with its LoRA adapter (and modules_to_save) switched off."""
+
+    vision_twins: tuple[nn.Module, ...] = ()  # its vision tower is the policy's own
 
     def __call__(self, engine: Engine, batch: dict[str, Any]) -> torch.Tensor:
         with engine.model.disable_adapter():
@@ -154,19 +166,25 @@ class AdapterDisabledReference:
 class FrozenCopyReference:
     """A frozen copy: a module on this rank's device, or a DeepSpeed ZeRO-3 engine sharding it."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, zero3: bool = False) -> None:
         self.module = module
+        # A copy on this device has the policy's frozen tower (the VLM shares one encoding between them, if
+        # frozen); a ZeRO-3 engine's tower runs itself.
+        self.vision_twins = () if zero3 else (base_vlm(module),)
 
     def __call__(self, engine: Engine, batch: dict[str, Any]) -> torch.Tensor:
         out = self.module(input_ids=batch["input_ids"], pixel_values=batch.get("pixel_values"),
                           attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"),
                           labels=batch["labels"], cu_seq_lens=batch.get("cu_seq_lens"),
-                          max_length=batch.get("max_length"), return_token_logps=True)
+                          max_length=batch.get("max_length"), image_index=batch.get("image_index"),
+                          return_token_logps=True)
         return pair_logps(out[2] if isinstance(out, tuple) else out.token_logps, batch)
 
 
 class PrecomputedReference:
     """Reference log-probs computed before training, looked up by the pairs' dataset indices."""
+
+    vision_twins: tuple[nn.Module, ...] = ()
 
     def __init__(self, table: torch.Tensor) -> None:
         self.table = table  # [records, 2] on the training device
@@ -198,7 +216,8 @@ def build_reference(recipe: Recipe, engine: Engine, loader, frozen_reference: nn
     if mode == "adapter_disabled":
         return AdapterDisabledReference()
     if mode == "frozen_copy":
-        return FrozenCopyReference(place_frozen_copy(frozen_reference, recipe, engine))
+        return FrozenCopyReference(place_frozen_copy(frozen_reference, recipe, engine),
+                                   zero3=engine.mode == "zero3")
     return PrecomputedReference(load_or_precompute(recipe, engine, loader, pixel_dtype, run_dir))
 
 

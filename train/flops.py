@@ -56,11 +56,12 @@ def step_flops(
                      per_image=float(per_image))
 
 
-def forward_flops(config: VLMConfig) -> StepFlops:
-    """A forward pass only (DPO's frozen reference model)."""
+def forward_flops(config: VLMConfig, vision: bool = True) -> StepFlops:
+    """A forward pass only (DPO's frozen reference model); ``vision=False``: its images' vision tower
+    encodings come from the policy's (models.vlm.frozen_vision_shared), only its resampler runs."""
     n_llm, attention_fwd, _, resampler_fwd, vit_fwd = _forward_parts(config)
     return StepFlops(per_token=float(2 * n_llm), per_attention_pair=float(attention_fwd),
-                     per_image=float(resampler_fwd + vit_fwd))
+                     per_image=float(resampler_fwd + (vit_fwd if vision else 0)))
 
 
 def _forward_parts(config: VLMConfig) -> tuple[int, int, int, int, int]:

@@ -222,7 +222,7 @@ def train(recipe: Recipe) -> Path:
     pixel_dtype = torch.bfloat16 if engine.uses_deepspeed and recipe.train.bf16 else None
     objective = build_objective(recipe, engine, loader, frozen_reference, pixel_dtype, run_dir)
     if objective.runs_reference:  # DPO's reference forward is model work too
-        flops = flops + forward_flops(vlm.config)
+        flops = flops + forward_flops(vlm.config, vision=objective.reference_encodes_images)
     if info.is_main and cuda:  # what the step's activations add to this is the rest of the peak
         print(f"memory before the first step: {torch.cuda.memory_allocated(info.device) / 2**30:.1f} GiB allocated "
               f"(weights and optimiser state; peak so far {torch.cuda.max_memory_allocated(info.device) / 2**30:.1f})",

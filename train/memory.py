@@ -38,7 +38,7 @@ Activations of one forward pass of T tokens (row padding included) and N images:
   time in its forward); a trained one, or one with LoRA adapters, keeps each block's input when
   checkpointed (fp32 residual under autocast). The resampler keeps its inputs and k/v projections when
   gradient reaches it, only its input when checkpointed.
-- DPO (train.stage: dpo): a micro-batch of pairs holds two sequences per pair, each with its images; the
+- DPO (train.stage: dpo): a micro-batch of pairs holds two sequences per pair and each pair's images once; the
   per-token log-probs take the chunked path; ``frozen_copy`` keeps a second copy of the model (partitioned
   under ZeRO-3), and its or the adapter-disabled reference pass runs under no_grad before the policy's.
 

@@ -29,6 +29,7 @@ IGNORE_INDEX = -100
 
 class Objective(Protocol):
     runs_reference: bool  # a reference model's forward per micro-batch (counted in MFU)
+    reference_encodes_images: bool  # ... with its own vision tower's encoding (not the policy's, shared)
 
     def count(self, batches: list[dict[str, Any]]) -> list[float]: ...
 
@@ -47,6 +48,7 @@ class LanguageModelling:
     """Next-token cross-entropy (pretrain, multitask, sft), token-weighted over the step."""
 
     runs_reference = False
+    reference_encodes_images = False
 
     def count(self, batches: list[dict[str, Any]]) -> list[float]:
         return [sum(count_supervised(b) for b in batches)]
@@ -70,4 +72,6 @@ def build_objective(recipe: Recipe, engine: Engine, loader, frozen_reference: to
     from train.dpo import DirectPreference, build_reference
 
     reference = build_reference(recipe, engine, loader, frozen_reference, pixel_dtype, run_dir)
-    return DirectPreference(recipe.preference, reference)
+    vision_adapters = recipe.lora.enabled and bool(recipe.lora.vision_targets)
+    return DirectPreference(recipe.preference, reference,
+                            policy_vision_frozen=recipe.freeze.vision != "train" and not vision_adapters)

@@ -219,6 +219,7 @@ class Engine:
                 cu_seq_lens=batch.get("cu_seq_lens"),
                 max_length=batch.get("max_length"),
                 label_positions=batch.get("label_positions"),
+                image_index=batch.get("image_index"),
                 **extra,
             )
 

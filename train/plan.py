@@ -212,7 +212,8 @@ def setup_of(recipe: Recipe, model: ModelPlan, gpus: int, notes: list[str], sour
         reference = reference_mode(recipe)
         if loss_impl != "torch":  # models.loss.causal_lm_token_logps: liger's per-token mode is not used
             loss_impl = "chunked"
-        notes.append(f"DPO: micro_batch counts pairs (2 sequences, each with its images; --tokens-per-sample is "
+        notes.append(f"DPO: micro_batch counts pairs (2 sequences showing the pair's images, encoded once; "
+                     f"--tokens-per-sample is "
                      f"per sequence), per-token log-probs chunked, reference {reference}")
     m = recipe.model
     drawn_on_gpu = m.init_from is None and m.llm_path is None and m.openclip_name is None  # train.loop.build_model
@@ -256,7 +257,7 @@ def samples_per_row(data, tokens_per_sample: float, group: int = 1) -> int:
 def micro_batch_shape(data, micro_batch: int, tokens_per_sample: float, images_per_sample: float,
                       max_forward_tokens: int | None = None, group: int = 1) -> MicroBatch:
     """Rows and tokens of a micro-batch of ``micro_batch`` samples (DPO: pairs of ``group`` = 2 sequences,
-    each with its images) of ``tokens_per_sample`` tokens per sequence. Packed (data.packing): greedy rows of
+    whose images the batch holds once per pair, data.collate) of ``tokens_per_sample`` tokens per sequence. Packed (data.packing): greedy rows of
     up to pack_len (else max_len) tokens, padded to the longest row (data.packing.pack); otherwise one
     sequence per row. ``max_forward_tokens`` (train.max_forward_tokens): forward passes of as many whole
     rows as fit (at least one; data.collate.split_rows)."""
@@ -265,7 +266,7 @@ def micro_batch_shape(data, micro_batch: int, tokens_per_sample: float, images_p
     rows = math.ceil(sequences / per_row)
     width = round(min(sequences, per_row) * tokens_per_sample)
     rows_per_pass = max(1, max_forward_tokens // width) if max_forward_tokens else None
-    return MicroBatch(samples=sequences, rows=rows, row_len=width, images=sequences * images_per_sample,
+    return MicroBatch(samples=sequences, rows=rows, row_len=width, images=micro_batch * images_per_sample,
                       real_tokens=sequences * tokens_per_sample, packed=data.packing, rows_per_pass=rows_per_pass)
 
 
@@ -354,10 +355,12 @@ def make_plan(recipe: Recipe, source: str, gpus: int = 1, gpu_mem_gib: float = D
     llm_lora = model.counts.lora - model.vision_lora
     rates = step_flops(model.config, vision_trains=setup.vision_trains, resampler_trains=setup.resampler_trains,
                        llm_trains=setup.llm_trains, lora_params=llm_lora, vision_lora_params=model.vision_lora)
-    if setup.reference in ("frozen_copy", "adapter_disabled"):
-        rates = rates + forward_flops(model.config)
+    if setup.reference in ("frozen_copy", "adapter_disabled"):  # its ViT's encoding shared where it can be
+        shared = setup.reference == "adapter_disabled" or setup.mode != "zero3"
+        policy_vision_frozen = not setup.vision_trains and not model.vision_lora
+        rates = rates + forward_flops(model.config, vision=not (shared and policy_vision_frozen))
     samples = batch.samples * setup.grad_accum
-    flops = rates(samples * tokens, samples * images_per_sample, samples * tokens**2)
+    flops = rates(samples * tokens, samples // group * images_per_sample, samples * tokens**2)
     plan = Plan(recipe=source, model=model, setup=setup, batch=batch, estimate=est, tokens_per_sample=tokens,
                 images_per_sample=images_per_sample, gpu_mem_gib=gpu_mem_gib, flops_per_step=flops, mfu=mfu,
                 peak_tflops=peak_tflops, notes=notes)
