@@ -41,8 +41,9 @@ def frozen_vision_shared(*vlms: VLM) -> Iterator[None]:
     """Inside the block the frozen vision towers of ``vlms`` encode a given ``pixel_values`` tensor once
     between them: DPO's reference and policy forwards of a micro-batch show the same images to towers of
     equal weights (one model's tower, or a frozen copy of it; train.dpo), and the frozen 1.8B ViT is the
-    costliest part of a short sequence. A tower that trains or carries adapters runs as usual; the
-    encoding is held until the block ends."""
+    costliest part of a short sequence. A tower that trains runs as usual, adapters in it included (the
+    reference's adapter-off pass may store its encoding; the policy's, adapters training, never reads it).
+    The encoding is held until the block ends."""
     memo: dict = {}
     for vlm in vlms:
         vlm.shared_vision = memo

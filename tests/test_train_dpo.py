@@ -16,6 +16,7 @@ from data.collate import Collator
 from data.dataset import DataConfig, build_dataloader
 from data.sample import IGNORE_INDEX
 from models.loss import causal_lm_loss_sum, causal_lm_token_logps
+from models.vlm import frozen_vision_shared
 from train.dpo import (
     AdapterDisabledReference,
     DirectPreference,
@@ -275,6 +276,17 @@ def test_adapter_disabled_reference_gives_the_base_models_log_probs(tiny_vlm):
         policy = pair_logps(engine.forward_loss(batch, token_logps=True).token_logps, batch)
     torch.testing.assert_close(reference, base_logps, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(policy, base_logps, atol=1e-3)  # the adapter is back on afterwards
+
+    # Adapters that train in the vision tower keep it from sharing one encoding between the reference's forward,
+    # adapters off, and the policy's: each forward encodes, and the policy sees its adapters' effect.
+    runs = []
+    model.get_base_model().vision.register_forward_hook(lambda *args: runs.append(1))
+    with torch.no_grad(), frozen_vision_shared(model.get_base_model()):
+        shared_reference = AdapterDisabledReference()(engine, batch)
+        shared_policy = pair_logps(engine.forward_loss(batch, token_logps=True).token_logps, batch)
+    assert len(runs) == 2
+    torch.testing.assert_close(shared_reference, reference)
+    torch.testing.assert_close(shared_policy, policy)
 
 
 def write_pairs(root, tokenizer_dir=None, n=6):

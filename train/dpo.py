@@ -79,8 +79,8 @@ class DirectPreference:
         self.cfg = cfg
         self.reference = reference
         self.runs_reference = not isinstance(reference, PrecomputedReference)  # a forward per step (FLOPs)
-        shares_tower = isinstance(reference, AdapterDisabledReference) or bool(reference.vision_twins)
-        self.reference_encodes_images = self.runs_reference and not (shares_tower and policy_vision_frozen)
+        # Its vision tower is the policy's (adapters off) or a copy of it: a frozen one encodes once for both.
+        self.reference_encodes_images = self.runs_reference and not policy_vision_frozen
 
     def count(self, batches: list[dict[str, Any]]) -> list[float]:
         return [sum(b["num_pairs"] for b in batches), sum(count_chosen_tokens(b) for b in batches)]
@@ -168,9 +168,9 @@ class FrozenCopyReference:
 
     def __init__(self, module: nn.Module, zero3: bool = False) -> None:
         self.module = module
-        # A copy on this device has the policy's frozen tower (the VLM shares one encoding between them, if
-        # frozen); a ZeRO-3 engine's tower runs itself.
-        self.vision_twins = () if zero3 else (base_vlm(module),)
+        # The copy's tower is the policy's frozen one (frozen_vision_shared: one encoding for both, where the
+        # policy's tower is frozen); under ZeRO-3 the copy is an engine around LossOutputs around the model.
+        self.vision_twins = (base_vlm(module.module.model if zero3 else module),)
 
     def __call__(self, engine: Engine, batch: dict[str, Any]) -> torch.Tensor:
         out = self.module(input_ids=batch["input_ids"], pixel_values=batch.get("pixel_values"),

@@ -355,10 +355,9 @@ def make_plan(recipe: Recipe, source: str, gpus: int = 1, gpu_mem_gib: float = D
     llm_lora = model.counts.lora - model.vision_lora
     rates = step_flops(model.config, vision_trains=setup.vision_trains, resampler_trains=setup.resampler_trains,
                        llm_trains=setup.llm_trains, lora_params=llm_lora, vision_lora_params=model.vision_lora)
-    if setup.reference in ("frozen_copy", "adapter_disabled"):  # its ViT's encoding shared where it can be
-        shared = setup.reference == "adapter_disabled" or setup.mode != "zero3"
+    if setup.reference in ("frozen_copy", "adapter_disabled"):  # a frozen ViT's encoding is the policy's
         policy_vision_frozen = not setup.vision_trains and not model.vision_lora
-        rates = rates + forward_flops(model.config, vision=not (shared and policy_vision_frozen))
+        rates = rates + forward_flops(model.config, vision=not policy_vision_frozen)
     samples = batch.samples * setup.grad_accum
     flops = rates(samples * tokens, samples // group * images_per_sample, samples * tokens**2)
     plan = Plan(recipe=source, model=model, setup=setup, batch=batch, estimate=est, tokens_per_sample=tokens,
