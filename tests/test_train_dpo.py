@@ -166,6 +166,9 @@ def run_step(engine, objective, batches, max_forward_tokens=None):
 
 def test_frozen_copy_equals_the_policy_at_step_0_then_stays_where_it_started(tiny_vlm):
     engine, objective = full_dpo(tiny_vlm)
+    # MFU counts the reference's forward, but not a frozen tower's encoding, which the policy's serves
+    assert objective.runs_reference and not objective.reference_encodes_images
+    assert DirectPreference(objective.cfg, objective.reference, policy_vision_frozen=False).reference_encodes_images
     vocab = tiny_vlm.config.text_config["vocab_size"]
     batch = collate([pair_item(vocab, 6, 4, 5, seed=s) for s in range(4)], packing=False)
     first = run_step(engine, objective, [batch])
