@@ -40,6 +40,7 @@ from data.images import ImageLoadError, image_size_of, load_image
 from data.text import COORD_RANGE, encode_text_with_images, tokenize_plain
 from eval_mm.inference import stop_token_ids
 from models.errors import UserError, positive_int
+from models.loading import base_vlm
 from models.tokens import BOX_END, BOX_START, IMG_END, IMG_START, REF_END, REF_START
 
 # A <ref> phrase followed by one or more boxes, or a box on its own (ref None).
@@ -197,7 +198,7 @@ class Chat:
         if prompt_format not in ("chatml", "raw"):
             raise UserError(f"prompt format must be 'chatml' or 'raw', got {prompt_format!r}")
         self.model = model
-        self.vlm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.vlm = base_vlm(model)
         self.tokenizer = tokenizer if tokenizer is not None else self.vlm.tokenizer
         if self.tokenizer is None:
             raise UserError("Chat needs a tokenizer: pass one, or load the model with models.load_pretrained")

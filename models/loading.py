@@ -179,11 +179,11 @@ def load_pretrained(
     if tok is None:
         raise UserError(f"{path}: the export has no tokenizer (expected {' or '.join(TOKENIZER_FILES)}); pass a "
                         "tokenizer directory (model.tokenizer_path in a recipe)")
-    _vlm(model).tokenizer = tok
+    base_vlm(model).tokenizer = tok
     return model.eval(), tok
 
 
-def _vlm(model):
+def base_vlm(model: torch.nn.Module) -> torch.nn.Module:
     """The VLM inside a peft model (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.errors import UserError
+from models.loading import base_vlm
 from models.loss import sum_per_sequence
 from models.vlm import frozen_vision_shared
 from train.objectives import IGNORE_INDEX
@@ -146,11 +147,6 @@ def copy_for_reference(model: nn.Module, recipe: Recipe) -> nn.Module | None:
     reference = copy.deepcopy(model)
     reference.requires_grad_(False)
     return reference.eval()
-
-
-def base_vlm(model: nn.Module) -> nn.Module:
-    """The VLM inside a peft model (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class AdapterDisabledReference:

@@ -213,8 +213,7 @@ def setup_of(recipe: Recipe, model: ModelPlan, gpus: int, notes: list[str], sour
         if loss_impl != "torch":  # models.loss.causal_lm_token_logps: liger's per-token mode is not used
             loss_impl = "chunked"
         notes.append(f"DPO: micro_batch counts pairs (2 sequences showing the pair's images, encoded once; "
-                     f"--tokens-per-sample is "
-                     f"per sequence), per-token log-probs chunked, reference {reference}")
+                     f"--tokens-per-sample is per sequence), per-token log-probs chunked, reference {reference}")
     m = recipe.model
     drawn_on_gpu = m.init_from is None and m.llm_path is None and m.openclip_name is None  # train.loop.build_model
     loaded_on_gpu = m.init_from is not None and mode != "zero3" and not recipe.quantization.enabled
@@ -257,8 +256,8 @@ def samples_per_row(data, tokens_per_sample: float, group: int = 1) -> int:
 def micro_batch_shape(data, micro_batch: int, tokens_per_sample: float, images_per_sample: float,
                       max_forward_tokens: int | None = None, group: int = 1) -> MicroBatch:
     """Rows and tokens of a micro-batch of ``micro_batch`` samples (DPO: pairs of ``group`` = 2 sequences,
-    whose images the batch holds once per pair, data.collate) of ``tokens_per_sample`` tokens per sequence. Packed (data.packing): greedy rows of
-    up to pack_len (else max_len) tokens, padded to the longest row (data.packing.pack); otherwise one
+    whose images the batch holds once per pair, data.collate) of ``tokens_per_sample`` tokens per sequence.
+    Packed (data.packing): greedy rows of up to pack_len (else max_len) tokens, padded to the longest row (data.packing.pack); otherwise one
     sequence per row. ``max_forward_tokens`` (train.max_forward_tokens): forward passes of as many whole
     rows as fit (at least one; data.collate.split_rows)."""
     sequences = micro_batch * group
@@ -359,7 +358,7 @@ def make_plan(recipe: Recipe, source: str, gpus: int = 1, gpu_mem_gib: float = D
         policy_vision_frozen = not setup.vision_trains and not model.vision_lora
         rates = rates + forward_flops(model.config, vision=not policy_vision_frozen)
     samples = batch.samples * setup.grad_accum
-    flops = rates(samples * tokens, samples // group * images_per_sample, samples * tokens**2)
+    flops = rates(samples * tokens, batch.images * setup.grad_accum, samples * tokens**2)
     plan = Plan(recipe=source, model=model, setup=setup, batch=batch, estimate=est, tokens_per_sample=tokens,
                 images_per_sample=images_per_sample, gpu_mem_gib=gpu_mem_gib, flops_per_step=flops, mfu=mfu,
                 peak_tflops=peak_tflops, notes=notes)
