@@ -108,8 +108,6 @@ def render_preference_pair(
                                system_message, assistant_only=True)
         sample.labels[:prompt_len] = [IGNORE_INDEX] * prompt_len
         pair.append(sample)
-    if pair[0].image_paths != pair[1].image_paths:  # batches hold a pair's images once (data.collate)
-        raise ValueError("an answer of the pair holds an image (<img>...</img>); a pair's images belong to its prompt")
     return pair[0], pair[1]
 
 

@@ -24,7 +24,8 @@ class Collator:
     loader skips it.
 
     A batch of pairs holds 2 sequences per pair, chosen then rejected; with packing a pair shares a row. Both
-    sequences show the prompt's images, which ``pixel_values`` holds once per pair: ``image_index`` maps each
+    sequences show the prompt's images (an answer holding one is refused on load, data.formats), which
+    ``pixel_values`` holds once per pair: ``image_index`` maps each
     image span (in order of appearance) to its row of ``pixel_values``, so the vision tower and resampler
     encode a pair's images once, not once per sequence. It adds ``sequence_ids`` (data.packing),
     ``num_pairs`` and ``pair_index`` (the pairs' dataset indices, for precomputed reference log-probs);

@@ -192,10 +192,3 @@ def test_splitting_a_batch_of_pairs_gives_each_forward_its_pairs_images():
     parts = split_rows(batch, max_tokens=8, image_start_id=image_start)  # one row (one pair) per forward
     assert [p["pixel_values"][:, 0, 0, 0].tolist() for p in parts] == [[100.0, 100.0], [], [300.0]]
     assert [p["image_index"].tolist() for p in parts] == [[0, 1, 0, 1], [], [0, 0]]
-
-
-def test_an_answer_holding_an_image_is_refused(tiny_tokenizer):
-    """Batches hold a pair's images once, so they must be the prompt's: an answer cannot bring its own."""
-    prompt = [{"from": "user", "value": "Picture 1: <img>a.png</img>\nWhat is it?"}]
-    with pytest.raises(ValueError, match="an answer of the pair holds an image"):
-        render_preference_pair(tiny_tokenizer, prompt, "a cat", "<img>b.png</img> a dog", 4)
