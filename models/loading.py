@@ -25,7 +25,9 @@ adapter whose base does not fit) raise ``models.errors.UserError`` naming the pa
 
 from __future__ import annotations
 
+import importlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,18 @@ TRAINING_INFO = "training_info.json"
 VLM_CONFIG_OF_ADAPTER = "vlm_config.json"  # the trained model's VLMConfig, written beside an adapter
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 MAX_ADAPTER_CHAIN = 8  # adapter on an adapter export on ...: guards against an init_from cycle
+
+
+def import_peft(module: str = "peft"):
+    """``import peft`` (or one of its modules), without bitsandbytes' CPU start-up warning.
+
+    peft imports bitsandbytes, which on a CPU with AVX512-bf16 asks the Hugging Face Hub for a 4-bit CPU
+    kernel (through ``kernels``); that is remote code, which is not trusted, so the request is refused
+    and bitsandbytes logs a warning that suggests ``trust_remote_code=True``. Nothing here runs 4-bit
+    layers on a CPU (Q-LoRA needs CUDA), so that one logger is quietened to errors before the import.
+    """
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    return importlib.import_module(module)
 
 
 @dataclass
@@ -248,9 +262,7 @@ def _load_adapter(layout: ExportLayout, base: str | Path | None, dtype: torch.dt
 
 def apply_adapter(base, adapter_dir: str | Path, merge: bool = True):
     """A peft adapter directory on a base VLM (in memory); ``merge`` folds it into plain weights (a VLM)."""
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    model = import_peft().PeftModel.from_pretrained(base, str(adapter_dir))
     return model.merge_and_unload() if merge else model
 
 

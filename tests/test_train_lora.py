@@ -4,6 +4,9 @@ save -> load -> merge gives the same outputs. Q-LoRA on a GPU."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -242,3 +245,31 @@ def test_fused_lora_forward_on_4bit_layers_matches_peft():
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     for name in want_grads:
         torch.testing.assert_close(got_grads[name], want_grads[name], rtol=5e-2, atol=1e-3)
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
+def test_a_run_without_lora_does_not_import_peft():
+    """The perf switches look for LoRA layers in every run; without peft loaded there are none, and peft
+    (with bitsandbytes behind it) is not imported just to find that out."""
+    run = _python("import sys, torch\nfrom train.lora import fuse_lora_forwards\n"
+                  "assert fuse_lora_forwards(torch.nn.Sequential(torch.nn.Linear(2, 2))) == 0\n"
+                  "print('peft' in sys.modules, 'bitsandbytes' in sys.modules)")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["False", "False"]
+
+
+BNB_CPU_WARNING = "Failed to load CPU gemm_4bit_forward"
+
+
+def test_importing_peft_does_not_print_bitsandbytes_cpu_kernel_warning():
+    """On an AVX512-bf16 CPU, a plain `import peft` makes bitsandbytes ask the Hub for a remote CPU
+    kernel and warn, suggesting trust_remote_code; every peft import of ours goes through import_peft."""
+    if BNB_CPU_WARNING not in _python("import peft").stderr:
+        pytest.skip("a plain import of peft prints no such warning on this CPU / bitsandbytes version")
+    ours = _python("from models.loading import import_peft\nimport_peft()\nimport peft")
+    assert ours.returncode == 0, ours.stderr
+    assert BNB_CPU_WARNING not in ours.stderr

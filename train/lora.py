@@ -12,12 +12,14 @@ embeddings of a base model, and froze the resampler under LoRA, Qwen-VL#116.)
 from __future__ import annotations
 
 import re
+import sys
 import types
 
 import torch
 from torch import nn
 
 from models.errors import UserError
+from models.loading import import_peft
 from train.freeze import embeddings_train
 from train.recipe import FreezeSection, LoraSection, QuantizationSection
 
@@ -47,13 +49,13 @@ def target_pattern(lora: LoraSection) -> str:
 def apply_lora(model: nn.Module, lora: LoraSection, freeze: FreezeSection, gradient_checkpointing: bool = False):
     """Wrap the VLM in a peft model: LoRA adapters on the LLM (and the ViT), the recipe's trained modules
     saved in full."""
-    from peft import LoraConfig, get_peft_model
+    peft = import_peft()
 
     if freeze.llm == "train":
         raise UserError("lora.enabled with freeze.llm: train: LoRA adapts a frozen LLM; set freeze.llm: frozen")
     if lora.vision_targets and freeze.vision == "train":
         raise UserError("lora.vision_targets adapts a frozen vision tower; set freeze.vision: frozen")
-    config = LoraConfig(
+    config = peft.LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -65,7 +67,7 @@ def apply_lora(model: nn.Module, lora: LoraSection, freeze: FreezeSection, gradi
         # Checkpointed blocks need an input that requires grad for their recompute to reach the
         # adapters when the embeddings are frozen.
         model.llm.enable_input_require_grads()
-    return get_peft_model(model, config)
+    return peft.get_peft_model(model, config)
 
 
 def quantize_llm_4bit(model: nn.Module, cfg: QuantizationSection, device: torch.device) -> None:
@@ -150,7 +152,9 @@ def _fused_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> to
 
 def fuse_lora_forwards(model: nn.Module) -> int:
     """Run every peft LoRA linear layer of ``model`` through ``_fused_lora_forward``; returns how many."""
-    from peft.tuners.lora import LoraLayer
+    if "peft" not in sys.modules:  # no peft layer can exist; importing peft would only cost start-up time
+        return 0
+    LoraLayer = import_peft("peft.tuners.lora").LoraLayer
 
     count = 0
     for module in model.modules():
