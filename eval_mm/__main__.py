@@ -1,4 +1,4 @@
-"""python -m eval_mm run|score|list|chat (see docs/evaluation.md). A mistake in the command line, a
+"""python -m eval_mm run|score|compare|list|chat (see docs/evaluation.md). A mistake in the command line, a
 benchmark file or a path prints one line ``error: ...`` and exits with status 2 (``--debug`` shows the
 traceback)."""
 
@@ -73,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "a DPO run started from): adds the held-out reward accuracy (eval_mm.metrics)")
     _add_metric_options(score)
 
+    compare = sub.add_parser("compare", help="the change between two evaluations of the same samples, with its "
+                                             "paired standard error (eval_mm.compare)")
+    compare.add_argument("baseline", help="an evaluation folder (run --out, or a training run's eval/)")
+    compare.add_argument("candidate", help="another evaluation folder of the same benchmarks and samples")
+    compare.add_argument("--data-root", required=True, help="where the benchmarks' annotation files are")
+    compare.add_argument("--bench", default=None, help="comma-separated benchmarks (default: every one both hold)")
+    compare.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    _add_metric_options(compare)
+
     sub.add_parser("list", help="benchmarks, their data files and metrics")
 
     chat = sub.add_parser("chat", help="talk to a checkpoint about images (one question, or a session on stdin)")
@@ -112,6 +121,14 @@ def cmd_score(args) -> dict:
                                    where=f"{bench.name} ({path} vs {reference_path})")
     print(json.dumps(metrics))
     return metrics
+
+
+def cmd_compare(args) -> dict:
+    from eval_mm.compare import compare_runs, format_comparison
+
+    results = compare_runs(args.baseline, args.candidate, args.data_root, args.bench, _metric_options(args))
+    print(json.dumps(results) if args.json else format_comparison(results))
+    return results
 
 
 def read_prediction_file(path: Path) -> dict[str, str]:
@@ -184,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd_list()
     elif args.command == "score":
         cmd_score(args)
+    elif args.command == "compare":
+        cmd_compare(args)
     elif args.command == "chat":
         cmd_chat(args)
     else:

@@ -40,10 +40,18 @@ def test_demo_writes_metrics_of_every_stage_on_every_benchmark(tmp_path):
     assert "(sft, chatml prompts)" in proc.stdout and "(multitask, raw prompts)" in proc.stdout
     assert "(dpo, chatml prompts)" in proc.stdout and "rewards/accuracies" in proc.stdout
     assert "| sft |" in proc.stdout and "| dpo |" in proc.stdout and "demo wall time" in proc.stdout
-    # DPO's implicit reward on the held-out pairs, its SFT start as the reference (eval_mm.metrics.reward_accuracy)
+    # DPO against its SFT start on the same samples (eval_mm.compare): every benchmark with a per-sample metric,
+    # and DPO's implicit reward on the held-out pairs (eval_mm.metrics.reward_accuracy), also in metrics.json
+    comparison = json.loads((out / "dpo_vs_sft.json").read_text())
+    assert set(comparison) == set(BENCHES) and "skipped" in comparison["synth_caption"]
+    for bench in ("synth_vqa", "synth_grounding", "synth_mc", "synth_preference"):
+        change = comparison[bench]
+        assert change["num_samples"] == EVAL_LIMIT and change["won"] + change["lost"] <= EVAL_LIMIT
+        assert change["change"] == pytest.approx(change["candidate"] - change["baseline"])
+        assert change["candidate"] == pytest.approx(metrics["dpo"][bench][BENCHES[bench]], abs=0.005), bench  # VQA: 2 digits
     reward = metrics["dpo"]["synth_preference"]
     assert reward["num_pairs"] == EVAL_LIMIT and 0.0 <= reward["reward_accuracy"] <= 100.0
-    assert f"DPO's reward accuracy on the {EVAL_LIMIT} held-out pairs" in proc.stdout
+    assert "DPO against the SFT export it started from" in proc.stdout and "reward accuracy" in proc.stdout
 
 
 def test_eval_section_without_data_root_fails_before_training(tmp_path):

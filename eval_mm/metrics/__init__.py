@@ -1,13 +1,14 @@
 """Metric registry: every metric takes predictions and references keyed by sample id and returns a
 flat dict of numbers (percentages unless the name says otherwise) including `num_samples`."""
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from eval_mm.metrics.caption import caption_scores
 from eval_mm.metrics.choice import circular_accuracy, mme_scores
-from eval_mm.metrics.grounding import grounding_hit
+from eval_mm.metrics.grounding import grounding_hit, parse_first_box
 from eval_mm.metrics.text_match import (
     anls_question_score,
     exact_match_score,
@@ -47,31 +48,47 @@ def _mean_percent(scores: list[float]) -> float:
     return 100.0 * sum(scores) / len(scores)
 
 
-def _per_question(fn: Callable[[str, Any], float], name: str):
-    def metric(predictions: dict[str, str], references: dict[str, Any], options: MetricOptions) -> dict:
-        return {name: _mean_percent([fn(predictions[k], references[k], options) for k in references])}
-    return metric
+def _preference_score(margin: str | float) -> float:
+    return float(float(margin) > 0)  # log p(chosen) - log p(rejected) > 0: the model prefers the right answer
 
 
-def _vqa(predictions, references, options):
-    # The official script reports round(100 * mean, 2).
-    return {"vqa_accuracy": round(_mean_percent([vqa_question_accuracy(predictions[k], references[k])
-                                                 for k in references]), 2)}
+# The score in [0, 1] of one sample, for every metric that is a mean over samples: the metrics below
+# average these, and `paired_change` compares two models sample by sample (python -m eval_mm compare).
+# Caption scores (CIDEr and the rest), MME's paired-image scores and circular accuracy are not per-sample means.
+SAMPLE_SCORES: dict[str, Callable[[str, Any, MetricOptions], float]] = {
+    "vqa_accuracy": lambda p, r, o: vqa_question_accuracy(p, r),
+    "anls": lambda p, r, o: anls_question_score(p, r, o.anls_threshold),
+    "relaxed_accuracy": lambda p, r, o: relaxed_accuracy_score(p, r, o.chartqa_reference_order),
+    "exact_match": lambda p, r, o: exact_match_score(p, r),
+    "gqa_accuracy": lambda p, r, o: exact_match_score(gqa_clean_answer(p), r),
+    "grounding": lambda p, r, o: float(grounding_hit(p, r["bbox"], r["width"], r["height"], o.box_divisor)[0]),
+    "choice_accuracy": lambda p, r, o: float(p.strip() == r),
+    "preference": lambda p, r, o: _preference_score(p),
+}
+
+
+def sample_scores(metric: str, predictions: dict[str, Any], references: dict[str, Any],
+                  options: MetricOptions = MetricOptions()) -> dict[str, float]:
+    """id -> the sample's score in [0, 1] under ``metric`` (a key of SAMPLE_SCORES), for every reference."""
+    score = SAMPLE_SCORES[metric]
+    return {k: score(predictions[k], references[k], options) for k in references}
+
+
+def _per_question(metric: str, name: str, digits: int | None = None):
+    def mean(predictions: dict[str, str], references: dict[str, Any], options: MetricOptions) -> dict:
+        value = _mean_percent(list(sample_scores(metric, predictions, references, options).values()))
+        return {name: value if digits is None else round(value, digits)}
+    return mean
 
 
 def _grounding(predictions, references, options):
-    hits, unparsable = [], 0
-    for k, ref in references.items():
-        hit, parsed = grounding_hit(predictions[k], ref["bbox"], ref["width"], ref["height"], options.box_divisor)
-        hits.append(float(hit))
-        unparsable += not parsed
-    return {"accuracy_iou0.5": _mean_percent(hits), "num_unparsable": unparsable}
+    unparsable = sum(parse_first_box(predictions[k]) is None for k in references)
+    return _per_question("grounding", "accuracy_iou0.5")(predictions, references, options) | {"num_unparsable": unparsable}
 
 
 def _choice(predictions, references, options):
-    correct = [float(predictions[k].strip() == references[k]) for k in references]
     unparsable = sum(1 for k in references if not predictions[k].strip())
-    return {"accuracy": _mean_percent(correct), "num_unparsable": unparsable}
+    return _per_question("choice_accuracy", "accuracy")(predictions, references, options) | {"num_unparsable": unparsable}
 
 
 def _circular(predictions, references, options):
@@ -87,8 +104,30 @@ def _circular(predictions, references, options):
 
 
 def _preference(predictions, references, options):
-    margins = [float(predictions[k]) for k in references]  # log p(chosen) - log p(rejected)
-    return {"accuracy": _mean_percent([float(m > 0) for m in margins]), "mean_margin": sum(margins) / len(margins)}
+    margins = [float(predictions[k]) for k in references]
+    return _per_question("preference", "accuracy")(predictions, references, options) | {"mean_margin": sum(margins) / len(margins)}
+
+
+def paired_change(baseline: dict[str, float], candidate: dict[str, float], where: str = "") -> dict:
+    """Two models' per-sample scores (``sample_scores``) on the same samples: their means, the change
+    (candidate - baseline) and its paired standard error, in points, and how many samples each wins.
+
+    The standard error is that of the mean per-sample difference, sd(d) / sqrt(n): pairing removes the
+    spread of sample difficulty that two independent standard errors would count twice, so a change of a
+    few points on a few hundred samples can be told from noise (about two standard errors)."""
+    if set(baseline) != set(candidate):
+        differ = sorted(set(baseline) ^ set(candidate))
+        raise CoverageError(f"{where}: the two runs scored different samples ({len(differ)} differ, "
+                            f"e.g. {differ[0]!r}); compare runs of the same benchmark and --limit")
+    n = len(baseline)
+    if n == 0:
+        raise UserError(f"{where}: no samples to compare")
+    diffs = [candidate[k] - baseline[k] for k in baseline]
+    mean = sum(diffs) / n
+    variance = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    return {"baseline": _mean_percent(list(baseline.values())), "candidate": _mean_percent(list(candidate.values())),
+            "change": 100.0 * mean, "paired_se": 100.0 * math.sqrt(variance / n),
+            "won": sum(d > 0 for d in diffs), "lost": sum(d < 0 for d in diffs), "num_samples": n}
 
 
 def reward_accuracy(margins: dict[str, float | str], reference_margins: dict[str, float | str],
@@ -118,12 +157,11 @@ def _mme(predictions, references, options):
 
 
 METRICS: dict[str, Callable[[dict[str, str], dict[str, Any], MetricOptions], dict]] = {
-    "vqa_accuracy": _vqa,
-    "anls": _per_question(lambda p, r, o: anls_question_score(p, r, o.anls_threshold), "anls"),
-    "relaxed_accuracy": _per_question(
-        lambda p, r, o: relaxed_accuracy_score(p, r, o.chartqa_reference_order), "relaxed_accuracy"),
-    "exact_match": _per_question(lambda p, r, o: exact_match_score(p, r), "accuracy"),
-    "gqa_accuracy": _per_question(lambda p, r, o: exact_match_score(gqa_clean_answer(p), r), "accuracy"),
+    "vqa_accuracy": _per_question("vqa_accuracy", "vqa_accuracy", digits=2),  # the official script's round(100 * mean, 2)
+    "anls": _per_question("anls", "anls"),
+    "relaxed_accuracy": _per_question("relaxed_accuracy", "relaxed_accuracy"),
+    "exact_match": _per_question("exact_match", "accuracy"),
+    "gqa_accuracy": _per_question("gqa_accuracy", "accuracy"),
     "grounding": _grounding,
     "choice_accuracy": _choice,
     "circular_accuracy": _circular,
