@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eval_mm.benchmarks import Benchmark, get_benchmark, parse_bench_list
+from eval_mm.benchmarks import BENCHMARKS, Benchmark, parse_bench_list
 from eval_mm.datasets import load_references
 from eval_mm.metrics import SAMPLE_SCORES, MetricOptions, paired_change, reward_accuracy, sample_scores
 from eval_mm.runner import read_predictions
@@ -34,8 +34,8 @@ def _predictions(run_dir: Path, bench: Benchmark) -> dict[str, str | float]:
 def benchmarks_in_both(baseline_dir: Path, candidate_dir: Path) -> list[Benchmark]:
     """The known benchmarks whose predictions both folders hold, in name order."""
     names = sorted(p.parent.name for p in baseline_dir.glob(f"*/{PREDICTIONS}")
-                   if (candidate_dir / p.parent.name / PREDICTIONS).is_file())
-    return [get_benchmark(n) for n in names]
+                   if p.parent.name in BENCHMARKS and (candidate_dir / p.parent.name / PREDICTIONS).is_file())
+    return [BENCHMARKS[n] for n in names]
 
 
 def compare_runs(baseline_dir: str | Path, candidate_dir: str | Path, data_root: str | Path,
