@@ -15,6 +15,8 @@ runs write identical bytes). Files (all paths inside are relative to DIR, the fi
   sft.json                 Qwen-VL fine-tune JSON (multi-turn, some with 2 pictures, <ref>/<box> answers)
   dpo.json                 preference pairs {conversations, chosen, rejected}, every count / colour / box
                            question of each picture: the right answer against a plausible wrong one (DPO)
+  dpo_count_color.json     its count and colour pairs (the demo's DPO stage: box pairs need a model that binds
+                           a shape to its place)
   caption_test.json        COCO format {images[{id, image}], annotations[{id, image_id, caption}]}
   vqa_test.jsonl           {image, question, question_id, answer, answers (10)}
   vqa_test_annotations.json  VQAv2-style {annotations[{question_id, answers[{answer, answer_id}], ...}]}
@@ -338,12 +340,17 @@ def generate(out: str | Path, seed: int = 0, n_train: int = 2000, n_eval: int = 
            for k, pair in enumerate(preference_pairs(dpo_rng, p, things, size))]
     dpo_test = [{"id": f"dpo_test_{i}_{k}", **pair} for i, (p, things) in enumerate(evals)
                 for k, pair in enumerate(preference_pairs(dpo_rng, p, things, size))]
+    # What the demo's DPO stage trains on: the count and colour pairs. A box pair asks which of a picture's
+    # shapes is where, which a model that does not bind a shape to its place cannot learn; DPO then only
+    # moves the quadrant its boxes favour, and grounding with it (docs/training.md "DPO").
+    dpo_count_color = [r for r in dpo if "<box>" not in r["chosen"]["value"]]
 
     files = {
         "pretrain": ("pretrain.jsonl", "train", "pretrain pairs {image, caption}", pretrain),
         "multitask": ("multitask.jsonl", "train", "multitask records (data.templates)", multitask),
         "sft": ("sft.json", "train", "Qwen-VL fine-tune JSON list", sft),
         "dpo": ("dpo.json", "train", "preference pairs {conversations, chosen, rejected} (Qwen-VL JSON)", dpo),
+        "dpo_count_color": ("dpo_count_color.json", "train", "the count and colour pairs of dpo.json", dpo_count_color),
         "caption_test": ("caption_test.json", "eval", "COCO caption JSON", caption_test),
         "vqa_test": ("vqa_test.jsonl", "eval", "VQA JSONL {image, question, question_id, answer, answers}", vqa_test),
         "vqa_test_annotations": ("vqa_test_annotations.json", "eval", "VQAv2 annotations JSON", {"annotations": vqa_ann}),

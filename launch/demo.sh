@@ -2,7 +2,8 @@
 # The embedded demo on CPU: synthetic world -> pretrain -> multitask -> SFT of models.presets.demo,
 # each stage evaluated on held-out synthetic benchmarks (the recipe's eval section, train/loop.py).
 #   bash launch/demo.sh [OUT_DIR]      (default runs/demo; about 7 minutes on 2 free CPU cores)
-#   DPO=1 bash launch/demo.sh [OUT_DIR]   adds a fourth stage, DPO on preference pairs (about 3 minutes more),
+#   DPO=1 bash launch/demo.sh [OUT_DIR]   adds a fourth stage, DPO on the world's count and colour preference
+#                                         pairs (about 2 minutes more),
 #                                         the held-out preference accuracy (synth_preference) to every
 #                                         evaluation, and DPO's change over SFT sample by sample
 # Prints a metrics table after each stage and writes OUT_DIR/metrics.json as
@@ -51,7 +52,7 @@ stage pretrain demo_pretrain.yaml pretrain.jsonl "${PRETRAIN_STEPS:-}"
 stage multitask demo_multitask.yaml multitask.jsonl "${MULTITASK_STEPS:-}" model.init_from="$OUT/pretrain/final"
 stage sft demo_sft.yaml sft.json "${SFT_STEPS:-}" model.init_from="$OUT/multitask/final"
 if [[ -n "${DPO:-}" ]]; then
-    stage dpo demo_dpo.yaml dpo.json "${DPO_STEPS:-}" model.init_from="$OUT/sft/final"
+    stage dpo demo_dpo.yaml dpo_count_color.json "${DPO_STEPS:-}" model.init_from="$OUT/sft/final"
 fi
 
 # Gather the per-stage figures (RUN/final/metrics.json, written by the recipe's eval) into one file.

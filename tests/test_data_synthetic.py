@@ -80,6 +80,10 @@ def test_preference_pairs_set_the_right_answer_against_a_plausible_wrong_one(wor
             kinds.add("color")
             assert "color" in question and chosen != rejected and {chosen, rejected} <= set(COLORS)
     assert kinds == {"box", "count", "color"}
+    # The demo's DPO stage trains on the count and colour pairs only: dpo.json without its box pairs, in order
+    count_color, _ = load_records(out / "dpo_count_color.json")
+    assert count_color == [r for r in records if "<box>" not in r["chosen"]]
+    assert manifest["files"]["dpo_count_color"]["count"] == len(count_color) > 0
     held_out, _ = load_records(out / "dpo_test.json")
     assert manifest["files"]["dpo_test"]["count"] == len(held_out) > 12
     assert all("/images/eval/" in r["conversations"][-1]["value"] for r in held_out)
@@ -117,7 +121,7 @@ def test_the_preference_pairs_leave_every_other_file_as_it_was(world, tmp_path, 
     out, _ = world
     monkeypatch.setattr(data.synthetic, "preference_pairs", lambda *args: [])
     generate(tmp_path / "b", seed=5, n_train=40, n_eval=12, image_size=64, vocab_size=600)
-    files = [f for f in _all_files(out) if f.name not in ("dpo.json", "dpo_test.json", "manifest.json")]
+    files = [f for f in _all_files(out) if f.name not in ("dpo.json", "dpo_count_color.json", "dpo_test.json", "manifest.json")]
     match, mismatch, errors = filecmp.cmpfiles(out, tmp_path / "b", [str(f) for f in files], shallow=False)
     assert len(match) == len(files) > 52 and mismatch == [] and errors == []
 
