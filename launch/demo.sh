@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The embedded demo on CPU: synthetic world -> pretrain -> multitask -> SFT of models.presets.demo,
 # each stage evaluated on held-out synthetic benchmarks (the recipe's eval section, train/loop.py).
-#   bash launch/demo.sh [OUT_DIR]      (default runs/demo; about 7 minutes on 2 free CPU cores)
+#   bash launch/demo.sh [OUT_DIR]      (default runs/demo; about 8 minutes on 2 free CPU cores)
 #   DPO=1 bash launch/demo.sh [OUT_DIR]   adds a fourth stage, DPO on the world's count and colour preference
 #                                         pairs (about 2 minutes more),
 #                                         the held-out preference accuracy (synth_preference) to every
