@@ -48,10 +48,6 @@ def _mean_percent(scores: list[float]) -> float:
     return 100.0 * sum(scores) / len(scores)
 
 
-def _preference_score(margin: str | float) -> float:
-    return float(float(margin) > 0)  # log p(chosen) - log p(rejected) > 0: the model prefers the right answer
-
-
 # The score in [0, 1] of one sample, for every metric that is a mean over samples: the metrics below
 # average these, and `paired_change` compares two models sample by sample (python -m eval_mm compare).
 # Caption scores (CIDEr and the rest), MME's paired-image scores and circular accuracy are not per-sample means.
@@ -63,7 +59,7 @@ SAMPLE_SCORES: dict[str, Callable[[str, Any, MetricOptions], float]] = {
     "gqa_accuracy": lambda p, r, o: exact_match_score(gqa_clean_answer(p), r),
     "grounding": lambda p, r, o: float(grounding_hit(p, r["bbox"], r["width"], r["height"], o.box_divisor)[0]),
     "choice_accuracy": lambda p, r, o: float(p.strip() == r),
-    "preference": lambda p, r, o: _preference_score(p),
+    "preference": lambda p, r, o: float(float(p) > 0),  # margin log p(chosen) - log p(rejected) > 0
 }
 
 
@@ -74,21 +70,25 @@ def sample_scores(metric: str, predictions: dict[str, Any], references: dict[str
     return {k: score(predictions[k], references[k], options) for k in references}
 
 
+def _mean_score(metric: str, predictions, references, options) -> float:
+    return _mean_percent(list(sample_scores(metric, predictions, references, options).values()))
+
+
 def _per_question(metric: str, name: str, digits: int | None = None):
     def mean(predictions: dict[str, str], references: dict[str, Any], options: MetricOptions) -> dict:
-        value = _mean_percent(list(sample_scores(metric, predictions, references, options).values()))
+        value = _mean_score(metric, predictions, references, options)
         return {name: value if digits is None else round(value, digits)}
     return mean
 
 
 def _grounding(predictions, references, options):
-    unparsable = sum(parse_first_box(predictions[k]) is None for k in references)
-    return _per_question("grounding", "accuracy_iou0.5")(predictions, references, options) | {"num_unparsable": unparsable}
+    return {"accuracy_iou0.5": _mean_score("grounding", predictions, references, options),
+            "num_unparsable": sum(parse_first_box(predictions[k]) is None for k in references)}
 
 
 def _choice(predictions, references, options):
-    unparsable = sum(1 for k in references if not predictions[k].strip())
-    return _per_question("choice_accuracy", "accuracy")(predictions, references, options) | {"num_unparsable": unparsable}
+    return {"accuracy": _mean_score("choice_accuracy", predictions, references, options),
+            "num_unparsable": sum(1 for k in references if not predictions[k].strip())}
 
 
 def _circular(predictions, references, options):
@@ -105,7 +105,8 @@ def _circular(predictions, references, options):
 
 def _preference(predictions, references, options):
     margins = [float(predictions[k]) for k in references]
-    return _per_question("preference", "accuracy")(predictions, references, options) | {"mean_margin": sum(margins) / len(margins)}
+    return {"accuracy": _mean_score("preference", predictions, references, options),
+            "mean_margin": sum(margins) / len(margins)}
 
 
 def paired_change(baseline: dict[str, float], candidate: dict[str, float], where: str = "") -> dict:
