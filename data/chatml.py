@@ -13,7 +13,7 @@ only on its answer.
 from __future__ import annotations
 
 from data.sample import IGNORE_INDEX, TokenizedSample, mask_first_label, mask_image_spans
-from data.text import encode_text_with_images, token_id, tokenize_plain
+from data.text import Message, encode_text_with_images, token_id, tokenize_plain
 from models.tokens import IM_END, IM_START, IMG_END, IMG_START
 
 DEFAULT_SYSTEM_MESSAGE = "You are a helpful assistant."
@@ -22,7 +22,8 @@ ROLES = ("system", "user", "assistant")
 
 def validate_conversation(conversation: list[dict]) -> None:
     """ValueError unless the conversation is a non-empty list of {from: system|user|assistant, value: str}
-    turns, with at most one system turn and only in first place, and a user turn before any assistant turn."""
+    turns, with at most one system turn and only in first place, and a user turn before any assistant turn.
+    A value may also be a ``data.text.Message`` (a chat's typed turn; no data file can hold one)."""
     if not isinstance(conversation, list) or not conversation:
         raise ValueError("empty conversation (need at least one user turn)")
     for j, turn in enumerate(conversation):
@@ -30,7 +31,7 @@ def validate_conversation(conversation: list[dict]) -> None:
             raise ValueError(f"turn {j} must be an object with 'from' and 'value', got {turn!r:.80}")
         if turn["from"] not in ROLES:
             raise ValueError(f"turn {j} has role {turn['from']!r}; allowed roles are {', '.join(ROLES)}")
-        if not isinstance(turn["value"], str):
+        if not isinstance(turn["value"], (str, Message)):
             raise ValueError(f"turn {j} value must be a string, got {type(turn['value']).__name__}")
         if turn["from"] == "system" and j != 0:
             raise ValueError(f"turn {j}: a system turn may only come first")
@@ -53,6 +54,7 @@ def render_chatml(
 
     ``conversation`` is a list of ``{"from": "system"|"user"|"assistant", "value": str}``; a leading system
     turn replaces ``system_message``. Images ``<img>path</img>`` become image spans (paths returned in order).
+    A ``Message`` value (a chat's typed turn) is tokenised piece by piece, its text never parsed for markup.
     """
     validate_conversation(conversation)
     im_start, im_end = token_id(tokenizer, IM_START), token_id(tokenizer, IM_END)

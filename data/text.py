@@ -6,6 +6,13 @@ Images are written in text as ``<img>path</img>``. The reference tokenised the p
 DataLoader workers and the path length is unlimited (reference section 2.2, issues #262/#122).
 
 Boxes are ``<box>(x1,y1),(x2,y2)</box>`` with integers in [0, 1000) (docs/design.md "Box convention").
+
+Written text and typed text. Training data and benchmark prompts are *written*: their author wrote the
+files, so ``<img>path</img>`` names an image to read and every special token in them (``<|im_end|>``,
+``<ref>``) is that token. A chat question is *typed* by whoever reaches the chat, so it is never parsed:
+a chat turn is a ``Message`` whose images come as separate pieces (the upload box, ``--image``,
+``:image``) and whose text is tokenised with ``typed=True``, which spells every special token out as
+plain text except the grounding markup (``TYPED_MARKUP``).
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 from models.tokens import (
     BOX_END,
@@ -90,29 +99,117 @@ def split_image_spans(text: str) -> list[tuple[str, str]]:
     return pieces
 
 
-def tokenize_plain(tokenizer, text: str) -> list[int]:
-    """Token ids of text without BOS/EOS (the reference's Qwen tokenizer adds none)."""
+# The markup a person may type into a chat question: the grounding tags the chat model is trained to read
+# in questions ("<ref>the red circle</ref><box>" asks for its box, data/synthetic.py). They name no file
+# and end no turn. Every other special token typed is plain text (see tokenize_plain).
+TYPED_MARKUP = (REF_START, REF_END, BOX_START, BOX_END, QUAD_START, QUAD_END)
+_TYPED_MARKUP = re.compile("|".join(re.escape(t) for t in TYPED_MARKUP))
+
+
+class TypedMarkupError(ValueError):
+    """Typed text holding a token that this tokenizer cannot spell out as plain text."""
+
+
+def tokenize_plain(tokenizer, text: str, typed: bool = False) -> list[int]:
+    """Token ids of text without BOS/EOS (the reference's Qwen tokenizer adds none).
+
+    ``typed=False``: written text; a special token written in it is that token. ``typed=True``: text a
+    person typed; only ``TYPED_MARKUP`` is read as tokens, and every other special token of the tokenizer
+    (``<img>``, ``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>``, ...) is tokenised as the plain text it
+    spells (transformers' ``split_special_tokens``), so a question can neither end its turn nor open an
+    image. TypedMarkupError where the tokenizer still reads one as a control token (an added token that
+    is not marked special): refused rather than obeyed.
+    """
     if not text:
         return []
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not typed:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids: list[int] = []
+    for kind, piece in _split_typed_markup(text):
+        if kind == "markup":
+            ids.append(token_id(tokenizer, piece))
+        elif piece:
+            ids += tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    control = _control_token_ids(tokenizer)
+    obeyed = sorted({tokenizer.convert_ids_to_tokens(i) for i in ids if i in control})
+    if obeyed:
+        raise TypedMarkupError(f"the text holds {', '.join(obeyed)}, which this tokenizer reads as a control "
+                               "token even in typed text; remove it")
+    return ids
 
 
-def encode_text_with_images(tokenizer, text: str, num_image_tokens: int) -> tuple[list[int], list[str]]:
-    """Tokenise text whose images are written ``<img>path</img>``.
+def _split_typed_markup(text: str) -> Iterator[tuple[str, str]]:
+    """``("text", s)`` and ``("markup", tag)`` pieces of typed text, in order."""
+    pos = 0
+    for m in _TYPED_MARKUP.finditer(text):
+        yield "text", text[pos : m.start()]
+        yield "markup", m.group()
+        pos = m.end()
+    yield "text", text[pos:]
+
+
+def _control_token_ids(tokenizer) -> frozenset[int]:
+    """Ids of the tokenizer's added tokens (special or not) other than TYPED_MARKUP: never in typed text."""
+    return frozenset(i for t, i in tokenizer.get_added_vocab().items() if t not in TYPED_MARKUP)
+
+
+def markup_spelt_out(tokenizer, text: str) -> list[str]:
+    """The tokens that typed ``text`` holds as plain text but written text would read as tokens: the
+    tokenizer's added tokens other than TYPED_MARKUP, in order of first appearance."""
+    found = {t: text.find(t) for t in tokenizer.get_added_vocab() if t not in TYPED_MARKUP and t in text}
+    return sorted(found, key=found.get)
+
+
+@dataclass(frozen=True)
+class Message:
+    """A chat turn given piece by piece and never parsed for markup: ``("image", path)`` pieces for the
+    images a person attached, ``("text", s)`` pieces for what they typed (or what the model answered),
+    tokenised with ``typed=True``. Adjacent text pieces are tokenised together, as one written string is."""
+
+    pieces: tuple[tuple[str, str], ...]
+
+    @property
+    def text(self) -> str:
+        """The text pieces joined: what was typed."""
+        return "".join(value for kind, value in self.pieces if kind == "text")
+
+    def written(self) -> str:
+        """The turn as written text (``<img>path</img>`` for an image): what ``Chat.save`` writes. It reads
+        back as the same tokens unless the text holds ``markup_spelt_out`` tokens (Chat.save checks)."""
+        return "".join(f"{IMG_START}{value}{IMG_END}" if kind == "image" else value for kind, value in self.pieces)
+
+    def merged_pieces(self) -> Iterator[tuple[str, str]]:
+        text = ""
+        for kind, value in self.pieces:
+            if kind == "text":
+                text += value
+                continue
+            if text:
+                yield "text", text
+                text = ""
+            yield kind, value
+        if text:
+            yield "text", text
+
+
+def encode_text_with_images(tokenizer, text: str | Message, num_image_tokens: int) -> tuple[list[int], list[str]]:
+    """Tokenise written text whose images are written ``<img>path</img>``, or a typed ``Message``.
 
     Each image span becomes ``[<img>] + [<imgpad>] * num_image_tokens + [</img>]``; text between spans
-    is tokenised piece by piece. Returns ``(ids, image_paths)`` with paths in order of appearance.
-    ValueError on an unclosed or nested ``<img>``.
+    is tokenised piece by piece (``typed`` for a Message). Returns ``(ids, image_paths)`` with paths in order
+    of appearance. ValueError on an unclosed or nested ``<img>`` in written text.
     """
     img_start, img_end, img_pad = (token_id(tokenizer, t) for t in (IMG_START, IMG_END, IMG_PAD))
+    typed = isinstance(text, Message)
+    pieces = text.merged_pieces() if typed else split_image_spans(text)
     ids: list[int] = []
     paths: list[str] = []
-    for kind, value in split_image_spans(text):
+    for kind, value in pieces:
         if kind == "image":
             ids += [img_start] + [img_pad] * num_image_tokens + [img_end]
             paths.append(value)
         else:
-            ids += tokenize_plain(tokenizer, value)
+            ids += tokenize_plain(tokenizer, value, typed=typed)
     return ids, paths
 
 

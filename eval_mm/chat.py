@@ -15,6 +15,11 @@ turns) and renders the whole of it for every question, with the checkpoint's pro
   the multitask templates and the reference's base-model prompts write them), earlier turns and answers
   concatenated.
 
+Images come only as arguments (``images=``, ``add_image``): the question's text is never parsed for
+``<img>PATH</img>``, and the special tokens typed in it (``<|im_end|>``, ``<img>``, ...) are plain text
+(``data.text.Message``); only the grounding markup ``<ref>``/``<box>``/``<quad>`` is read. The same holds
+for the model's answers when they are fed back as context.
+
 Decoding is greedy unless sampling is asked for (temperature > 0, top_p or top_k), always with the KV
 cache (``VLM.generate``); tokens are streamed through a transformers streamer as they are generated.
 """
@@ -37,7 +42,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from data.chatml import DEFAULT_SYSTEM_MESSAGE, encode_conversation_prompt
 from data.images import ImageLoadError, image_size_of, load_image
-from data.text import COORD_RANGE, encode_text_with_images, tokenize_plain
+from data.text import COORD_RANGE, Message, TypedMarkupError, encode_text_with_images, markup_spelt_out
 from eval_mm.inference import stop_token_ids
 from models.errors import UserError, positive_int
 from models.loading import base_vlm
@@ -189,6 +194,11 @@ class StopWhenAsked(StoppingCriteria):
 
 
 # ------------------------------------------------------------------------------------------ chat
+class ChatImageError(UserError):
+    """An image given to the chat that cannot be used (missing, not an image, a path holding <img>). The
+    message names the path: the terminal shows it, the web page shows a message of its own instead."""
+
+
 class Chat:
     """A conversation with a VLM (see the module docstring). ``model`` is a VLM (or a peft model around one)
     on its device; ``prompt_format`` is "chatml" or "raw" (``Chat.from_pretrained`` reads the checkpoint's)."""
@@ -205,7 +215,7 @@ class Chat:
         self.prompt_format = prompt_format
         self.system = system if system is not None else DEFAULT_SYSTEM_MESSAGE
         self.settings = settings or GenerationSettings()
-        self.history: list[dict] = []  # {"from": "user"|"assistant", "value": str}, images written in
+        self.history: list[dict] = []  # {"from": "user"|"assistant", "value": Message}
         self.images: list[str] = []  # every image of the conversation, in order
         self.pending: list[str] = []  # images added for the next question
         self.last_reply: Reply | None = None
@@ -226,10 +236,12 @@ class Chat:
     def add_image(self, path: str | Path) -> int:
         """Queue an image for the next question; returns its number in the conversation (1-based)."""
         path = os.path.abspath(os.path.expanduser(str(path)))  # the saved conversation must find it later
+        if IMG_START in path or IMG_END in path:  # :save writes <img>path</img>, which must read back whole
+            raise ChatImageError(f"an image path cannot hold {IMG_START} or {IMG_END}: {path}")
         try:
             image_size_of(path)
         except ImageLoadError as e:
-            raise UserError(str(e)) from e
+            raise ChatImageError(str(e)) from e
         self.pending.append(path)
         return len(self.images) + len(self.pending)
 
@@ -238,15 +250,22 @@ class Chat:
         self.history, self.images, self.pending, self.last_reply = [], [], [], None
 
     def conversation(self) -> list[dict]:
-        """The turns so far, with a leading system turn when it is not the default (as training reads it)."""
+        """The turns so far as written text (``<img>path</img>`` for images), with a leading system turn when
+        it is not the default: the Qwen-VL fine-tune conversation that training reads."""
         system = [] if self.system == DEFAULT_SYSTEM_MESSAGE else [{"from": "system", "value": self.system}]
-        return system + [dict(t) for t in self.history]
+        return system + [{"from": t["from"], "value": t["value"].written()} for t in self.history]
 
     def save(self, path: str | Path) -> Path:
         """Write the conversation as a Qwen-VL fine-tune JSON file (a list of one record), ready for training
-        (``data.paths=[FILE]``). Images are absolute paths. Written atomically."""
+        (``data.paths=[FILE]``). Images are absolute paths. Written atomically. Refused when a turn holds
+        a special token as plain text (a typed ``<|im_end|>``): training would read it as the token."""
         if not self.history:
             raise UserError("nothing to save yet: ask something first")
+        for n, turn in enumerate(self.history, start=1):
+            spelt = markup_spelt_out(self.tokenizer, turn["value"].text)
+            if spelt:
+                raise UserError(f"cannot save the conversation as training data: turn {n} ({turn['from']}) holds "
+                                f"{', '.join(spelt)} as plain text, which training data reads as markup")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -255,14 +274,15 @@ class Chat:
         tmp.replace(path)
         return path
 
-    def _user_text(self, text: str, new_images: list[str]) -> str:
-        """The user turn as stored: the new images written in, then the question."""
-        if self.prompt_format == "chatml":
-            first = len(self.images) + 1
-            header = "".join(f"Picture {first + i}: {IMG_START}{p}{IMG_END}\n" for i, p in enumerate(new_images))
-        else:
-            header = "".join(f"{IMG_START}{p}{IMG_END}" for p in new_images)
-        return header + text
+    def _user_message(self, text: str, new_images: list[str]) -> Message:
+        """The user turn: the new images (chatml: ``Picture n: <img>path</img>\n`` each), then the typed text."""
+        pieces: list[tuple[str, str]] = []
+        for n, path in enumerate(new_images, start=len(self.images) + 1):
+            if self.prompt_format == "chatml":
+                pieces += [("text", f"Picture {n}: "), ("image", path), ("text", "\n")]
+            else:
+                pieces.append(("image", path))
+        return Message((*pieces, ("text", text)))
 
     def encode(self, turns: list[dict]) -> tuple[list[int], list[str]]:
         """Prompt ids (ending where the answer starts) and image paths for ``turns`` ending in a user turn."""
@@ -272,17 +292,15 @@ class Chat:
         ids: list[int] = []
         paths: list[str] = []
         for turn in turns:
-            if turn["from"] == "user":
-                turn_ids, turn_paths = encode_text_with_images(self.tokenizer, turn["value"], num_image_tokens)
-                ids += turn_ids
-                paths += turn_paths
-            else:
-                ids += tokenize_plain(self.tokenizer, turn["value"])
+            turn_ids, turn_paths = encode_text_with_images(self.tokenizer, turn["value"], num_image_tokens)
+            ids += turn_ids
+            paths += turn_paths
         return ids, paths
 
     # ---------------------------------------------------------------------------------- asking
     def ask(self, text: str, images: Iterable[str | Path] = (), on_text=None) -> Reply:
         """Answer ``text`` about ``images`` (added before it) and the conversation so far; keeps history.
+        ``text`` is plain text: an ``<img>PATH</img>`` or ``<|im_end|>`` in it is read as those characters.
         ``on_text(piece)`` is called with each piece of text as it is generated."""
         for piece in self.stream(text, images):
             if on_text is not None:
@@ -303,10 +321,10 @@ class Chat:
 
     def _answer(self, text: str) -> Iterator[str]:
         new_images = list(self.pending)
-        user_turn = {"from": "user", "value": self._user_text(text, new_images)}
+        user_turn = {"from": "user", "value": self._user_message(text, new_images)}
         try:
             ids, paths = self.encode(self.history + [user_turn])
-        except ValueError as e:  # e.g. an unclosed <img> typed in the question
+        except TypedMarkupError as e:  # a control token this tokenizer cannot spell out as text
             raise UserError(f"cannot use this message: {e}") from e
         context = self.vlm.config.text_config.get("max_position_embeddings")
         if context is not None and len(ids) >= context:
@@ -323,7 +341,7 @@ class Chat:
         try:
             pixels = torch.stack([load_image(p, size) for p in paths]) if paths else torch.zeros(0, 3, size, size)
         except ImageLoadError as e:  # an image of the conversation was removed or damaged since
-            raise UserError(str(e)) from e
+            raise ChatImageError(str(e)) from e
         stops = stop_token_ids(self.tokenizer, self.prompt_format)
         streamer = AnswerStreamer(self.tokenizer, stops)
         stop = StopWhenAsked()
@@ -358,7 +376,9 @@ class Chat:
         answer = self.tokenizer.decode(answer_ids, skip_special_tokens=False)
         # Raw prompts continue the text, so the answer keeps its leading space in the history; shown stripped.
         stored = answer if self.prompt_format == "raw" else answer.strip()
-        self.history += [user_turn, {"from": "assistant", "value": stored}]
+        # The answer is context for the next question as typed text: an <img>PATH</img> the model was led to
+        # write must not make the next prompt read PATH.
+        self.history += [user_turn, {"from": "assistant", "value": Message((("text", stored),))}]
         self.images += new_images
         self.pending = []
         image = self.images[-1] if self.images else None
