@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -101,3 +102,22 @@ def packed_batches(model, tok, widths, seed=0):
         batch["pixel_values"] = torch.randn(len(lengths), 3, 84, 84, generator=gen)
         batches.append(batch)
     return batches
+
+
+_opened_files: list[str] = []
+
+
+def _record_opens(event: str, args: tuple) -> None:
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        _opened_files.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_record_opens)  # an audit hook stays for the whole process; this one only appends to a list
+
+
+@pytest.fixture
+def opened_files() -> list[str]:
+    """Every file this process (a server it runs included) tries to open during the test: Python's "open"
+    audit event, raised before the file system is asked, so a missing file is listed too."""
+    _opened_files.clear()
+    return _opened_files
