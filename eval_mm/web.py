@@ -122,6 +122,7 @@ def build_demo(new_chat: Callable[[], Chat], title: str = TITLE, max_question_ch
             except ChatImageError as e:  # its message names the server's path: say the same for every cause
                 raise gr.Error(UNREADABLE_UPLOAD) from e
             messages.append({"role": "user", "content": {"path": image}})
+            session.messages = list(messages)  # the image stays with the conversation even if this question fails
         messages += [{"role": "user", "content": shown(question)}, {"role": "assistant", "content": ""}]
         answer = ""
         yield messages, session, "", gr.skip()

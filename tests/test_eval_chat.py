@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from data.chatml import render_chatml
-from data.text import TYPED_MARKUP, tokenize_plain
+from data.text import TYPED_MARKUP, TypedMarkupError, tokenize_plain
 from eval_mm.chat import Chat, ChatImageError, GenerationSettings, GroundedBox, draw_boxes, parse_grounding
 from eval_mm.inference import stop_token_ids
 from eval_mm.prompts import encode_prompt
@@ -185,6 +185,15 @@ def test_typed_special_tokens_are_plain_text_and_grounding_markup_is_read(tiny_t
         assert tiny_tokenizer.decode(ids) == f"see {token} here"
     grounding = "<ref>the red circle</ref><box>"  # the chat model's trained way to ask for a box
     assert tokenize_plain(tiny_tokenizer, grounding, typed=True) == tokenize_plain(tiny_tokenizer, grounding)
+
+
+def test_a_typed_token_the_tokenizer_cannot_spell_out_is_refused(tiny_tokenizer):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.add_tokens(["<|tool|>"])  # an added token not marked special: split_special_tokens keeps it whole
+    with pytest.raises(TypedMarkupError, match=r"the text holds <\|tool\|>, which this tokenizer reads as a "
+                                               "control token even in typed text"):
+        tokenize_plain(tokenizer, "call <|tool|> now", typed=True)
+    assert tokenizer.convert_tokens_to_ids("<|tool|>") in tokenize_plain(tokenizer, "call <|tool|> now")
 
 
 def test_chat_markers_typed_into_a_question_end_no_turn(tiny_vlm, tiny_tokenizer):
