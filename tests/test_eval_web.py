@@ -219,15 +219,26 @@ def test_a_typed_img_tag_opens_nothing_and_the_answer_is_the_same_whether_the_fi
 
 
 def test_the_image_input_takes_only_uploads_and_says_the_same_whatever_the_path(served, files, opened_files, tmp_path):
+    import httpx
     from gradio_client import handle_file
 
     from eval_mm.web import UNREADABLE_UPLOAD
 
-    # A client may send any path as the image (a bare FileData, which gradio does not check itself).
+    # A client may send any path as the image: a bare FileData, which gradio does not check itself ...
     for name, path in files.items():
         window, error = ask(served, "What colour is it?", {"path": str(path)})
         assert (window, error) == (None, UNREADABLE_UPLOAD), name
         assert str(path) not in opened_files, name
+    # ... or one marked as FileData, sent without gradio's client (which would upload the file): gradio refuses it.
+    with httpx.Client(base_url=served, timeout=WAIT_S) as http:
+        http.post("login", data=dict(zip(("username", "password"), LOGIN))).raise_for_status()
+        replies = set()
+        for path in files.values():
+            payload = {"path": str(path), "meta": {"_type": "gradio.FileData"}}
+            event = http.post("gradio_api/call/respond", json={"data": ["What colour is it?", payload]}).json()
+            replies.add(http.get(f"gradio_api/call/respond/{event['event_id']}").text)
+        assert len(replies) == 1 and replies.pop().startswith("event: error"), "one reply, whichever the file"
+        assert not {str(path) for path in files.values()} & set(opened_files)
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("hello")
     assert ask(served, "What colour is it?", handle_file(not_an_image)) == (None, UNREADABLE_UPLOAD)
