@@ -1,0 +1,169 @@
+"""`HFFamilyModel`: a Hugging Face VLM (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) behind the interface the recipe uses.
+
+The model itself is transformers' own class (``Qwen2_5_VLForConditionalGeneration`` ...), built from a preset
+or loaded from a released directory as it is, never with remote code. The adapter adds what the recipe
+needs to know and the model does not say in one place:
+
+* its parts, for freezing and LoRA: ``module_groups()`` has the keys train.freeze reads for the Qwen-VL
+  family (vision, resampler, llm, embeddings; "resampler" is the family's merger/projector), and
+  ``part_prefixes()`` / ``lora_target_pattern()`` name them by parameter-name prefix;
+* its image placeholder span: ``placeholder`` (vision_start, image_pad, vision_end ids, from the config);
+* its position ids: ``position_ids()`` runs the model's own ``get_rope_index`` (M-RoPE, 3 rows).
+
+Every family uses the same module layout (reference 6.2): ``model.visual`` (patch_embed, [pos_embed], blocks,
+merger, [deepstack_merger_list]), ``model.language_model``, ``lm_head``; so one class serves them all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from models.errors import MissingFileError, UserError
+from models.families.specs import FamilySpec, family_of_model_type, preset
+
+# Children of model.visual that project ViT features into the LLM (the "resampler" group). Everything else
+# under model.visual is the vision tower. Qwen3-VL's DeepStack mergers project features of middle layers.
+PROJECTOR_CHILDREN = ("merger", "deepstack_merger_list")
+
+
+@dataclass(frozen=True)
+class ImagePlaceholder:
+    """An image in the token stream: ``start`` + one ``pad`` per merged patch + ``end``."""
+
+    start: int  # <|vision_start|>
+    pad: int  # <|image_pad|>: the slots the vision features replace
+    end: int  # <|vision_end|>
+
+
+class HFFamilyModel(nn.Module):
+    """A transformers VLM of a supported family (``self.hf``), with its parts, placeholder and position ids
+    named. An nn.Module, so the trainer, train.freeze and peft take it as they take the Qwen-VL ``VLM``;
+    parameter names are the HF ones under ``hf.`` (``hf.model.visual.merger...``)."""
+
+    def __init__(self, spec: FamilySpec, hf_model: PreTrainedModel):
+        if not isinstance(hf_model, spec.model_class):
+            raise TypeError(f"{spec.name} wraps {spec.model_class.__name__}, got {type(hf_model).__name__}")
+        super().__init__()
+        self.spec = spec
+        self.hf = hf_model
+
+    # ------------------------------------------------------------------------------ construction
+    @classmethod
+    def from_preset(cls, name: str, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str | None = None) -> HFFamilyModel:
+        """Random weights in a preset's shape (``qwen2_5_vl_tiny``, ``qwen2_5_vl_7b``, ...; see specs.PRESETS).
+        ``device="meta"`` builds the shape without memory (parameter counts, planning)."""
+        spec, config = preset(name)
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            model = spec.model_class(config).to(dtype)
+        return cls(spec, model)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> HFFamilyModel:
+        """A released HF directory as it is (e.g. Qwen2.5-VL-7B-Instruct), or one ``save_pretrained`` wrote.
+
+        The family comes from config.json's model_type; weights load from safetensors only, with transformers'
+        own key mapping for older checkpoints (``visual.*`` -> ``model.visual.*``); no remote code runs.
+        ``dtype=None`` keeps the checkpoint's dtype.
+        """
+        path = Path(path)
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise MissingFileError(f"{path}: no config.json; expected a Hugging Face model directory")
+        try:
+            model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+        except json.JSONDecodeError as e:
+            raise UserError(f"{config_file}: malformed JSON at line {e.lineno}: {e.msg}") from e
+        spec = family_of_model_type(model_type, str(config_file))
+        model = spec.model_class.from_pretrained(path, dtype=dtype if dtype is not None else "auto",
+                                                 use_safetensors=True, trust_remote_code=False)
+        return cls(spec, model)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """An HF directory that ``from_pretrained`` and ``AutoModelForImageTextToText`` load (safetensors)."""
+        self.hf.save_pretrained(path)
+
+    # ------------------------------------------------------------------------------ parts
+    @property
+    def config(self):
+        return self.hf.config
+
+    def module_groups(self) -> dict[str, list[nn.Module]]:
+        """Groups for freezing, with train.freeze's keys. "embeddings" (input embeddings + LM head) is a
+        subset of "llm", listed apart because it must train when tokens were added."""
+        visual = self.hf.model.visual
+        parts = [(name, m) for name, m in visual.named_children() if any(True for _ in m.parameters())]
+        return {
+            "vision": [m for name, m in parts if name not in PROJECTOR_CHILDREN],
+            "resampler": [m for name, m in parts if name in PROJECTOR_CHILDREN],
+            "llm": [self.hf.model.language_model, self.hf.lm_head],
+            "embeddings": [self.hf.get_input_embeddings(), self.hf.get_output_embeddings()],
+        }
+
+    def part_prefixes(self) -> dict[str, tuple[str, ...]]:
+        """{group: parameter-name prefixes} of ``module_groups`` (names as ``model.named_parameters()``
+        gives them, e.g. ``hf.model.visual.merger.``). Every parameter is under exactly one of vision,
+        resampler and llm (pinned in tests)."""
+        names = {id(module): name for name, module in self.named_modules()}
+        return {group: tuple(names[id(m)] + "." for m in modules)
+                for group, modules in self.module_groups().items()}
+
+    def lora_target_pattern(self, targets: list[str], vision_targets: list[str] = ()) -> str:
+        """peft's ``target_modules`` regex: ``targets`` (leaf names such as q_proj) only inside the LLM's
+        decoder, ``vision_targets`` (paths inside a block such as attn.qkv) only inside the ViT's blocks.
+        Qwen2.5-VL's vision MLP has the LLM's leaf names (gate_proj, up_proj, down_proj): without the
+        prefixes, LoRA on the LLM would also adapt the ViT."""
+        names = {id(module): name for name, module in self.named_modules()}
+        llm = re.escape(names[id(self.hf.model.language_model)] + ".")
+        pattern = rf"{llm}.*\.({'|'.join(map(re.escape, targets))})"
+        if vision_targets:
+            blocks = re.escape(names[id(self.hf.model.visual)] + ".") + r"blocks\.\d+\."
+            pattern += rf"|{blocks}({'|'.join(map(re.escape, vision_targets))})"
+        return rf"^({pattern})$"
+
+    # ------------------------------------------------------------------------------ image span, positions
+    @property
+    def placeholder(self) -> ImagePlaceholder:
+        config = self.hf.config
+        return ImagePlaceholder(start=config.vision_start_token_id, pad=config.image_token_id,
+                                end=config.vision_end_token_id)
+
+    @property
+    def spatial_merge_size(self) -> int:
+        return self.hf.config.vision_config.spatial_merge_size
+
+    def mm_token_type_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """1 on image slots, 0 elsewhere: what transformers 5.x's M-RoPE uses to find image runs (videos,
+        type 2, are not supported by the recipe)."""
+        return (input_ids == self.placeholder.pad).int()
+
+    def position_ids(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
+                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """M-RoPE position ids [3, B, L] (temporal, height, width) by the model's own ``get_rope_index``.
+
+        Text advances all three rows by one per token; an image's slots take (t, h, w) grid coordinates
+        from its start, and the text after it resumes at start + max(h, w) / merge. Padded slots
+        (attention_mask 0) get 0. A batch without images gets ``arange`` in every row.
+        """
+        if image_grid_thw is None or not len(image_grid_thw):
+            if attention_mask is None:
+                positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            else:
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) * attention_mask.long()
+            return positions.unsqueeze(0).expand(3, -1, -1).clone()
+        positions, _ = self.hf.model.get_rope_index(
+            input_ids, mm_token_type_ids=self.mm_token_type_ids(input_ids), image_grid_thw=image_grid_thw,
+            attention_mask=attention_mask)
+        return positions
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+

@@ -1,0 +1,160 @@
+"""Specification of models.families: the HF VLM families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) behind one adapter.
+
+The adapter names each family's parts (for freezing and LoRA), its image placeholder and its M-RoPE
+position ids; presets build the released shapes; a released directory loads as it is. Numbers come from
+/work/shared/reference/qwen2-vl-family.md (sections 4.2, 6.3, 7.1).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from models.errors import UserError
+from models.families.adapter import HFFamilyModel
+from models.families.specs import FAMILIES, preset
+from train.freeze import apply_freezing
+from train.recipe import FreezeSection
+
+TINY = [f"{name}_tiny" for name in FAMILIES]
+
+
+@pytest.fixture(scope="module", params=TINY)
+def tiny(request) -> HFFamilyModel:
+    torch.manual_seed(0)
+    return HFFamilyModel.from_preset(request.param)
+
+
+@pytest.mark.parametrize("name, total, visual", [
+    ("qwen2_vl_7b", 8_291_375_616, 675_759_104),
+    ("qwen2_5_vl_7b", 8_292_166_656, 676_550_144),
+    ("qwen3_vl_8b", 8_767_123_696, 576_388_336),
+    ("qwen2_vl_tiny", 19_601_664, 79_552),
+    ("qwen2_5_vl_tiny", 19_605_728, 83_616),
+    ("qwen3_vl_tiny", 19_640_096, 118_176),
+])
+def test_presets_have_the_released_shapes(name, total, visual):
+    """Parameter counts of the released models built from their config.json (reference 7.1, 6.3)."""
+    adapter = HFFamilyModel.from_preset(name, device="meta")
+    assert adapter.num_parameters() == total
+    assert sum(p.numel() for p in adapter.hf.model.visual.parameters()) == visual
+
+
+def test_every_parameter_belongs_to_exactly_one_part(tiny):
+    prefixes = tiny.part_prefixes()
+    for name, _ in tiny.named_parameters():
+        owners = [part for part in ("vision", "resampler", "llm") if name.startswith(prefixes[part])]
+        assert len(owners) == 1, (name, owners)
+    assert prefixes["llm"] == ("hf.model.language_model.", "hf.lm_head.")
+    assert prefixes["embeddings"] == ("hf.model.language_model.embed_tokens.", "hf.lm_head.")
+    projector = {"qwen3_vl": ("hf.model.visual.merger.", "hf.model.visual.deepstack_merger_list.")}
+    assert prefixes["resampler"] == projector.get(tiny.spec.name, ("hf.model.visual.merger.",))
+
+
+def test_freezing_by_the_recipe_trains_only_the_named_parts(tiny):
+    """train.freeze reads the adapter's groups as it reads the Qwen-VL model's."""
+    decision = apply_freezing(tiny, FreezeSection(vision="frozen", resampler="train", llm="frozen",
+                                                  embeddings="frozen"))
+    assert decision == {"vision": False, "resampler": True, "llm": False, "embeddings": False}
+    projector = tiny.part_prefixes()["resampler"]
+    for name, param in tiny.named_parameters():
+        assert param.requires_grad == name.startswith(projector), name
+    tiny.requires_grad_(True)
+
+
+def test_lora_pattern_stays_inside_the_llm_and_the_vit_blocks():
+    """Qwen2.5-VL's ViT MLP has the LLM's leaf names; the LLM's LoRA targets must not reach it."""
+    adapter = HFFamilyModel.from_preset("qwen2_5_vl_tiny", device="meta")
+    pattern = re.compile(adapter.lora_target_pattern(["q_proj", "gate_proj"], ["attn.qkv"]))
+    names = [name for name, _ in adapter.named_modules()]
+    matched = [n for n in names if pattern.fullmatch(n)]
+    assert "hf.model.language_model.layers.0.mlp.gate_proj" in matched
+    assert "hf.model.language_model.layers.1.self_attn.q_proj" in matched
+    assert "hf.model.visual.blocks.0.attn.qkv" in matched
+    vit_mlp = "hf.model.visual.blocks.0.mlp.gate_proj"
+    assert vit_mlp in names and vit_mlp not in matched
+    assert len(matched) == 2 * 2 + 2  # 2 LLM layers x (q_proj, gate_proj) + 2 ViT blocks x qkv
+
+
+def test_placeholder_is_the_vision_span_of_the_config(tiny):
+    span = tiny.placeholder
+    assert (span.start, span.pad, span.end) == (151652, 151655, 151653)
+
+
+def test_position_ids_are_mrope_of_the_image_grid(tiny):
+    """reference 4.2: a 1x4x4 grid (4 slots after the 2x2 merge) at position 4: T, H, W rows; text after
+    the image resumes at 4 + max(h, w) / 2 = 6."""
+    ids = torch.tensor([[151644, 872, 198, 151652] + [151655] * 4 + [151653, 5, 6]])
+    positions = tiny.position_ids(ids, torch.tensor([[1, 4, 4]]))
+    assert positions.tolist() == [[[0, 1, 2, 3, 4, 4, 4, 4, 6, 7, 8]],
+                                  [[0, 1, 2, 3, 4, 4, 5, 5, 6, 7, 8]],
+                                  [[0, 1, 2, 3, 4, 5, 4, 5, 6, 7, 8]]]
+
+
+def test_position_ids_skip_padding_and_text_only_rows(tiny):
+    ids = torch.tensor([[151644, 151652] + [151655] * 4 + [151653, 0, 0],
+                        [151644, 5, 6, 7, 8, 9, 10, 11, 12]])
+    mask = torch.tensor([[1] * 7 + [0, 0], [1] * 9])
+    positions = tiny.position_ids(ids, torch.tensor([[1, 4, 4]]), attention_mask=mask)
+    assert positions[:, 0].tolist() == [[0, 1, 2, 2, 2, 2, 4, 0, 0],
+                                        [0, 1, 2, 2, 3, 3, 4, 0, 0],
+                                        [0, 1, 2, 3, 2, 3, 4, 0, 0]]
+    assert positions[:, 1].tolist() == [list(range(9))] * 3
+    text_only = tiny.position_ids(ids[1:], None)
+    assert text_only.tolist() == [[list(range(9))]] * 3
+
+
+def test_save_pretrained_round_trip(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path)
+    loaded = HFFamilyModel.from_pretrained(tmp_path)
+    assert loaded.spec is tiny.spec
+    expected = tiny.hf.state_dict()
+    assert all(torch.equal(expected[k], v) for k, v in loaded.hf.state_dict().items())
+
+
+def test_a_released_qwen2_5_vl_directory_loads_as_it_is(tmp_path):
+    """The Hub layout of Qwen2.5-VL-7B-Instruct (reference 7.2) in a tiny size: a flat config with
+    ``rope_scaling: mrope`` and checkpoint keys ``visual.*`` / ``model.*`` (transformers 4.x names)."""
+    torch.manual_seed(0)
+    source = HFFamilyModel.from_preset("qwen2_5_vl_tiny")
+    renamed = {}
+    for key, tensor in source.hf.state_dict().items():
+        key = re.sub(r"^model\.visual\.", "visual.", key)
+        renamed[re.sub(r"^model\.language_model\.", "model.", key)] = tensor.contiguous()
+    save_file(renamed, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+        "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653, "vision_token_id": 151654, "image_token_id": 151655,
+        "video_token_id": 151656, "hidden_act": "silu", "hidden_size": 64, "intermediate_size": 128,
+        "max_position_embeddings": 4096, "num_attention_heads": 4, "num_hidden_layers": 2,
+        "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "tie_word_embeddings": False,
+        "torch_dtype": "float32", "vocab_size": 151936,
+        "vision_config": {"depth": 2, "hidden_act": "silu", "hidden_size": 32, "intermediate_size": 64,
+                          "num_heads": 2, "in_chans": 3, "out_hidden_size": 64, "patch_size": 14,
+                          "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+                          "fullatt_block_indexes": [1], "tokens_per_second": 2, "temporal_patch_size": 2},
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = HFFamilyModel.from_pretrained(tmp_path)
+    assert loaded.spec.name == "qwen2_5_vl"
+    assert loaded.config.text_config.rope_parameters["mrope_section"] == [2, 3, 3]
+    expected = source.hf.state_dict()
+    got = loaded.hf.state_dict()
+    assert set(got) == set(expected)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_unsupported_directories_are_refused_by_name(tmp_path):
+    with pytest.raises(UserError, match="no config.json"):
+        HFFamilyModel.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(UserError, match=r"config\.json: model_type 'llava' is not a supported family"):
+        HFFamilyModel.from_pretrained(tmp_path)
+    with pytest.raises(UserError, match="unknown model preset 'qwen9_vl'"):
+        preset("qwen9_vl")
