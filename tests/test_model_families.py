@@ -7,8 +7,10 @@ position ids; presets build the released shapes; a released directory loads as i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from safetensors.torch import save_file
 
 from models.errors import UserError
 from models.families.adapter import HFFamilyModel
+from models.families.processor import build_family_tokenizer, qwen2_vocab_and_merges
 from models.families.specs import FAMILIES, preset
 from train.freeze import apply_freezing
 from train.recipe import FreezeSection
@@ -158,3 +161,42 @@ def test_unsupported_directories_are_refused_by_name(tmp_path):
         HFFamilyModel.from_pretrained(tmp_path)
     with pytest.raises(UserError, match="unknown model preset 'qwen9_vl'"):
         preset("qwen9_vl")
+
+
+# ------------------------------------------------------------------ tokenizer and template, as released
+
+TIKTOKEN = Path("/work/shared/data/qwen.tiktoken")
+needs_vocabulary = pytest.mark.skipif(not TIKTOKEN.is_file(), reason=f"needs the Qwen vocabulary {TIKTOKEN}")
+
+
+@pytest.mark.parametrize("family, sha256", [
+    ("qwen2_vl", "a0bc6f6fc7a29a80017a433e8f03a1cc1236e838a944a2d034295a60c4f2fddb"),
+    ("qwen2_5_vl", "a0bc6f6fc7a29a80017a433e8f03a1cc1236e838a944a2d034295a60c4f2fddb"),
+    ("qwen3_vl", "3636d0f0bd6bef02654cdffdc447b79cb2cef8ab02cc75267345946291a489e4"),
+])
+def test_chat_templates_are_the_released_bytes(family, sha256):
+    """SHA-256 pins of the released templates (reference 1.1)."""
+    assert hashlib.sha256(FAMILIES[family].chat_template.encode("utf-8")).hexdigest() == sha256
+
+
+@needs_vocabulary
+def test_vocab_and_merges_derived_from_tiktoken_are_the_released_files():
+    """Qwen2.5-VL-7B-Instruct's vocab.json and merges.txt (reference 2.2, third-party SHA-256 pins)."""
+    vocab, merges = qwen2_vocab_and_merges(str(TIKTOKEN))
+    vocab_json = json.dumps(vocab, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    merges_txt = "".join(f"{a} {b}\n" for a, b in merges).encode("utf-8")
+    assert hashlib.sha256(vocab_json).hexdigest() == "ca10d7e9fb3ed18575dd1e277a2579c16d108e32f27439684afa0e10b1440910"
+    assert hashlib.sha256(merges_txt).hexdigest() == "599bab54075088774b1733fde865d5bd747cbcc7a547c5bc12610e874e26f5e3"
+
+
+@needs_vocabulary
+@pytest.mark.parametrize("family, size", [("qwen2_vl", 151657), ("qwen2_5_vl", 151665), ("qwen3_vl", 151669)])
+def test_family_tokenizers_carry_their_added_tokens(family, size):
+    tokenizer = build_family_tokenizer(FAMILIES[family], TIKTOKEN)
+    assert len(tokenizer) == size
+    ids = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|box_start|>",
+                                           "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"])
+    assert ids == [151643, 151644, 151645, 151648, 151652, 151653, 151655]
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    assert tokenizer.encode("<|im_start|>user\n12 cats", add_special_tokens=False) == [
+        151644, 872, 198, 16, 17, 19423]

@@ -25,9 +25,11 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
 )
 
 from models.errors import UserError
@@ -66,6 +68,7 @@ class FamilySpec:
     config_class: type[PretrainedConfig]
     model_class: type[PreTrainedModel]
     processor_class: type[ProcessorMixin]
+    video_processor_class: type  # the processor classes require one; the recipe feeds no videos
     chat_template_file: str
     num_added_tokens: int  # how many of QWEN2_ADDED_TOKENS its tokenizer has
     patch_size: int
@@ -161,19 +164,20 @@ def qwen3_vl_8b() -> Qwen3VLConfig:
 
 QWEN2_VL = FamilySpec(
     name="qwen2_vl", model_type="qwen2_vl", config_class=Qwen2VLConfig,
-    model_class=Qwen2VLForConditionalGeneration, processor_class=Qwen2VLProcessor,
+    model_class=Qwen2VLForConditionalGeneration, processor_class=Qwen2VLProcessor, video_processor_class=Qwen2VLVideoProcessor,
     chat_template_file="qwen2_vl.jinja", num_added_tokens=14, patch_size=14,
     image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, min_pixels=3136, max_pixels=12845056,
     box_convention=BOX_TOKENS_1000, tiny=qwen2_vl_tiny)
 QWEN2_5_VL = FamilySpec(
     name="qwen2_5_vl", model_type="qwen2_5_vl", config_class=Qwen2_5_VLConfig,
     model_class=Qwen2_5_VLForConditionalGeneration, processor_class=Qwen2_5_VLProcessor,
+    video_processor_class=Qwen2VLVideoProcessor,
     chat_template_file="qwen2_vl.jinja", num_added_tokens=22, patch_size=14,  # Qwen2-VL's template, verbatim
     image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, min_pixels=3136, max_pixels=12845056,
     box_convention=BOX_JSON_ABSOLUTE, tiny=qwen2_5_vl_tiny)
 QWEN3_VL = FamilySpec(
     name="qwen3_vl", model_type="qwen3_vl", config_class=Qwen3VLConfig,
-    model_class=Qwen3VLForConditionalGeneration, processor_class=Qwen3VLProcessor,
+    model_class=Qwen3VLForConditionalGeneration, processor_class=Qwen3VLProcessor, video_processor_class=Qwen3VLVideoProcessor,
     chat_template_file="qwen3_vl.jinja", num_added_tokens=26, patch_size=16,
     image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), min_pixels=65536, max_pixels=16777216,
     box_convention=BOX_JSON_1000, tiny=qwen3_vl_tiny)
