@@ -20,6 +20,9 @@ How:
    supervised when it starts inside such a span (a BPE piece that joins the prompt's last newline to a
    newline opening the answer is not).
 
+Boxes: with ``box_convention``, our ``<ref>``/``<box>`` text is first rewritten into the family's convention
+(data.hf_boxes), each box against the last image before it.
+
 Images are allowed in user turns only: Qwen3-VL's template drops images of other roles without a word.
 Videos are not supported.
 """
@@ -33,9 +36,11 @@ from PIL import Image
 from transformers import ProcessorMixin
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
+from data.hf_boxes import ImageGeometry, boxes_to_family
 from data.images import decode_image
 from data.sample import IGNORE_INDEX, TokenizedSample
 from data.text import split_image_spans
+from models.tokens import IMG_END, IMG_START
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 
@@ -118,16 +123,39 @@ def _supervised_spans(processor: ProcessorMixin, messages: list[dict], text: str
     return spans
 
 
-def encode_conversation(processor: ProcessorMixin, conversation: list[dict],
-                        image_grids: list[tuple[int, int, int]]) -> FamilySample:
+def convert_boxes(processor: ProcessorMixin, conversation: list[dict], image_sizes: list[tuple[int, int]],
+                  box_convention: str) -> list[dict]:
+    """The conversation with its ``<ref>``/``<box>`` text in the family's box convention (data.hf_boxes).
+    A box refers to the last image before it in the conversation (Qwen2.5-VL's absolute pixels need it)."""
+    geometries = [ImageGeometry(w, h, *resized_size(processor, w, h)) for w, h in image_sizes]
+    seen = 0
+    turns = []
+    for turn in conversation:
+        value = []
+        for kind, piece in split_image_spans(turn["value"]):
+            if kind == "image":
+                value.append(f"{IMG_START}{piece}{IMG_END}")
+                seen += 1
+            else:
+                value.append(boxes_to_family(piece, box_convention, geometries[seen - 1] if seen else None))
+        turns.append({**turn, "value": "".join(value)})
+    return turns
+
+
+def encode_conversation(processor: ProcessorMixin, conversation: list[dict], image_sizes: list[tuple[int, int]],
+                        box_convention: str | None = None) -> FamilySample:
     """Token ids and labels of a conversation in the family's tokens (module docstring).
 
-    ``image_grids``: one (t, h, w) per image, in the order the images appear (``image_grid`` of each image's
-    size). ValueError if their number differs from the conversation's images.
+    ``image_sizes``: (width, height) of each image, in the order the images appear; each sets its grid
+    (``image_grid``). ``box_convention`` (the family's ``spec.box_convention``): boxes are rewritten into it
+    first; None leaves the text as it is. ValueError if the sizes and the images differ in number.
     """
     messages, paths = to_messages(conversation)
-    if len(image_grids) != len(paths):
-        raise ValueError(f"{len(paths)} images in the conversation but {len(image_grids)} image grids")
+    if len(image_sizes) != len(paths):
+        raise ValueError(f"{len(paths)} images in the conversation but {len(image_sizes)} image sizes")
+    if box_convention is not None:
+        messages, _ = to_messages(convert_boxes(processor, conversation, image_sizes, box_convention))
+    image_grids = [image_grid(processor, w, h) for w, h in image_sizes]
     text = processor.apply_chat_template(messages, tokenize=False)
     spans = _supervised_spans(processor, messages, text)
     encoded = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -157,10 +185,11 @@ def encode_images(processor: ProcessorMixin, images: list[Image.Image]) -> dict[
     return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
 
-def encode_record(processor: ProcessorMixin, record: dict, where: str = "") -> tuple[FamilySample, dict]:
+def encode_record(processor: ProcessorMixin, record: dict, box_convention: str | None = None,
+                  where: str = "") -> tuple[FamilySample, dict]:
     """A normalised chat record with its images decoded: (sample, {pixel_values, image_grid_thw})."""
     _, paths = to_messages(record["conversations"])
     images = [decode_image(path, where) for path in paths]
-    pixels = encode_images(processor, images)
-    grids = [tuple(g) for g in pixels["image_grid_thw"].tolist()] if images else []
-    return encode_conversation(processor, record["conversations"], grids), pixels
+    sample = encode_conversation(processor, record["conversations"], [image.size for image in images],
+                                 box_convention)
+    return sample, encode_images(processor, images)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from data.formats import normalize_record
-from data.hf_encode import encode_conversation, encode_record, image_grid, to_messages
+from data.hf_encode import encode_conversation, encode_record, to_messages
 from data.sample import IGNORE_INDEX
 from models.families.processor import build_family_processor
 from models.families.specs import FAMILIES
@@ -75,15 +75,15 @@ def conversations(paths: list[str]) -> dict[str, list[dict]]:
     }
 
 
-def grids_of(processor, images, conversation):
-    return [image_grid(processor, *images[p]) for p in to_messages(conversation)[1]]
+def sizes_of(images, conversation):
+    return [images[p] for p in to_messages(conversation)[1]]
 
 
 @pytest.mark.parametrize("case", ["several turns, several images, system prompt", "text only",
                                   "image after text, default system prompt"])
 def test_ids_equal_the_family_processor(processor, images, case):
     conversation = conversations(list(images))[case]
-    sample = encode_conversation(processor, conversation, grids_of(processor, images, conversation))
+    sample = encode_conversation(processor, conversation, sizes_of(images, conversation))
     expected = reference_encoding(processor, conversation)
     assert sample.input_ids == expected["input_ids"][0].tolist()
     if sample.image_paths:
@@ -92,7 +92,7 @@ def test_ids_equal_the_family_processor(processor, images, case):
 
 def test_each_image_span_is_sized_by_its_own_grid(processor, images):
     conversation = conversations(list(images))["several turns, several images, system prompt"]
-    sample = encode_conversation(processor, conversation, grids_of(processor, images, conversation))
+    sample = encode_conversation(processor, conversation, sizes_of(images, conversation))
     tok = processor.tokenizer
     start, pad, end = (tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"))
     ids = sample.input_ids
@@ -118,7 +118,7 @@ def supervised_runs(sample) -> list[list[int]]:
 @pytest.mark.parametrize("case", ["several turns, several images, system prompt", "text only"])
 def test_labels_are_exactly_the_assistant_turns_and_their_end_marker(processor, images, case):
     conversation = conversations(list(images))[case]
-    sample = encode_conversation(processor, conversation, grids_of(processor, images, conversation))
+    sample = encode_conversation(processor, conversation, sizes_of(images, conversation))
     answers = [t["value"] for t in conversation if t["from"] == "assistant"]
     decoded = [processor.tokenizer.decode(run) for run in supervised_runs(sample)]
     # "\n84 " opens with a newline that BPE joins to the prompt's "\n": that piece starts in the prompt
@@ -150,7 +150,7 @@ def test_the_released_qwen2_vl_ids():
     processor = build_family_processor(FAMILIES["qwen2_vl"], TIKTOKEN)
     conversation = [{"from": "user", "value": "<img>x.png</img>Describe this image."},
                     {"from": "assistant", "value": "A black rectangle."}]
-    sample = encode_conversation(processor, conversation, [image_grid(processor, 84, 56)])
+    sample = encode_conversation(processor, conversation, [(84, 56)])
     assert sample.input_ids == [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 151644, 872, 198,
                                 151652, *[151655] * 6, 151653, 74785, 419, 2168, 13, 151645, 198, 151644, 77091, 198,
                                 32, 3691, 22756, 13, 151645, 198]
@@ -161,6 +161,6 @@ def test_the_released_qwen2_vl_ids():
 def test_bad_conversations_are_refused(processor):
     with pytest.raises(ValueError, match="images are allowed in user turns only"):
         to_messages([{"from": "user", "value": "hi"}, {"from": "assistant", "value": "<img>a.png</img>"}])
-    with pytest.raises(ValueError, match="1 images in the conversation but 0 image grids"):
+    with pytest.raises(ValueError, match="1 images in the conversation but 0 image sizes"):
         encode_conversation(processor, [{"from": "user", "value": "<img>a.png</img>"},
                                         {"from": "assistant", "value": "ok"}], [])
