@@ -8,7 +8,11 @@ needs to know and the model does not say in one place:
   family (vision, resampler, llm, embeddings; "resampler" is the family's merger/projector), and
   ``part_prefixes()`` / ``lora_target_pattern()`` name them by parameter-name prefix;
 * its image placeholder span: ``placeholder`` (vision_start, image_pad, vision_end ids, from the config);
-* its position ids: ``position_ids()`` runs the model's own ``get_rope_index`` (M-RoPE, 3 rows).
+* its position ids: ``position_ids()`` runs the model's own ``get_rope_index`` (M-RoPE, 3 rows), per sample
+  in a packed row (``packed_position_ids``).
+
+``forward`` takes the batches of data.hf_encode samples, padded or packed, and returns ``VLMOutput`` with the
+loss summed by models.loss, as the Qwen-VL ``VLM`` does.
 
 Every family uses the same module layout (reference 6.2): ``model.visual`` (patch_embed, [pos_embed], blocks,
 merger, [deepstack_merger_list]), ``model.language_model``, ``lm_head``; so one class serves them all.
@@ -28,6 +32,8 @@ from transformers import PreTrainedModel
 
 from models.errors import MissingFileError, UserError
 from models.families.specs import FamilySpec, family_of_model_type, preset
+from models.loss import causal_lm_loss_sum
+from models.vlm import VLMOutput
 
 # Children of model.visual that project ViT features into the LLM (the "resampler" group). Everything else
 # under model.visual is the vision tower. Qwen3-VL's DeepStack mergers project features of middle layers.
@@ -54,6 +60,7 @@ class HFFamilyModel(nn.Module):
         super().__init__()
         self.spec = spec
         self.hf = hf_model
+        self.loss_impl = "torch"  # models.loss: "torch" | "chunked" | "liger" | "auto", as VLM.loss_impl
 
     # ------------------------------------------------------------------------------ construction
     @classmethod
@@ -167,3 +174,60 @@ class HFFamilyModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def packed_position_ids(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
+                            cu_seq_lens: torch.Tensor) -> torch.Tensor:
+        """Position ids [4, B, L] of packed rows: row 0 the text positions restarting at 0 in every sample
+        (transformers builds the per-sample causal mask, or the varlen boundaries, from it), rows 1-3 each
+        sample's own M-RoPE, as if it were alone. ``cu_seq_lens``: sample boundaries over the flattened rows
+        (data.packing.pack; a row's padding is a segment of its own). Images are taken from
+        ``image_grid_thw`` in order of appearance. Computed on the host (one copy of the ids)."""
+        flat_ids = input_ids.reshape(-1).cpu()
+        bounds = cu_seq_lens.tolist()
+        grids = image_grid_thw.cpu() if image_grid_thw is not None else torch.zeros(0, 3, dtype=torch.long)
+        text = torch.zeros_like(flat_ids)
+        mrope = torch.zeros(3, flat_ids.numel(), dtype=torch.long)
+        next_image = 0
+        for start, end in zip(bounds, bounds[1:]):
+            segment = flat_ids[start:end]
+            num_images = int((segment == self.placeholder.start).sum())
+            text[start:end] = torch.arange(end - start)
+            mrope[:, start:end] = self.position_ids(segment[None], grids[next_image:next_image + num_images])[:, 0]
+            next_image += num_images
+        if next_image != len(grids):
+            raise ValueError(f"the packed rows hold {next_image} images but image_grid_thw has {len(grids)}")
+        rows = torch.cat([text[None], mrope]).view(4, *input_ids.shape)
+        return rows.to(input_ids.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cu_seq_lens: torch.Tensor | None = None,
+        max_length: int | None = None,
+    ) -> VLMOutput:
+        """Loss (or logits without labels) of a batch: padded rows with ``attention_mask``, or packed rows
+        (``attention_mask=None``, ``cu_seq_lens`` from data.packing.pack, ``max_length`` unused here).
+
+        M-RoPE positions are computed here unless ``position_ids`` already has 3 or 4 rows. Images of every
+        sample are encoded in one vision call; the ViT keeps each image to itself (its own grid's
+        boundaries). ``use_cache=False``: transformers derives the per-sample mask of packed rows from the
+        text positions only when there is no cache.
+        """
+        if position_ids is None or position_ids.dim() == 2:
+            if attention_mask is None and cu_seq_lens is not None:
+                position_ids = self.packed_position_ids(input_ids, image_grid_thw, cu_seq_lens)
+            else:
+                position_ids = self.position_ids(input_ids, image_grid_thw, attention_mask)
+        hidden = self.hf.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+            mm_token_type_ids=self.mm_token_type_ids(input_ids), use_cache=False,
+        ).last_hidden_state
+        if labels is None:
+            return VLMOutput(logits=self.hf.lm_head(hidden))
+        loss_sum, num_tokens = causal_lm_loss_sum(hidden, self.hf.lm_head.weight, labels, impl=self.loss_impl)
+        return VLMOutput(loss_sum=loss_sum, num_tokens=num_tokens, loss=loss_sum / num_tokens.clamp(min=1))

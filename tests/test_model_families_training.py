@@ -1,0 +1,128 @@
+"""A tiny family model trains on data.hf_encode batches: loss as the HF model computes it, gradients where the
+freezing says, and packed rows (per-sample M-RoPE and attention) equal to samples run one by one, in fp32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from data.hf_collate import collate_family_batch
+from data.hf_encode import encode_record
+from models.families.adapter import HFFamilyModel
+from models.families.processor import build_family_processor
+from models.families.specs import FAMILIES
+from train.freeze import apply_freezing
+from train.recipe import FreezeSection
+
+TIKTOKEN = Path("/work/shared/data/qwen.tiktoken")
+pytestmark = pytest.mark.skipif(not TIKTOKEN.is_file(), reason=f"needs the Qwen vocabulary {TIKTOKEN}")
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    """(model, processor, items): a tiny model and three encoded samples, two images of different sizes in
+    the first, one in the second, none in the third."""
+    spec = FAMILIES[request.param]
+    processor = build_family_processor(spec, TIKTOKEN, min_pixels=32 * 32, max_pixels=96 * 96)
+    folder = tmp_path_factory.mktemp("img")
+    paths = []
+    for i, size in enumerate([(90, 60), (40, 70), (64, 64)]):
+        pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=torch.Generator().manual_seed(i))
+        Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / f"{i}.png")
+        paths.append(folder / f"{i}.png")
+    records = [
+        [{"from": "user", "value": f"<img>{paths[0]}</img><img>{paths[1]}</img>Which is <ref>wider</ref>?"},
+         {"from": "assistant", "value": "<ref>The first</ref><box>(0,0),(999,999)</box>."},
+         {"from": "user", "value": "Sure?"}, {"from": "assistant", "value": "Yes."}],
+        [{"from": "system", "value": "Be brief."},
+         {"from": "user", "value": f"Colour? <img>{paths[2]}</img>"}, {"from": "assistant", "value": "Noise."}],
+        [{"from": "user", "value": "Say hi."}, {"from": "assistant", "value": "Hi there!"}],
+    ]
+    items = [encode_record(processor, {"conversations": c}, spec.box_convention) for c in records]
+    torch.manual_seed(0)
+    model = HFFamilyModel.from_preset(f"{spec.name}_tiny").float()
+    return model, processor, items
+
+
+def test_padded_loss_is_the_hf_models_own_loss(family):
+    """Our positions and summed loss against the model's own forward (its positions, its mean loss)."""
+    model, processor, items = family
+    batch = collate_family_batch(items, processor.tokenizer.pad_token_id)
+    ours = model(**batch)
+    theirs = model.hf(**batch, mm_token_type_ids=model.mm_token_type_ids(batch["input_ids"]), use_cache=False)
+    assert torch.isfinite(ours.loss)
+    assert ours.num_tokens == sum(sum(label != -100 for label in s.labels[1:]) for s, _ in items)
+    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("freeze, trained", [
+    (FreezeSection(vision="frozen", resampler="train", llm="frozen", embeddings="frozen"), {"resampler"}),
+    (FreezeSection(vision="train", resampler="frozen", llm="frozen", embeddings="frozen"), {"vision"}),
+    (FreezeSection(vision="frozen", resampler="train", llm="train"), {"resampler", "llm"}),
+])
+def test_gradients_reach_exactly_the_parts_the_freezing_names(family, freeze, trained):
+    model, processor, items = family
+    apply_freezing(model, freeze)
+    model.zero_grad(set_to_none=True)
+    model(**collate_family_batch(items, processor.tokenizer.pad_token_id)).loss_sum.backward()
+    prefixes = model.part_prefixes()
+    for name, param in model.named_parameters():
+        part = next(p for p in ("vision", "resampler", "llm") if name.startswith(prefixes[p]))
+        if part in trained:
+            assert param.grad is not None, name
+        else:
+            assert param.grad is None and not param.requires_grad, name
+    got_signal = {p for p in trained if any(param.grad is not None and param.grad.abs().sum() > 0
+                                            for name, param in model.named_parameters()
+                                            if name.startswith(prefixes[p]))}
+    assert got_signal == trained
+    model.requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+
+
+def test_a_packed_row_equals_its_samples_one_by_one(family):
+    """fp32: loss sum and every gradient of one packed row (3 samples, 3 images, a text-only sample and the
+    row's padding) equal the sums over the samples run alone."""
+    model, processor, items = family
+    pad_id = processor.tokenizer.pad_token_id
+    model.requires_grad_(True)
+
+    model.zero_grad(set_to_none=True)
+    packed = collate_family_batch(items, pad_id, pack_to=sum(len(s.input_ids) for s, _ in items) + 5)
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    out = model(**packed)
+    out.loss_sum.backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.zero_grad(set_to_none=True)
+    loss_sum, num_tokens = 0.0, 0
+    for item in items:
+        alone = model(**collate_family_batch([item], pad_id))
+        alone.loss_sum.backward()
+        loss_sum, num_tokens = loss_sum + alone.loss_sum.detach(), num_tokens + alone.num_tokens
+    assert out.num_tokens == num_tokens
+    torch.testing.assert_close(out.loss_sum.detach(), loss_sum, rtol=1e-5, atol=1e-5)
+    one_by_one = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert packed_grads.keys() == one_by_one.keys()
+    for name, grad in packed_grads.items():
+        torch.testing.assert_close(grad, one_by_one[name], rtol=1e-4, atol=1e-6, msg=name)
+    model.zero_grad(set_to_none=True)
+
+
+def test_packed_positions_restart_per_sample(family):
+    model, processor, items = family
+    packed = collate_family_batch(items, processor.tokenizer.pad_token_id,
+                                  pack_to=sum(len(s.input_ids) for s, _ in items) + 5)
+    positions = model.packed_position_ids(packed["input_ids"], packed.get("image_grid_thw"), packed["cu_seq_lens"])
+    bounds = packed["cu_seq_lens"].tolist()
+    grids = packed["image_grid_thw"]
+    counts = [2, 1, 0]
+    for k, (start, end) in enumerate(zip(bounds[:3], bounds[1:4])):
+        alone = model.position_ids(packed["input_ids"][:, start:end],
+                                   grids[sum(counts[:k]):sum(counts[:k + 1])] if counts[k] else None)
+        assert torch.equal(positions[1:, :, start:end], alone)
+        assert positions[0, 0, start:end].tolist() == list(range(end - start))
