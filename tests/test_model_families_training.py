@@ -126,3 +126,24 @@ def test_packed_positions_restart_per_sample(family):
                                    grids[sum(counts[:k]):sum(counts[:k + 1])] if counts[k] else None)
         assert torch.equal(positions[1:, :, start:end], alone)
         assert positions[0, 0, start:end].tolist() == list(range(end - start))
+
+
+def test_a_text_only_training_batch_still_reaches_every_vision_parameter(family):
+    """Zero gradients (not none) on the ViT and projector, so ranks with and without images hold the same
+    parameters under DDP/ZeRO; the loss is unchanged."""
+    model, processor, items = family
+    batch = collate_family_batch(items[2:], processor.tokenizer.pad_token_id)
+    assert "pixel_values" not in batch
+    model.requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    model.train()
+    out = model(**batch)
+    out.loss_sum.backward()
+    prefixes = model.part_prefixes()
+    vision = [(n, p) for n, p in model.named_parameters() if n.startswith(prefixes["vision"] + prefixes["resampler"])]
+    assert vision and all(p.grad is not None and not p.grad.any() for _, p in vision)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).loss_sum, out.loss_sum.detach())
+    model.train()
+    model.zero_grad(set_to_none=True)

@@ -230,4 +230,22 @@ class HFFamilyModel(nn.Module):
         if labels is None:
             return VLMOutput(logits=self.hf.lm_head(hidden))
         loss_sum, num_tokens = causal_lm_loss_sum(hidden, self.hf.lm_head.weight, labels, impl=self.loss_impl)
+        if pixel_values is None and self.training:
+            loss_sum = loss_sum + self._unused_vision_term(hidden.dtype)
         return VLMOutput(loss_sum=loss_sum, num_tokens=num_tokens, loss=loss_sum / num_tokens.clamp(min=1))
+
+    def _unused_vision_term(self, dtype: torch.dtype) -> torch.Tensor:
+        """0 x the vision outputs of one smallest blank image (2x2 patches, one LLM token): a text-only
+        training batch then gives every vision and projector parameter a zero gradient, so DDP and ZeRO see
+        the same parameters on every rank and never hang (as the Qwen-VL ``VLM`` does, docs/model.md).
+        ``mean`` rather than ``sum``: the zero term cannot overflow in fp16."""
+        vision = self.hf.model.visual
+        vision_config = self.hf.config.vision_config
+        merge = vision_config.spatial_merge_size
+        width = vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size ** 2
+        grid = torch.tensor([[1, merge, merge]], device=self.hf.device)
+        blank = torch.zeros(merge * merge, width, device=self.hf.device, dtype=vision.dtype)
+        outputs = vision(blank, grid_thw=grid, return_dict=True)
+        tensors = [t for value in outputs.values() for t in (value if isinstance(value, (list, tuple)) else [value])
+                   if isinstance(t, torch.Tensor)]
+        return sum(t.float().mean() for t in tensors) * 0.0
