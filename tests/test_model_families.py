@@ -18,7 +18,12 @@ from safetensors.torch import save_file
 
 from models.errors import UserError
 from models.families.adapter import HFFamilyModel
-from models.families.processor import build_family_tokenizer, qwen2_vocab_and_merges
+from models.families.processor import (
+    build_family_processor,
+    build_family_tokenizer,
+    load_family_processor,
+    qwen2_vocab_and_merges,
+)
 from models.families.specs import FAMILIES, preset
 from train.freeze import apply_freezing
 from train.recipe import FreezeSection
@@ -200,3 +205,20 @@ def test_family_tokenizers_carry_their_added_tokens(family, size):
     assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|endoftext|>")
     assert tokenizer.encode("<|im_start|>user\n12 cats", add_special_tokens=False) == [
         151644, 872, 198, 16, 17, 19423]
+
+
+@needs_vocabulary
+def test_a_saved_model_directory_brings_its_processor(tmp_path):
+    """save_pretrained of model + processor, loaded back: same template, same ids; the pixel budget can be
+    changed on load (data.min_pixels / data.max_pixels)."""
+    spec = FAMILIES["qwen3_vl"]
+    built = build_family_processor(spec, TIKTOKEN)
+    built.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_vl"}))
+    loaded = load_family_processor(tmp_path, max_pixels=200_000)
+    assert type(loaded) is spec.processor_class
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is it? 12"}]}]
+    assert loaded.apply_chat_template(messages, tokenize=False) == built.apply_chat_template(messages, tokenize=False)
+    text = "<|im_start|>user\n<|box_start|>(1,2)<think> x<|im_end|>"
+    assert loaded.tokenizer(text)["input_ids"] == built.tokenizer(text)["input_ids"]
+    assert loaded.image_processor.size == {"shortest_edge": spec.min_pixels, "longest_edge": 200_000}
