@@ -210,22 +210,36 @@ class HFFamilyModel(nn.Module):
         max_length: int | None = None,
     ) -> VLMOutput:
         """Loss (or logits without labels) of a batch: padded rows with ``attention_mask``, or packed rows
-        (``attention_mask=None``, ``cu_seq_lens`` from data.packing.pack, ``max_length`` unused here).
+        (``attention_mask=None``, ``cu_seq_lens`` and ``max_length`` from data.packing.pack, passed on to
+        flash / the project's varlen attention).
 
         M-RoPE positions are computed here unless ``position_ids`` already has 3 or 4 rows. Images of every
         sample are encoded in one vision call; the ViT keeps each image to itself (its own grid's
         boundaries). ``use_cache=False``: transformers derives the per-sample mask of packed rows from the
         text positions only when there is no cache.
         """
+        packed = attention_mask is None and cu_seq_lens is not None
         if position_ids is None or position_ids.dim() == 2:
-            if attention_mask is None and cu_seq_lens is not None:
+            if packed:
                 position_ids = self.packed_position_ids(input_ids, image_grid_thw, cu_seq_lens)
             else:
                 position_ids = self.position_ids(input_ids, image_grid_thw, attention_mask)
+        # The vision tower runs first, on its own: the sample boundaries below are the LLM's, and keyword
+        # arguments given to the HF model would reach the ViT's attention too (it has its own boundaries).
+        encoded = None
+        if pixel_values is not None:
+            encoded = {"image": self.hf.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)}
+        varlen = {}
+        if packed:  # flash / varlen attention read the boundaries; SDPA and eager ignore them
+            cu_seq_lens = cu_seq_lens.to(input_ids.device, non_blocking=True)
+            if max_length is None:
+                max_length = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
+            varlen = {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+                      "max_length_q": max_length, "max_length_k": max_length}
         hidden = self.hf.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-            mm_token_type_ids=self.mm_token_type_ids(input_ids), use_cache=False,
+            mm_encoder_outputs=encoded, image_grid_thw=image_grid_thw,
+            mm_token_type_ids=self.mm_token_type_ids(input_ids), use_cache=False, **varlen,
         ).last_hidden_state
         if labels is None:
             return VLMOutput(logits=self.hf.lm_head(hidden))
