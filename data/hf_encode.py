@@ -38,7 +38,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from data.hf_boxes import ImageGeometry, boxes_to_family
 from data.images import decode_image
-from data.sample import IGNORE_INDEX, TokenizedSample
+from data.sample import IGNORE_INDEX, TokenizedSample, truncate_span_safe
 from data.text import split_image_spans
 from models.tokens import IMG_END, IMG_START
 
@@ -174,6 +174,17 @@ def encode_conversation(processor: ProcessorMixin, conversation: list[dict], ima
     if next(grids, None) is not None:
         raise ValueError("the chat template dropped an image of the conversation")
     return FamilySample(input_ids, labels, paths, [tuple(g) for g in image_grids])
+
+
+def truncate_family_sample(sample: FamilySample, max_len: int, start_id: int, end_id: int) -> FamilySample | None:
+    """data.sample's span-safe truncation with the family's image markers (``<|vision_start|>``,
+    ``<|vision_end|>``): never inside an image span; the grids of the images cut away go with them. None when
+    nothing supervised survives (the caller drops and counts the sample)."""
+    cut = truncate_span_safe(sample, max_len, start_id, end_id)
+    if cut is None or cut is sample:
+        return cut
+    kept = len(cut.image_paths)
+    return FamilySample(cut.input_ids, cut.labels, cut.image_paths, sample.image_grid_thw[:kept])
 
 
 def encode_images(processor: ProcessorMixin, images: list[Image.Image]) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from data.formats import normalize_record
-from data.hf_encode import encode_conversation, encode_record, to_messages
+from data.hf_encode import encode_conversation, encode_record, to_messages, truncate_family_sample
 from data.sample import IGNORE_INDEX
 from models.families.processor import build_family_processor
 from models.families.specs import FAMILIES
@@ -164,3 +164,17 @@ def test_bad_conversations_are_refused(processor):
     with pytest.raises(ValueError, match="1 images in the conversation but 0 image sizes"):
         encode_conversation(processor, [{"from": "user", "value": "<img>a.png</img>"},
                                         {"from": "assistant", "value": "ok"}], [])
+
+
+def test_truncation_never_cuts_an_image_span_and_keeps_the_grids_of_the_images_it_keeps(processor, images):
+    conversation = conversations(list(images))["several turns, several images, system prompt"]
+    sample = encode_conversation(processor, conversation, sizes_of(images, conversation))
+    start, end = (processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>"))
+    second_image = [i for i, t in enumerate(sample.input_ids) if t == start][1]
+    cut = truncate_family_sample(sample, second_image + 3, start, end)  # inside the second span
+    assert cut is None  # everything supervised came after that image
+    last_image = [i for i, t in enumerate(sample.input_ids) if t == start][2]
+    cut = truncate_family_sample(sample, last_image + 2, start, end)
+    assert cut.input_ids == sample.input_ids[:last_image]
+    assert cut.image_paths == sample.image_paths[:2] and cut.image_grid_thw == sample.image_grid_thw[:2]
+    assert truncate_family_sample(sample, len(sample), start, end) is sample
