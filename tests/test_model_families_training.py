@@ -147,3 +147,36 @@ def test_a_text_only_training_batch_still_reaches_every_vision_parameter(family)
         assert torch.equal(model(**batch).loss_sum, out.loss_sum.detach())
     model.train()
     model.zero_grad(set_to_none=True)
+
+
+def test_gradient_checkpointing_recomputes_the_chosen_layers_and_changes_nothing(family):
+    model, processor, items = family
+    batch = collate_family_batch(items[:2], processor.tokenizer.pad_token_id)
+    model.requires_grad_(True)
+    model.train()
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor], list[int]]:
+        calls = []
+        layers = model.llm.get_decoder().layers
+        # On the first module inside each layer: transformers checkpoints a layer's forward with the layer's
+        # own hooks outside, and torch's recompute stops early, once the last tensor backward needs is back.
+        hooks = [layer.input_layernorm.register_forward_hook(lambda mod, args, out, i=i: calls.append(i))
+                 for i, layer in enumerate(layers)]
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss_sum
+        loss.backward()
+        for hook in hooks:
+            hook.remove()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, sorted(calls)
+
+    plain_loss, plain_grads, plain_calls = run()
+    model.set_gradient_checkpointing(True, llm_layers=1)
+    try:
+        loss, grads, calls = run()
+    finally:
+        model.set_gradient_checkpointing(False)
+    assert plain_calls == [0, 1] and calls == [0, 0, 1]  # layer 0 recomputed in backward, layer 1 kept
+    torch.testing.assert_close(loss, plain_loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], msg=name)
+    model.zero_grad(set_to_none=True)

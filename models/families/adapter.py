@@ -33,7 +33,7 @@ from transformers import PreTrainedModel
 from models.errors import MissingFileError, UserError
 from models.families.specs import FamilySpec, family_of_model_type, preset
 from models.loss import causal_lm_loss_sum
-from models.vlm import VLMOutput
+from models.vlm import VLMOutput, checkpointed_layer_indices
 
 # Children of model.visual that project ViT features into the LLM (the "resampler" group). Everything else
 # under model.visual is the vision tower. Qwen3-VL's DeepStack mergers project features of middle layers.
@@ -114,6 +114,25 @@ class HFFamilyModel(nn.Module):
             "llm": [self.hf.model.language_model, self.hf.lm_head],
             "embeddings": [self.hf.get_input_embeddings(), self.hf.get_output_embeddings()],
         }
+
+    @property
+    def llm(self) -> PreTrainedModel:
+        """Where the trainer reaches the LLM's embeddings, head and decoder (``get_input_embeddings``,
+        ``get_output_embeddings``, ``get_decoder``, ``enable_input_require_grads``), as on ``VLM.llm``: here
+        the HF model itself, which holds them (its decoder is ``model.language_model``)."""
+        return self.hf
+
+    def set_gradient_checkpointing(self, enabled: bool = True, llm_layers: int | None = None) -> None:
+        """Recompute the ViT blocks and LLM decoder layers in backward (non-reentrant), as ``VLM`` does.
+        ``llm_layers``: how many decoder layers to checkpoint (None = all), spread evenly over the depth."""
+        if not enabled:
+            self.hf.activation_checkpointing_disable()
+            return
+        self.hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        layers = self.hf.get_decoder().layers
+        chosen = checkpointed_layer_indices(len(layers), len(layers) if llm_layers is None else llm_layers)
+        for i, layer in enumerate(layers):
+            layer.gradient_checkpointing = i in chosen
 
     def part_prefixes(self) -> dict[str, tuple[str, ...]]:
         """{group: parameter-name prefixes} of ``module_groups`` (names as ``model.named_parameters()``
