@@ -4,8 +4,10 @@ freezing says, and packed rows (per-sample M-RoPE and attention) equal to sample
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 from PIL import Image
@@ -180,3 +182,19 @@ def test_gradient_checkpointing_recomputes_the_chosen_layers_and_changes_nothing
     for name, grad in grads.items():
         torch.testing.assert_close(grad, plain_grads[name], msg=name)
     model.zero_grad(set_to_none=True)
+
+
+def test_lora_by_the_adapters_pattern_trains_adapters_and_the_saved_projector_only(family):
+    model, processor, items = family
+    lora_model = copy.deepcopy(model).requires_grad_(False)
+    config = peft.LoraConfig(r=4, lora_alpha=8, modules_to_save=["merger"],
+                             target_modules=lora_model.lora_target_pattern(["q_proj", "gate_proj"], ["attn.qkv"]))
+    wrapped = peft.get_peft_model(lora_model, config)
+    wrapped(**collate_family_batch(items, processor.tokenizer.pad_token_id)).loss_sum.backward()
+    trained = {n for n, p in wrapped.named_parameters() if p.grad is not None}
+    assert trained == {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert all("lora_" in n or ".merger.modules_to_save." in n for n in trained), trained
+    llm_adapters = [n for n in trained if "language_model" in n]
+    vit_adapters = [n for n in trained if "visual.blocks" in n]
+    assert len(llm_adapters) == 2 * 2 * 2 and len(vit_adapters) == 2 * 2  # (A, B) per adapted layer
+    assert not any(".mlp." in n for n in vit_adapters)

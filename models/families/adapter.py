@@ -54,6 +54,10 @@ class HFFamilyModel(nn.Module):
     named. An nn.Module, so the trainer, train.freeze and peft take it as they take the Qwen-VL ``VLM``;
     parameter names are the HF ones under ``hf.`` (``hf.model.visual.merger...``)."""
 
+    # peft treats a module whose ``config`` has a model_type as a transformers model and asks for its
+    # base_model_prefix (to scope transformers' checkpoint key conversions); the adapter has no prefix of its own.
+    base_model_prefix = ""
+
     def __init__(self, spec: FamilySpec, hf_model: PreTrainedModel):
         if not isinstance(hf_model, spec.model_class):
             raise TypeError(f"{spec.name} wraps {spec.model_class.__name__}, got {type(hf_model).__name__}")
