@@ -127,23 +127,28 @@ def boxes_to_family(text: str, convention: str, geometry: ImageGeometry | None =
                    else JSON_GROUNDING_PROMPT.format(label))
         text = text[:prompt.start()] + request
     groups = list(_GROUP.finditer(text))
-    between = [text[a.end():b.start()] for a, b in zip(groups, groups[1:])]
-    outside = text[:groups[0].start()] + text[groups[-1].end():] if groups else text
-    boxes_only = bool(groups) and convention != BOX_TOKENS_1000 and not (outside + "".join(between)).strip(" \n,.;")
-    pieces, last = [], 0
-    items = []
-    for match in groups:
-        label = match.group(1)
-        boxes = [tuple(int(g) for g in m.groups()) for m in _ONE_BOX.finditer(match.group(2))]
-        for box in boxes:
-            validate_box(list(box))
-        formatted = _format_group(label, boxes, convention, geometry)
-        items += formatted
-        pieces += [text[last:match.start()], ", ".join(formatted)]
-        last = match.end()
-    if boxes_only:  # the cookbooks' answer: a fenced JSON list of every box
+    if not groups:
+        return _rewrite_bare_refs(text, convention)
+    rewritten = [_format_group(match.group(1), _boxes_of(match.group(2)), convention, geometry) for match in groups]
+    # The text before the first group, between consecutive groups, and after the last.
+    around = ([text[:groups[0].start()]] + [text[a.end():b.start()] for a, b in zip(groups, groups[1:])]
+              + [text[groups[-1].end():]])
+    if convention != BOX_TOKENS_1000 and not "".join(around).strip(" \n,.;"):
+        items = [item for group in rewritten for item in group]  # the cookbooks' answer: one fenced JSON list
         return "```json\n[\n" + ",\n".join("\t" + item for item in items) + "\n]\n```"
-    text = "".join(pieces) + text[last:]
+    text = around[0] + "".join(", ".join(group) + after for group, after in zip(rewritten, around[1:]))
+    return _rewrite_bare_refs(text, convention)
+
+
+def _boxes_of(boxes_text: str) -> list[tuple[int, int, int, int]]:
+    boxes = [tuple(int(g) for g in m.groups()) for m in _ONE_BOX.finditer(boxes_text)]
+    for box in boxes:
+        validate_box(list(box))
+    return boxes
+
+
+def _rewrite_bare_refs(text: str, convention: str) -> str:
+    """A ``<ref>`` without a box: Qwen2-VL's object-reference tokens, plain text in the JSON conventions."""
     if convention == BOX_TOKENS_1000:
         return _BARE_REF.sub(lambda m: f"{OBJECT_REF_START}{m.group(1)}{OBJECT_REF_END}", text)
     return _BARE_REF.sub(lambda m: m.group(1), text)
