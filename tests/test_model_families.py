@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from transformers import AutoModelForImageTextToText
 
 from models.errors import UserError
 from models.families.adapter import HFFamilyModel
@@ -122,6 +123,10 @@ def test_save_pretrained_round_trip(tiny, tmp_path):
     assert loaded.spec is tiny.spec
     expected = tiny.hf.state_dict()
     assert all(torch.equal(expected[k], v) for k, v in loaded.hf.state_dict().items())
+    # The directory is an HF export as vLLM/SGLang read it: the auto class loads it as it is.
+    auto = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert type(auto) is tiny.spec.model_class
+    assert all(torch.equal(expected[k], v) for k, v in auto.state_dict().items())
 
 
 def test_a_released_qwen2_5_vl_directory_loads_as_it_is(tmp_path):
