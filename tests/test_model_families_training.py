@@ -14,6 +14,7 @@ from PIL import Image
 
 from data.hf_collate import collate_family_batch
 from data.hf_encode import encode_record
+from data.packing import supervised_positions
 from models.families.adapter import HFFamilyModel
 from models.families.processor import build_family_processor
 from models.families.specs import FAMILIES
@@ -198,3 +199,17 @@ def test_lora_by_the_adapters_pattern_trains_adapters_and_the_saved_projector_on
     vit_adapters = [n for n in trained if "visual.blocks" in n]
     assert len(llm_adapters) == 2 * 2 * 2 and len(vit_adapters) == 2 * 2  # (A, B) per adapted layer
     assert not any(".mlp." in n for n in vit_adapters)
+
+
+def test_token_logps_and_label_positions_give_the_same_loss(family):
+    """The switches VLM.forward has for DPO and for a loss computed only at supervised positions."""
+    model, processor, items = family
+    batch = collate_family_batch(items, processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        plain = model(**batch)
+        logps = model(**batch, return_token_logps=True)
+        positioned = model(**batch, label_positions=supervised_positions(batch["labels"]))
+    assert logps.token_logps.shape == batch["labels"].shape
+    torch.testing.assert_close(-logps.token_logps.sum(), plain.loss_sum)
+    torch.testing.assert_close(positioned.loss_sum, plain.loss_sum)
+    assert plain.num_tokens == logps.num_tokens == positioned.num_tokens

@@ -32,7 +32,7 @@ from transformers import PreTrainedModel
 
 from models.errors import MissingFileError, UserError
 from models.families.specs import FamilySpec, family_of_model_type, preset
-from models.loss import causal_lm_loss_sum
+from models.loss import IGNORE_INDEX, causal_lm_loss_sum, causal_lm_token_logps
 from models.vlm import VLMOutput, checkpointed_layer_indices
 
 # Children of model.visual that project ViT features into the LLM (the "resampler" group). Everything else
@@ -231,6 +231,8 @@ class HFFamilyModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         cu_seq_lens: torch.Tensor | None = None,
         max_length: int | None = None,
+        return_token_logps: bool = False,
+        label_positions: torch.Tensor | None = None,
     ) -> VLMOutput:
         """Loss (or logits without labels) of a batch: padded rows with ``attention_mask``, or packed rows
         (``attention_mask=None``, ``cu_seq_lens`` and ``max_length`` from data.packing.pack, passed on to
@@ -239,7 +241,9 @@ class HFFamilyModel(nn.Module):
         M-RoPE positions are computed here unless ``position_ids`` already has 3 or 4 rows. Images of every
         sample are encoded in one vision call; the ViT keeps each image to itself (its own grid's
         boundaries). ``use_cache=False``: transformers derives the per-sample mask of packed rows from the
-        text positions only when there is no cache.
+        text positions only when there is no cache. ``return_token_logps`` (preference training) and
+        ``label_positions`` (the supervised labels' flat positions, data.packing.supervised_positions) mean
+        what they mean for ``VLM.forward``.
         """
         packed = attention_mask is None and cu_seq_lens is not None
         if position_ids is None or position_ids.dim() == 2:
@@ -266,12 +270,20 @@ class HFFamilyModel(nn.Module):
         ).last_hidden_state
         if labels is None:
             return VLMOutput(logits=self.hf.lm_head(hidden))
-        loss_sum, num_tokens = causal_lm_loss_sum(hidden, self.hf.lm_head.weight, labels, impl=self.loss_impl)
+        head = self.hf.lm_head.weight
+        token_logps = None
+        if return_token_logps:
+            token_logps = causal_lm_token_logps(hidden, head, labels, impl=self.loss_impl)
+            loss_sum, num_tokens = -token_logps.sum(), (labels[:, 1:] != IGNORE_INDEX).sum()
+        else:
+            loss_sum, num_tokens = causal_lm_loss_sum(hidden, head, labels, impl=self.loss_impl,
+                                                      label_positions=label_positions)
         if pixel_values is None and self.training:
-            loss_sum = loss_sum + self._unused_vision_term(hidden.dtype)
-        return VLMOutput(loss_sum=loss_sum, num_tokens=num_tokens, loss=loss_sum / num_tokens.clamp(min=1))
+            loss_sum = loss_sum + self._unused_vision_term()
+        return VLMOutput(loss_sum=loss_sum, num_tokens=num_tokens, loss=loss_sum / num_tokens.clamp(min=1),
+                         token_logps=token_logps)
 
-    def _unused_vision_term(self, dtype: torch.dtype) -> torch.Tensor:
+    def _unused_vision_term(self) -> torch.Tensor:
         """0 x the vision outputs of one smallest blank image (2x2 patches, one LLM token): a text-only
         training batch then gives every vision and projector parameter a zero gradient, so DDP and ZeRO see
         the same parameters on every rank and never hang (as the Qwen-VL ``VLM`` does, docs/model.md).
