@@ -232,7 +232,7 @@ def _streamed_pairs(config: DataConfig, urls: list[str], malformed: list[tuple[s
                 continue
             if image is not None and decode:
                 try:
-                    decode_image(record["image"], where, data=image)
+                    decode_image(record["image"], where, data=image, size=config.image_size)
                 except ImageLoadError as e:
                     malformed.append((where, str(e), "undecodable_image"))
                     continue
