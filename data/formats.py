@@ -209,6 +209,16 @@ def normalize_record(record: dict, fmt: str, base_dir: Path) -> dict:
     return out
 
 
+def empty_answer_turn(record: dict) -> int | None:
+    """The index of the first assistant turn of a normalised chat record whose answer is empty (or only
+    white space); None when every answer has text. Such a sample would teach the model to answer nothing:
+    training skips it (counted as dropped_empty_answer, a warning line each time), data.check warns."""
+    for j, turn in enumerate(record.get("conversations", ())):
+        if turn["from"] == "assistant" and not turn["value"].strip():
+            return j
+    return None
+
+
 def record_image_paths(record: dict) -> list[str]:
     """The image files a normalised record refers to (paths already resolved), in order."""
     if "conversations" in record:

@@ -49,6 +49,8 @@ PROBLEMS: dict[str, Problem] = {p.kind: p for p in (
     Problem("image_span_cut", False,
             "max_len falls inside an image span: training drops that image and everything after it"),
     Problem("duplicate", False, "the same tokens and images as an earlier sample"),
+    Problem("empty_answer", False, "an assistant answer is empty (or only white space): training skips the sample "
+                                   "(counted as dropped_empty_answer)"),
 )}
 IMAGE_PROBLEMS = ("missing_image", "undecodable_image")
 
