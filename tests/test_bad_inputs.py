@@ -50,11 +50,13 @@ def truncated_jpeg() -> bytes:
 
 def writes(name: str, content: bytes | str | Callable[[], bytes | str]) -> Callable[[Path], Path]:
     """A builder writing ``content`` (or what calling it returns) to folder/name."""
+
     def build(folder: Path) -> Path:
         value = content() if callable(content) else content
         path = folder / name
         path.write_bytes(value if isinstance(value, bytes) else value.encode())
         return path
+
     return build
 
 
@@ -77,12 +79,14 @@ def llava(*turns: tuple[str, object], image: object = GOOD_IMAGE) -> dict:
 
 def records(*bad: object, suffix: str = ".json") -> Callable[[Path], Path]:
     """A data file of four good chat records followed by ``bad`` (record 4, or line 5, onwards)."""
+
     def build(folder: Path) -> Path:
         path = folder / f"data{suffix}"
         rows = [*(chat(f"<img>{GOOD_IMAGE}</img>What colour is {i}?") for i in range(4)), *bad]
         text = json.dumps(rows) if suffix == ".json" else "".join(json.dumps(r) + "\n" for r in rows)
         path.write_text(text.replace(GOOD_IMAGE, str(good_image(folder))))
         return path
+
     return build
 
 
@@ -124,18 +128,24 @@ BOMB = "is over the cap of 64,000,000 pixels"
 def bad_image(name: str, build: Callable[[Path], Path], says: str) -> Case:
     """An image no surface may choke on: skipped and counted in training and data.check (within
     data.max_bad_images=5), one error line in eval (a benchmark sample is never skipped) and chat."""
-    return Case(name, "image", build, {
-        "data.check": counted("undecodable_image", "data.json record 4", says),
-        "train": counted("'dropped_bad_image': 1", "'bad_image_files': 1", says),
-        "eval run": error("synth_vqa sample 0", says),
-        "chat": error(says),
-    })
+    return Case(
+        name,
+        "image",
+        build,
+        {
+            "data.check": counted("undecodable_image", "data.json record 4", says),
+            "train": counted("'dropped_bad_image': 1", "'bad_image_files': 1", says),
+            "eval run": error("synth_vqa sample 0", says),
+            "chat": error(says),
+        },
+    )
 
 
 def bad_record(name: str, build: Callable[[Path], Path], *says: str) -> Case:
     """A record training refuses: one error line naming file, record and field; data.check lists it."""
-    return Case(name, "data", build, {"data.check": check_fails("invalid_record", *says),
-                                      "train": error(*says)})
+    return Case(
+        name, "data", build, {"data.check": check_fails("invalid_record", *says), "train": error(*says)}
+    )
 
 
 def bad_file(name: str, build: Callable[[Path], Path], *says: str) -> Case:
@@ -145,49 +155,115 @@ def bad_file(name: str, build: Callable[[Path], Path], *says: str) -> Case:
 
 CASES: list[Case] = [
     # ---- images (issue 27, "a decompression bomb kills training")
-    bad_image("png bomb: a 83-byte header claiming 30000x30000", writes("bomb.png", png_claiming(30000, 30000)),
-              BOMB),
-    bad_image("png of 10000x10000 (over Pillow's warning limit)", writes("big.png", png_claiming(10000, 10000)),
-              BOMB),
-    bad_image("png of 9000x8000 (over our cap, under Pillow's limits)", writes("over.png", png_claiming(9000, 8000)),
-              "9000x8000 = 72,000,000 pixels, over the cap of 64,000,000"),
+    bad_image(
+        "png bomb: a 83-byte header claiming 30000x30000",
+        writes("bomb.png", png_claiming(30000, 30000)),
+        BOMB,
+    ),
+    bad_image(
+        "png of 10000x10000 (over Pillow's warning limit)",
+        writes("big.png", png_claiming(10000, 10000)),
+        BOMB,
+    ),
+    bad_image(
+        "png of 9000x8000 (over our cap, under Pillow's limits)",
+        writes("over.png", png_claiming(9000, 8000)),
+        "9000x8000 = 72,000,000 pixels, over the cap of 64,000,000",
+    ),
     bad_image("jpeg cut in half", writes("cut.jpg", truncated_jpeg), "cannot decode image"),
     bad_image("text file named .png", writes("text.png", "hello, not an image"), "cannot decode image"),
     bad_image("empty file named .jpg", writes("empty.jpg", b""), "cannot decode image"),
     # ---- record shapes (issue 27, "wrong-typed records print tracebacks")
-    bad_record("llava turn value is a number", records(llava(("human", "<image>\nWhat?"), ("gpt", 5))),
-               "data.json record 4", "turn 1: 'value' must be a string, got a number"),
-    bad_record("a string in place of a turn", records({"conversations": ["hello", {"from": "assistant",
-                                                                                    "value": "hi"}]}),
-               "data.json record 4", "turn 0 must be an object with 'from' and 'value', got a string"),
-    bad_record("an object in place of the turn list", records({"conversations": {"from": "user", "value": "hi"}}),
-               "data.json record 4", "'conversations' must be a list of turns, got an object"),
-    bad_record("llava turn without 'value'", records({"image": GOOD_IMAGE, "conversations": [
-        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt"}]}), "data.json record 4", "turn 1 has no 'value'"),
-    bad_record("qwen turn without 'value'", records({"conversations": [{"from": "user"}]}, suffix=".jsonl"),
-               "data.jsonl line 5", "turn 0 has no 'value'"),
-    bad_record("llava 'image' is a number", records(llava(("human", "<image>\nWhat?"), ("gpt", "red"), image=7)),
-               "data.json record 4", "'image' must be a path or a list of paths, got a number"),
-    bad_record("a record that is a list", records([1, 2]), "data.json record 4", "must be a JSON object, got list"),
-    bad_record("task field of a wrong type", records({"task": "vqa", "image": GOOD_IMAGE, "question": ["what?"],
-                                                      "answer": "red"}),
-               "data.json record 4", "field 'question' must be a string, got list"),
-    bad_record("preference answer is a number", records(
-        {"conversations": [{"from": "user", "value": "which?"}], "chosen": 1, "rejected": "b"}),
-        "data.json record 4", "'chosen' must be a non-empty answer text, got a number"),
-    bad_record("an OpenAI-style 'messages' record", records({"messages": [{"role": "user", "content": "hi"}]}),
-               "data.json record 4", "'messages' record", "'conversations'"),
-    bad_record("jsonl line nested 200,000 deep", writes(
-        "deep.jsonl", lambda: json.dumps(chat("hi")) + "\n" + "[" * 200_000 + "\n"),
-        "deep.jsonl line 2", "nested too deeply"),
-    bad_file("json file nested 200,000 deep", writes("deep.json", "[" * 200_000), "deep.json", "nested too deeply"),
-    Case("empty assistant answer", "data", records(chat(f"<img>{GOOD_IMAGE}</img>What colour?", answer=" ")), {
-        "data.check": counted("warning empty_answer", "data.json record 4: turn 1: the assistant answer is empty"),
-        "train": counted("'dropped_empty_answer': 1"),
-    }),
+    bad_record(
+        "llava turn value is a number",
+        records(llava(("human", "<image>\nWhat?"), ("gpt", 5))),
+        "data.json record 4",
+        "turn 1: 'value' must be a string, got a number",
+    ),
+    bad_record(
+        "a string in place of a turn",
+        records({"conversations": ["hello", {"from": "assistant", "value": "hi"}]}),
+        "data.json record 4",
+        "turn 0 must be an object with 'from' and 'value', got a string",
+    ),
+    bad_record(
+        "an object in place of the turn list",
+        records({"conversations": {"from": "user", "value": "hi"}}),
+        "data.json record 4",
+        "'conversations' must be a list of turns, got an object",
+    ),
+    bad_record(
+        "llava turn without 'value'",
+        records(
+            {
+                "image": GOOD_IMAGE,
+                "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt"}],
+            }
+        ),
+        "data.json record 4",
+        "turn 1 has no 'value'",
+    ),
+    bad_record(
+        "qwen turn without 'value'",
+        records({"conversations": [{"from": "user"}]}, suffix=".jsonl"),
+        "data.jsonl line 5",
+        "turn 0 has no 'value'",
+    ),
+    bad_record(
+        "llava 'image' is a number",
+        records(llava(("human", "<image>\nWhat?"), ("gpt", "red"), image=7)),
+        "data.json record 4",
+        "'image' must be a path or a list of paths, got a number",
+    ),
+    bad_record(
+        "a record that is a list", records([1, 2]), "data.json record 4", "must be a JSON object, got list"
+    ),
+    bad_record(
+        "task field of a wrong type",
+        records({"task": "vqa", "image": GOOD_IMAGE, "question": ["what?"], "answer": "red"}),
+        "data.json record 4",
+        "field 'question' must be a string, got list",
+    ),
+    bad_record(
+        "preference answer is a number",
+        records({"conversations": [{"from": "user", "value": "which?"}], "chosen": 1, "rejected": "b"}),
+        "data.json record 4",
+        "'chosen' must be a non-empty answer text, got a number",
+    ),
+    bad_record(
+        "an OpenAI-style 'messages' record",
+        records({"messages": [{"role": "user", "content": "hi"}]}),
+        "data.json record 4",
+        "'messages' record",
+        "'conversations'",
+    ),
+    bad_record(
+        "jsonl line nested 200,000 deep",
+        writes("deep.jsonl", lambda: json.dumps(chat("hi")) + "\n" + "[" * 200_000 + "\n"),
+        "deep.jsonl line 2",
+        "nested too deeply",
+    ),
+    bad_file(
+        "json file nested 200,000 deep", writes("deep.json", "[" * 200_000), "deep.json", "nested too deeply"
+    ),
+    Case(
+        "empty assistant answer",
+        "data",
+        records(chat(f"<img>{GOOD_IMAGE}</img>What colour?", answer=" ")),
+        {
+            "data.check": counted(
+                "warning empty_answer", "data.json record 4: turn 1: the assistant answer is empty"
+            ),
+            "train": counted("'dropped_empty_answer': 1"),
+        },
+    ),
     # ---- benchmark files read by eval
-    Case("benchmark line nested 200,000 deep", "benchmark", writes("vqa_test.jsonl", "[" * 200_000 + "\n"),
-         {"eval run": error("vqa_test.jsonl line 1", "nested too deeply")}),
+    Case(
+        "benchmark line nested 200,000 deep",
+        "benchmark",
+        writes("vqa_test.jsonl", "[" * 200_000 + "\n"),
+        {"eval run": error("vqa_test.jsonl line 1", "nested too deeply")},
+    ),
 ]
 
 
@@ -212,8 +288,11 @@ def data_file_for(case: Case, path: Path) -> Path:
 def eval_root_for(w: World, case: Case, path: Path) -> Path:
     """A data root holding the synth_vqa benchmark whose image (or test file) is the case's input."""
     root = path.parent / "root"
-    question = {"image": str(path if case.kind == "image" else good_image(path.parent)), "question": "What colour?",
-                "question_id": 0}
+    question = {
+        "image": str(path if case.kind == "image" else good_image(path.parent)),
+        "question": "What colour?",
+        "question_id": 0,
+    }
     write_vqa_root(root, [question])
     if case.kind == "benchmark":
         (root / "synthetic" / "vqa_test.jsonl").write_bytes(path.read_bytes())
@@ -223,19 +302,64 @@ def eval_root_for(w: World, case: Case, path: Path) -> Path:
 # surface -> (the module run as `python -m`, argv of one case). The checkpoint surface (models.load_pretrained
 # on a damaged export, issue 27 item 6) goes here too, with its "checkpoint" inputs.
 SURFACES: dict[str, tuple[str, Callable[[World, Case, Path], list[str]]]] = {
-    "data.check": ("data.check", lambda w, case, path: [
-        "--data", str(data_file_for(case, path)), "--tokenizer", w.tokenizer, "--image-tokens", "4", "--full",
-        "--no-progress", "--out", str(path.parent / "check"), "data.max_bad_images=5"]),
-    "train": ("train", lambda w, case, path: [
-        str(REPO / "recipes" / "tiny" / "pretrain.yaml"), f"model.tokenizer_path={w.tokenizer}",
-        f"data.paths=[{data_file_for(case, path)}]", f"checkpoint.out_dir={path.parent / 'run'}", "train.steps=2",
-        "data.check=off", "data.max_bad_images=5"]),
-    "eval run": ("eval_mm", lambda w, case, path: [
-        "run", "--checkpoint", w.checkpoint, "--bench", "synth_vqa", "--data-root", str(eval_root_for(w, case, path)),
-        "--out", str(path.parent / "eval"), "--num-workers", "0"]),
-    "chat": ("eval_mm", lambda w, case, path: [
-        "chat", "--checkpoint", w.checkpoint, "--image", str(path), "--prompt", "What colour?",
-        "--max-new-tokens", "2"]),
+    "data.check": (
+        "data.check",
+        lambda w, case, path: [
+            "--data",
+            str(data_file_for(case, path)),
+            "--tokenizer",
+            w.tokenizer,
+            "--image-tokens",
+            "4",
+            "--full",
+            "--no-progress",
+            "--out",
+            str(path.parent / "check"),
+            "data.max_bad_images=5",
+        ],
+    ),
+    "train": (
+        "train",
+        lambda w, case, path: [
+            str(REPO / "recipes" / "tiny" / "pretrain.yaml"),
+            f"model.tokenizer_path={w.tokenizer}",
+            f"data.paths=[{data_file_for(case, path)}]",
+            f"checkpoint.out_dir={path.parent / 'run'}",
+            "train.steps=1",
+            "data.check=off",
+            "data.max_bad_images=5",
+        ],
+    ),
+    "eval run": (
+        "eval_mm",
+        lambda w, case, path: [
+            "run",
+            "--checkpoint",
+            w.checkpoint,
+            "--bench",
+            "synth_vqa",
+            "--data-root",
+            str(eval_root_for(w, case, path)),
+            "--out",
+            str(path.parent / "eval"),
+            "--num-workers",
+            "0",
+        ],
+    ),
+    "chat": (
+        "eval_mm",
+        lambda w, case, path: [
+            "chat",
+            "--checkpoint",
+            w.checkpoint,
+            "--image",
+            str(path),
+            "--prompt",
+            "What colour?",
+            "--max-new-tokens",
+            "2",
+        ],
+    ),
 }
 
 
@@ -269,8 +393,13 @@ def run_cases(module: str, argvs: list[list[str]]) -> list[dict]:
                 os.close(saved[1])
             out.seek(0)
             err.seek(0)
-            results.append({"status": status, "stdout": out.read().decode(errors="replace"),
-                            "stderr": err.read().decode(errors="replace")})
+            results.append(
+                {
+                    "status": status,
+                    "stdout": out.read().decode(errors="replace"),
+                    "stderr": err.read().decode(errors="replace"),
+                }
+            )
     return results
 
 
@@ -285,6 +414,7 @@ def world(tmp_path_factory) -> World:
     torch.manual_seed(0)
     build_vlm(presets.tiny(vocab_size=len(tokenizer)), tokenizer=tokenizer).save_pretrained(t / "ckpt")
     return World(t, str(t / "tokenizer"), str(t / "ckpt"))
+
 
 @pytest.fixture(scope="module")
 def results(world) -> Callable[[str], dict[str, dict]]:
@@ -302,13 +432,21 @@ def results(world) -> Callable[[str], dict[str, dict]]:
                 argvs.append(argv_of(world, case, case.build(folder)))
             env = {k: v for k, v in os.environ.items() if k != "VLRECIPE_DEBUG"}
             env.update(PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-            proc = subprocess.run([sys.executable, __file__, module], input=json.dumps(argvs), cwd=REPO,
-                                  env=env, capture_output=True, text=True, timeout=300)
+            proc = subprocess.run(
+                [sys.executable, __file__, module],
+                input=json.dumps(argvs),
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             assert proc.returncode == 0, proc.stderr[-3000:]
             done[surface] = dict(zip([c.name for c in cases], json.loads(proc.stdout), strict=True))
         return done[surface]
 
     return of
+
 
 @pytest.mark.parametrize("name, surface", [(c.name, s) for c in CASES for s in c.outcomes])
 def test_a_bad_input_is_a_named_line_or_a_counted_skip_never_a_traceback(results, name, surface):
@@ -326,6 +464,7 @@ def test_a_bad_input_is_a_named_line_or_a_counted_skip_never_a_traceback(results
         said = output
     for part in expected.says:
         assert part in said, f"{part!r} not in the output of {name} on {surface}:\n{said[-3000:]}"
+
 
 def test_the_bomb_is_tiny_and_its_header_is_valid(tmp_path):
     """The corpus's bomb is the issue's: a PNG of under 200 bytes that Pillow opens as 30000x30000."""

@@ -27,12 +27,17 @@ def png_claiming(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height RGB pixels (a decompression bomb when that is large):
     a valid IHDR with its CRC, a few rows of compressed zeros, IEND. Written by hand because Pillow would
     have to hold the whole image in memory to save one."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 4096, 9))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 4096, 9))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_the_cap_is_far_above_a_photo_and_far_below_a_bomb():
@@ -45,10 +50,16 @@ def test_a_header_over_the_cap_is_refused_by_every_reader(tmp_path, width, heigh
     each is the same named ImageLoadError, from the header alone (the file holds a few rows of pixels)."""
     path = tmp_path / "bomb.png"
     path.write_bytes(png_claiming(width, height))
-    for read in (lambda: image_size_of(path, "t.json record 3"), lambda: decode_image(path, "t.json record 3"),
-                 lambda: load_image(path, 448, "t.json record 3")):
-        with pytest.raises(ImageLoadError, match=r"bomb\.png \(referenced by t\.json record 3\) .*over the cap of "
-                                                 r"64,000,000") as err:
+    for read in (
+        lambda: image_size_of(path, "t.json record 3"),
+        lambda: decode_image(path, "t.json record 3"),
+        lambda: load_image(path, 448, "t.json record 3"),
+    ):
+        with pytest.raises(
+            ImageLoadError,
+            match=r"bomb\.png \(referenced by t\.json record 3\) .*over the cap of "
+            r"64,000,000",
+        ) as err:
             read()
         assert err.value.path == str(path)
     if width * height < 89_478_485:  # under Pillow's limits, our message says what the header claims
