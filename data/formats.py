@@ -262,7 +262,7 @@ def iter_json_records(path: Path, malformed: list[tuple[str, str]] | None = None
                                if isinstance(e, json.JSONDecodeError)
                                else f"JSON nested too deeply to read (over ~{JSON_DEPTH} levels of [ or {{)")
                     if malformed is None:
-                        raise DataFormatError(f"{where}: {message}") from None
+                        raise DataFormatError(f"{where}: {message}") from e
                     malformed.append((where, message))
                     continue
                 yield where, rec

@@ -68,8 +68,7 @@ def _require(record: dict, *keys: str) -> None:
     for key, (types, named) in FIELD_TYPES.items():
         value = record.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
-            raise ValueError(f"task {record.get('task')!r}: field {key!r} must be {named}, "
-                             f"got {type(value).__name__}")
+            raise ValueError(f"field {key!r} must be {named}, got {type(value).__name__}")
 
 
 def task_of(record: dict) -> str:

@@ -93,7 +93,7 @@ def test_llava_file_is_detected_automatically(tmp_path):
     ("role.jsonl", json.dumps({"conversations": [{"from": ["user"], "value": "hi"}]}) + "\n",
      r"role\.jsonl line 1: turn 0 has role a list"),
     ("field.jsonl", json.dumps({"task": "caption", "image": "a.png", "caption": {"text": "x"}}) + "\n",
-     r"field\.jsonl line 1: task 'caption': field 'caption' must be a string, got dict"),
+     r"field\.jsonl line 1: field 'caption' must be a string, got dict"),
     ("deep.json", "[" * 100_000, r"deep\.json: JSON nested too deeply to read"),
     ("deep.jsonl", json.dumps(chat("a")) + "\n" + '{"a": ' * 100_000 + "\n",
      r"deep\.jsonl line 2: JSON nested too deeply"),
