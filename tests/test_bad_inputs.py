@@ -117,7 +117,9 @@ def check_fails(*says: str) -> Outcome:
 @dataclass(frozen=True)
 class Case:
     name: str
-    kind: str  # "image": a bad image file; "data": a training data file; "benchmark": a synth_vqa test file
+    # "image": a bad image file; "data": a training data file; "benchmark": a synth_vqa test file
+    # (and "checkpoint": an export folder, with the checkpoint surface)
+    kind: str
     build: Callable[[Path], Path]  # writes the input into an empty folder, returns its path
     outcomes: dict[str, Outcome] = field(default_factory=dict)  # surface -> what it must do
 
@@ -264,6 +266,8 @@ CASES: list[Case] = [
         writes("vqa_test.jsonl", "[" * 200_000 + "\n"),
         {"eval run": error("vqa_test.jsonl line 1", "nested too deeply")},
     ),
+    # ---- checkpoints (issue 27 item 6): kind "checkpoint", a damaged export folder, on the surface
+    # "checkpoint" (models.load_pretrained), which goes into SURFACES with them
 ]
 
 

@@ -110,6 +110,21 @@ def test_an_empty_assistant_answer_is_found_by_its_turn():
     assert empty_answer_turn({"task": "caption", "image": "p", "caption": ""}) is None  # no turns
 
 
+def test_training_skips_an_empty_answer_counts_it_and_resumes_past_it(tmp_path, tiny_tokenizer):
+    """Record 2 answers nothing: its sample is dropped and counted, and the sampler moves past it, so a run
+    resumed after the first batch reads records 4..7, neither replaying one nor skipping a good one."""
+    (tmp_path / "t.json").write_text(json.dumps([chat(f"q{i}", " " if i == 2 else f"a{i}") for i in range(8)]))
+    cfg = DataConfig(paths=[str(tmp_path / "t.json")], image_size=16, max_len=256, num_workers=0, shuffle=False)
+    loader = build_dataloader(cfg, tiny_tokenizer, num_image_tokens=N_IMG, batch_size=4)
+    first = next(iter(loader))
+    assert first["num_samples"] == 3 and loader.stats.total[stats.DROPPED_EMPTY_ANSWER] == 1
+    resumed = build_dataloader(cfg, tiny_tokenizer, num_image_tokens=N_IMG, batch_size=4)
+    resumed.load_state_dict(json.loads(json.dumps(loader.state_dict())))
+    rest = list(resumed)
+    assert sum(b["num_samples"] for b in rest) == 4
+    assert resumed.stats.total[stats.DROPPED_EMPTY_ANSWER] == 1  # counted once, in the first part
+
+
 def test_multitask_templates_match_the_evaluators_prompts():
     assert task_prompt_and_target({"task": "caption", "image": "p", "caption": "a red circle."}) == (
         "<img>p</img>Describe the image in English:", " a red circle.")
