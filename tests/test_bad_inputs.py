@@ -305,66 +305,23 @@ def eval_root_for(w: World, case: Case, path: Path) -> Path:
 
 # surface -> (the module run as `python -m`, argv of one case). The checkpoint surface (models.load_pretrained
 # on a damaged export, issue 27 item 6) goes here too, with its "checkpoint" inputs.
+# fmt: off
 SURFACES: dict[str, tuple[str, Callable[[World, Case, Path], list[str]]]] = {
-    "data.check": (
-        "data.check",
-        lambda w, case, path: [
-            "--data",
-            str(data_file_for(case, path)),
-            "--tokenizer",
-            w.tokenizer,
-            "--image-tokens",
-            "4",
-            "--full",
-            "--no-progress",
-            "--out",
-            str(path.parent / "check"),
-            "data.max_bad_images=5",
-        ],
-    ),
-    "train": (
-        "train",
-        lambda w, case, path: [
-            str(REPO / "recipes" / "tiny" / "pretrain.yaml"),
-            f"model.tokenizer_path={w.tokenizer}",
-            f"data.paths=[{data_file_for(case, path)}]",
-            f"checkpoint.out_dir={path.parent / 'run'}",
-            "train.steps=1",
-            "data.check=off",
-            "data.max_bad_images=5",
-        ],
-    ),
-    "eval run": (
-        "eval_mm",
-        lambda w, case, path: [
-            "run",
-            "--checkpoint",
-            w.checkpoint,
-            "--bench",
-            "synth_vqa",
-            "--data-root",
-            str(eval_root_for(w, case, path)),
-            "--out",
-            str(path.parent / "eval"),
-            "--num-workers",
-            "0",
-        ],
-    ),
-    "chat": (
-        "eval_mm",
-        lambda w, case, path: [
-            "chat",
-            "--checkpoint",
-            w.checkpoint,
-            "--image",
-            str(path),
-            "--prompt",
-            "What colour?",
-            "--max-new-tokens",
-            "2",
-        ],
-    ),
+    "data.check": ("data.check", lambda w, case, path: [
+        "--data", str(data_file_for(case, path)), "--tokenizer", w.tokenizer, "--image-tokens", "4", "--full",
+        "--no-progress", "--out", str(path.parent / "check"), "data.max_bad_images=5"]),
+    "train": ("train", lambda w, case, path: [
+        str(REPO / "recipes" / "tiny" / "pretrain.yaml"), f"model.tokenizer_path={w.tokenizer}",
+        f"data.paths=[{data_file_for(case, path)}]", f"checkpoint.out_dir={path.parent / 'run'}",
+        "train.steps=1", "data.check=off", "data.max_bad_images=5"]),
+    "eval run": ("eval_mm", lambda w, case, path: [
+        "run", "--checkpoint", w.checkpoint, "--bench", "synth_vqa", "--data-root",
+        str(eval_root_for(w, case, path)), "--out", str(path.parent / "eval"), "--num-workers", "0"]),
+    "chat": ("eval_mm", lambda w, case, path: [
+        "chat", "--checkpoint", w.checkpoint, "--image", str(path), "--prompt", "What colour?",
+        "--max-new-tokens", "2"]),
 }
+# fmt: on
 
 
 def run_cases(module: str, argvs: list[list[str]]) -> list[dict]:
