@@ -41,11 +41,12 @@ class ImageLoadError(UserError):
         self.path = None if path is None else str(path)
 
 
-def open_image(path: str | Path, where: str = "", data: bytes | None = None) -> Image.Image:
+def open_image(path: str | Path, where: str = "", data: bytes | None = None,
+               doing: str = "decode") -> Image.Image:
     """The image with only its header read (no pixel decoded yet), refused when over MAX_IMAGE_PIXELS.
     The caller closes it (``with open_image(...) as img``). ``where`` (e.g. "train.json record 12") and
     ``data`` (the file's bytes when already in memory, a WebDataset member that ``path`` names): as in
-    load_image."""
+    load_image. ``doing``: what a header that cannot be read stops ("cannot {doing} image ...")."""
     suffix = f" (referenced by {where})" if where else ""
     try:
         img = Image.open(io.BytesIO(data) if data is not None else path)
@@ -55,7 +56,7 @@ def open_image(path: str | Path, where: str = "", data: bytes | None = None) -> 
         raise ImageLoadError(f"image {path}{suffix} is over the cap of {MAX_IMAGE_PIXELS:,} pixels "
                              f"(data.images.MAX_IMAGE_PIXELS; Pillow says: {e})", path) from e
     except Exception as e:  # Pillow's format plugins raise many types on a malformed header, not only OSError
-        raise ImageLoadError(f"cannot decode image {path}{suffix}: {e}", path) from e
+        raise ImageLoadError(f"cannot {doing} image {path}{suffix}: {e}", path) from e
     width, height = img.size
     if width * height > MAX_IMAGE_PIXELS:
         img.close()
@@ -96,5 +97,5 @@ def load_image(path: str | Path, image_size: int, where: str = "", data: bytes |
 def image_size_of(path: str | Path, where: str = "") -> tuple[int, int]:
     """(width, height) from the file header (no decode; over the pixel cap: ImageLoadError); used to
     normalise pixel boxes and to check an image given to the chat."""
-    with open_image(path, where) as img:
+    with open_image(path, where, doing="read") as img:
         return img.size

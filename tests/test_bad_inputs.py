@@ -127,9 +127,10 @@ class Case:
 BOMB = "is over the cap of 64,000,000 pixels"
 
 
-def bad_image(name: str, build: Callable[[Path], Path], says: str) -> Case:
+def bad_image(name: str, build: Callable[[Path], Path], says: str, chat_says: str | None = None) -> Case:
     """An image no surface may choke on: skipped and counted in training and data.check (within
-    data.max_bad_images=5), one error line in eval (a benchmark sample is never skipped) and chat."""
+    data.max_bad_images=5), one error line in eval (a benchmark sample is never skipped) and chat (which
+    reads the header when it is given the image: ``chat_says`` when that is what fails)."""
     return Case(
         name,
         "image",
@@ -138,7 +139,7 @@ def bad_image(name: str, build: Callable[[Path], Path], says: str) -> Case:
             "data.check": counted("undecodable_image", "data.json record 4", says),
             "train": counted("'dropped_bad_image': 1", "'bad_image_files': 1", says),
             "eval run": error("synth_vqa sample 0", says),
-            "chat": error(says),
+            "chat": error(chat_says or says),
         },
     )
 
@@ -173,8 +174,13 @@ CASES: list[Case] = [
         "9000x8000 = 72,000,000 pixels, over the cap of 64,000,000",
     ),
     bad_image("jpeg cut in half", writes("cut.jpg", truncated_jpeg), "cannot decode image"),
-    bad_image("text file named .png", writes("text.png", "hello, not an image"), "cannot decode image"),
-    bad_image("empty file named .jpg", writes("empty.jpg", b""), "cannot decode image"),
+    bad_image(
+        "text file named .png",
+        writes("text.png", "hello, not an image"),
+        "cannot decode image",
+        chat_says="cannot read image",
+    ),
+    bad_image("empty file named .jpg", writes("empty.jpg", b""), "cannot decode image", "cannot read image"),
     # ---- record shapes (issue 27, "wrong-typed records print tracebacks")
     bad_record(
         "llava turn value is a number",
