@@ -38,8 +38,8 @@ class Collator:
     packing: bool = False
 
     def __call__(self, items: list[dict]) -> dict:
-        counts = {stats.SAMPLES: 0, stats.TRUNCATED: 0, stats.DROPPED_TOO_LONG: 0, stats.DROPPED_BAD_IMAGE: 0,
-                  stats.DROPPED_BAD_SAMPLE: 0}
+        counters = (stats.SAMPLES, stats.TRUNCATED, *stats.SAMPLER_DROPS, stats.DROPPED_BAD_SAMPLE)
+        counts = dict.fromkeys(counters, 0)
         samples, bad_images = [], []
         for item in items:
             if "dropped" in item:

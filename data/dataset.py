@@ -32,7 +32,14 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from data import stats
 from data.chatml import DEFAULT_SYSTEM_MESSAGE, render_chatml, render_preference_pair
 from data.collate import Collator
-from data.formats import DataFormatError, is_preference, load_records, normalize_record, record_image_paths
+from data.formats import (
+    DataFormatError,
+    empty_answer_turn,
+    is_preference,
+    load_records,
+    normalize_record,
+    record_image_paths,
+)
 from data.images import ImageLoadError, load_image
 from data.sample import TokenizedSample, truncate_pair, truncate_span_safe
 from data.sampler import ResumableSampler
@@ -130,6 +137,10 @@ class SampleBuilder:
         process, which counts distinct files against max_bad_images (ResumableLoader)."""
         if is_preference(record):
             return self.build_pair(record, where)
+        empty_turn = empty_answer_turn(record)
+        if empty_turn is not None:
+            logger.warning("%s: dropped: the assistant answer of turn %d is empty", where, empty_turn)
+            return {"dropped": stats.DROPPED_EMPTY_ANSWER}
         try:
             full = self.tokenize(record, where)
             sample = truncate_span_safe(full, self.config.max_len, self.img_start, self.img_end)
@@ -461,8 +472,7 @@ class ResumableLoader:
                 self.next_worker = (position["worker"] + 1) % self.dataloader.dataset.num_workers
             else:
                 # every item the sampler gave (kept or dropped) is consumed
-                self.sampler.advance(counts[stats.SAMPLES] + counts[stats.DROPPED_TOO_LONG]
-                                     + counts[stats.DROPPED_BAD_IMAGE])
+                self.sampler.advance(counts[stats.SAMPLES] + sum(counts[k] for k in stats.SAMPLER_DROPS))
             if batch["num_samples"] > 0:
                 yield batch
         self.stats.end_epoch(self.epoch)

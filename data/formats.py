@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from data.chatml import validate_conversation
+from data.chatml import ROLES, validate_conversation
 from data.templates import task_of, task_prompt_and_target
 from data.text import parse_boxes, split_image_spans
 from models.errors import MissingFileError, UserError
@@ -28,6 +29,7 @@ from models.tokens import IMG_END, IMG_START
 FORMATS = ("auto", "qwen", "llava", "multitask", "pretrain")
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 LLAVA_IMAGE = "<image>"
+JSON_DEPTH = sys.getrecursionlimit()  # about the deepest nesting json.load reads before RecursionError
 _IMG_SPAN = re.compile(re.escape(IMG_START) + r"(.*?)" + re.escape(IMG_END), re.DOTALL)
 
 
@@ -51,6 +53,35 @@ def _resolve_text_images(text: str, base_dir: Path) -> str:
     return _IMG_SPAN.sub(lambda m: f"{IMG_START}{resolve_path(m.group(1).strip(), base_dir)}{IMG_END}", text)
 
 
+def type_name(value: object) -> str:
+    """How a JSON value is named in an error: its JSON type (a record's values are never printed whole: they
+    may be huge or nested thousands deep)."""
+    names = {str: "a string", bool: "a boolean", int: "a number", float: "a number", list: "a list",
+             dict: "an object", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def check_turns(record: dict, roles: dict[str, str] | tuple[str, ...]) -> list[dict]:
+    """The record's ``conversations``, checked for shape: a list of objects, each with a ``from`` among
+    ``roles`` and a string ``value``. ValueError naming the turn and the field otherwise: the loaders below
+    then read the turns without meeting a wrong type."""
+    turns = record.get("conversations")
+    if not isinstance(turns, list):
+        raise ValueError(f"'conversations' must be a list of turns, got {type_name(turns)}")
+    for j, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise ValueError(f"turn {j} must be an object with 'from' and 'value', got {type_name(turn)}")
+        for key in ("from", "value"):
+            if key not in turn:
+                raise ValueError(f"turn {j} has no {key!r}")
+        if not isinstance(turn["from"], str) or turn["from"] not in roles:
+            shown = repr(turn["from"]) if isinstance(turn["from"], str) else type_name(turn["from"])
+            raise ValueError(f"turn {j} has role {shown}; allowed roles are {', '.join(roles)}")
+        if not isinstance(turn["value"], str):
+            raise ValueError(f"turn {j}: 'value' must be a string, got {type_name(turn['value'])}")
+    return turns
+
+
 def llava_to_qwen(record: dict) -> dict:
     """A LLaVA record (``image`` str or list, ``<image>`` placeholders, human/gpt roles) -> a chat record.
 
@@ -58,13 +89,10 @@ def llava_to_qwen(record: dict) -> dict:
     images are put in front of the first user turn (LLaVA's convention for single-image data).
     """
     images = record.get("image", [])
-    images = [images] if isinstance(images, str) else list(images)
-    turns = []
-    for j, turn in enumerate(record.get("conversations") or []):
-        role = LLAVA_ROLES.get(turn.get("from"))
-        if role is None:
-            raise ValueError(f"turn {j} has role {turn.get('from')!r}; allowed LLaVA roles are {', '.join(LLAVA_ROLES)}")
-        turns.append({"from": role, "value": turn.get("value", "")})
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise ValueError(f"'image' must be a path or a list of paths, got {type_name(record['image'])}")
+    turns = [{"from": LLAVA_ROLES[t["from"]], "value": t["value"]} for t in check_turns(record, LLAVA_ROLES)]
     placeholders = sum(t["value"].count(LLAVA_IMAGE) for t in turns)
     if placeholders and placeholders != len(images):
         raise ImageCountError(f"{placeholders} {LLAVA_IMAGE} placeholders but {len(images)} images")
@@ -84,7 +112,9 @@ def llava_to_qwen(record: dict) -> dict:
 
 
 def _is_llava(record: dict) -> bool:
-    convs = record.get("conversations") or []
+    convs = record.get("conversations")
+    if not isinstance(convs, list):
+        return False  # not a chat record's shape: check_turns names the field
     return any(isinstance(t, dict) and t.get("from") in ("human", "gpt") for t in convs) or (
         "image" in record and any(LLAVA_IMAGE in str(t.get("value", "")) for t in convs if isinstance(t, dict)))
 
@@ -104,7 +134,8 @@ def _answer_text(answer, key: str) -> str:
             raise ValueError(f"'{key}' must come from 'assistant' (or LLaVA's 'gpt'), got {answer.get('from')!r}")
         answer = answer.get("value")
     if not isinstance(answer, str) or not answer.strip():
-        raise ValueError(f"'{key}' must be a non-empty answer text, got {answer!r:.80}")
+        raise ValueError(f"'{key}' must be a non-empty answer text, got "
+                         + (repr(answer) if isinstance(answer, str) else type_name(answer)))
     if IMG_START in answer or LLAVA_IMAGE in answer:
         raise ValueError(f"'{key}' contains an image; images belong in the prompt, which both answers share")
     return answer
@@ -152,8 +183,8 @@ def normalize_record(record: dict, fmt: str, base_dir: Path) -> dict:
     if fmt == "qwen":
         if "conversations" not in record:
             raise ValueError("a chat record needs a 'conversations' list")
-        convs = record["conversations"]
-        validate_conversation(convs)
+        convs = check_turns(record, ROLES)
+        validate_conversation(convs)  # the order of the turns
         turns = []
         for turn in convs:
             split_image_spans(turn["value"])  # unclosed / nested <img> -> ValueError
@@ -161,16 +192,31 @@ def normalize_record(record: dict, fmt: str, base_dir: Path) -> dict:
             turns.append({"from": turn["from"], "value": _resolve_text_images(turn["value"], base_dir)})
         return {"conversations": turns}
     # multitask or pretrain: a task record
+    if "messages" in record and "task" not in record:
+        raise ValueError("a 'messages' record (role/content turns) is not a format read here: write it as "
+                         "'conversations' of from/value turns (docs/data.md)")
     out = dict(record)
     task_of(out)
     if "image" in out and out["image"] is not None:
-        out["image"] = resolve_path(str(out["image"]), base_dir)
+        if not isinstance(out["image"], str):
+            raise ValueError(f"'image' must be a path, got {type_name(out['image'])}")
+        out["image"] = resolve_path(out["image"], base_dir)
     has_size = "width" in out and "height" in out
     needs_header = not has_size and ("bbox" in out or any(
         isinstance(t, dict) and "quad_px" in t for t in out.get("texts", [])))
     if not needs_header:  # validate fields and boxes now; pixel boxes without a size wait for the image
         task_prompt_and_target(out)
     return out
+
+
+def empty_answer_turn(record: dict) -> int | None:
+    """The index of the first assistant turn of a normalised chat record whose answer is empty (or only
+    white space); None when every answer has text. Such a sample would teach the model to answer nothing:
+    training skips it (counted as dropped_empty_answer, a warning line each time), data.check warns."""
+    for j, turn in enumerate(record.get("conversations", ())):
+        if turn["from"] == "assistant" and not turn["value"].strip():
+            return j
+    return None
 
 
 def record_image_paths(record: dict) -> list[str]:
@@ -195,6 +241,9 @@ def iter_json_records(path: Path, malformed: list[tuple[str, str]] | None = None
                 raise DataFormatError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
             except UnicodeDecodeError as e:
                 raise DataFormatError(f"{path}: not UTF-8 text (byte {e.start}); is it a JSON file?") from e
+            except RecursionError:  # Python's JSON parser recurses once per level of [ or {
+                raise DataFormatError(f"{path}: JSON nested too deeply to read (over ~{JSON_DEPTH} levels of "
+                                      "[ or {)") from None
             if not isinstance(data, list):
                 raise DataFormatError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
             for i, rec in enumerate(data):
@@ -208,8 +257,10 @@ def iter_json_records(path: Path, malformed: list[tuple[str, str]] | None = None
                 where = f"{path} line {lineno}"
                 try:
                     rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    message = f"malformed JSON: {e.msg} (column {e.colno})"
+                except (json.JSONDecodeError, RecursionError) as e:
+                    message = (f"malformed JSON: {e.msg} (column {e.colno})"
+                               if isinstance(e, json.JSONDecodeError)
+                               else f"JSON nested too deeply to read (over ~{JSON_DEPTH} levels of [ or {{)")
                     if malformed is None:
                         raise DataFormatError(f"{where}: {message}") from e
                     malformed.append((where, message))

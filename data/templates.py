@@ -49,10 +49,26 @@ GROUNDED_CAPTION_PROMPT = "Generate the caption in English with grounding:"
 OCR_PROMPT = "OCR with grounding:"
 
 
+# The JSON type each task field must have when present (a wrong one would render as its repr, or fail
+# deep in the template): (accepted types, how the error names them).
+FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    **{key: ((str,), "a string") for key in ("image", "caption", "question", "ref", "text", "hint")},
+    "answer": ((str, int, float), "a string or a number"),
+    **{key: ((list,), "a list") for key in ("choices", "texts", "box", "bbox")},
+    **{key: ((int, float), "a number") for key in ("width", "height")},
+}
+
+
 def _require(record: dict, *keys: str) -> None:
+    """ValueError unless the record has every one of ``keys``; and every field it has of FIELD_TYPES (the
+    required ones and the optional ones alike) is of its type."""
     missing = [k for k in keys if k not in record]
     if missing:
         raise ValueError(f"task {record.get('task')!r} needs field(s) {missing}")
+    for key, (types, named) in FIELD_TYPES.items():
+        value = record.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+            raise ValueError(f"field {key!r} must be {named}, got {type(value).__name__}")
 
 
 def task_of(record: dict) -> str:
@@ -82,6 +98,9 @@ def record_box(record: dict) -> tuple[int, int, int, int]:
 
 
 def _quad_text(item: dict, width: float | None, height: float | None) -> str:
+    if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+        raise ValueError("each of an ocr record's 'texts' must be an object with a string 'text' and a "
+                         "'quad' or 'quad_px' of 4 points")
     if "quad" in item:
         points = [tuple(p) for p in item["quad"]]
     else:  # quad_px: pixel points, normalised like boxes
@@ -94,6 +113,7 @@ def _quad_text(item: dict, width: float | None, height: float | None) -> str:
 def task_prompt_and_target(record: dict) -> tuple[str, str]:
     """The (prompt, target) strings of a multitask / pretraining record (see the module table)."""
     task = task_of(record)
+    _require(record)  # the types of the fields present
     if task == "text":
         _require(record, "text")
         return "", record["text"]
@@ -128,7 +148,8 @@ def task_prompt_and_target(record: dict) -> tuple[str, str]:
     # ocr
     _require(record, "texts")
     width, height = record.get("width"), record.get("height")
-    if any("quad" not in t for t in record["texts"]) and (width is None or height is None):
+    needs_size = any(not isinstance(t, dict) or "quad" not in t for t in record["texts"])
+    if needs_size and (width is None or height is None):
         width, height = image_size_of(record["image"])
     return image + OCR_PROMPT, " " + "".join(_quad_text(t, width, height) for t in record["texts"])
 

@@ -44,6 +44,8 @@ def read_jsonl(path: Path) -> list[dict]:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise BenchmarkDataError(f"{path} line {index + 1}: invalid JSON: {e}") from e
+            except RecursionError:  # Python's JSON parser recurses once per level of [ or {
+                raise BenchmarkDataError(f"{path} line {index + 1}: JSON nested too deeply to read") from None
     return records
 
 
@@ -52,6 +54,8 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise BenchmarkDataError(f"{path}: invalid JSON: {e}") from e
+    except RecursionError:  # Python's JSON parser recurses once per level of [ or {
+        raise BenchmarkDataError(f"{path}: JSON nested too deeply to read") from None
 
 
 def _field(record: dict, key: str, path: Path, index: int) -> Any:

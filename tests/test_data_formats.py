@@ -9,7 +9,7 @@ from PIL import Image
 
 from data import stats
 from data.dataset import DataConfig, build_dataloader
-from data.formats import DataFormatError, llava_to_qwen, load_pretrain_pairs, load_records
+from data.formats import DataFormatError, empty_answer_turn, llava_to_qwen, load_pretrain_pairs, load_records
 from data.images import CLIP_MEAN, CLIP_STD, ImageLoadError, load_image
 from data.templates import render_task, task_prompt_and_target
 
@@ -80,11 +80,49 @@ def test_llava_file_is_detected_automatically(tmp_path):
     ("task.jsonl", json.dumps({"task": "grounding", "image": "a.png", "ref": "x", "box": [0, 0, 5, 1200]}) + "\n",
      r"task\.jsonl line 1: box coordinate 1200 outside"),
     ("unknown.jsonl", json.dumps({"task": "dance", "image": "a.png"}) + "\n", r"unknown\.jsonl line 1: unknown task"),
+    # record shapes: a wrong type or a missing key is named, never an AttributeError or KeyError
+    ("value.json", json.dumps([{"image": "a.png", "conversations": [{"from": "human", "value": "<image>"},
+                                                                     {"from": "gpt", "value": 5}]}]),
+     r"value\.json record 0: turn 1: 'value' must be a string, got a number"),
+    ("turn.json", json.dumps([{"conversations": ["hi"]}]),
+     r"turn\.json record 0: turn 0 must be an object with 'from' and 'value', got a string"),
+    ("list.json", json.dumps([{"conversations": {"from": "user", "value": "hi"}}]),
+     r"list\.json record 0: 'conversations' must be a list of turns, got an object"),
+    ("novalue.json", json.dumps([{"conversations": [{"from": "human"}]}]),
+     r"novalue\.json record 0: turn 0 has no 'value'"),
+    ("role.jsonl", json.dumps({"conversations": [{"from": ["user"], "value": "hi"}]}) + "\n",
+     r"role\.jsonl line 1: turn 0 has role a list"),
+    ("field.jsonl", json.dumps({"task": "caption", "image": "a.png", "caption": {"text": "x"}}) + "\n",
+     r"field\.jsonl line 1: field 'caption' must be a string, got dict"),
+    ("deep.json", "[" * 100_000, r"deep\.json: JSON nested too deeply to read"),
+    ("deep.jsonl", json.dumps(chat("a")) + "\n" + '{"a": ' * 100_000 + "\n",
+     r"deep\.jsonl line 2: JSON nested too deeply"),
 ])
 def test_bad_input_names_the_file_and_the_record(tmp_path, name, content, message):
     (tmp_path / name).write_text(content)
     with pytest.raises(DataFormatError, match=message):
         load_records(tmp_path / name)
+
+
+def test_an_empty_assistant_answer_is_found_by_its_turn():
+    assert empty_answer_turn(chat("a", "fine")) is None
+    assert empty_answer_turn(chat("a", " \n")) == 1
+    assert empty_answer_turn({"task": "caption", "image": "p", "caption": ""}) is None  # no turns
+
+
+def test_training_skips_an_empty_answer_counts_it_and_resumes_past_it(tmp_path, tiny_tokenizer):
+    """Record 2 answers nothing: its sample is dropped and counted, and the sampler moves past it, so a run
+    resumed after the first batch reads records 4..7, neither replaying one nor skipping a good one."""
+    (tmp_path / "t.json").write_text(json.dumps([chat(f"q{i}", " " if i == 2 else f"a{i}") for i in range(8)]))
+    cfg = DataConfig(paths=[str(tmp_path / "t.json")], image_size=16, max_len=256, num_workers=0, shuffle=False)
+    loader = build_dataloader(cfg, tiny_tokenizer, num_image_tokens=N_IMG, batch_size=4)
+    first = next(iter(loader))
+    assert first["num_samples"] == 3 and loader.stats.total[stats.DROPPED_EMPTY_ANSWER] == 1
+    resumed = build_dataloader(cfg, tiny_tokenizer, num_image_tokens=N_IMG, batch_size=4)
+    resumed.load_state_dict(json.loads(json.dumps(loader.state_dict())))
+    rest = list(resumed)
+    assert sum(b["num_samples"] for b in rest) == 4
+    assert resumed.stats.total[stats.DROPPED_EMPTY_ANSWER] == 1  # counted once, in the first part
 
 
 def test_multitask_templates_match_the_evaluators_prompts():

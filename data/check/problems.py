@@ -44,11 +44,13 @@ PROBLEMS: dict[str, Problem] = {p.kind: p for p in (
             "nothing supervised fits in max_len without cutting an image span: training drops the sample"),
     # Found by the image part, counted by file, judged against data.max_bad_images (see report.py).
     Problem("missing_image", True, "an image file that does not exist"),
-    Problem("undecodable_image", True, "an image file that cannot be decoded"),
+    Problem("undecodable_image", True, "an image file that cannot be decoded, or over the pixel cap"),
     Problem("truncated", False, "longer than max_len: training cuts it (never inside an image span)"),
     Problem("image_span_cut", False,
             "max_len falls inside an image span: training drops that image and everything after it"),
     Problem("duplicate", False, "the same tokens and images as an earlier sample"),
+    Problem("empty_answer", False, "an assistant answer is empty (or only white space): training skips the sample "
+                                   "(counted as dropped_empty_answer)"),
 )}
 IMAGE_PROBLEMS = ("missing_image", "undecodable_image")
 

@@ -128,7 +128,7 @@ def check_data(config: DataConfig, tokenizer, num_image_tokens: int, options: Ch
     if options.image_sample is not None and options.image_sample < len(paths):
         paths = random.Random(0).sample(paths, options.image_sample)
     bad_images = check_images(paths, decode=options.mode == "full", threads=options.image_threads,
-                              progress=options.progress)
+                              progress=options.progress, image_size=config.image_size)
     image_seconds = time.perf_counter() - start
     _count_image_problems(totals, bad_images, options.max_examples)
     return build_report(totals, config, options, num_image_tokens, images_checked=len(paths),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from data.check.problems import PROBLEMS, classify, record_kind, text_problems
 from data.dataset import DataConfig, SampleBuilder, streamed_pair
-from data.formats import DataFormatError, detect_format, iter_raw_records, normalize_record
+from data.formats import DataFormatError, detect_format, empty_answer_turn, iter_raw_records, normalize_record
 from data.images import ImageLoadError, decode_image
 from data.sample import TokenizedSample, span_safe_cut, truncate_span_safe
 from data.shards import ShardReader, expand_shard_patterns, shard_kind
@@ -139,8 +139,13 @@ def scan_chunk(chunk: Chunk) -> ChunkResult:
             for text, is_prompt in kind.texts(record):
                 for problem, message in text_problems(text, is_prompt):
                     problems.setdefault(problem, message)
+            empty_turn = empty_answer_turn(record)
+            if empty_turn is not None:
+                problems.setdefault("empty_answer", f"turn {empty_turn}: the assistant answer is empty")
             for sample in kind.samples(ctx.builder, record, where):
                 measure_sample(sample, ctx, where, problems, result)
+                if empty_turn is not None:  # training skips it (data.dataset SampleBuilder.build)
+                    result.kept_len[-1] = result.supervised[-1] = 0
         except (ValueError, KeyError, TypeError, ImageLoadError) as e:
             problems.setdefault(classify(e), str(e))
         result.note(problems, where, ctx.max_examples)
@@ -232,7 +237,7 @@ def _streamed_pairs(config: DataConfig, urls: list[str], malformed: list[tuple[s
                 continue
             if image is not None and decode:
                 try:
-                    decode_image(record["image"], where, data=image)
+                    decode_image(record["image"], where, data=image, size=config.image_size)
                 except ImageLoadError as e:
                     malformed.append((where, str(e), "undecodable_image"))
                     continue
