@@ -30,6 +30,10 @@ MAX_IMAGE_PIXELS = 64_000_000
 # cap above can be checked; as an error it is caught and reported like every other image over the cap.
 warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
+# The formats an image may be in. Pillow otherwise tries every plugin it has, EPS among them, which hands the
+# file to Ghostscript: an untrusted file should reach only the decoders of the formats photos come in.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+
 
 class ImageLoadError(UserError):
     """An image that is missing, over the pixel cap or cannot be decoded; the message names the file (and
@@ -49,7 +53,7 @@ def open_image(path: str | Path, where: str = "", data: bytes | None = None,
     load_image. ``doing``: what a header that cannot be read stops ("cannot {doing} image ...")."""
     suffix = f" (referenced by {where})" if where else ""
     try:
-        img = Image.open(io.BytesIO(data) if data is not None else path)
+        img = Image.open(io.BytesIO(data) if data is not None else path, formats=IMAGE_FORMATS)
     except FileNotFoundError as e:
         raise ImageLoadError(f"image file not found: {path}{suffix}", path) from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -41,7 +41,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from data.chatml import DEFAULT_SYSTEM_MESSAGE, encode_conversation_prompt
-from data.images import ImageLoadError, image_size_of, load_image
+from data.images import ImageLoadError, decode_image, image_size_of, load_image
 from data.text import COORD_RANGE, Message, TypedMarkupError, encode_text_with_images, markup_spelt_out
 from eval_mm.inference import stop_token_ids
 from models.errors import UserError, positive_int
@@ -106,8 +106,7 @@ def draw_boxes(image_path: str | Path, boxes: list[GroundedBox], out: str | Path
     given. An image whose shorter side is under DRAW_MIN_SIDE pixels is enlarged first. Returns the PIL image."""
     from PIL import Image, ImageDraw, ImageFont
 
-    with Image.open(image_path) as img:
-        canvas = img.convert("RGB")
+    canvas = decode_image(image_path)  # the same checks as every image read (pixel cap, allowed formats)
     w, h = canvas.size
     if min(w, h) < DRAW_MIN_SIDE:
         scale = DRAW_MIN_SIDE / min(w, h)

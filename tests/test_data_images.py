@@ -15,11 +15,13 @@ from torchvision.transforms import functional as TF
 from data.images import (
     CLIP_MEAN,
     CLIP_STD,
+    IMAGE_FORMATS,
     MAX_IMAGE_PIXELS,
     ImageLoadError,
     decode_image,
     image_size_of,
     load_image,
+    open_image,
 )
 
 
@@ -105,3 +107,11 @@ def test_formats_without_reduced_decoding_decode_whole(tmp_path):
     Image.new("RGB", (1000, 800), (10, 20, 30)).save(path)
     assert decode_image(path, size=100).size == (1000, 800)
     assert load_image(path, 100).shape == torch.Size([3, 100, 100])
+
+
+def test_only_photo_formats_are_decoded_so_an_eps_file_never_reaches_ghostscript(tmp_path):
+    path = tmp_path / "page.png"  # the name hides what it is; Pillow would pick its EPS plugin from the bytes
+    path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    with pytest.raises(ImageLoadError, match="cannot decode image .*page.png"):
+        open_image(path)  # refused at the header: no plugin outside IMAGE_FORMATS is tried
+    assert "EPS" not in IMAGE_FORMATS
