@@ -41,8 +41,9 @@ def test_help_lists_every_verb_with_its_line_and_loads_no_torch():
     assert result.returncode == 0
     for name, verb in VERBS.items():
         assert f"  {name}" in result.stdout and verb.summary in result.stdout, name
-    probe = ("import sys\nfrom train.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
+    probe = "\n".join(["import sys", "from train.cli import main", "try:", "    main(['--help'])",
+                       "except SystemExit:", "    pass",
+                       "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))"])
     loaded = run(command=[sys.executable, "-c", probe])
     assert loaded.stdout.splitlines()[-1] == "[]", loaded.stderr
 
@@ -66,7 +67,8 @@ def test_an_unknown_verb_is_one_error_line_and_status_2():
     result = run("trian", "recipes/sft.yaml")
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [result.stderr.splitlines()[-1]] and "invalid choice: 'trian'" in errors[0], result.stderr
+    assert errors == [result.stderr.splitlines()[-1]], result.stderr
+    assert "invalid choice: 'trian'" in errors[0]
     assert "Traceback" not in result.stderr
 
 
@@ -76,9 +78,10 @@ def test_a_verb_is_its_python_m_module(tmp_path):
     assert run("synth", "--out", str(tmp_path / "command"), *world).returncode == 0
     assert run("-m", "data.synthetic", "--out", str(tmp_path / "module"), *world,
                command=[sys.executable]).returncode == 0
-    files = sorted(str(p.relative_to(tmp_path / "module")) for p in (tmp_path / "module").rglob("*") if p.is_file())
+    module_out = tmp_path / "module"
+    files = sorted(str(p.relative_to(module_out)) for p in module_out.rglob("*") if p.is_file())
     assert len(files) > 10
-    match, mismatch, errors = filecmp.cmpfiles(tmp_path / "command", tmp_path / "module", files, shallow=False)
+    match, mismatch, errors = filecmp.cmpfiles(tmp_path / "command", module_out, files, shallow=False)
     assert (mismatch, errors) == ([], [])
 
     missing = str(tmp_path / "nope.yaml")
@@ -92,8 +95,8 @@ def test_chat_is_eval_chat():
     """`vlrecipe chat` is the chat subcommand of eval_mm, named as the user typed it."""
     result = run("chat", "--checkpoint", "runs/none", "--max-new-tokens", "0")
     assert result.returncode == 2
-    assert result.stderr.splitlines()[-1] == ("error: vlrecipe chat: argument --max-new-tokens: must be >= 1, "
-                                              "got 0")
+    expected = "error: vlrecipe chat: argument --max-new-tokens: must be >= 1, got 0"
+    assert result.stderr.splitlines()[-1] == expected
 
 
 def test_demo_runs_the_demo_script_with_this_interpreter(tmp_path, monkeypatch):

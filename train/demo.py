@@ -20,9 +20,10 @@ DEMO_SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "demo.sh"
 
 def main(argv: list[str] | None = None, prog: str = "python -m train.demo") -> int:
     p = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], examples=["", "runs/demo_dpo --dpo"])
-    p.add_argument("out_dir", nargs="?", default="runs/demo", help="where the runs and metrics.json go (runs/demo)")
+    p.add_argument("out_dir", nargs="?", default="runs/demo",
+                   help="where the runs and metrics.json go (default runs/demo)")
     p.add_argument("--dpo", action="store_true",
-                   help="add the fourth stage, DPO on the world's count and colour pairs (about 2 minutes more)")
+                   help="add a fourth stage, DPO on the world's count and colour pairs (2 minutes more)")
     args = p.parse_args(argv)
     if not DEMO_SCRIPT.is_file():
         raise UserError(f"{DEMO_SCRIPT} not found: the demo runs from a clone of the repository "

@@ -48,9 +48,13 @@ def load_measurements(path: Path = CALIBRATION_FILE) -> list[Measurement]:
     sets = data["override_sets"]
 
     def expand(items: list[str]) -> list[str]:
-        return [o for item in items for o in (expand(sets[item[1:]]["overrides"]) if item[:1] == "@" else [item])]
+        expanded = []
+        for item in items:
+            expanded += expand(sets[item[1:]]["overrides"]) if item.startswith("@") else [item]
+        return expanded
 
-    return [Measurement(**{**run, "overrides": tuple(expand(run["overrides"]))}) for run in data["measurements"]]
+    runs = data["measurements"]
+    return [Measurement(**(run | {"overrides": tuple(expand(run["overrides"]))})) for run in runs]
 
 
 MEASUREMENTS = load_measurements()
