@@ -12,7 +12,7 @@ from eval_mm.benchmarks import BENCHMARKS, get_benchmark, parse_bench_list
 from eval_mm.chat import add_model_arguments
 from eval_mm.metrics import MetricOptions
 from eval_mm.prompts import PROMPT_FORMATS
-from models.errors import ArgumentParser, MissingFileError, UserError, non_negative_int, positive_int, run_cli
+from models.errors import ArgumentParser, MissingFileError, UserError, non_negative_int, positive_int
 
 
 def positive_float(text: str) -> float:
@@ -221,7 +221,3 @@ def main(argv: list[str] | None = None, prog: str = "python -m eval_mm") -> int:
     else:
         cmd_run(args)
     return 0
-
-
-if __name__ == "__main__":
-    run_cli(main)

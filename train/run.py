@@ -12,7 +12,7 @@ import os
 # instead of fragmenting and retrying (a stall of a tenth of a second or more). Set before CUDA starts.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-from models.errors import ArgumentParser, run_cli
+from models.errors import ArgumentParser
 from train.loop import train
 from train.parallel import shutdown_distributed
 from train.recipe import load_recipe
@@ -29,7 +29,3 @@ def main(argv: list[str] | None = None, prog: str = "python -m train") -> None:
     args = parser.parse_args(argv)
     train(load_recipe(args.recipe, args.overrides))
     shutdown_distributed()
-
-
-if __name__ == "__main__":
-    run_cli(main)
