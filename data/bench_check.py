@@ -44,8 +44,9 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = ArgumentParser(prog="python -m data.bench_check", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m data.bench_check") -> None:
+    p = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                       examples=["--world runs/world --records 100000 --workers 2"])
     p.add_argument("--world", required=True, help="synthetic world folder (generated if missing)")
     p.add_argument("--records", type=int, default=1_000_000)
     p.add_argument("--workers", type=int, default=None, help="processes for the text part (default: one per core)")

@@ -79,11 +79,12 @@ def write_jpeg_shards(world: Path, shard_size: int) -> str:
     return shard_pattern(write_shards(samples(), world / "jpeg_shards", "pretrain", shard_size))
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "python -m data.bench_loader") -> None:
     from data.synthetic import generate
     from models.build import load_tokenizer
 
-    p = ArgumentParser(prog="python -m data.bench_loader", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                       examples=["--image-size 448 --workers 0 1 2 4"])
     p.add_argument("--data", help="a folder written by `python -m data.synthetic` (default: generate one)")
     p.add_argument("--file", default="sft.json", help="which training file of the world to read")
     p.add_argument("--image-size", type=positive_int, default=448)

@@ -56,12 +56,13 @@ def write_jsonl_shards(world: Path, shard_size: int) -> list[str]:
     return paths
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "python -m data.bench_resume") -> None:
     from transformers import AutoTokenizer
 
     from data.synthetic import generate
 
-    p = ArgumentParser(prog="python -m data.bench_resume", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                       examples=["--format webdataset --workers 2"])
     p.add_argument("--format", choices=["webdataset", "jsonl"], default="webdataset")
     p.add_argument("--n-train", type=int, default=6000, help="samples in the epoch")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")

@@ -172,8 +172,10 @@ def onpolicy_pairs(raw: list[dict], answers: list[str], right: str = "drop", iou
     return out, counts
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = ArgumentParser(prog="python -m data.onpolicy", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m data.onpolicy") -> None:
+    p = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                       examples=["--checkpoint runs/demo/sft/final --pairs "
+                                 "runs/demo/data/synthetic/dpo.json --out runs/dpo_onpolicy.json"])
     p.add_argument("--checkpoint", required=True, help="the model whose answers are rejected: any export "
                    "(models.load_pretrained), normally the SFT run's final/")
     p.add_argument("--pairs", required=True, help="preference pairs whose 'chosen' answers are right (JSON / JSONL)")

@@ -394,8 +394,11 @@ def fraction(text: str) -> float:
     return value
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = ArgumentParser(prog="python -m data.synthetic", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str = "python -m data.synthetic") -> None:
+    p = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       examples=["--out runs/world --seed 0",
+                                 "--out runs/world_small --seed 1 --n-train 200 --n-eval 50"])
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train", type=positive_int, default=2000, help="training images")

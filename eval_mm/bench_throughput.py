@@ -114,8 +114,10 @@ def parse_variants(text: str) -> list[str]:
     return [v for v in VARIANTS if v in names]
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = ArgumentParser(prog="python -m eval_mm.bench_throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str = "python -m eval_mm.bench_throughput") -> dict:
+    parser = ArgumentParser(prog=prog, description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            examples=["--variants baseline,fast --batches 8"])
     parser.add_argument("--variants", type=parse_variants, default=list(VARIANTS),
                         help=f"comma-separated, among {','.join(VARIANTS)} (default: all; always run in that order)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="prompts per batch of batched and fast "

@@ -228,9 +228,10 @@ def check_exposure(host: str, share: bool, logins: list) -> None:
                         "--auth-file FILE (and TLS in front, docs/chat.md), or serve on --host 127.0.0.1")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="python -m eval_mm.web", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str = "python -m eval_mm.web") -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            examples=["--checkpoint runs/demo/sft/final",
+                                      "--checkpoint runs/my_lora/final --port 8080"])
     add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to serve on (default 127.0.0.1; any other needs --auth or --auth-file)")
@@ -278,8 +279,8 @@ def serve(args: argparse.Namespace, block: bool = True):
     return demo
 
 
-def main(argv: list[str] | None = None) -> int:
-    serve(build_parser().parse_args(argv))
+def main(argv: list[str] | None = None, prog: str = "python -m eval_mm.web") -> int:
+    serve(build_parser(prog).parse_args(argv))
     return 0
 
 

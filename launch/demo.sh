@@ -6,6 +6,7 @@
 #                                         pairs (about 2 minutes more),
 #                                         the held-out preference accuracy (synth_preference) to every
 #                                         evaluation, and DPO's change over SFT sample by sample
+#   vlrecipe demo [OUT_DIR] [--dpo]    the same: runs this script (train/demo.py)
 # Prints a metrics table after each stage and writes OUT_DIR/metrics.json as
 # {stage: {benchmark: {metric: value}}}, the untrained model as stage "untrained"; with DPO=1 also
 # OUT_DIR/dpo_vs_sft.json (eval_mm.compare: each change with its paired standard error).
@@ -29,9 +30,10 @@ EVAL_LIMIT=${EVAL_LIMIT:-}
 DEMO_THREADS=${DEMO_THREADS:-2}
 export OMP_NUM_THREADS=$DEMO_THREADS MKL_NUM_THREADS=$DEMO_THREADS TOKENIZERS_PARALLELISM=false
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+vlrecipe() { "$PY" -m train.cli "$@"; }  # the command (train/cli.py), run by the interpreter chosen above
 start=$SECONDS
 mkdir -p "$OUT"
-[[ -f "$WORLD/manifest.json" ]] || $PY -m data.synthetic --out "$WORLD" --seed 0 \
+[[ -f "$WORLD/manifest.json" ]] || vlrecipe synth --out "$WORLD" --seed 0 \
     --n-train "${N_TRAIN:-2000}" --n-eval "${N_EVAL:-1000}"
 
 # Overrides shared by every stage; the optional ones only when set in the environment.
@@ -42,7 +44,7 @@ common=(model.tokenizer_path="$WORLD/tokenizer" log.progress_bar=false
 stage() {  # stage NAME RECIPE DATA_FILE STEPS [overrides...]
     local name=$1 recipe=$2 data=$3 n=$4; shift 4
     echo -e "\n===== $name ($(( SECONDS - start )) s so far)"
-    $PY -m train "recipes/tiny/$recipe" "${common[@]}" "data.paths=[$WORLD/$data]" \
+    vlrecipe train "recipes/tiny/$recipe" "${common[@]}" "data.paths=[$WORLD/$data]" \
         checkpoint.out_dir="$OUT/$name" ${n:+train.steps=$n} "$@"
 }
 
@@ -72,7 +74,7 @@ print("\n| stage | " + " | ".join(f"{b} {m}" for b, m in columns) + " |")
 print("|---|" + "---:|" * len(columns))
 for s in stages:
     print(f"| {s} | " + " | ".join(f"{results[s][b][m]:.1f}" for b, m in columns) + " |")
-if "dpo" in results:  # DPO against its start, the SFT export, sample by sample (python -m eval_mm compare)
+if "dpo" in results:  # DPO against its start, the SFT export, sample by sample (vlrecipe eval compare)
     from eval_mm.compare import compare_runs, format_comparison
 
     comparison = compare_runs(out / "sft" / "eval", out / "dpo" / "eval", out / "data")

@@ -15,7 +15,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 WORLD="$OUT/data/synthetic"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TOKENIZERS_PARALLELISM=false CUDA_DEVICE_MAX_CONNECTIONS=1
 mkdir -p "$OUT"
-[[ -f "$WORLD/manifest.json" ]] || python -m data.synthetic --out "$WORLD" --seed 0
+[[ -f "$WORLD/manifest.json" ]] || vlrecipe synth --out "$WORLD" --seed 0
 # The tiny recipes' optimiser, schedule and logging, with the small model at 448 px (256 image tokens).
 model=(model.preset=small model.tokenizer_path="$WORLD/tokenizer" model.image_size=448 data.image_size=448
        data.max_len=1024 train.bf16=true log.every=5 log.progress_bar=false "$@")
@@ -30,7 +30,7 @@ for mode in zero2 zero3; do
 done
 [[ -n "${SKIP_QLORA:-}" ]] && { echo "gpu checks done (Q-LoRA skipped): $OUT"; exit 0; }
 # Q-LoRA on one GPU: SFT from the ZeRO-2 export, the decoder in 4-bit.
-CUDA_VISIBLE_DEVICES=0 python -m train recipes/tiny/sft_lora.yaml "${model[@]}" "data.paths=[$WORLD/sft.json]" \
+CUDA_VISIBLE_DEVICES=0 vlrecipe train recipes/tiny/sft_lora.yaml "${model[@]}" "data.paths=[$WORLD/sft.json]" \
     model.preset=null model.init_from="$OUT/zero2/final" checkpoint.out_dir="$OUT/qlora" \
     quantization.enabled=true train.steps=20 train.micro_batch=4 parallel.mode=auto
 CUDA_VISIBLE_DEVICES=0 python -m pytest -q -m gpu tests/test_train_lora.py

@@ -344,9 +344,9 @@ def convert_qwenvl(src_dir: str | Path, out_dir: str | Path, dtype: torch.dtype 
     return skeleton.config
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "python -m models.convert_qwenvl") -> None:
     parser = ArgumentParser(
-        prog="python -m models.convert_qwenvl",
+        prog=prog, examples=["/models/Qwen-VL-Chat ckpt/qwen-vl-chat"],
         description="Convert a Qwen-VL / Qwen-VL-Chat HF directory into a VLM directory (no remote code).",
     )
     parser.add_argument("src_dir", type=Path, help="downloaded Qwen/Qwen-VL or Qwen/Qwen-VL-Chat directory")

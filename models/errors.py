@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 EXIT_USER_ERROR = 2
@@ -74,7 +74,22 @@ def run_cli(main: Callable[[], int | None], user_errors: tuple[type[BaseExceptio
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad command line raises UserError (printed by run_cli as ``error: ...``, status 2)
-    after printing the usage, instead of argparse's own ``prog: error: ...`` exit."""
+    after printing the usage, instead of argparse's own ``prog: error: ...`` exit.
+
+    ``examples``: command lines shown at the end of ``--help``, each after the parser's ``prog``, so that
+    ``vlrecipe train --help`` and ``python -m train --help`` each show the command the user typed."""
+
+    def __init__(self, *args, examples: Sequence[str] = (), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.examples = tuple(examples)
+
+    def format_help(self) -> str:
+        # Not argparse's epilog: its formatter re-wraps an epilog, which would break a command across lines.
+        if not self.examples:
+            return super().format_help()
+        lines = [f"  {self.prog} {example}".rstrip() for example in self.examples]
+        heading = "example:" if len(lines) == 1 else "examples:"
+        return super().format_help() + "\n".join(["", heading, *lines]) + "\n"
 
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)

@@ -501,9 +501,9 @@ def export_qwenvl(
                          code_from=code_from, max_shard_size=max_shard_size)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "python -m models.export_qwenvl") -> None:
     parser = ArgumentParser(
-        prog="python -m models.export_qwenvl",
+        prog=prog, examples=["runs/my_lora/final/merged exported/my-qwen-vl"],
         description="Export a VLM directory to the layout of the released Qwen-VL(-Chat) (the inverse of "
                     "models.convert_qwenvl).",
     )

@@ -16,15 +16,17 @@ from models import build_vlm, presets
 from models.errors import ArgumentParser, UserError, positive_int, run_cli
 
 
-def main() -> None:
-    parser = ArgumentParser(prog="python -m models.smoke_full_scale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str = "python -m models.smoke_full_scale") -> None:
+    parser = ArgumentParser(prog=prog, description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            examples=["--seq 2048 --grad-ckpt"])
     parser.add_argument("--seq", type=positive_int, default=2048, help="tokens in the row (one image span included)")
     parser.add_argument("--steps", type=positive_int, default=3, help="timed forward+backward steps after one warm-up")
     parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in vision and LLM")
     parser.add_argument("--tiny", action="store_true", help="dry-run the script with the tiny preset (CPU ok)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         device = torch.device(args.device)
     except RuntimeError as e:

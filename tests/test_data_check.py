@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from data.check import CheckOptions, check_data
-from data.check.__main__ import main as check_main
 from data.check.scan import init_scan, read_chunks, scan_chunk
 from data.dataset import DataConfig, SampleBuilder
 from data.formats import load_records
+from train.data_check_cli import main as check_main
 
 REPO = Path(__file__).resolve().parents[1]
 N_IMG = 4  # image tokens per image in these tests
@@ -260,12 +260,12 @@ def test_cli_reads_a_recipe_with_its_overrides_and_plots(folder, tmp_path):
 
 
 def test_cli_user_mistakes_print_one_error_line(folder, tmp_path, monkeypatch, capsys):
-    from data.check.__main__ import cli
+    from models.errors import run_cli
 
     monkeypatch.setattr(sys, "argv", ["data.check", "--data", str(tmp_path / "missing.json"),
                                       "--tokenizer", str(folder / "tokenizer")])
     with pytest.raises(SystemExit) as exit_:
-        cli()
+        run_cli(check_main)
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines() == [f"error: data file not found: {tmp_path / 'missing.json'}"]
 

@@ -352,7 +352,7 @@ CHAT_BAD_INPUTS = [
 @pytest.mark.parametrize(("argv", "outcome"), [row[1:] for row in CHAT_BAD_INPUTS], ids=[row[0] for row in CHAT_BAD_INPUTS])
 def test_cli_bad_inputs_are_one_error_line_and_status_2(argv, outcome, tmp_path, monkeypatch, capsys, sft_checkpoint):
     """Through run_cli, the entry point of `python -m eval_mm` (the CLI tests above run it as a process)."""
-    from eval_mm.__main__ import main
+    from eval_mm.cli import main
     from models.errors import run_cli
 
     (tmp_path / "adapter").mkdir()

@@ -161,8 +161,10 @@ def print_table(results: list[Result]) -> None:
               f"{peak:>10}{r.startup_s:>12.1f}{r.loss_first:>9.4f}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m train.bench") -> None:
+    p = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                       examples=["recipes/sft_lora.yaml model.init_from=null model.preset=qwen_vl_7b "
+                                 "model.pad_vocab_to=151936 --workloads world 2048 --steps 20 --warmup 8"])
     p.add_argument("recipe", help="a recipe YAML, e.g. recipes/sft_lora.yaml")
     p.add_argument("overrides", nargs="*", default=[], help="section.key=value overrides (model, paths, ...)")
     p.add_argument("--workloads", nargs="+", default=["world"], help="'world' and/or a sample length, e.g. 2048")

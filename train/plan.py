@@ -499,8 +499,11 @@ def to_json(plan: Plan) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = ArgumentParser(prog="python -m train.plan", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m train.plan") -> None:
+    p = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                       examples=["recipes/sft_lora.yaml model.init_from=ckpt/qwen-vl-chat --gpus 8 "
+                                 "--tokens-per-sample 600",
+                                 "recipes/sft.yaml --gpus 8 --gpu-mem 80 --json"])
     p.add_argument("recipe", help="recipe YAML (see recipes/)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, as for python -m train")
     p.add_argument("--gpus", type=int, default=1, help="GPUs (parallel.mode auto: DDP when more than one)")

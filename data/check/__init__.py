@@ -1,7 +1,7 @@
 """The dataset check: read a recipe's data exactly as training would and report what would hurt a run.
 
-    python -m data.check RECIPE.yaml [section.key=value ...] [--full] [--out DIR] [--plot]
-    python -m data.check --data FILE --format qwen --tokenizer DIR [data.max_len=2048 ...]
+    vlrecipe check RECIPE.yaml [section.key=value ...] [--full] [--out DIR] [--plot]
+    vlrecipe check --data FILE --format qwen --tokenizer DIR [data.max_len=2048 ...]
 
 Records go through the trainer's own code (data.formats validation, ChatML / task templates, the
 tokenizer, span-safe truncation at max_len); the report counts records per format and task, images
@@ -14,7 +14,7 @@ images, duplicates and the fraction of tokens supervised, and fails when errors 
     images.py    the image part: distinct paths checked by a thread pool
     run.py       check_data(config, tokenizer, num_image_tokens, CheckOptions) -> CheckReport
     report.py    the report: JSON, text, length histogram (PNG with matplotlib), pass or fail
-    __main__.py  the command line
+    __main__.py  python -m data.check: the command line, train/data_check_cli.py (it reads recipes)
 
 The trainer runs it at start-up with ``data.check: fast`` (the default; train/data_check.py).
 """
