@@ -58,6 +58,12 @@ SHIPPED_THEN = (*FULL_SHAPE, "perf.offload_activations=false")
 OFFLOAD = ("docs/benchmarks.md (trainer after e0c170e: loss at the label positions, down projection not recomputed), "
            "H100, 2026-12-06")
 BENCH_THEN = "docs/benchmarks.md (history), H100"
+# Every run here predates train.memory_budget: the recipes set their activation settings by hand, as here.
+BEFORE_THE_BUDGET = {
+    "recipes/sft_lora.yaml": ("perf.offload_activations=true", "train.max_forward_tokens=8192"),
+    "recipes/sft_qlora.yaml": ("perf.offload_activations=false", "train.max_forward_tokens=8192"),
+    "recipes/dpo_lora.yaml": ("train.max_forward_tokens=8192",),
+}
 PAIR_IMAGES_ONCE = "docs/benchmarks.md (trainer with a DPO pair's images encoded once), H100, 2026-12-06"
 
 
@@ -172,7 +178,8 @@ def calibrate(measurements: list[Measurement] = MEASUREMENTS) -> list[Row]:
     models: dict[str, ModelPlan] = {}
     rows = []
     for run in measurements:
-        recipe = load_recipe(REPO / run.recipe, list(run.overrides))
+        pinned = ["train.memory_budget=null", *BEFORE_THE_BUDGET.get(run.recipe, ())]
+        recipe = load_recipe(REPO / run.recipe, [*pinned, *run.overrides])
         key = repr((recipe.model, recipe.freeze, recipe.lora, recipe.quantization, recipe.optim, recipe.data.image_size))
         if key not in models:
             models[key] = plan_model(recipe, run.recipe)
