@@ -200,6 +200,10 @@ class PerfSection:
     # resampler's attention), which builds a plan per new batch shape (a step meeting a new image count
     # took 0.2-0.5 s more on one H100); flash attention runs instead. True: torch's default choice.
     cudnn_attention: bool = False
+    # The frozen linears' products (decoder layers, vision blocks: forward and input gradient) in FP8 through
+    # torchao (train/fp8.py). Not loss-equal (docs/training.md says when to use it); CUDA with compute
+    # capability >= 8.9 only, else off with a log line.
+    fp8: bool = False
 
 
 @dataclass
