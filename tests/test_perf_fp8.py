@@ -1,7 +1,8 @@
 """perf.fp8 (train/fp8.py): the frozen linears' products in FP8 through torchao, opt-in. On a CPU: it refuses in
 one log line where it cannot run, converts exactly the frozen nn.Linear layers of the decoder layers and vision
 blocks (adapters, resampler, LM head untouched), keeps nothing but the frozen weight for backward, computes no
-weight gradient, and (torchao's emulated FP8) moves a LoRA step's loss and gradients only by FP8 rounding."""
+weight gradient, and (torchao's emulated FP8) moves a LoRA step's loss and gradients only by FP8 rounding.
+The tests of the conversion need torchao (the gpu extra) and are skipped without it."""
 
 from __future__ import annotations
 
@@ -10,10 +11,8 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
 from tests.test_perf_switches import _packed_batch
-from train.fp8 import FrozenFloat8Linear, convert_frozen_linears, frozen_linear
 from train.freeze import apply_freezing
 from train.lora import apply_lora
 from train.perf import fp8_unavailable, resolve_perf
@@ -40,6 +39,15 @@ def test_on_a_cpu_perf_fp8_is_off_with_one_log_line(tiny_vlm):
     assert resolve_perf(PerfSection(), tiny_vlm, cuda=False, quantized=False)[0].fp8 is False  # off by default
 
 
+@pytest.fixture(scope="module")
+def fp8():
+    """train.fp8, which imports torchao: an optional heavy dependency (pip install .[gpu])."""
+    pytest.importorskip("torchao")
+    import train.fp8
+
+    return train.fp8
+
+
 def lora_model(tiny_vlm):
     """The tiny model as the LoRA recipe trains it: ViT and LLM frozen, resampler trained, adapters on the LLM."""
     model = copy.deepcopy(tiny_vlm).train()
@@ -47,11 +55,11 @@ def lora_model(tiny_vlm):
     return apply_lora(model, LoraSection(enabled=True, r=8, alpha=16, dropout=0.0), FreezeSection(llm="frozen"), False)
 
 
-def test_the_filter_takes_exactly_the_frozen_linears_of_the_decoder_layers_and_vision_blocks(tiny_vlm):
+def test_the_filter_takes_exactly_the_frozen_linears_of_the_decoder_layers_and_vision_blocks(tiny_vlm, fp8):
     wrapped = lora_model(tiny_vlm)
     vlm = wrapped.get_base_model()
-    counts = convert_frozen_linears(vlm, emulate=True)
-    converted = sorted(n for n, m in wrapped.named_modules() if isinstance(m, FrozenFloat8Linear))
+    counts = fp8.convert_frozen_linears(vlm, emulate=True)
+    converted = sorted(n for n, m in wrapped.named_modules() if isinstance(m, fp8.FrozenFloat8Linear))
     layer = ["mlp.down_proj"] + [f"{p}.base_layer" for p in ("mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj",
                                                                "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj")]
     decoder = [n for n in converted if ".layers." in n]
@@ -65,7 +73,8 @@ def test_the_filter_takes_exactly_the_frozen_linears_of_the_decoder_layers_and_v
     assert all(p.dtype == torch.float32 for n, p in wrapped.named_parameters() if "lora_" in n)
 
 
-def test_the_filter_refuses_trainable_adapter_and_misaligned_linears():
+def test_the_filter_refuses_trainable_adapter_and_misaligned_linears(fp8):
+    frozen_linear = fp8.frozen_linear
     frozen = nn.Linear(64, 32).requires_grad_(False)
     assert frozen_linear(frozen, "layers.0.mlp.down_proj")
     assert not frozen_linear(nn.Linear(64, 32), "layers.0.mlp.down_proj")  # trains
@@ -74,12 +83,13 @@ def test_the_filter_refuses_trainable_adapter_and_misaligned_linears():
     assert not frozen_linear(nn.Conv2d(3, 16, 3).requires_grad_(False), "x")
 
 
-def test_a_frozen_fp8_linear_keeps_only_its_weight_and_computes_no_weight_gradient():
+def test_a_frozen_fp8_linear_keeps_only_its_weight_and_computes_no_weight_gradient(fp8):
     torch.manual_seed(0)
     plain = nn.Linear(64, 128, bias=False).requires_grad_(False)
     holder = nn.ModuleDict({"layer": copy.deepcopy(plain)})
-    convert_to_float8_training(holder, module_filter_fn=frozen_linear, config=Float8LinearConfig(emulate=True))
-    holder["layer"].__class__ = FrozenFloat8Linear
+    fp8.convert_to_float8_training(holder, module_filter_fn=fp8.frozen_linear,
+                                   config=fp8.Float8LinearConfig(emulate=True))
+    holder["layer"].__class__ = fp8.FrozenFloat8Linear
     x = torch.randn(3, 10, 64, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
@@ -94,14 +104,14 @@ def test_a_frozen_fp8_linear_keeps_only_its_weight_and_computes_no_weight_gradie
     assert torch.nn.functional.cosine_similarity(fp8_grad.flatten(), x.grad.flatten(), dim=0) > 0.99
 
 
-def test_a_lora_step_in_emulated_fp8_moves_loss_and_gradients_only_by_fp8_rounding(tiny_vlm, tiny_tokenizer):
+def test_a_lora_step_in_emulated_fp8_moves_loss_and_gradients_only_by_fp8_rounding(tiny_vlm, tiny_tokenizer, fp8):
     input_ids, labels, positions, pixels = _packed_batch(tiny_vlm, tiny_tokenizer)
     runs = []
-    for fp8 in (False, True):
+    for in_fp8 in (False, True):
         torch.manual_seed(1)  # the same adapters
         model = lora_model(tiny_vlm)
-        if fp8:
-            convert_frozen_linears(model.get_base_model(), emulate=True)
+        if in_fp8:
+            fp8.convert_frozen_linears(model.get_base_model(), emulate=True)
         out = model(input_ids, pixel_values=pixels, position_ids=positions, labels=labels)
         (out.loss_sum / out.num_tokens).backward()
         grads = {n: p.grad.flatten() for n, p in model.named_parameters() if p.requires_grad}
