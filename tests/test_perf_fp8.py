@@ -123,3 +123,34 @@ def test_a_lora_step_in_emulated_fp8_moves_loss_and_gradients_only_by_fp8_roundi
         if g.norm() > 0:
             cosine = torch.nn.functional.cosine_similarity(g, fp8_grads[name], dim=0)
             assert cosine > 0.98, (name, cosine)
+
+
+FP8_CARD = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not FP8_CARD, reason="needs a CUDA GPU with FP8 tensor cores (compute capability >= 8.9)")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_on_an_fp8_card_a_bf16_lora_step_moves_only_by_fp8_rounding(tiny_vlm, tiny_tokenizer, fp8, compiled):
+    """The real FP8 products (torch._scaled_mm), under bf16 autocast, eager and in compiled decoder layers."""
+    batch = [t.cuda() for t in _packed_batch(tiny_vlm, tiny_tokenizer)]
+    runs = []
+    for in_fp8 in (False, True):
+        torch.manual_seed(1)
+        model = lora_model(tiny_vlm).cuda()
+        vlm = model.get_base_model()
+        if in_fp8:
+            assert fp8.convert_frozen_linears(vlm) == {"decoder": 14, "vision": 8}
+        if compiled:
+            vlm.set_gradient_checkpointing(True)
+            vlm.compile_blocks(vision=False, llm=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(batch[0], pixel_values=batch[3], position_ids=batch[2], labels=batch[1])
+        (out.loss_sum / out.num_tokens).backward()
+        grads = {n: p.grad.flatten().float() for n, p in model.named_parameters() if p.requires_grad}
+        runs.append((out.loss_sum.item() / out.num_tokens.item(), grads))
+    (loss, grads), (fp8_loss, fp8_grads) = runs
+    assert fp8_loss == pytest.approx(loss, rel=0.02)
+    for name, g in grads.items():
+        if g.norm() > 0:
+            assert torch.nn.functional.cosine_similarity(g, fp8_grads[name], dim=0) > 0.97, name
