@@ -110,6 +110,12 @@ def test_the_line(qwen_vl):
     assert over.line.endswith("> the budget: no setting fits, this is the one that needs least")
 
 
+def test_without_activation_checkpointing_only_the_forward_size_is_chosen(qwen_vl):
+    choice = choice_for(qwen_vl, "train.memory_budget=40", "train.grad_checkpointing=false")
+    assert choice.extra_seconds == 0 and not choice.settings.offload
+    assert "no activation checkpointing (train.grad_checkpointing: false), forwards of" in choice.line
+
+
 def test_without_a_budget_auto_settings_are_the_plain_ones():
     recipe = without_budget(sft_lora("train.memory_budget=null"))
     assert (recipe.perf.checkpoint_llm_layers, recipe.perf.offload_activations, recipe.perf.checkpoint_vision,

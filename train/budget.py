@@ -70,6 +70,7 @@ class BudgetChoice:
     fixed: tuple[str, ...] = ()  # the settings the recipe set (names of Settings' fields)
     vision_grad: bool = False  # gradient runs through the vision tower (it trains or has adapters)
     extra_seconds: float = 0.0  # modelled cost per step of the recompute and offload chosen
+    checkpointing: bool = True  # train.grad_checkpointing: without it nothing is recomputed whatever the settings
 
     @property
     def checkpointed_indices(self) -> list[int]:
@@ -95,6 +96,8 @@ class BudgetChoice:
         parts = [layers + mark("checkpointed_layers"), ("offload" if s.offload else "no offload") + mark("offload"),
                  f"{vision} {'' if s.checkpoint_vision else 'not '}checkpointed" + mark("checkpoint_vision"),
                  forwards + mark("max_forward_tokens")]
+        if not self.checkpointing:
+            parts[:3] = ["no activation checkpointing (train.grad_checkpointing: false)"]
         verdict = "" if self.fits else " > the budget: no setting fits, this is the one that needs least"
         return (f"memory budget {self.budget_gib:.1f} GiB ({self.how}): {', '.join(parts)}; "
                 f"planned peak {self.planned_peak_gib:.1f} GiB{verdict}")
@@ -178,7 +181,7 @@ def choose(counts: Counts, dims: Dims, setup: Setup, batch_for: Callable[[int | 
     return BudgetChoice(budget_gib=budget_bytes / GiB, how=how, settings=settings, layers=dims.layers,
                         pass_tokens=batch.pass_tokens, planned_peak_gib=est.process_peak / GiB, fits=bool(fitting),
                         fixed=tuple(name for name in FIELDS if name in fixed), vision_grad=vision_grad,
-                        extra_seconds=cost)
+                        extra_seconds=cost, checkpointing=setup.grad_checkpointing)
 
 
 def fixed_settings(recipe: Recipe, layers: int) -> dict[str, object]:
