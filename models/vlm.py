@@ -246,19 +246,21 @@ class VLM(nn.Module):
             "embeddings": [self.llm.get_input_embeddings(), self.llm.get_output_embeddings()],
         }
 
-    def set_gradient_checkpointing(self, enabled: bool = True, llm_layers: int | None = None) -> None:
+    def set_gradient_checkpointing(self, enabled: bool = True, llm_layers: int | None = None,
+                                   vision: bool = True) -> None:
         """Recompute vision blocks, the resampler and LLM layers in backward (non-reentrant checkpointing).
 
         ``llm_layers``: how many decoder layers to checkpoint (None = all), spread evenly over the depth;
         the others keep their activations. Fewer checkpointed layers trade memory for one forward less
         of those layers in backward: pick the largest number of un-checkpointed layers the memory budget
-        allows (docs/benchmarks.md measures the cost per layer).
+        allows (docs/benchmarks.md measures the cost per layer). ``vision=False``: the vision tower and the
+        resampler keep their activations (train.memory_budget's choice when memory is to spare).
         """
-        self.vision.gradient_checkpointing = enabled
+        self.vision.gradient_checkpointing = enabled and vision
         # The resampler keeps ~80 MB of activations per 448-px image for backward (its k/v projections of
         # 1024 patches at the LLM's width, their bf16 casts, LayerNorm's fp32 input): 1.4 GiB of a LoRA
         # step's 18 images, held through the whole decoder backward, and recomputed in ~0.2 ms per image.
-        self.resampler_checkpointing = enabled
+        self.resampler_checkpointing = enabled and vision
         # transformers 5 renamed gradient_* to activation_checkpointing_*; older releases only have the former.
         if enabled:
             enable = getattr(self.llm, "activation_checkpointing_enable", None)

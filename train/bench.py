@@ -45,7 +45,7 @@ PLAIN = [  # the reference's way (see the module docstring)
     "perf.liger_kernels=false", "perf.compile_llm=false", "perf.compile_vision=false", "perf.frozen_bf16=false",
     "perf.check_image_spans=true", "perf.loss_at_label_positions=false",
     "perf.checkpoint_llm_layers=null", "train.max_forward_tokens=null", "perf.fused_lora=false",
-    "perf.cudnn_attention=true",
+    "perf.cudnn_attention=true", "train.memory_budget=null",
 ]
 
 

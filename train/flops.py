@@ -80,3 +80,27 @@ def _forward_parts(config: VLMConfig) -> tuple[int, int, int, int, int]:
     vit_fwd = vc.layers * (2 * patches * (4 * vc.width**2 + 2 * vc.width * vc.mlp_dim) + 4 * patches**2 * vc.width)
     vit_fwd += 2 * patches * 3 * vc.patch_size**2 * vc.width  # patch embedding
     return n_llm, 2 * d * layers, patches, resampler_fwd, vit_fwd
+
+
+@dataclass(frozen=True)
+class RecomputeFlops:
+    """What activation checkpointing recomputes in backward (train.budget's cost model): the forward of one
+    decoder layer per token (its linears, 2 per weight), of which the down projection (models.decoder_layers
+    runs it outside the checkpoint where it keeps nothing), causal attention per s^2 of a sample per layer,
+    and per image the resampler's forward and the vision tower's (when gradient runs through it)."""
+
+    layer_per_token: float
+    down_projection_per_token: float
+    attention_per_layer_pair: float
+    resampler_per_image: float
+    vision_per_image: float
+
+
+def recompute_flops(config: VLMConfig) -> RecomputeFlops:
+    n_llm, attention_fwd, _, resampler_fwd, vit_fwd = _forward_parts(config)
+    tc = config.text_config
+    d, layers, vocab = tc["hidden_size"], tc["num_hidden_layers"], tc["vocab_size"]
+    return RecomputeFlops(layer_per_token=2 * (n_llm - d * vocab) / layers,
+                          down_projection_per_token=2 * d * tc["intermediate_size"],
+                          attention_per_layer_pair=attention_fwd / layers, resampler_per_image=resampler_fwd,
+                          vision_per_image=vit_fwd)

@@ -27,6 +27,8 @@ import torch
 
 from data.collate import split_rows
 from models.errors import MissingFileError, UserError
+from train.budget import BudgetChoice, without_budget
+from train.budget import apply as apply_settings
 from train.checkpoint import export_final, load_checkpoint, resolve_resume, save_checkpoint
 from train.data_check import check_data_at_startup
 from train.diagnose import finish_memory_recording, profiled, start_memory_recording
@@ -38,6 +40,7 @@ from train.objectives import LanguageModelling, Objective, build_objective, coun
 from train.optim import build_optimizer, build_scheduler
 from train.parallel import DistInfo, Engine, all_reduce_sum, init_distributed, resolve_mode
 from train.perf import apply_perf_switches, frozen_to_bf16, resolve_perf
+from train.plan import plan_model, settle_budget
 from train.recipe import Recipe, recipe_to_dict, save_resolved
 
 GC_EVERY = 50  # optimiser steps between collections of Python's young generation (automatic gc is off)
@@ -159,6 +162,7 @@ def train(recipe: Recipe) -> Path:
     check_eval_section(recipe)
     info: DistInfo = init_distributed(recipe.parallel)
     mode = resolve_mode(recipe.parallel, info.world_size)
+    recipe, budget = settle_memory_budget(recipe, info)
     seed_everything(recipe.train.seed)  # identical model init on every rank
     run_dir = Path(recipe.checkpoint.out_dir)
     if info.is_main:
@@ -180,7 +184,8 @@ def train(recipe: Recipe) -> Path:
                         f"{model.config.vision.image_size}; set model.image_size and data.image_size alike")
     apply_freezing(model, recipe.freeze)
     if recipe.train.grad_checkpointing:
-        model.set_gradient_checkpointing(True, llm_layers=recipe.perf.checkpoint_llm_layers)
+        model.set_gradient_checkpointing(True, llm_layers=recipe.perf.checkpoint_llm_layers,
+                                         vision=recipe.perf.checkpoint_vision)
     if recipe.quantization.enabled:
         from train.lora import quantize_llm_4bit
 
@@ -305,6 +310,10 @@ def train(recipe: Recipe) -> Path:
                 metrics["mfu"] = flops(inputs, images, sum_sq) / elapsed / (peak * info.world_size)
             if info.device.type == "cuda":
                 metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(info.device) / 2**30  # this rank's
+                warning = budget.peak_warning(metrics["peak_mem_gib"]) if budget is not None else None
+                if warning and info.is_main:
+                    print(warning, flush=True)
+                    budget = None  # said once
             logger.log(metrics, step, console=progress is None)
             if progress is not None:
                 progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
@@ -333,6 +342,27 @@ def train(recipe: Recipe) -> Path:
     if recipe.eval.benches:
         evaluate_export(recipe, export, info)
     return export
+
+
+def settle_memory_budget(recipe: Recipe, info: DistInfo) -> tuple[Recipe, BudgetChoice | None]:
+    """The recipe's ``auto`` activation settings filled in: chosen on rank 0 for train.memory_budget and the
+    GPU's memory (train/budget.py, one log line), the same choice on every rank; without a budget or a GPU,
+    their values without one."""
+    if recipe.train.memory_budget is not None and info.device.type != "cuda":
+        if info.is_main:
+            print("train.memory_budget: off (no CUDA device): every decoder layer checkpointed, no offload, "
+                  "forwards of one packed row", flush=True)
+        recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, memory_budget=None))
+    if recipe.train.memory_budget is None:
+        return without_budget(recipe), None
+    chosen: list[BudgetChoice | None] = [None]
+    if info.is_main:
+        gpu_mem_gib = torch.cuda.get_device_properties(info.device).total_memory / 2**30
+        chosen[0] = settle_budget(recipe, plan_model(recipe), info.world_size, gpu_mem_gib, "recipe")[1]
+        print(chosen[0].line, flush=True)
+    if info.world_size > 1:  # every rank must run the same forwards and checkpoint the same layers
+        torch.distributed.broadcast_object_list(chosen, src=0)
+    return apply_settings(recipe, chosen[0].settings), chosen[0]
 
 
 def _absolute(path: str | None) -> str | None:

@@ -124,6 +124,7 @@ class Setup:
     # DPO (train.stage: dpo): where the reference log-probs come from (train.dpo.reference_mode), or "" (not DPO)
     reference: str = ""
     offload_activations: bool = False  # perf.offload_activations: the decoder's saved activations wait on the host
+    vision_checkpointing: bool = True  # perf.checkpoint_vision: with grad_checkpointing, the ViT and resampler too
 
     @property
     def deepspeed(self) -> bool:
@@ -344,7 +345,7 @@ def vision_terms(d: Dims, s: Setup, b: MicroBatch) -> tuple[float, float, float]
         block = act * (4 * w + m) + stream * w
         block += act * (3 * w + m) if s.vision_trains else 0
         block += sum((act + dropout_mask) * n + act * s.lora_r for n in s.vision_lora_inputs)
-        if s.grad_checkpointing:
+        if s.grad_checkpointing and s.vision_checkpointing:
             kept = n * p * d.vit_layers * stream * w
             work = n * p * (block + 3 * act * m)
         else:
@@ -353,8 +354,10 @@ def vision_terms(d: Dims, s: Setup, b: MicroBatch) -> tuple[float, float, float]
     else:
         forward = n * p * (10 * w + 4 * m)  # under no_grad: one block of every image at a time
     if s.vision_trains or s.vision_lora_inputs or s.resampler_trains:
-        resampler = n * p * act * (w + 5 * d.hidden)  # kv_proj input, its output, LayerNorm, k and v projections
-        if s.grad_checkpointing:  # checkpointed with the rest (VLM.set_gradient_checkpointing): input kept
+        # kv_proj's input, its output, LayerNorm's fp32 input and output, their bf16 casts, the k and v projections:
+        # 1.45 GiB for 18 images measured at the Qwen-VL shape (docs/benchmarks.md, memory at the peak)
+        resampler = n * p * (act * w + 20 * d.hidden)
+        if s.grad_checkpointing and s.vision_checkpointing:  # VLM.set_gradient_checkpointing: input kept
             kept += n * p * act * w
             work = max(work, resampler)  # its recompute, at the end of backward
         else:

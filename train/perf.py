@@ -15,6 +15,8 @@ from models.attention import set_attention
 from models.errors import UserError
 from train.recipe import PerfSection
 
+FP8_MIN_CAPABILITY = (8, 9)  # FP8 tensor cores (torch._scaled_mm): Ada, Hopper and newer
+
 
 def resolve_perf(perf: PerfSection, vlm, cuda: bool, quantized: bool, zero3: bool = False,
                  adapter_off_reference: bool = False) -> tuple[PerfSection, list[str]]:
@@ -54,7 +56,29 @@ def resolve_perf(perf: PerfSection, vlm, cuda: bool, quantized: bool, zero3: boo
     if perf.offload_activations and not cuda:  # pinned host memory and copy streams are CUDA's
         notes.append("perf.offload_activations: off (no CUDA device)")
         resolved["offload_activations"] = False
+    if perf.fp8:
+        why = fp8_unavailable(cuda, torch.cuda.get_device_capability() if cuda else None, quantized, zero3)
+        notes.append(f"perf.fp8: off ({why})" if why else
+                     "perf.fp8: on (frozen linears of the decoder layers and vision blocks in FP8, torchao)")
+        resolved["fp8"] = not why
     return dataclasses.replace(perf, **resolved), notes
+
+
+def fp8_unavailable(cuda: bool, capability: tuple[int, int] | None, quantized: bool = False, zero3: bool = False,
+                    installed: bool | None = None) -> str:
+    """Why perf.fp8 (train/fp8.py) cannot run here, or "" where it can."""
+    if not cuda:
+        return "no CUDA device"
+    if capability is not None and tuple(capability) < FP8_MIN_CAPABILITY:
+        return (f"compute capability {capability[0]}.{capability[1]} has no FP8 tensor cores (needs "
+                f"{FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]}: Ada, Hopper or newer)")
+    if quantized:
+        return "Q-LoRA's decoder linears are 4-bit bitsandbytes layers"
+    if zero3:
+        return "not verified under ZeRO-3"
+    if not (importlib.util.find_spec("torchao") is not None if installed is None else installed):
+        return "torchao is not installed (pip install .[gpu])"
+    return ""
 
 
 def apply_perf_switches(vlm, perf: PerfSection) -> None:
@@ -64,6 +88,11 @@ def apply_perf_switches(vlm, perf: PerfSection) -> None:
     if "auto" in (perf.liger_kernels, perf.compile_llm, perf.compile_vision):
         raise ValueError("apply_perf_switches needs a resolved perf section (train.perf.resolve_perf)")
     set_attention(vlm, perf.attention)
+    if perf.fp8 and not getattr(vlm, "_fp8", False):  # before the LoRA forwards are fused and layers compile
+        from train.fp8 import convert_frozen_linears  # torchao: an optional heavy dependency (the gpu extra)
+
+        convert_frozen_linears(vlm)
+        vlm._fp8 = True
     vlm.loss_impl = perf.loss_impl
     vlm.check_image_spans = perf.check_image_spans
     vlm.loss_at_label_positions = perf.loss_at_label_positions

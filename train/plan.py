@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import ArgumentParser, UserError, run_cli
+from train.budget import BudgetChoice, choose, fixed_settings, without_budget
+from train.budget import apply as apply_settings
+from train.flops import recompute_flops
 from train.memory import Counts, Dims, Estimate, GiB, MicroBatch, Setup, estimate
 from train.recipe import Recipe, RecipeError, load_recipe
 
@@ -231,7 +234,7 @@ def setup_of(recipe: Recipe, model: ModelPlan, gpus: int, notes: list[str], sour
         fused_adamw=drawn_on_gpu or loaded_on_gpu or recipe.quantization.enabled,
         load_shard_bytes=largest_shard(m.init_from, notes) if loaded_on_gpu else 0.0,
         zero3_built_whole=mode == "zero3" and drawn_on_gpu, reference=reference,
-        offload_activations=perf.offload_activations,
+        offload_activations=perf.offload_activations, vision_checkpointing=perf.checkpoint_vision,
     )
 
 
@@ -284,6 +287,7 @@ class Plan:
     peak_tflops: float
     largest_micro_batch: int | None = 0  # 0: not even one sample fits; None: not bounded (max_forward_tokens)
     largest_forward_tokens: int | None = None  # with train.max_forward_tokens: the longest pass that fits
+    budget: BudgetChoice | None = None  # train.memory_budget's choice (train/budget.py)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -319,6 +323,41 @@ def needed_bytes(est: Estimate, setup: Setup) -> float:
     return est.process_peak + allowance_bytes(est, setup)
 
 
+def budget_for_device(gpu_mem_gib: float, setup: Setup) -> float:
+    """The largest process peak (bytes) whose ``needed_bytes`` fits ``gpu_mem_gib``: the inverse of the allowance."""
+    extra = NCCL_GIB if setup.gpus > 1 or setup.deepspeed else 0.0
+    return (gpu_mem_gib - CONTEXT_GIB - extra) * GiB / (1 + ALLOCATOR_SLACK)
+
+
+def settle_budget(recipe: Recipe, model: ModelPlan, gpus: int, gpu_mem_gib: float,
+                  source: str) -> tuple[Recipe, BudgetChoice | None]:
+    """``recipe`` with its ``auto`` activation settings filled in: chosen for train.memory_budget (train/budget.py;
+    ``auto``: ``gpu_mem_gib`` less the allowance), or as without a budget when it is None. The choice is planned
+    for the worst a forward can hold: samples of data.max_len tokens, every token of them an image slot."""
+    if recipe.train.memory_budget is None:
+        return without_budget(recipe), None
+    setup = setup_of(without_budget(recipe), model, gpus, [], source)
+    data, tokens = recipe.data, recipe.data.max_len
+    images = tokens / (model.config.num_image_tokens + 2)  # <img> + slots + </img>
+
+    def batch_for(max_forward_tokens: int | None) -> MicroBatch:
+        return micro_batch_shape(data, recipe.train.micro_batch, tokens, images, max_forward_tokens,
+                                 2 if setup.reference else 1)
+
+    whole = batch_for(None)
+    forwards = sorted({whole.row_len * min(2**i, whole.rows) for i in range(whole.rows.bit_length() + 1)})
+    if recipe.train.memory_budget == "auto":
+        budget = budget_for_device(gpu_mem_gib, setup)
+        how = f"auto: {gpu_mem_gib:.1f} GiB less the CUDA context{', NCCL' if setup.deepspeed or gpus > 1 else ''} " \
+              f"and allocator slack"
+    else:
+        budget, how = recipe.train.memory_budget * GiB, "train.memory_budget"
+    layers = int(model.config.text_config["num_hidden_layers"])
+    choice = choose(model.counts, dims_of(model.config), setup, batch_for, forwards, budget, how,
+                    recompute_flops(model.config), tokens, fixed_settings(recipe, layers))
+    return apply_settings(recipe, choice.settings), choice
+
+
 def make_plan(recipe: Recipe, source: str, gpus: int = 1, gpu_mem_gib: float = DEFAULT_GPU_MEM_GIB,
               tokens_per_sample: float | None = None, images_per_sample: float = 1.0, mfu: float = 0.35,
               peak_tflops: float = DEFAULT_PEAK_TFLOPS, model: ModelPlan | None = None) -> Plan:
@@ -338,6 +377,7 @@ def make_plan(recipe: Recipe, source: str, gpus: int = 1, gpu_mem_gib: float = D
         raise UserError(f"--tokens-per-sample must be in (0, data.max_len={data.max_len}], got {tokens}")
     model = model or plan_model(recipe, source)
     notes = list(model.notes)
+    recipe, choice = settle_budget(recipe, model, gpus, gpu_mem_gib, source)
     if tokens_per_sample is None:
         notes.append(f"every sample {data.max_len} tokens (data.max_len, the worst case; --tokens-per-sample)")
     setup = setup_of(recipe, model, gpus, notes, source)
@@ -361,7 +401,7 @@ def make_plan(recipe: Recipe, source: str, gpus: int = 1, gpu_mem_gib: float = D
     flops = rates(samples * tokens, batch.images * setup.grad_accum, samples * tokens**2)
     plan = Plan(recipe=source, model=model, setup=setup, batch=batch, estimate=est, tokens_per_sample=tokens,
                 images_per_sample=images_per_sample, gpu_mem_gib=gpu_mem_gib, flops_per_step=flops, mfu=mfu,
-                peak_tflops=peak_tflops, notes=notes)
+                peak_tflops=peak_tflops, budget=choice, notes=notes)
     budget = gpu_mem_gib * GiB
     if recipe.train.max_forward_tokens is None:
         plan.largest_micro_batch = largest_fitting(lambda mb: needed_bytes(estimate_for(mb)[1], setup), budget)
@@ -435,6 +475,8 @@ def render(plan: Plan) -> str:
             f"checkpointed" if s.grad_checkpointing else "no activation checkpointing")
     lines.append(f"{'activations':<34}{ckpt}; loss {s.loss_impl}; attention {s.attention}"
                  f"{'; liger kernels' if s.liger_kernels else ''}")
+    if plan.budget is not None:
+        lines.append(f"{'':<34}{plan.budget.line}")
     lines += ["", f"{'memory':<34}{'GiB':>8}"]
     for key, value in est.terms.items():
         if value:
@@ -495,6 +537,7 @@ def to_json(plan: Plan) -> dict[str, Any]:
         "peak_tflops": plan.peak_tflops,
         "step_time_s": plan.step_time,
         "tokens_per_s_per_gpu": plan.tokens_per_step / plan.step_time,
+        "memory_budget": None if plan.budget is None else {**dataclasses.asdict(plan.budget), "line": plan.budget.line},
         "notes": plan.notes,
     }
 

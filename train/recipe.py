@@ -123,7 +123,13 @@ class TrainSection:
     # Run a micro-batch as several forward/backward passes of whole rows of at most this many tokens: bounds
     # activation memory whatever the samples' lengths (16 x 2048-token samples = 4 passes of 8192), while
     # short samples still fill a pass. The loss is that of the whole step. None = one pass per micro-batch.
-    max_forward_tokens: int | None = None
+    max_forward_tokens: int | Literal["auto"] | None = None
+    # The largest planned peak the run may reach, in GiB (what peak_mem_gib measures), or "auto": the GPU's
+    # memory less the planner's allowance (CUDA context, NCCL, allocator slack). The trainer then chooses the
+    # fastest setting that fits for every setting left at "auto": max_forward_tokens, perf.checkpoint_llm_layers,
+    # perf.offload_activations, perf.checkpoint_vision (train/budget.py; docs/training.md). None, or no CUDA
+    # device: off ("auto" settings as without a budget: all checkpointed, no offload, forwards of one row).
+    memory_budget: float | Literal["auto"] | None = None
 
 
 @dataclass
@@ -169,7 +175,10 @@ class PerfSection:
     # Decoder attention. varlen (torch flash varlen, sample boundaries shipped by the collator) and
     # flex_attention confine attention to each packed sample without a dense mask; training only.
     attention: Literal["sdpa", "flex_attention", "varlen"] = "sdpa"
-    checkpoint_llm_layers: int | None = None  # with train.grad_checkpointing: decoder layers recomputed (None = all)
+    # With train.grad_checkpointing: decoder layers recomputed (None = all; auto: train.memory_budget chooses)
+    checkpoint_llm_layers: int | Literal["auto"] | None = None
+    # With train.grad_checkpointing, the resampler (and a vision tower gradient runs through) recomputed too.
+    checkpoint_vision: bool | Literal["auto"] = True
     liger_kernels: bool | Literal["auto"] = "auto"  # liger-kernel RMSNorm / RoPE / SwiGLU in a Qwen2 decoder
     compile_llm: bool | Literal["auto"] = False  # torch.compile each decoder layer (auto: CUDA, not 4-bit)
     compile_vision: bool | Literal["auto"] = False  # torch.compile each vision block (auto: CUDA)
@@ -182,7 +191,7 @@ class PerfSection:
     loss_at_label_positions: bool = True
     # What autograd keeps across the forward (with checkpointed layers: each layer's input) waits in pinned
     # host memory, copied on side streams (train.offload); CUDA only, ignored elsewhere.
-    offload_activations: bool = False
+    offload_activations: bool | Literal["auto"] = False
     # LoRA linears of the parts that run uncompiled (Q-LoRA's decoder, DPO's, ...) with the adapter's
     # scaling on its rank-r product and its add inside the matrix product (train.lora.fuse_lora_forwards).
     # Compiled parts keep peft's forward: inductor fuses its element-wise work itself. False: peft's everywhere.
@@ -191,6 +200,10 @@ class PerfSection:
     # resampler's attention), which builds a plan per new batch shape (a step meeting a new image count
     # took 0.2-0.5 s more on one H100); flash attention runs instead. True: torch's default choice.
     cudnn_attention: bool = False
+    # The frozen linears' products (decoder layers, vision blocks: forward and input gradient) in FP8 through
+    # torchao (train/fp8.py). Not loss-equal (docs/training.md says when to use it); CUDA with compute
+    # capability >= 8.9 only, else off with a log line.
+    fp8: bool = False
 
 
 @dataclass
@@ -445,6 +458,9 @@ def _check_consistency(recipe: Recipe, source: str) -> None:
         if d.pack_len > d.max_len and recipe.perf.attention == "sdpa":
             raise RecipeError(f"{source}: 'data.pack_len' > 'data.max_len' with 'perf.attention: sdpa' builds a "
                               f"dense {d.pack_len}x{d.pack_len} mask per row; use varlen or flex_attention")
+    if isinstance(t.memory_budget, float) and t.memory_budget <= 0:
+        raise RecipeError(f"{source}: 'train.memory_budget' must be a positive number of GiB or auto, "
+                          f"got {t.memory_budget:g}")
     for name in ("micro_batch", "grad_accum"):
         if getattr(t, name) < 1:
             raise RecipeError(f"{source}: 'train.{name}' must be >= 1")
