@@ -69,6 +69,16 @@ def test_reward_accuracy_is_the_share_of_pairs_whose_margin_grew_over_the_refere
         reward_accuracy(policy, {"a": 1.0})
 
 
+def test_a_margin_change_of_float_noise_is_not_a_won_pair():
+    """A model scored against itself (or a policy still equal to its reference) differs by rounding only:
+    such pairs are within REWARD_MARGIN_TOLERANCE nats and none is won, whatever the noise's sign."""
+    from eval_mm.metrics import REWARD_MARGIN_TOLERANCE, reward_accuracy
+
+    reference = {"a": -3.0, "b": 2.0, "c": 0.5, "d": 1.0}
+    noisy = {"a": -3.0 + 1e-7, "b": 2.0 + 3e-7, "c": 0.5 - 1e-7, "d": 1.0 + 2 * REWARD_MARGIN_TOLERANCE}
+    assert reward_accuracy(noisy, reference)["reward_accuracy"] == 25.0  # d only
+
+
 def test_score_cli_adds_the_reward_accuracy_against_a_reference_models_predictions(data_root, tmp_path):
     import subprocess
     import sys

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from data.collate import Collator
 from data.dataset import DataConfig, build_dataloader
 from data.sample import IGNORE_INDEX
+from eval_mm.metrics import REWARD_MARGIN_TOLERANCE
 from models.loss import causal_lm_loss_sum, causal_lm_token_logps
 from models.vlm import frozen_vision_shared
 from train.dpo import (
@@ -24,6 +25,7 @@ from train.dpo import (
     copy_for_reference,
     dpo_losses,
     pair_logps,
+    pairs_won,
     place_frozen_copy,
     precompute_reference_logps,
     runs_adapter_off_reference,
@@ -49,6 +51,15 @@ def test_dpo_loss_matches_a_hand_computation():
     assert smoothed.item() == pytest.approx(0.9 * math.log(1 + math.exp(-0.75)) + 0.1 * math.log(1 + math.exp(0.75)))
     ipo, _, _ = dpo_losses(*one, loss="ipo", beta=0.5)
     assert ipo.item() == pytest.approx((1.5 - 1 / (2 * 0.5)) ** 2)
+
+
+def test_a_pair_is_won_only_by_a_margin_beyond_float_noise():
+    """rewards/accuracies counts a pair when its reward margin / beta (nats) exceeds the stated tolerance:
+    a policy equal to its reference (margins of +-1e-7, DPO's first step) wins no pair."""
+    beta = 0.1
+    margins = torch.tensor([1e-7, -1e-7, 0.0, 0.5 * REWARD_MARGIN_TOLERANCE, 2 * REWARD_MARGIN_TOLERANCE, -1.0])
+    chosen, rejected = beta * margins, torch.zeros_like(margins)
+    assert pairs_won(chosen, rejected, beta).tolist() == [False, False, False, False, True, False]
 
 
 @pytest.mark.parametrize("loss, beta, ls", [("sigmoid", 0.1, 0.0), ("sigmoid", 0.3, 0.2), ("ipo", 0.1, 0.0)])
@@ -358,7 +369,11 @@ def test_dpo_recipe_trains_logs_rewards_and_exports_a_chat_model(pairs_world, tm
     run = tmp_path / "dpo"
     run_train(dpo_args("dpo.yaml", pairs_world, run))
     first, *_, last = read_metrics(run)
-    assert first["loss"] == pytest.approx(LOG2, abs=1e-5) and first["rewards/accuracies"] == 0.0
+    # Step 1: the policy is its reference, so the loss is ln 2 and every margin is float noise, within the
+    # tolerance: no pair is won (counted as "> 0", noise read 0.5 on one install and 0.0 on another).
+    assert first["loss"] == pytest.approx(LOG2, abs=1e-5)
+    assert abs(first["rewards/margins"]) < 0.1 * REWARD_MARGIN_TOLERANCE  # dpo.yaml's beta: 0.1
+    assert first["rewards/accuracies"] == 0.0
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
                 "tokens_per_s", "lr", "grad_norm"):
         assert key in last and math.isfinite(last[key]), key

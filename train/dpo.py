@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eval_mm.metrics import REWARD_MARGIN_TOLERANCE
 from models.errors import UserError
 from models.loading import base_vlm
 from models.loss import sum_per_sequence
@@ -56,6 +57,13 @@ def dpo_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, refer
     chosen_rewards = beta * (policy_chosen - reference_chosen).detach()
     rejected_rewards = beta * (policy_rejected - reference_rejected).detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def pairs_won(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per pair, whether the chosen answer's reward beats the rejected one's beyond float noise: the margin
+    change (rewards / beta, in nats) must exceed eval_mm.metrics.REWARD_MARGIN_TOLERANCE, the tolerance the
+    held-out reward accuracy uses as well."""
+    return (chosen_rewards - rejected_rewards) / beta > REWARD_MARGIN_TOLERANCE
 
 
 def pair_logps(token_logps: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
@@ -102,8 +110,9 @@ class DirectPreference:
         loss = losses.sum() * (world / pairs).to(losses.dtype)
         if c.sft_weight:
             loss = loss + c.sft_weight * chosen_nll * (world / chosen_tokens).to(losses.dtype)
+        won = pairs_won(chosen_rewards, rejected_rewards, c.beta)
         sums = torch.stack([losses.sum(), chosen_nll, chosen_rewards.sum(), rejected_rewards.sum(),
-                            (chosen_rewards > rejected_rewards).float().sum(), policy[:, 0].sum(),
+                            won.float().sum(), policy[:, 0].sum(),
                             policy[:, 1].sum()]).detach().float()
         return loss, sums
 

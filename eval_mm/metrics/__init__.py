@@ -44,6 +44,14 @@ def check_coverage(predictions: dict[str, Any], references: dict[str, Any], wher
         raise CoverageError(f"{where}: " + "; ".join(problems))
 
 
+# A pair counts as won by a DPO policy only when its margin log p(chosen) - log p(rejected) grew over the
+# reference's by more than this many nats. Where the two models agree (DPO's first step, a model scored
+# against itself) the change is rounding noise, ~1e-6 nats in float32, whose sign is arbitrary: counted as
+# "> 0" (TRL's rewards/accuracies) it reads anywhere from 0 to 100% (issue 27). 1e-3 nats is a 0.1% change
+# of the odds ratio: far above float32 noise, far below what preference training moves.
+REWARD_MARGIN_TOLERANCE = 1e-3
+
+
 def _mean_percent(scores: list[float]) -> float:
     return 100.0 * sum(scores) / len(scores)
 
@@ -134,8 +142,9 @@ def paired_change(baseline: dict[str, float], candidate: dict[str, float], where
 def reward_accuracy(margins: dict[str, float | str], reference_margins: dict[str, float | str],
                     where: str = "") -> dict:
     """DPO's implicit reward on held-out pairs: a pair is right when the policy widened its margin
-    log p(chosen) - log p(rejected) over the reference model's (the reward margin beta * (policy margin -
-    reference margin) > 0), the evaluation form of TRL's ``rewards/accuracies``. Both dicts map pair ids to
+    log p(chosen) - log p(rejected) over the reference model's by more than ``REWARD_MARGIN_TOLERANCE``
+    nats (the reward margin beta * (policy margin - reference margin) > beta * tolerance), the evaluation
+    form of TRL's ``rewards/accuracies``. Both dicts map pair ids to
     margins (each model's ``predictions.jsonl`` of a preference benchmark) and must cover the same pairs."""
     missing = sorted(set(margins) ^ set(reference_margins))
     if missing:
@@ -145,7 +154,7 @@ def reward_accuracy(margins: dict[str, float | str], reference_margins: dict[str
         changes = [float(margins[k]) - float(reference_margins[k]) for k in margins]
     except ValueError as e:
         raise UserError(f"{where}: a preference prediction must be a number (a margin in nats): {e}") from e
-    return {"reward_accuracy": _mean_percent([float(c > 0) for c in changes]),
+    return {"reward_accuracy": _mean_percent([float(c > REWARD_MARGIN_TOLERANCE) for c in changes]),
             "mean_margin_change": sum(changes) / len(changes), "num_pairs": len(changes)}
 
 
