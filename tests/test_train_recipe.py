@@ -53,6 +53,52 @@ def test_overrides_are_parsed_as_typed_values(tmp_path):
         load_recipe(f, ["train.micro_bach=2"])
 
 
+# Issue 27: a path in an override is kept whole. YAML read `runs/my run #1` as `runs/my run` (the rest a
+# comment), split `[a,b.json]` in two and failed on an unquoted brace pattern. A string field now takes the
+# text verbatim; a list of strings splits only at commas outside quotes, braces and brackets.
+@pytest.mark.parametrize("override, field, expected", [
+    ("checkpoint.out_dir=runs/my run #1", "checkpoint.out_dir", "runs/my run #1"),
+    ("model.init_from=runs/sft,v2/final", "model.init_from", "runs/sft,v2/final"),
+    ("data.system_message=You are #1: be brief, be right.", "data.system_message", "You are #1: be brief, be right."),
+    ("checkpoint.out_dir='runs/quoted one'", "checkpoint.out_dir", "runs/quoted one"),
+    ("log.run_name=it's #2", "log.run_name", "it's #2"),
+    ("model.init_from=null", "model.init_from", None),
+    ("data.paths=runs/a,b/train.json", "data.paths", ["runs/a,b/train.json"]),  # a plain string: one item
+    ("data.paths=data/shard-{000..009}.tar", "data.paths", ["data/shard-{000..009}.tar"]),
+    ("data.paths=[data/shard-{000..009}.tar, extra/more #2.json]", "data.paths",
+     ["data/shard-{000..009}.tar", "extra/more #2.json"]),
+    ("data.paths=[shard-{a,b}.tar, c.json,]", "data.paths", ["shard-{a,b}.tar", "c.json"]),
+    ('data.paths=["a,b.json", \'c [1].json\']', "data.paths", ["a,b.json", "c [1].json"]),
+    ("eval.benches=vqav2_val", "eval.benches", ["vqav2_val"]),
+    ("eval.benches=[]", "eval.benches", []),
+    ("optim.betas=[0.9, 0.95]", "optim.betas", (0.9, 0.95)),  # not strings: YAML as before
+    ("perf.liger_kernels=auto", "perf.liger_kernels", "auto"),
+    ("perf.liger_kernels=false", "perf.liger_kernels", False),
+])
+def test_overrides_keep_paths_whole(tmp_path, override, field, expected):
+    recipe = load_recipe(write(tmp_path / "r.yaml", BASE), [override])
+    section, key = field.split(".")
+    assert getattr(getattr(recipe, section), key) == expected
+
+
+def test_a_plain_string_where_a_recipe_file_expects_a_list_is_a_one_item_list(tmp_path):
+    f = write(tmp_path / "r.yaml", {**BASE, "data": {"paths": "data/shard-{000..009}.tar"}})
+    assert load_recipe(f).data.paths == ["data/shard-{000..009}.tar"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ('data.paths=[a.json, "b.json]', r"an unclosed \" in the list; quote each item .* e\.g\. 'data\.paths=\[\"runs/a,b"),
+    ("data.paths=[shard-{0..9.tar, b]", r"an unclosed \{ in the list; quote each item that holds a comma"),
+    ("data.paths=[a.json,,b.json]", r"an empty item in the list"),
+    ("optim.betas=[0.9, 0.95", r"cannot read '\[0\.9, 0\.95' as tuple\[float, float\] .* e\.g\. 'optim\.betas=\[0\.9"),
+    ("train.bf16={", r"cannot read '\{' as bool .*quote the whole override for the shell, e\.g\. 'train\.bf16=true'"),
+])
+def test_an_override_that_does_not_parse_says_what_to_quote_on_one_line(tmp_path, override, message):
+    with pytest.raises(RecipeError, match=message) as caught:
+        load_recipe(write(tmp_path / "r.yaml", BASE), [override])
+    assert "\n" not in str(caught.value)
+
+
 def test_a_bare_off_means_off_though_yaml_reads_it_as_false(tmp_path):
     """YAML 1.1 turns `check: off` (file or override) into False; a choice that has "off" takes it as that."""
     f = (tmp_path / "r.yaml")

@@ -2,8 +2,10 @@
 
 A recipe is a YAML file whose top-level sections map onto the dataclasses below. Loading it
   * follows ``extends: base.yaml`` (relative to the file; deep merge, the child wins),
-  * applies command-line overrides ``section.key=value`` (values parsed as YAML: ``3``, ``1e-4``,
-    ``true``, ``[a, b]``),
+  * applies command-line overrides ``section.key=value``, read by the type of the field they set
+    (``parse_override``): a string field takes the text verbatim (paths keep ``#``, ``,`` and spaces), a
+    list of strings splits ``[a, b]`` at its top-level commas only (brace patterns stay whole) and takes a
+    plain string as a one-item list; numbers, booleans and other values are parsed as YAML,
   * rejects unknown or misspelt keys with a suggestion ("did you mean 'optim.lr'?") and values of
     the wrong type, naming the file and the key.
 ``save_resolved`` writes the fully resolved recipe (``resolved.yaml``) beside the run.
@@ -245,10 +247,7 @@ class Recipe:
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read ``path`` (following ``extends``), apply ``key.sub=value`` overrides, validate."""
     path = Path(path)
-    raw = _read_with_extends(path, seen=())
-    for item in overrides:
-        _apply_override(raw, item, path)
-    return recipe_from_dict(raw, source=str(path))
+    return recipe_from_dict(_read_with_extends(path, seen=()), source=str(path), overrides=overrides)
 
 
 def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>", overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -257,7 +256,7 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>", overrides: lis
 
     raw = copy.deepcopy(raw)
     for item in overrides:
-        _apply_override(raw, item, Path(source))
+        _apply_override(raw, item, data_schema=DataConfig)
     data_raw = raw.pop("data", None) or {}
     recipe = _build(Recipe, raw, prefix="", source=source)
     recipe.data = _build(DataConfig, data_raw, prefix="data.", source=source)
@@ -314,15 +313,12 @@ def _deep_merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _apply_override(raw: dict[str, Any], item: str, source: Path) -> None:
+def _apply_override(raw: dict[str, Any], item: str, data_schema: type) -> None:
     if "=" not in item:
         raise RecipeError(f"override {item!r}: expected section.key=value")
     dotted, _, text = item.partition("=")
     keys = dotted.strip().split(".")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"override {item!r}: value is not valid YAML: {e}") from e
+    value = parse_override(_field_type(keys, data_schema), text, item)
     node = raw
     for key in keys[:-1]:
         child = node.get(key)
@@ -332,6 +328,149 @@ def _apply_override(raw: dict[str, Any], item: str, source: Path) -> None:
             raise RecipeError(f"override {item!r}: {key!r} is a value, not a section")
         node = child
     node[keys[-1]] = value
+
+
+def _field_type(keys: list[str], data_schema: type) -> Any:
+    """The annotation of the field ``keys`` names (``data.*`` in ``data_schema``), or None when no field
+    has that name (the validation then names the unknown key and suggests the closest)."""
+    cls: Any = Recipe
+    tp: Any = None
+    for key in keys:
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if key not in hints:
+            return None
+        tp = data_schema if (cls is Recipe and key == "data") else hints[key]
+        cls = tp
+    return tp
+
+
+# Override text is read by the type of the field it sets, so that a path is never cut by YAML syntax: a
+# YAML reading of ``runs/my run #1`` ends at the comment, ``[a,b.json]`` is two items and ``[shard-{0..9}.tar]``
+# is a syntax error. The rule:
+#   * a string field (str, a Literal of strings, either or None) takes the text verbatim; ``null``, ``~`` or
+#     nothing sets None where None is allowed; a text in matching quotes is that quoted YAML string;
+#   * a list of strings: ``[a, b]`` splits at the commas outside quotes, braces and brackets (each item as a
+#     string field reads it), anything else is a one-item list;
+#   * every other field (numbers, booleans, lists of numbers, sections) is parsed as YAML.
+# docs/training.md "Overrides" says the same for users.
+_NULL_TEXTS = ("", "null", "~")
+_QUOTES = ("'", '"')
+_CLOSING = {"[": "]", "{": "}", "(": ")"}
+
+
+def parse_override(tp: Any, text: str, item: str) -> Any:
+    """The value of the override ``item`` (``key=text``) for a field annotated ``tp`` (None: unknown field)."""
+    text = text.strip()
+    if tp is not None and _allows_none(tp) and text in _NULL_TEXTS:
+        return None
+    if tp is not None and _is_string_type(tp):
+        return _string_item(text, item)
+    item_tp = _list_item_type(tp)
+    if item_tp is not None and _is_string_type(item_tp):
+        if text.startswith("[") and text.endswith("]"):
+            return [_string_item(part, item) for part in _split_top_level(text[1:-1], item)]
+        return [_string_item(text, item)]
+    try:
+        return yaml.safe_load(text) if text else None
+    except yaml.YAMLError as e:
+        if tp is None:
+            return text  # an unknown key: the validation names it, whatever its value
+        problem = getattr(e, "problem", None) or "not valid YAML"
+        key = item.partition("=")[0]
+        raise RecipeError(f"override {item!r}: cannot read {text!r} as {_type_text(tp)} ({problem}); write it "
+                          f"as YAML and quote the whole override for the shell, e.g. '{key}={_example(tp)}'") from e
+
+
+def _type_text(tp: Any) -> str:
+    return str(tp).replace("typing.", "") if typing.get_origin(tp) else _type_name(tp)
+
+
+def _example(tp: Any) -> str:
+    """A well-formed override value for a (non-string) field of type ``tp``, for error messages."""
+    members = [a for a in typing.get_args(tp) if a is not type(None)] if _allows_none(tp) else [tp]
+    tp = members[0]
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        return "[0.9, 0.98]" if typing.get_args(tp)[:1] == (float,) else "[1, 2]"
+    if dataclasses.is_dataclass(tp) or origin is dict:
+        return "{key: value}"
+    return {bool: "true", int: "8", float: "1.0e-4"}.get(tp, "value")
+
+
+def _string_item(text: str, item: str) -> str:
+    """One string: verbatim, or the YAML string a pair of matching quotes holds."""
+    if len(text) >= 2 and text[0] in _QUOTES and text[-1] == text[0]:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = None
+        if isinstance(value, str):
+            return value
+        raise RecipeError(f"override {item!r}: {text} is not a valid quoted string; inside double quotes write "
+                          '\" for a quote, e.g. key="runs/a \"b\"" (or leave the quotes off: the text is kept)')
+    return text
+
+
+def _split_top_level(inner: str, item: str) -> list[str]:
+    """The items of a list override's inside: split at commas outside quotes, {braces} and [brackets]."""
+    parts, current, open_brackets, quote = [], [], [], None
+    for char in inner:
+        if quote:
+            quote = None if char == quote else quote
+        elif char in _QUOTES and not "".join(current).strip():
+            quote = char  # a quote opens only at an item's start: runs/it's.json keeps its apostrophe
+        elif char in _CLOSING:
+            open_brackets.append(char)
+        elif open_brackets and char == _CLOSING[open_brackets[-1]]:
+            open_brackets.pop()
+        elif char == "," and not open_brackets:
+            parts.append("".join(current).strip())
+            current = []
+            continue
+        current.append(char)
+    if quote or open_brackets:
+        key = item.partition("=")[0]
+        raise RecipeError(f"override {item!r}: an unclosed {quote or open_brackets[-1]} in the list; quote each "
+                          "item that holds a comma, bracket or quote, and the whole override for the shell, e.g. "
+                          f"'{key}=[\"runs/a,b.json\", c.json]'")
+    last = "".join(current).strip()
+    if last:
+        parts.append(last)  # (an empty last item is YAML's trailing comma: [a, b,])
+    if any(not part for part in parts):
+        raise RecipeError(f"override {item!r}: an empty item in the list (two commas in a row)")
+    return parts
+
+
+def _allows_none(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _is_string_type(tp: Any) -> bool:
+    """str, a Literal of strings, or a union of those with None."""
+    if tp is str:
+        return True
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return all(isinstance(a, str) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in args if a is not type(None)]
+        return bool(members) and all(_is_string_type(a) for a in members)
+    return False
+
+
+def _list_item_type(tp: Any) -> Any:
+    """The item type of ``list[X]`` / ``tuple[X, ...]`` (also within ``| None``), else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _list_item_type(members[0]) if len(members) == 1 else None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is list and args:
+        return args[0]
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return args[0]
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -411,6 +550,8 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         if not isinstance(value, str):
             raise bad("a string")
         return value
+    if origin is list and isinstance(value, str):
+        value = [value]  # a plain string where a list is expected: `paths: data.json`
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise bad(f"a list ({_type_name(tp)})")
