@@ -41,6 +41,7 @@ from safetensors import SafetensorError, safe_open
 
 from models.config import ResamplerConfig, VisionConfig, VLMConfig
 from models.errors import ArgumentParser, MissingFileError, UserError, run_cli
+from models.manifest import write_manifest
 from models.qwen_tokenizer import build_qwen_tokenizer
 
 log = logging.getLogger(__name__)
@@ -335,11 +336,13 @@ def convert_qwenvl(src_dir: str | Path, out_dir: str | Path, dtype: torch.dtype 
     expected_shapes = {name: t.shape for name, t in skeleton.state_dict().items()}
     state_dict = convert_state_dict(src_dir, skeleton.config, expected_shapes, dtype)
 
-    skeleton.save_pretrained(out_dir, state_dict=state_dict)  # config.json, safetensors, tokenizer
+    # config.json, safetensors, tokenizer; the manifest comes last, below
+    skeleton.save_pretrained(out_dir, state_dict=state_dict, manifest=False)
     # Kept verbatim: it records chat_format ("chatml" for Qwen-VL-Chat, "raw" for Qwen-VL), which
     # eval_mm reads to pick the prompt format, and the release's sampling settings.
     if (src_dir / "generation_config.json").is_file():
         shutil.copyfile(src_dir / "generation_config.json", out_dir / "generation_config.json")
+    write_manifest(out_dir)  # sizes and sha256, checked by models.load_pretrained
     log.info("wrote %d tensors (%s) to %s", len(state_dict), dtype, out_dir)
     return skeleton.config
 

@@ -34,8 +34,10 @@ from pathlib import Path
 import torch
 
 from models.errors import UserError
+from models.manifest import has_manifest, verify_manifest
 
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file name
 TRAINING_INFO = "training_info.json"
 VLM_CONFIG_OF_ADAPTER = "vlm_config.json"  # the trained model's VLMConfig, written beside an adapter
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -106,12 +108,30 @@ def resolve_export(path: str | Path, merge: bool = True) -> ExportLayout:
 def training_info(path: str | Path) -> dict:
     """The export's training_info.json (stage, prompt format, init_from, ...), {} when absent."""
     file = Path(path) / TRAINING_INFO
-    if not file.is_file():
-        return {}
+    return _read_json(file) if file.is_file() else {}
+
+
+def _read_json(file: Path) -> dict:
     try:
         return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{file}: malformed JSON ({e})") from e
+
+
+def _read_tokenizer(path: Path):
+    """``models.build.load_tokenizer``, with an unreadable tokenizer file as a UserError naming the directory."""
+    from models.build import load_tokenizer
+
+    try:
+        return load_tokenizer(path)
+    except (OSError, ValueError) as e:  # a malformed tokenizer.json / tokenizer_config.json (JSONDecodeError)
+        raise UserError(_naming(path, e, "cannot read its tokenizer files: ")) from e
+
+
+def _naming(path: Path, error: BaseException, what: str = "") -> str:
+    """The error's message, prefixed with ``path`` (and ``what``) unless it names the path already."""
+    message = str(error)
+    return message if str(path) in message else f"{path}: {what}{message}"
 
 
 def export_config_and_tokenizer(path: str | Path, base: str | Path | None = None, depth: int = 0):
@@ -187,9 +207,7 @@ def load_pretrained(
     dtype = resolve_dtype(dtype, device)
     model, tok = _load(Path(path), base, dtype, device, merge, depth=0, keep_fp32=keep_fp32)
     if tokenizer is not None:
-        from models.build import load_tokenizer
-
-        tok = load_tokenizer(tokenizer)
+        tok = _read_tokenizer(Path(tokenizer))
     if tok is None:
         raise UserError(f"{path}: the export has no tokenizer (expected {' or '.join(TOKENIZER_FILES)}); pass a "
                         "tokenizer directory (model.tokenizer_path in a recipe)")
@@ -207,13 +225,23 @@ def _load(path: Path, base: str | Path | None, dtype: torch.dtype, device: torch
     from models.vlm import VLM
 
     layout = resolve_export(path, merge)
+    check_export_files(layout.path)
     if layout.kind == "full":
         try:
             model = VLM.from_pretrained(layout.path, dtype=dtype, device=device, keep_fp32=keep_fp32)
         except (FileNotFoundError, ValueError) as e:  # no weights / weights that do not fit the config
-            raise UserError(str(e)) from e
+            raise UserError(_naming(layout.path, e)) from e
         return model, model.tokenizer
     return _load_adapter(layout, base, dtype, device, merge, depth, keep_fp32)
+
+
+def check_export_files(path: Path) -> None:
+    """An export with a manifest (every save path writes one last: models.manifest) must match it, so that a
+    truncated or corrupt file is one error naming it before anything is read. Files added to an export later
+    (eval's metrics.json) are not checked; an export without a manifest (older, or written by other code) is
+    loaded as it is, and a weight file that does not parse is still one error (VLM.from_pretrained)."""
+    if has_manifest(path):
+        verify_manifest(path, unlisted_ok=True)
 
 
 def _adapter_base(layout: ExportLayout, base: str | Path | None) -> Path:
@@ -237,7 +265,8 @@ def _adapter_base(layout: ExportLayout, base: str | Path | None) -> Path:
 
 def _load_adapter(layout: ExportLayout, base: str | Path | None, dtype: torch.dtype, device: torch.device,
                   merge: bool, depth: int, keep_fp32=None):
-    from models.build import load_tokenizer
+    from safetensors import SafetensorError
+
     from models.config import VLMConfig
 
     if depth >= MAX_ADAPTER_CHAIN:
@@ -252,9 +281,13 @@ def _load_adapter(layout: ExportLayout, base: str | Path | None, dtype: torch.dt
         # The trainer may run the vision tower at another size than the base's (model.image_size).
         model.config.vision.image_size = VLMConfig.load(trained_config).vision.image_size
     if any((layout.path / f).is_file() for f in TOKENIZER_FILES):
-        tok = load_tokenizer(layout.path)
+        tok = _read_tokenizer(layout.path)
+    _read_json(layout.path / ADAPTER_CONFIG)  # malformed: named here, not as a base that does not fit
     try:
         model = apply_adapter(model, layout.path, merge)
+    except SafetensorError as e:  # peft reads the weights with safetensors
+        raise UserError(f"{layout.path / ADAPTER_WEIGHTS}: cannot read the adapter weights (corrupt or "
+                        f"incomplete?): {e}") from e
     except (KeyError, RuntimeError, ValueError) as e:  # shapes / names that do not fit the base
         raise UserError(f"{layout.path}: the adapter does not fit the base {base_path}: {e}") from e
     return model.to(device), tok

@@ -22,6 +22,7 @@ from models.config import VLMConfig
 from models.decoder_layers import compile_layers, install_checkpointing, installed
 from models.errors import MissingFileError, UserError
 from models.loss import IGNORE_INDEX, causal_lm_loss_sum, causal_lm_token_logps
+from models.manifest import write_manifest
 from models.resampler import Resampler
 from models.vision import VisionTower
 
@@ -298,11 +299,14 @@ class VLM(nn.Module):
         path: str | Path,
         state_dict: dict[str, torch.Tensor] | None = None,
         max_shard_size: int | str = MAX_SHARD_SIZE,
+        manifest: bool = True,
     ) -> None:
-        """Write config.json, sharded safetensors and (if attached) the tokenizer files to ``path``.
+        """Write config.json, sharded safetensors, (if attached) the tokenizer files and, last, the manifest
+        of their sizes and sha256 (models.manifest; checked by models.load_pretrained) to ``path``.
 
         ``state_dict`` overrides the module's own (e.g. one gathered from ZeRO-3 shards). Tensors
-        sharing storage (tied embeddings) are saved once; loading re-ties them.
+        sharing storage (tied embeddings) are saved once; loading re-ties them. ``manifest=False`` leaves the
+        manifest to a caller that adds files of its own (train.checkpoint.export_final).
         """
         from huggingface_hub import split_torch_state_dict_into_shards
         from safetensors.torch import save_file
@@ -322,6 +326,8 @@ class VLM(nn.Module):
             (path / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
+        if manifest:
+            write_manifest(path)
 
     def _tied_duplicate_keys(self, state_dict: dict[str, torch.Tensor]) -> list[str]:
         """Keys of the LM head when it is tied to the input embeddings (same storage)."""

@@ -114,6 +114,7 @@ def test_an_adapter_only_export_loads_and_is_not_its_base(lora, base_dir):
 def test_an_adapter_without_a_recorded_base_needs_base(lora, base_dir, tmp_path):
     adapter = tmp_path / "adapter"
     shutil.copytree(lora.adapter_only / "final" / "adapter", adapter)
+    (adapter / "manifest.json").unlink()  # training_info.json is edited below
     info = json.loads((adapter / "training_info.json").read_text())
     (adapter / "training_info.json").write_text(json.dumps({**info, "init_from": None}))
     with pytest.raises(UserError, match=rf"{adapter}: an adapter, and its training_info.json records no base.*--base"):
@@ -157,6 +158,7 @@ def test_paths_that_are_not_exports_are_user_errors_naming_them(tmp_path, base_d
 def test_an_export_without_tokenizer_needs_one(base_dir, tiny_tokenizer, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(base_dir, bare)
+    (bare / "manifest.json").unlink()  # an export written by other code, without a manifest
     for file in bare.iterdir():
         if file.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens", "chat_template")):
             file.unlink()

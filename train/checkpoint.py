@@ -4,6 +4,7 @@ Layout of a run directory (``checkpoint.out_dir``)::
 
     resolved.yaml                 the recipe as run
     checkpoints/step_000200/      one checkpoint (written as step_000200.tmp, renamed when complete)
+        manifest.json             size and sha256 of every file below, written last (models.manifest)
         trainer_state.json        step, counters (rank 0)
         rank_00000.pt             per-rank RNG states and data-loader position
         model.safetensors         trainable parameters      } single process / DDP
@@ -13,6 +14,11 @@ Layout of a run directory (``checkpoint.out_dir``)::
 
 Only trainable parameters go into a checkpoint: frozen ones are rebuilt from the recipe's
 ``model.init_from`` on resume, which keeps stage-1 and LoRA checkpoints small.
+
+Resume reads only a checkpoint whose files match its manifest: ``train.resume=auto`` passes over one that
+does not (incomplete, truncated, corrupt), with one warning line naming it, and takes the newest that does;
+a checkpoint named by path must match. Exports (``final/``) get a manifest too, which
+``models.load_pretrained`` checks.
 """
 
 from __future__ import annotations
@@ -22,14 +28,17 @@ import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from eval_mm.sharding import broadcast_from_rank0
 from models.errors import MissingFileError, UserError
 from models.loading import VLM_CONFIG_OF_ADAPTER
+from models.manifest import CorruptCheckpointError, verify_manifest, write_manifest
 from train.parallel import DistInfo, Engine, barrier
 
 CHECKPOINTS = "checkpoints"
@@ -46,17 +55,48 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
-    """``None`` -> start fresh; ``"auto"`` -> the newest checkpoint of the run if any; else a path."""
+def resolve_resume(resume: str | None, run_dir: str | Path, is_main: bool = True) -> Path | None:
+    """The checkpoint to resume from, its files checked against its manifest: ``None`` -> start fresh;
+    ``"auto"`` -> the newest good checkpoint of the run (each newer one that fails the check is named in a
+    warning line), or a fresh start when the run has none; else the path, which must pass the check.
+
+    Under several processes rank 0 checks (``is_main``) and every rank gets its answer, or its error."""
     if resume is None:
         return None
-    if resume == "auto":
-        found = list_checkpoints(run_dir)
-        return found[-1][1] if found else None
-    path = Path(resume)
-    if not (path / "trainer_state.json").is_file():
-        raise MissingFileError(f"train.resume={resume}: not a complete checkpoint (no trainer_state.json)")
-    return path
+    chosen, error = _choose_checkpoint(resume, Path(run_dir)) if is_main else (None, None)
+    chosen, error = broadcast_from_rank0((chosen, error))
+    if error is not None:
+        raise UserError(error)
+    return None if chosen is None else Path(chosen)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint ``path`` cannot be resumed from (one line naming the file), or None if it can."""
+    try:
+        verify_manifest(path)  # every file listed, none added: resume reads them all
+    except CorruptCheckpointError as e:
+        return str(e)
+    return None
+
+
+def _choose_checkpoint(resume: str, run_dir: Path) -> tuple[str | None, str | None]:
+    """(the checkpoint to resume from or None, an error message or None); prints a warning per skipped one."""
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_dir():
+            return None, f"train.resume={resume}: no such checkpoint directory"
+        problem = checkpoint_problem(path)
+        return (None, f"train.resume={resume}: cannot resume: {problem}") if problem else (str(path), None)
+    found = list_checkpoints(run_dir)
+    for _, path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path), None
+        print(f"warning: train.resume=auto: skipping checkpoint {path}: {problem}", file=sys.stderr, flush=True)
+    if found:
+        return None, (f"train.resume=auto: none of the {len(found)} checkpoints in {run_dir / CHECKPOINTS} is "
+                      "complete and intact (see the warnings above); to start over, move them away")
+    return None, None
 
 
 # ---------------------------------------------------------------------------------------- RNG
@@ -132,6 +172,7 @@ def save_checkpoint(
         (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
     barrier()
     if info.is_main:
+        write_manifest(tmp)  # last: a checkpoint with a matching manifest is one whose every file was written
         _fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -145,7 +186,8 @@ def save_checkpoint(
 
 # --------------------------------------------------------------------------------------- load
 def load_checkpoint(engine: Engine, path: Path) -> tuple[dict, dict]:
-    """Restore model, optimiser, scheduler and this rank's RNG. Returns (trainer_state, loader_state)."""
+    """Restore model, optimiser, scheduler and this rank's RNG. Returns (trainer_state, loader_state).
+    ``path`` comes from ``resolve_resume``, which checked its files against the manifest."""
     from safetensors.torch import load_file
 
     info: DistInfo = engine.dist
@@ -153,6 +195,10 @@ def load_checkpoint(engine: Engine, path: Path) -> tuple[dict, dict]:
     if not rank_file.is_file():
         raise MissingFileError(f"{rank_file}: missing; was the checkpoint written with a different world size?")
     if engine.uses_deepspeed:
+        # DeepSpeed reads its own files with torch.load(weights_only=False), which runs whatever code a
+        # pickle names. They are read only from a checkpoint whose manifest resolve_resume verified (every
+        # file listed and none added): the files this trainer wrote. That guards against corruption and
+        # against stray files, not against a forged manifest: resume DeepSpeed only from checkpoints you wrote.
         loaded, _ = engine.module.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False)
         if loaded is None:
             raise RuntimeError(f"{path}: DeepSpeed could not load its checkpoint")
@@ -200,8 +246,10 @@ def export_final(engine: Engine, out_dir: str | Path, training_info: dict, merge
     if engine.dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         model = engine.model
+        exports = [out_dir]
         if hasattr(model, "peft_config"):  # LoRA / Q-LoRA
             model.save_pretrained(out_dir / "adapter", state_dict=state_dict)
+            exports = [out_dir / "adapter"]
             # What models.load_pretrained needs besides the base (training_info's init_from): the trained
             # model's config (its image size may differ from the base's) and the tokenizer it trained with.
             vlm = model.get_base_model()
@@ -210,12 +258,13 @@ def export_final(engine: Engine, out_dir: str | Path, training_info: dict, merge
                 vlm.tokenizer.save_pretrained(out_dir / "adapter")
             if merge_lora:
                 merged = model.merge_and_unload()
-                merged.save_pretrained(out_dir / "merged")
+                merged.save_pretrained(out_dir / "merged", manifest=False)  # written below, with the rest
                 target = out_dir / "merged"
+                exports.append(target)
             else:
                 target = out_dir / "adapter"
         else:
-            model.save_pretrained(out_dir, state_dict=state_dict)
+            model.save_pretrained(out_dir, state_dict=state_dict, manifest=False)
         for where in {out_dir, target}:
             (where / "training_info.json").write_text(json.dumps(training_info, indent=2) + "\n")
             # eval_mm.prompts.checkpoint_prompt_format reads chat_format here (as Qwen-VL-Chat records it).
@@ -223,5 +272,7 @@ def export_final(engine: Engine, out_dir: str | Path, training_info: dict, merge
             gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
             gen.update(chat_format=training_info["prompt_format"], stage=training_info["stage"])
             gen_file.write_text(json.dumps(gen, indent=2) + "\n")
+        for export in exports:  # last, each directory models.load_pretrained loads (it checks them)
+            write_manifest(export)
     barrier()
     return target

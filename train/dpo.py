@@ -238,15 +238,19 @@ def load_or_precompute(recipe: Recipe, engine: Engine, loader, pixel_dtype: torc
                        run_dir: Path) -> torch.Tensor:
     """[records, 2] reference log-probs on the device: read from ``run_dir/reference_logps.safetensors``,
     or computed now, while the model still holds its initial weights (before any resume), and stored."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import save_file
 
     path = run_dir / REFERENCE_FILE
     fingerprint = _fingerprint(recipe, len(loader.dataloader.dataset))
     if path.is_file():
-        with safe_open(str(path), framework="pt") as f:
-            stored = f.metadata()
-            table = f.get_tensor("logps")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                stored = f.metadata()
+                table = f.get_tensor("logps")
+        except SafetensorError as e:
+            raise UserError(f"{path}: cannot read the stored reference log-probs (corrupt or incomplete?): {e}; "
+                            "delete it to compute it again") from e
         if stored != fingerprint:
             raise UserError(f"{path} was computed for other data or another model ({stored}, now {fingerprint}); "
                             "delete it to compute it again, or use another checkpoint.out_dir")

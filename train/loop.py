@@ -235,7 +235,7 @@ def train(recipe: Recipe) -> Path:
 
     # ---- resume
     step, bad_steps = 0, 0
-    resume_from = resolve_resume(recipe.train.resume, run_dir)
+    resume_from = resolve_resume(recipe.train.resume, run_dir, is_main=info.is_main)
     if resume_from is not None:
         trainer_state, loader_state = load_checkpoint(engine, resume_from)
         loader.load_state_dict(loader_state)
