@@ -119,7 +119,7 @@ def _read_json(file: Path) -> dict:
 
 
 def _read_tokenizer(path: Path):
-    """``models.build.load_tokenizer``, with an unreadable tokenizer file as a UserError naming the directory."""
+    """``models.build.load_tokenizer``; an unreadable tokenizer file is a UserError naming the directory."""
     from models.build import load_tokenizer
 
     try:

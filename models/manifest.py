@@ -14,8 +14,9 @@ digests (one flipped byte fails), and raises ``CorruptCheckpointError`` naming t
 The manifest guards against accidents (a killed copy, a full disk, bit rot, a file swapped by mistake), not
 against someone who can write the directory: they can write a matching manifest as well.
 
-Cost: each file is streamed in 256 KiB chunks through sha256 (``hashlib.file_digest``, which releases the GIL),
-several files at once on a thread pool. Right after a checkpoint is written its bytes are still in the page cache.
+Cost: each file is streamed in 256 KiB chunks through sha256 (``hashlib.file_digest``, which releases the
+GIL), several files at once on a thread pool. Right after a checkpoint is written its bytes are still in the
+page cache.
 """
 
 from __future__ import annotations
@@ -76,23 +77,24 @@ def verify_manifest(directory: str | Path, unlisted_ok: bool = False) -> None:
     present = set(_files_under(directory))
     for name in sorted(listed):
         if name not in present:
-            raise CorruptCheckpointError(f"{directory / name}: missing, though {directory / MANIFEST} lists it "
-                                         "(an incomplete copy?)")
+            raise CorruptCheckpointError(f"{directory / name}: missing, though {directory / MANIFEST} "
+                                         "lists it (an incomplete copy?)")
     if not unlisted_ok and present - set(listed):
         extra = sorted(present - set(listed))[0]
-        raise CorruptCheckpointError(f"{directory / extra}: not in {directory / MANIFEST}, so not written with "
-                                     "this checkpoint; it is not read: move it out of the directory")
+        raise CorruptCheckpointError(f"{directory / extra}: not in {directory / MANIFEST}, so not written "
+                                     "with this checkpoint; it is not read: move it out of the directory")
     for name, entry in sorted(listed.items()):
         size = (directory / name).stat().st_size
         if size != entry["size"]:
-            raise CorruptCheckpointError(f"{directory / name}: {size} bytes, but {entry['size']} when written "
-                                         "(truncated or incomplete: the write or a copy did not finish)")
+            raise CorruptCheckpointError(f"{directory / name}: {size} bytes, but {entry['size']} when "
+                                         "written (truncated or incomplete: the write or a copy did not "
+                                         "finish)")
     names = sorted(listed)
     for name, digest in zip(names, _sha256_all(directory, names), strict=True):
         if digest != listed[name]["sha256"]:
             raise CorruptCheckpointError(f"{directory / name}: corrupt: its sha256 differs from the one in "
-                                         f"{directory / MANIFEST} (the bytes changed after they were written; "
-                                         "if you edited the file on purpose, delete the manifest)")
+                                         f"{directory / MANIFEST} (the bytes changed after they were "
+                                         "written; if you edited the file on purpose, delete the manifest)")
 
 
 def read_manifest(directory: str | Path) -> dict[str, dict]:

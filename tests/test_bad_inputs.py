@@ -19,22 +19,31 @@ import io
 import json
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 import tempfile
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 
-from models import build_vlm, presets
+from models import build_vlm, load_pretrained, presets
+from models.manifest import MANIFEST
 from tests.conftest import build_tiny_tokenizer
+from tests.test_checkpoint_trust import add, delete, flip_byte, replace_text, truncate
 from tests.test_cli_errors import write_vqa_root
 from tests.test_data_images import png_claiming
+from train.checkpoint import export_final
+from train.freeze import apply_freezing
+from train.lora import apply_lora
+from train.recipe import FreezeSection, LoraSection
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,6 +99,91 @@ def records(*bad: object, suffix: str = ".json") -> Callable[[Path], Path]:
     return build
 
 
+# Checkpoint inputs: a damaged copy of something the project wrote, each pristine source made once per
+# process in a temporary folder: "export" (VLM.save_pretrained of the tiny model), "adapter" (a LoRA run's
+# final/adapter on it, by train.checkpoint.export_final) and "checkpoint" (a tiny run stopped after step 2
+# of RESUME_STEPS, with checkpoints at steps 1 and 2, its data and tokenizer beside it).
+RESUME_STEPS = 3
+
+
+def resume_args(train_folder: Path) -> list[str]:
+    """``python -m train`` arguments of the run in ``train_folder`` (its checkpoints, data and tokenizer)."""
+    return [str(REPO / "recipes" / "tiny" / "pretrain.yaml"),
+            f"model.tokenizer_path={train_folder / 'tokenizer'}", f"data.paths=[{train_folder / 'data.json'}]",
+            f"checkpoint.out_dir={train_folder / 'run'}",
+            f"train.steps={RESUME_STEPS}", "checkpoint.every=1", "data.check=off", "log.progress_bar=false"]
+
+
+@cache
+def pristine(source: str) -> Path:
+    root = Path(_sources().name)
+    if source == "export":
+        tokenizer = build_tiny_tokenizer()
+        torch.manual_seed(0)
+        model = build_vlm(presets.tiny(vocab_size=len(tokenizer)), tokenizer=tokenizer)
+        model.save_pretrained(root / "export")
+        return root / "export"
+    if source == "adapter":
+        model, _ = load_pretrained(pristine("export"))
+        freeze = FreezeSection(vision="frozen", resampler="train", llm="frozen", embeddings="train")
+        apply_freezing(model, freeze)
+        model = apply_lora(model, LoraSection(enabled=True, r=4, alpha=8, dropout=0.0), freeze)
+        engine = SimpleNamespace(mode="single", model=model, dist=SimpleNamespace(is_main=True))
+        info = {"stage": "sft", "prompt_format": "chatml", "steps": 1, "init_from": str(pristine("export"))}
+        return export_final(engine, root / "lora" / "final", info)  # final/adapter
+    folder = root / "train"
+    folder.mkdir()
+    build_tiny_tokenizer().save_pretrained(folder / "tokenizer")
+    records()(folder)  # folder/data.json
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-m", "train", *resume_args(folder), "train.stop_after_steps=2"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return folder / "run" / "checkpoints" / "step_000002"
+
+
+@cache
+def _sources() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="vlrecipe_bad_inputs_")  # removed when the process ends
+
+
+def damaged(source: str, damage: Callable[[Path], None], manifest: bool = True) -> Callable[[Path], Path]:
+    """A builder: a copy of the pristine ``source`` (without its manifest unless ``manifest``), damaged."""
+
+    def build(folder: Path) -> Path:
+        original = pristine(source)
+        # Copied with what lies around it: an adapter's final/ (training_info.json names its base), a
+        # checkpoint's run, data and tokenizer (the resume surfaces read them: resume_args).
+        around = {"export": original, "adapter": original.parent, "checkpoint": original.parents[2]}[source]
+        copy = folder / around.name
+        shutil.copytree(around, copy)
+        target = copy / original.relative_to(around)
+        if not manifest:
+            (target / MANIFEST).unlink()
+        damage(target)
+        return target
+
+    return build
+
+
+def damaged_checkpoint(name: str, damage: Callable[[Path], None], *says: str, auto: tuple[str, ...] = ()
+                       ) -> Case:
+    """A damaged newest checkpoint (step 2): named with train.resume=PATH, one error line naming the file;
+    with train.resume=auto (unless ``auto`` is empty), one warning line naming it, then a resume from
+    step 1."""
+    outcomes = {"train resume=PATH": error("cannot resume", *says)}
+    if auto:
+        outcomes["train resume=auto"] = counted("warning: train.resume=auto: skipping checkpoint", *auto,
+                                                "step_000001 at step 1")
+    return Case(name, "checkpoint", damaged("checkpoint", damage), outcomes)
+
+
+def damaged_export(name: str, source: str, damage: Callable[[Path], None], *says: str, manifest: bool = True
+                   ) -> Case:
+    """A damaged export: models.load_pretrained (here through eval_mm chat) says which file, in one line."""
+    return Case(name, "export", damaged(source, damage, manifest), {"load_pretrained": error(*says)})
+
+
 # ------------------------------------------------------------------------------------------ outcomes
 
 
@@ -117,8 +211,8 @@ def check_fails(*says: str) -> Outcome:
 @dataclass(frozen=True)
 class Case:
     name: str
-    # "image": a bad image file; "data": a training data file; "benchmark": a synth_vqa test file
-    # (and "checkpoint": an export folder, with the checkpoint surface)
+    # "image": a bad image file; "data": a training data file; "benchmark": a synth_vqa test file;
+    # "export": an export folder; "checkpoint": a training checkpoint folder (in its run)
     kind: str
     build: Callable[[Path], Path]  # writes the input into an empty folder, returns its path
     outcomes: dict[str, Outcome] = field(default_factory=dict)  # surface -> what it must do
@@ -272,8 +366,46 @@ CASES: list[Case] = [
         writes("vqa_test.jsonl", "[" * 200_000 + "\n"),
         {"eval run": error("vqa_test.jsonl line 1", "nested too deeply")},
     ),
-    # ---- checkpoints (issue 27 item 6): kind "checkpoint", a damaged export folder, on the surface
-    # "checkpoint" (models.load_pretrained), which goes into SURFACES with them
+    # ---- exports (issue 27, "checkpoints are atomic but not verified"): models.load_pretrained
+    damaged_export("export: weights cut in half", "export", truncate("model.safetensors"),
+                   "model.safetensors: ", "bytes, but", "when written (truncated"),
+    damaged_export("export: one flipped byte in the weights", "export", flip_byte("model.safetensors"),
+                   "model.safetensors: corrupt: its sha256 differs"),
+    damaged_export("export without manifest: weights cut in half", "export", truncate("model.safetensors"),
+                   "model.safetensors: cannot read the weights (corrupt or incomplete?)", manifest=False),
+    damaged_export("export without manifest: config.json cut", "export",
+                   replace_text("config.json", '{"model_type": "vlrecipe_vlm", '),
+                   "config.json: not a valid VLM config", manifest=False),
+    damaged_export("export: tokenizer.json missing", "export", delete("tokenizer.json"),
+                   "tokenizer.json: missing, though"),
+    damaged_export("export: manifest.json not JSON", "export", replace_text(MANIFEST, "{"),
+                   "manifest.json: not a readable manifest"),
+    damaged_export("adapter: one flipped byte in the weights", "adapter",
+                   flip_byte("adapter_model.safetensors"), "adapter_model.safetensors: corrupt"),
+    damaged_export("adapter without manifest: weights cut in half", "adapter",
+                   truncate("adapter_model.safetensors"),
+                   "adapter_model.safetensors: cannot read the adapter weights (corrupt or incomplete?)",
+                   manifest=False),
+    damaged_export("adapter without manifest: adapter_config.json not JSON", "adapter",
+                   replace_text("adapter_config.json", "{"), "adapter_config.json: malformed JSON",
+                   manifest=False),
+    damaged_export("adapter without manifest: tokenizer.json not JSON", "adapter",
+                   replace_text("tokenizer.json", "{"), "adapter: cannot read its tokenizer files",
+                   manifest=False),
+    # ---- training checkpoints: python -m train resuming from one
+    damaged_checkpoint("checkpoint: one flipped byte in model.safetensors", flip_byte("model.safetensors"),
+                       "step_000002/model.safetensors: corrupt",
+                       auto=("step_000002/model.safetensors: corrupt",)),
+    damaged_checkpoint("checkpoint: optimizer.pt cut in half", truncate("optimizer.pt"),
+                       "optimizer.pt: ", "(truncated or incomplete", auto=("optimizer.pt: ",)),
+    damaged_checkpoint("checkpoint: no manifest (its write did not finish)", delete(MANIFEST),
+                       "manifest.json: missing", auto=("step_000002/manifest.json: missing",)),
+    damaged_checkpoint("checkpoint: a file in deepspeed/ that the trainer did not write",
+                       add("deepspeed/state/zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+                       "zero_pp_rank_0_mp_rank_00_optim_states.pt: not in", "it is not read",
+                       auto=("optim_states.pt: not in",)),
+    damaged_checkpoint("checkpoint: a rank's state missing", delete("rank_00000.pt"),
+                       "rank_00000.pt: missing, though"),
 ]
 
 
@@ -309,8 +441,8 @@ def eval_root_for(w: World, case: Case, path: Path) -> Path:
     return root
 
 
-# surface -> (the module run as `python -m`, argv of one case). The checkpoint surface (models.load_pretrained
-# on a damaged export, issue 27 item 6) goes here too, with its "checkpoint" inputs.
+# surface -> (the module run as `python -m`, argv of one case). load_pretrained: `eval_mm chat` loading a
+# damaged export; train resume=PATH / =auto: `python -m train` resuming the damaged checkpoint's run.
 # fmt: off
 SURFACES: dict[str, tuple[str, Callable[[World, Case, Path], list[str]]]] = {
     "data.check": ("data.check", lambda w, case, path: [
@@ -326,6 +458,12 @@ SURFACES: dict[str, tuple[str, Callable[[World, Case, Path], list[str]]]] = {
     "chat": ("eval_mm", lambda w, case, path: [
         "chat", "--checkpoint", w.checkpoint, "--image", str(path), "--prompt", "What colour?",
         "--max-new-tokens", "2"]),
+    "load_pretrained": ("eval_mm", lambda w, case, path: [
+        "chat", "--checkpoint", str(path), "--prompt", "What colour?", "--max-new-tokens", "2"]),
+    "train resume=PATH": ("train", lambda w, case, path: [
+        *resume_args(path.parents[2]), f"train.resume={path}"]),
+    "train resume=auto": ("train", lambda w, case, path: [
+        *resume_args(path.parents[2]), "train.resume=auto"]),
 }
 # fmt: on
 

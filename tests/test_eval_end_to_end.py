@@ -137,7 +137,7 @@ def test_missing_data_file_names_the_expected_path(tiny_vlm, tiny_tokenizer, tmp
 def test_checkpoint_without_tokenizer_is_a_clear_error(checkpoint, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(checkpoint, bare)
-    (bare / "manifest.json").unlink(missing_ok=True)  # an export written by other code: no manifest to miss them
+    (bare / "manifest.json").unlink(missing_ok=True)  # written by other code: no manifest that lists them
     for file in bare.iterdir():
         if file.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens", "chat_template")):
             file.unlink()

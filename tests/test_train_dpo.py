@@ -57,7 +57,8 @@ def test_a_pair_is_won_only_by_a_margin_beyond_float_noise():
     """rewards/accuracies counts a pair when its reward margin / beta (nats) exceeds the stated tolerance:
     a policy equal to its reference (margins of +-1e-7, DPO's first step) wins no pair."""
     beta = 0.1
-    margins = torch.tensor([1e-7, -1e-7, 0.0, 0.5 * REWARD_MARGIN_TOLERANCE, 2 * REWARD_MARGIN_TOLERANCE, -1.0])
+    tolerance = REWARD_MARGIN_TOLERANCE
+    margins = torch.tensor([1e-7, -1e-7, 0.0, 0.5 * tolerance, 2 * tolerance, -1.0])
     chosen, rejected = beta * margins, torch.zeros_like(margins)
     assert pairs_won(chosen, rejected, beta).tolist() == [False, False, False, False, True, False]
 

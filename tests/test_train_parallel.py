@@ -40,7 +40,7 @@ def test_zero_save_resume_export_on_two_processes(world, tmp_path, mode):
     run_train(args + ["train.stop_after_steps=4"], nproc=2)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
     assert not (run / "final").exists()
-    # The manifest covers DeepSpeed's own files (resume reads them only when they match) and both ranks' states.
+    # The manifest covers DeepSpeed's own files (resume reads them only when they match), both ranks' states.
     listed = read_manifest(run / "checkpoints" / "step_000004")
     assert any(name.startswith("deepspeed/state/") and name.endswith(".pt") for name in listed)
     assert {"rank_00000.pt", "rank_00001.pt", "trainer_state.json"} <= set(listed)

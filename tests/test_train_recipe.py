@@ -59,7 +59,7 @@ def test_overrides_are_parsed_as_typed_values(tmp_path):
 @pytest.mark.parametrize("override, field, expected", [
     ("checkpoint.out_dir=runs/my run #1", "checkpoint.out_dir", "runs/my run #1"),
     ("model.init_from=runs/sft,v2/final", "model.init_from", "runs/sft,v2/final"),
-    ("data.system_message=You are #1: be brief, be right.", "data.system_message", "You are #1: be brief, be right."),
+    ("data.system_message=You are #1: be brief.", "data.system_message", "You are #1: be brief."),
     ("checkpoint.out_dir='runs/quoted one'", "checkpoint.out_dir", "runs/quoted one"),
     ("log.run_name=it's #2", "log.run_name", "it's #2"),
     ("model.init_from=null", "model.init_from", None),
@@ -87,11 +87,15 @@ def test_a_plain_string_where_a_recipe_file_expects_a_list_is_a_one_item_list(tm
 
 
 @pytest.mark.parametrize("override, message", [
-    ('data.paths=[a.json, "b.json]', r"an unclosed \" in the list; quote each item .* e\.g\. 'data\.paths=\[\"runs/a,b"),
+    ('data.paths=[a.json, "b.json]',
+     r"an unclosed \" in the list; quote each item .* e\.g\. 'data\.paths=\[\"runs/a,b"),
     ("data.paths=[shard-{0..9.tar, b]", r"an unclosed \{ in the list; quote each item that holds a comma"),
     ("data.paths=[a.json,,b.json]", r"an empty item in the list"),
-    ("optim.betas=[0.9, 0.95", r"cannot read '\[0\.9, 0\.95' as tuple\[float, float\] .* e\.g\. 'optim\.betas=\[0\.9"),
-    ("train.bf16={", r"cannot read '\{' as bool .*quote the whole override for the shell, e\.g\. 'train\.bf16=true'"),
+    ("optim.betas=[0.9, 0.95",
+     r"cannot read '\[0\.9, 0\.95' as tuple\[float, float\] .* e\.g\. 'optim\.betas=\[0\.9"),
+    ("train.bf16={",
+     r"cannot read '\{' as bool .*quote the whole override for the shell, e\.g\. 'train\.bf16=true'"),
+    ('checkpoint.out_dir="runs/a \\q"', r'not a valid quoted string; inside double quotes write \\" for a quote'),
 ])
 def test_an_override_that_does_not_parse_says_what_to_quote_on_one_line(tmp_path, override, message):
     with pytest.raises(RecipeError, match=message) as caught:

@@ -92,10 +92,11 @@ def _choose_checkpoint(resume: str, run_dir: Path) -> tuple[str | None, str | No
         problem = checkpoint_problem(path)
         if problem is None:
             return str(path), None
-        print(f"warning: train.resume=auto: skipping checkpoint {path}: {problem}", file=sys.stderr, flush=True)
+        print(f"warning: train.resume=auto: skipping checkpoint {path}: {problem}", file=sys.stderr,
+              flush=True)
     if found:
-        return None, (f"train.resume=auto: none of the {len(found)} checkpoints in {run_dir / CHECKPOINTS} is "
-                      "complete and intact (see the warnings above); to start over, move them away")
+        return None, (f"train.resume=auto: none of the {len(found)} checkpoints in {run_dir / CHECKPOINTS} "
+                      "is complete and intact (see the warnings above); to start over, move them away")
     return None, None
 
 
@@ -198,7 +199,7 @@ def load_checkpoint(engine: Engine, path: Path) -> tuple[dict, dict]:
         # DeepSpeed reads its own files with torch.load(weights_only=False), which runs whatever code a
         # pickle names. They are read only from a checkpoint whose manifest resolve_resume verified (every
         # file listed and none added): the files this trainer wrote. That guards against corruption and
-        # against stray files, not against a forged manifest: resume DeepSpeed only from checkpoints you wrote.
+        # stray files, not against a forged manifest: resume DeepSpeed only from checkpoints you wrote.
         loaded, _ = engine.module.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False)
         if loaded is None:
             raise RuntimeError(f"{path}: DeepSpeed could not load its checkpoint")

@@ -249,8 +249,8 @@ def load_or_precompute(recipe: Recipe, engine: Engine, loader, pixel_dtype: torc
                 stored = f.metadata()
                 table = f.get_tensor("logps")
         except SafetensorError as e:
-            raise UserError(f"{path}: cannot read the stored reference log-probs (corrupt or incomplete?): {e}; "
-                            "delete it to compute it again") from e
+            raise UserError(f"{path}: cannot read the stored reference log-probs (corrupt or incomplete?): "
+                            f"{e}; delete it to compute it again") from e
         if stored != fingerprint:
             raise UserError(f"{path} was computed for other data or another model ({stored}, now {fingerprint}); "
                             "delete it to compute it again, or use another checkpoint.out_dir")

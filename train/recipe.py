@@ -347,8 +347,8 @@ def _field_type(keys: list[str], data_schema: type) -> Any:
 
 
 # Override text is read by the type of the field it sets, so that a path is never cut by YAML syntax: a
-# YAML reading of ``runs/my run #1`` ends at the comment, ``[a,b.json]`` is two items and ``[shard-{0..9}.tar]``
-# is a syntax error. The rule:
+# YAML reading of ``runs/my run #1`` ends at the comment, ``[a,b.json]`` is two items and
+# ``[shard-{0..9}.tar]`` is a syntax error. The rule:
 #   * a string field (str, a Literal of strings, either or None) takes the text verbatim; ``null``, ``~`` or
 #     nothing sets None where None is allowed; a text in matching quotes is that quoted YAML string;
 #   * a list of strings: ``[a, b]`` splits at the commas outside quotes, braces and brackets (each item as a
@@ -361,7 +361,7 @@ _CLOSING = {"[": "]", "{": "}", "(": ")"}
 
 
 def parse_override(tp: Any, text: str, item: str) -> Any:
-    """The value of the override ``item`` (``key=text``) for a field annotated ``tp`` (None: unknown field)."""
+    """The value of the override ``item`` (``key=text``) for a field of type ``tp`` (None: no such field)."""
     text = text.strip()
     if tp is not None and _allows_none(tp) and text in _NULL_TEXTS:
         return None
@@ -379,8 +379,9 @@ def parse_override(tp: Any, text: str, item: str) -> Any:
             return text  # an unknown key: the validation names it, whatever its value
         problem = getattr(e, "problem", None) or "not valid YAML"
         key = item.partition("=")[0]
-        raise RecipeError(f"override {item!r}: cannot read {text!r} as {_type_text(tp)} ({problem}); write it "
-                          f"as YAML and quote the whole override for the shell, e.g. '{key}={_example(tp)}'") from e
+        raise RecipeError(f"override {item!r}: cannot read {text!r} as {_type_text(tp)} ({problem}); write "
+                          "it as YAML and quote the whole override for the shell, e.g. "
+                          f"'{key}={_example(tp)}'") from e
 
 
 def _type_text(tp: Any) -> str:
@@ -408,8 +409,9 @@ def _string_item(text: str, item: str) -> str:
             value = None
         if isinstance(value, str):
             return value
-        raise RecipeError(f"override {item!r}: {text} is not a valid quoted string; inside double quotes write "
-                          '\" for a quote, e.g. key="runs/a \"b\"" (or leave the quotes off: the text is kept)')
+        raise RecipeError(f"override {item!r}: {text} is not a valid quoted string; inside double quotes "
+                          'write \\" for a quote, e.g. key="runs/a \\"b\\"" (or leave the quotes off: the '
+                          "text is kept)")
     return text
 
 
@@ -432,8 +434,9 @@ def _split_top_level(inner: str, item: str) -> list[str]:
         current.append(char)
     if quote or open_brackets:
         key = item.partition("=")[0]
-        raise RecipeError(f"override {item!r}: an unclosed {quote or open_brackets[-1]} in the list; quote each "
-                          "item that holds a comma, bracket or quote, and the whole override for the shell, e.g. "
+        raise RecipeError(f"override {item!r}: an unclosed {quote or open_brackets[-1]} in the list; quote "
+                          "each item that holds a comma, bracket or quote, and the whole override for the "
+                          "shell, e.g. "
                           f"'{key}=[\"runs/a,b.json\", c.json]'")
     last = "".join(current).strip()
     if last:
