@@ -158,22 +158,43 @@ def encode_conversation(processor: ProcessorMixin, conversation: list[dict], ima
     image_grids = [image_grid(processor, w, h) for w, h in image_sizes]
     text = processor.apply_chat_template(messages, tokenize=False)
     spans = _supervised_spans(processor, messages, text)
+    input_ids, labels = [], []
+    for token, start in _tokens_with_image_spans(processor, text, image_grids):
+        input_ids.append(token)
+        supervised = start is not None and any(a <= start < b for a, b in spans)
+        labels.append(token if supervised else IGNORE_INDEX)
+    return FamilySample(input_ids, labels, paths, [tuple(g) for g in image_grids])
+
+
+def _tokens_with_image_spans(processor: ProcessorMixin, text: str,
+                             image_grids: list[tuple[int, int, int]]) -> list[tuple[int, int | None]]:
+    """(token id, character offset in ``text``) of the rendered ``text`` tokenised at once, as the processor
+    does, each ``<|image_pad|>`` expanded to its image's pads (offset None). ValueError when the text holds
+    another number of images than ``image_grids``."""
     encoded = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     pad_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-
-    input_ids, labels = [], []
+    tokens: list[tuple[int, int | None]] = []
     grids = iter(image_grids)
     for token, (start, _) in zip(encoded["input_ids"], encoded["offset_mapping"]):
-        if token == pad_id:
-            n = num_image_tokens(processor, next(grids))
-            input_ids += [pad_id] * n
-            labels += [IGNORE_INDEX] * n
+        if token != pad_id:
+            tokens.append((token, start))
             continue
-        input_ids.append(token)
-        labels.append(token if any(a <= start < b for a, b in spans) else IGNORE_INDEX)
+        grid = next(grids, None)
+        if grid is None:
+            raise ValueError("the text holds more image placeholders than images")
+        tokens += [(pad_id, None)] * num_image_tokens(processor, grid)
     if next(grids, None) is not None:
         raise ValueError("the chat template dropped an image of the conversation")
-    return FamilySample(input_ids, labels, paths, [tuple(g) for g in image_grids])
+    return tokens
+
+
+def encode_prompt(processor: ProcessorMixin, messages: list[dict],
+                  image_grids: list[tuple[int, int, int]]) -> tuple[list[int], str]:
+    """Ids of chat ``messages`` (``to_messages`` form, ending with a user turn) up to where the assistant's
+    answer starts (the template's generation prompt), and that text with one pad per image: the prompt
+    ``encode_conversation`` gives the same conversation, for evaluation and chat."""
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return [token for token, _ in _tokens_with_image_spans(processor, text, image_grids)], text
 
 
 def truncate_family_sample(sample: FamilySample, max_len: int, start_id: int, end_id: int) -> FamilySample | None:

@@ -22,6 +22,13 @@ for the model's answers when they are fed back as context.
 
 Decoding is greedy unless sampling is asked for (temperature > 0, top_p or top_k), always with the KV
 cache (``VLM.generate``); tokens are streamed through a transformers streamer as they are generated.
+
+A Hugging Face family model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL; ``models.load_pretrained`` gives it with its
+processor) is prompted with its own chat template and image processor (eval_mm.family), its images as the
+template's image items; a typed ``<ref>``/``<box>`` is rewritten into the family's box convention, and the
+boxes of its answers come back from that convention into ours (``Reply.boxes``, drawing); ``Reply.text`` is
+its own text. The family's control tokens (``<|im_end|>``, ``<|vision_start|>``, ...) cannot be typed: its
+template renders a conversation as one string, so a question holding one is refused.
 """
 
 from __future__ import annotations
@@ -41,11 +48,13 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from data.chatml import DEFAULT_SYSTEM_MESSAGE, encode_conversation_prompt
+from data.hf_encode import encode_images
 from data.images import ImageLoadError, decode_image, image_size_of, load_image
 from data.text import COORD_RANGE, Message, TypedMarkupError, encode_text_with_images, markup_spelt_out
+from eval_mm.family import check_family_prompt_format, encode_family_prompt, family_answer
 from eval_mm.inference import stop_token_ids
 from models.errors import UserError, positive_int
-from models.loading import base_vlm
+from models.loading import base_vlm, is_family_model
 from models.tokens import BOX_END, BOX_START, IMG_END, IMG_START, REF_END, REF_START
 
 # A <ref> phrase followed by one or more boxes, or a box on its own (ref None).
@@ -200,7 +209,8 @@ class ChatImageError(UserError):
 
 class Chat:
     """A conversation with a VLM (see the module docstring). ``model`` is a VLM (or a peft model around one)
-    on its device; ``prompt_format`` is "chatml" or "raw" (``Chat.from_pretrained`` reads the checkpoint's)."""
+    on its device; ``prompt_format`` is "chatml" or "raw" (``Chat.from_pretrained`` reads the checkpoint's).
+    For a family model, ``tokenizer`` is its processor (what ``models.load_pretrained`` returns)."""
 
     def __init__(self, model, tokenizer=None, prompt_format: str = "chatml", system: str | None = None,
                  settings: GenerationSettings | None = None):
@@ -208,10 +218,18 @@ class Chat:
             raise UserError(f"prompt format must be 'chatml' or 'raw', got {prompt_format!r}")
         self.model = model
         self.vlm = base_vlm(model)
+        self.family = is_family_model(model)
+        self.processor = None  # a family's processor: its chat template and image processor
+        if self.family:
+            check_family_prompt_format(prompt_format)
+            if tokenizer is None:
+                raise UserError("Chat with a family model needs its processor (from models.load_pretrained)")
+            self.processor, tokenizer = tokenizer, tokenizer.tokenizer
         self.tokenizer = tokenizer if tokenizer is not None else self.vlm.tokenizer
         if self.tokenizer is None:
             raise UserError("Chat needs a tokenizer: pass one, or load the model with models.load_pretrained")
         self.prompt_format = prompt_format
+        self.system_given = system  # a family's template has its own default (Qwen3-VL: none)
         self.system = system if system is not None else DEFAULT_SYSTEM_MESSAGE
         self.settings = settings or GenerationSettings()
         self.history: list[dict] = []  # {"from": "user"|"assistant", "value": Message}
@@ -230,6 +248,12 @@ class Chat:
         if prompt_format == "auto":
             prompt_format = checkpoint_prompt_format(resolve_export(checkpoint).path)
         return cls(model, tokenizer, prompt_format=prompt_format, **kwargs)
+
+    def new_conversation(self) -> Chat:
+        """Another conversation with the same model, prompt format, system message and settings (the web
+        demo's sessions)."""
+        return Chat(self.model, self.processor or self.tokenizer, prompt_format=self.prompt_format,
+                    system=self.system_given, settings=self.settings)
 
     # ------------------------------------------------------------------------------ conversation
     def add_image(self, path: str | Path) -> int:
@@ -277,7 +301,9 @@ class Chat:
         """The user turn: the new images (chatml: ``Picture n: <img>path</img>\n`` each), then the typed text."""
         pieces: list[tuple[str, str]] = []
         for n, path in enumerate(new_images, start=len(self.images) + 1):
-            if self.prompt_format == "chatml":
+            if self.family:  # the template's image items, numbered by the template (add_vision_id) if at all
+                pieces.append(("image", path))
+            elif self.prompt_format == "chatml":
                 pieces += [("text", f"Picture {n}: "), ("image", path), ("text", "\n")]
             else:
                 pieces.append(("image", path))
@@ -318,14 +344,54 @@ class Chat:
             self.pending = queued  # images of a failed question are not kept; those queued before stay
             raise
 
+    def _prompt(self, turns: list[dict]) -> tuple[list[int], dict[str, torch.Tensor], object]:
+        """(prompt ids, the model's image inputs on its device, what the answer's boxes refer to) of ``turns``
+        ending in a user turn. For a family: the geometry of the last image (eval_mm.family)."""
+        device = next(self.model.parameters()).device
+        if self.family:
+            return self._family_prompt(turns, device)
+        try:
+            ids, paths = self.encode(turns)
+        except TypedMarkupError as e:  # a control token this tokenizer cannot spell out as text
+            raise UserError(f"cannot use this message: {e}") from e
+        dtype = next(self.vlm.resampler.parameters()).dtype
+        size = self.vlm.config.vision.image_size
+        try:
+            pixels = torch.stack([load_image(p, size) for p in paths]) if paths else torch.zeros(0, 3, size, size)
+        except ImageLoadError as e:  # an image of the conversation was removed or damaged since
+            raise ChatImageError(str(e)) from e
+        return ids, {"pixel_values": pixels.to(device, dtype)}, None
+
+    def _family_prompt(self, turns: list[dict], device: torch.device) -> tuple[list[int], dict, object]:
+        for turn in turns:
+            spelt = markup_spelt_out(self.tokenizer, turn["value"].text) if turn["from"] == "user" else []
+            if spelt:
+                raise UserError(f"cannot use this message: {', '.join(spelt)} is a control token of this "
+                                "model and cannot be typed as text")
+        try:
+            prompt = encode_family_prompt(self.processor, self.vlm.spec.box_convention,
+                                          [(t["from"], list(t["value"].pieces)) for t in turns], "the chat",
+                                          system=self.system_given)
+        except ImageLoadError as e:  # an image of the conversation was removed or damaged since
+            raise ChatImageError(str(e)) from e
+        except ValueError as e:  # a box the family's convention cannot carry
+            raise UserError(f"cannot use this message: {e}") from e
+        encoded = encode_images(self.processor, prompt.images)
+        images = {key: value.to(device) for key, value in encoded.items()}
+        if "pixel_values" in images:
+            images["pixel_values"] = images["pixel_values"].to(self.vlm.hf.dtype)
+        return prompt.ids, images, prompt.geometry
+
+    def _context_length(self) -> int | None:
+        if self.family:
+            return self.vlm.config.get_text_config().max_position_embeddings
+        return self.vlm.config.text_config.get("max_position_embeddings")
+
     def _answer(self, text: str) -> Iterator[str]:
         new_images = list(self.pending)
         user_turn = {"from": "user", "value": self._user_message(text, new_images)}
-        try:
-            ids, paths = self.encode(self.history + [user_turn])
-        except TypedMarkupError as e:  # a control token this tokenizer cannot spell out as text
-            raise UserError(f"cannot use this message: {e}") from e
-        context = self.vlm.config.text_config.get("max_position_embeddings")
+        ids, images, geometry = self._prompt(self.history + [user_turn])
+        context = self._context_length()
         if context is not None and len(ids) >= context:
             raise UserError(f"the conversation is {len(ids)} tokens, the model's context {context}: :reset (or "
                             "Chat.reset()) and ask again")
@@ -335,12 +401,6 @@ class Chat:
             kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], context - len(ids))
 
         device = next(self.model.parameters()).device
-        dtype = next(self.vlm.resampler.parameters()).dtype
-        size = self.vlm.config.vision.image_size
-        try:
-            pixels = torch.stack([load_image(p, size) for p in paths]) if paths else torch.zeros(0, 3, size, size)
-        except ImageLoadError as e:  # an image of the conversation was removed or damaged since
-            raise ChatImageError(str(e)) from e
         stops = stop_token_ids(self.tokenizer, self.prompt_format)
         streamer = AnswerStreamer(self.tokenizer, stops)
         stop = StopWhenAsked()
@@ -353,7 +413,7 @@ class Chat:
                 result["ids"] = self.model.generate(
                     torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), dtype=torch.long,
                                                                                   device=device),
-                    pixel_values=pixels.to(device, dtype), pad_token_id=stops[0], eos_token_id=stops, use_cache=True,
+                    **images, pad_token_id=stops[0], eos_token_id=stops, use_cache=True,
                     streamer=streamer, stopping_criteria=StoppingCriteriaList([stop]), **kwargs)
             except BaseException as e:  # re-raised in the caller's thread below
                 result["error"] = e
@@ -372,6 +432,10 @@ class Chat:
         if "error" in result:
             raise result["error"]
         answer_ids = [t for t in result["ids"][0].tolist() if t not in stops]
+        if self.family:  # image placeholders the model wrote would claim images in the next prompt
+            placeholder = self.vlm.placeholder
+            span_ids = (placeholder.start, placeholder.pad, placeholder.end)
+            answer_ids = [t for t in answer_ids if t not in span_ids]
         answer = self.tokenizer.decode(answer_ids, skip_special_tokens=False)
         # Raw prompts continue the text, so the answer keeps its leading space in the history; shown stripped.
         stored = answer if self.prompt_format == "raw" else answer.strip()
@@ -381,7 +445,12 @@ class Chat:
         self.images += new_images
         self.pending = []
         image = self.images[-1] if self.images else None
-        boxes = parse_grounding(answer, image_size_of(image) if image else None)
+        if self.family:  # the boxes of the family's convention, in ours
+            convention = self.vlm.spec.box_convention
+            answer_with_our_boxes, _ = family_answer(self.tokenizer, answer_ids, stops, convention, geometry)
+        else:
+            answer_with_our_boxes = answer
+        boxes = parse_grounding(answer_with_our_boxes, image_size_of(image) if image else None)
         self.last_reply = Reply(answer.strip(), boxes, image)
 
     def draw(self, out: str | Path):

@@ -166,7 +166,7 @@ def cmd_run(args) -> dict:
 
     from eval_mm.prompts import checkpoint_prompt_format
     from eval_mm.runner import evaluate, print_summary
-    from models.loading import load_pretrained, pick_device, resolve_export
+    from models.loading import is_family_model, load_pretrained, pick_device, resolve_export
 
     benches = parse_bench_list(args.bench)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -174,6 +174,11 @@ def cmd_run(args) -> dict:
     try:
         model, tokenizer = load_pretrained(args.checkpoint, base=args.base, dtype=args.dtype, device=pick_device())
         compiled = torch.cuda.is_available() if args.compile == "auto" else args.compile == "on"
+        if compiled and is_family_model(model):  # the Qwen-VL model's compiled blocks and static cache only
+            if args.compile == "on":
+                raise UserError("--compile on: a family model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) is evaluated "
+                                "uncompiled; use --compile off or auto")
+            compiled = False
         if compiled:
             model.compile_blocks(vision=True)
         weights_dir = resolve_export(args.checkpoint).path  # merged/ or adapter/ of a run's final/: the format is there

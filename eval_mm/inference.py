@@ -143,15 +143,17 @@ class StaticCacheSlot:
 
 def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, *,
                     max_new_tokens: int, min_new_tokens: int, stop_ids: list[int],
-                    static_cache: StaticCacheSlot | None = None) -> torch.Tensor:
+                    static_cache: StaticCacheSlot | None = None,
+                    image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy decoding with the KV cache (tensors already on the model's device) -> new tokens [rows, T].
 
     static_cache: reuse that StaticCache (see StaticCacheSlot); the batch is padded up to its row count with
     dummy rows (one unmasked pad token, no image) whose outputs are dropped. None: transformers' default
-    dynamic cache, nothing compiled. Both give the same tokens.
+    dynamic cache, nothing compiled. Both give the same tokens. image_grid_thw: each image's patch grid, for
+    a family model (HFFamilyModel.generate), whose images are rows of patches.
     """
     rows = input_ids.shape[0]
-    kwargs = {}
+    kwargs = {} if image_grid_thw is None else {"image_grid_thw": image_grid_thw}
     if static_cache is not None:
         if rows > static_cache.rows:
             raise ValueError(f"batch of {rows} rows > the static cache's {static_cache.rows}")

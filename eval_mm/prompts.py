@@ -5,7 +5,10 @@ from pathlib import Path
 
 from data.chatml import DEFAULT_SYSTEM_MESSAGE, encode_chat_prompt
 from data.text import encode_text_with_images
+from models.families.specs import FAMILIES
 from models.tokens import IM_END, IM_START
+
+FAMILY_MODEL_TYPES = {spec.model_type for spec in FAMILIES.values()}
 
 PROMPT_FORMATS = ("auto", "chatml", "raw")
 
@@ -14,7 +17,11 @@ def checkpoint_prompt_format(checkpoint: str | Path) -> str:
     """'chatml' when the checkpoint says it is a chat model, else 'raw'.
 
     Looked up, in order: `chat_format` in generation_config.json (where Qwen-VL-Chat records it) or
-    config.json; a `stage`/`training_stage` of 'sft' or 'chat' in either file. Absent -> 'raw'."""
+    config.json; a `stage`/`training_stage` of 'sft' or 'chat' in either file. Absent -> 'raw'.
+    A Hugging Face family export (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) is always 'chatml': its chat template."""
+    config_file = Path(checkpoint) / "config.json"
+    if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") in FAMILY_MODEL_TYPES:
+        return "chatml"
     for name in ("generation_config.json", "config.json"):
         file = Path(checkpoint) / name
         if not file.is_file():

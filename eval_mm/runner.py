@@ -19,11 +19,20 @@ from tqdm import tqdm
 
 from eval_mm.benchmarks import Benchmark
 from eval_mm.datasets import EvalSample, load_references, load_samples
+from eval_mm.family import (
+    FamilyBatchBuilder,
+    FamilyPairBatchBuilder,
+    check_family_prompt_format,
+    generate_family_answers,
+    rank_family_options,
+    score_family_pairs,
+)
 from eval_mm.inference import BatchBuilder, PromptBatch, StaticCacheSlot, generate_answers, rank_options
 from eval_mm.metrics import MetricOptions, compute_metric
 from eval_mm.preference import PairBatchBuilder, score_pairs
 from eval_mm.sharding import barrier, broadcast_from_rank0, gather_to_all, shard_range, world
 from models.errors import UserError
+from models.loading import base_vlm, is_family_model
 from models.tokens import IMG_START
 
 SEED = 0
@@ -34,6 +43,10 @@ def evaluate(model, tokenizer, benches: list[Benchmark] | list[str], data_root: 
              metric_options: MetricOptions = MetricOptions(), num_workers: int | None = None,
              progress: bool = True, static_cache: bool | None = None) -> dict[str, dict[str, Any]]:
     """Evaluate `model` on each benchmark; returns {bench: {metric: value}} on every rank.
+
+    `model` may be a Hugging Face family model (models.load_pretrained of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL
+    export), `tokenizer` then its processor: the same benchmarks and metrics, prompts in the family's chat
+    template (eval_mm.family).
 
     Under torch.distributed each rank predicts a contiguous shard of the samples not yet predicted;
     rank 0 merges and scores. `model` must already be on its device and in eval mode.
@@ -113,12 +126,11 @@ def _predict(model, tokenizer, bench: Benchmark, samples: list[EvalSample], part
     if not samples:
         return []
     device = next(model.parameters()).device
-    config = model.config
-    samples = sorted(samples, key=lambda s: -estimated_prompt_tokens(s, config.num_image_tokens))
-    if bench.kind == "preference":
-        builder = PairBatchBuilder(tokenizer, bench.name, config.num_image_tokens, config.vision.image_size)
-    else:
-        builder = BatchBuilder(tokenizer, bench, prompt_format, config.num_image_tokens, config.vision.image_size)
+    family = is_family_model(model)
+    # A family's image spans follow each image's size; the text alone orders its prompts well enough.
+    num_image_tokens = 0 if family else model.config.num_image_tokens
+    samples = sorted(samples, key=lambda s: -estimated_prompt_tokens(s, num_image_tokens))
+    builder = _batch_builder(model, tokenizer, bench, prompt_format)
     on_cuda = device.type == "cuda"
     if num_workers is None:
         num_workers = min(4, os.cpu_count() or 1) if on_cuda else 0
@@ -127,7 +139,8 @@ def _predict(model, tokenizer, bench: Benchmark, samples: list[EvalSample], part
     if static_cache is None:
         static_cache = on_cuda
     rows = min(batch_size, len(samples))
-    cache = StaticCacheSlot(model.llm.config, rows) if static_cache and bench.kind == "generate" else None
+    use_cache = static_cache and bench.kind == "generate" and not family  # a family: HF's own cache
+    cache = StaticCacheSlot(model.llm.config, rows) if use_cache else None
     records = []
     part_file.parent.mkdir(parents=True, exist_ok=True)
     with open(part_file, "a", encoding="utf-8") as out:
@@ -139,18 +152,39 @@ def _predict(model, tokenizer, bench: Benchmark, samples: list[EvalSample], part
     return records
 
 
+def _batch_builder(model, tokenizer, bench: Benchmark, prompt_format: str):
+    """The collate function of a benchmark: the Qwen-VL model's, or a family's (``tokenizer`` is then its
+    processor, eval_mm.family)."""
+    if is_family_model(model):
+        check_family_prompt_format(prompt_format)
+        convention = base_vlm(model).spec.box_convention
+        if bench.kind == "preference":
+            return FamilyPairBatchBuilder(tokenizer, bench.name, convention)
+        return FamilyBatchBuilder(tokenizer, bench, convention)
+    config = model.config
+    if bench.kind == "preference":
+        return PairBatchBuilder(tokenizer, bench.name, config.num_image_tokens, config.vision.image_size)
+    return BatchBuilder(tokenizer, bench, prompt_format, config.num_image_tokens, config.vision.image_size)
+
+
 def _predict_batch(model, tokenizer, bench, batch: PromptBatch | dict, prompt_format, device,
                    cache: StaticCacheSlot | None) -> list[dict]:
+    family = is_family_model(model)
     if bench.kind == "preference":  # batch: a dict of pairs (eval_mm.preference); prediction: the margin
+        margins = score_family_pairs(model, batch, device) if family else score_pairs(model, batch, device)
         return [{"id": s.id, "prediction": margin, "prompt": s.text, "raw_output": None}
-                for s, margin in zip(batch["samples"], score_pairs(model, batch, device), strict=True)]
+                for s, margin in zip(batch["samples"], margins, strict=True)]
     if bench.kind == "choice":
-        ranked = rank_options(model, batch, device)
+        ranked = rank_family_options(model, batch, device) if family else rank_options(model, batch, device)
         return [{"id": s.id, "prediction": letter, "prompt": p, "raw_output": None, "option_losses": losses}
                 for s, p, (letter, losses) in zip(batch.samples, batch.prompts, ranked, strict=True)]
-    answers = generate_answers(model, tokenizer, batch, bench, prompt_format, device, static_cache=cache)
-    return [{"id": s.id, "prediction": a, "prompt": p, "raw_output": a}
-            for s, p, a in zip(batch.samples, batch.prompts, answers, strict=True)]
+    if family:  # the prediction in our box markup, the raw output in the family's own convention
+        answers = generate_family_answers(model, tokenizer, batch, bench, device)
+    else:
+        answers = [(a, a) for a in generate_answers(model, tokenizer, batch, bench, prompt_format, device,
+                                                    static_cache=cache)]
+    return [{"id": s.id, "prediction": answer, "prompt": p, "raw_output": raw}
+            for s, p, (answer, raw) in zip(batch.samples, batch.prompts, answers, strict=True)]
 
 
 def read_predictions(bench_dir: Path) -> dict[str, dict]:

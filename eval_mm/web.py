@@ -263,8 +263,7 @@ def serve(args: argparse.Namespace, block: bool = True):
     template = chat_from_args(args)  # loads the model once; every session gets a Chat over it
 
     def new_chat() -> Chat:
-        return Chat(template.model, template.tokenizer, prompt_format=template.prompt_format, system=template.system,
-                    settings=template.settings)
+        return template.new_conversation()
 
     demo = build_demo(new_chat, max_question_chars=args.max_question_chars, keep_uploads_s=args.keep_uploads_s)
     login = f", login required ({len(logins)} user{'s' if len(logins) != 1 else ''})" if logins else ""

@@ -8,7 +8,12 @@ What a path may be (train/checkpoint.py ``export_final`` writes them):
   ``adapter_model.safetensors`` (LoRA weights, and the resampler / embeddings it trained in full),
   ``training_info.json`` (whose ``init_from`` names the base it was trained on), and, since issue 12,
   the tokenizer and the trained model's ``vlm_config.json``;
-* a run's **final/** holding ``adapter/`` and maybe ``merged/``; or the **run directory** itself.
+* a run's **final/** holding ``adapter/`` and maybe ``merged/``; or the **run directory** itself;
+* a **Hugging Face family export** (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: ``config.json`` whose ``model_type`` is
+  one of ``models.families.specs.FAMILIES``, e.g. ``HFFamilyModel.save_pretrained`` plus the processor's
+  files, or a released directory), full or merged, or a peft adapter on one. It loads as an
+  ``HFFamilyModel`` and the second value returned is the family's **processor** (tokenizer, chat template
+  and image processor), which is what eval_mm encodes its prompts with (``is_family_model``).
 
 An adapter is put on its base (``base=`` or ``training_info.json``'s ``init_from``), which is loaded by
 this same function, so an adapter trained on another adapter's export loads too. ``merge=True`` folds
@@ -34,6 +39,8 @@ from pathlib import Path
 import torch
 
 from models.errors import UserError
+from models.families.adapter import HFFamilyModel
+from models.families.specs import FAMILIES
 from models.manifest import has_manifest, verify_manifest
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -71,6 +78,28 @@ def _is_full(path: Path) -> bool:
     return config.is_file() and '"vlrecipe_vlm"' in config.read_text(encoding="utf-8", errors="replace")
 
 
+def _is_family(path: Path) -> bool:
+    """A Hugging Face directory of a supported family (config.json's model_type is one of FAMILIES')."""
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, AttributeError):
+        return False
+    return any(spec.model_type == model_type for spec in FAMILIES.values())
+
+
+def _is_weights(path: Path) -> bool:
+    return _is_full(path) or _is_family(path)
+
+
+def is_family_model(model: torch.nn.Module) -> bool:
+    """True for a model of a Hugging Face family (an ``HFFamilyModel``, or a peft model around one): its
+    prompts are encoded by its processor (data.hf_encode), not by the Qwen-VL tokenizer."""
+    return isinstance(base_vlm(model), HFFamilyModel)
+
+
 def _is_adapter(path: Path) -> bool:
     return (path / ADAPTER_CONFIG).is_file()
 
@@ -85,14 +114,14 @@ def resolve_export(path: str | Path, merge: bool = True) -> ExportLayout:
         raise UserError(f"checkpoint not found: {origin}")
     if not origin.is_dir():
         raise UserError(f"{origin}: a checkpoint is a directory (an export written by training), not a file")
-    if _is_full(origin):
+    if _is_weights(origin):
         return ExportLayout("full", origin, origin)
     if _is_adapter(origin):
         return ExportLayout("adapter", origin, origin)
     if (origin / "final").is_dir():  # a run directory: its export
         return resolve_export(origin / "final", merge)
     merged, adapter = origin / "merged", origin / "adapter"
-    if _is_full(merged) and (merge or not _is_adapter(adapter)):
+    if _is_weights(merged) and (merge or not _is_adapter(adapter)):
         return ExportLayout("full", merged, origin)
     if _is_adapter(adapter):
         return ExportLayout("adapter", adapter, origin)
@@ -100,8 +129,10 @@ def resolve_export(path: str | Path, merge: bool = True) -> ExportLayout:
         raise UserError(f"{origin}: a training checkpoint (for train.resume), not an export; use the run's final/ "
                         "directory, written when training ends")
     if (origin / "config.json").is_file():
-        raise UserError(f"{origin}/config.json is not a vlrecipe VLM config (a Hugging Face model? convert "
-                        "Qwen-VL-Chat with python -m models.convert_qwenvl; an LLM goes in model.llm_path)")
+        families = ", ".join(spec.model_type for spec in FAMILIES.values())
+        raise UserError(f"{origin}/config.json is neither a vlrecipe VLM config nor a supported family's "
+                        f"({families}); convert Qwen-VL-Chat with python -m models.convert_qwenvl; an LLM goes "
+                        "in model.llm_path")
     raise UserError(f"{origin}: not a checkpoint directory (no config.json, {ADAPTER_CONFIG}, adapter/ or merged/)")
 
 
@@ -199,20 +230,39 @@ def load_pretrained(
       any export this function loads. Ignored (with no error) for full exports.
     - ``dtype``: None / "auto" = bfloat16 on CUDA, float32 elsewhere.
     - ``merge``: fold an adapter into the weights (a plain ``VLM``); False keeps the peft model.
-    - ``tokenizer``: a tokenizer directory to use instead of the export's own.
+    - ``tokenizer``: a tokenizer directory to use instead of the export's own (for a family export: a
+      directory holding the processor).
     - ``keep_fp32``: modules kept in float32 whatever ``dtype`` is (``models.build_vlm``; the trainer keeps
-      the modules it trains in fp32).
+      the modules it trains in fp32). Qwen-VL models only.
+
+    A family export returns ``(HFFamilyModel or its peft model, processor)``.
     """
     device = torch.device(device or "cpu")
     dtype = resolve_dtype(dtype, device)
     model, tok = _load(Path(path), base, dtype, device, merge, depth=0, keep_fp32=keep_fp32)
+    family = is_family_model(model)
     if tokenizer is not None:
-        tok = _read_tokenizer(Path(tokenizer))
+        tok = _load_text_side(Path(tokenizer), family)
     if tok is None:
         raise UserError(f"{path}: the export has no tokenizer (expected {' or '.join(TOKENIZER_FILES)}); pass a "
                         "tokenizer directory (model.tokenizer_path in a recipe)")
-    base_vlm(model).tokenizer = tok
+    if not family:  # a family model's processor travels beside it (the second value), never inside
+        base_vlm(model).tokenizer = tok
     return model.eval(), tok
+
+
+def _load_text_side(path: Path, family: bool):
+    """The tokenizer (Qwen-VL) or the processor (a family) saved in ``path``; None when it holds none."""
+    if not family:
+        return _read_tokenizer(path)
+    from models.families.processor import load_family_processor
+
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    try:
+        return load_family_processor(path)
+    except (OSError, ValueError) as e:  # tokenizer files without the image processor's
+        raise UserError(f"{path}: cannot load the family's processor ({e})") from e
 
 
 def base_vlm(model: torch.nn.Module) -> torch.nn.Module:
@@ -226,6 +276,9 @@ def _load(path: Path, base: str | Path | None, dtype: torch.dtype, device: torch
 
     layout = resolve_export(path, merge)
     check_export_files(layout.path)
+    if layout.kind == "full" and _is_family(layout.path):
+        model = HFFamilyModel.from_pretrained(layout.path, dtype=dtype).to(device)
+        return model, _load_text_side(layout.path, family=True)
     if layout.kind == "full":
         try:
             model = VLM.from_pretrained(layout.path, dtype=dtype, device=device, keep_fp32=keep_fp32)
@@ -281,7 +334,7 @@ def _load_adapter(layout: ExportLayout, base: str | Path | None, dtype: torch.dt
         # The trainer may run the vision tower at another size than the base's (model.image_size).
         model.config.vision.image_size = VLMConfig.load(trained_config).vision.image_size
     if any((layout.path / f).is_file() for f in TOKENIZER_FILES):
-        tok = _read_tokenizer(layout.path)
+        tok = _load_text_side(layout.path, is_family_model(model))
     _read_json(layout.path / ADAPTER_CONFIG)  # malformed: named here, not as a base that does not fit
     try:
         model = apply_adapter(model, layout.path, merge)

@@ -283,6 +283,21 @@ class HFFamilyModel(nn.Module):
         return VLMOutput(loss_sum=loss_sum, num_tokens=num_tokens, loss=loss_sum / num_tokens.clamp(min=1),
                          token_logps=token_logps)
 
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                 **generate_kwargs) -> torch.Tensor:
+        """Left-padded prompts -> only the new tokens [B, T], as ``VLM.generate`` returns them: the HF model's
+        own ``generate`` (its M-RoPE positions from the image grids, the image slots marked by
+        ``mm_token_type_ids``). A streamer in ``generate_kwargs`` is handed the prompt first, as HF does."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        images = {} if pixel_values is None or not len(pixel_values) else {
+            "pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
+        out = self.hf.generate(input_ids=input_ids, attention_mask=attention_mask, **images,
+                               mm_token_type_ids=self.mm_token_type_ids(input_ids), **generate_kwargs)
+        return out[:, input_ids.shape[1]:]
+
     def _unused_vision_term(self) -> torch.Tensor:
         """0 x the vision outputs of one smallest blank image (2x2 patches, one LLM token): a text-only
         training batch then gives every vision and projector parameter a zero gradient, so DDP and ZeRO see
