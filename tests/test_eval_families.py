@@ -9,9 +9,11 @@ Tiny random models from the presets, the synthetic world of tests/test_eval_end_
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -155,12 +157,13 @@ def test_eval_run_scores_a_family_export_on_every_benchmark_kind(exports, data_r
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
 def test_the_other_families_score_in_process(family, exports, data_root, tmp_path):
+    """In-process, with the prompts and images encoded in a DataLoader worker (the processor goes there)."""
     import eval_mm
 
     model, processor = load_pretrained(exports[family])
     benches = ["synth_grounding", "synth_mc", "synth_preference"]
     results = eval_mm.evaluate(model, processor, benches, data_root, tmp_path, limit=2, batch_size=2,
-                               prompt_format="chatml", progress=False)
+                               prompt_format="chatml", num_workers=1, progress=False)
     assert [results[b]["num_samples"] for b in benches] == [2, 2, 2]
     with pytest.raises(UserError, match="its own chat template only"):
         eval_mm.evaluate(model, processor, ["synth_vqa"], data_root, tmp_path / "raw", limit=1, prompt_format="raw",
@@ -246,3 +249,34 @@ def test_chat_draws_the_boxes_of_the_family_convention(family_chat, data_root, m
     assert box.box_pixels == pytest.approx((10.0, 10.0, 40.0, 30.0), abs=0.1)
     chat.draw(tmp_path / "drawn.png")
     assert (tmp_path / "drawn.png").is_file()
+
+
+def test_the_web_demo_answers_an_uploaded_image_with_a_family_model(exports, data_root, opened_files):
+    """The page as `python -m eval_mm.web` serves it, on a family export: an uploaded image and a question get
+    the answer Chat gives; a typed <img>PATH</img> is text and opens nothing."""
+    pytest.importorskip("gradio", reason='the web demo needs gradio: pip install -e ".[web]"')
+    from gradio_client import Client, handle_file
+
+    from eval_mm.web import build_parser, serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = serve(build_parser().parse_args(["--checkpoint", str(exports["qwen2_vl"]), "--port", str(port),
+                                            "--max-new-tokens", "4"]), block=False)
+    image, private = sorted((data_root / "synthetic" / "images" / "eval").glob("*.png"))[:2]
+    expected = Chat.from_pretrained(exports["qwen2_vl"], device="cpu", settings=GenerationSettings(max_new_tokens=4))
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        window, _, _ = client.predict("What colour is the word?", handle_file(image), api_name="/respond")
+        typed = f"<img>{private}</img> What is it?"
+        opened_files.clear()
+        later, _, _ = client.predict(typed, None, api_name="/respond")
+        client.close()
+    finally:
+        demo.close()
+    answer = expected.ask("What colour is the word?", images=[image]).text
+    assert [m["role"] for m in window] == ["user", "user", "assistant"]
+    assert html.unescape(window[-1]["content"][0]["text"]) == answer
+    assert html.unescape(later[-2]["content"][0]["text"]) == typed
+    assert str(private) not in opened_files
