@@ -209,9 +209,12 @@ def rank_family_options(model, batch: FamilyPromptBatch,
         counts.append(len(options))
     input_ids, attention_mask = left_pad(rows, batch.pad_id)
     label_rows, _ = left_pad(labels, IGNORE_INDEX)
+    images = {}
+    if len(batch.image_grid_thw):  # a text-only batch has no images to encode
+        images = {"pixel_values": torch.cat(patches).to(device, _model_dtype(model)),
+                  "image_grid_thw": torch.cat(grids).to(device)}
     out = model(input_ids.to(device), labels=label_rows.to(device), attention_mask=attention_mask.to(device),
-                pixel_values=torch.cat(patches).to(device, _model_dtype(model)),
-                image_grid_thw=torch.cat(grids).to(device), return_token_logps=True)
+                return_token_logps=True, **images)
     scored = (label_rows != IGNORE_INDEX).sum(-1)
     losses = (-out.token_logps.sum(-1).cpu() / scored).tolist()
     ranked, row = [], 0
