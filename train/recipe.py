@@ -40,6 +40,8 @@ class RecipeError(UserError):
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class ModelSection:
+    # Which kind of model the section builds (train.assemble.FAMILIES; docs/design.md, "Model families").
+    family: Literal["qwen_vl"] = "qwen_vl"
     # Start from any export of a previous stage (models.load_pretrained: a full export, a LoRA run's final/,
     # whose adapter is merged into its base, merged/, adapter/). Takes precedence over preset / llm_path / openclip_*.
     init_from: str | None = None
@@ -203,7 +205,7 @@ class PerfSection:
     # took 0.2-0.5 s more on one H100); flash attention runs instead. True: torch's default choice.
     cudnn_attention: bool = False
     # The frozen linears' products (decoder layers, vision blocks: forward and input gradient) in FP8 through
-    # torchao (train/fp8.py). Not loss-equal (docs/training.md says when to use it); CUDA with compute
+    # torchao (models/fp8.py). Not loss-equal (docs/training.md says when to use it); CUDA with compute
     # capability >= 8.9 only, else off with a log line.
     fp8: bool = False
 
