@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -132,3 +133,11 @@ def split_rows(batch: dict, max_tokens: int | None, image_start_id: int) -> list
             part["pair_index"] = batch["pair_index"][first // 2 : (last + 1) // 2]
         parts.append(part)
     return parts
+
+
+def to_device(batch: dict[str, Any], device: torch.device, pixel_dtype: torch.dtype | None) -> dict[str, Any]:
+    """A host batch on ``device`` (copies overlap with compute), its images in ``pixel_dtype`` when given."""
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if pixel_dtype is not None and out.get("pixel_values") is not None:
+        out["pixel_values"] = out["pixel_values"].to(pixel_dtype)
+    return out

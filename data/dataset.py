@@ -27,7 +27,9 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from tqdm import tqdm
 
 from data import stats
 from data.chatml import DEFAULT_SYSTEM_MESSAGE, render_chatml, render_preference_pair
@@ -253,8 +255,6 @@ def find_missing_images(records: list[dict], wheres: list[str], threads: int = 3
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(chunks)))) as pool:
         results = pool.map(lambda files: [p for p in files if not os.path.isfile(p)], chunks)
         if len(paths) >= 20_000:
-            from tqdm import tqdm
-
             results = tqdm(results, total=len(chunks), unit="chunk", desc=f"checking {len(paths)} image files")
         for found in results:
             missing += found
@@ -264,8 +264,6 @@ def find_missing_images(records: list[dict], wheres: list[str], threads: int = 3
 def _on_rank0(compute):
     """``compute()`` on rank 0 only, its result sent to every rank (all ranks must drop the same records,
     and one rank checking spares a shared file system the same stat calls from every rank)."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return compute()
     box = [compute() if dist.get_rank() == 0 else None]

@@ -13,15 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from tqdm import tqdm
 from transformers.utils import ModelOutput
 
 from models.attention import sample_boundaries_from_position_ids, uses_varlen
 from models.config import VLMConfig
 from models.decoder_layers import compile_layers, install_checkpointing, installed
-from models.errors import MissingFileError, UserError
+from models.errors import UserError
 from models.liger import apply_liger_to
 from models.loss import IGNORE_INDEX, causal_lm_loss_sum, causal_lm_token_logps
 from models.manifest import write_manifest
@@ -102,7 +103,7 @@ class VLM(nn.Module):
         self.vision = VisionTower(config.vision)
         self.resampler = Resampler(config.resampler, kv_dim=config.vision.width, dim=config.hidden_size)
         self.llm = llm
-        self.tokenizer = None  # attached by build_vlm / from_pretrained; saved with the model
+        self.tokenizer = None  # attached by build_vlm / models.build.load_vlm; saved with the model
         self.runtime = RuntimeOptions()  # set_runtime; not saved with the model
         self.resampler_checkpointing = False  # set_gradient_checkpointing
         self.shared_vision: dict | None = None  # frozen_vision_shared: one frozen-tower encoding per pixel tensor
@@ -347,13 +348,10 @@ class VLM(nn.Module):
         sharing storage (tied embeddings) are saved once; loading re-ties them. ``manifest=False`` leaves the
         manifest to a caller that adds files of its own (train.checkpoint.export_final).
         """
-        from huggingface_hub import split_torch_state_dict_into_shards
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state_dict = dict(self.state_dict() if state_dict is None else state_dict)
-        for key in self._tied_duplicate_keys(state_dict):
+        for key in self.tied_duplicate_keys(state_dict):
             del state_dict[key]
         self.config.save(path / "config.json")
         split = split_torch_state_dict_into_shards(state_dict, max_shard_size=max_shard_size)
@@ -368,59 +366,8 @@ class VLM(nn.Module):
         if manifest:
             write_manifest(path)
 
-    def _tied_duplicate_keys(self, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    def tied_duplicate_keys(self, state_dict: dict[str, torch.Tensor]) -> list[str]:
         """Keys of the LM head when it is tied to the input embeddings (same storage)."""
         if not getattr(self.llm.config, "tie_word_embeddings", False):
             return []
         return [k for k in state_dict if k.startswith("llm.") and k.endswith("lm_head.weight")]
-
-    @classmethod
-    def from_pretrained(
-        cls, path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-        keep_fp32=None,
-    ) -> VLM:
-        """Load a directory written by ``save_pretrained`` (no remote code, safetensors only), straight onto
-        ``device`` in ``dtype``; ``keep_fp32`` (see models.build_vlm) keeps some modules in float32."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        from models.build import build_vlm, load_tokenizer
-
-        path = Path(path)
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise MissingFileError(f"{config_file}: no VLM config (is {path} a directory from VLM.save_pretrained?)")
-        config = VLMConfig.load(config_file)
-        if (path / SAFETENSORS_INDEX).is_file():
-            weight_map = json.loads((path / SAFETENSORS_INDEX).read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        elif (path / "model.safetensors").is_file():
-            files = ["model.safetensors"]
-        else:
-            raise MissingFileError(f"{path}: neither model.safetensors nor {SAFETENSORS_INDEX}")
-        model = build_vlm(config, dtype=dtype, device=device, init_weights=False, keep_fp32=keep_fp32)
-        # Shard by shard, each tensor read straight onto the device and copied into its parameter: the
-        # memory held beyond the model is one shard, never a second copy of the whole state dict.
-        expected = set(model.state_dict())
-        loaded: set[str] = set()
-        unexpected: list[str] = []
-        for name in tqdm(files, desc=f"loading {path.name}", unit="shard", disable=len(files) < 2):
-            try:
-                shard = load_file(path / name, device=str(device or "cpu"))
-            except (SafetensorError, OSError) as e:
-                raise UserError(f"{path / name}: cannot read the weights (corrupt or incomplete?): {e}") from e
-            unexpected += model.load_state_dict(shard, strict=False).unexpected_keys
-            loaded |= set(shard) & expected
-            del shard
-        expected_missing = set(model._tied_duplicate_keys(model.state_dict()))
-        missing = sorted(expected - loaded)
-        if set(missing) - expected_missing or unexpected:
-            raise UserError(
-                f"{path}: checkpoint does not match the config: missing {sorted(set(missing) - expected_missing)[:10]}, "
-                f"unexpected {sorted(unexpected)[:10]}"
-            )
-        if expected_missing:
-            model.llm.tie_weights()
-        if (path / "tokenizer_config.json").is_file():
-            model.tokenizer = load_tokenizer(path)
-        return model

@@ -27,14 +27,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
+from data.collate import to_device
+from data.sampler import ResumableSampler
 from eval_mm.metrics import REWARD_MARGIN_TOLERANCE
 from models.errors import UserError
 from models.loading import base_vlm
-from models.loss import sum_per_sequence
+from models.loss import IGNORE_INDEX, sum_per_sequence
 from models.vlm import frozen_vision_shared
-from train.objectives import IGNORE_INDEX
 from train.parallel import Engine, LossOutputs, all_reduce_sum, barrier, deepspeed_config
 from train.recipe import PreferenceSection, Recipe
 
@@ -238,9 +243,6 @@ def load_or_precompute(recipe: Recipe, engine: Engine, loader, pixel_dtype: torc
                        run_dir: Path) -> torch.Tensor:
     """[records, 2] reference log-probs on the device: read from ``run_dir/reference_logps.safetensors``,
     or computed now, while the model still holds its initial weights (before any resume), and stored."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import save_file
-
     path = run_dir / REFERENCE_FILE
     fingerprint = _fingerprint(recipe, len(loader.dataloader.dataset))
     if path.is_file():
@@ -269,12 +271,6 @@ def precompute_reference_logps(engine: Engine, loader, pixel_dtype: torch.dtype 
     """One pass over every pair with the model as it is now (the reference), in eval mode, data-parallel:
     rank r takes every world_size-th pair (padded so every rank runs as many forwards: ZeRO-3's forwards
     are collective). Returns [records, 2] on every rank (NaN for pairs dropped for a bad image)."""
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-
-    from data.sampler import ResumableSampler
-    from train.loop import to_device
-
     info = engine.dist
     dataset = loader.dataloader.dataset
     sampler = ResumableSampler(len(dataset), rank=info.rank, world_size=info.world_size, shuffle=False)

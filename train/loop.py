@@ -24,8 +24,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from data.collate import split_rows
+import eval_mm
+from data.collate import split_rows, to_device
+from data.dataset import build_dataloader, load_data
+from eval_mm.benchmarks import get_benchmark
+from eval_mm.datasets import require_file
+from eval_mm.prompts import checkpoint_prompt_format
+from eval_mm.runner import print_summary
+from eval_mm.sharding import barrier
+from models import load_pretrained
 from models.errors import MissingFileError, UserError
 from train.assemble import assemble
 from train.budget import BudgetChoice, without_budget
@@ -61,13 +70,6 @@ def micro_batches(loader):
     """Batches forever, epoch after epoch (the loader advances its own epoch at the end of each)."""
     while True:
         yield from loader
-
-
-def to_device(batch: dict[str, Any], device: torch.device, pixel_dtype: torch.dtype | None) -> dict[str, Any]:
-    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    if pixel_dtype is not None and out.get("pixel_values") is not None:
-        out["pixel_values"] = out["pixel_values"].to(pixel_dtype)
-    return out
 
 
 NUM_COUNTS = 5  # the loop's own counts, before the objective's (accumulate_gradients)
@@ -108,8 +110,6 @@ def accumulate_gradients(
 
 def train(recipe: Recipe) -> Path:
     """Run the recipe; returns the directory of the final export."""
-    from data.dataset import build_dataloader, load_data
-
     # ---- processes, seeds, run directory
     check_paths(recipe)
     check_eval_section(recipe)
@@ -181,8 +181,6 @@ def train(recipe: Recipe) -> Path:
     peak = peak_flops_per_device()
     progress = None
     if info.is_main and recipe.log.progress_bar:
-        from tqdm import tqdm
-
         progress = tqdm(total=total_steps, initial=step, desc=f"train ({recipe.train.stage})", dynamic_ncols=True)
     batches = micro_batches(loader)
     last_step = min(total_steps, recipe.train.stop_after_steps or total_steps)
@@ -323,9 +321,6 @@ def check_eval_section(recipe: Recipe) -> None:
     if recipe.lora.enabled and not recipe.lora.merge_on_export and recipe.model.init_from is None:
         raise UserError("eval.benches with a LoRA export needs the base the adapter goes on: set model.init_from "
                         "(or lora.merge_on_export: true)")
-    from eval_mm.benchmarks import get_benchmark
-    from eval_mm.datasets import require_file
-
     for name in recipe.eval.benches:
         bench = get_benchmark(name)  # unknown name -> UserError listing the known ones
         for file in dict.fromkeys((bench.test_file, bench.references_file)):
@@ -339,12 +334,6 @@ def evaluate_export(recipe: Recipe, export: Path, info: DistInfo) -> dict[str, d
     the files eval_mm would read, with their prompt format (ChatML after SFT); under ZeRO-3 it is
     also the only copy with whole weights. Rank 0 prints the table and writes EXPORT/metrics.json.
     """
-    import eval_mm
-    from eval_mm.prompts import checkpoint_prompt_format
-    from eval_mm.runner import print_summary
-    from eval_mm.sharding import barrier
-    from models import load_pretrained
-
     eval_dir = Path(recipe.checkpoint.out_dir) / "eval"
     if info.is_main:  # eval_mm resumes from the predictions it finds: drop those of an earlier run
         shutil.rmtree(eval_dir, ignore_errors=True)

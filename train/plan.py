@@ -166,7 +166,7 @@ def setup_of(recipe: Recipe, model: ModelPlan, gpus: int, notes: list[str], sour
 
 
 def largest_shard(export: str, notes: list[str]) -> float:
-    """Bytes of the largest safetensors file of an export (VLM.from_pretrained holds one at a time on the
+    """Bytes of the largest safetensors file of an export (models.load_vlm holds one at a time on the
     GPU beside the model); models.vlm.MAX_SHARD_SIZE when the export does not exist yet."""
     files = list(Path(export).glob("*.safetensors"))
     if files:

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import yaml
 
+from data.dataset import DataConfig
 from models.errors import UserError
 
 TrainOrFrozen = Literal["train", "frozen"]
@@ -254,8 +255,6 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>", overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Validate a plain dict (already merged), after ``key.sub=value`` overrides, into a Recipe."""
-    from data.dataset import DataConfig
-
     raw = copy.deepcopy(raw)
     for item in overrides:
         _apply_override(raw, item, data_schema=DataConfig)
