@@ -14,7 +14,7 @@ from data.packing import pack, pad, supervised_positions
 @dataclass
 class Collator:
     """Runs in DataLoader workers. ``packing=False``: dynamic right padding with ``attention_mask``;
-    ``packing=True``: several samples per row up to ``max_len`` (data.packing), no attention mask.
+    ``packing=True``: several samples per row up to ``row_len`` tokens (data.packing), no attention mask.
 
     Dataset items are either samples (``input_ids``, ``labels``, ``pixel_values``, ``truncated``),
     preference pairs (``chosen`` and ``rejected`` samples sharing ``pixel_values``, ``truncated``, ``index``)
@@ -35,7 +35,7 @@ class Collator:
 
     pad_id: int
     image_size: int
-    max_len: int
+    row_len: int  # tokens a packed row holds (DataConfig.row_len; unused without packing)
     packing: bool = False
 
     def __call__(self, items: list[dict]) -> dict:
@@ -59,7 +59,7 @@ class Collator:
                 raise ValueError("a batch mixes preference pairs and plain samples")
             samples = [{**s[key], "pixel_values": s["pixel_values"]} for s in pairs for key in ("chosen", "rejected")]
         if self.packing:
-            batch = pack(samples, self.max_len, self.pad_id, group=2 if pairs else 1, sequence_ids=bool(pairs))
+            batch = pack(samples, self.row_len, self.pad_id, group=2 if pairs else 1, sequence_ids=bool(pairs))
         else:
             batch = pad(samples, self.pad_id, sequence_ids=bool(pairs))
         if pairs:  # DPO needs every position's log-prob (train.dpo): no label_positions

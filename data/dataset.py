@@ -105,6 +105,21 @@ class DataConfig:
         if self.format == "webdataset":
             self.streaming = True
 
+    @property
+    def row_len(self) -> int:
+        """Tokens one batch row holds: pack_len when packing into longer rows, else max_len (one sample's
+        limit, which is also a packed row's by default)."""
+        return self.pack_len or self.max_len
+
+    def validate(self) -> None:
+        """Raise ValueError naming the key when the section contradicts itself (the recipe loader adds the
+        file; rules that involve other sections are the recipe's, train/recipe.py)."""
+        if self.pack_len is not None:
+            if not self.packing:
+                raise ValueError("'data.pack_len' needs 'data.packing: true'")
+            if self.pack_len < self.max_len:
+                raise ValueError(f"'data.pack_len' ({self.pack_len}) must be >= 'data.max_len' ({self.max_len})")
+
 
 class SampleBuilder:
     """One record -> a sample dict for the collator (or a drop marker). Shared by both dataset kinds."""
@@ -548,7 +563,7 @@ def build_dataloader(config: DataConfig, tokenizer, num_image_tokens: int, batch
     if preference and config.streaming:
         raise DataFormatError("preference pairs are read map-style; set data.streaming: false")
     collator = Collator(pad_id=tokenizer.convert_tokens_to_ids(ENDOFTEXT), image_size=config.image_size,
-                        max_len=config.pack_len or config.max_len, packing=config.packing)
+                        row_len=config.row_len, packing=config.packing)
     common = {"num_workers": config.num_workers, "persistent_workers": False, "pin_memory": torch.cuda.is_available()}
     if config.num_workers > 0:
         common["prefetch_factor"] = 2

@@ -115,7 +115,7 @@ def pair_item(vocab, prompt, chosen, rejected, seed, image=None):
 
 
 def collate(items, packing, max_len=256):
-    batch = Collator(pad_id=0, image_size=84, max_len=max_len, packing=packing)(items)
+    batch = Collator(pad_id=0, image_size=84, row_len=max_len, packing=packing)(items)
     batch.pop("_stats")
     return batch
 

@@ -139,7 +139,7 @@ def setup_of(recipe: Recipe, model: ModelPlan, gpus: int, notes: list[str], sour
                      + (", liger kernels (or compiled layers fusing the same work)" if liger_kernels else ""))
     reference = ""
     if recipe.train.stage == "dpo":
-        reference = reference_mode(recipe)
+        reference = reference_mode(recipe.preference, recipe.lora)
         if loss_impl != "torch":  # models.loss.causal_lm_token_logps: liger's per-token mode is not used
             loss_impl = "chunked"
         notes.append(f"DPO: micro_batch counts pairs (2 sequences showing the pair's images, encoded once; "
@@ -180,7 +180,7 @@ def samples_per_row(data, tokens_per_sample: float, group: int = 1) -> int:
     (else max_len) when packing, else one sequence per row."""
     if not data.packing:
         return 1
-    return group * max(1, int((data.pack_len or data.max_len) // (group * tokens_per_sample)))
+    return group * max(1, int(data.row_len // (group * tokens_per_sample)))
 
 
 def micro_batch_shape(data, micro_batch: int, tokens_per_sample: float, images_per_sample: float,

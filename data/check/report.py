@@ -165,7 +165,7 @@ def batch_padding(kept: np.ndarray, config: DataConfig, micro_batch: int) -> dic
     sampler = ResumableSampler(len(kept), seed=config.seed, shuffle=config.shuffle,
                                lengths=lengths.tolist() if config.group_by_length else None)
     order = sampler.epoch_order(0)
-    row_len = config.pack_len or config.max_len
+    row_len = config.row_len
     slots = 0
     for start in range(0, len(order), micro_batch):
         batch = [int(kept[i]) for i in order[start : start + micro_batch] if kept[i] > 0]  # 0: dropped
