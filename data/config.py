@@ -67,4 +67,5 @@ class DataConfig:
             if not self.packing:
                 raise ValueError("'data.pack_len' needs 'data.packing: true'")
             if self.pack_len < self.max_len:
-                raise ValueError(f"'data.pack_len' ({self.pack_len}) must be >= 'data.max_len' ({self.max_len})")
+                raise ValueError(f"'data.pack_len' ({self.pack_len}) must be >= 'data.max_len' "
+                                 f"({self.max_len})")

@@ -14,7 +14,7 @@ def apply_liger_to(llm) -> None:
     tensors too (a trained adapter loaded on the CPU for chat failed: "Pointer argument cannot be accessed from
     Triton"). The classes are put back; RoPE is looked up by name at every call, so the module keeps a
     dispatcher that sends CUDA tensors to liger and the rest to transformers' function."""
-    # liger-kernel is an optional heavy dependency (the gpu extra): imported only when its kernels are asked for.
+    # liger-kernel is an optional heavy dependency (the gpu extra): imported only when its kernels are used.
     from liger_kernel.transformers import apply_liger_kernel_to_qwen2
 
     classes = {name: getattr(qwen2, name) for name in ("Qwen2RMSNorm", "Qwen2MLP")}

@@ -55,7 +55,8 @@ def private_imports(source: str, importer: str) -> list[str]:
             if node.module != importer:
                 found += [f"{node.module}: {a.name}" for a in node.names if is_private(a.name)]
         elif isinstance(node, ast.Import):
-            found += [a.name for a in node.names if is_ours(a.name) and any(map(is_private, a.name.split(".")))]
+            found += [a.name for a in node.names
+                      if is_ours(a.name) and any(map(is_private, a.name.split(".")))]
     return found
 
 

@@ -47,7 +47,7 @@ class Assembled:
     trains: dict[str, bool]  # group -> trains (train.freeze.apply_freezing)
     adapters: dict[str, int]  # LoRA adapter parameter name -> size
     perf: PerfSection | None  # the resolved perf section; None on the meta device (nothing runs there)
-    notes: list[str] = field(default_factory=list)  # what was resolved, said once (perf auto; planner fallbacks)
+    notes: list[str] = field(default_factory=list)  # what was resolved (perf auto; the planner's fallbacks)
 
     @property
     def trainable(self) -> set[str]:
@@ -57,8 +57,8 @@ class Assembled:
 # ------------------------------------------------------------------------------------------ families
 class ModelFamily(Protocol):
     """How one kind of model is built from the recipe's model section (docs/design.md, "Model families").
-    The model it builds provides ``module_groups()``, ``config.vision.image_size``, ``config.num_image_tokens``
-    and ``set_runtime(models.vlm.RuntimeOptions)``."""
+    The model it builds provides ``module_groups()``, ``config.vision.image_size``,
+    ``config.num_image_tokens`` and ``set_runtime(models.vlm.RuntimeOptions)``."""
 
     def tokenizer(self, m: ModelSection) -> Any:
         """The tokenizer training will use, its special tokens added; UserError when the recipe names none."""
@@ -71,8 +71,9 @@ class ModelFamily(Protocol):
         """(model, tokenizer) with weights: loaded, or drawn on ``device``."""
 
     def build_meta(self, m: ModelSection, source: str, notes: list[str]) -> tuple[nn.Module, Any]:
-        """(model, tokenizer or None) on the meta device, reading configs and tokenizers only. Files a template
-        recipe names but a fresh clone lacks fall back to the preset's shape, with a line in ``notes``."""
+        """(model, tokenizer or None) on the meta device, reading configs and tokenizers only. Files a
+        template recipe names but a fresh clone lacks fall back to the preset's shape, with a line in
+        ``notes``."""
 
 
 class QwenVL:
@@ -103,7 +104,7 @@ class QwenVL:
     def build(self, m: ModelSection, dtype: torch.dtype | None, device: torch.device | None, keep_fp32,
               llm_on_meta: bool) -> tuple[nn.Module, Any]:
         if m.init_from is not None:
-            # Any export: a full one, a LoRA run's final/ (its adapter merged into its base here), merged/, ...
+            # Any export: a full one, a LoRA run's final/ (its adapter merged into its base here), ...
             model, tokenizer = load_pretrained(m.init_from, dtype=dtype or torch.float32, device=device,
                                                merge=True, tokenizer=m.tokenizer_path, keep_fp32=keep_fp32)
             model.train()  # load_pretrained hands out models for inference
@@ -115,8 +116,8 @@ class QwenVL:
             on = device if m.llm_path is None and m.openclip_name is None else None
             # Q-LoRA builds the decoder on the meta device: quantize_llm_4bit creates it layer by layer.
             llm_device = "meta" if llm_on_meta and on is not None and on.type == "cuda" else None
-            model = build_vlm(config, tokenizer=tokenizer, llm_path=m.llm_path, openclip=openclip, dtype=dtype,
-                              device=on, keep_fp32=keep_fp32, llm_device=llm_device)
+            model = build_vlm(config, tokenizer=tokenizer, llm_path=m.llm_path, openclip=openclip,
+                              dtype=dtype, device=on, keep_fp32=keep_fp32, llm_device=llm_device)
         if m.image_size is not None:
             model.config.vision.image_size = m.image_size  # the position table is resized on the fly
         model.tokenizer = tokenizer
@@ -133,7 +134,7 @@ class QwenVL:
         return model, tokenizer
 
     def _meta_config(self, m: ModelSection, source: str, notes: list[str]) -> tuple[VLMConfig, Any]:
-        """(VLMConfig, tokenizer or None) as ``build`` would resolve them, from configs and tokenizers only."""
+        """(VLMConfig, tokenizer or None) as ``build`` resolves them, from configs and tokenizers only."""
         if m.init_from is not None:
             config_file = Path(m.init_from) / "config.json"
             if config_file.is_file():
@@ -228,7 +229,8 @@ def assemble(recipe: Recipe, device: torch.device | str | None, mode: str = "sin
         # Straight onto the GPU in the final dtypes; ZeRO-3 loads an export on the CPU (it partitions it), and
         # so does Q-LoRA (quantize_llm_4bit moves the decoder over one layer at a time).
         cuda = device.type == "cuda"
-        on_gpu = cuda and (recipe.model.init_from is None or (mode != "zero3" and not recipe.quantization.enabled))
+        on_gpu = cuda and (recipe.model.init_from is None
+                           or (mode != "zero3" and not recipe.quantization.enabled))
         model, tokenizer = build_model(recipe, device=device if on_gpu else None)
     check_image_size(model, recipe.data.image_size, source)
     trains = apply_freezing(model, recipe.freeze)
@@ -251,8 +253,9 @@ def assemble(recipe: Recipe, device: torch.device | str | None, mode: str = "sin
         return Assembled(wrapped, vlm, tokenizer, trains, adapters, perf=None, notes=notes)
     if storage_dtypes(recipe) == (torch.bfloat16, True):
         frozen_to_bf16(vlm)  # what quantisation / LoRA wrapping left in fp32 while frozen
-    perf, notes = resolve_perf(recipe.perf, vlm, cuda=device.type == "cuda", quantized=recipe.quantization.enabled,
-                               zero3=mode == "zero3", adapter_off_reference=runs_adapter_off_reference(recipe))
+    perf, notes = resolve_perf(recipe.perf, vlm, cuda=device.type == "cuda",
+                               quantized=recipe.quantization.enabled, zero3=mode == "zero3",
+                               adapter_off_reference=runs_adapter_off_reference(recipe))
     apply_perf_switches(vlm, perf)
     return Assembled(wrapped, vlm, tokenizer, trains, adapters, perf=perf, notes=notes)
 
