@@ -19,6 +19,10 @@ import resource
 import time
 from pathlib import Path
 
+from data.check import CheckOptions, check_data
+from data.dataset import DataConfig
+from data.synthetic import generate
+from models import load_tokenizer
 from models.errors import ArgumentParser, run_cli
 
 
@@ -55,11 +59,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m data.bench_check"
     p.add_argument("--image-threads", type=int, default=8)
     p.add_argument("--image-size", type=int, default=112, help="side of the world's images when generating it")
     args = p.parse_args(argv)
-
-    from data.check import CheckOptions, check_data
-    from data.dataset import DataConfig
-    from data.synthetic import generate
-    from models import load_tokenizer
 
     world = Path(args.world)
     if not (world / "sft.json").exists():

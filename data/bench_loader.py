@@ -21,17 +21,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 from PIL import Image
 
 from data.dataset import DataConfig, build_dataloader
+from data.synthetic import generate
 from data.webdataset import shard_pattern, write_shards
+from models.build import load_tokenizer
 from models.errors import ArgumentParser, MissingFileError, non_negative_int, positive_int, run_cli
 
 
 def cpu_seconds() -> float:
     """CPU time (user + system) of this process and its DataLoader workers so far."""
-    import psutil
-
     me = psutil.Process()
     total = 0.0
     for proc in (me, *me.children(recursive=True)):
@@ -80,9 +81,6 @@ def write_jpeg_shards(world: Path, shard_size: int) -> str:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m data.bench_loader") -> None:
-    from data.synthetic import generate
-    from models.build import load_tokenizer
-
     p = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                        examples=["--image-size 448 --workers 0 1 2 4"])
     p.add_argument("--data", help="a folder written by `python -m data.synthetic` (default: generate one)")

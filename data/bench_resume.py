@@ -21,7 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
 from data.dataset import DataConfig, build_dataloader
+from data.synthetic import generate
 from models.errors import ArgumentParser, run_cli
 
 
@@ -57,10 +60,6 @@ def write_jsonl_shards(world: Path, shard_size: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m data.bench_resume") -> None:
-    from transformers import AutoTokenizer
-
-    from data.synthetic import generate
-
     p = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                        examples=["--format webdataset --workers 2"])
     p.add_argument("--format", choices=["webdataset", "jsonl"], default="webdataset")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -13,7 +14,7 @@ from data.packing import pack, pad, supervised_positions
 @dataclass
 class Collator:
     """Runs in DataLoader workers. ``packing=False``: dynamic right padding with ``attention_mask``;
-    ``packing=True``: several samples per row up to ``max_len`` (data.packing), no attention mask.
+    ``packing=True``: several samples per row up to ``row_len`` tokens (data.packing), no attention mask.
 
     Dataset items are either samples (``input_ids``, ``labels``, ``pixel_values``, ``truncated``),
     preference pairs (``chosen`` and ``rejected`` samples sharing ``pixel_values``, ``truncated``, ``index``)
@@ -34,7 +35,7 @@ class Collator:
 
     pad_id: int
     image_size: int
-    max_len: int
+    row_len: int  # tokens a packed row holds (DataConfig.row_len; unused without packing)
     packing: bool = False
 
     def __call__(self, items: list[dict]) -> dict:
@@ -58,7 +59,7 @@ class Collator:
                 raise ValueError("a batch mixes preference pairs and plain samples")
             samples = [{**s[key], "pixel_values": s["pixel_values"]} for s in pairs for key in ("chosen", "rejected")]
         if self.packing:
-            batch = pack(samples, self.max_len, self.pad_id, group=2 if pairs else 1, sequence_ids=bool(pairs))
+            batch = pack(samples, self.row_len, self.pad_id, group=2 if pairs else 1, sequence_ids=bool(pairs))
         else:
             batch = pad(samples, self.pad_id, sequence_ids=bool(pairs))
         if pairs:  # DPO needs every position's log-prob (train.dpo): no label_positions
@@ -132,3 +133,11 @@ def split_rows(batch: dict, max_tokens: int | None, image_start_id: int) -> list
             part["pair_index"] = batch["pair_index"][first // 2 : (last + 1) // 2]
         parts.append(part)
     return parts
+
+
+def to_device(batch: dict[str, Any], device: torch.device, pixel_dtype: torch.dtype | None) -> dict[str, Any]:
+    """A host batch on ``device`` (copies overlap with compute), its images in ``pixel_dtype`` when given."""
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if pixel_dtype is not None and out.get("pixel_values") is not None:
+        out["pixel_values"] = out["pixel_values"].to(pixel_dtype)
+    return out

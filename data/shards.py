@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import PurePosixPath
 
 import fsspec
+import pyarrow.parquet as pq
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
@@ -132,8 +133,6 @@ class ShardReader:
 
     # ------------------------------------------------------------------- parquet / json list
     def _read_parquet(self, url: str, position: int) -> Iterator[Record]:
-        import pyarrow.parquet as pq
-
         with fsspec.open(url, "rb") as f:
             pf = pq.ParquetFile(f)
             first = 0
@@ -155,8 +154,6 @@ class ShardReader:
         if self.kind == "json":
             items = _json_list(url)
             return {i: items[i] for i in wanted}
-        import pyarrow.parquet as pq
-
         out: dict[int, dict] = {}
         with fsspec.open(url, "rb") as f:
             pf = pq.ParquetFile(f)

@@ -36,10 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 from data.chatml import DEFAULT_SYSTEM_MESSAGE
 from data.templates import task_prompt_and_target
 from data.text import format_box, normalize_box, normalize_coord
+from data.webdataset import shard_pattern, write_shards
 from models.errors import ArgumentParser, UserError, positive_int, run_cli
 from models.tokens import ENDOFTEXT, VLM_SPECIAL_TOKENS
 
@@ -277,9 +280,6 @@ def render_images(world: World, out: Path, split: str, n: int) -> list[tuple[str
 
 def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int) -> None:
     """Byte-level BPE on the world's text, with pad/eos <|endoftext|> and every VLM special token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -293,8 +293,6 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int) -> None:
 def write_pretrain_shards(out: Path, pretrain: list[dict], shard_size: int) -> str:
     """The pretraining pairs as WebDataset shards in ``out/webdataset``; returns their brace pattern
     relative to ``out``."""
-    from data.webdataset import shard_pattern, write_shards
-
     samples = ({"__key__": Path(p["image"]).stem, "png": (out / p["image"]).read_bytes(),
                 "txt": p["caption"].encode(), "json": json.dumps(p).encode()} for p in pretrain)
     paths = write_shards(samples, out / "webdataset", "pretrain", shard_size)

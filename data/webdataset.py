@@ -14,6 +14,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from webdataset import TarWriter
+
 from models.errors import UserError
 
 DEFAULT_IMAGE_KEYS = "jpg;png;webp"
@@ -65,8 +67,6 @@ def pair_of(sample: dict, url: str, image_keys: list[str], caption_key: tuple[st
 def write_shards(samples: Iterable[dict], out_dir: str | Path, prefix: str, per_shard: int) -> list[Path]:
     """Write webdataset samples (``{"__key__": str, ext: bytes, ...}``) into ``out_dir/PREFIX-NNNNNN.tar``,
     ``per_shard`` samples each; returns the shard paths. Member times are 0: same samples, same bytes."""
-    from webdataset import TarWriter
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []

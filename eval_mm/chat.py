@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import TextIO
 
 import torch
+from PIL import Image, ImageDraw, ImageFont
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from data.chatml import DEFAULT_SYSTEM_MESSAGE, encode_conversation_prompt
@@ -53,8 +54,9 @@ from data.images import ImageLoadError, decode_image, image_size_of, load_image
 from data.text import COORD_RANGE, Message, TypedMarkupError, encode_text_with_images, markup_spelt_out
 from eval_mm.family import check_family_prompt_format, encode_family_prompt, family_answer
 from eval_mm.inference import stop_token_ids
+from eval_mm.prompts import checkpoint_prompt_format
 from models.errors import UserError, positive_int
-from models.loading import base_vlm, is_family_model
+from models.loading import base_vlm, is_family_model, load_pretrained, pick_device, resolve_export
 from models.tokens import BOX_END, BOX_START, IMG_END, IMG_START, REF_END, REF_START
 
 # A <ref> phrase followed by one or more boxes, or a box on its own (ref None).
@@ -113,8 +115,6 @@ DRAW_MIN_SIDE = 448  # smaller images are enlarged before drawing, so that label
 def draw_boxes(image_path: str | Path, boxes: list[GroundedBox], out: str | Path | None = None):
     """The image with each box drawn as a labelled rectangle (its ref, or its index); saved to ``out`` when
     given. An image whose shorter side is under DRAW_MIN_SIDE pixels is enlarged first. Returns the PIL image."""
-    from PIL import Image, ImageDraw, ImageFont
-
     canvas = decode_image(image_path)  # the same checks as every image read (pixel cap, allowed formats)
     w, h = canvas.size
     if min(w, h) < DRAW_MIN_SIDE:
@@ -241,9 +241,6 @@ class Chat:
     def from_pretrained(cls, checkpoint: str | Path, base: str | Path | None = None, device: str | None = None,
                         dtype: str | torch.dtype | None = None, prompt_format: str = "auto", **kwargs) -> Chat:
         """Load any export with ``models.load_pretrained`` and chat in the prompt format it records."""
-        from eval_mm.prompts import checkpoint_prompt_format
-        from models.loading import load_pretrained, pick_device, resolve_export
-
         model, tokenizer = load_pretrained(checkpoint, base=base, dtype=dtype, device=pick_device(device))
         if prompt_format == "auto":
             prompt_format = checkpoint_prompt_format(resolve_export(checkpoint).path)

@@ -8,11 +8,18 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 from eval_mm.benchmarks import BENCHMARKS, get_benchmark, parse_bench_list
-from eval_mm.chat import add_model_arguments
-from eval_mm.metrics import MetricOptions
-from eval_mm.prompts import PROMPT_FORMATS
+from eval_mm.chat import add_model_arguments, chat_from_args, interactive, one_shot
+from eval_mm.compare import compare_runs, format_comparison
+from eval_mm.datasets import load_references
+from eval_mm.metrics import MetricOptions, compute_metric, reward_accuracy
+from eval_mm.prompts import PROMPT_FORMATS, checkpoint_prompt_format
+from eval_mm.runner import evaluate, print_summary
 from models.errors import ArgumentParser, MissingFileError, UserError, non_negative_int, positive_int
+from models.loading import is_family_model, load_pretrained, pick_device, resolve_export
 
 
 def positive_float(text: str) -> float:
@@ -115,9 +122,6 @@ def cmd_list() -> None:
 
 
 def cmd_score(args) -> dict:
-    from eval_mm.datasets import load_references
-    from eval_mm.metrics import compute_metric
-
     bench = get_benchmark(args.bench)
     references = load_references(bench, args.annotations)
     path = Path(args.predictions)
@@ -125,8 +129,6 @@ def cmd_score(args) -> dict:
     metrics = compute_metric(bench.metric, predictions, references, _metric_options(args),
                              where=f"{bench.name} ({path} vs {args.annotations})")
     if args.reference_predictions is not None:
-        from eval_mm.metrics import reward_accuracy
-
         if bench.kind != "preference":
             raise UserError(f"--reference-predictions: {bench.name} is not a preference benchmark")
         reference_path = Path(args.reference_predictions)
@@ -137,8 +139,6 @@ def cmd_score(args) -> dict:
 
 
 def cmd_compare(args) -> dict:
-    from eval_mm.compare import compare_runs, format_comparison
-
     results = compare_runs(args.baseline, args.candidate, args.data_root, args.bench, _metric_options(args))
     print(json.dumps(results) if args.json else format_comparison(results))
     return results
@@ -161,13 +161,6 @@ def read_prediction_file(path: Path) -> dict[str, str]:
 
 
 def cmd_run(args) -> dict:
-    import torch
-    import torch.distributed as dist
-
-    from eval_mm.prompts import checkpoint_prompt_format
-    from eval_mm.runner import evaluate, print_summary
-    from models.loading import is_family_model, load_pretrained, pick_device, resolve_export
-
     benches = parse_bench_list(args.bench)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -200,8 +193,6 @@ def cmd_run(args) -> dict:
 
 
 def cmd_chat(args) -> None:
-    from eval_mm.chat import chat_from_args, interactive, one_shot
-
     if args.json and args.prompt is None:
         raise UserError("--json needs --prompt (one question, one JSON line)")
     chat = chat_from_args(args)

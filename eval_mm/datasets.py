@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data.formats import load_records
+from data.text import split_image_spans
 from eval_mm.benchmarks import Benchmark
 from eval_mm.metrics.choice import MME_COGNITION, MME_PERCEPTION
 from models.errors import MissingFileError, UserError
@@ -111,8 +113,6 @@ def load_samples(bench: Benchmark, data_root: str | Path) -> list[EvalSample]:
             file = resolve_image(str(_field(image, "image", path, index)), root, path, where)
             samples.append(EvalSample(str(_field(image, "id", path, index)), bench.prompt.format(image=file)))
     elif bench.format == "preference_json":  # the training format, validated by the training loader
-        from data.formats import load_records
-
         records, _ = load_records(path, "auto")
         samples = [EvalSample(record_id(r, i), r["conversations"][-1]["value"], record=r) for i, r in enumerate(records)]
     elif bench.format == "mme_dir":
@@ -150,8 +150,6 @@ def _jsonl_sample(bench: Benchmark, record: dict, index: int, root: Path, path: 
 
 
 def _resolve_inline_images(text: str, root: Path, path: Path, where: str) -> str:
-    from data.text import split_image_spans
-
     pieces = split_image_spans(text)
     return "".join(value if kind == "text" else f"<img>{resolve_image(value, root, path, where)}</img>"
                    for kind, value in pieces)

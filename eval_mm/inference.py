@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import StaticCache
 
 from data.images import load_image
 from data.text import tokenize_plain
@@ -131,8 +132,6 @@ class StaticCacheSlot:
         self.cache, self.length = None, 0
 
     def for_length(self, length: int):
-        from transformers import StaticCache
-
         if self.cache is None or length > self.length:
             self.length = -(-length // self.LENGTH_STEP) * self.LENGTH_STEP
             self.cache = StaticCache(config=self.llm_config, max_cache_len=self.length)

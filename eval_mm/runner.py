@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from eval_mm.benchmarks import Benchmark
+from eval_mm.benchmarks import Benchmark, get_benchmark
 from eval_mm.datasets import EvalSample, load_references, load_samples
 from eval_mm.family import (
     FamilyBatchBuilder,
@@ -55,8 +55,6 @@ def evaluate(model, tokenizer, benches: list[Benchmark] | list[str], data_root: 
     CUDA transformers compiles the decode step with CUDA graphs (eval_mm.inference.StaticCacheSlot); None =
     on with CUDA. Predictions do not depend on either, nor on batch_size.
     """
-    from eval_mm.benchmarks import get_benchmark
-
     benches = [get_benchmark(b) if isinstance(b, str) else b for b in benches]
     results = {}
     for bench in benches:

@@ -15,6 +15,7 @@ _EXPORTS = {
     "ResamplerConfig": "models.config",
     "build_vlm": "models.build",
     "load_tokenizer": "models.build",
+    "load_vlm": "models.build",
     "load_pretrained": "models.loading",
     "presets": "models.presets",
 }

@@ -8,7 +8,13 @@ so the forward needs no device->host sync; without them VLM.forward derives them
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+from torch.nn.attention.varlen import varlen_attn
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 
 def sample_boundaries_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -30,13 +36,6 @@ def register_varlen_attention() -> str:
     mask transformers builds. Written here because transformers' own varlen paths need the flash-attn
     package. The function is pure (no cache, no sync), so torch.compile traces it and a checkpointed
     layer's recompute saves exactly what its forward saved."""
-    import inspect
-
-    from torch.nn.attention.varlen import varlen_attn
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import sdpa_mask
-
     causal_kw = ({"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters
                  else {"window_size": (-1, 0)})
 

@@ -1,22 +1,33 @@
-"""Construction of a VLM from configs, a local HF LLM directory, and optionally OpenCLIP weights."""
+"""Construction of a VLM: from configs, a local HF LLM directory and optionally OpenCLIP weights (``build_vlm``),
+or from a directory ``VLM.save_pretrained`` wrote (``load_vlm``)."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
-from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from tqdm import tqdm
+from transformers import (
+    CONFIG_MAPPING,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 from transformers.initialization import no_init_weights
 
 from models.config import VLMConfig
-from models.errors import MissingFileError
-from models.loading import TOKENIZER_FILES
-from models.tokens import ensure_special_tokens, image_token_ids
-from models.vlm import VLM
+from models.errors import MissingFileError, UserError
+from models.openclip import load_openclip_vision
+from models.tokens import TOKENIZER_FILES, ensure_special_tokens, image_token_ids
+from models.vlm import SAFETENSORS_INDEX, VLM
 
 
 def text_config_from_dict(d: dict):
@@ -93,8 +104,6 @@ def build_vlm(
     for module in keep_fp32(model) if keep_fp32 is not None else ():
         module.float()
     if openclip is not None:
-        from models.openclip import load_openclip_vision
-
         load_openclip_vision(model.vision, *openclip)
     model.tokenizer = tokenizer
     return model
@@ -106,8 +115,6 @@ def load_tokenizer(path: str | Path):
     A directory with ``tokenizer.json`` loads exactly that file (PreTrainedTokenizerFast): AutoTokenizer,
     given a VLM directory's LLM config, would rebuild a Qwen2Tokenizer with Qwen2's pre-tokenizer and
     normaliser instead of the saved ones, and encode some texts differently from training."""
-    from transformers import PreTrainedTokenizerFast
-
     path = Path(path)
     if not path.is_dir():
         raise MissingFileError(f"{path}: tokenizer directory not found (tokenizers are never downloaded)")
@@ -121,3 +128,47 @@ def load_tokenizer(path: str | Path):
         # A VLM directory: give AutoTokenizer the LLM's config, not our (unknown to it) VLM config.
         kwargs["config"] = text_config_from_dict(VLMConfig.load(config_file).text_config)
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False, **kwargs)
+
+
+def load_vlm(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+             keep_fp32: Callable[[VLM], Iterable[nn.Module]] | None = None) -> VLM:
+    """Load a directory written by ``save_pretrained`` (no remote code, safetensors only), straight onto
+    ``device`` in ``dtype``; ``keep_fp32`` (see models.build_vlm) keeps some modules in float32."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise MissingFileError(f"{config_file}: no VLM config (is {path} a directory from VLM.save_pretrained?)")
+    config = VLMConfig.load(config_file)
+    if (path / SAFETENSORS_INDEX).is_file():
+        weight_map = json.loads((path / SAFETENSORS_INDEX).read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise MissingFileError(f"{path}: neither model.safetensors nor {SAFETENSORS_INDEX}")
+    model = build_vlm(config, dtype=dtype, device=device, init_weights=False, keep_fp32=keep_fp32)
+    # Shard by shard, each tensor read straight onto the device and copied into its parameter: the
+    # memory held beyond the model is one shard, never a second copy of the whole state dict.
+    expected = set(model.state_dict())
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for name in tqdm(files, desc=f"loading {path.name}", unit="shard", disable=len(files) < 2):
+        try:
+            shard = load_file(path / name, device=str(device or "cpu"))
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{path / name}: cannot read the weights (corrupt or incomplete?): {e}") from e
+        unexpected += model.load_state_dict(shard, strict=False).unexpected_keys
+        loaded |= set(shard) & expected
+        del shard
+    expected_missing = set(model.tied_duplicate_keys(model.state_dict()))
+    missing = sorted(expected - loaded)
+    if set(missing) - expected_missing or unexpected:
+        raise UserError(
+            f"{path}: checkpoint does not match the config: missing {sorted(set(missing) - expected_missing)[:10]}, "
+            f"unexpected {sorted(unexpected)[:10]}"
+        )
+    if expected_missing:
+        model.llm.tie_weights()
+    if (path / "tokenizer_config.json").is_file():
+        model.tokenizer = load_tokenizer(path)
+    return model

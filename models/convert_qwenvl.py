@@ -4,7 +4,7 @@
 
 SRC_DIR is a downloaded `Qwen/Qwen-VL` or `Qwen/Qwen-VL-Chat` directory: `config.json` (model_type
 "qwen" with a "visual" block), the weights (`pytorch_model-*.bin` or `*.safetensors`, sharded with an
-index json or single-file) and `qwen.tiktoken`. OUT_DIR receives what `VLM.from_pretrained` reads.
+index json or single-file) and `qwen.tiktoken`. OUT_DIR receives what `models.load_vlm` reads.
 
 What maps where (see docs/qwen-vl-import.md for why the results are equivalent):
 - Decoder, QWen -> Qwen2 architecture (same maths: RMSNorm, RoPE rotate-half, biased q/k/v, SwiGLU):
@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from models import build_vlm
 from models.config import ResamplerConfig, VisionConfig, VLMConfig
 from models.errors import ArgumentParser, MissingFileError, UserError, run_cli
 from models.manifest import write_manifest
@@ -312,8 +313,6 @@ def convert_state_dict(
 
 def convert_qwenvl(src_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> VLMConfig:
     """Convert SRC_DIR (Qwen-VL / Qwen-VL-Chat) into OUT_DIR (our VLM format). Returns the config."""
-    from models import build_vlm  # late import: models/__init__ pulls in transformers model code
-
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     config_path = src_dir / "config.json"
     if not config_path.is_file():

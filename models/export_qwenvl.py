@@ -2,7 +2,7 @@
 
     python -m models.export_qwenvl SRC_DIR OUT_DIR [--dtype bfloat16] [--dynamic-ntk] [--code-from QWEN_VL_DIR]
 
-SRC_DIR is a full VLM export (what `VLM.from_pretrained` reads: a trainer's final/ or merged/ directory,
+SRC_DIR is a full VLM export (what `models.load_vlm` reads: a trainer's final/ or merged/ directory,
 or a converted release). OUT_DIR receives what the release's own modelling code and the engines that
 implement it (vLLM's Qwen-VL) read:
 - config.json with QWenConfig's keys (model_type "qwen", a "visual" block);
@@ -36,8 +36,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import save_file
 from torch import nn
+from transformers import PreTrainedTokenizerFast
 
+from models.build import build_vlm, load_vlm
 from models.config import VLMConfig
 from models.errors import ArgumentParser, UserError, run_cli
 from models.qwen_tokenizer import (
@@ -363,9 +367,6 @@ def export_state_dict(state_dict: dict[str, torch.Tensor], cfg: VLMConfig) -> di
 
 
 def _write_safetensors(state_dict: dict[str, torch.Tensor], out_dir: Path, max_shard_size: int | str) -> None:
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
     split = split_torch_state_dict_into_shards(state_dict, max_shard_size=max_shard_size)
     for i, (filename, keys) in enumerate(split.filename_to_tensors.items(), start=1):
         log.info("writing %s (%d/%d)", filename, i, len(split.filename_to_tensors))
@@ -455,8 +456,6 @@ def read_saved_tokenizer(src_dir: Path):
     Not models.load_tokenizer: given the Qwen2 text config, AutoTokenizer rebuilds a Qwen2Tokenizer whose
     BPE settings differ from the saved ones (ignore_merges), and the check against qwen.tiktoken is exact.
     """
-    from transformers import PreTrainedTokenizerFast
-
     file = src_dir / "tokenizer.json"
     return PreTrainedTokenizerFast(tokenizer_file=str(file)) if file.is_file() else None
 
@@ -474,8 +473,6 @@ def export_qwenvl(
     Every check (architecture and vocabulary on a weightless meta-device model, the generation config,
     the destination) runs before a weight is read.
     """
-    from models import VLM, build_vlm  # late import: models/__init__ pulls in transformers
-
     src_dir = Path(src_dir)
     config_file = src_dir / "config.json"
     if not config_file.is_file():
@@ -496,7 +493,7 @@ def export_qwenvl(
     _check_destination(Path(out_dir), None if code_from is None else Path(code_from))
 
     log.info("loading %s", src_dir)
-    model = VLM.from_pretrained(src_dir, dtype=dtype)
+    model = load_vlm(src_dir, dtype=dtype)
     return write_release(out_dir, model, ranks, generation, dtype=dtype, dynamic_ntk=dynamic_ntk,
                          code_from=code_from, max_shard_size=max_shard_size)
 

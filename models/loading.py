@@ -33,21 +33,26 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
+from models.build import load_tokenizer, load_vlm
+from models.config import VLMConfig
 from models.errors import UserError
 from models.families.adapter import HFFamilyModel
+from models.families.processor import load_family_processor
 from models.families.specs import FAMILIES
 from models.manifest import has_manifest, verify_manifest
+from models.tokens import TOKENIZER_FILES
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file name
 TRAINING_INFO = "training_info.json"
 VLM_CONFIG_OF_ADAPTER = "vlm_config.json"  # the trained model's VLMConfig, written beside an adapter
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 MAX_ADAPTER_CHAIN = 8  # adapter on an adapter export on ...: guards against an init_from cycle
 
 
@@ -151,8 +156,6 @@ def _read_json(file: Path) -> dict:
 
 def _read_tokenizer(path: Path):
     """``models.build.load_tokenizer``; an unreadable tokenizer file is a UserError naming the directory."""
-    from models.build import load_tokenizer
-
     try:
         return load_tokenizer(path)
     except (OSError, ValueError) as e:  # a malformed tokenizer.json / tokenizer_config.json (JSONDecodeError)
@@ -169,8 +172,6 @@ def export_config_and_tokenizer(path: str | Path, base: str | Path | None = None
     """``(VLMConfig, tokenizer directory)`` of any export, read from its files without loading weights
     (the dataset check needs both before the model is built). An adapter's are its own
     ``vlm_config.json`` / tokenizer files where it has them, else its base's."""
-    from models.config import VLMConfig
-
     layout = resolve_export(path)
     if layout.kind == "full":
         return VLMConfig.load(layout.path / "config.json"), layout.path
@@ -187,8 +188,6 @@ def export_config_and_tokenizer(path: str | Path, base: str | Path | None = None
 
 def pick_device(name: str | None = None) -> torch.device:
     """None / "auto": this process's GPU (``LOCAL_RANK`` under torchrun) when CUDA is there, else the CPU."""
-    import os
-
     if name in (None, "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
@@ -255,8 +254,6 @@ def _load_text_side(path: Path, family: bool):
     """The tokenizer (Qwen-VL) or the processor (a family) saved in ``path``; None when it holds none."""
     if not family:
         return _read_tokenizer(path)
-    from models.families.processor import load_family_processor
-
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         return None
     try:
@@ -272,8 +269,6 @@ def base_vlm(model: torch.nn.Module) -> torch.nn.Module:
 
 def _load(path: Path, base: str | Path | None, dtype: torch.dtype, device: torch.device, merge: bool, depth: int,
           keep_fp32=None):
-    from models.vlm import VLM
-
     layout = resolve_export(path, merge)
     check_export_files(layout.path)
     if layout.kind == "full" and _is_family(layout.path):
@@ -281,7 +276,7 @@ def _load(path: Path, base: str | Path | None, dtype: torch.dtype, device: torch
         return model, _load_text_side(layout.path, family=True)
     if layout.kind == "full":
         try:
-            model = VLM.from_pretrained(layout.path, dtype=dtype, device=device, keep_fp32=keep_fp32)
+            model = load_vlm(layout.path, dtype=dtype, device=device, keep_fp32=keep_fp32)
         except (FileNotFoundError, ValueError) as e:  # no weights / weights that do not fit the config
             raise UserError(_naming(layout.path, e)) from e
         return model, model.tokenizer
@@ -292,7 +287,7 @@ def check_export_files(path: Path) -> None:
     """An export with a manifest (every save path writes one last: models.manifest) must match it, so that a
     truncated or corrupt file is one error naming it before anything is read. Files added to an export later
     (eval's metrics.json) are not checked; an export without a manifest (older, or written by other code) is
-    loaded as it is, and a weight file that does not parse is still one error (VLM.from_pretrained)."""
+    loaded as it is, and a weight file that does not parse is still one error (models.load_vlm)."""
     if has_manifest(path):
         verify_manifest(path, unlisted_ok=True)
 
@@ -318,10 +313,6 @@ def _adapter_base(layout: ExportLayout, base: str | Path | None) -> Path:
 
 def _load_adapter(layout: ExportLayout, base: str | Path | None, dtype: torch.dtype, device: torch.device,
                   merge: bool, depth: int, keep_fp32=None):
-    from safetensors import SafetensorError
-
-    from models.config import VLMConfig
-
     if depth >= MAX_ADAPTER_CHAIN:
         raise UserError(f"{layout.origin}: more than {MAX_ADAPTER_CHAIN} adapters on top of each other "
                         "(does an init_from point back at its own run?)")

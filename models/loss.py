@@ -119,7 +119,7 @@ def _chunked_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
 
 def _liger_available() -> bool:
     try:
-        import liger_kernel.transformers  # noqa: F401
+        import liger_kernel.transformers  # noqa: F401  (optional heavy dependency: the gpu extra)
     except ImportError:
         return False
     return True
@@ -132,6 +132,7 @@ def _liger_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     global _LIGER_LOSS
     if _LIGER_LOSS is None:
         try:
+            # optional heavy dependency (the gpu extra), imported when the fused loss first runs
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         except ImportError as e:
             raise ImportError("loss impl 'liger' needs liger-kernel (pip install 'vlrecipe[gpu]'); "

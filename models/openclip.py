@@ -18,7 +18,7 @@ from models.vision import VisionTower, resize_pos_table
 
 def build_openclip_model(model_name: str, checkpoint_path: str | Path) -> nn.Module:
     """An OpenCLIP model with weights from a local file (never downloaded)."""
-    import open_clip
+    import open_clip  # optional heavy dependency: only an OpenCLIP initialisation imports it (seconds)
 
     if not Path(checkpoint_path).is_file():
         raise FileNotFoundError(f"{checkpoint_path}: OpenCLIP checkpoint not found (weights are never downloaded)")

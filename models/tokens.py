@@ -17,6 +17,8 @@ QUAD_START, QUAD_END = "<quad>", "</quad>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 ENDOFTEXT = "<|endoftext|>"  # pad / eos when the tokenizer has none of its own
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # one of them makes a directory a tokenizer's
+
 # The tokens every VLM tokenizer must know (order = the order they are appended when missing).
 VLM_SPECIAL_TOKENS: tuple[str, ...] = (
     IMG_START, IMG_END, IMG_PAD,

@@ -6,21 +6,24 @@ See docs/design.md section 1 for the forward contract and docs/model.md for the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from tqdm import tqdm
 from transformers.utils import ModelOutput
 
 from models.attention import sample_boundaries_from_position_ids, uses_varlen
 from models.config import VLMConfig
 from models.decoder_layers import compile_layers, install_checkpointing, installed
-from models.errors import MissingFileError, UserError
+from models.errors import UserError
+from models.liger import apply_liger_to
 from models.loss import IGNORE_INDEX, causal_lm_loss_sum, causal_lm_token_logps
 from models.manifest import write_manifest
 from models.resampler import Resampler
@@ -56,6 +59,28 @@ def frozen_vision_shared(*vlms: VLM) -> Iterator[None]:
 
 
 @dataclass
+class RuntimeOptions:
+    """How the model runs, not what it is: never saved with it. The trainer passes the recipe's resolved
+    ``perf`` section here (``VLM.set_runtime``; train/perf.py); every setting computes the same loss.
+
+    The first three are plain flags read at each forward. ``liger_kernels`` and the ``compile_*`` parts are
+    applied by ``set_runtime`` and cannot be undone: once on, they stay on (so does ``fp8``)."""
+
+    loss_impl: str = "torch"  # models.loss: "torch" | "chunked" | "liger" | "auto"
+    # The image-span check costs one device->host sync per batch; a trainer whose collator built the spans
+    # itself may turn it off.
+    check_image_spans: bool = True
+    # The LM head and loss only at the supervised positions the collator ships (label_positions), when it
+    # ships them: the same loss, without the prompt's and image slots' logits.
+    loss_at_label_positions: bool = True
+    liger_kernels: bool = False  # liger's RMSNorm / SwiGLU / RoPE kernels in a Qwen2 decoder (models.liger)
+    compile_vision: bool = False  # torch.compile each vision block (VLM.compile_blocks)
+    compile_llm: bool = False  # ... and each decoder layer
+    # The frozen linears' products in FP8 (models.fp8, torchao; not loss-equal: docs/training.md).
+    fp8: bool = False
+
+
+@dataclass
 class VLMOutput(ModelOutput):
     # A ModelOutput (a dict of its non-None fields) so that DeepSpeed ZeRO-3's module hooks find the
     # tensors inside, as they do for Hugging Face models' outputs.
@@ -78,16 +103,8 @@ class VLM(nn.Module):
         self.vision = VisionTower(config.vision)
         self.resampler = Resampler(config.resampler, kv_dim=config.vision.width, dim=config.hidden_size)
         self.llm = llm
-        self.tokenizer = None  # attached by build_vlm / from_pretrained; saved with the model
-        # Runtime switches (not saved with the model; the trainer sets them from the recipe's `perf`
-        # section, see docs/benchmarks.md). Every setting computes the same loss.
-        self.loss_impl = "torch"  # models.loss: "torch" | "chunked" | "liger" | "auto"
-        # The image-span check below costs one device->host sync per batch; a trainer whose collator
-        # built the spans itself may turn it off.
-        self.check_image_spans = True
-        # The LM head and loss only at the supervised positions the collator ships (label_positions), when
-        # it ships them: the same loss, without the prompt's and image slots' logits.
-        self.loss_at_label_positions = True
+        self.tokenizer = None  # attached by build_vlm / models.build.load_vlm; saved with the model
+        self.runtime = RuntimeOptions()  # set_runtime; not saved with the model
         self.resampler_checkpointing = False  # set_gradient_checkpointing
         self.shared_vision: dict | None = None  # frozen_vision_shared: one frozen-tower encoding per pixel tensor
 
@@ -154,7 +171,7 @@ class VLM(nn.Module):
         embeds = self.llm.get_input_embeddings()(input_ids)
         num_images = 0 if pixel_values is None else pixel_values.shape[0]
         num_spans = num_images if image_index is None else image_index.shape[0]
-        if self.check_image_spans:
+        if self.runtime.check_image_spans:
             self._check_image_spans(input_ids, num_spans)
         if num_spans:
             features = self.encode_images(pixel_values).to(embeds.dtype)
@@ -212,12 +229,12 @@ class VLM(nn.Module):
         if labels is None:
             return VLMOutput(logits=lm_head(hidden))
         if return_token_logps:
-            token_logps = causal_lm_token_logps(hidden, lm_head.weight, labels, impl=self.loss_impl)
+            token_logps = causal_lm_token_logps(hidden, lm_head.weight, labels, impl=self.runtime.loss_impl)
             loss_sum, num_tokens = -token_logps.sum(), (labels[:, 1:] != IGNORE_INDEX).sum()
         else:
             token_logps = None
-            positions = label_positions if self.loss_at_label_positions else None
-            loss_sum, num_tokens = causal_lm_loss_sum(hidden, lm_head.weight, labels, impl=self.loss_impl,
+            positions = label_positions if self.runtime.loss_at_label_positions else None
+            loss_sum, num_tokens = causal_lm_loss_sum(hidden, lm_head.weight, labels, impl=self.runtime.loss_impl,
                                                       label_positions=positions)
         return VLMOutput(loss_sum=loss_sum, num_tokens=num_tokens, loss=loss_sum / num_tokens.clamp(min=1),
                          token_logps=token_logps)
@@ -237,6 +254,29 @@ class VLM(nn.Module):
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
     # ------------------------------------------------------------------------------ utilities
+    def set_runtime(self, options: RuntimeOptions) -> None:
+        """Run as ``options`` say from now on. Kernels and compiled parts already applied stay applied (they
+        rewrite modules in place); the new ones are applied here, liger's before compilation."""
+        current = self.runtime
+        if options.fp8 and not current.fp8:
+            # torchao is an optional heavy dependency (the gpu extra): models.fp8 imports it.
+            from models.fp8 import convert_frozen_linears
+
+            convert_frozen_linears(self)
+        if options.liger_kernels and not current.liger_kernels:
+            model_type = self.llm.config.model_type
+            if model_type != "qwen2":
+                raise UserError(f"perf.liger_kernels supports qwen2 decoders, not {model_type}")
+            apply_liger_to(self.llm)
+        compile_vision = options.compile_vision and not current.compile_vision
+        compile_llm = options.compile_llm and not current.compile_llm
+        if compile_vision or compile_llm:
+            self.compile_blocks(vision=compile_vision, llm=compile_llm)
+        self.runtime = dataclasses.replace(
+            options, liger_kernels=options.liger_kernels or current.liger_kernels,
+            compile_vision=options.compile_vision or current.compile_vision,
+            compile_llm=options.compile_llm or current.compile_llm, fp8=options.fp8 or current.fp8)
+
     def module_groups(self) -> dict[str, list[nn.Module]]:
         """Groups for freezing / optimiser settings. "embeddings" (input embeddings + LM head) is a
         subset of "llm", listed apart because it must train when special tokens were added."""
@@ -308,13 +348,10 @@ class VLM(nn.Module):
         sharing storage (tied embeddings) are saved once; loading re-ties them. ``manifest=False`` leaves the
         manifest to a caller that adds files of its own (train.checkpoint.export_final).
         """
-        from huggingface_hub import split_torch_state_dict_into_shards
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state_dict = dict(self.state_dict() if state_dict is None else state_dict)
-        for key in self._tied_duplicate_keys(state_dict):
+        for key in self.tied_duplicate_keys(state_dict):
             del state_dict[key]
         self.config.save(path / "config.json")
         split = split_torch_state_dict_into_shards(state_dict, max_shard_size=max_shard_size)
@@ -329,59 +366,8 @@ class VLM(nn.Module):
         if manifest:
             write_manifest(path)
 
-    def _tied_duplicate_keys(self, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    def tied_duplicate_keys(self, state_dict: dict[str, torch.Tensor]) -> list[str]:
         """Keys of the LM head when it is tied to the input embeddings (same storage)."""
         if not getattr(self.llm.config, "tie_word_embeddings", False):
             return []
         return [k for k in state_dict if k.startswith("llm.") and k.endswith("lm_head.weight")]
-
-    @classmethod
-    def from_pretrained(
-        cls, path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-        keep_fp32=None,
-    ) -> VLM:
-        """Load a directory written by ``save_pretrained`` (no remote code, safetensors only), straight onto
-        ``device`` in ``dtype``; ``keep_fp32`` (see models.build_vlm) keeps some modules in float32."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        from models.build import build_vlm, load_tokenizer
-
-        path = Path(path)
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise MissingFileError(f"{config_file}: no VLM config (is {path} a directory from VLM.save_pretrained?)")
-        config = VLMConfig.load(config_file)
-        if (path / SAFETENSORS_INDEX).is_file():
-            weight_map = json.loads((path / SAFETENSORS_INDEX).read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        elif (path / "model.safetensors").is_file():
-            files = ["model.safetensors"]
-        else:
-            raise MissingFileError(f"{path}: neither model.safetensors nor {SAFETENSORS_INDEX}")
-        model = build_vlm(config, dtype=dtype, device=device, init_weights=False, keep_fp32=keep_fp32)
-        # Shard by shard, each tensor read straight onto the device and copied into its parameter: the
-        # memory held beyond the model is one shard, never a second copy of the whole state dict.
-        expected = set(model.state_dict())
-        loaded: set[str] = set()
-        unexpected: list[str] = []
-        for name in tqdm(files, desc=f"loading {path.name}", unit="shard", disable=len(files) < 2):
-            try:
-                shard = load_file(path / name, device=str(device or "cpu"))
-            except (SafetensorError, OSError) as e:
-                raise UserError(f"{path / name}: cannot read the weights (corrupt or incomplete?): {e}") from e
-            unexpected += model.load_state_dict(shard, strict=False).unexpected_keys
-            loaded |= set(shard) & expected
-            del shard
-        expected_missing = set(model._tied_duplicate_keys(model.state_dict()))
-        missing = sorted(expected - loaded)
-        if set(missing) - expected_missing or unexpected:
-            raise UserError(
-                f"{path}: checkpoint does not match the config: missing {sorted(set(missing) - expected_missing)[:10]}, "
-                f"unexpected {sorted(unexpected)[:10]}"
-            )
-        if expected_missing:
-            model.llm.tie_weights()
-        if (path / "tokenizer_config.json").is_file():
-            model.tokenizer = load_tokenizer(path)
-        return model

@@ -284,12 +284,12 @@ def qwen_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted_fp32(qwen_checkpoint, tmp_path_factory):
-    from models import VLM
+    from models import load_vlm
 
     src, _, _ = qwen_checkpoint
     out = tmp_path_factory.mktemp("converted")
     convert_qwenvl(src, out, dtype=torch.float32)
-    return VLM.from_pretrained(out, dtype=torch.float32).eval()
+    return load_vlm(out, dtype=torch.float32).eval()
 
 
 def test_converted_logits_equal_the_reference_qwen_maths(qwen_checkpoint, converted_fp32):
@@ -357,12 +357,12 @@ def test_the_released_config_gives_exactly_the_released_parameter_count():
 
 
 def test_safetensors_shards_convert_to_the_same_weights(qwen_checkpoint, converted_fp32, tmp_path):
-    from models import VLM
+    from models import load_vlm
 
     _, cfg, sd = qwen_checkpoint
     src = write_qwen_dir(tmp_path / "src", cfg, sd, fmt="safetensors", shards=3)
     convert_qwenvl(src, tmp_path / "out", dtype=torch.float32)
-    other = VLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    other = load_vlm(tmp_path / "out", dtype=torch.float32)
     ours = converted_fp32.state_dict()
     for name, tensor in other.state_dict().items():
         torch.testing.assert_close(tensor, ours[name], rtol=0, atol=0, msg=name)

@@ -57,7 +57,7 @@ def test_collator_concatenates_pixels_in_order_of_appearance_and_counts_drops():
     items = [make_sample(3, 1, n_images=2), {"dropped": stats.DROPPED_TOO_LONG}, make_sample(3, 2, n_images=0),
              make_sample(2, 3, n_images=1)]
     for packing in (False, True):
-        batch = Collator(pad_id=PAD, image_size=S, max_len=8, packing=packing)(items)
+        batch = Collator(pad_id=PAD, image_size=S, row_len=8, packing=packing)(items)
         assert batch["pixel_values"][:, 0, 0, 0].tolist() == [1.0, 1.0, 3.0]
         assert batch["num_samples"] == 3
         assert batch["_stats"][stats.DROPPED_TOO_LONG] == 1 and batch["_stats"][stats.SAMPLES] == 3
@@ -69,7 +69,7 @@ def test_collator_ships_the_flat_positions_of_every_predicted_label():
     its row), found in the worker so the training step never searches for them on the GPU."""
     items = [make_sample(3, 1, n_images=1), make_sample(4, 2), make_sample(2, 3)]
     for packing in (False, True):
-        batch = Collator(pad_id=PAD, image_size=S, max_len=8, packing=packing)(items)
+        batch = Collator(pad_id=PAD, image_size=S, row_len=8, packing=packing)(items)
         labels = batch["labels"]
         expected = [r * labels.shape[1] + t for r in range(labels.shape[0]) for t in range(1, labels.shape[1])
                     if labels[r, t] != IGNORE_INDEX]
@@ -97,7 +97,7 @@ def test_a_longer_pack_len_shares_rows_and_cuts_padding(tmp_path):
 
 
 def test_text_only_batch_has_an_empty_pixel_tensor():
-    batch = Collator(pad_id=PAD, image_size=S, max_len=8)([make_sample(3, 1)])
+    batch = Collator(pad_id=PAD, image_size=S, row_len=8)([make_sample(3, 1)])
     assert batch["pixel_values"].shape == (0, 3, S, S)
 
 

@@ -115,7 +115,7 @@ def test_packing_keeps_the_two_sequences_of_a_pair_in_one_row():
     with pytest.raises(ValueError, match=r"samples 0-1 \(placed together\) has 12 tokens > max_len 10"):
         plan_rows([6, 6], max_len=10, group=2)
     items = [pair_item(100, 4, 3, index=7), pair_item(200, 5, 5, index=3), {"dropped": stats.DROPPED_BAD_IMAGE}]
-    batch = Collator(pad_id=0, image_size=8, max_len=12, packing=True)(items)
+    batch = Collator(pad_id=0, image_size=8, row_len=12, packing=True)(items)
     # rows: [c0 r0], [c1 r1]: each sequence restarts its positions and is marked by its index
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1, 2], list(range(5)) * 2]
     assert batch["sequence_ids"].tolist() == [[0] * 4 + [1] * 3 + [-1] * 3, [2] * 5 + [3] * 5]
@@ -129,7 +129,7 @@ def test_packing_keeps_the_two_sequences_of_a_pair_in_one_row():
 
 
 def test_without_packing_a_pair_is_two_adjacent_padded_rows():
-    batch = Collator(pad_id=0, image_size=8, max_len=12, packing=False)([pair_item(100, 4, 3), pair_item(200, 2, 5)])
+    batch = Collator(pad_id=0, image_size=8, row_len=12, packing=False)([pair_item(100, 4, 3), pair_item(200, 2, 5)])
     assert batch["sequence_ids"].tolist() == [[0] * 4 + [-1], [1] * 3 + [-1] * 2, [2] * 2 + [-1] * 3, [3] * 5]
     assert batch["attention_mask"].sum(1).tolist() == [4, 3, 2, 5]
     assert batch["input_ids"][1, :3].tolist() == [150, 151, 152]
@@ -187,7 +187,7 @@ def test_splitting_a_batch_of_pairs_gives_each_forward_its_pairs_images():
 
     items = [with_image_spans(pair_item(100, 4, 4, n_images=2), 2), with_image_spans(pair_item(200, 4, 4, n_images=0), 0),
              with_image_spans(pair_item(300, 4, 4, n_images=1), 1)]
-    batch = Collator(pad_id=0, image_size=8, max_len=8, packing=True)(items)
+    batch = Collator(pad_id=0, image_size=8, row_len=8, packing=True)(items)
     assert batch["image_index"].tolist() == [0, 1, 0, 1, 2, 2]
     parts = split_rows(batch, max_tokens=8, image_start_id=image_start)  # one row (one pair) per forward
     assert [p["pixel_values"][:, 0, 0, 0].tolist() for p in parts] == [[100.0, 100.0], [], [300.0]]

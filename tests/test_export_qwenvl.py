@@ -31,7 +31,7 @@ from test_convert_qwenvl import (
     write_tiny_tiktoken,
 )
 
-from models import VLM, build_vlm
+from models import build_vlm, load_vlm
 from models.convert_qwenvl import convert_qwenvl, vlm_config_from_qwen
 from models.errors import UserError
 from models.export_qwenvl import check_exportable, export_qwenvl, export_vlm, mlp_ratio_for
@@ -110,7 +110,7 @@ def exported(source_dir, tmp_path_factory):
 
 def test_export_then_convert_gives_back_the_same_weights(source, exported, tmp_path):
     convert_qwenvl(exported, tmp_path, dtype=torch.float32)
-    back = VLM.from_pretrained(tmp_path, dtype=torch.float32)
+    back = load_vlm(tmp_path, dtype=torch.float32)
     ours, theirs = source.state_dict(), back.state_dict()
     assert set(theirs) == set(ours)
     for name, tensor in ours.items():
@@ -126,7 +126,7 @@ def test_export_then_convert_gives_back_the_same_weights(source, exported, tmp_p
 
 def test_export_then_convert_gives_back_the_same_tokenizer(source, exported, tmp_path):
     convert_qwenvl(exported, tmp_path, dtype=torch.float32)
-    back = VLM.from_pretrained(tmp_path).tokenizer
+    back = load_vlm(tmp_path).tokenizer
     assert back.get_vocab() == source.tokenizer.get_vocab()
     for text in SAMPLE_TEXTS:
         ids = source.tokenizer.encode(text, add_special_tokens=False)
@@ -251,7 +251,7 @@ def test_cli_exports_in_bfloat16_by_default(source, source_dir, tmp_path):
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
     assert config["bf16"] and config["torch_dtype"] == "bfloat16"
     convert_qwenvl(tmp_path / "out", tmp_path / "back")  # bfloat16 too
-    back = VLM.from_pretrained(tmp_path / "back", dtype=torch.bfloat16).state_dict()
+    back = load_vlm(tmp_path / "back", dtype=torch.bfloat16).state_dict()
     for name, tensor in source.state_dict().items():
         assert torch.equal(back[name], tensor.to(torch.bfloat16)), name
 

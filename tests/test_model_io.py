@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from models import VLM, build_vlm, load_tokenizer, presets
+from models import build_vlm, load_tokenizer, load_vlm, presets
 
 
 def outputs(model, tok):
@@ -24,7 +24,7 @@ def test_round_trip_is_bit_identical(tmp_path, tiny_vlm, tiny_tokenizer, max_sha
     assert sharded == (max_shard_size != "5GB")
     if sharded:
         assert len(set(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"].values())) > 1
-    loaded = VLM.from_pretrained(tmp_path).eval()
+    loaded = load_vlm(tmp_path).eval()
     assert loaded.config == tiny_vlm.config
     for (k, a), (k2, b) in zip(tiny_vlm.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b), k
@@ -40,14 +40,14 @@ def test_tied_embeddings_are_saved_once_and_retied(tmp_path, tiny_tokenizer):
     model = build_vlm(cfg, tokenizer=tiny_tokenizer).eval()
     assert model.llm.get_output_embeddings().weight is model.llm.get_input_embeddings().weight
     model.save_pretrained(tmp_path)
-    loaded = VLM.from_pretrained(tmp_path).eval()
+    loaded = load_vlm(tmp_path).eval()
     assert loaded.llm.get_output_embeddings().weight is loaded.llm.get_input_embeddings().weight
     assert torch.equal(outputs(loaded, tiny_tokenizer), outputs(model, tiny_tokenizer))
 
 
 def test_load_in_bfloat16(tmp_path, tiny_vlm):
     tiny_vlm.save_pretrained(tmp_path)
-    loaded = VLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    loaded = load_vlm(tmp_path, dtype=torch.bfloat16)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     assert torch.equal(loaded.resampler.query, tiny_vlm.resampler.query.to(torch.bfloat16))
 
@@ -56,14 +56,14 @@ def test_explicit_state_dict_is_what_gets_saved(tmp_path, tiny_vlm):
     sd = {k: v.clone() for k, v in tiny_vlm.state_dict().items()}
     sd["resampler.query"].fill_(0.5)
     tiny_vlm.save_pretrained(tmp_path, state_dict=sd)
-    assert torch.all(VLM.from_pretrained(tmp_path).resampler.query == 0.5)
+    assert torch.all(load_vlm(tmp_path).resampler.query == 0.5)
 
 
 def test_missing_weights_are_a_clear_error(tmp_path, tiny_vlm):
     tiny_vlm.save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        VLM.from_pretrained(tmp_path)
+        load_vlm(tmp_path)
 
 
 def test_a_saved_vlm_tokenizes_exactly_like_the_tokenizer_it_was_trained_with(tmp_path, tiny_vlm, tiny_tokenizer):

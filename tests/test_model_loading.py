@@ -184,7 +184,8 @@ def test_training_continues_from_an_adapter_export(lora, tmp_path):
     """model.init_from = a LoRA run's final/ holding only adapter/: the adapter is merged into its base and a
     full SFT stage starts from those weights."""
     from tests.test_train_world import make_world, world_overrides
-    from train.loop import build_model, train
+    from train.assemble import build_model
+    from train.loop import train
 
     world = make_world(tmp_path / "world")
     overrides = [f"model.init_from={lora.adapter_only / 'final'}", "train.steps=2", "train.micro_batch=2",

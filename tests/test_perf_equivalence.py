@@ -125,7 +125,7 @@ def test_fused_loss_in_the_model(cuda_vlm, tiny_tokenizer, loss_impl):
         pytest.importorskip("liger_kernel", reason="liger-kernel is an optional dependency")
     items, pixels = samples(cuda_vlm, tiny_tokenizer)
     ref = reference(cuda_vlm, items, pixels)
-    cuda_vlm.loss_impl = loss_impl
+    cuda_vlm.runtime.loss_impl = loss_impl
     assert_same(optimised(cuda_vlm, items, pixels, tiny_tokenizer.pad_token_id), ref)
 
 
@@ -143,8 +143,8 @@ def test_everything_together_as_the_bench_runs_it(cuda_vlm, tiny_tokenizer):
     items, pixels = samples(cuda_vlm, tiny_tokenizer, lengths=(30, 90, 50, 70))
     ref = reference(cuda_vlm, items, pixels)
     set_attention(cuda_vlm, "varlen")
-    cuda_vlm.loss_impl = "auto"
-    cuda_vlm.check_image_spans = False
+    cuda_vlm.runtime.loss_impl = "auto"
+    cuda_vlm.runtime.check_image_spans = False
     cuda_vlm.set_gradient_checkpointing(True, llm_layers=1)
     cuda_vlm.compile_blocks(vision=True, llm=False)
     assert_same(optimised(cuda_vlm, items, pixels, tiny_tokenizer.pad_token_id), ref)

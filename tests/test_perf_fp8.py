@@ -1,4 +1,4 @@
-"""perf.fp8 (train/fp8.py): the frozen linears' products in FP8 through torchao, opt-in. On a CPU: it refuses in
+"""perf.fp8 (models/fp8.py): the frozen linears' products in FP8 through torchao, opt-in. On a CPU: it refuses in
 one log line where it cannot run, converts exactly the frozen nn.Linear layers of the decoder layers and vision
 blocks (adapters, resampler, LM head untouched), keeps nothing but the frozen weight for backward, computes no
 weight gradient, and (torchao's emulated FP8) moves a LoRA step's loss and gradients only by FP8 rounding.
@@ -41,11 +41,11 @@ def test_on_a_cpu_perf_fp8_is_off_with_one_log_line(tiny_vlm):
 
 @pytest.fixture(scope="module")
 def fp8():
-    """train.fp8, which imports torchao: an optional heavy dependency (pip install .[gpu])."""
+    """models.fp8, which imports torchao: an optional heavy dependency (pip install .[gpu])."""
     pytest.importorskip("torchao")
-    import train.fp8
+    import models.fp8
 
-    return train.fp8
+    return models.fp8
 
 
 def lora_model(tiny_vlm):

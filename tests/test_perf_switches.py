@@ -105,7 +105,7 @@ def test_selective_checkpointing_and_chunked_loss_keep_packed_loss_and_grads(tin
     runs = []
     for loss_impl, llm_layers in (("torch", None), ("chunked", 1), ("chunked", 0)):
         model = copy.deepcopy(tiny_vlm).train()
-        model.loss_impl = loss_impl
+        model.runtime.loss_impl = loss_impl
         model.set_gradient_checkpointing(True, llm_layers=llm_layers)
         out = model(input_ids, pixel_values=pixels, position_ids=positions, labels=labels)
         out.loss_sum.backward()
@@ -146,10 +146,10 @@ def test_span_check_switch_only_skips_the_check(tiny_vlm, tiny_tokenizer):
     input_ids, labels, positions, pixels = _packed_batch(model, tiny_tokenizer)
     with pytest.raises(ValueError, match="batch row 0"):
         model(input_ids, pixel_values=pixels[:1], position_ids=positions, labels=labels)
-    model.check_image_spans = False
+    model.runtime.check_image_spans = False
     with torch.no_grad():
         a = model(input_ids, pixel_values=pixels, position_ids=positions, labels=labels).loss_sum
-    model.check_image_spans = True
+    model.runtime.check_image_spans = True
     with torch.no_grad():
         b = model(input_ids, pixel_values=pixels, position_ids=positions, labels=labels).loss_sum
     torch.testing.assert_close(a, b)
@@ -165,7 +165,7 @@ def test_recipe_perf_section_reaches_the_model(tiny_vlm):
                                            compile_llm="auto", compile_vision="auto"), model, cuda=False,
                                quantized=False)
     apply_perf_switches(model, perf)
-    assert model.loss_impl == "chunked" and model.check_image_spans is False
+    assert model.runtime.loss_impl == "chunked" and model.runtime.check_image_spans is False
     # Without CUDA every "auto" resolves to off, each with one line saying why.
     assert (perf.liger_kernels, perf.compile_llm, perf.compile_vision) == (False, False, False)
     assert len(notes) == 3 and all("auto -> off" in n and "no CUDA device" in n for n in notes)
@@ -257,7 +257,7 @@ def test_liger_kernels_stay_on_the_model_they_were_applied_to(tiny_vlm, tiny_tok
     from transformers.models.qwen2 import modeling_qwen2 as qwen2
 
     from models import build_vlm, presets
-    from train.perf import apply_liger_to
+    from models.liger import apply_liger_to
 
     norm_class, mlp_class = qwen2.Qwen2RMSNorm, qwen2.Qwen2MLP
     apply_liger_to(copy.deepcopy(tiny_vlm).llm)

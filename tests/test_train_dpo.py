@@ -115,7 +115,7 @@ def pair_item(vocab, prompt, chosen, rejected, seed, image=None):
 
 
 def collate(items, packing, max_len=256):
-    batch = Collator(pad_id=0, image_size=84, max_len=max_len, packing=packing)(items)
+    batch = Collator(pad_id=0, image_size=84, row_len=max_len, packing=packing)(items)
     batch.pop("_stats")
     return batch
 
@@ -388,7 +388,7 @@ def test_dpo_recipe_trains_logs_rewards_and_exports_a_chat_model(pairs_world, tm
 def test_dpo_lora_recipe_adapts_llm_and_vision_tower_and_merges_on_export(pairs_world, tmp_path):
     from safetensors.torch import load_file
 
-    from models import VLM
+    from models import load_vlm
 
     run = tmp_path / "dpo_lora"
     run_train(dpo_args("dpo_lora.yaml", pairs_world, run, "lora.merge_on_export=true"))
@@ -396,7 +396,7 @@ def test_dpo_lora_recipe_adapts_llm_and_vision_tower_and_merges_on_export(pairs_
     saved = load_file(run / "final" / "adapter" / "adapter_model.safetensors")
     assert any("vision.blocks.0.attn.qkv.lora_A" in k for k in saved)
     assert any("llm.model.layers.0.self_attn.q_proj.lora_A" in k for k in saved)
-    merged = VLM.from_pretrained(run / "final" / "merged")
+    merged = load_vlm(run / "final" / "merged")
     assert not any("lora" in k for k in merged.state_dict())
 
 

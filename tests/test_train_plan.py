@@ -162,7 +162,7 @@ def test_frozen_bf16_halves_the_frozen_weights_and_the_build_adds_only_an_export
     fp32 = estimate(counts, QWEN, dataclasses.replace(LORA, frozen_bf16=False), ROW)
     bf16 = estimate(counts, QWEN, dataclasses.replace(LORA, load_shard_bytes=5e9), ROW)
     assert fp32.terms["weights: frozen"] == 2 * bf16.terms["weights: frozen"] == 4 * counts.frozen
-    # weights arrive in their final dtypes (train.loop.storage_dtypes), one safetensors shard at a time
+    # weights arrive in their final dtypes (train.assemble.storage_dtypes), one safetensors shard at a time
     at_rest = sum(v for k, v in bf16.terms.items() if k.startswith("weights") and "autocast" not in k)
     assert bf16.startup == at_rest + 5e9 < bf16.peak == bf16.process_peak
 

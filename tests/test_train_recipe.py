@@ -204,3 +204,36 @@ def test_inconsistent_preference_settings_are_rejected(tmp_path):
                                   "demo_dpo.yaml"])
 def test_tiny_recipes_load(name):
     load_recipe(REPO / "recipes" / "tiny" / name, ["model.init_from=x", "data.paths=[x.json]"])
+
+
+def test_each_section_checks_its_own_rules_where_it_is_defined():
+    """A section validates itself (ValueError naming the key), without a recipe around it; the recipe loader
+    adds the file and keeps only the rules that tie sections together."""
+    from data.dataset import DataConfig
+    from train.recipe import ModelSection, PreferenceSection, TrainSection
+
+    cases = [
+        (DataConfig(paths=[], pack_len=4096), "'data.pack_len' needs 'data.packing: true'"),
+        (DataConfig(paths=[], packing=True, max_len=2048, pack_len=1024),
+         r"'data.pack_len' \(1024\) must be >="),
+        (TrainSection(steps=10, epochs=1.0), "set exactly one of 'train.steps' and 'train.epochs'"),
+        (TrainSection(steps=10, micro_batch=0), "'train.micro_batch' must be >= 1"),
+        (ModelSection(openclip_name="ViT-bigG-14", preset="tiny"),
+         "'model.openclip_name' and 'model.openclip_checkpoint'"),
+        (PreferenceSection(beta=0.0), "'preference.beta' must be > 0"),
+    ]
+    for section, message in cases:
+        with pytest.raises(ValueError, match=message):
+            section.validate()
+    DataConfig(paths=[], packing=True, pack_len=8192).validate()
+    TrainSection(steps=1).validate()
+
+
+def test_a_packed_row_holds_pack_len_tokens_else_max_len():
+    from data.dataset import DataConfig
+
+    assert DataConfig(paths=[], max_len=2048).row_len == 2048
+    assert DataConfig(paths=[], max_len=2048, packing=True, pack_len=8192).row_len == 8192
+    recipe = load_recipe(REPO / "recipes" / "tiny" / "sft.yaml",
+                         ["model.preset=tiny", "data.packing=true", "data.pack_len=512", "perf.attention=varlen"])
+    assert isinstance(recipe.data, DataConfig) and recipe.data.row_len == 512

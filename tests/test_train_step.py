@@ -177,7 +177,7 @@ def test_models_are_built_in_their_storage_dtypes(tmp_path, tiny_tokenizer, mode
     """The model is built straight in its final dtypes (it never exists in fp32 as a whole): DeepSpeed bf16
     casts the module and keeps fp32 masters itself; elsewhere frozen weights are bf16 (perf.frozen_bf16)
     and the ones that train fp32 (the optimiser updates them)."""
-    from train.loop import build_model
+    from train.assemble import build_model
 
     recipe = _tiny_recipe_at(tmp_path, tiny_tokenizer, f"parallel.mode={mode}", f"train.bf16={bf16}",
                              f"perf.frozen_bf16={frozen_bf16}")  # tiny: vision frozen, resampler + llm train
@@ -188,7 +188,7 @@ def test_models_are_built_in_their_storage_dtypes(tmp_path, tiny_tokenizer, mode
 
 def test_an_export_loads_with_trainable_weights_exact_and_frozen_ones_in_bf16(tmp_path, tiny_tokenizer, tiny_vlm):
     """Loading in mixed storage must not round the weights that go on training through bf16."""
-    from train.loop import build_model
+    from train.assemble import build_model
 
     export = tmp_path / "export"
     model = copy.deepcopy(tiny_vlm)
@@ -204,7 +204,7 @@ def test_an_export_loads_with_trainable_weights_exact_and_frozen_ones_in_bf16(tm
 
 def test_pad_vocab_to_gives_the_preset_more_embedding_rows_than_the_tokenizer(tmp_path, tiny_tokenizer):
     """A small tokenizer can still model Qwen's 151,936-row embedding and LM head (benchmarks)."""
-    from train.loop import build_model
+    from train.assemble import build_model
 
     tiny_tokenizer.save_pretrained(tmp_path / "tok")
     base = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "base.yaml"

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -38,7 +39,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from data.synthetic import generate
 from models.errors import ArgumentParser, UserError, non_negative_int, positive_int, run_cli
+from train.recipe import load_recipe
 
 PLAIN = [  # the reference's way (see the module docstring)
     "data.packing=false", "data.pack_len=null", "perf.attention=sdpa", "perf.loss_impl=torch",
@@ -68,8 +71,6 @@ class Result:
 
 
 def make_world(work: Path, n_train: int) -> Path:
-    from data.synthetic import generate
-
     world = work / "world"
     if not (world / "manifest.json").is_file():
         print(f"generating the synthetic world in {world} ...", flush=True)
@@ -80,8 +81,6 @@ def make_world(work: Path, n_train: int) -> Path:
 def make_long_conversations(world: Path, tokens: int, count: int = 600) -> Path:
     """Conversations of at least ``tokens`` tokens: one image of the world, then question/answer turns of
     its SFT conversations (text-only turns) until long enough; ``data.max_len`` cuts them at ``tokens``."""
-    import re
-
     out = world / f"long_{tokens}.json"
     if out.is_file():
         return out
@@ -179,8 +178,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m train.bench") -> 
     if a.steps <= a.warmup:
         p.error("--steps must exceed --warmup")
 
-    from train.recipe import load_recipe
-
     preference = load_recipe(a.recipe, a.overrides).train.stage == "dpo"
     work = Path(a.work).resolve()
     world = make_world(work, a.n_train)
@@ -210,8 +207,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m train.bench") -> 
 
 def plain_batching(recipe_path: str, overrides: list[str]) -> list[str]:
     """The anchor's batching: two samples per forward, accumulated to the recipe's samples per step."""
-    from train.recipe import load_recipe
-
     t = load_recipe(recipe_path, overrides).train
     per_step = t.micro_batch * t.grad_accum
     return [f"train.micro_batch={min(2, per_step)}", f"train.grad_accum={max(1, per_step // 2)}"]

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from eval_mm.sharding import broadcast_from_rank0
 from models.errors import MissingFileError, UserError
@@ -148,8 +149,6 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint ``step`` atomically: every rank writes into ``step_N.tmp``; after a barrier,
     rank 0 renames it to ``step_N`` and prunes old checkpoints to ``keep_last``."""
-    from safetensors.torch import save_file
-
     info = engine.dist
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step_{step:06d}"
@@ -189,8 +188,6 @@ def save_checkpoint(
 def load_checkpoint(engine: Engine, path: Path) -> tuple[dict, dict]:
     """Restore model, optimiser, scheduler and this rank's RNG. Returns (trainer_state, loader_state).
     ``path`` comes from ``resolve_resume``, which checked its files against the manifest."""
-    from safetensors.torch import load_file
-
     info: DistInfo = engine.dist
     rank_file = path / f"rank_{info.rank:05d}.pt"
     if not rank_file.is_file():

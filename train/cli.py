@@ -32,7 +32,7 @@ VERBS = {
     "chat": Verb("eval_mm.cli", "talk to a checkpoint about images in the terminal", ("chat",)),
     "web": Verb("eval_mm.web", "the same chat as a web page on 127.0.0.1 (the [web] extra)"),
     "eval": Verb("eval_mm.cli", "benchmarks: eval run | score | list | compare"),
-    "onpolicy": Verb("data.onpolicy", "DPO pairs whose rejected answer is the model's own mistake"),
+    "onpolicy": Verb("eval_mm.onpolicy", "DPO pairs whose rejected answer is the model's own mistake"),
     "convert": Verb("models.convert_qwenvl", "convert a released Qwen-VL(-Chat) checkpoint (no remote code)"),
     "export": Verb("models.export_qwenvl", "export a trained model in the released Qwen-VL layout"),
     "demo": Verb("train.demo", "the embedded demo on CPU: synthetic world, four stages, evaluations"),

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch.distributed as dist
+
+from data.check import CheckOptions, check_data
 from models.errors import UserError
+from train.assemble import family_of
 from train.recipe import ModelSection, Recipe
 
 # A streamed corpus is too large to read at start-up (1.4B pairs in stage 1): its first records stand
@@ -19,34 +23,13 @@ STREAMING_STARTUP_RECORDS = 100_000
 
 
 def recipe_tokenizer(model: ModelSection):
-    """The tokenizer train.loop.build_model uses (tokenizer_path, else the init_from export's, else the
-    LLM's), with the VLM special tokens added as build_vlm adds them."""
-    from models import load_tokenizer
-    from models.tokens import ensure_special_tokens
-
-    path = model.tokenizer_path or model.llm_path
-    if model.tokenizer_path is None and model.init_from is not None:
-        from models.loading import export_config_and_tokenizer
-
-        path = export_config_and_tokenizer(model.init_from)[1]  # a LoRA run's final/: its adapter's, or its base's
-    if path is None:
-        raise UserError("the recipe names no tokenizer: set model.tokenizer_path (or model.init_from / model.llm_path)")
-    if not Path(path).is_dir():
-        raise UserError(f"tokenizer directory not found: {path}")
-    tokenizer = load_tokenizer(path)
-    ensure_special_tokens(tokenizer)
-    return tokenizer
+    """The tokenizer training will use, with the VLM special tokens added (the model family's: train.assemble)."""
+    return family_of(model).tokenizer(model)
 
 
 def recipe_image_tokens(model: ModelSection) -> int:
-    """Image tokens per image: the init_from export's config, else the preset's (the Qwen-VL shape: 256)."""
-    from models import presets
-
-    if model.init_from is not None:
-        from models.loading import export_config_and_tokenizer
-
-        return export_config_and_tokenizer(model.init_from)[0].num_image_tokens
-    return getattr(presets, model.preset or "qwen_vl_7b")(vocab_size=1).num_image_tokens
+    """Image tokens per image (the model family's: train.assemble)."""
+    return family_of(model).image_tokens(model)
 
 
 def check_data_at_startup(recipe: Recipe, is_main: bool, run_dir: Path) -> None:
@@ -69,8 +52,6 @@ def check_data_at_startup(recipe: Recipe, is_main: bool, run_dir: Path) -> None:
 
 def _from_main(value: str | None) -> str | None:
     """Rank 0's value on every rank (itself without a process group)."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return value
     box = [value]
@@ -79,8 +60,6 @@ def _from_main(value: str | None) -> str | None:
 
 
 def _run_check(recipe: Recipe, run_dir: Path) -> str | None:
-    from data.check import CheckOptions, check_data
-
     data = recipe.data
     options = CheckOptions(mode=data.check, max_error_fraction=data.check_max_error_fraction,
                            micro_batch=recipe.train.micro_batch, progress=recipe.log.progress_bar,

@@ -17,12 +17,15 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import pickle
 import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 PROJECT_DIRS = ("/models/", "/train/", "/data/")  # frames of ours name an allocation best
 LIBRARY_HINTS = ("transformers/", "peft/", "liger_kernel/", "torch/nn/", "torch/utils/checkpoint", "torch/optim/")
@@ -43,8 +46,6 @@ def profiled(step: int, is_main: bool):
     if not is_main or step not in _env_steps("VLRECIPE_PROFILE_STEP"):
         yield
         return
-    from torch.profiler import ProfilerActivity, profile
-
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     if cuda:
@@ -59,8 +60,6 @@ def profiled(step: int, is_main: bool):
     averages = prof.key_averages()
     lines = [f"profile of step {step}:", averages.table(sort_by=sort, row_limit=30, max_name_column_width=70)]
     if cuda:
-        from torch.autograd import DeviceType
-
         kernels = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
         busy = busy_time(kernels) / 1e6
         lines.append(f"step {step}: wall {wall * 1e3:.0f} ms, GPU kernels {busy * 1e3:.0f} ms "
@@ -106,8 +105,6 @@ def finish_memory_recording(step: int, is_main: bool) -> None:
     torch.cuda.memory._record_memory_history(enabled=None)
     out = _out_dir()
     if out is not None:
-        import pickle
-
         out.mkdir(parents=True, exist_ok=True)
         with gzip.open(out / f"memory_step{step}.pickle.gz", "wb") as f:
             pickle.dump(snapshot, f)

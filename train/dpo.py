@@ -27,16 +27,22 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
+from data.collate import to_device
+from data.dataset import DataConfig
+from data.sampler import ResumableSampler
 from eval_mm.metrics import REWARD_MARGIN_TOLERANCE
 from models.errors import UserError
 from models.loading import base_vlm
-from models.loss import sum_per_sequence
+from models.loss import IGNORE_INDEX, sum_per_sequence
 from models.vlm import frozen_vision_shared
-from train.objectives import IGNORE_INDEX
 from train.parallel import Engine, LossOutputs, all_reduce_sum, barrier, deepspeed_config
-from train.recipe import PreferenceSection, Recipe
+from train.recipe import LoraSection, PreferenceSection, Recipe
 
 REFERENCE_FILE = "reference_logps.safetensors"
 
@@ -134,24 +140,23 @@ class DirectPreference:
 
 
 # ------------------------------------------------------------------------------------------ reference
-def reference_mode(recipe: Recipe) -> str:
-    """The recipe's reference, "auto" resolved: adapter_disabled with LoRA, frozen_copy otherwise."""
-    mode = recipe.preference.reference
-    if mode == "auto":
-        return "adapter_disabled" if recipe.lora.enabled else "frozen_copy"
-    return mode
+def reference_mode(preference: PreferenceSection, lora: LoraSection) -> str:
+    """The preference section's reference, "auto" resolved: adapter_disabled with LoRA, frozen_copy otherwise."""
+    if preference.reference == "auto":
+        return "adapter_disabled" if lora.enabled else "frozen_copy"
+    return preference.reference
 
 
 def runs_adapter_off_reference(recipe: Recipe) -> bool:
     """Whether the reference pass runs the policy's own layers with the adapters off (train.perf keeps those
     layers uncompiled)."""
-    return recipe.train.stage == "dpo" and reference_mode(recipe) == "adapter_disabled"
+    return recipe.train.stage == "dpo" and reference_mode(recipe.preference, recipe.lora) == "adapter_disabled"
 
 
 def copy_for_reference(model: nn.Module, recipe: Recipe) -> nn.Module | None:
     """The frozen copy of the initial model (frozen_copy only), taken before the engine wraps or shards the
     policy; it keeps the policy's runtime switches (attention kernel, loss implementation)."""
-    if recipe.train.stage != "dpo" or reference_mode(recipe) != "frozen_copy":
+    if recipe.train.stage != "dpo" or reference_mode(recipe.preference, recipe.lora) != "frozen_copy":
         return None
     reference = copy.deepcopy(model)
     reference.requires_grad_(False)
@@ -217,7 +222,7 @@ def place_frozen_copy(reference: nn.Module, recipe: Recipe, engine: Engine) -> n
 
 def build_reference(recipe: Recipe, engine: Engine, loader, frozen_reference: nn.Module | None,
                     pixel_dtype: torch.dtype | None, run_dir: Path):
-    mode = reference_mode(recipe)
+    mode = reference_mode(recipe.preference, recipe.lora)
     if mode == "adapter_disabled":
         return AdapterDisabledReference()
     if mode == "frozen_copy":
@@ -227,22 +232,18 @@ def build_reference(recipe: Recipe, engine: Engine, loader, frozen_reference: nn
 
 
 # ------------------------------------------------------------------------------ precomputed log-probs
-def _fingerprint(recipe: Recipe, num_records: int) -> dict[str, str]:
+def _fingerprint(d: DataConfig, init_from: str | None, num_records: int) -> dict[str, str]:
     """What the stored log-probs depend on besides the weights: a file made for other data is refused."""
-    d = recipe.data
     return {"records": str(num_records), "paths": json.dumps(list(d.paths)), "max_len": str(d.max_len),
-            "system_message": d.system_message, "init_from": str(recipe.model.init_from)}
+            "system_message": d.system_message, "init_from": str(init_from)}
 
 
 def load_or_precompute(recipe: Recipe, engine: Engine, loader, pixel_dtype: torch.dtype | None,
                        run_dir: Path) -> torch.Tensor:
     """[records, 2] reference log-probs on the device: read from ``run_dir/reference_logps.safetensors``,
     or computed now, while the model still holds its initial weights (before any resume), and stored."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import save_file
-
     path = run_dir / REFERENCE_FILE
-    fingerprint = _fingerprint(recipe, len(loader.dataloader.dataset))
+    fingerprint = _fingerprint(recipe.data, recipe.model.init_from, len(loader.dataloader.dataset))
     if path.is_file():
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -269,12 +270,6 @@ def precompute_reference_logps(engine: Engine, loader, pixel_dtype: torch.dtype 
     """One pass over every pair with the model as it is now (the reference), in eval mode, data-parallel:
     rank r takes every world_size-th pair (padded so every rank runs as many forwards: ZeRO-3's forwards
     are collective). Returns [records, 2] on every rank (NaN for pairs dropped for a bad image)."""
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-
-    from data.sampler import ResumableSampler
-    from train.loop import to_device
-
     info = engine.dist
     dataset = loader.dataloader.dataset
     sampler = ResumableSampler(len(dataset), rank=info.rank, world_size=info.world_size, shuffle=False)

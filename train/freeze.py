@@ -52,7 +52,7 @@ def trainable_table(model: nn.Module) -> str:
     """A table of trainable / total parameters per top-level module group (and LoRA adapters)."""
     rows: dict[str, list[int]] = {}
     for name, param in model.named_parameters():
-        group = _group_of(name)
+        group = group_of(name)
         counts = rows.setdefault(group, [0, 0])
         counts[1] += param.numel()
         if param.requires_grad:
@@ -66,7 +66,7 @@ def trainable_table(model: nn.Module) -> str:
     return "\n".join(lines)
 
 
-def _group_of(name: str) -> str:
+def group_of(name: str) -> str:
     # peft wraps the model: strip its prefixes so groups read the same with and without LoRA.
     for prefix in ("base_model.model.", "module."):
         if name.startswith(prefix):

@@ -37,12 +37,13 @@ class MetricLogger:
             return
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
         if cfg.backend == "wandb":
-            import wandb
+            import wandb  # optional heavy dependency: only log.backend wandb imports it (seconds)
 
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
             self.backend = wandb.init(project=cfg.project, name=cfg.run_name, dir=str(run_dir), mode=mode,
                                       config=config or {})
         elif cfg.backend == "tensorboard":
+            # optional heavy dependency: only log.backend tensorboard imports it (seconds)
             from torch.utils.tensorboard import SummaryWriter
 
             self.backend = SummaryWriter(log_dir=str(run_dir / "tensorboard"))

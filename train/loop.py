@@ -24,22 +24,31 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from data.collate import split_rows
+import eval_mm
+from data.collate import split_rows, to_device
+from data.dataset import build_dataloader, load_data
+from eval_mm.benchmarks import get_benchmark
+from eval_mm.datasets import require_file
+from eval_mm.prompts import checkpoint_prompt_format
+from eval_mm.runner import print_summary
+from eval_mm.sharding import barrier
+from models import load_pretrained
 from models.errors import MissingFileError, UserError
+from train.assemble import assemble
 from train.budget import BudgetChoice, without_budget
 from train.budget import apply as apply_settings
 from train.checkpoint import export_final, load_checkpoint, resolve_resume, save_checkpoint
 from train.data_check import check_data_at_startup
 from train.diagnose import finish_memory_recording, profiled, start_memory_recording
-from train.dpo import copy_for_reference, runs_adapter_off_reference
+from train.dpo import copy_for_reference
 from train.flops import forward_flops, step_flops
-from train.freeze import apply_freezing, trainable_modules, trainable_table
+from train.freeze import trainable_table
 from train.logger import MetricLogger, peak_flops_per_device
 from train.objectives import LanguageModelling, Objective, build_objective, count_supervised
 from train.optim import build_optimizer, build_scheduler
 from train.parallel import DistInfo, Engine, all_reduce_sum, init_distributed, resolve_mode
-from train.perf import apply_perf_switches, frozen_to_bf16, resolve_perf
 from train.plan import plan_model, settle_budget
 from train.recipe import Recipe, recipe_to_dict, save_resolved
 
@@ -57,64 +66,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def storage_dtypes(recipe: Recipe) -> tuple[torch.dtype | None, bool]:
-    """(dtype the model is built or loaded in, whether its trainable modules are kept in fp32).
-
-    - DeepSpeed in bf16 casts the whole module to bf16 and keeps its own fp32 master weights: build in bf16
-      (building in fp32 first would only double each rank's memory).
-    - Otherwise with train.bf16 and perf.frozen_bf16: frozen weights in bf16 (autocast runs their matmuls in
-      bf16 anyway, and they never update) and trainable ones in fp32 for the optimiser, each loaded straight
-      in its final dtype: the model never exists in fp32 as a whole (a 9.65B fp32 model is 36 GiB).
-    - Otherwise fp32 (None)."""
-    if recipe.parallel.mode in ("zero2", "zero3") and recipe.train.bf16:
-        return torch.bfloat16, False
-    if recipe.train.bf16 and recipe.perf.frozen_bf16:
-        return torch.bfloat16, True
-    return None, False
-
-
-def build_model(recipe: Recipe, device: torch.device | None = None):
-    """The VLM and its tokenizer, from a previous stage's export or from a preset / LLM directory, in the
-    storage dtypes of ``storage_dtypes``. ``device``: where weights are drawn (a preset's random ones: a
-    GPU draws 9.65B in seconds, one CPU thread under torchrun takes minutes) or loaded (an export's)."""
-    from models import build_vlm, load_pretrained, load_tokenizer, presets
-
-    m = recipe.model
-    dtype, trainable_fp32 = storage_dtypes(recipe)
-    keep_fp32 = (lambda vlm: trainable_modules(vlm, recipe.freeze)) if trainable_fp32 else None
-    if m.init_from is not None:
-        # Any export: a full one, a LoRA run's final/ (its adapter merged into its base here), merged/, ...
-        model, tokenizer = load_pretrained(m.init_from, dtype=dtype or torch.float32, device=device, merge=True,
-                                           tokenizer=m.tokenizer_path, keep_fp32=keep_fp32)
-        model.train()  # load_pretrained hands out models for inference
-    else:
-        tokenizer = load_tokenizer(m.tokenizer_path or m.llm_path)
-        vocab_size = max(len(tokenizer), m.pad_vocab_to or 0)
-        config = getattr(presets, m.preset or "qwen_vl_7b")(vocab_size=vocab_size)
-        openclip = (m.openclip_name, m.openclip_checkpoint) if m.openclip_name else None
-        # Weights read from disk (llm_path, OpenCLIP) are copied in on the CPU; only random ones move.
-        on = device if m.llm_path is None and m.openclip_name is None else None
-        # Q-LoRA builds the decoder on the meta device: quantize_llm_4bit creates it layer by layer.
-        llm_device = "meta" if recipe.quantization.enabled and on is not None and on.type == "cuda" else None
-        model = build_vlm(config, tokenizer=tokenizer, llm_path=m.llm_path, openclip=openclip, dtype=dtype,
-                          device=on, keep_fp32=keep_fp32, llm_device=llm_device)
-    if m.image_size is not None:
-        model.config.vision.image_size = m.image_size  # the position table is resized on the fly
-    model.tokenizer = tokenizer
-    return model, tokenizer
-
-
 def micro_batches(loader):
     """Batches forever, epoch after epoch (the loader advances its own epoch at the end of each)."""
     while True:
         yield from loader
-
-
-def to_device(batch: dict[str, Any], device: torch.device, pixel_dtype: torch.dtype | None) -> dict[str, Any]:
-    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    if pixel_dtype is not None and out.get("pixel_values") is not None:
-        out["pixel_values"] = out["pixel_values"].to(pixel_dtype)
-    return out
 
 
 NUM_COUNTS = 5  # the loop's own counts, before the objective's (accumulate_gradients)
@@ -155,8 +110,6 @@ def accumulate_gradients(
 
 def train(recipe: Recipe) -> Path:
     """Run the recipe; returns the directory of the final export."""
-    from data.dataset import build_dataloader, load_data
-
     # ---- processes, seeds, run directory
     check_paths(recipe)
     check_eval_section(recipe)
@@ -173,41 +126,19 @@ def train(recipe: Recipe) -> Path:
     check_data_at_startup(recipe, info.is_main, run_dir)
     records = load_data(recipe.data, preference=recipe.train.stage == "dpo")
 
-    # ---- model: build, freeze, (quantise), (LoRA), speed switches
-    # Straight onto the GPU in the final dtypes; ZeRO-3 loads an export on the CPU (it partitions it).
+    # ---- model: build, freeze, (quantise), (LoRA), speed switches (train.assemble)
+    assembled = assemble(recipe, info.device, mode)
+    model, vlm, tokenizer = assembled.model, assembled.vlm, assembled.tokenizer
     cuda = info.device.type == "cuda"
-    # Q-LoRA loads an export on the CPU: quantize_llm_4bit moves the decoder over one layer at a time.
-    on_gpu = cuda and (recipe.model.init_from is None or (mode != "zero3" and not recipe.quantization.enabled))
-    model, tokenizer = build_model(recipe, device=info.device if on_gpu else None)
-    if model.config.vision.image_size != recipe.data.image_size:
-        raise UserError(f"data.image_size={recipe.data.image_size} but the model's vision.image_size is "
-                        f"{model.config.vision.image_size}; set model.image_size and data.image_size alike")
-    apply_freezing(model, recipe.freeze)
-    if recipe.train.grad_checkpointing:
-        model.set_gradient_checkpointing(True, llm_layers=recipe.perf.checkpoint_llm_layers,
-                                         vision=recipe.perf.checkpoint_vision)
-    if recipe.quantization.enabled:
-        from train.lora import quantize_llm_4bit
-
-        quantize_llm_4bit(model, recipe.quantization, info.device)
-    if recipe.lora.enabled:
-        from train.lora import apply_lora
-
-        model = apply_lora(model, recipe.lora, recipe.freeze, recipe.train.grad_checkpointing)
-    vlm = model.get_base_model() if recipe.lora.enabled else model
-    if storage_dtypes(recipe) == (torch.bfloat16, True):
-        frozen_to_bf16(vlm)  # what quantisation / LoRA wrapping left in fp32 while frozen
-    perf, perf_notes = resolve_perf(recipe.perf, vlm, cuda=cuda, quantized=recipe.quantization.enabled,
-                                    zero3=mode == "zero3", adapter_off_reference=runs_adapter_off_reference(recipe))
-    apply_perf_switches(vlm, perf)
+    perf = assembled.perf
     if info.is_main:
-        print("\n".join([f"mode {mode}, world size {info.world_size}", *perf_notes, trainable_table(model)]),
+        print("\n".join([f"mode {mode}, world size {info.world_size}", *assembled.notes, trainable_table(model)]),
               flush=True)
-    adapters = {n: p.numel() for n, p in model.named_parameters() if "lora_" in n}
-    vision_adapters = sum(size for n, size in adapters.items() if ".vision.blocks." in n)
+    vision_adapters = sum(size for n, size in assembled.adapters.items() if ".vision.blocks." in n)
     flops = step_flops(vlm.config, vision_trains=recipe.freeze.vision == "train",
                        resampler_trains=recipe.freeze.resampler == "train", llm_trains=recipe.freeze.llm == "train",
-                       lora_params=sum(adapters.values()) - vision_adapters, vision_lora_params=vision_adapters)
+                       lora_params=sum(assembled.adapters.values()) - vision_adapters,
+                       vision_lora_params=vision_adapters)
     frozen_reference = copy_for_reference(model, recipe)  # DPO: before the engine wraps or shards the model
 
     # ---- data
@@ -250,8 +181,6 @@ def train(recipe: Recipe) -> Path:
     peak = peak_flops_per_device()
     progress = None
     if info.is_main and recipe.log.progress_bar:
-        from tqdm import tqdm
-
         progress = tqdm(total=total_steps, initial=step, desc=f"train ({recipe.train.stage})", dynamic_ncols=True)
     batches = micro_batches(loader)
     last_step = min(total_steps, recipe.train.stop_after_steps or total_steps)
@@ -392,9 +321,6 @@ def check_eval_section(recipe: Recipe) -> None:
     if recipe.lora.enabled and not recipe.lora.merge_on_export and recipe.model.init_from is None:
         raise UserError("eval.benches with a LoRA export needs the base the adapter goes on: set model.init_from "
                         "(or lora.merge_on_export: true)")
-    from eval_mm.benchmarks import get_benchmark
-    from eval_mm.datasets import require_file
-
     for name in recipe.eval.benches:
         bench = get_benchmark(name)  # unknown name -> UserError listing the known ones
         for file in dict.fromkeys((bench.test_file, bench.references_file)):
@@ -408,12 +334,6 @@ def evaluate_export(recipe: Recipe, export: Path, info: DistInfo) -> dict[str, d
     the files eval_mm would read, with their prompt format (ChatML after SFT); under ZeRO-3 it is
     also the only copy with whole weights. Rank 0 prints the table and writes EXPORT/metrics.json.
     """
-    import eval_mm
-    from eval_mm.prompts import checkpoint_prompt_format
-    from eval_mm.runner import print_summary
-    from eval_mm.sharding import barrier
-    from models import load_pretrained
-
     eval_dir = Path(recipe.checkpoint.out_dir) / "eval"
     if info.is_main:  # eval_mm resumes from the predictions it finds: drop those of an earlier run
         shutil.rmtree(eval_dir, ignore_errors=True)

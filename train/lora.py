@@ -17,6 +17,7 @@ import types
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from models.errors import UserError
 from models.loading import import_peft
@@ -83,9 +84,7 @@ def quantize_llm_4bit(model: nn.Module, cfg: QuantizationSection, device: torch.
     included) to fp32, which the trainer would only cast back (perf.frozen_bf16); the one thing of it
     checkpointing needs, inputs that require grad, apply_lora does.
     """
-    import bitsandbytes as bnb
-    from tqdm import tqdm
-
+    import bitsandbytes as bnb  # optional heavy dependency: only Q-LoRA (CUDA) imports it
     if device.type != "cuda":
         raise RuntimeError("Q-LoRA (quantization.enabled) needs a CUDA GPU: bitsandbytes 4-bit kernels")
     compute_dtype = getattr(torch, cfg.compute_dtype)

@@ -21,10 +21,10 @@ from typing import Any, Protocol
 
 import torch
 
+from models.loss import IGNORE_INDEX
+from train.dpo import DirectPreference, build_reference
 from train.parallel import Engine
 from train.recipe import Recipe
-
-IGNORE_INDEX = -100
 
 
 class Objective(Protocol):
@@ -69,8 +69,6 @@ def build_objective(recipe: Recipe, engine: Engine, loader, frozen_reference: to
     cross-entropy otherwise."""
     if recipe.train.stage != "dpo":
         return LanguageModelling()
-    from train.dpo import DirectPreference, build_reference
-
     reference = build_reference(recipe, engine, loader, frozen_reference, pixel_dtype, run_dir)
     vision_adapters = recipe.lora.enabled and bool(recipe.lora.vision_targets)
     return DirectPreference(recipe.preference, reference,

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from models.errors import UserError
+from train.offload import ActivationOffload
 from train.recipe import ParallelSection, Recipe
 
 DS_CONFIG_DIR = Path(__file__).parent / "ds_configs"
@@ -68,7 +69,7 @@ def init_distributed(cfg: ParallelSection) -> DistInfo:
     if world_size > 1 or mode.startswith("zero"):
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
         if mode.startswith("zero"):
-            import deepspeed
+            import deepspeed  # optional heavy dependency: only ZeRO runs import it
 
             deepspeed.init_distributed(dist_backend=backend)
         elif not dist.is_initialized():
@@ -157,7 +158,7 @@ class Engine:
         self.clip_grad = recipe.optim.clip_grad
         self.autocast_bf16 = recipe.train.bf16 and not self.mode.startswith("zero")  # DS casts itself
         if self.mode.startswith("zero"):
-            import deepspeed
+            import deepspeed  # optional heavy dependency: only ZeRO runs import it
 
             config = deepspeed_config(recipe, self.mode, dist_info.world_size)
             wrapped = LossOutputs(model) if self.mode == "zero3" else model
@@ -181,8 +182,6 @@ class Engine:
         # perf.offload_activations: what the forward saves for backward waits in pinned host memory (train.offload)
         self.offload = None
         if recipe.perf.offload_activations and dist_info.device.type == "cuda":
-            from train.offload import ActivationOffload
-
             self.offload = ActivationOffload()
 
     @property

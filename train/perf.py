@@ -12,7 +12,8 @@ import importlib.util
 import torch
 
 from models.attention import set_attention
-from models.errors import UserError
+from models.vlm import RuntimeOptions
+from train.lora import fuse_lora_forwards
 from train.recipe import PerfSection
 
 FP8_MIN_CAPABILITY = (8, 9)  # FP8 tensor cores (torch._scaled_mm): Ada, Hopper and newer
@@ -66,7 +67,7 @@ def resolve_perf(perf: PerfSection, vlm, cuda: bool, quantized: bool, zero3: boo
 
 def fp8_unavailable(cuda: bool, capability: tuple[int, int] | None, quantized: bool = False, zero3: bool = False,
                     installed: bool | None = None) -> str:
-    """Why perf.fp8 (train/fp8.py) cannot run here, or "" where it can."""
+    """Why perf.fp8 (models/fp8.py) cannot run here, or "" where it can."""
     if not cuda:
         return "no CUDA device"
     if capability is not None and tuple(capability) < FP8_MIN_CAPABILITY:
@@ -84,65 +85,30 @@ def fp8_unavailable(cuda: bool, capability: tuple[int, int] | None, quantized: b
 def apply_perf_switches(vlm, perf: PerfSection) -> None:
     """Apply a resolved ``perf`` section (no "auto" left) to a built VLM, after freezing, quantisation and
     LoRA. Checkpointing depth is set by ``VLM.set_gradient_checkpointing``; frozen_bf16 by the trainer's
-    build (train.loop.storage_dtypes). Compilation and liger kernels cannot be undone."""
+    build (train.assemble.storage_dtypes). Compilation and liger kernels cannot be undone."""
     if "auto" in (perf.liger_kernels, perf.compile_llm, perf.compile_vision):
         raise ValueError("apply_perf_switches needs a resolved perf section (train.perf.resolve_perf)")
     set_attention(vlm, perf.attention)
-    if perf.fp8 and not getattr(vlm, "_fp8", False):  # before the LoRA forwards are fused and layers compile
-        from train.fp8 import convert_frozen_linears  # torchao: an optional heavy dependency (the gpu extra)
-
-        convert_frozen_linears(vlm)
-        vlm._fp8 = True
-    vlm.loss_impl = perf.loss_impl
-    vlm.check_image_spans = perf.check_image_spans
-    vlm.loss_at_label_positions = perf.loss_at_label_positions
+    # FP8 before the LoRA forwards are fused and layers compile (models.fp8 converts the plain linears).
+    vlm.set_runtime(dataclasses.replace(vlm.runtime, fp8=perf.fp8))
     torch.backends.cuda.enable_cudnn_sdp(perf.cudnn_attention)  # process-wide, like torch's own default
     if perf.fused_lora:
-        from train.lora import fuse_lora_forwards
-
         # Measured on one H100 (docs/benchmarks.md): Q-LoRA's eager decoder +24% (+19% by the median step);
         # inside compiled layers 1.6-2.7% slower than peft's forward, whose element-wise work inductor fuses.
-        for part, compiled in ((vlm.llm, perf.compile_llm or getattr(vlm, "_compiled_llm", False)),
-                               (vlm.vision, perf.compile_vision or getattr(vlm, "_compiled_vision", False))):
-            if not compiled:
+        compiled = vlm.runtime
+        for part, compiles in ((vlm.llm, perf.compile_llm or compiled.compile_llm),
+                               (vlm.vision, perf.compile_vision or compiled.compile_vision)):
+            if not compiles:
                 fuse_lora_forwards(part)  # before compilation, which would trace the forwards it finds
-    if perf.liger_kernels and not getattr(vlm, "_liger_kernels", False):
-        if vlm.llm.config.model_type != "qwen2":
-            raise UserError(f"perf.liger_kernels supports qwen2 decoders, not {vlm.llm.config.model_type}")
-        apply_liger_to(vlm.llm)
-        vlm._liger_kernels = True
-    compile_vision = perf.compile_vision and not getattr(vlm, "_compiled_vision", False)
-    compile_llm = perf.compile_llm and not getattr(vlm, "_compiled_llm", False)
-    if compile_vision or compile_llm:
-        vlm.compile_blocks(vision=compile_vision, llm=compile_llm)
-        vlm._compiled_vision = getattr(vlm, "_compiled_vision", False) or compile_vision
-        vlm._compiled_llm = getattr(vlm, "_compiled_llm", False) or compile_llm
+    vlm.set_runtime(runtime_options(perf))
 
 
-def apply_liger_to(llm) -> None:
-    """Liger's RMSNorm, SwiGLU and RoPE kernels on this Qwen2 decoder only.
-
-    apply_liger_kernel_to_qwen2 also rebinds transformers' module-level Qwen2RMSNorm, Qwen2MLP and
-    apply_rotary_pos_emb, so every Qwen2 model built afterwards in the process ran Triton kernels, on CPU
-    tensors too (a trained adapter loaded on the CPU for chat failed: "Pointer argument cannot be accessed from
-    Triton"). The classes are put back; RoPE is looked up by name at every call, so the module keeps a
-    dispatcher that sends CUDA tensors to liger and the rest to transformers' function."""
-    from liger_kernel.transformers import apply_liger_kernel_to_qwen2
-    from transformers.models.qwen2 import modeling_qwen2 as qwen2
-
-    classes = {name: getattr(qwen2, name) for name in ("Qwen2RMSNorm", "Qwen2MLP")}
-    rope = getattr(qwen2.apply_rotary_pos_emb, "transformers_rope", qwen2.apply_rotary_pos_emb)
-    apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                fused_linear_cross_entropy=False, model=llm)
-    liger_rope = qwen2.apply_rotary_pos_emb
-    for name, cls in classes.items():
-        setattr(qwen2, name, cls)
-
-    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        return (liger_rope if q.is_cuda else rope)(q, k, cos, sin, *args, **kwargs)
-
-    apply_rotary_pos_emb.transformers_rope = rope
-    qwen2.apply_rotary_pos_emb = apply_rotary_pos_emb
+def runtime_options(perf: PerfSection) -> RuntimeOptions:
+    """The model's share of a resolved ``perf`` section: how its forward runs (models.vlm.RuntimeOptions)."""
+    return RuntimeOptions(loss_impl=perf.loss_impl, check_image_spans=perf.check_image_spans,
+                          loss_at_label_positions=perf.loss_at_label_positions,
+                          liger_kernels=perf.liger_kernels, compile_vision=perf.compile_vision,
+                          compile_llm=perf.compile_llm, fp8=perf.fp8)
 
 
 def frozen_to_bf16(vlm) -> None:

@@ -23,11 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from models.errors import ArgumentParser, UserError, run_cli
+from train.assemble import assemble
 from train.budget import BudgetChoice, choose, fixed_settings, without_budget
 from train.budget import apply as apply_settings
-from train.flops import recompute_flops
+from train.dpo import reference_mode
+from train.flops import forward_flops, recompute_flops, step_flops
+from train.freeze import group_of
 from train.memory import Counts, Dims, Estimate, GiB, MicroBatch, Setup, estimate
+from train.optim import param_groups
+from train.parallel import deepspeed_config, resolve_mode
 from train.recipe import Recipe, RecipeError, load_recipe
 
 DEFAULT_GPU_MEM_GIB = 80.0  # H100 80GB
@@ -36,7 +43,6 @@ CONTEXT_GIB = 1.0  # CUDA context + kernels' workspaces outside torch's allocato
 NCCL_GIB = 0.5  # communicator buffers, with more than one GPU or under DeepSpeed
 ALLOCATOR_SLACK = 0.10  # reserved but unallocated blocks of the caching allocator, as a share of the peak
 MAX_SHARD_BYTES = 5e9  # models.vlm.MAX_SHARD_SIZE ("5GB")
-SYNTHETIC_VOCAB = 1024  # data.synthetic's tokenizer: the tiny presets' vocabulary when no tokenizer is given
 MAX_MICRO_BATCH = 1 << 16
 
 
@@ -55,93 +61,18 @@ class ModelPlan:
     notes: list[str] = field(default_factory=list)
 
 
-def _tokenizer_or_none(path: str | None, notes: list[str]):
-    from models import load_tokenizer
-
-    if path is None:
-        return None
-    p = Path(path)
-    if not (p / "tokenizer_config.json").is_file() and not (p / "tokenizer.json").is_file():
-        notes.append(f"no tokenizer at {path}: vocabulary from the config / preset")
-        return None
-    return load_tokenizer(p)
-
-
-def resolve_config(recipe: Recipe, source: str):
-    """(VLMConfig, tokenizer or None, notes), the way train.loop.build_model resolves them, reading
-    configs and tokenizers only. Missing files of a template recipe (runs/..., checkpoints/...) fall
-    back to the preset's shape, with a note."""
-    from models import presets
-    from models.config import VLMConfig
-
-    m, notes = recipe.model, []
-    preset_name = m.preset or "qwen_vl_7b"
-    if m.init_from is not None:
-        config_file = Path(m.init_from) / "config.json"
-        if config_file.is_file():
-            try:
-                config = VLMConfig.load(config_file)
-            except ValueError as e:
-                raise UserError(f"{source}: model.init_from: {e}") from e
-            return config, None, notes  # an export's vocabulary is final: the trainer resizes nothing
-        notes.append(f"model.init_from={m.init_from} has no config.json yet: planned with the "
-                     f"{preset_name} preset (the shape the shipped recipes train)")
-    tokenizer = _tokenizer_or_none(m.tokenizer_path or m.llm_path, notes)
-    text_config = None
-    if m.llm_path is not None and (Path(m.llm_path) / "config.json").is_file():
-        from transformers import AutoConfig
-
-        text_config = AutoConfig.from_pretrained(m.llm_path, trust_remote_code=False).to_dict()
-    elif m.llm_path is not None:
-        notes.append(f"no LLM config at model.llm_path={m.llm_path}: planned with the {preset_name} decoder")
-    vocab = len(tokenizer) if tokenizer is not None else None
-    if text_config is not None:
-        vocab = max(vocab or 0, text_config["vocab_size"])
-    vocab = max(vocab or 0, m.pad_vocab_to or 0) or None
-    builder = getattr(presets, preset_name)
-    if vocab is None and preset_name in ("tiny", "demo"):
-        vocab = SYNTHETIC_VOCAB
-        notes.append(f"vocabulary {vocab} assumed (data.synthetic's tokenizer); set model.tokenizer_path")
-    config = builder(vocab_size=vocab) if vocab is not None else builder()
-    if text_config is not None:
-        config.text_config = text_config
-    return config, tokenizer, notes
-
-
 def plan_model(recipe: Recipe, source: str = "recipe") -> ModelPlan:
-    """Build the recipe's model on the meta device, freeze it and wrap it in LoRA like the trainer, count."""
-    import torch
-    from torch import nn
-
-    from models import build_vlm
-    from train.freeze import _group_of, apply_freezing
-    from train.optim import param_groups
-
-    config, tokenizer, notes = resolve_config(recipe, source)
-    if tokenizer is None and config.image_pad_id is None:
-        vocab = int(config.text_config["vocab_size"])  # any ids: they only matter for real batches
-        config.image_start_id, config.image_end_id, config.image_pad_id = vocab - 3, vocab - 2, vocab - 1
-    model = build_vlm(config, tokenizer=tokenizer, device="meta")
-    if recipe.model.image_size is not None:
-        model.config.vision.image_size = recipe.model.image_size
-    if model.config.vision.image_size != recipe.data.image_size:
-        raise UserError(f"{source}: data.image_size={recipe.data.image_size} but the model's vision.image_size is "
-                        f"{model.config.vision.image_size}; set model.image_size and data.image_size alike")
-    trains = apply_freezing(model, recipe.freeze)
+    """The recipe's model as the trainer assembles it (train.assemble), on the meta device, counted."""
+    assembled = assemble(recipe, "meta", source=source)
+    model, wrapped = assembled.vlm, assembled.model
     decoder = model.llm.get_decoder()
-    # train.lora.quantize_llm_4bit turns exactly these weights (every nn.Linear of the decoder) into NF4.
-    quantized_ids = ({id(mod.weight) for mod in decoder.modules() if type(mod) is nn.Linear}
+    # The decoder's own linears (peft's adapters are linears too, named lora_*): train.lora.quantize_llm_4bit
+    # turns exactly these weights into NF4.
+    quantized_ids = ({id(mod.weight) for name, mod in decoder.named_modules()
+                      if type(mod) is nn.Linear and "lora_" not in name}
                      if recipe.quantization.enabled else set())
-    layer_linears = sum(mod.weight.numel() for mod in decoder.layers[0].modules() if type(mod) is nn.Linear)
-    wrapped = model
-    if recipe.lora.enabled:
-        from train.lora import apply_lora
-
-        try:
-            with torch.device("meta"):  # the adapters too: no memory, no random init
-                wrapped = apply_lora(model, recipe.lora, recipe.freeze, recipe.train.grad_checkpointing)
-        except ValueError as e:
-            raise UserError(f"{source}: {e}") from e
+    layer_linears = sum(mod.weight.numel() for name, mod in decoder.layers[0].named_modules()
+                        if type(mod) is nn.Linear and "lora_" not in name)
     lora_inputs = tuple(mod.in_features for mod in decoder.layers[0].modules() if hasattr(mod, "lora_A"))
     vision_lora_inputs = tuple(mod.in_features for mod in model.vision.blocks[0].modules() if hasattr(mod, "lora_A"))
 
@@ -150,7 +81,7 @@ def plan_model(recipe: Recipe, source: str = "recipe") -> ModelPlan:
     for name, p in wrapped.named_parameters():
         n = p.numel()
         total += n
-        row = groups.setdefault(_group_of(name), [0, 0])
+        row = groups.setdefault(group_of(name), [0, 0])
         row[1] += n
         if p.requires_grad:
             trainable += n
@@ -165,8 +96,8 @@ def plan_model(recipe: Recipe, source: str = "recipe") -> ModelPlan:
     counts = Counts(total=total, trainable=trainable, quantized=quantized, lora=lora, largest_group=largest,
                     layer_linears=layer_linears)
     return ModelPlan(config=model.config, counts=counts, groups={k: (v[0], v[1]) for k, v in groups.items()},
-                     trains=trains, lora_inputs=lora_inputs, vision_lora_inputs=vision_lora_inputs,
-                     vision_lora=vision_lora, notes=notes)
+                     trains=assembled.trains, lora_inputs=lora_inputs, vision_lora_inputs=vision_lora_inputs,
+                     vision_lora=vision_lora, notes=assembled.notes)
 
 
 def dims_of(config) -> Dims:
@@ -182,8 +113,6 @@ def dims_of(config) -> Dims:
 # ------------------------------------------------------------------------------------------ the run
 def setup_of(recipe: Recipe, model: ModelPlan, gpus: int, notes: list[str], source: str) -> Setup:
     """The recipe's training settings as train/memory.py needs them, for ``gpus`` GPUs."""
-    from train.parallel import deepspeed_config, resolve_mode
-
     mode = resolve_mode(recipe.parallel, gpus)
     zero: dict = {}
     if mode in ("zero2", "zero3"):
@@ -210,18 +139,16 @@ def setup_of(recipe: Recipe, model: ModelPlan, gpus: int, notes: list[str], sour
                      + (", liger kernels (or compiled layers fusing the same work)" if liger_kernels else ""))
     reference = ""
     if recipe.train.stage == "dpo":
-        from train.dpo import reference_mode
-
-        reference = reference_mode(recipe)
+        reference = reference_mode(recipe.preference, recipe.lora)
         if loss_impl != "torch":  # models.loss.causal_lm_token_logps: liger's per-token mode is not used
             loss_impl = "chunked"
         notes.append(f"DPO: micro_batch counts pairs (2 sequences showing the pair's images, encoded once; "
                      f"--tokens-per-sample is per sequence), per-token log-probs chunked, reference {reference}")
     m = recipe.model
-    drawn_on_gpu = m.init_from is None and m.llm_path is None and m.openclip_name is None  # train.loop.build_model
+    drawn_on_gpu = m.init_from is None and m.llm_path is None and m.openclip_name is None  # train.assemble.build_model
     loaded_on_gpu = m.init_from is not None and mode != "zero3" and not recipe.quantization.enabled
     return Setup(
-        # train.loop.storage_dtypes: frozen weights bf16 only with bf16 training
+        # train.assemble.storage_dtypes: frozen weights bf16 only with bf16 training
         mode=mode, gpus=gpus, bf16=recipe.train.bf16, frozen_bf16=recipe.perf.frozen_bf16 and recipe.train.bf16,
         vision_trains=model.trains["vision"], resampler_trains=model.trains["resampler"],
         llm_trains=model.trains["llm"], head_trains=model.trains["embeddings"],
@@ -239,7 +166,7 @@ def setup_of(recipe: Recipe, model: ModelPlan, gpus: int, notes: list[str], sour
 
 
 def largest_shard(export: str, notes: list[str]) -> float:
-    """Bytes of the largest safetensors file of an export (VLM.from_pretrained holds one at a time on the
+    """Bytes of the largest safetensors file of an export (models.load_vlm holds one at a time on the
     GPU beside the model); models.vlm.MAX_SHARD_SIZE when the export does not exist yet."""
     files = list(Path(export).glob("*.safetensors"))
     if files:
@@ -253,7 +180,7 @@ def samples_per_row(data, tokens_per_sample: float, group: int = 1) -> int:
     (else max_len) when packing, else one sequence per row."""
     if not data.packing:
         return 1
-    return group * max(1, int((data.pack_len or data.max_len) // (group * tokens_per_sample)))
+    return group * max(1, int(data.row_len // (group * tokens_per_sample)))
 
 
 def micro_batch_shape(data, micro_batch: int, tokens_per_sample: float, images_per_sample: float,
@@ -362,8 +289,6 @@ def make_plan(recipe: Recipe, source: str, gpus: int = 1, gpu_mem_gib: float = D
               tokens_per_sample: float | None = None, images_per_sample: float = 1.0, mfu: float = 0.35,
               peak_tflops: float = DEFAULT_PEAK_TFLOPS, model: ModelPlan | None = None) -> Plan:
     """The plan of ``recipe`` on ``gpus`` GPUs. ``model`` reuses a ModelPlan of the same recipe model."""
-    from train.flops import forward_flops, step_flops
-
     for name, value, low in (("--gpus", gpus, 1), ("--gpu-mem", gpu_mem_gib, 1e-9), ("--peak-tflops", peak_tflops, 1e-9)):
         if value < low:
             raise UserError(f"{name} must be positive, got {value}")

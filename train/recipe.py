@@ -10,7 +10,9 @@ A recipe is a YAML file whose top-level sections map onto the dataclasses below.
     the wrong type, naming the file and the key.
 ``save_resolved`` writes the fully resolved recipe (``resolved.yaml``) beside the run.
 
-The ``data`` section is validated against ``data.DataConfig`` (the data package owns its fields).
+Each section is a dataclass that owns its fields and, where it has them, its own rules (``validate``: the
+``data`` section is ``data.DataConfig``, owned by the data package); the rules that tie sections together
+are checked here, after every section is built.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any, Literal
 
 import yaml
 
+from data.dataset import DataConfig
 from models.errors import UserError
 
 TrainOrFrozen = Literal["train", "frozen"]
@@ -40,6 +43,8 @@ class RecipeError(UserError):
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class ModelSection:
+    # Which kind of model the section builds (train.assemble.FAMILIES; docs/design.md, "Model families").
+    family: Literal["qwen_vl"] = "qwen_vl"
     # Start from any export of a previous stage (models.load_pretrained: a full export, a LoRA run's final/,
     # whose adapter is merged into its base, merged/, adapter/). Takes precedence over preset / llm_path / openclip_*.
     init_from: str | None = None
@@ -52,6 +57,12 @@ class ModelSection:
     # With preset: at least this many embedding rows (Qwen pads its 151,851 tokens to 151,936); rows past
     # the tokenizer are never input and train only as logits. Lets small tokenizers model the real shape.
     pad_vocab_to: int | None = None
+
+    def validate(self) -> None:
+        if self.init_from is None and self.preset is None and self.llm_path is None:
+            raise ValueError("set 'model.init_from' (a previous stage) or 'model.preset' / 'model.llm_path'")
+        if (self.openclip_name is None) != (self.openclip_checkpoint is None):
+            raise ValueError("set both 'model.openclip_name' and 'model.openclip_checkpoint', or neither")
 
 
 @dataclass
@@ -133,6 +144,16 @@ class TrainSection:
     # device: off ("auto" settings as without a budget: all checkpointed, no offload, forwards of one row).
     memory_budget: float | Literal["auto"] | None = None
 
+    def validate(self) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of 'train.steps' and 'train.epochs'")
+        if isinstance(self.memory_budget, float) and self.memory_budget <= 0:
+            raise ValueError(f"'train.memory_budget' must be a positive number of GiB or auto, "
+                             f"got {self.memory_budget:g}")
+        for name in ("micro_batch", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"'train.{name}' must be >= 1")
+
 
 @dataclass
 class ParallelSection:
@@ -203,7 +224,7 @@ class PerfSection:
     # took 0.2-0.5 s more on one H100); flash attention runs instead. True: torch's default choice.
     cudnn_attention: bool = False
     # The frozen linears' products (decoder layers, vision blocks: forward and input gradient) in FP8 through
-    # torchao (train/fp8.py). Not loss-equal (docs/training.md says when to use it); CUDA with compute
+    # torchao (models/fp8.py). Not loss-equal (docs/training.md says when to use it); CUDA with compute
     # capability >= 8.9 only, else off with a log line.
     fp8: bool = False
 
@@ -222,11 +243,22 @@ class PreferenceSection:
     # training, stored in OUT/reference_logps.safetensors.
     reference: Literal["auto", "frozen_copy", "adapter_disabled", "precomputed"] = "auto"
 
+    def validate(self) -> None:
+        """The section's own rules; checked for train.stage: dpo only (other stages ignore it)."""
+        if self.beta <= 0:
+            raise ValueError(f"'preference.beta' must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"'preference.label_smoothing' must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ValueError("'preference.label_smoothing' applies to loss: sigmoid only")
+        if self.sft_weight < 0:
+            raise ValueError(f"'preference.sft_weight' must be >= 0, got {self.sft_weight}")
+
 
 @dataclass
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
-    data: Any = None  # data.DataConfig, validated against its fields at load time
+    data: DataConfig = field(default_factory=lambda: DataConfig(paths=[]))  # the data package's section
     freeze: FreezeSection = field(default_factory=FreezeSection)
     lora: LoraSection = field(default_factory=LoraSection)
     quantization: QuantizationSection = field(default_factory=QuantizationSection)
@@ -252,15 +284,18 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>", overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Validate a plain dict (already merged), after ``key.sub=value`` overrides, into a Recipe."""
-    from data.dataset import DataConfig
-
     raw = copy.deepcopy(raw)
     for item in overrides:
         _apply_override(raw, item, data_schema=DataConfig)
     data_raw = raw.pop("data", None) or {}
     recipe = _build(Recipe, raw, prefix="", source=source)
     recipe.data = _build(DataConfig, data_raw, prefix="data.", source=source)
-    _check_consistency(recipe, source)
+    try:
+        for section in (recipe.model, recipe.train, recipe.data):
+            section.validate()
+        _check_consistency(recipe)
+    except ValueError as e:
+        raise RecipeError(f"{source}: {e}") from e
     return recipe
 
 
@@ -580,57 +615,32 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _check_consistency(recipe: Recipe, source: str) -> None:
-    t = recipe.train
-    if (t.steps is None) == (t.epochs is None):
-        raise RecipeError(f"{source}: set exactly one of 'train.steps' and 'train.epochs'")
+def _check_consistency(recipe: Recipe) -> None:
+    """The rules that tie sections together (ValueError naming the keys)."""
     if recipe.quantization.enabled and not recipe.lora.enabled:
-        raise RecipeError(f"{source}: 'quantization.enabled' (Q-LoRA) needs 'lora.enabled: true'")
+        raise ValueError("'quantization.enabled' (Q-LoRA) needs 'lora.enabled: true'")
     if recipe.quantization.enabled and recipe.parallel.mode == "zero3":
-        raise RecipeError(f"{source}: 4-bit Q-LoRA cannot be sharded by ZeRO-3; use ddp or zero2")
-    m = recipe.model
-    if m.init_from is None and m.preset is None and m.llm_path is None:
-        raise RecipeError(f"{source}: set 'model.init_from' (a previous stage) or 'model.preset' / 'model.llm_path'")
-    if (m.openclip_name is None) != (m.openclip_checkpoint is None):
-        raise RecipeError(f"{source}: set both 'model.openclip_name' and 'model.openclip_checkpoint', or neither")
+        raise ValueError("4-bit Q-LoRA cannot be sharded by ZeRO-3; use ddp or zero2")
     d = recipe.data
-    if d.pack_len is not None:
-        if not d.packing:
-            raise RecipeError(f"{source}: 'data.pack_len' needs 'data.packing: true'")
-        if d.pack_len < d.max_len:
-            raise RecipeError(f"{source}: 'data.pack_len' ({d.pack_len}) must be >= 'data.max_len' ({d.max_len})")
-        if d.pack_len > d.max_len and recipe.perf.attention == "sdpa":
-            raise RecipeError(f"{source}: 'data.pack_len' > 'data.max_len' with 'perf.attention: sdpa' builds a "
-                              f"dense {d.pack_len}x{d.pack_len} mask per row; use varlen or flex_attention")
-    if isinstance(t.memory_budget, float) and t.memory_budget <= 0:
-        raise RecipeError(f"{source}: 'train.memory_budget' must be a positive number of GiB or auto, "
-                          f"got {t.memory_budget:g}")
-    for name in ("micro_batch", "grad_accum"):
-        if getattr(t, name) < 1:
-            raise RecipeError(f"{source}: 'train.{name}' must be >= 1")
+    if d.pack_len is not None and d.pack_len > d.max_len and recipe.perf.attention == "sdpa":
+        raise ValueError(f"'data.pack_len' > 'data.max_len' with 'perf.attention: sdpa' builds a dense "
+                         f"{d.pack_len}x{d.pack_len} mask per row; use varlen or flex_attention")
     if recipe.lora.vision_targets and recipe.freeze.vision == "train":
-        raise RecipeError(f"{source}: 'lora.vision_targets' adapts a frozen vision tower; set 'freeze.vision: frozen'")
-    if t.stage == "dpo":
-        _check_preference(recipe, source)
+        raise ValueError("'lora.vision_targets' adapts a frozen vision tower; set 'freeze.vision: frozen'")
+    if recipe.train.stage == "dpo":
+        recipe.preference.validate()
+        _check_preference(recipe)
 
 
-def _check_preference(recipe: Recipe, source: str) -> None:
+def _check_preference(recipe: Recipe) -> None:
     p, d = recipe.preference, recipe.data
-    if p.beta <= 0:
-        raise RecipeError(f"{source}: 'preference.beta' must be > 0, got {p.beta}")
-    if not 0 <= p.label_smoothing < 0.5:
-        raise RecipeError(f"{source}: 'preference.label_smoothing' must be in [0, 0.5), got {p.label_smoothing}")
-    if p.label_smoothing and p.loss != "sigmoid":
-        raise RecipeError(f"{source}: 'preference.label_smoothing' applies to loss: sigmoid only")
-    if p.sft_weight < 0:
-        raise RecipeError(f"{source}: 'preference.sft_weight' must be >= 0, got {p.sft_weight}")
     if p.reference == "adapter_disabled" and not recipe.lora.enabled:
-        raise RecipeError(f"{source}: 'preference.reference: adapter_disabled' needs 'lora.enabled: true'")
+        raise ValueError("'preference.reference: adapter_disabled' needs 'lora.enabled: true'")
     if p.reference == "frozen_copy" and recipe.lora.enabled:
-        raise RecipeError(f"{source}: with LoRA the reference is the network with its adapter off: use "
-                          "'preference.reference: adapter_disabled' (no second copy) or precomputed")
+        raise ValueError("with LoRA the reference is the network with its adapter off: use "
+                         "'preference.reference: adapter_disabled' (no second copy) or precomputed")
     if d.streaming:
-        raise RecipeError(f"{source}: 'train.stage: dpo' reads preference pairs map-style; set 'data.streaming: false'")
-    if d.packing and (d.pack_len or d.max_len) < 2 * d.max_len:
-        raise RecipeError(f"{source}: with 'train.stage: dpo' a packed row holds both sequences of a pair: set "
-                          f"'data.pack_len' >= 2 x 'data.max_len' ({2 * d.max_len})")
+        raise ValueError("'train.stage: dpo' reads preference pairs map-style; set 'data.streaming: false'")
+    if d.packing and d.row_len < 2 * d.max_len:
+        raise ValueError(f"with 'train.stage: dpo' a packed row holds both sequences of a pair: set "
+                         f"'data.pack_len' >= 2 x 'data.max_len' ({2 * d.max_len})")

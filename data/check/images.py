@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+from tqdm import tqdm
+
 from data.images import ImageLoadError, decode_image
 
 PATHS_PER_TASK = 64  # paths per thread-pool task: amortises the pool's per-task cost on cheap stat() calls
@@ -34,8 +36,6 @@ def check_image_batch(paths: list[str], decode: bool,
 def check_images(paths: list[str], decode: bool, threads: int, progress: bool = False,
                  image_size: int | None = None) -> dict[str, tuple[str, str]]:
     """Check ``paths`` in parallel; returns {bad path: (problem kind, message)}."""
-    from tqdm import tqdm
-
     batches = [paths[i : i + PATHS_PER_TASK] for i in range(0, len(paths), PATHS_PER_TASK)]
     bad: dict[str, tuple[str, str]] = {}
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool, \

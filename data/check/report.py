@@ -19,6 +19,7 @@ import numpy as np
 from data.check.problems import IMAGE_PROBLEMS, PROBLEMS
 from data.packing import plan_rows
 from data.sampler import ResumableSampler
+from models.errors import UserError
 
 if TYPE_CHECKING:
     from data.check.run import CheckOptions, Totals
@@ -164,7 +165,7 @@ def batch_padding(kept: np.ndarray, config: DataConfig, micro_batch: int) -> dic
     sampler = ResumableSampler(len(kept), seed=config.seed, shuffle=config.shuffle,
                                lengths=lengths.tolist() if config.group_by_length else None)
     order = sampler.epoch_order(0)
-    row_len = config.pack_len or config.max_len
+    row_len = config.row_len
     slots = 0
     for start in range(0, len(order), micro_batch):
         batch = [int(kept[i]) for i in order[start : start + micro_batch] if kept[i] > 0]  # 0: dropped
@@ -188,8 +189,6 @@ def plot_lengths(lengths: np.ndarray, max_len: int, path: Path) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        from models.errors import UserError
-
         raise UserError("--plot needs matplotlib: pip install 'vlrecipe[plot]'") from e
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.hist(lengths, bins=60, range=(0, 1.05 * max(max_len, int(lengths.max(initial=0)))), color="#4477aa")

@@ -18,6 +18,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from data.check.images import check_images
 from data.check.report import CheckReport, build_report
 from data.check.scan import ChunkResult, init_scan, read_chunks, scan_chunk
@@ -106,8 +108,6 @@ def check_data(config: DataConfig, tokenizer, num_image_tokens: int, options: Ch
     totals = Totals()
     malformed: list[tuple[str, ...]] = []
     start = time.perf_counter()
-    from tqdm import tqdm
-
     with tqdm(desc="data.check records", unit="rec", disable=not options.progress, mininterval=1.0) as bar:
         chunks = read_chunks(config, malformed, options.limit, decode=options.mode == "full")
         init_args = (tokenizer, num_image_tokens, config, options.max_examples)

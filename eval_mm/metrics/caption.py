@@ -10,6 +10,12 @@ import re
 import shutil
 import sys
 
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
 # The punctuation tokens PTBTokenizer drops after tokenising (pycocoevalcap/tokenizer/ptbtokenizer.py).
 PTB_PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-",
                    "--", "...", ";"}
@@ -37,15 +43,9 @@ def simple_ptb_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
 def caption_scores(predictions: dict[str, str], references: dict[str, list[str]],
                    with_meteor: bool = False) -> dict[str, float]:
     """Corpus-level caption metrics (x100). predictions/references are keyed by image id."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-
     gts = {k: list(v) for k, v in references.items()}
     res = {k: [predictions[k]] for k in references}
     if java_available():
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
         tokenizer = PTBTokenizer()
         gts = tokenizer.tokenize({k: [{"caption": c} for c in v] for k, v in gts.items()})
         res = tokenizer.tokenize({k: [{"caption": c} for c in v] for k, v in res.items()})
@@ -64,8 +64,6 @@ def caption_scores(predictions: dict[str, str], references: dict[str, list[str]]
     metrics["ROUGE_L"] = 100.0 * Rouge().compute_score(gts, res)[0]
     metrics["CIDEr"] = 100.0 * Cider().compute_score(gts, res)[0]
     if with_meteor:
-        from pycocoevalcap.meteor.meteor import Meteor
-
         metrics["METEOR"] = 100.0 * Meteor().compute_score(gts, res)[0]
     metrics["tokenizer"] = tokenizer_name
     return metrics

@@ -1,6 +1,6 @@
 """On-policy preference pairs: the rejected answer is the model's own wrong answer.
 
-    python -m data.onpolicy --checkpoint RUN/final --pairs dpo.json --out dpo_onpolicy.json
+    python -m eval_mm.onpolicy --checkpoint RUN/final --pairs dpo.json --out dpo_onpolicy.json
         [--right drop|keep] [--iou 0.5] [--batch-size 32] [--max-new-tokens N] [--device auto]
 
 Multimodal DPO pipelines (RLHF-V, LLaVA-RLHF, POVID) take the rejected answers from the model being
@@ -39,6 +39,7 @@ from data.text import tokenize_plain
 from eval_mm.inference import generate_tokens, left_pad, pad_token_id, stop_token_ids
 from eval_mm.metrics.grounding import box_iou, parse_first_box
 from models.errors import ArgumentParser, UserError, positive_int, run_cli
+from models.loading import load_pretrained, pick_device
 
 RIGHT_MODES = ("drop", "keep")
 _IMG = re.compile(r"<img>(.*?)</img>", re.DOTALL)
@@ -172,7 +173,7 @@ def onpolicy_pairs(raw: list[dict], answers: list[str], right: str = "drop", iou
     return out, counts
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m data.onpolicy") -> None:
+def main(argv: list[str] | None = None, prog: str = "python -m eval_mm.onpolicy") -> None:
     p = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                        examples=["--checkpoint runs/demo/sft/final --pairs "
                                  "runs/demo/data/synthetic/dpo.json --out runs/dpo_onpolicy.json"])
@@ -191,7 +192,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m data.onpolicy") -
     a = p.parse_args(argv)
     if not 0.0 < a.iou <= 1.0:
         p.error(f"argument --iou: must be in (0, 1], got {a.iou}")
-    from models.loading import load_pretrained, pick_device
 
     pairs, out = Path(a.pairs), Path(a.out)
     records, wheres = load_records(pairs, "auto")  # validated; the bad record is named

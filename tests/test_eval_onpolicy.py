@@ -1,4 +1,4 @@
-"""On-policy preference pairs (data/onpolicy.py): each pair's question is put to the model, and where its
+"""On-policy preference pairs (eval_mm/onpolicy.py): each pair's question is put to the model, and where its
 answer is wrong it becomes the rejected answer; where it is right the pair is dropped or kept as it was."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from data.formats import load_records
-from data.onpolicy import generate_for_pairs, is_right, onpolicy_pairs, relocate_images, relocate_record
+from eval_mm.onpolicy import generate_for_pairs, is_right, onpolicy_pairs, relocate_images, relocate_record
 
 REPO = Path(__file__).resolve().parents[1]
 BOX = "<ref>the red circle</ref><box>(100,100),(400,400)</box>"
@@ -123,8 +123,8 @@ def test_the_answers_are_the_models_greedy_chatml_answers_with_their_grounding_t
 
 
 def test_decoding_keeps_the_grounding_tags_and_stops_at_the_end_of_the_turn(tiny_tokenizer):
-    from data.onpolicy import decode_answer
     from eval_mm.inference import stop_token_ids
+    from eval_mm.onpolicy import decode_answer
 
     stops = stop_token_ids(tiny_tokenizer, "chatml")
     text = "<ref>the red circle</ref><box>(1,2),(3,4)</box>"
@@ -133,7 +133,7 @@ def test_decoding_keeps_the_grounding_tags_and_stops_at_the_end_of_the_turn(tiny
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "data.onpolicy", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "eval_mm.onpolicy", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env={"PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
                                             "PATH": "/usr/bin:/bin"})
 

@@ -1,0 +1,267 @@
+"""From a recipe to the model it trains: built, frozen, (quantised), (LoRA-wrapped), switched for speed.
+
+``assemble(recipe, device)`` is the one place a recipe's model sections (model, freeze, quantization, lora,
+perf, and data.image_size) become a model. The trainer (train.loop), the planner (train.plan, on the meta
+device) and the data check (train.data_check, through the same family's tokenizer) all go through here, so
+what they count, check and train is one model.
+
+The model family (``model.family`` in the recipe) decides how a model and its tokenizer are built; everything
+after the build (freezing by ``module_groups()``, LoRA, perf switches) is the same for every family.
+docs/design.md ("Model families") states what a family must provide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from transformers import AutoConfig
+
+from models import presets
+from models.build import build_vlm, load_tokenizer
+from models.config import VLMConfig
+from models.errors import UserError
+from models.loading import export_config_and_tokenizer, load_pretrained
+from models.tokens import ensure_special_tokens
+from train.dpo import runs_adapter_off_reference
+from train.freeze import apply_freezing, trainable_modules
+from train.lora import apply_lora, quantize_llm_4bit
+from train.perf import apply_perf_switches, frozen_to_bf16, resolve_perf
+from train.recipe import ModelSection, PerfSection, Recipe
+
+DEFAULT_PRESET = "qwen_vl_7b"  # the shape a recipe without model.preset builds (and plans)
+SYNTHETIC_VOCAB = 1024  # data.synthetic's tokenizer: the tiny presets' vocabulary when no tokenizer is given
+
+
+@dataclass
+class Assembled:
+    """What ``assemble`` hands out."""
+
+    model: nn.Module  # what trains: the VLM, or peft's model around it under LoRA
+    vlm: nn.Module  # the VLM itself (the same object as ``model`` without LoRA)
+    tokenizer: Any  # None on the meta device when no tokenizer files exist yet (a template recipe)
+    trains: dict[str, bool]  # group -> trains (train.freeze.apply_freezing)
+    adapters: dict[str, int]  # LoRA adapter parameter name -> size
+    perf: PerfSection | None  # the resolved perf section; None on the meta device (nothing runs there)
+    notes: list[str] = field(default_factory=list)  # what was resolved (perf auto; the planner's fallbacks)
+
+    @property
+    def trainable(self) -> set[str]:
+        return {name for name, p in self.model.named_parameters() if p.requires_grad}
+
+
+# ------------------------------------------------------------------------------------------ families
+class ModelFamily(Protocol):
+    """How one kind of model is built from the recipe's model section (docs/design.md, "Model families").
+    The model it builds provides ``module_groups()``, ``config.vision.image_size``,
+    ``config.num_image_tokens`` and ``set_runtime(models.vlm.RuntimeOptions)``."""
+
+    def tokenizer(self, m: ModelSection) -> Any:
+        """The tokenizer training will use, its special tokens added; UserError when the recipe names none."""
+
+    def image_tokens(self, m: ModelSection) -> int:
+        """Tokens one image takes in a sample (for the data check's lengths)."""
+
+    def build(self, m: ModelSection, dtype: torch.dtype | None, device: torch.device | None, keep_fp32,
+              llm_on_meta: bool) -> tuple[nn.Module, Any]:
+        """(model, tokenizer) with weights: loaded, or drawn on ``device``."""
+
+    def build_meta(self, m: ModelSection, source: str, notes: list[str]) -> tuple[nn.Module, Any]:
+        """(model, tokenizer or None) on the meta device, reading configs and tokenizers only. Files a
+        template recipe names but a fresh clone lacks fall back to the preset's shape, with a line in
+        ``notes``."""
+
+
+class QwenVL:
+    """The Qwen-VL recipe's own model (models.VLM): vision tower + resampler + any Hugging Face causal LM,
+    from a preset, an LLM directory (and OpenCLIP weights), or any export of a previous stage."""
+
+    def tokenizer(self, m: ModelSection) -> Any:
+        # tokenizer_path, else the init_from export's (a LoRA run's final/: its adapter's, or its base's),
+        # else the LLM's; with the VLM special tokens added as build_vlm adds them.
+        path = m.tokenizer_path or m.llm_path
+        if m.tokenizer_path is None and m.init_from is not None:
+            path = export_config_and_tokenizer(m.init_from)[1]
+        if path is None:
+            raise UserError("the recipe names no tokenizer: set model.tokenizer_path (or model.init_from / "
+                            "model.llm_path)")
+        if not Path(path).is_dir():
+            raise UserError(f"tokenizer directory not found: {path}")
+        tokenizer = load_tokenizer(path)
+        ensure_special_tokens(tokenizer)
+        return tokenizer
+
+    def image_tokens(self, m: ModelSection) -> int:
+        # The init_from export's config, else the preset's (the Qwen-VL shape: 256).
+        if m.init_from is not None:
+            return export_config_and_tokenizer(m.init_from)[0].num_image_tokens
+        return preset(m)(vocab_size=1).num_image_tokens
+
+    def build(self, m: ModelSection, dtype: torch.dtype | None, device: torch.device | None, keep_fp32,
+              llm_on_meta: bool) -> tuple[nn.Module, Any]:
+        if m.init_from is not None:
+            # Any export: a full one, a LoRA run's final/ (its adapter merged into its base here), ...
+            model, tokenizer = load_pretrained(m.init_from, dtype=dtype or torch.float32, device=device,
+                                               merge=True, tokenizer=m.tokenizer_path, keep_fp32=keep_fp32)
+            model.train()  # load_pretrained hands out models for inference
+        else:
+            tokenizer = load_tokenizer(m.tokenizer_path or m.llm_path)
+            config = preset(m)(vocab_size=max(len(tokenizer), m.pad_vocab_to or 0))
+            openclip = (m.openclip_name, m.openclip_checkpoint) if m.openclip_name else None
+            # Weights read from disk (llm_path, OpenCLIP) are copied in on the CPU; only random ones move.
+            on = device if m.llm_path is None and m.openclip_name is None else None
+            # Q-LoRA builds the decoder on the meta device: quantize_llm_4bit creates it layer by layer.
+            llm_device = "meta" if llm_on_meta and on is not None and on.type == "cuda" else None
+            model = build_vlm(config, tokenizer=tokenizer, llm_path=m.llm_path, openclip=openclip,
+                              dtype=dtype, device=on, keep_fp32=keep_fp32, llm_device=llm_device)
+        if m.image_size is not None:
+            model.config.vision.image_size = m.image_size  # the position table is resized on the fly
+        model.tokenizer = tokenizer
+        return model, tokenizer
+
+    def build_meta(self, m: ModelSection, source: str, notes: list[str]) -> tuple[nn.Module, Any]:
+        config, tokenizer = self._meta_config(m, source, notes)
+        if tokenizer is None and config.image_pad_id is None:
+            vocab = int(config.text_config["vocab_size"])  # any ids: they only matter for real batches
+            config.image_start_id, config.image_end_id, config.image_pad_id = vocab - 3, vocab - 2, vocab - 1
+        model = build_vlm(config, tokenizer=tokenizer, device="meta")
+        if m.image_size is not None:
+            model.config.vision.image_size = m.image_size
+        return model, tokenizer
+
+    def _meta_config(self, m: ModelSection, source: str, notes: list[str]) -> tuple[VLMConfig, Any]:
+        """(VLMConfig, tokenizer or None) as ``build`` resolves them, from configs and tokenizers only."""
+        if m.init_from is not None:
+            config_file = Path(m.init_from) / "config.json"
+            if config_file.is_file():
+                try:
+                    config = VLMConfig.load(config_file)
+                except ValueError as e:
+                    raise UserError(f"{source}: model.init_from: {e}") from e
+                return config, None  # an export's vocabulary is final: the trainer resizes nothing
+            notes.append(f"model.init_from={m.init_from} has no config.json yet: planned with the "
+                         f"{m.preset or DEFAULT_PRESET} preset (the shape the shipped recipes train)")
+        tokenizer = _tokenizer_if_present(m.tokenizer_path or m.llm_path, notes)
+        text_config = None
+        if m.llm_path is not None and (Path(m.llm_path) / "config.json").is_file():
+            text_config = AutoConfig.from_pretrained(m.llm_path, trust_remote_code=False).to_dict()
+        elif m.llm_path is not None:
+            notes.append(f"no LLM config at model.llm_path={m.llm_path}: planned with the "
+                         f"{m.preset or DEFAULT_PRESET} decoder")
+        vocab = len(tokenizer) if tokenizer is not None else None
+        if text_config is not None:
+            vocab = max(vocab or 0, text_config["vocab_size"])
+        vocab = max(vocab or 0, m.pad_vocab_to or 0) or None
+        if vocab is None and (m.preset or DEFAULT_PRESET) in ("tiny", "demo"):
+            vocab = SYNTHETIC_VOCAB
+            notes.append(f"vocabulary {vocab} assumed (data.synthetic's tokenizer); set model.tokenizer_path")
+        config = preset(m)(vocab_size=vocab) if vocab is not None else preset(m)()
+        if text_config is not None:
+            config.text_config = text_config
+        return config, tokenizer
+
+
+FAMILIES: dict[str, ModelFamily] = {"qwen_vl": QwenVL()}
+
+
+def family_of(m: ModelSection) -> ModelFamily:
+    return FAMILIES[m.family]  # the recipe's Literal type admits only registered names
+
+
+def preset(m: ModelSection):
+    """The models.presets builder the model section names (the Qwen-VL 7B shape by default)."""
+    return getattr(presets, m.preset or DEFAULT_PRESET)
+
+
+def _tokenizer_if_present(path: str | None, notes: list[str]) -> Any:
+    if path is None:
+        return None
+    p = Path(path)
+    if not (p / "tokenizer_config.json").is_file() and not (p / "tokenizer.json").is_file():
+        notes.append(f"no tokenizer at {path}: vocabulary from the config / preset")
+        return None
+    return load_tokenizer(p)
+
+
+# ------------------------------------------------------------------------------------------ assembly
+def storage_dtypes(recipe: Recipe) -> tuple[torch.dtype | None, bool]:
+    """(dtype the model is built or loaded in, whether its trainable modules are kept in fp32).
+
+    - DeepSpeed in bf16 casts the whole module to bf16 and keeps its own fp32 master weights: build in bf16
+      (building in fp32 first would only double each rank's memory).
+    - Otherwise with train.bf16 and perf.frozen_bf16: frozen weights in bf16 (autocast runs their matmuls in
+      bf16 anyway, and they never update) and trainable ones in fp32 for the optimiser, each loaded straight
+      in its final dtype: the model never exists in fp32 as a whole (a 9.65B fp32 model is 36 GiB).
+    - Otherwise fp32 (None)."""
+    if recipe.parallel.mode in ("zero2", "zero3") and recipe.train.bf16:
+        return torch.bfloat16, False
+    if recipe.train.bf16 and recipe.perf.frozen_bf16:
+        return torch.bfloat16, True
+    return None, False
+
+
+def build_model(recipe: Recipe, device: torch.device | None = None) -> tuple[nn.Module, Any]:
+    """The model and its tokenizer in the storage dtypes of ``storage_dtypes``, before freezing. ``device``:
+    where weights are drawn (a preset's random ones: a GPU draws 9.65B in seconds, one CPU thread under
+    torchrun takes minutes) or loaded (an export's)."""
+    dtype, trainable_fp32 = storage_dtypes(recipe)
+    keep_fp32 = (lambda vlm: trainable_modules(vlm, recipe.freeze)) if trainable_fp32 else None
+    return family_of(recipe.model).build(recipe.model, dtype=dtype, device=device, keep_fp32=keep_fp32,
+                                         llm_on_meta=recipe.quantization.enabled)
+
+
+def assemble(recipe: Recipe, device: torch.device | str | None, mode: str = "single",
+             source: str | None = None) -> Assembled:
+    """The recipe's model, ready for the engine. ``device``: where the trainer runs (weights go straight
+    there where they can), or ``"meta"``: the same model without memory, weights or speed switches, for
+    the planner's counts. ``mode``: the resolved parallel mode (train.parallel.resolve_mode). ``source``:
+    the recipe file, named in errors."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    meta = device.type == "meta"
+    family, notes = family_of(recipe.model), []
+    if meta:
+        model, tokenizer = family.build_meta(recipe.model, source or "recipe", notes)
+    else:
+        # Straight onto the GPU in the final dtypes; ZeRO-3 loads an export on the CPU (it partitions it), and
+        # so does Q-LoRA (quantize_llm_4bit moves the decoder over one layer at a time).
+        cuda = device.type == "cuda"
+        on_gpu = cuda and (recipe.model.init_from is None
+                           or (mode != "zero3" and not recipe.quantization.enabled))
+        model, tokenizer = build_model(recipe, device=device if on_gpu else None)
+    check_image_size(model, recipe.data.image_size, source)
+    trains = apply_freezing(model, recipe.freeze)
+    if not meta and recipe.train.grad_checkpointing:
+        model.set_gradient_checkpointing(True, llm_layers=recipe.perf.checkpoint_llm_layers,
+                                         vision=recipe.perf.checkpoint_vision)
+    if not meta and recipe.quantization.enabled:
+        quantize_llm_4bit(model, recipe.quantization, device)
+    wrapped = model
+    if recipe.lora.enabled:
+        # On the meta device the adapters are built there too: no memory, no random init.
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            try:
+                wrapped = apply_lora(model, recipe.lora, recipe.freeze, recipe.train.grad_checkpointing)
+            except ValueError as e:  # peft: a target matches no module
+                raise UserError(f"{source or 'recipe'}: {e}") from e
+    vlm = wrapped.get_base_model() if recipe.lora.enabled else wrapped
+    adapters = {n: p.numel() for n, p in wrapped.named_parameters() if "lora_" in n}
+    if meta:
+        return Assembled(wrapped, vlm, tokenizer, trains, adapters, perf=None, notes=notes)
+    if storage_dtypes(recipe) == (torch.bfloat16, True):
+        frozen_to_bf16(vlm)  # what quantisation / LoRA wrapping left in fp32 while frozen
+    perf, notes = resolve_perf(recipe.perf, vlm, cuda=device.type == "cuda",
+                               quantized=recipe.quantization.enabled, zero3=mode == "zero3",
+                               adapter_off_reference=runs_adapter_off_reference(recipe))
+    apply_perf_switches(vlm, perf)
+    return Assembled(wrapped, vlm, tokenizer, trains, adapters, perf=perf, notes=notes)
+
+
+def check_image_size(model: nn.Module, image_size: int, source: str | None = None) -> None:
+    if model.config.vision.image_size != image_size:
+        where = f"{source}: " if source else ""
+        raise UserError(f"{where}data.image_size={image_size} but the model's vision.image_size is "
+                        f"{model.config.vision.image_size}; set model.image_size and data.image_size alike")
