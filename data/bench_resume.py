@@ -54,43 +54,64 @@ def write_jsonl_shards(world: Path, shard_size: int) -> list[str]:
     paths = []
     for i in range(0, len(lines), shard_size):
         path = world / f"pretrain-{i // shard_size:06d}.jsonl"
-        path.write_text("\n".join(lines[i:i + shard_size]) + "\n")
+        path.write_text("\n".join(lines[i : i + shard_size]) + "\n")
         paths.append(str(path))
     return paths
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m data.bench_resume") -> None:
-    p = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                       examples=["--format webdataset --workers 2"])
+    p = ArgumentParser(
+        prog=prog, description=__doc__.split("\n\n")[0], examples=["--format webdataset --workers 2"]
+    )
     p.add_argument("--format", choices=["webdataset", "jsonl"], default="webdataset")
     p.add_argument("--n-train", type=int, default=6000, help="samples in the epoch")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    p.add_argument("--image-size", type=int, default=56, help="model input size (decoding is not what is timed)")
+    p.add_argument(
+        "--image-size", type=int, default=56, help="model input size (decoding is not what is timed)"
+    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--shuffle-buffer", type=int, default=1000)
     p.add_argument("--early", type=int, default=2, help="batches before the early checkpoint")
-    p.add_argument("--late", type=float, default=0.6, help="late checkpoint, as a fraction of the epoch's batches")
+    p.add_argument(
+        "--late", type=float, default=0.6, help="late checkpoint, as a fraction of the epoch's batches"
+    )
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         world = Path(tmp)
         print(f"generating {a.n_train} pairs ...", flush=True)
-        manifest = generate(world, seed=0, n_train=a.n_train, n_eval=2, vocab_size=400,
-                            webdataset_shard_size=a.shard_size if a.format == "webdataset" else None)
+        manifest = generate(
+            world,
+            seed=0,
+            n_train=a.n_train,
+            n_eval=2,
+            vocab_size=400,
+            webdataset_shard_size=a.shard_size if a.format == "webdataset" else None,
+        )
         tokenizer = AutoTokenizer.from_pretrained(world / "tokenizer")
         if a.format == "webdataset":
             paths, fmt = [str(world / manifest["files"]["pretrain_webdataset"]["path"])], "webdataset"
         else:
             paths, fmt = write_jsonl_shards(world, a.shard_size), "pretrain"
-        config = DataConfig(paths=paths, format=fmt, streaming=True, image_size=a.image_size, max_len=512,
-                            num_workers=a.workers, shuffle_buffer=a.shuffle_buffer)
+        config = DataConfig(
+            paths=paths,
+            format=fmt,
+            streaming=True,
+            image_size=a.image_size,
+            max_len=512,
+            num_workers=a.workers,
+            shuffle_buffer=a.shuffle_buffer,
+        )
         epoch_batches = a.n_train // a.batch_size  # whole batches (workers' last ones may be partial)
         late = max(a.early + 1, int(a.late * epoch_batches))
-        print(f"{a.format}: {a.n_train} samples in shards of {a.shard_size}, {a.workers} workers, batch "
-              f"{a.batch_size}, shuffle buffer {a.shuffle_buffer}; positions: batch {a.early} and {late} of "
-              f"~{epoch_batches}", flush=True)
+        print(
+            f"{a.format}: {a.n_train} samples in shards of {a.shard_size}, {a.workers} workers, batch "
+            f"{a.batch_size}, shuffle buffer {a.shuffle_buffer}; positions: batch {a.early} and {late} of "
+            f"~{epoch_batches}",
+            flush=True,
+        )
         rows = [("start of epoch (anchor)", None, 0.0)]
         for batches in (a.early, late):
             state, reach = position_after(config, tokenizer, a.batch_size, batches)
@@ -100,9 +121,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m data.bench_resume
             for row, (_, state, _) in zip(times, rows):
                 row.append(time_to_first_batch(config, tokenizer, a.batch_size, state))
         for (name, _, reach), row in zip(rows, times):
-            print(f"{name:26s} resume -> first batch: median {statistics.median(row):6.3f} s  "
-                  f"(min {min(row):.3f}, max {max(row):.3f}, {a.repeats} runs)"
-                  + (f"; reading up to it took {reach:.1f} s" if reach else ""), flush=True)
+            print(
+                f"{name:26s} resume -> first batch: median {statistics.median(row):6.3f} s  "
+                f"(min {min(row):.3f}, max {max(row):.3f}, {a.repeats} runs)"
+                + (f"; reading up to it took {reach:.1f} s" if reach else ""),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -106,8 +106,13 @@ def render_preference_pair(
     prompt_len = len(render_chatml(tokenizer, conversation, num_image_tokens, system_message))
     pair = []
     for answer in (chosen, rejected):
-        sample = render_chatml(tokenizer, [*conversation, {"from": "assistant", "value": answer}], num_image_tokens,
-                               system_message, assistant_only=True)
+        sample = render_chatml(
+            tokenizer,
+            [*conversation, {"from": "assistant", "value": answer}],
+            num_image_tokens,
+            system_message,
+            assistant_only=True,
+        )
         sample.labels[:prompt_len] = [IGNORE_INDEX] * prompt_len
         pair.append(sample)
     return pair[0], pair[1]
@@ -118,8 +123,9 @@ def encode_chat_prompt(
 ) -> tuple[list[int], list[str]]:
     """Ids of a one-turn ChatML prompt that ends where the assistant's answer starts
     (``...<|im_start|>assistant\\n``), tokenised exactly as training conversations are; and its image paths."""
-    return encode_conversation_prompt(tokenizer, [{"from": "user", "value": user_text}], num_image_tokens,
-                                      system_message)
+    return encode_conversation_prompt(
+        tokenizer, [{"from": "user", "value": user_text}], num_image_tokens, system_message
+    )
 
 
 def encode_conversation_prompt(

@@ -57,9 +57,13 @@ class Collator:
         if pairs:
             if len(pairs) != len(samples):
                 raise ValueError("a batch mixes preference pairs and plain samples")
-            samples = [{**s[key], "pixel_values": s["pixel_values"]} for s in pairs for key in ("chosen", "rejected")]
+            samples = [
+                {**s[key], "pixel_values": s["pixel_values"]} for s in pairs for key in ("chosen", "rejected")
+            ]
         if self.packing:
-            batch = pack(samples, self.row_len, self.pad_id, group=2 if pairs else 1, sequence_ids=bool(pairs))
+            batch = pack(
+                samples, self.row_len, self.pad_id, group=2 if pairs else 1, sequence_ids=bool(pairs)
+            )
         else:
             batch = pad(samples, self.pad_id, sequence_ids=bool(pairs))
         if pairs:  # DPO needs every position's log-prob (train.dpo): no label_positions
@@ -68,8 +72,9 @@ class Collator:
         else:
             batch["label_positions"] = supervised_positions(batch["labels"])
         pixels = [s["pixel_values"] for s in (pairs or samples) if len(s["pixel_values"])]
-        batch["pixel_values"] = (torch.cat(pixels) if pixels
-                                 else torch.zeros(0, 3, self.image_size, self.image_size))
+        batch["pixel_values"] = (
+            torch.cat(pixels) if pixels else torch.zeros(0, 3, self.image_size, self.image_size)
+        )
         if pairs:
             batch["image_index"] = pair_image_index([len(s["pixel_values"]) for s in pairs])
         batch["num_samples"] = len(samples)
@@ -109,7 +114,11 @@ def split_rows(batch: dict, max_tokens: int | None, image_start_id: int) -> list
     parts, first_span = [], 0
     for r0 in range(0, rows, per_forward):
         r1 = min(rows, r0 + per_forward)
-        part = {k: batch[k][r0:r1] for k in ("input_ids", "labels", "position_ids", "attention_mask") if k in batch}
+        part = {
+            k: batch[k][r0:r1]
+            for k in ("input_ids", "labels", "position_ids", "attention_mask")
+            if k in batch
+        }
         n_spans = sum(images_per_row[r0:r1])
         if "image_index" in batch:  # pairs: the part's spans point into a contiguous run of images
             index = batch["image_index"][first_span : first_span + n_spans]

@@ -39,11 +39,15 @@ class DataConfig:
     seed: int = 0
     shuffle: bool = True
     streaming: bool = False  # pretraining pairs read shard by shard (data.streaming); webdataset implies it
-    shuffle_buffer: int = 1000  # streaming: records each DataLoader worker mixes (held in memory; re-read on resume)
+    shuffle_buffer: int = (
+        1000  # streaming: records each DataLoader worker mixes (held in memory; re-read on resume)
+    )
     image_column: str = "image"
     caption_column: str = "caption"
     wds_image_keys: str = DEFAULT_IMAGE_KEYS  # webdataset: image member extensions, the first present is used
-    wds_caption_key: str = DEFAULT_CAPTION_KEY  # webdataset: caption member ("txt"), or "json:caption" for a JSON field
+    wds_caption_key: str = (
+        DEFAULT_CAPTION_KEY  # webdataset: caption member ("txt"), or "json:caption" for a JSON field
+    )
 
     # The dataset check (python -m data.check) run by the trainer before the model is built, on rank 0:
     # fast = records, tokens, tags, truncation, duplicates, images exist; full = + every image decoded.
@@ -67,5 +71,6 @@ class DataConfig:
             if not self.packing:
                 raise ValueError("'data.pack_len' needs 'data.packing: true'")
             if self.pack_len < self.max_len:
-                raise ValueError(f"'data.pack_len' ({self.pack_len}) must be >= 'data.max_len' "
-                                 f"({self.max_len})")
+                raise ValueError(
+                    f"'data.pack_len' ({self.pack_len}) must be >= 'data.max_len' ({self.max_len})"
+                )

@@ -35,5 +35,16 @@ from data.map_style import Records, VLMDataset, find_missing_images, load_data
 from data.sample_builder import SampleBuilder, bad_image_marker
 from data.streamed_dataset import StreamingVLMDataset, streamed_pair
 
-__all__ = ["DataConfig", "Records", "ResumableLoader", "SampleBuilder", "StreamingVLMDataset", "VLMDataset",
-           "bad_image_marker", "build_dataloader", "find_missing_images", "load_data", "streamed_pair"]
+__all__ = [
+    "DataConfig",
+    "Records",
+    "ResumableLoader",
+    "SampleBuilder",
+    "StreamingVLMDataset",
+    "VLMDataset",
+    "bad_image_marker",
+    "build_dataloader",
+    "find_missing_images",
+    "load_data",
+    "streamed_pair",
+]

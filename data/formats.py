@@ -27,7 +27,13 @@ from models.errors import MissingFileError, UserError
 from models.tokens import IMG_END, IMG_START
 
 FORMATS = ("auto", "qwen", "llava", "multitask", "pretrain")
-LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+LLAVA_ROLES = {
+    "human": "user",
+    "gpt": "assistant",
+    "system": "system",
+    "user": "user",
+    "assistant": "assistant",
+}
 LLAVA_IMAGE = "<image>"
 JSON_DEPTH = sys.getrecursionlimit()  # about the deepest nesting json.load reads before RecursionError
 _IMG_SPAN = re.compile(re.escape(IMG_START) + r"(.*?)" + re.escape(IMG_END), re.DOTALL)
@@ -56,8 +62,15 @@ def _resolve_text_images(text: str, base_dir: Path) -> str:
 def type_name(value: object) -> str:
     """How a JSON value is named in an error: its JSON type (a record's values are never printed whole: they
     may be huge or nested thousands deep)."""
-    names = {str: "a string", bool: "a boolean", int: "a number", float: "a number", list: "a list",
-             dict: "an object", type(None): "null"}
+    names = {
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        list: "a list",
+        dict: "an object",
+        type(None): "null",
+    }
     return names.get(type(value), type(value).__name__)
 
 
@@ -116,7 +129,9 @@ def _is_llava(record: dict) -> bool:
     if not isinstance(convs, list):
         return False  # not a chat record's shape: check_turns names the field
     return any(isinstance(t, dict) and t.get("from") in ("human", "gpt") for t in convs) or (
-        "image" in record and any(LLAVA_IMAGE in str(t.get("value", "")) for t in convs if isinstance(t, dict)))
+        "image" in record
+        and any(LLAVA_IMAGE in str(t.get("value", "")) for t in convs if isinstance(t, dict))
+    )
 
 
 PREFERENCE_KEYS = ("chosen", "rejected")
@@ -131,11 +146,15 @@ def _answer_text(answer, key: str) -> str:
     """The text of a 'chosen'/'rejected' answer: ``{"from": "assistant"|"gpt", "value": str}`` or a string."""
     if isinstance(answer, dict):
         if answer.get("from") not in ("assistant", "gpt"):
-            raise ValueError(f"'{key}' must come from 'assistant' (or LLaVA's 'gpt'), got {answer.get('from')!r}")
+            raise ValueError(
+                f"'{key}' must come from 'assistant' (or LLaVA's 'gpt'), got {answer.get('from')!r}"
+            )
         answer = answer.get("value")
     if not isinstance(answer, str) or not answer.strip():
-        raise ValueError(f"'{key}' must be a non-empty answer text, got "
-                         + (repr(answer) if isinstance(answer, str) else type_name(answer)))
+        raise ValueError(
+            f"'{key}' must be a non-empty answer text, got "
+            + (repr(answer) if isinstance(answer, str) else type_name(answer))
+        )
     if IMG_START in answer or LLAVA_IMAGE in answer:
         raise ValueError(f"'{key}' contains an image; images belong in the prompt, which both answers share")
     return answer
@@ -146,7 +165,9 @@ def _normalize_preference(record: dict, llava: bool, base_dir: Path) -> dict:
     different answers. Validated like a chat record whose last turn is the chosen answer."""
     missing = [key for key in PREFERENCE_KEYS if key not in record]
     if missing:
-        raise ValueError(f"preference record without '{missing[0]}' (a pair needs both 'chosen' and 'rejected')")
+        raise ValueError(
+            f"preference record without '{missing[0]}' (a pair needs both 'chosen' and 'rejected')"
+        )
     chosen, rejected = (_answer_text(record[key], key) for key in PREFERENCE_KEYS)
     if chosen == rejected:
         raise ValueError("'chosen' and 'rejected' are identical: the pair teaches nothing")
@@ -154,9 +175,18 @@ def _normalize_preference(record: dict, llava: bool, base_dir: Path) -> dict:
     if llava:
         prompt = llava_to_qwen(prompt)
     turns = prompt.get("conversations")
-    if not isinstance(turns, list) or not turns or not isinstance(turns[-1], dict) or turns[-1].get("from") != "user":
-        raise ValueError("a preference record's 'conversations' must end with the user turn the answers reply to")
-    chat = normalize_record({"conversations": [*turns, {"from": "assistant", "value": chosen}]}, "qwen", base_dir)
+    if (
+        not isinstance(turns, list)
+        or not turns
+        or not isinstance(turns[-1], dict)
+        or turns[-1].get("from") != "user"
+    ):
+        raise ValueError(
+            "a preference record's 'conversations' must end with the user turn the answers reply to"
+        )
+    chat = normalize_record(
+        {"conversations": [*turns, {"from": "assistant", "value": chosen}]}, "qwen", base_dir
+    )
     parse_boxes(rejected)  # malformed / out-of-range box -> ValueError
     out = {"conversations": chat["conversations"][:-1], "chosen": chosen, "rejected": rejected}
     if "id" in record:
@@ -193,8 +223,10 @@ def normalize_record(record: dict, fmt: str, base_dir: Path) -> dict:
         return {"conversations": turns}
     # multitask or pretrain: a task record
     if "messages" in record and "task" not in record:
-        raise ValueError("a 'messages' record (role/content turns) is not a format read here: write it as "
-                         "'conversations' of from/value turns (docs/data.md)")
+        raise ValueError(
+            "a 'messages' record (role/content turns) is not a format read here: write it as "
+            "'conversations' of from/value turns (docs/data.md)"
+        )
     out = dict(record)
     task_of(out)
     if "image" in out and out["image"] is not None:
@@ -202,8 +234,9 @@ def normalize_record(record: dict, fmt: str, base_dir: Path) -> dict:
             raise ValueError(f"'image' must be a path, got {type_name(out['image'])}")
         out["image"] = resolve_path(out["image"], base_dir)
     has_size = "width" in out and "height" in out
-    needs_header = not has_size and ("bbox" in out or any(
-        isinstance(t, dict) and "quad_px" in t for t in out.get("texts", [])))
+    needs_header = not has_size and (
+        "bbox" in out or any(isinstance(t, dict) and "quad_px" in t for t in out.get("texts", []))
+    )
     if not needs_header:  # validate fields and boxes now; pixel boxes without a size wait for the image
         task_prompt_and_target(out)
     return out
@@ -222,12 +255,18 @@ def empty_answer_turn(record: dict) -> int | None:
 def record_image_paths(record: dict) -> list[str]:
     """The image files a normalised record refers to (paths already resolved), in order."""
     if "conversations" in record:
-        return [value for turn in record["conversations"] for kind, value in split_image_spans(turn["value"])
-                if kind == "image"]
+        return [
+            value
+            for turn in record["conversations"]
+            for kind, value in split_image_spans(turn["value"])
+            if kind == "image"
+        ]
     return [record["image"]] if record.get("image") is not None else []
 
 
-def iter_json_records(path: Path, malformed: list[tuple[str, str]] | None = None) -> Iterator[tuple[str, dict]]:
+def iter_json_records(
+    path: Path, malformed: list[tuple[str, str]] | None = None
+) -> Iterator[tuple[str, dict]]:
     """(where, raw record) from a JSON list (``.json``) or JSON lines (any other suffix).
 
     A malformed JSON line raises DataFormatError, or, when ``malformed`` is a list, is appended to it
@@ -238,12 +277,15 @@ def iter_json_records(path: Path, malformed: list[tuple[str, str]] | None = None
             try:
                 data = json.load(f)
             except json.JSONDecodeError as e:
-                raise DataFormatError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+                raise DataFormatError(
+                    f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"
+                ) from e
             except UnicodeDecodeError as e:
                 raise DataFormatError(f"{path}: not UTF-8 text (byte {e.start}); is it a JSON file?") from e
             except RecursionError:  # Python's JSON parser recurses once per level of [ or {
-                raise DataFormatError(f"{path}: JSON nested too deeply to read (over ~{JSON_DEPTH} levels of "
-                                      "[ or {)") from None
+                raise DataFormatError(
+                    f"{path}: JSON nested too deeply to read (over ~{JSON_DEPTH} levels of [ or {{)"
+                ) from None
             if not isinstance(data, list):
                 raise DataFormatError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
             for i, rec in enumerate(data):
@@ -258,19 +300,25 @@ def iter_json_records(path: Path, malformed: list[tuple[str, str]] | None = None
                 try:
                     rec = json.loads(line)
                 except (json.JSONDecodeError, RecursionError) as e:
-                    message = (f"malformed JSON: {e.msg} (column {e.colno})"
-                               if isinstance(e, json.JSONDecodeError)
-                               else f"JSON nested too deeply to read (over ~{JSON_DEPTH} levels of [ or {{)")
+                    message = (
+                        f"malformed JSON: {e.msg} (column {e.colno})"
+                        if isinstance(e, json.JSONDecodeError)
+                        else f"JSON nested too deeply to read (over ~{JSON_DEPTH} levels of [ or {{)"
+                    )
                     if malformed is None:
                         raise DataFormatError(f"{where}: {message}") from e
                     malformed.append((where, message))
                     continue
                 yield where, rec
         except UnicodeDecodeError as e:
-            raise DataFormatError(f"{path} line {lineno + 1}: not UTF-8 text; is it a JSON lines file?") from e
+            raise DataFormatError(
+                f"{path} line {lineno + 1}: not UTF-8 text; is it a JSON lines file?"
+            ) from e
 
 
-def load_records(path: str | Path, fmt: str = "auto", image_root: str | None = None) -> tuple[list[dict], list[str]]:
+def load_records(
+    path: str | Path, fmt: str = "auto", image_root: str | None = None
+) -> tuple[list[dict], list[str]]:
     """All records of a JSON/JSONL file, validated and normalised; returns (records, where-strings).
 
     Raises DataFormatError naming the file and record/line on the first bad record.
@@ -291,8 +339,9 @@ def load_records(path: str | Path, fmt: str = "auto", image_root: str | None = N
     return records, wheres
 
 
-def iter_raw_records(path: str | Path, fmt: str = "auto",
-                     malformed: list[tuple[str, str]] | None = None) -> Iterator[tuple[str, dict]]:
+def iter_raw_records(
+    path: str | Path, fmt: str = "auto", malformed: list[tuple[str, str]] | None = None
+) -> Iterator[tuple[str, dict]]:
     """(where, raw record) of one data file, not yet validated: JSON/JSONL records, or the rows of a
     pretraining file (JSONL/CSV/Parquet through ``datasets``). ``malformed``: see iter_json_records."""
     path = Path(path)
@@ -316,12 +365,18 @@ def _builder(path: Path) -> str:
     try:
         return _HF_BUILDERS[path.suffix]
     except KeyError:
-        raise DataFormatError(f"{path}: pretraining pairs must be .jsonl/.json/.csv/.parquet "
-                              "(WebDataset .tar shards: data.format: webdataset)") from None
+        raise DataFormatError(
+            f"{path}: pretraining pairs must be .jsonl/.json/.csv/.parquet "
+            "(WebDataset .tar shards: data.format: webdataset)"
+        ) from None
 
 
-def load_pretrain_pairs(path: str | Path | list[str], streaming: bool = False,
-                        image_column: str = "image", caption_column: str = "caption"):
+def load_pretrain_pairs(
+    path: str | Path | list[str],
+    streaming: bool = False,
+    image_column: str = "image",
+    caption_column: str = "caption",
+):
     """(image, caption) pairs as a Hugging Face Dataset (or IterableDataset when streaming).
 
     ``path`` may be one file or a list of shards of one type; columns are renamed to image/caption.
@@ -330,9 +385,13 @@ def load_pretrain_pairs(path: str | Path | list[str], streaming: bool = False,
 
     files = [str(p) for p in ([path] if isinstance(path, (str, Path)) else path)]
     try:
-        ds = datasets.load_dataset(_builder(Path(files[0])), data_files=files, split="train", streaming=streaming)
+        ds = datasets.load_dataset(
+            _builder(Path(files[0])), data_files=files, split="train", streaming=streaming
+        )
     except datasets.exceptions.DatasetGenerationError as e:  # the parser's own message is the cause's
-        raise DataFormatError(f"{', '.join(files)}: cannot read the pretraining pairs: {e.__cause__ or e}") from e
+        raise DataFormatError(
+            f"{', '.join(files)}: cannot read the pretraining pairs: {e.__cause__ or e}"
+        ) from e
     columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
     for col in (image_column, caption_column):
         if col not in columns:

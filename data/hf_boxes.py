@@ -46,18 +46,27 @@ FAMILY_RANGE = 1000  # Qwen2-VL and Qwen3-VL relative coordinates run 0..1000 in
 _COORDS = r"\((\d+),(\d+)\),\((\d+),(\d+)\)"
 _LABEL = rf"((?:(?!{re.escape(REF_END)}).)*?)"  # a ref's text: anything up to its own </ref>
 # One grounding group of our text: an optional <ref>label</ref> and one or more boxes after it.
-_GROUP = re.compile(rf"(?:{re.escape(REF_START)}{_LABEL}{re.escape(REF_END)})?"
-                    rf"((?:{re.escape(BOX_START)}{_COORDS}{re.escape(BOX_END)})+)", re.DOTALL)
+_GROUP = re.compile(
+    rf"(?:{re.escape(REF_START)}{_LABEL}{re.escape(REF_END)})?"
+    rf"((?:{re.escape(BOX_START)}{_COORDS}{re.escape(BOX_END)})+)",
+    re.DOTALL,
+)
 _ONE_BOX = re.compile(rf"{re.escape(BOX_START)}{_COORDS}{re.escape(BOX_END)}")
-_OPEN_BOX_PROMPT = re.compile(rf"{re.escape(REF_START)}{_LABEL}{re.escape(REF_END)}{re.escape(BOX_START)}\s*$",
-                              re.DOTALL)
+_OPEN_BOX_PROMPT = re.compile(
+    rf"{re.escape(REF_START)}{_LABEL}{re.escape(REF_END)}{re.escape(BOX_START)}\s*$", re.DOTALL
+)
 _BARE_REF = re.compile(rf"{re.escape(REF_START)}{_LABEL}{re.escape(REF_END)}", re.DOTALL)
 
-_FAMILY_GROUP = re.compile(rf"(?:{re.escape(OBJECT_REF_START)}(.*?){re.escape(OBJECT_REF_END)})?"
-                           rf"((?:{re.escape(FAMILY_BOX_START)}\s*\(\s*-?[\d.]+\s*,\s*-?[\d.]+\s*\)\s*,\s*"
-                           rf"\(\s*-?[\d.]+\s*,\s*-?[\d.]+\s*\)\s*{re.escape(FAMILY_BOX_END)})+)", re.DOTALL)
+_FAMILY_GROUP = re.compile(
+    rf"(?:{re.escape(OBJECT_REF_START)}(.*?){re.escape(OBJECT_REF_END)})?"
+    rf"((?:{re.escape(FAMILY_BOX_START)}\s*\(\s*-?[\d.]+\s*,\s*-?[\d.]+\s*\)\s*,\s*"
+    rf"\(\s*-?[\d.]+\s*,\s*-?[\d.]+\s*\)\s*{re.escape(FAMILY_BOX_END)})+)",
+    re.DOTALL,
+)
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-_JSON_BOX = re.compile(r'"bbox_2d"\s*:\s*\[\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\]')
+_JSON_BOX = re.compile(
+    r'"bbox_2d"\s*:\s*\[\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\]'
+)
 _JSON_LABEL = re.compile(r'"label"\s*:\s*("(?:[^"\\]|\\.)*")')
 
 JSON_GROUNDING_PROMPT = "Locate {}, output its bbox coordinates using JSON format."
@@ -78,8 +87,9 @@ def _check_convention(convention: str) -> None:
         raise ValueError(f"unknown box convention {convention!r}; expected one of {', '.join(CONVENTIONS)}")
 
 
-def _to_family_coords(box: tuple[int, int, int, int], convention: str,
-                      geometry: ImageGeometry | None) -> list[int]:
+def _to_family_coords(
+    box: tuple[int, int, int, int], convention: str, geometry: ImageGeometry | None
+) -> list[int]:
     if convention != BOX_JSON_ABSOLUTE:
         return list(box)
     if geometry is None:
@@ -88,7 +98,9 @@ def _to_family_coords(box: tuple[int, int, int, int], convention: str,
     return [min(side - 1, round((c + 0.5) * side / COORD_RANGE)) for c, side in zip(box, sides)]
 
 
-def _from_family_coords(coords: list[float], convention: str, geometry: ImageGeometry | None) -> tuple[int, ...]:
+def _from_family_coords(
+    coords: list[float], convention: str, geometry: ImageGeometry | None
+) -> tuple[int, ...]:
     if convention == BOX_JSON_ABSOLUTE:
         if geometry is None:
             raise ValueError("absolute coordinates need the image they refer to")
@@ -104,13 +116,18 @@ def _json_item(label: str | None, coords: list[int]) -> str:
     return json.dumps(item, ensure_ascii=False)
 
 
-def _format_group(label: str | None, boxes: list[tuple[int, int, int, int]], convention: str,
-                  geometry: ImageGeometry | None) -> list[str]:
+def _format_group(
+    label: str | None, boxes: list[tuple[int, int, int, int]], convention: str, geometry: ImageGeometry | None
+) -> list[str]:
     """One group in the family's convention: the box-token text, or one JSON object per box."""
     if convention == BOX_TOKENS_1000:
         ref = "" if label is None else f"{OBJECT_REF_START}{label}{OBJECT_REF_END}"
-        return [ref + "".join(f"{FAMILY_BOX_START}({x1},{y1}),({x2},{y2}){FAMILY_BOX_END}"
-                              for x1, y1, x2, y2 in boxes)]
+        return [
+            ref
+            + "".join(
+                f"{FAMILY_BOX_START}({x1},{y1}),({x2},{y2}){FAMILY_BOX_END}" for x1, y1, x2, y2 in boxes
+            )
+        ]
     return [_json_item(label, _to_family_coords(box, convention, geometry)) for box in boxes]
 
 
@@ -123,16 +140,24 @@ def boxes_to_family(text: str, convention: str, geometry: ImageGeometry | None =
     prompt = _OPEN_BOX_PROMPT.search(text)
     if prompt is not None:
         label = prompt.group(1)
-        request = (f"{OBJECT_REF_START}{label}{OBJECT_REF_END}" if convention == BOX_TOKENS_1000
-                   else JSON_GROUNDING_PROMPT.format(label))
-        text = text[:prompt.start()] + request
+        request = (
+            f"{OBJECT_REF_START}{label}{OBJECT_REF_END}"
+            if convention == BOX_TOKENS_1000
+            else JSON_GROUNDING_PROMPT.format(label)
+        )
+        text = text[: prompt.start()] + request
     groups = list(_GROUP.finditer(text))
     if not groups:
         return _rewrite_bare_refs(text, convention)
-    rewritten = [_format_group(match.group(1), _boxes_of(match.group(2)), convention, geometry) for match in groups]
+    rewritten = [
+        _format_group(match.group(1), _boxes_of(match.group(2)), convention, geometry) for match in groups
+    ]
     # The text before the first group, between consecutive groups, and after the last.
-    around = ([text[:groups[0].start()]] + [text[a.end():b.start()] for a, b in zip(groups, groups[1:])]
-              + [text[groups[-1].end():]])
+    around = (
+        [text[: groups[0].start()]]
+        + [text[a.end() : b.start()] for a, b in zip(groups, groups[1:])]
+        + [text[groups[-1].end() :]]
+    )
     if convention != BOX_TOKENS_1000 and not "".join(around).strip(" \n,.;"):
         items = [item for group in rewritten for item in group]  # the cookbooks' answer: one fenced JSON list
         return "```json\n[\n" + ",\n".join("\t" + item for item in items) + "\n]\n```"
@@ -154,8 +179,9 @@ def _rewrite_bare_refs(text: str, convention: str) -> str:
     return _BARE_REF.sub(lambda m: m.group(1), text)
 
 
-def boxes_from_family(text: str, convention: str,
-                      geometry: ImageGeometry | None = None) -> list[tuple[str | None, tuple[int, int, int, int]]]:
+def boxes_from_family(
+    text: str, convention: str, geometry: ImageGeometry | None = None
+) -> list[tuple[str | None, tuple[int, int, int, int]]]:
     """(label or None, box in our [0, 1000) convention) of every box in a family's answer, in order.
     Coordinates outside the image are clamped into it; a box whose corners are swapped is put in order."""
     _check_convention(convention)
@@ -164,12 +190,14 @@ def boxes_from_family(text: str, convention: str,
         for match in _FAMILY_GROUP.finditer(text):
             numbers = [float(n) for n in _NUMBER.findall(match.group(2))]
             for i in range(0, len(numbers) - 3, 4):
-                found.append((match.group(1), _ordered(_from_family_coords(numbers[i:i + 4], convention, None))))
+                found.append(
+                    (match.group(1), _ordered(_from_family_coords(numbers[i : i + 4], convention, None)))
+                )
         return found
     for match in _JSON_BOX.finditer(text):
         # The label may come before or after bbox_2d inside the same {...}; JSON objects here do not nest.
         obj_start, obj_end = text.rfind("{", 0, match.start()), text.find("}", match.end())
-        obj = text[max(obj_start, 0):obj_end if obj_end >= 0 else len(text)]
+        obj = text[max(obj_start, 0) : obj_end if obj_end >= 0 else len(text)]
         label_match = _JSON_LABEL.search(obj)
         label = json.loads(label_match.group(1)) if label_match else None
         coords = [float(g) for g in match.groups()]
@@ -188,5 +216,8 @@ def family_answer_to_qwen_vl(text: str, convention: str, geometry: ImageGeometry
     boxes = boxes_from_family(text, convention, geometry)
     if not boxes:
         return text
-    return "".join(("" if label is None else f"{REF_START}{label}{REF_END}") +
-                   f"{BOX_START}({x1},{y1}),({x2},{y2}){BOX_END}" for label, (x1, y1, x2, y2) in boxes)
+    return "".join(
+        ("" if label is None else f"{REF_START}{label}{REF_END}")
+        + f"{BOX_START}({x1},{y1}),({x2},{y2}){BOX_END}"
+        for label, (x1, y1, x2, y2) in boxes
+    )

@@ -16,8 +16,9 @@ from data.hf_encode import FamilySample
 from data.packing import pack, pad
 
 
-def collate_family_batch(items: list[tuple[FamilySample, dict]], pad_id: int,
-                         pack_to: int | None = None) -> dict[str, torch.Tensor]:
+def collate_family_batch(
+    items: list[tuple[FamilySample, dict]], pad_id: int, pack_to: int | None = None
+) -> dict[str, torch.Tensor]:
     """``items``: (sample, its ``encode_images`` output) pairs. ``pack_to``: pack into rows of at most this
     many tokens; None pads one sample per row. Returns the model's keyword arguments."""
     samples = [{"input_ids": torch.tensor(s.input_ids), "labels": torch.tensor(s.labels)} for s, _ in items]

@@ -93,15 +93,20 @@ def resized_size(processor: ProcessorMixin, width: int, height: int) -> tuple[in
     """(width, height) of the image as the model sees it (what Qwen2.5-VL's absolute boxes refer to)."""
     image_processor = processor.image_processor
     factor = image_processor.patch_size * image_processor.merge_size
-    h, w = smart_resize(height, width, factor=factor, min_pixels=image_processor.size["shortest_edge"],
-                        max_pixels=image_processor.size["longest_edge"])
+    h, w = smart_resize(
+        height,
+        width,
+        factor=factor,
+        min_pixels=image_processor.size["shortest_edge"],
+        max_pixels=image_processor.size["longest_edge"],
+    )
     return w, h
 
 
 def num_image_tokens(processor: ProcessorMixin, grid_thw: tuple[int, int, int]) -> int:
     """Pads of one image: its patches after the merge_size x merge_size merge."""
     t, h, w = grid_thw
-    return t * h * w // processor.image_processor.merge_size ** 2
+    return t * h * w // processor.image_processor.merge_size**2
 
 
 def _supervised_spans(processor: ProcessorMixin, messages: list[dict], text: str) -> list[tuple[int, int]]:
@@ -112,10 +117,12 @@ def _supervised_spans(processor: ProcessorMixin, messages: list[dict], text: str
         if message["role"] != "assistant":
             continue
         prompt = processor.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
-        through_turn = processor.apply_chat_template(messages[:k + 1], tokenize=False)
+        through_turn = processor.apply_chat_template(messages[: k + 1], tokenize=False)
         if not (text.startswith(prompt) and text.startswith(through_turn)):
-            raise ValueError("the chat template renders a conversation's beginning differently from the whole; "
-                             "cannot tell which tokens are the assistant's")
+            raise ValueError(
+                "the chat template renders a conversation's beginning differently from the whole; "
+                "cannot tell which tokens are the assistant's"
+            )
         end = through_turn.rindex(end_marker) + len(end_marker)
         if end <= len(prompt):
             raise ValueError(f"assistant turn {k} renders without its {end_marker}")
@@ -123,8 +130,12 @@ def _supervised_spans(processor: ProcessorMixin, messages: list[dict], text: str
     return spans
 
 
-def convert_boxes(processor: ProcessorMixin, conversation: list[dict], image_sizes: list[tuple[int, int]],
-                  box_convention: str) -> list[dict]:
+def convert_boxes(
+    processor: ProcessorMixin,
+    conversation: list[dict],
+    image_sizes: list[tuple[int, int]],
+    box_convention: str,
+) -> list[dict]:
     """The conversation with its ``<ref>``/``<box>`` text in the family's box convention (data.hf_boxes).
     A box refers to the last image before it in the conversation (Qwen2.5-VL's absolute pixels need it)."""
     geometries = [ImageGeometry(w, h, *resized_size(processor, w, h)) for w, h in image_sizes]
@@ -142,8 +153,12 @@ def convert_boxes(processor: ProcessorMixin, conversation: list[dict], image_siz
     return turns
 
 
-def encode_conversation(processor: ProcessorMixin, conversation: list[dict], image_sizes: list[tuple[int, int]],
-                        box_convention: str | None = None) -> FamilySample:
+def encode_conversation(
+    processor: ProcessorMixin,
+    conversation: list[dict],
+    image_sizes: list[tuple[int, int]],
+    box_convention: str | None = None,
+) -> FamilySample:
     """Token ids and labels of a conversation in the family's tokens (module docstring).
 
     ``image_sizes``: (width, height) of each image, in the order the images appear; each sets its grid
@@ -166,8 +181,9 @@ def encode_conversation(processor: ProcessorMixin, conversation: list[dict], ima
     return FamilySample(input_ids, labels, paths, [tuple(g) for g in image_grids])
 
 
-def _tokens_with_image_spans(processor: ProcessorMixin, text: str,
-                             image_grids: list[tuple[int, int, int]]) -> list[tuple[int, int | None]]:
+def _tokens_with_image_spans(
+    processor: ProcessorMixin, text: str, image_grids: list[tuple[int, int, int]]
+) -> list[tuple[int, int | None]]:
     """(token id, character offset in ``text``) of the rendered ``text`` tokenised at once, as the processor
     does, each ``<|image_pad|>`` expanded to its image's pads (offset None). ValueError when the text holds
     another number of images than ``image_grids``."""
@@ -188,8 +204,9 @@ def _tokens_with_image_spans(processor: ProcessorMixin, text: str,
     return tokens
 
 
-def encode_prompt(processor: ProcessorMixin, messages: list[dict],
-                  image_grids: list[tuple[int, int, int]]) -> tuple[list[int], str]:
+def encode_prompt(
+    processor: ProcessorMixin, messages: list[dict], image_grids: list[tuple[int, int, int]]
+) -> tuple[list[int], str]:
     """Ids of chat ``messages`` (``to_messages`` form, ending with a user turn) up to where the assistant's
     answer starts (the template's generation prompt), and that text with one pad per image: the prompt
     ``encode_conversation`` gives the same conversation, for evaluation and chat."""
@@ -197,7 +214,9 @@ def encode_prompt(processor: ProcessorMixin, messages: list[dict],
     return [token for token, _ in _tokens_with_image_spans(processor, text, image_grids)], text
 
 
-def truncate_family_sample(sample: FamilySample, max_len: int, start_id: int, end_id: int) -> FamilySample | None:
+def truncate_family_sample(
+    sample: FamilySample, max_len: int, start_id: int, end_id: int
+) -> FamilySample | None:
     """data.sample's span-safe truncation with the family's image markers (``<|vision_start|>``,
     ``<|vision_end|>``): never inside an image span; the grids of the images cut away go with them. None when
     nothing supervised survives (the caller drops and counts the sample)."""
@@ -217,11 +236,13 @@ def encode_images(processor: ProcessorMixin, images: list[Image.Image]) -> dict[
     return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
 
-def encode_record(processor: ProcessorMixin, record: dict, box_convention: str | None = None,
-                  where: str = "") -> tuple[FamilySample, dict]:
+def encode_record(
+    processor: ProcessorMixin, record: dict, box_convention: str | None = None, where: str = ""
+) -> tuple[FamilySample, dict]:
     """A normalised chat record with its images decoded: (sample, {pixel_values, image_grid_thw})."""
     _, paths = to_messages(record["conversations"])
     images = [decode_image(path, where) for path in paths]
-    sample = encode_conversation(processor, record["conversations"], [image.size for image in images],
-                                 box_convention)
+    sample = encode_conversation(
+        processor, record["conversations"], [image.size for image in images], box_convention
+    )
     return sample, encode_images(processor, images)

@@ -45,8 +45,9 @@ class ImageLoadError(UserError):
         self.path = None if path is None else str(path)
 
 
-def open_image(path: str | Path, where: str = "", data: bytes | None = None,
-               doing: str = "decode") -> Image.Image:
+def open_image(
+    path: str | Path, where: str = "", data: bytes | None = None, doing: str = "decode"
+) -> Image.Image:
     """The image with only its header read (no pixel decoded yet), refused when over MAX_IMAGE_PIXELS.
     The caller closes it (``with open_image(...) as img``). ``where`` (e.g. "train.json record 12") and
     ``data`` (the file's bytes when already in memory, a WebDataset member that ``path`` names): as in
@@ -57,20 +58,27 @@ def open_image(path: str | Path, where: str = "", data: bytes | None = None,
     except FileNotFoundError as e:
         raise ImageLoadError(f"image file not found: {path}{suffix}", path) from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(f"image {path}{suffix} is over the cap of {MAX_IMAGE_PIXELS:,} pixels "
-                             f"(data.images.MAX_IMAGE_PIXELS; Pillow says: {e})", path) from e
+        raise ImageLoadError(
+            f"image {path}{suffix} is over the cap of {MAX_IMAGE_PIXELS:,} pixels "
+            f"(data.images.MAX_IMAGE_PIXELS; Pillow says: {e})",
+            path,
+        ) from e
     except Exception as e:  # Pillow's format plugins raise many types on a malformed header, not only OSError
         raise ImageLoadError(f"cannot {doing} image {path}{suffix}: {e}", path) from e
     width, height = img.size
     if width * height > MAX_IMAGE_PIXELS:
         img.close()
-        raise ImageLoadError(f"image {path}{suffix} is {width}x{height} = {width * height:,} pixels, over "
-                             f"the cap of {MAX_IMAGE_PIXELS:,} (data.images.MAX_IMAGE_PIXELS)", path)
+        raise ImageLoadError(
+            f"image {path}{suffix} is {width}x{height} = {width * height:,} pixels, over "
+            f"the cap of {MAX_IMAGE_PIXELS:,} (data.images.MAX_IMAGE_PIXELS)",
+            path,
+        )
     return img
 
 
-def decode_image(path: str | Path, where: str = "", data: bytes | None = None,
-                 size: int | None = None) -> Image.Image:
+def decode_image(
+    path: str | Path, where: str = "", data: bytes | None = None, size: int | None = None
+) -> Image.Image:
     """The image decoded as RGB; ImageLoadError (naming the file and ``where``) if missing, over the pixel
     cap or corrupt. ``size``: the side it will be resized to; a format that can decode at a reduced scale
     (JPEG: ``Image.draft``, 1/2 to 1/8) is decoded at the smallest scale still at least ``size`` pixels on

@@ -51,7 +51,9 @@ class ResumableLoader:
     sampler: ResumableSampler | None = None  # None when streaming
     stats: stats.DataStats = field(default_factory=stats.DataStats)
     epoch: int = 0
-    positions: dict[int, dict] = field(default_factory=dict)  # streaming: worker -> position after its last batch
+    positions: dict[int, dict] = field(
+        default_factory=dict
+    )  # streaming: worker -> position after its last batch
     next_worker: int = 0  # streaming: the worker whose batch comes next
 
     def set_epoch(self, epoch: int) -> None:
@@ -95,10 +97,17 @@ class ResumableLoader:
                 continue  # already counted (an earlier epoch, another record, another worker)
             n = len(self.stats.bad_images)
             if n > self.max_bad_images:
-                raise ImageLoadError(f"{message}; {n} distinct bad image files exceed data.max_bad_images="
-                                     f"{self.max_bad_images}", path)
-            logger.warning("%s; the samples that use it are skipped (%d of data.max_bad_images=%d bad files)",
-                           message, n, self.max_bad_images)
+                raise ImageLoadError(
+                    f"{message}; {n} distinct bad image files exceed data.max_bad_images="
+                    f"{self.max_bad_images}",
+                    path,
+                )
+            logger.warning(
+                "%s; the samples that use it are skipped (%d of data.max_bad_images=%d bad files)",
+                message,
+                n,
+                self.max_bad_images,
+            )
 
     def state_dict(self) -> dict:
         """Plain lists, dicts and numbers (a JSON or ``torch.load(weights_only=True)`` round trip keeps it)."""
@@ -108,10 +117,15 @@ class ResumableLoader:
         else:
             dataset = self.dataloader.dataset
             state["stream"] = {
-                "num_workers": dataset.num_workers, "num_readers": dataset.num_readers,
-                "shards": len(dataset.urls), "shards_digest": dataset.shards_digest, "next_worker": self.next_worker,
-                "positions": [_plain(self.positions[w]) if w in self.positions else None
-                              for w in range(dataset.num_workers)],
+                "num_workers": dataset.num_workers,
+                "num_readers": dataset.num_readers,
+                "shards": len(dataset.urls),
+                "shards_digest": dataset.shards_digest,
+                "next_worker": self.next_worker,
+                "positions": [
+                    _plain(self.positions[w]) if w in self.positions else None
+                    for w in range(dataset.num_workers)
+                ],
             }
         return state
 
@@ -124,16 +138,24 @@ class ResumableLoader:
         dataset = self.dataloader.dataset
         saved = state.get("stream")
         if saved is None:  # a checkpoint from before O(1) resume kept only a batch count
-            logger.warning("the checkpoint has no streaming position: epoch %d restarts from its beginning", self.epoch)
+            logger.warning(
+                "the checkpoint has no streaming position: epoch %d restarts from its beginning", self.epoch
+            )
             self.positions, self.next_worker = {}, 0
             return
-        now = {"num_workers": dataset.num_workers, "num_readers": dataset.num_readers, "shards": len(dataset.urls),
-               "shards_digest": dataset.shards_digest}
+        now = {
+            "num_workers": dataset.num_workers,
+            "num_readers": dataset.num_readers,
+            "shards": len(dataset.urls),
+            "shards_digest": dataset.shards_digest,
+        }
         changed = [k for k in now if saved[k] != now[k]]
         if changed:
-            raise UserError(f"the checkpoint's data position was saved with {', '.join(f'{k}={saved[k]}' for k in changed)}, "
-                            f"now {', '.join(f'{k}={now[k]}' for k in changed)}: resume with the same data.paths, "
-                            "data.num_workers and number of ranks (readers = ranks x workers), or start a new run")
+            raise UserError(
+                f"the checkpoint's data position was saved with {', '.join(f'{k}={saved[k]}' for k in changed)}, "
+                f"now {', '.join(f'{k}={now[k]}' for k in changed)}: resume with the same data.paths, "
+                "data.num_workers and number of ranks (readers = ranks x workers), or start a new run"
+            )
         self.positions = {w: p for w, p in enumerate(saved["positions"]) if p is not None}
         self.next_worker = saved["next_worker"]
 
@@ -147,9 +169,16 @@ def _plain(value):
     return value
 
 
-def build_dataloader(config: DataConfig, tokenizer, num_image_tokens: int, batch_size: int,
-                     rank: int = 0, world_size: int = 1, preference: bool = False,
-                     records: Records | None = None) -> ResumableLoader:
+def build_dataloader(
+    config: DataConfig,
+    tokenizer,
+    num_image_tokens: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    preference: bool = False,
+    records: Records | None = None,
+) -> ResumableLoader:
     """The trainer's one entry point: a resumable loader of batch dicts (docs/design.md section 2).
 
     ``batch_size`` counts samples (preference pairs when ``preference``) per micro-batch and rank; with
@@ -158,20 +187,43 @@ def build_dataloader(config: DataConfig, tokenizer, num_image_tokens: int, batch
     """
     if preference and config.streaming:
         raise DataFormatError("preference pairs are read map-style; set data.streaming: false")
-    collator = Collator(pad_id=tokenizer.convert_tokens_to_ids(ENDOFTEXT), image_size=config.image_size,
-                        row_len=config.row_len, packing=config.packing)
-    common = {"num_workers": config.num_workers, "persistent_workers": False, "pin_memory": torch.cuda.is_available()}
+    collator = Collator(
+        pad_id=tokenizer.convert_tokens_to_ids(ENDOFTEXT),
+        image_size=config.image_size,
+        row_len=config.row_len,
+        packing=config.packing,
+    )
+    common = {
+        "num_workers": config.num_workers,
+        "persistent_workers": False,
+        "pin_memory": torch.cuda.is_available(),
+    }
     if config.num_workers > 0:
         common["prefetch_factor"] = 2
     if config.streaming:
-        dataset = StreamingVLMDataset(config, tokenizer, num_image_tokens, rank, world_size, batch_size, collator)
-        return ResumableLoader(DataLoader(dataset, batch_size=None, collate_fn=_as_is, **common), batch_size,
-                               config.max_bad_images)
+        dataset = StreamingVLMDataset(
+            config, tokenizer, num_image_tokens, rank, world_size, batch_size, collator
+        )
+        return ResumableLoader(
+            DataLoader(dataset, batch_size=None, collate_fn=_as_is, **common),
+            batch_size,
+            config.max_bad_images,
+        )
     dataset = VLMDataset(config, tokenizer, num_image_tokens, preference, records)
     lengths = dataset.token_lengths() if config.group_by_length else None
-    sampler = ResumableSampler(len(dataset), seed=config.seed, rank=rank, world_size=world_size,
-                               shuffle=config.shuffle, lengths=lengths)
-    loader = ResumableLoader(DataLoader(dataset, sampler=sampler, batch_size=batch_size, collate_fn=collator,
-                                        **common), batch_size, config.max_bad_images, sampler=sampler)
+    sampler = ResumableSampler(
+        len(dataset),
+        seed=config.seed,
+        rank=rank,
+        world_size=world_size,
+        shuffle=config.shuffle,
+        lengths=lengths,
+    )
+    loader = ResumableLoader(
+        DataLoader(dataset, sampler=sampler, batch_size=batch_size, collate_fn=collator, **common),
+        batch_size,
+        config.max_bad_images,
+        sampler=sampler,
+    )
     loader.stats.start_with_missing_images(dataset.data.missing_images, dataset.data.dropped)
     return loader

@@ -57,27 +57,36 @@ def load_data(config: DataConfig, preference: bool = False) -> Records | None:
         if is_preference(record) != preference:
             raise DataFormatError(
                 f"{where}: not a preference pair (no 'chosen'/'rejected'); train.stage: dpo needs pairs only"
-                if preference else f"{where}: a preference pair (chosen/rejected); train it with train.stage: dpo")
+                if preference
+                else f"{where}: a preference pair (chosen/rejected); train it with train.stage: dpo"
+            )
     missing = _on_rank0(lambda: find_missing_images(records, wheres))
     if not missing:
         return Records(records, wheres, {})
     uses = [any(p in missing for p in record_image_paths(r)) for r in records]
-    summary = (f"{len(missing)} image files are missing, used by {sum(uses)} of the {len(records)} records of "
-               f"{', '.join(config.paths)}: " + "; ".join(f"{p} ({w})" for p, w in list(missing.items())[:5])
-               + ("; ..." if len(missing) > 5 else ""))
+    summary = (
+        f"{len(missing)} image files are missing, used by {sum(uses)} of the {len(records)} records of "
+        f"{', '.join(config.paths)}: "
+        + "; ".join(f"{p} ({w})" for p, w in list(missing.items())[:5])
+        + ("; ..." if len(missing) > 5 else "")
+    )
     if len(missing) > config.max_bad_images:
         hint = " (relative paths resolve against data.image_root, else the data file's folder)"
-        raise ImageLoadError(f"{summary}. That exceeds data.max_bad_images={config.max_bad_images}{hint}",
-                             next(iter(missing)))
+        raise ImageLoadError(
+            f"{summary}. That exceeds data.max_bad_images={config.max_bad_images}{hint}", next(iter(missing))
+        )
     kept = [i for i, bad in enumerate(uses) if not bad]
     if not kept:
         raise ImageLoadError(f"{summary}. No record is left", next(iter(missing)))
     logger.warning("%s. Those records are skipped (data.max_bad_images=%d)", summary, config.max_bad_images)
-    return Records([records[i] for i in kept], [wheres[i] for i in kept], missing, dropped=len(records) - len(kept))
+    return Records(
+        [records[i] for i in kept], [wheres[i] for i in kept], missing, dropped=len(records) - len(kept)
+    )
 
 
-def find_missing_images(records: list[dict], wheres: list[str], threads: int = 32,
-                        chunk: int = 512) -> dict[str, str]:
+def find_missing_images(
+    records: list[dict], wheres: list[str], threads: int = 32, chunk: int = 512
+) -> dict[str, str]:
     """{missing image file: the first record that refers to it}. Each distinct file is checked once, by a
     thread pool (stat calls wait on the disk or a network file system, not on Python), with a progress
     bar when there are many."""
@@ -91,7 +100,9 @@ def find_missing_images(records: list[dict], wheres: list[str], threads: int = 3
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(chunks)))) as pool:
         results = pool.map(lambda files: [p for p in files if not os.path.isfile(p)], chunks)
         if len(paths) >= 20_000:
-            results = tqdm(results, total=len(chunks), unit="chunk", desc=f"checking {len(paths)} image files")
+            results = tqdm(
+                results, total=len(chunks), unit="chunk", desc=f"checking {len(paths)} image files"
+            )
         for found in results:
             missing += found
     return {p: first_use[p] for p in missing}
@@ -110,8 +121,14 @@ def _on_rank0(compute):
 class VLMDataset(Dataset):
     """Map-style dataset over JSON/JSONL/CSV/Parquet records, validated when loaded (see ``load_data``)."""
 
-    def __init__(self, config: DataConfig, tokenizer, num_image_tokens: int, preference: bool = False,
-                 records: Records | None = None) -> None:
+    def __init__(
+        self,
+        config: DataConfig,
+        tokenizer,
+        num_image_tokens: int,
+        preference: bool = False,
+        records: Records | None = None,
+    ) -> None:
         self.data = records if records is not None else load_data(config, preference)
         self.records, self.wheres = self.data.records, self.data.wheres
         self.builder = SampleBuilder(tokenizer, num_image_tokens, config)

@@ -38,8 +38,9 @@ def plan_rows(lengths: list[int], max_len: int, group: int = 1) -> list[list[int
     return rows
 
 
-def pack(samples: list[dict], max_len: int, pad_id: int, group: int = 1,
-         sequence_ids: bool = False) -> dict[str, torch.Tensor]:
+def pack(
+    samples: list[dict], max_len: int, pad_id: int, group: int = 1, sequence_ids: bool = False
+) -> dict[str, torch.Tensor]:
     """Pack tokenised samples (dicts with 1-D ``input_ids``/``labels``) into rows of equal length.
 
     Rows are right-padded to the longest row (not to max_len: no row of pure padding is computed).
@@ -69,8 +70,13 @@ def pack(samples: list[dict], max_len: int, pad_id: int, group: int = 1,
         if width > start:
             segments.append(width - start)
     cu_seq_lens = torch.tensor([0] + segments, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-             "cu_seq_lens": cu_seq_lens, "max_length": max(segments)}
+    batch = {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "cu_seq_lens": cu_seq_lens,
+        "max_length": max(segments),
+    }
     return {**batch, "sequence_ids": seq_ids} if sequence_ids else batch
 
 
@@ -86,7 +92,12 @@ def pad(samples: list[dict], pad_id: int, sequence_ids: bool = False) -> dict[st
         labels[r, :n] = s["labels"]
         attention_mask[r, :n] = 1
     position_ids = torch.arange(width).expand(len(samples), width).clone()
-    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": attention_mask}
+    batch = {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "attention_mask": attention_mask,
+    }
     if sequence_ids:  # row r holds sample r
         batch["sequence_ids"] = torch.where(attention_mask.bool(), torch.arange(len(samples))[:, None], -1)
     return batch

@@ -17,7 +17,9 @@ class TokenizedSample:
 
     def __post_init__(self) -> None:
         if len(self.input_ids) != len(self.labels):
-            raise ValueError(f"input_ids ({len(self.input_ids)}) and labels ({len(self.labels)}) differ in length")
+            raise ValueError(
+                f"input_ids ({len(self.input_ids)}) and labels ({len(self.labels)}) differ in length"
+            )
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -68,7 +70,9 @@ def span_safe_cut(input_ids: list[int], max_len: int, img_start: int, img_end: i
         i = end + 1
 
 
-def truncate_span_safe(sample: TokenizedSample, max_len: int, img_start: int, img_end: int) -> TokenizedSample | None:
+def truncate_span_safe(
+    sample: TokenizedSample, max_len: int, img_start: int, img_end: int
+) -> TokenizedSample | None:
     """Cut the sample to at most max_len tokens without ever cutting through an image span.
 
     If max_len falls inside ``<img> ... </img>``, the cut moves back to just before that ``<img>`` (the
@@ -110,7 +114,9 @@ def truncate_pair(
         if cut is None:
             cut_image = _cut_falls_in_image_span(sample.input_ids, max_len, img_start, img_end)
             what = "cuts through an image span of the prompt" if cut_image else "leaves nothing of the answer"
-            raise ValueError(f"the {name} sequence has {len(sample)} tokens and max_len={max_len} {what}; "
-                             "raise data.max_len or shorten the prompt")
+            raise ValueError(
+                f"the {name} sequence has {len(sample)} tokens and max_len={max_len} {what}; "
+                "raise data.max_len or shorten the prompt"
+            )
         out.append(cut)
     return out[0], out[1], len(out[0]) < len(chosen) or len(out[1]) < len(rejected)

@@ -36,8 +36,13 @@ class SampleBuilder:
     def tokenize(self, record: dict, where: str) -> TokenizedSample:
         try:
             if "conversations" in record:
-                return render_chatml(self.tokenizer, record["conversations"], self.num_image_tokens,
-                                     self.config.system_message, self.config.assistant_only)
+                return render_chatml(
+                    self.tokenizer,
+                    record["conversations"],
+                    self.num_image_tokens,
+                    self.config.system_message,
+                    self.config.assistant_only,
+                )
             return render_task(self.tokenizer, record, self.num_image_tokens)
         except ImageLoadError:
             raise  # a pixel box needed the image's size from its header: a bad image, not a bad record
@@ -46,8 +51,14 @@ class SampleBuilder:
 
     def tokenize_pair(self, record: dict, where: str) -> tuple[TokenizedSample, TokenizedSample]:
         try:
-            return render_preference_pair(self.tokenizer, record["conversations"], record["chosen"],
-                                          record["rejected"], self.num_image_tokens, self.config.system_message)
+            return render_preference_pair(
+                self.tokenizer,
+                record["conversations"],
+                record["chosen"],
+                record["rejected"],
+                self.num_image_tokens,
+                self.config.system_message,
+            )
         except (ValueError, KeyError) as e:
             raise DataFormatError(f"{where}: {e}") from e
 
@@ -65,11 +76,17 @@ class SampleBuilder:
             full = self.tokenize(record, where)
             sample = truncate_span_safe(full, self.config.max_len, self.img_start, self.img_end)
             if sample is None:
-                logger.warning("%s: dropped: %d tokens, nothing supervised fits in max_len=%d without cutting an "
-                               "image", where, len(full), self.config.max_len)
+                logger.warning(
+                    "%s: dropped: %d tokens, nothing supervised fits in max_len=%d without cutting an image",
+                    where,
+                    len(full),
+                    self.config.max_len,
+                )
                 return {"dropped": stats.DROPPED_TOO_LONG}
-            pixels = [load_image(p, self.config.image_size, where, data=(image_bytes or {}).get(p))
-                      for p in sample.image_paths]
+            pixels = [
+                load_image(p, self.config.image_size, where, data=(image_bytes or {}).get(p))
+                for p in sample.image_paths
+            ]
         except ImageLoadError as e:
             return bad_image_marker(e)
         s = self.config.image_size
@@ -85,8 +102,9 @@ class SampleBuilder:
         is an error, data.sample.truncate_pair) sharing the prompt's decoded images."""
         chosen, rejected = self.tokenize_pair(record, where)
         try:
-            chosen, rejected, truncated = truncate_pair(chosen, rejected, self.config.max_len, self.img_start,
-                                                        self.img_end)
+            chosen, rejected, truncated = truncate_pair(
+                chosen, rejected, self.config.max_len, self.img_start, self.img_end
+            )
         except ValueError as e:
             raise DataFormatError(f"{where}: {e}") from e
         try:
@@ -96,7 +114,10 @@ class SampleBuilder:
         s = self.config.image_size
         return {
             "chosen": {"input_ids": torch.tensor(chosen.input_ids), "labels": torch.tensor(chosen.labels)},
-            "rejected": {"input_ids": torch.tensor(rejected.input_ids), "labels": torch.tensor(rejected.labels)},
+            "rejected": {
+                "input_ids": torch.tensor(rejected.input_ids),
+                "labels": torch.tensor(rejected.labels),
+            },
             "pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, 3, s, s),
             "truncated": truncated,
         }

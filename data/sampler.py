@@ -57,10 +57,12 @@ class ResumableSampler(Sampler[int]):
         if self.lengths is not None:
             lengths = np.asarray(self.lengths)
             window = self.group_size * self.world_size
-            order = np.concatenate([
-                chunk[np.argsort(-lengths[chunk], kind="stable")]
-                for chunk in np.array_split(order, range(window, len(order), window))
-            ])
+            order = np.concatenate(
+                [
+                    chunk[np.argsort(-lengths[chunk], kind="stable")]
+                    for chunk in np.array_split(order, range(window, len(order), window))
+                ]
+            )
         total = self.per_rank * self.world_size
         order = np.resize(order, total)  # repeats from the start to fill the last round
         return order.tolist()
@@ -84,12 +86,19 @@ class ResumableSampler(Sampler[int]):
         return self.per_rank - self.consumed
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "epoch": self.epoch, "consumed": self.consumed,
-                "num_samples": self.num_samples, "world_size": self.world_size}
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+            "num_samples": self.num_samples,
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "num_samples", "world_size"):
             if state[key] != getattr(self, key):
-                raise UserError(f"sampler state was saved with {key}={state[key]}, now {getattr(self, key)}: "
-                                 "the resumed order would differ")
+                raise UserError(
+                    f"sampler state was saved with {key}={state[key]}, now {getattr(self, key)}: "
+                    "the resumed order would differ"
+                )
         self.epoch, self.consumed = state["epoch"], state["consumed"]

@@ -52,15 +52,19 @@ def expand_shard_patterns(patterns: list[str]) -> list[str]:
     missing = [u for u in urls if "://" not in u and not fsspec.core.url_to_fs(u)[0].exists(u)]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise UserError(f"data.paths: {len(missing)} of {len(urls)} shards not found: {', '.join(missing[:3])}{more}")
+        raise UserError(
+            f"data.paths: {len(missing)} of {len(urls)} shards not found: {', '.join(missing[:3])}{more}"
+        )
     return urls
 
 
 def shard_kind(url: str) -> str:
     suffix = PurePosixPath(url.split("?")[0]).suffix.lower()
     if suffix not in KINDS:
-        raise UserError(f"data.paths: {url}: streamed shards must be {'/'.join(KINDS)} (uncompressed .tar: a "
-                        "compressed archive cannot be entered at a saved offset)")
+        raise UserError(
+            f"data.paths: {url}: streamed shards must be {'/'.join(KINDS)} (uncompressed .tar: a "
+            "compressed archive cannot be entered at a saved offset)"
+        )
     return KINDS[suffix]
 
 
@@ -171,8 +175,10 @@ class ShardReader:
         if self.kind == "tar":
             samples = list(_tar_samples(io.BytesIO(blob), url, base=start))
             if len(samples) != 1:
-                raise UserError(f"{url}: bytes {start}-{start + len(blob)} no longer hold one sample "
-                                "(was the shard rewritten since the checkpoint?)")
+                raise UserError(
+                    f"{url}: bytes {start}-{start + len(blob)} no longer hold one sample "
+                    "(was the shard rewritten since the checkpoint?)"
+                )
             return samples[0][0]
         if self.kind == "jsonl":
             return _parse_json_line(url, blob, start)

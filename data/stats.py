@@ -18,11 +18,15 @@ SAMPLES = "samples"  # samples that reached a batch
 DROPPED_TOO_LONG = "dropped_too_long"  # nothing supervised survives span-safe truncation
 DROPPED_EMPTY_ANSWER = "dropped_empty_answer"  # a chat sample with an empty assistant answer (data.formats)
 DROPPED_BAD_IMAGE = "dropped_bad_image"  # missing/corrupt image, skipped because max_bad_images allows it
-DROPPED_BAD_SAMPLE = "dropped_bad_sample"  # webdataset sample without a usable image/caption member (same cap)
+DROPPED_BAD_SAMPLE = (
+    "dropped_bad_sample"  # webdataset sample without a usable image/caption member (same cap)
+)
 # Drops of items the sampler gave (the loader advances the sampler past them too).
 SAMPLER_DROPS = (DROPPED_TOO_LONG, DROPPED_EMPTY_ANSWER, DROPPED_BAD_IMAGE)
 TRUNCATED = "truncated"  # cut at max_len (never inside an image span), still used
-DROPPED_MISSING_IMAGE = "dropped_missing_image"  # records removed when loaded: an image file is missing (once)
+DROPPED_MISSING_IMAGE = (
+    "dropped_missing_image"  # records removed when loaded: an image file is missing (once)
+)
 BAD_IMAGE_FILES = "bad_image_files"  # distinct missing or undecodable image files so far (total only)
 
 

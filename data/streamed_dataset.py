@@ -40,8 +40,16 @@ class StreamingVLMDataset(IterableDataset):
     before the next ``iter()`` (workers are started per iteration and get a copy of this object).
     """
 
-    def __init__(self, config: DataConfig, tokenizer, num_image_tokens: int, rank: int, world_size: int,
-                 batch_size: int, collator: Collator) -> None:
+    def __init__(
+        self,
+        config: DataConfig,
+        tokenizer,
+        num_image_tokens: int,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        collator: Collator,
+    ) -> None:
         self.config, self.rank, self.batch_size, self.collator = config, rank, batch_size, collator
         self.urls = expand_shard_patterns(config.paths)
         kinds = sorted({shard_kind(u) for u in self.urls})
@@ -49,10 +57,15 @@ class StreamingVLMDataset(IterableDataset):
             raise UserError(f"data.paths: streamed shards must all be of one kind, got {', '.join(kinds)}")
         self.webdataset = config.format == "webdataset"
         if self.webdataset != (kinds[0] == "tar"):
-            raise UserError(f"data.format: webdataset reads .tar shards, not {self.urls[0]}" if self.webdataset else
-                            f"data.paths: {self.urls[0]} is a tar shard: set data.format: webdataset")
+            raise UserError(
+                f"data.format: webdataset reads .tar shards, not {self.urls[0]}"
+                if self.webdataset
+                else f"data.paths: {self.urls[0]} is a tar shard: set data.format: webdataset"
+            )
         if not self.webdataset and config.format not in ("pretrain", "auto"):
-            raise UserError(f"data.streaming reads pretraining pairs; data.format={config.format!r} is not streamed")
+            raise UserError(
+                f"data.streaming reads pretraining pairs; data.format={config.format!r} is not streamed"
+            )
         self.reader = ShardReader(kinds[0])
         self.image_keys = parse_image_keys(config.wds_image_keys)
         self.caption_key = parse_caption_key(config.wds_caption_key)
@@ -64,13 +77,25 @@ class StreamingVLMDataset(IterableDataset):
         self.epoch, self.first_worker = 0, 0
         self.positions: dict[int, dict] = {}
         if rank == 0 and len(self.urls) < self.num_readers:
-            logger.warning("%d shards for %d readers (%d ranks x %d workers): readers share shards, each reading "
-                           "all of its shard and keeping every k-th record; give >= %d shards to read each once",
-                           len(self.urls), self.num_readers, world_size, self.num_workers, self.num_readers)
+            logger.warning(
+                "%d shards for %d readers (%d ranks x %d workers): readers share shards, each reading "
+                "all of its shard and keeping every k-th record; give >= %d shards to read each once",
+                len(self.urls),
+                self.num_readers,
+                world_size,
+                self.num_workers,
+                self.num_readers,
+            )
         elif rank == 0 and len(self.urls) % self.num_readers:
-            logger.warning("%d shards for %d readers (%d ranks x %d workers): some read one shard more, so ranks' "
-                           "epochs differ in length; give a multiple of %d", len(self.urls), self.num_readers,
-                           world_size, self.num_workers, self.num_readers)
+            logger.warning(
+                "%d shards for %d readers (%d ranks x %d workers): some read one shard more, so ranks' "
+                "epochs differ in length; give a multiple of %d",
+                len(self.urls),
+                self.num_readers,
+                world_size,
+                self.num_workers,
+                self.num_readers,
+            )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -85,10 +110,18 @@ class StreamingVLMDataset(IterableDataset):
         worker = ((info.id if info is not None else 0) + self.first_worker) % self.num_workers
         reader = self.rank * self.num_workers + worker
         cfg = self.config
-        assignments = assign_shards(len(self.urls), self.num_readers, reader, cfg.seed, self.epoch, cfg.shuffle)
+        assignments = assign_shards(
+            len(self.urls), self.num_readers, reader, cfg.seed, self.epoch, cfg.shuffle
+        )
         saved = self.positions.get(worker)
-        stream = ReaderStream(self.urls, self.reader, assignments, cfg.shuffle_buffer if cfg.shuffle else 1,
-                              seed=(cfg.seed, self.epoch, reader), state=saved["stream"] if saved else None)
+        stream = ReaderStream(
+            self.urls,
+            self.reader,
+            assignments,
+            cfg.shuffle_buffer if cfg.shuffle else 1,
+            seed=(cfg.seed, self.epoch, reader),
+            state=saved["stream"] if saved else None,
+        )
         items = []
         for raw, url, index in stream:
             items.append(self._sample(raw, url, index))
@@ -105,7 +138,9 @@ class StreamingVLMDataset(IterableDataset):
 
     def _sample(self, raw: dict, url: str, index: int) -> dict:
         try:
-            record, where, image = streamed_pair(raw, url, index, self.config, self.image_keys, self.caption_key)
+            record, where, image = streamed_pair(
+                raw, url, index, self.config, self.image_keys, self.caption_key
+            )
         except BadSample as e:  # counted like a bad image file: the sample is the unit
             return {"dropped": stats.DROPPED_BAD_SAMPLE, "bad_image": (e.where, str(e))}
         if image is not None:
@@ -117,8 +152,14 @@ class StreamingVLMDataset(IterableDataset):
         return self.builder.build(record, where)
 
 
-def streamed_pair(raw: dict, url: str, index: int, config: DataConfig, image_keys: list[str],
-                  caption_key: tuple[str, str | None]) -> tuple[dict, str, bytes | None]:
+def streamed_pair(
+    raw: dict,
+    url: str,
+    index: int,
+    config: DataConfig,
+    image_keys: list[str],
+    caption_key: tuple[str, str | None],
+) -> tuple[dict, str, bytes | None]:
     """A streamed shard's raw record as the pretraining pair ``{image, caption}``, where it is (for
     messages), and, for a WebDataset sample, the image's bytes (its ``image`` names the shard member; a
     JSONL/CSV/Parquet row's names a file, not yet resolved: ``normalize_record`` does that). Training and
@@ -131,7 +172,9 @@ def streamed_pair(raw: dict, url: str, index: int, config: DataConfig, image_key
         record = {k: v for k, v in raw.items() if k not in (config.image_column, config.caption_column)}
         for column, name in ((config.image_column, "image"), (config.caption_column, "caption")):
             if column not in raw:
-                raise DataFormatError(f"{where}: pretraining data needs a {column!r} column; found {sorted(raw)}")
+                raise DataFormatError(
+                    f"{where}: pretraining data needs a {column!r} column; found {sorted(raw)}"
+                )
             record[name] = raw[column]
         return record, where, None
     where = f"{where} (key {raw['__key__']!r})"

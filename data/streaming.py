@@ -36,8 +36,9 @@ class Assignment:
     which: int = 0
 
 
-def assign_shards(num_shards: int, num_readers: int, reader: int, seed: int, epoch: int,
-                  shuffle: bool = True) -> list[Assignment]:
+def assign_shards(
+    num_shards: int, num_readers: int, reader: int, seed: int, epoch: int, shuffle: bool = True
+) -> list[Assignment]:
     """The shards ``reader`` (of ``num_readers``) reads in ``epoch``, in reading order."""
     if not 0 <= reader < num_readers:
         raise ValueError(f"reader {reader} outside {num_readers} readers")
@@ -53,8 +54,15 @@ class ReaderStream:
     """The raw records one reader yields in one epoch, as ``(raw, shard url, record index in the shard)``;
     resumable from ``state_dict()`` taken between two records (the dataset takes it after each batch)."""
 
-    def __init__(self, urls: list[str], reader: ShardReader, assignments: list[Assignment], buffer_size: int,
-                 seed: tuple[int, ...], state: dict | None = None) -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        reader: ShardReader,
+        assignments: list[Assignment],
+        buffer_size: int,
+        seed: tuple[int, ...],
+        state: dict | None = None,
+    ) -> None:
         self.urls, self.reader, self.assignments = urls, reader, assignments
         self.buffer_size = max(buffer_size, 1)  # 1: no shuffling
         self.rng = np.random.default_rng(list(seed))
@@ -100,9 +108,13 @@ class ReaderStream:
 
     def state_dict(self) -> dict:
         refs = self.pending if self.pending is not None else [ref for _, ref in self.buffer]
-        return {"shard": self.shard, "position": self.position, "index": self.index,
-                "buffer": np.asarray(refs, dtype=np.int64).reshape(-1, 4),
-                "rng": self.rng.bit_generator.state}
+        return {
+            "shard": self.shard,
+            "position": self.position,
+            "index": self.index,
+            "buffer": np.asarray(refs, dtype=np.int64).reshape(-1, 4),
+            "rng": self.rng.bit_generator.state,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.shard, self.position, self.index = state["shard"], state["position"], state["index"]

@@ -99,8 +99,10 @@ def record_box(record: dict) -> tuple[int, int, int, int]:
 
 def _quad_text(item: dict, width: float | None, height: float | None) -> str:
     if not isinstance(item, dict) or not isinstance(item.get("text"), str):
-        raise ValueError("each of an ocr record's 'texts' must be an object with a string 'text' and a "
-                         "'quad' or 'quad_px' of 4 points")
+        raise ValueError(
+            "each of an ocr record's 'texts' must be an object with a string 'text' and a "
+            "'quad' or 'quad_px' of 4 points"
+        )
     if "quad" in item:
         points = [tuple(p) for p in item["quad"]]
     else:  # quad_px: pixel points, normalised like boxes
@@ -143,8 +145,10 @@ def task_prompt_and_target(record: dict) -> tuple[str, str]:
             raise ValueError(f"choice needs 2..26 choices and an answer index into them, got {answer!r}")
         options = "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(choices))
         hint = record.get("hint") or "N/A"
-        return (f"{image}Context: {hint}\nQuestion: {record['question']}\nOptions: {options}\nAnswer:",
-                " " + chr(65 + answer))
+        return (
+            f"{image}Context: {hint}\nQuestion: {record['question']}\nOptions: {options}\nAnswer:",
+            " " + chr(65 + answer),
+        )
     # ocr
     _require(record, "texts")
     width, height = record.get("width"), record.get("height")
@@ -165,4 +169,3 @@ def render_task(tokenizer, record: dict, num_image_tokens: int) -> TokenizedSamp
     ids = prompt_ids + target_ids + [eos]
     labels = [IGNORE_INDEX] * len(prompt_ids) + target_ids + [eos]
     return mask_first_label(TokenizedSample(ids, labels, paths))
-

@@ -79,7 +79,9 @@ def split_image_spans(text: str) -> list[tuple[str, str]]:
     for m in _IMG_MARKER.finditer(text):
         if m.group() == IMG_START:
             if open_at is not None:
-                raise ImageTagError(f"nested {IMG_START} at character {m.start()} (previous opened at {open_at})")
+                raise ImageTagError(
+                    f"nested {IMG_START} at character {m.start()} (previous opened at {open_at})"
+                )
             if m.start() > pos:
                 pieces.append(("text", text[pos : m.start()]))
             open_at = m.start()
@@ -133,8 +135,10 @@ def tokenize_plain(tokenizer, text: str, typed: bool = False) -> list[int]:
     control = _control_token_ids(tokenizer)
     obeyed = sorted({tokenizer.convert_ids_to_tokens(i) for i in ids if i in control})
     if obeyed:
-        raise TypedMarkupError(f"the text holds {', '.join(obeyed)}, which this tokenizer reads as a control "
-                               "token even in typed text; remove it")
+        raise TypedMarkupError(
+            f"the text holds {', '.join(obeyed)}, which this tokenizer reads as a control "
+            "token even in typed text; remove it"
+        )
     return ids
 
 
@@ -176,7 +180,9 @@ class Message:
     def written(self) -> str:
         """The turn as written text (``<img>path</img>`` for an image): what ``Chat.save`` writes. It reads
         back as the same tokens unless the text holds ``markup_spelt_out`` tokens (Chat.save checks)."""
-        return "".join(f"{IMG_START}{value}{IMG_END}" if kind == "image" else value for kind, value in self.pieces)
+        return "".join(
+            f"{IMG_START}{value}{IMG_END}" if kind == "image" else value for kind, value in self.pieces
+        )
 
     def merged_pieces(self) -> Iterator[tuple[str, str]]:
         text = ""
@@ -192,7 +198,9 @@ class Message:
             yield "text", text
 
 
-def encode_text_with_images(tokenizer, text: str | Message, num_image_tokens: int) -> tuple[list[int], list[str]]:
+def encode_text_with_images(
+    tokenizer, text: str | Message, num_image_tokens: int
+) -> tuple[list[int], list[str]]:
     """Tokenise written text whose images are written ``<img>path</img>``, or a typed ``Message``.
 
     Each image span becomes ``[<img>] + [<imgpad>] * num_image_tokens + [</img>]``; text between spans
@@ -223,17 +231,30 @@ def normalize_coord(value: float, size: float) -> int:
     return max(0, min(COORD_RANGE - 1, math.floor(value * COORD_RANGE / size)))
 
 
-def normalize_box(box_xyxy: tuple[float, float, float, float] | list[float], width: float, height: float) -> tuple[int, int, int, int]:
+def normalize_box(
+    box_xyxy: tuple[float, float, float, float] | list[float], width: float, height: float
+) -> tuple[int, int, int, int]:
     """A pixel box (x1, y1, x2, y2) -> integers in [0, 1000) by the box convention."""
     x1, y1, x2, y2 = box_xyxy
-    return (normalize_coord(x1, width), normalize_coord(y1, height),
-            normalize_coord(x2, width), normalize_coord(y2, height))
+    return (
+        normalize_coord(x1, width),
+        normalize_coord(y1, height),
+        normalize_coord(x2, width),
+        normalize_coord(y2, height),
+    )
 
 
-def denormalize_box(box: tuple[int, int, int, int] | list[int], width: float, height: float) -> tuple[float, float, float, float]:
+def denormalize_box(
+    box: tuple[int, int, int, int] | list[int], width: float, height: float
+) -> tuple[float, float, float, float]:
     """Integers in [0, 1000) -> pixels: ``x / 1000 * width`` (the same divisor as training)."""
     x1, y1, x2, y2 = box
-    return (x1 / COORD_RANGE * width, y1 / COORD_RANGE * height, x2 / COORD_RANGE * width, y2 / COORD_RANGE * height)
+    return (
+        x1 / COORD_RANGE * width,
+        y1 / COORD_RANGE * height,
+        x2 / COORD_RANGE * width,
+        y2 / COORD_RANGE * height,
+    )
 
 
 def validate_box(box: tuple[int, ...] | list[int]) -> None:
@@ -242,7 +263,9 @@ def validate_box(box: tuple[int, ...] | list[int]) -> None:
         raise BoxError(f"a box has 4 coordinates, got {list(box)}")
     for c in box:
         if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < COORD_RANGE:
-            raise BoxError(f"box coordinate {c!r} outside the integer range [0, {COORD_RANGE}) in {list(box)}")
+            raise BoxError(
+                f"box coordinate {c!r} outside the integer range [0, {COORD_RANGE}) in {list(box)}"
+            )
     x1, y1, x2, y2 = box
     if x1 > x2 or y1 > y2:
         raise BoxError(f"box corners out of order (need x1<=x2, y1<=y2): {list(box)}")
@@ -279,8 +302,9 @@ def parse_boxes(text: str) -> list[tuple[int, int, int, int]]:
 
 # ------------------------------------------------------------------------- <ref>/<box>/<quad> structure
 
-_GROUNDING_TAG = re.compile("|".join(re.escape(t) for t in (REF_START, REF_END, BOX_START, BOX_END,
-                                                             QUAD_START, QUAD_END)))
+_GROUNDING_TAG = re.compile(
+    "|".join(re.escape(t) for t in (REF_START, REF_END, BOX_START, BOX_END, QUAD_START, QUAD_END))
+)
 _QUAD_ANY = re.compile(re.escape(QUAD_START) + r"(.*?)" + re.escape(QUAD_END), re.DOTALL)
 _QUAD_POINTS = re.compile(r"\((-?\d+),(-?\d+)\),\((-?\d+),(-?\d+)\),\((-?\d+),(-?\d+)\),\((-?\d+),(-?\d+)\)")
 
@@ -298,20 +322,24 @@ def check_grounding_tags(text: str, open_box_at_end: bool = False) -> None:
         tag = m.group()
         if not tag.startswith("</"):
             if open_tag is not None:
-                raise GroundingTagError(f"{tag} at character {m.start()} inside the {open_tag} opened at {open_at}")
+                raise GroundingTagError(
+                    f"{tag} at character {m.start()} inside the {open_tag} opened at {open_at}"
+                )
             open_tag, open_at = tag, m.start()
         else:
             opener = tag.replace("/", "", 1)
             if open_tag != opener:
                 raise GroundingTagError(f"{tag} at character {m.start()} without a matching {opener}")
             open_tag = None
-    prompt_box = open_box_at_end and open_tag == BOX_START and not text[open_at + len(BOX_START):].strip()
+    prompt_box = open_box_at_end and open_tag == BOX_START and not text[open_at + len(BOX_START) :].strip()
     if open_tag is not None and not prompt_box:
         raise GroundingTagError(f"unclosed {open_tag} at character {open_at}")
     parse_boxes(text)
     for m in _QUAD_ANY.finditer(text):
         strict = _QUAD_POINTS.fullmatch(m.group(1))
         if strict is None:
-            raise BoxError(f"malformed quad {m.group()!r}; expected {QUAD_START}(x,y),(x,y),(x,y),(x,y){QUAD_END}")
+            raise BoxError(
+                f"malformed quad {m.group()!r}; expected {QUAD_START}(x,y),(x,y),(x,y),(x,y){QUAD_END}"
+            )
         coords = [int(g) for g in strict.groups()]
         format_points(list(zip(coords[0::2], coords[1::2])))  # BoxError outside [0, 1000)

@@ -38,12 +38,16 @@ def parse_caption_key(spec: str) -> tuple[str, str | None]:
     """``"txt"`` -> (member ``txt``, whole text); ``"json:caption"`` -> (member ``json``, its field ``caption``)."""
     member, _, field = spec.partition(":")
     if not member.strip() or (":" in spec and not field.strip()):
-        raise UserError(f"data.wds_caption_key={spec!r}: expected a member extension ('txt') or "
-                         "'MEMBER:FIELD' for a field of a JSON member ('json:caption')")
+        raise UserError(
+            f"data.wds_caption_key={spec!r}: expected a member extension ('txt') or "
+            "'MEMBER:FIELD' for a field of a JSON member ('json:caption')"
+        )
     return member.strip().lower(), field.strip() or None
 
 
-def pair_of(sample: dict, url: str, image_keys: list[str], caption_key: tuple[str, str | None]) -> tuple[dict, bytes]:
+def pair_of(
+    sample: dict, url: str, image_keys: list[str], caption_key: tuple[str, str | None]
+) -> tuple[dict, bytes]:
     """A sample's ``{image, caption}`` record (the image named ``URL/KEY.EXT`` for messages) and image bytes."""
     ext = next((k for k in image_keys if k in sample), None)
     members = sorted(k for k in sample if k != "__key__")
@@ -89,4 +93,6 @@ def shard_pattern(paths: list[Path]) -> str:
     prefix = first.name.rsplit("-", 1)[0]
     if len(paths) == 1:
         return str(first)
-    return str(first.parent / f"{prefix}-{{{first.stem.rsplit('-', 1)[1]}..{last.stem.rsplit('-', 1)[1]}}}.tar")
+    return str(
+        first.parent / f"{prefix}-{{{first.stem.rsplit('-', 1)[1]}..{last.stem.rsplit('-', 1)[1]}}}.tar"
+    )

@@ -21,16 +21,30 @@ from selenium.webdriver.support.ui import WebDriverWait
 from eval_mm.chat import Chat, GenerationSettings
 from eval_mm.web import build_demo, local_theme
 
-BROWSER_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1280,820", "--hide-scrollbars")
+BROWSER_FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1280,820",
+    "--hide-scrollbars",
+)
 
 
 def main(checkpoint: str, image: str, out: str, *questions: str) -> None:
     template = Chat.from_pretrained(checkpoint, settings=GenerationSettings(max_new_tokens=64))
 
     def new_chat() -> Chat:
-        return Chat(template.model, template.tokenizer, prompt_format=template.prompt_format, settings=template.settings)
+        return Chat(
+            template.model,
+            template.tokenizer,
+            prompt_format=template.prompt_format,
+            settings=template.settings,
+        )
 
     reference = new_chat()
     answers = [reference.ask(q, images=[image] if i == 0 else []).text for i, q in enumerate(questions)]
@@ -39,8 +53,14 @@ def main(checkpoint: str, image: str, out: str, *questions: str) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                        theme=local_theme(), footer_links=[])
+    demo.queue().launch(
+        server_name="127.0.0.1",
+        server_port=port,
+        prevent_thread_lock=True,
+        quiet=True,
+        theme=local_theme(),
+        footer_links=[],
+    )
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
     for flag in (*BROWSER_FLAGS, f"--user-data-dir={tempfile.mkdtemp()}"):
@@ -54,8 +74,15 @@ def main(checkpoint: str, image: str, out: str, *questions: str) -> None:
         for i, question in enumerate(questions):
             driver.find_element(By.CSS_SELECTOR, "#question textarea").send_keys(question)
             driver.find_element(By.CSS_SELECTOR, "#send").click()
-            wait.until(lambda d, n=i + 1: [e.get_attribute("textContent") for e in
-                                           d.find_elements(By.CSS_SELECTOR, "#chatbot [data-testid=bot]")] == answers[:n])
+            wait.until(
+                lambda d, n=i + 1: (
+                    [
+                        e.get_attribute("textContent")
+                        for e in d.find_elements(By.CSS_SELECTOR, "#chatbot [data-testid=bot]")
+                    ]
+                    == answers[:n]
+                )
+            )
         time.sleep(3)  # the boxes image of the last answer
         driver.save_screenshot(out)
         print(f"wrote {out}")

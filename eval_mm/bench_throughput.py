@@ -47,17 +47,31 @@ IMG_START_ID, IMG_END_ID, IMG_PAD_ID, PAD_ID = 151857, 151858, 151859, 151643
 VARIANTS = ("baseline", "batched", "fast")  # always run in this order: "fast" compiles the shared model
 
 
-def synthetic_batch(batch: int, prompt_tokens: int, options: int, num_image_tokens: int, image_size: int,
-                    generator: torch.Generator, pin: bool) -> PromptBatch:
+def synthetic_batch(
+    batch: int,
+    prompt_tokens: int,
+    options: int,
+    num_image_tokens: int,
+    image_size: int,
+    generator: torch.Generator,
+    pin: bool,
+) -> PromptBatch:
     """`batch` prompts of <img> + pads + </img> + random text, one random image each, `options` letters."""
     text = torch.randint(1000, 100000, (batch, prompt_tokens), generator=generator)
     image = torch.tensor([IMG_START_ID] + [IMG_PAD_ID] * num_image_tokens + [IMG_END_ID]).expand(batch, -1)
     input_ids = torch.cat([image, text], dim=1)
     samples = [EvalSample(str(i), "", tuple(chr(ord("A") + k) for k in range(options))) for i in range(batch)]
     letters = [[1000 + k] for k in range(options)]  # one token each, like " A" in the Qwen vocabulary
-    prompt_batch = PromptBatch(samples, [""] * batch, input_ids, torch.ones_like(input_ids),
-                               torch.randn(batch, 3, image_size, image_size, generator=generator), [1] * batch,
-                               [letters] * batch, PAD_ID)
+    prompt_batch = PromptBatch(
+        samples,
+        [""] * batch,
+        input_ids,
+        torch.ones_like(input_ids),
+        torch.randn(batch, 3, image_size, image_size, generator=generator),
+        [1] * batch,
+        [letters] * batch,
+        PAD_ID,
+    )
     return prompt_batch.pin_memory() if pin else prompt_batch
 
 
@@ -65,16 +79,32 @@ def run_variant(model, variant: str, args, device: torch.device) -> dict:
     """Warm up, then time `args.batches` batches of generation and of multiple choice."""
     batch_size = args.baseline_batch_size if variant == "baseline" else args.batch_size
     generator = torch.Generator().manual_seed(0)
-    pool = [synthetic_batch(batch_size, args.prompt_tokens, args.options, model.config.num_image_tokens,
-                            model.config.vision.image_size, generator, pin=device.type == "cuda") for _ in range(2)]
+    pool = [
+        synthetic_batch(
+            batch_size,
+            args.prompt_tokens,
+            args.options,
+            model.config.num_image_tokens,
+            model.config.vision.image_size,
+            generator,
+            pin=device.type == "cuda",
+        )
+        for _ in range(2)
+    ]
     compiled = variant == "fast" and device.type == "cuda"
     slot = StaticCacheSlot(model.llm.config, rows=batch_size) if variant == "fast" else None
     rank = rank_options_per_row if variant == "baseline" else rank_options
 
     @torch.no_grad()
     def generate(batch: PromptBatch) -> None:
-        generate_tokens(model, *batch_to_device(batch, model, device), max_new_tokens=args.max_new_tokens,
-                        min_new_tokens=args.max_new_tokens, stop_ids=[PAD_ID], static_cache=slot)
+        generate_tokens(
+            model,
+            *batch_to_device(batch, model, device),
+            max_new_tokens=args.max_new_tokens,
+            min_new_tokens=args.max_new_tokens,
+            stop_ids=[PAD_ID],
+            static_cache=slot,
+        )
 
     def choose(batch: PromptBatch) -> None:
         rank(model, batch, device)
@@ -115,40 +145,75 @@ def parse_variants(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m eval_mm.bench_throughput") -> dict:
-    parser = ArgumentParser(prog=prog, description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            examples=["--variants baseline,fast --batches 8"])
-    parser.add_argument("--variants", type=parse_variants, default=list(VARIANTS),
-                        help=f"comma-separated, among {','.join(VARIANTS)} (default: all; always run in that order)")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="prompts per batch of batched and fast "
-                        "(the default of `eval_mm run`)")
-    parser.add_argument("--baseline-batch-size", type=positive_int, default=8, help="prompts per batch of baseline "
-                        "(the default before issue 11)")
+    parser = ArgumentParser(
+        prog=prog,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=["--variants baseline,fast --batches 8"],
+    )
+    parser.add_argument(
+        "--variants",
+        type=parse_variants,
+        default=list(VARIANTS),
+        help=f"comma-separated, among {','.join(VARIANTS)} (default: all; always run in that order)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=32,
+        help="prompts per batch of batched and fast (the default of `eval_mm run`)",
+    )
+    parser.add_argument(
+        "--baseline-batch-size",
+        type=positive_int,
+        default=8,
+        help="prompts per batch of baseline (the default before issue 11)",
+    )
     parser.add_argument("--batches", type=positive_int, default=8, help="timed batches per path and variant")
-    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed batches per path and variant first")
+    parser.add_argument(
+        "--warmup", type=non_negative_int, default=1, help="untimed batches per path and variant first"
+    )
     parser.add_argument("--max-new-tokens", type=positive_int, default=10, help="VQA budget of the reference")
     parser.add_argument("--prompt-tokens", type=positive_int, default=32, help="text tokens after the image")
-    parser.add_argument("--options", type=positive_int, default=4, help="letters ranked per multiple-choice prompt")
-    parser.add_argument("--preset", choices=["qwen_vl_7b", "tiny"], default="qwen_vl_7b",
-                        help="tiny: a CPU smoke test of this script")
+    parser.add_argument(
+        "--options", type=positive_int, default=4, help="letters ranked per multiple-choice prompt"
+    )
+    parser.add_argument(
+        "--preset",
+        choices=["qwen_vl_7b", "tiny"],
+        default="qwen_vl_7b",
+        help="tiny: a CPU smoke test of this script",
+    )
     parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     args = parser.parse_args(argv)
     if args.preset == "qwen_vl_7b" and not torch.cuda.is_available():
-        raise UserError("bench_throughput needs a CUDA GPU for --preset qwen_vl_7b (a 7B model in bf16); "
-                        "--preset tiny runs on CPU")
+        raise UserError(
+            "bench_throughput needs a CUDA GPU for --preset qwen_vl_7b (a 7B model in bf16); "
+            "--preset tiny runs on CPU"
+        )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     start = time.perf_counter()
     config = presets.qwen_vl_7b() if args.preset == "qwen_vl_7b" else presets.tiny(vocab_size=151936)
     config.image_start_id, config.image_end_id, config.image_pad_id, config.pad_token_id = (
-        IMG_START_ID, IMG_END_ID, IMG_PAD_ID, PAD_ID)
+        IMG_START_ID,
+        IMG_END_ID,
+        IMG_PAD_ID,
+        PAD_ID,
+    )
     torch.manual_seed(0)
     model = build_vlm(config, dtype=dtype, device=device).eval()
-    results = {"preset": args.preset, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "dtype": str(dtype).removeprefix("torch."), "prompt_tokens": config.num_image_tokens + 2 + args.prompt_tokens,
-               "max_new_tokens": args.max_new_tokens, "options": args.options,
-               "build_s": round(time.perf_counter() - start, 1), "variants": {}}
+    results = {
+        "preset": args.preset,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "prompt_tokens": config.num_image_tokens + 2 + args.prompt_tokens,
+        "max_new_tokens": args.max_new_tokens,
+        "options": args.options,
+        "build_s": round(time.perf_counter() - start, 1),
+        "variants": {},
+    }
     for variant in args.variants:
         result = run_variant(model, variant, args, device)
         print(json.dumps(result), flush=True)
@@ -159,13 +224,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m eval_mm.bench_thr
 
 
 def print_table(results: dict) -> None:
-    print(f"\n{results['device']}, {results['preset']} {results['dtype']}, prompts of {results['prompt_tokens']} tokens, "
-          f"{results['max_new_tokens']} new tokens, {results['options']} options")
+    print(
+        f"\n{results['device']}, {results['preset']} {results['dtype']}, prompts of {results['prompt_tokens']} tokens, "
+        f"{results['max_new_tokens']} new tokens, {results['options']} options"
+    )
     print(f"{'variant':10} {'batch':>5} {'generate/s':>11} {'choice/s':>9} {'warm-up s':>10} {'peak GiB':>9}")
     for r in results["variants"].values():
         peak = f"{r['peak_memory_gib']:.2f}" if "peak_memory_gib" in r else "-"  # CUDA only
-        print(f"{r['variant']:10} {r['batch_size']:>5} {r['generate_samples_per_s']:>11.2f} "
-              f"{r['choice_samples_per_s']:>9.2f} {r['warmup_s']:>10.1f} {peak:>9}")
+        print(
+            f"{r['variant']:10} {r['batch_size']:>5} {r['generate_samples_per_s']:>11.2f} "
+            f"{r['choice_samples_per_s']:>9.2f} {r['warmup_s']:>10.1f} {peak:>9}"
+        )
 
 
 def _cli() -> int:

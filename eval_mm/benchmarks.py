@@ -39,18 +39,28 @@ class Benchmark:
 
 
 def _vqa(name, test, metric, max_new_tokens, annotation=None):
-    return Benchmark(name, "vqa_jsonl", test, metric, VQA_PROMPT, annotation_file=annotation,
-                     max_new_tokens=max_new_tokens)
+    return Benchmark(
+        name, "vqa_jsonl", test, metric, VQA_PROMPT, annotation_file=annotation, max_new_tokens=max_new_tokens
+    )
 
 
 def _refcoco(dataset: str, split: str) -> Benchmark:
     name = f"{dataset}_{split}"
-    return Benchmark(name, "grounding_jsonl", f"{dataset}/{name}.jsonl", "grounding", GROUNDING_PROMPT,
-                     max_new_tokens=28, min_new_tokens=10)
+    return Benchmark(
+        name,
+        "grounding_jsonl",
+        f"{dataset}/{name}.jsonl",
+        "grounding",
+        GROUNDING_PROMPT,
+        max_new_tokens=28,
+        min_new_tokens=10,
+    )
 
 
 def _caption(name, test):
-    return Benchmark(name, "coco_caption", test, "caption", CAPTION_PROMPT, max_new_tokens=30, min_new_tokens=8)
+    return Benchmark(
+        name, "coco_caption", test, "caption", CAPTION_PROMPT, max_new_tokens=30, min_new_tokens=8
+    )
 
 
 def _choice(name, test, metric="choice_accuracy", fmt="choice_jsonl", prompt=CHOICE_PROMPT):
@@ -58,12 +68,22 @@ def _choice(name, test, metric="choice_accuracy", fmt="choice_jsonl", prompt=CHO
 
 
 _ALL = [
-    _vqa("vqav2_val", "vqav2/vqav2_val.jsonl", "vqa_accuracy", 10, "vqav2/v2_mscoco_val2014_annotations.json"),
+    _vqa(
+        "vqav2_val", "vqav2/vqav2_val.jsonl", "vqa_accuracy", 10, "vqav2/v2_mscoco_val2014_annotations.json"
+    ),
     _vqa("okvqa_val", "okvqa/okvqa_val.jsonl", "vqa_accuracy", 10, "okvqa/mscoco_val2014_annotations.json"),
-    _vqa("textvqa_val", "textvqa/textvqa_val.jsonl", "vqa_accuracy", 10, "textvqa/textvqa_val_annotations.json"),
+    _vqa(
+        "textvqa_val", "textvqa/textvqa_val.jsonl", "vqa_accuracy", 10, "textvqa/textvqa_val_annotations.json"
+    ),
     _vqa("vizwiz_val", "vizwiz/vizwiz_val.jsonl", "vqa_accuracy", 10, "vizwiz/vizwiz_val_annotations.json"),
     _vqa("docvqa_val", "docvqa/val.jsonl", "anls", 100, "docvqa/val/val_v1.0.json"),
-    _vqa("infovqa_val", "infographicsvqa/val.jsonl", "anls", 100, "infographicsvqa/val/infographicsVQA_val_v1.0.json"),
+    _vqa(
+        "infovqa_val",
+        "infographicsvqa/val.jsonl",
+        "anls",
+        100,
+        "infographicsvqa/val/infographicsVQA_val_v1.0.json",
+    ),
     _vqa("chartqa_test_human", "chartqa/test_human.jsonl", "relaxed_accuracy", 100),
     _vqa("chartqa_test_augmented", "chartqa/test_augmented.jsonl", "relaxed_accuracy", 100),
     _vqa("gqa_testdev", "gqa/testdev_balanced.jsonl", "gqa_accuracy", 10),
@@ -84,12 +104,20 @@ _ALL = [
     # their image paths are relative to that folder.
     _caption("synth_caption", "synthetic/caption_test.json"),
     _vqa("synth_vqa", "synthetic/vqa_test.jsonl", "vqa_accuracy", 10, "synthetic/vqa_test_annotations.json"),
-    Benchmark("synth_grounding", "grounding_jsonl", "synthetic/grounding_test.jsonl", "grounding",
-              GROUNDING_PROMPT, max_new_tokens=28, min_new_tokens=10),
+    Benchmark(
+        "synth_grounding",
+        "grounding_jsonl",
+        "synthetic/grounding_test.jsonl",
+        "grounding",
+        GROUNDING_PROMPT,
+        max_new_tokens=28,
+        min_new_tokens=10,
+    ),
     _choice("synth_mc", "synthetic/mc_test.jsonl"),
     # Held-out preference pairs (the DPO stage's): share of pairs whose chosen answer is the likelier.
-    Benchmark("synth_preference", "preference_json", "synthetic/dpo_test.json", "preference", "",
-              kind="preference"),
+    Benchmark(
+        "synth_preference", "preference_json", "synthetic/dpo_test.json", "preference", "", kind="preference"
+    ),
 ]
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in _ALL}
 

@@ -165,8 +165,11 @@ class GenerationSettings:
             raise UserError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.sampling, "num_beams": 1}
         if self.sampling:
-            kwargs.update(temperature=self.temperature or 1.0, top_p=self.top_p if self.top_p is not None else 1.0,
-                          top_k=self.top_k if self.top_k is not None else 0)
+            kwargs.update(
+                temperature=self.temperature or 1.0,
+                top_p=self.top_p if self.top_p is not None else 1.0,
+                top_k=self.top_k if self.top_k is not None else 0,
+            )
         else:  # a checkpoint's generation_config may hold sampling values: greedy ignores them, say so to HF
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if self.repetition_penalty is not None:
@@ -183,7 +186,9 @@ class AnswerStreamer(TextIteratorStreamer):
         self.stop_ids = torch.tensor(stop_ids)
 
     def put(self, value: torch.Tensor) -> None:
-        if self.skip_prompt and self.next_tokens_are_prompt:  # the (empty) prompt: generation starts from embeddings
+        if (
+            self.skip_prompt and self.next_tokens_are_prompt
+        ):  # the (empty) prompt: generation starts from embeddings
             return super().put(value)
         kept = value.reshape(-1).cpu()
         kept = kept[~torch.isin(kept, self.stop_ids)]
@@ -198,7 +203,9 @@ class StopWhenAsked(StoppingCriteria):
         self.event = threading.Event()
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        return torch.full(
+            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
+        )
 
 
 # ------------------------------------------------------------------------------------------ chat
@@ -212,8 +219,14 @@ class Chat:
     on its device; ``prompt_format`` is "chatml" or "raw" (``Chat.from_pretrained`` reads the checkpoint's).
     For a family model, ``tokenizer`` is its processor (what ``models.load_pretrained`` returns)."""
 
-    def __init__(self, model, tokenizer=None, prompt_format: str = "chatml", system: str | None = None,
-                 settings: GenerationSettings | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        prompt_format: str = "chatml",
+        system: str | None = None,
+        settings: GenerationSettings | None = None,
+    ):
         if prompt_format not in ("chatml", "raw"):
             raise UserError(f"prompt format must be 'chatml' or 'raw', got {prompt_format!r}")
         self.model = model
@@ -238,8 +251,15 @@ class Chat:
         self.last_reply: Reply | None = None
 
     @classmethod
-    def from_pretrained(cls, checkpoint: str | Path, base: str | Path | None = None, device: str | None = None,
-                        dtype: str | torch.dtype | None = None, prompt_format: str = "auto", **kwargs) -> Chat:
+    def from_pretrained(
+        cls,
+        checkpoint: str | Path,
+        base: str | Path | None = None,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        prompt_format: str = "auto",
+        **kwargs,
+    ) -> Chat:
         """Load any export with ``models.load_pretrained`` and chat in the prompt format it records."""
         model, tokenizer = load_pretrained(checkpoint, base=base, dtype=dtype, device=pick_device(device))
         if prompt_format == "auto":
@@ -249,8 +269,13 @@ class Chat:
     def new_conversation(self) -> Chat:
         """Another conversation with the same model, prompt format, system message and settings (the web
         demo's sessions)."""
-        return Chat(self.model, self.processor or self.tokenizer, prompt_format=self.prompt_format,
-                    system=self.system_given, settings=self.settings)
+        return Chat(
+            self.model,
+            self.processor or self.tokenizer,
+            prompt_format=self.prompt_format,
+            system=self.system_given,
+            settings=self.settings,
+        )
 
     # ------------------------------------------------------------------------------ conversation
     def add_image(self, path: str | Path) -> int:
@@ -284,13 +309,18 @@ class Chat:
         for n, turn in enumerate(self.history, start=1):
             spelt = markup_spelt_out(self.tokenizer, turn["value"].text)
             if spelt:
-                raise UserError(f"cannot save the conversation as training data: turn {n} ({turn['from']}) holds "
-                                f"{', '.join(spelt)} as plain text, which training data reads as markup")
+                raise UserError(
+                    f"cannot save the conversation as training data: turn {n} ({turn['from']}) holds "
+                    f"{', '.join(spelt)} as plain text, which training data reads as markup"
+                )
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps([{"id": "chat", "conversations": self.conversation()}], indent=2,
-                                  ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.write_text(
+            json.dumps([{"id": "chat", "conversations": self.conversation()}], indent=2, ensure_ascii=False)
+            + "\n",
+            encoding="utf-8",
+        )
         tmp.replace(path)
         return path
 
@@ -354,7 +384,9 @@ class Chat:
         dtype = next(self.vlm.resampler.parameters()).dtype
         size = self.vlm.config.vision.image_size
         try:
-            pixels = torch.stack([load_image(p, size) for p in paths]) if paths else torch.zeros(0, 3, size, size)
+            pixels = (
+                torch.stack([load_image(p, size) for p in paths]) if paths else torch.zeros(0, 3, size, size)
+            )
         except ImageLoadError as e:  # an image of the conversation was removed or damaged since
             raise ChatImageError(str(e)) from e
         return ids, {"pixel_values": pixels.to(device, dtype)}, None
@@ -363,12 +395,18 @@ class Chat:
         for turn in turns:
             spelt = markup_spelt_out(self.tokenizer, turn["value"].text) if turn["from"] == "user" else []
             if spelt:
-                raise UserError(f"cannot use this message: {', '.join(spelt)} is a control token of this "
-                                "model and cannot be typed as text")
+                raise UserError(
+                    f"cannot use this message: {', '.join(spelt)} is a control token of this "
+                    "model and cannot be typed as text"
+                )
         try:
-            prompt = encode_family_prompt(self.processor, self.vlm.spec.box_convention,
-                                          [(t["from"], list(t["value"].pieces)) for t in turns], "the chat",
-                                          system=self.system_given)
+            prompt = encode_family_prompt(
+                self.processor,
+                self.vlm.spec.box_convention,
+                [(t["from"], list(t["value"].pieces)) for t in turns],
+                "the chat",
+                system=self.system_given,
+            )
         except ImageLoadError as e:  # an image of the conversation was removed or damaged since
             raise ChatImageError(str(e)) from e
         except ValueError as e:  # a box the family's convention cannot carry
@@ -390,8 +428,10 @@ class Chat:
         ids, images, geometry = self._prompt(self.history + [user_turn])
         context = self._context_length()
         if context is not None and len(ids) >= context:
-            raise UserError(f"the conversation is {len(ids)} tokens, the model's context {context}: :reset (or "
-                            "Chat.reset()) and ask again")
+            raise UserError(
+                f"the conversation is {len(ids)} tokens, the model's context {context}: :reset (or "
+                "Chat.reset()) and ask again"
+            )
         settings = self.settings
         kwargs = settings.generate_kwargs()
         if context is not None:
@@ -408,10 +448,16 @@ class Chat:
                 if settings.seed is not None and settings.sampling:
                     torch.manual_seed(settings.seed)
                 result["ids"] = self.model.generate(
-                    torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), dtype=torch.long,
-                                                                                  device=device),
-                    **images, pad_token_id=stops[0], eos_token_id=stops, use_cache=True,
-                    streamer=streamer, stopping_criteria=StoppingCriteriaList([stop]), **kwargs)
+                    torch.tensor([ids], device=device),
+                    attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                    **images,
+                    pad_token_id=stops[0],
+                    eos_token_id=stops,
+                    use_cache=True,
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([stop]),
+                    **kwargs,
+                )
             except BaseException as e:  # re-raised in the caller's thread below
                 result["error"] = e
                 streamer.end()
@@ -461,31 +507,64 @@ class Chat:
 # ------------------------------------------------------------------------------ command line
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The checkpoint and decoding options of ``python -m eval_mm chat`` and ``python -m eval_mm.web``."""
-    parser.add_argument("--checkpoint", required=True,
-                        help="any export: a full one, merged/, an adapter, or a run's final/ (models.load_pretrained)")
-    parser.add_argument("--base", default=None,
-                        help="the base an adapter goes on (default: its training_info.json init_from)")
-    parser.add_argument("--system", default=None, help="the ChatML system message (default: the training default)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="any export: a full one, merged/, an adapter, or a run's final/ (models.load_pretrained)",
+    )
+    parser.add_argument(
+        "--base", default=None, help="the base an adapter goes on (default: its training_info.json init_from)"
+    )
+    parser.add_argument(
+        "--system", default=None, help="the ChatML system message (default: the training default)"
+    )
     parser.add_argument("--max-new-tokens", type=positive_int, default=512)
-    parser.add_argument("--temperature", type=float, default=None,
-                        help="sample at this temperature (default: greedy; 0 = greedy)")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="sample at this temperature (default: greedy; 0 = greedy)",
+    )
     parser.add_argument("--top-p", type=float, default=None, help="sample from the top-p nucleus")
     parser.add_argument("--top-k", type=positive_int, default=None, help="sample from the k likeliest tokens")
     parser.add_argument("--repetition-penalty", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0, help="seed of sampling (re-applied before every answer)")
-    parser.add_argument("--prompt-format", choices=["auto", "chatml", "raw"], default="auto",
-                        help="auto: the one the checkpoint records (chatml after SFT, else raw)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of sampling (re-applied before every answer)"
+    )
+    parser.add_argument(
+        "--prompt-format",
+        choices=["auto", "chatml", "raw"],
+        default="auto",
+        help="auto: the one the checkpoint records (chatml after SFT, else raw)",
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                        help="auto: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="auto: bfloat16 on GPU, float32 on CPU",
+    )
 
 
 def chat_from_args(args: argparse.Namespace) -> Chat:
     """A Chat from the options ``add_model_arguments`` declares."""
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                  top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
-    return Chat.from_pretrained(args.checkpoint, base=args.base, device=args.device, dtype=args.dtype,
-                                prompt_format=args.prompt_format, system=args.system, settings=settings)
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+    return Chat.from_pretrained(
+        args.checkpoint,
+        base=args.base,
+        device=args.device,
+        dtype=args.dtype,
+        prompt_format=args.prompt_format,
+        system=args.system,
+        settings=settings,
+    )
 
 
 HELP = """commands: :image PATH [PATH ...]  add images to your next message
@@ -493,10 +572,13 @@ HELP = """commands: :image PATH [PATH ...]  add images to your next message
           :quit   leave (or end of input)    :help  this text"""
 
 
-def one_shot(chat: Chat, prompt: str, images: list[str], out: TextIO, as_json: bool = False,
-             draw: str | None = None) -> Reply:
+def one_shot(
+    chat: Chat, prompt: str, images: list[str], out: TextIO, as_json: bool = False, draw: str | None = None
+) -> Reply:
     """Answer once: stream the answer to ``out`` (or print only the JSON line with ``as_json``)."""
-    reply = chat.ask(prompt, images=images, on_text=None if as_json else lambda p: print(p, end="", file=out, flush=True))
+    reply = chat.ask(
+        prompt, images=images, on_text=None if as_json else lambda p: print(p, end="", file=out, flush=True)
+    )
     if draw:
         chat.draw(draw)
     if as_json:

@@ -33,84 +33,164 @@ def positive_float(text: str) -> float:
 
 
 def _add_metric_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--chartqa-reference-order", action="store_true",
-                        help="score ChartQA with the reference's swapped relaxed_correctness arguments")
-    parser.add_argument("--box-divisor", type=positive_float, default=1000.0,
-                        help="map box coordinates back with x / DIVISOR * width (1000, as training; 999 = reference RefCOCO)")
+    parser.add_argument(
+        "--chartqa-reference-order",
+        action="store_true",
+        help="score ChartQA with the reference's swapped relaxed_correctness arguments",
+    )
+    parser.add_argument(
+        "--box-divisor",
+        type=positive_float,
+        default=1000.0,
+        help="map box coordinates back with x / DIVISOR * width (1000, as training; 999 = reference RefCOCO)",
+    )
     parser.add_argument("--meteor", action="store_true", help="also compute METEOR for captions (needs Java)")
 
 
 def _metric_options(args) -> MetricOptions:
-    return MetricOptions(chartqa_reference_order=args.chartqa_reference_order, box_divisor=args.box_divisor,
-                         with_meteor=args.meteor)
+    return MetricOptions(
+        chartqa_reference_order=args.chartqa_reference_order,
+        box_divisor=args.box_divisor,
+        with_meteor=args.meteor,
+    )
 
 
 DEMO_EXPORT = "runs/demo/sft/final"  # what `vlrecipe demo` trains: the examples run on it
 
 
 def build_parser(prog: str = "python -m eval_mm") -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog=prog, description=__doc__,
-                            examples=["list", f"run --checkpoint {DEMO_EXPORT} --bench synth_vqa "
-                                      "--data-root runs/demo/data --out runs/eval_sft"])
-    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error (anywhere on the line)")
+    parser = ArgumentParser(
+        prog=prog,
+        description=__doc__,
+        examples=[
+            "list",
+            f"run --checkpoint {DEMO_EXPORT} --bench synth_vqa "
+            "--data-root runs/demo/data --out runs/eval_sft",
+        ],
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of a user error (anywhere on the line)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="evaluate a checkpoint (single device or under torchrun)",
-                         examples=[f"--checkpoint {DEMO_EXPORT} --bench synth_vqa,synth_grounding "
-                                   "--data-root runs/demo/data --out runs/eval_sft --limit 200"])
-    run.add_argument("--checkpoint", required=True,
-                     help="any export: a full one, merged/, an adapter, or a run's final/ (models.load_pretrained)")
-    run.add_argument("--base", default=None, help="the base an adapter goes on (default: its training_info.json init_from)")
+    run = sub.add_parser(
+        "run",
+        help="evaluate a checkpoint (single device or under torchrun)",
+        examples=[
+            f"--checkpoint {DEMO_EXPORT} --bench synth_vqa,synth_grounding "
+            "--data-root runs/demo/data --out runs/eval_sft --limit 200"
+        ],
+    )
+    run.add_argument(
+        "--checkpoint",
+        required=True,
+        help="any export: a full one, merged/, an adapter, or a run's final/ (models.load_pretrained)",
+    )
+    run.add_argument(
+        "--base", default=None, help="the base an adapter goes on (default: its training_info.json init_from)"
+    )
     run.add_argument("--bench", required=True, help="comma-separated benchmark names (see `list`)")
     run.add_argument("--data-root", required=True)
     run.add_argument("--out", required=True)
-    run.add_argument("--limit", type=positive_int, default=None, help="only the first N samples of each benchmark")
-    run.add_argument("--batch-size", type=positive_int, default=32,
-                     help="prompts per batch (multiple choice: all options of a prompt count as one)")
-    run.add_argument("--num-workers", type=non_negative_int, default=None,
-                     help="DataLoader workers (tokenising, image decoding); default 4 with CUDA, 0 on CPU")
-    run.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto",
-                     help="auto: chatml if the checkpoint records a chat format / SFT stage, else raw")
-    run.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                     help="auto: bfloat16 on GPU, float32 on CPU")
-    run.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                     help="on: a static KV cache whose decode step transformers compiles (CUDA graphs), and "
-                          "compiled vision blocks; auto: on with CUDA (docs/evaluation.md)")
+    run.add_argument(
+        "--limit", type=positive_int, default=None, help="only the first N samples of each benchmark"
+    )
+    run.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=32,
+        help="prompts per batch (multiple choice: all options of a prompt count as one)",
+    )
+    run.add_argument(
+        "--num-workers",
+        type=non_negative_int,
+        default=None,
+        help="DataLoader workers (tokenising, image decoding); default 4 with CUDA, 0 on CPU",
+    )
+    run.add_argument(
+        "--prompt-format",
+        choices=PROMPT_FORMATS,
+        default="auto",
+        help="auto: chatml if the checkpoint records a chat format / SFT stage, else raw",
+    )
+    run.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="auto: bfloat16 on GPU, float32 on CPU",
+    )
+    run.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="on: a static KV cache whose decode step transformers compiles (CUDA graphs), and "
+        "compiled vision blocks; auto: on with CUDA (docs/evaluation.md)",
+    )
     _add_metric_options(run)
 
-    score_example = ("--bench synth_vqa --predictions runs/eval_sft/synth_vqa/predictions.jsonl "
-                     "--annotations runs/demo/data/synthetic/vqa_test_annotations.json")
+    score_example = (
+        "--bench synth_vqa --predictions runs/eval_sft/synth_vqa/predictions.jsonl "
+        "--annotations runs/demo/data/synthetic/vqa_test_annotations.json"
+    )
     score = sub.add_parser("score", help="score saved predictions without a model", examples=[score_example])
     score.add_argument("--bench", required=True)
     score.add_argument("--predictions", required=True, help="JSONL with 'id' and 'prediction' per line")
     score.add_argument("--annotations", required=True, help="the benchmark's annotation file (see `list`)")
-    score.add_argument("--reference-predictions", default=None, metavar="JSONL",
-                       help="a preference benchmark's predictions by the reference model (e.g. the SFT export "
-                            "a DPO run started from): adds the held-out reward accuracy (eval_mm.metrics)")
+    score.add_argument(
+        "--reference-predictions",
+        default=None,
+        metavar="JSONL",
+        help="a preference benchmark's predictions by the reference model (e.g. the SFT export "
+        "a DPO run started from): adds the held-out reward accuracy (eval_mm.metrics)",
+    )
     _add_metric_options(score)
 
-    compare = sub.add_parser("compare", help="the change between two evaluations of the same samples, with its "
-                                             "paired standard error (eval_mm.compare)",
-                             examples=["runs/demo/sft/eval runs/demo/dpo/eval --data-root runs/demo/data"])
+    compare = sub.add_parser(
+        "compare",
+        help="the change between two evaluations of the same samples, with its "
+        "paired standard error (eval_mm.compare)",
+        examples=["runs/demo/sft/eval runs/demo/dpo/eval --data-root runs/demo/data"],
+    )
     compare.add_argument("baseline", help="an evaluation folder (run --out, or a training run's eval/)")
     compare.add_argument("candidate", help="another evaluation folder of the same benchmarks and samples")
     compare.add_argument("--data-root", required=True, help="where the benchmarks' annotation files are")
-    compare.add_argument("--bench", default=None, help="comma-separated benchmarks (default: every one both hold)")
+    compare.add_argument(
+        "--bench", default=None, help="comma-separated benchmarks (default: every one both hold)"
+    )
     compare.add_argument("--json", action="store_true", help="print the results as one JSON object")
     _add_metric_options(compare)
 
     sub.add_parser("list", help="benchmarks, their data files and metrics", examples=[""])
 
-    chat_example = (f"--checkpoint {DEMO_EXPORT} --image runs/demo/data/synthetic/images/eval/000002.png "
-                    '--prompt "Describe the image."')
-    chat = sub.add_parser("chat", help="talk to a checkpoint about images (one question, or a session on stdin)",
-                          examples=[chat_example])
+    chat_example = (
+        f"--checkpoint {DEMO_EXPORT} --image runs/demo/data/synthetic/images/eval/000002.png "
+        '--prompt "Describe the image."'
+    )
+    chat = sub.add_parser(
+        "chat",
+        help="talk to a checkpoint about images (one question, or a session on stdin)",
+        examples=[chat_example],
+    )
     add_model_arguments(chat)
-    chat.add_argument("--image", action="append", default=[], metavar="PATH", help="an image for the first question (repeatable)")
-    chat.add_argument("--prompt", default=None, help="answer this once and exit (without it: an interactive session)")
-    chat.add_argument("--draw", default=None, metavar="OUT.png",
-                      help="write the last image with the answer's <ref>/<box> drawn as labelled rectangles")
-    chat.add_argument("--json", action="store_true", help='with --prompt: print {"answer", "boxes"} as the last line')
+    chat.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="an image for the first question (repeatable)",
+    )
+    chat.add_argument(
+        "--prompt", default=None, help="answer this once and exit (without it: an interactive session)"
+    )
+    chat.add_argument(
+        "--draw",
+        default=None,
+        metavar="OUT.png",
+        help="write the last image with the answer's <ref>/<box> drawn as labelled rectangles",
+    )
+    chat.add_argument(
+        "--json", action="store_true", help='with --prompt: print {"answer", "boxes"} as the last line'
+    )
     return parser
 
 
@@ -126,14 +206,22 @@ def cmd_score(args) -> dict:
     references = load_references(bench, args.annotations)
     path = Path(args.predictions)
     predictions = read_prediction_file(path)
-    metrics = compute_metric(bench.metric, predictions, references, _metric_options(args),
-                             where=f"{bench.name} ({path} vs {args.annotations})")
+    metrics = compute_metric(
+        bench.metric,
+        predictions,
+        references,
+        _metric_options(args),
+        where=f"{bench.name} ({path} vs {args.annotations})",
+    )
     if args.reference_predictions is not None:
         if bench.kind != "preference":
             raise UserError(f"--reference-predictions: {bench.name} is not a preference benchmark")
         reference_path = Path(args.reference_predictions)
-        metrics |= reward_accuracy(predictions, read_prediction_file(reference_path),
-                                   where=f"{bench.name} ({path} vs {reference_path})")
+        metrics |= reward_accuracy(
+            predictions,
+            read_prediction_file(reference_path),
+            where=f"{bench.name} ({path} vs {reference_path})",
+        )
     print(json.dumps(metrics))
     return metrics
 
@@ -154,9 +242,13 @@ def read_prediction_file(path: Path) -> dict[str, str]:
             continue
         try:
             record = json.loads(line)
-            predictions[str(record["id"])] = str(record["prediction"] if record["prediction"] is not None else "")
+            predictions[str(record["id"])] = str(
+                record["prediction"] if record["prediction"] is not None else ""
+            )
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UserError(f"{path} line {index + 1}: need a JSON object with 'id' and 'prediction' ({e})") from e
+            raise UserError(
+                f"{path} line {index + 1}: need a JSON object with 'id' and 'prediction' ({e})"
+            ) from e
     return predictions
 
 
@@ -165,21 +257,38 @@ def cmd_run(args) -> dict:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
-        model, tokenizer = load_pretrained(args.checkpoint, base=args.base, dtype=args.dtype, device=pick_device())
+        model, tokenizer = load_pretrained(
+            args.checkpoint, base=args.base, dtype=args.dtype, device=pick_device()
+        )
         compiled = torch.cuda.is_available() if args.compile == "auto" else args.compile == "on"
         if compiled and is_family_model(model):  # the Qwen-VL model's compiled blocks and static cache only
             if args.compile == "on":
-                raise UserError("--compile on: a family model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) is evaluated "
-                                "uncompiled; use --compile off or auto")
+                raise UserError(
+                    "--compile on: a family model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) is evaluated "
+                    "uncompiled; use --compile off or auto"
+                )
             compiled = False
         if compiled:
             model.compile_blocks(vision=True)
-        weights_dir = resolve_export(args.checkpoint).path  # merged/ or adapter/ of a run's final/: the format is there
-        prompt_format = checkpoint_prompt_format(weights_dir) if args.prompt_format == "auto" else args.prompt_format
-        results = evaluate(model, tokenizer, benches, args.data_root, args.out, limit=args.limit,
-                           batch_size=args.batch_size, prompt_format=prompt_format,
-                           metric_options=_metric_options(args), num_workers=args.num_workers,
-                           static_cache=compiled)
+        weights_dir = resolve_export(
+            args.checkpoint
+        ).path  # merged/ or adapter/ of a run's final/: the format is there
+        prompt_format = (
+            checkpoint_prompt_format(weights_dir) if args.prompt_format == "auto" else args.prompt_format
+        )
+        results = evaluate(
+            model,
+            tokenizer,
+            benches,
+            args.data_root,
+            args.out,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            prompt_format=prompt_format,
+            metric_options=_metric_options(args),
+            num_workers=args.num_workers,
+            static_cache=compiled,
+        )
         if not dist.is_initialized() or dist.get_rank() == 0:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")

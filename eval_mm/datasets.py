@@ -62,7 +62,9 @@ def read_json(path: Path) -> Any:
 
 def _field(record: dict, key: str, path: Path, index: int) -> Any:
     if not isinstance(record, dict):
-        raise BenchmarkDataError(f"{path} record {index}: expected a JSON object, got {type(record).__name__}")
+        raise BenchmarkDataError(
+            f"{path} record {index}: expected a JSON object, got {type(record).__name__}"
+        )
     if key not in record:
         raise BenchmarkDataError(f"{path} record {index}: missing field {key!r} (has {sorted(record)})")
     return record[key]
@@ -80,15 +82,20 @@ def _unique(ids: list[str], path: Path) -> None:
     seen: dict[str, int] = {}
     for index, sample_id in enumerate(ids):
         if sample_id in seen:
-            raise BenchmarkDataError(f"{path} record {index}: duplicate id {sample_id!r} (first at record {seen[sample_id]})")
+            raise BenchmarkDataError(
+                f"{path} record {index}: duplicate id {sample_id!r} (first at record {seen[sample_id]})"
+            )
         seen[sample_id] = index
 
 
 def resolve_image(image: str, data_root: Path, data_file: Path, where: str) -> str:
     """Absolute path of an image named in a data file. Relative paths are tried against the data root,
     the data file's folder, and the data root's parent (the reference wrote paths as 'data/...')."""
-    candidates = [Path(image)] if Path(image).is_absolute() else [
-        data_root / image, data_file.parent / image, data_root.parent / image]
+    candidates = (
+        [Path(image)]
+        if Path(image).is_absolute()
+        else [data_root / image, data_file.parent / image, data_root.parent / image]
+    )
     for candidate in candidates:
         if candidate.exists():
             return str(candidate)
@@ -114,13 +121,27 @@ def load_samples(bench: Benchmark, data_root: str | Path) -> list[EvalSample]:
             samples.append(EvalSample(str(_field(image, "id", path, index)), bench.prompt.format(image=file)))
     elif bench.format == "preference_json":  # the training format, validated by the training loader
         records, _ = load_records(path, "auto")
-        samples = [EvalSample(record_id(r, i), r["conversations"][-1]["value"], record=r) for i, r in enumerate(records)]
+        samples = [
+            EvalSample(record_id(r, i), r["conversations"][-1]["value"], record=r)
+            for i, r in enumerate(records)
+        ]
     elif bench.format == "mme_dir":
-        samples = [EvalSample(sample_id, bench.prompt.format(image=resolve_image(
-            f"{path.parent}/images/{task}/{image}", root, path, f"{path}/{task}.txt line {line}"), question=question))
-            for sample_id, (task, image, question, _gt, line) in _mme_records(path).items()]
+        samples = [
+            EvalSample(
+                sample_id,
+                bench.prompt.format(
+                    image=resolve_image(
+                        f"{path.parent}/images/{task}/{image}", root, path, f"{path}/{task}.txt line {line}"
+                    ),
+                    question=question,
+                ),
+            )
+            for sample_id, (task, image, question, _gt, line) in _mme_records(path).items()
+        ]
     else:
-        samples = [_jsonl_sample(bench, record, index, root, path) for index, record in enumerate(read_jsonl(path))]
+        samples = [
+            _jsonl_sample(bench, record, index, root, path) for index, record in enumerate(read_jsonl(path))
+        ]
     _unique([s.id for s in samples], path)
     return samples
 
@@ -133,9 +154,13 @@ def _jsonl_sample(bench: Benchmark, record: dict, index: int, root: Path, path: 
         return EvalSample(sample_id, _resolve_inline_images(prompt, root, path, where), ("A", "B", "C", "D"))
     image = resolve_image(str(_field(record, "image", path, index)), root, path, where)
     if bench.format == "vqa_jsonl":
-        return EvalSample(sample_id, bench.prompt.format(image=image, question=_field(record, "question", path, index)))
+        return EvalSample(
+            sample_id, bench.prompt.format(image=image, question=_field(record, "question", path, index))
+        )
     if bench.format == "grounding_jsonl":
-        return EvalSample(sample_id, bench.prompt.format(image=image, sent=_field(record, "sent", path, index)))
+        return EvalSample(
+            sample_id, bench.prompt.format(image=image, sent=_field(record, "sent", path, index))
+        )
     if bench.format == "choice_jsonl":
         choices = _field(record, "choices", path, index)
         if not isinstance(choices, list) or not 2 <= len(choices) <= 26:
@@ -143,16 +168,21 @@ def _jsonl_sample(bench: Benchmark, record: dict, index: int, root: Path, path: 
         letters = tuple(chr(ord("A") + i) for i in range(len(choices)))
         options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(letters, choices, strict=True))
         hint = record.get("hint") or "N/A"  # the reference writes 'N/A' for an empty hint
-        text = bench.prompt.format(image=image, hint=hint, question=_field(record, "question", path, index),
-                                   options=options)
+        text = bench.prompt.format(
+            image=image, hint=hint, question=_field(record, "question", path, index), options=options
+        )
         return EvalSample(sample_id, text, letters)
-    raise ValueError(f"{bench.name}: unknown record format {bench.format!r}")  # a registry bug, not the user's
+    raise ValueError(
+        f"{bench.name}: unknown record format {bench.format!r}"
+    )  # a registry bug, not the user's
 
 
 def _resolve_inline_images(text: str, root: Path, path: Path, where: str) -> str:
     pieces = split_image_spans(text)
-    return "".join(value if kind == "text" else f"<img>{resolve_image(value, root, path, where)}</img>"
-                   for kind, value in pieces)
+    return "".join(
+        value if kind == "text" else f"<img>{resolve_image(value, root, path, where)}</img>"
+        for kind, value in pieces
+    )
 
 
 def _mme_records(results_dir: Path) -> dict[str, tuple[str, str, str, str, int]]:
@@ -179,7 +209,9 @@ def load_references(bench: Benchmark, path: str | Path) -> dict[str, Any]:
     path = require_file(Path(path), bench.name)
     if bench.format == "coco_caption":
         data = read_json(path)
-        refs: dict[str, Any] = {str(_field(img, "id", path, i)): [] for i, img in enumerate(_field(data, "images", path, 0))}
+        refs: dict[str, Any] = {
+            str(_field(img, "id", path, i)): [] for i, img in enumerate(_field(data, "images", path, 0))
+        }
         for index, ann in enumerate(_field(data, "annotations", path, 0)):
             image_id = str(_field(ann, "image_id", path, index))
             if image_id not in refs:
@@ -203,7 +235,9 @@ def load_references(bench: Benchmark, path: str | Path) -> dict[str, Any]:
             answer = _field(record, "answer", path, index)
             ref = chr(ord("A") + answer) if isinstance(answer, int) else str(answer).strip()
         else:
-            ref = _answers(record["answers"] if "answers" in record else _field(record, "answer", path, index))
+            ref = _answers(
+                record["answers"] if "answers" in record else _field(record, "answer", path, index)
+            )
         refs[record_id(record, index)] = ref
     _unique(list(refs), path)
     return refs
@@ -211,10 +245,16 @@ def load_references(bench: Benchmark, path: str | Path) -> dict[str, Any]:
 
 def _official_json_references(path: Path) -> dict[str, list[str]]:
     data = read_json(path)
-    if isinstance(data, dict) and "annotations" in data:  # VQA: {"annotations": [{question_id, answers: [{answer}]}]}
-        return {str(_field(a, "question_id", path, i)): [str(x["answer"]) for x in _field(a, "answers", path, i)]
-                for i, a in enumerate(data["annotations"])}
+    if (
+        isinstance(data, dict) and "annotations" in data
+    ):  # VQA: {"annotations": [{question_id, answers: [{answer}]}]}
+        return {
+            str(_field(a, "question_id", path, i)): [str(x["answer"]) for x in _field(a, "answers", path, i)]
+            for i, a in enumerate(data["annotations"])
+        }
     if isinstance(data, dict) and "data" in data:  # DocVQA / InfoVQA: {"data": [{questionId, answers}]}
-        return {str(_field(q, "questionId", path, i)): _answers(_field(q, "answers", path, i))
-                for i, q in enumerate(data["data"])}
+        return {
+            str(_field(q, "questionId", path, i)): _answers(_field(q, "answers", path, i))
+            for i, q in enumerate(data["data"])
+        }
     raise BenchmarkDataError(f"{path}: expected an official VQA ('annotations') or DocVQA ('data') JSON file")

@@ -59,8 +59,10 @@ FAMILY_PROMPT_FORMAT = "chatml"
 
 def check_family_prompt_format(prompt_format: str) -> None:
     if prompt_format != FAMILY_PROMPT_FORMAT:
-        raise UserError(f"prompt format {prompt_format!r}: a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model is prompted "
-                        f"with its own chat template only (use --prompt-format auto or {FAMILY_PROMPT_FORMAT})")
+        raise UserError(
+            f"prompt format {prompt_format!r}: a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model is prompted "
+            f"with its own chat template only (use --prompt-format auto or {FAMILY_PROMPT_FORMAT})"
+        )
 
 
 # ------------------------------------------------------------------------------------------ prompts
@@ -72,8 +74,13 @@ class FamilyPrompt:
     geometry: ImageGeometry | None  # the last image's: what the boxes of the answer refer to
 
 
-def encode_family_prompt(processor: ProcessorMixin, box_convention: str, turns: list[tuple[str, list]],
-                         where: str = "", system: str | None = None) -> FamilyPrompt:
+def encode_family_prompt(
+    processor: ProcessorMixin,
+    box_convention: str,
+    turns: list[tuple[str, list]],
+    where: str = "",
+    system: str | None = None,
+) -> FamilyPrompt:
     """A conversation ending with a user turn, in the family's tokens. ``turns``: (role, pieces), pieces
     ``("text", s)`` or ``("image", path)`` in order; images are taken only from image pieces (text is never
     parsed for them). A user turn's ``<ref>``/``<box>`` text is rewritten into the family's convention
@@ -100,8 +107,9 @@ def encode_family_prompt(processor: ProcessorMixin, box_convention: str, turns: 
     return FamilyPrompt(ids, text, images, geometry)
 
 
-def family_answer(tokenizer, new_tokens: list[int], stop_ids: list[int], box_convention: str,
-                  geometry: ImageGeometry | None) -> tuple[str, str]:
+def family_answer(
+    tokenizer, new_tokens: list[int], stop_ids: list[int], box_convention: str, geometry: ImageGeometry | None
+) -> tuple[str, str]:
     """(the answer as the metrics and chat read it, the family's own text) of generated tokens.
 
     The family's text keeps special tokens (Qwen2-VL's boxes are special tokens). When it holds boxes, the
@@ -146,8 +154,9 @@ class FamilyBatchBuilder:
         for sample in samples:
             where = f"{self.bench.name} sample {sample.id} of {self.bench.test_file}"
             try:
-                prompt = encode_family_prompt(self.processor, self.box_convention,
-                                              [("user", split_image_spans(sample.text))], where)
+                prompt = encode_family_prompt(
+                    self.processor, self.box_convention, [("user", split_image_spans(sample.text))], where
+                )
             except ValueError as e:
                 raise UserError(f"{where}: {e}") from e
             rows.append(prompt.ids)
@@ -156,13 +165,28 @@ class FamilyBatchBuilder:
             num_images.append(len(prompt.images))
             geometries.append(prompt.geometry)
             if self.bench.kind == "choice":
-                option_ids.append([tokenize_plain(self.processor.tokenizer,
-                                                  option_continuation(letter, FAMILY_PROMPT_FORMAT))
-                                   for letter in sample.options])
+                option_ids.append(
+                    [
+                        tokenize_plain(
+                            self.processor.tokenizer, option_continuation(letter, FAMILY_PROMPT_FORMAT)
+                        )
+                        for letter in sample.options
+                    ]
+                )
         input_ids, attention_mask = left_pad(rows, self.pad_id)
         pixel_values, grids = _pixels(self.processor, images)
-        return FamilyPromptBatch(samples, prompts, input_ids, attention_mask, pixel_values, num_images,
-                                 option_ids, self.pad_id, image_grid_thw=grids, geometries=geometries)
+        return FamilyPromptBatch(
+            samples,
+            prompts,
+            input_ids,
+            attention_mask,
+            pixel_values,
+            num_images,
+            option_ids,
+            self.pad_id,
+            image_grid_thw=grids,
+            geometries=geometries,
+        )
 
 
 def _model_dtype(model) -> torch.dtype:
@@ -170,18 +194,27 @@ def _model_dtype(model) -> torch.dtype:
 
 
 @torch.no_grad()
-def generate_family_answers(model, processor: ProcessorMixin, batch: FamilyPromptBatch, bench: Benchmark,
-                            device: torch.device) -> list[tuple[str, str]]:
+def generate_family_answers(
+    model, processor: ProcessorMixin, batch: FamilyPromptBatch, bench: Benchmark, device: torch.device
+) -> list[tuple[str, str]]:
     """Greedy decoding of a batch: (answer for the metric, the family's own text) per sample."""
     tokenizer = processor.tokenizer
     stops = stop_token_ids(tokenizer, FAMILY_PROMPT_FORMAT)
     new_tokens = generate_tokens(
-        model, batch.input_ids.to(device), batch.attention_mask.to(device),
-        batch.pixel_values.to(device, _model_dtype(model)), image_grid_thw=batch.image_grid_thw.to(device),
-        max_new_tokens=bench.max_new_tokens, min_new_tokens=1, stop_ids=stops)
+        model,
+        batch.input_ids.to(device),
+        batch.attention_mask.to(device),
+        batch.pixel_values.to(device, _model_dtype(model)),
+        image_grid_thw=batch.image_grid_thw.to(device),
+        max_new_tokens=bench.max_new_tokens,
+        min_new_tokens=1,
+        stop_ids=stops,
+    )
     convention = base_vlm(model).spec.box_convention
-    return [family_answer(tokenizer, row.tolist(), stops, convention, geometry)
-            for row, geometry in zip(new_tokens.cpu(), batch.geometries, strict=True)]
+    return [
+        family_answer(tokenizer, row.tolist(), stops, convention, geometry)
+        for row, geometry in zip(new_tokens.cpu(), batch.geometries, strict=True)
+    ]
 
 
 def _split_images(batch: FamilyPromptBatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -192,13 +225,16 @@ def _split_images(batch: FamilyPromptBatch) -> list[tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def rank_family_options(model, batch: FamilyPromptBatch,
-                        device: torch.device) -> list[tuple[str, list[float]]]:
+def rank_family_options(
+    model, batch: FamilyPromptBatch, device: torch.device
+) -> list[tuple[str, list[float]]]:
     """Per sample: (letter with the lowest mean cross-entropy over its tokens, per-option losses), as
     eval_mm.inference.rank_options. One row per option (prompt + option, left padded, with the sample's
     images), scored by the per-token log-probs of the model's forward over the option's tokens."""
     rows, labels, patches, grids, counts = [], [], [], [], []
-    per_sample = zip(batch.input_ids, batch.attention_mask, _split_images(batch), batch.option_ids, strict=True)
+    per_sample = zip(
+        batch.input_ids, batch.attention_mask, _split_images(batch), batch.option_ids, strict=True
+    )
     for prompt_ids, mask, (pixels, grid), options in per_sample:
         prompt = prompt_ids[mask.bool()].tolist()
         for option in options:
@@ -211,15 +247,22 @@ def rank_family_options(model, batch: FamilyPromptBatch,
     label_rows, _ = left_pad(labels, IGNORE_INDEX)
     images = {}
     if len(batch.image_grid_thw):  # a text-only batch has no images to encode
-        images = {"pixel_values": torch.cat(patches).to(device, _model_dtype(model)),
-                  "image_grid_thw": torch.cat(grids).to(device)}
-    out = model(input_ids.to(device), labels=label_rows.to(device), attention_mask=attention_mask.to(device),
-                return_token_logps=True, **images)
+        images = {
+            "pixel_values": torch.cat(patches).to(device, _model_dtype(model)),
+            "image_grid_thw": torch.cat(grids).to(device),
+        }
+    out = model(
+        input_ids.to(device),
+        labels=label_rows.to(device),
+        attention_mask=attention_mask.to(device),
+        return_token_logps=True,
+        **images,
+    )
     scored = (label_rows != IGNORE_INDEX).sum(-1)
     losses = (-out.token_logps.sum(-1).cpu() / scored).tolist()
     ranked, row = [], 0
     for sample, n in zip(batch.samples, counts, strict=True):
-        mine = losses[row:row + n]
+        mine = losses[row : row + n]
         ranked.append((sample.options[min(range(n), key=mine.__getitem__)], mine))
         row += n
     return ranked
@@ -244,9 +287,9 @@ class FamilyPairBatchBuilder:
         for answer in (record["chosen"], record["rejected"]):
             answered = [*conversation, {"from": "assistant", "value": answer}]
             sample = encode_conversation(self.processor, answered, sizes, self.box_convention)
-            if sample.input_ids[:len(prompt.ids)] != prompt.ids:
+            if sample.input_ids[: len(prompt.ids)] != prompt.ids:
                 raise ValueError("the chat template renders the prompt differently before an answer")
-            sample.labels[:len(prompt.ids)] = [IGNORE_INDEX] * len(prompt.ids)
+            sample.labels[: len(prompt.ids)] = [IGNORE_INDEX] * len(prompt.ids)
             pair.append((sample, pixels))
         return pair
 
@@ -268,9 +311,16 @@ def score_family_pairs(model, batch: dict[str, Any], device: torch.device) -> li
     """log p(chosen) - log p(rejected) per pair, each summed over the answer's labelled tokens."""
     images = {}
     if "pixel_values" in batch:
-        images = {"pixel_values": batch["pixel_values"].to(device, _model_dtype(model)),
-                  "image_grid_thw": batch["image_grid_thw"].to(device)}
-    out = model(batch["input_ids"].to(device), labels=batch["labels"].to(device),
-                attention_mask=batch["attention_mask"].to(device), return_token_logps=True, **images)
+        images = {
+            "pixel_values": batch["pixel_values"].to(device, _model_dtype(model)),
+            "image_grid_thw": batch["image_grid_thw"].to(device),
+        }
+    out = model(
+        batch["input_ids"].to(device),
+        labels=batch["labels"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        return_token_logps=True,
+        **images,
+    )
     logps = out.token_logps.sum(-1).view(-1, 2)
     return (logps[:, 0] - logps[:, 1]).tolist()

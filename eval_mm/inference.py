@@ -37,7 +37,9 @@ class PromptBatch:
     attention_mask: torch.Tensor
     pixel_values: torch.Tensor  # [num_images, 3, S, S], in row order
     num_images: list[int]  # per sample
-    option_ids: list[list[list[int]]]  # per sample, per option: the token ids scored after the prompt (choice)
+    option_ids: list[
+        list[list[int]]
+    ]  # per sample, per option: the token ids scored after the prompt (choice)
     pad_id: int  # the token left padding is made of
 
     def pin_memory(self) -> PromptBatch:
@@ -51,7 +53,9 @@ class PromptBatch:
 class BatchBuilder:
     """Collate function: samples -> PromptBatch (one row per sample; for choice also each option's ids)."""
 
-    def __init__(self, tokenizer, bench: Benchmark, prompt_format: str, num_image_tokens: int, image_size: int):
+    def __init__(
+        self, tokenizer, bench: Benchmark, prompt_format: str, num_image_tokens: int, image_size: int
+    ):
         self.tokenizer, self.bench, self.prompt_format = tokenizer, bench, prompt_format
         self.num_image_tokens, self.image_size = num_image_tokens, image_size
         self.pad_id = pad_token_id(tokenizer)
@@ -68,12 +72,17 @@ class BatchBuilder:
             num_images.append(len(paths))
             prompts.append(prompt_text(sample.text, self.prompt_format))
             if self.bench.kind == "choice":
-                option_ids.append([tokenize_plain(self.tokenizer, option_continuation(letter, self.prompt_format))
-                                   for letter in sample.options])
+                option_ids.append(
+                    [
+                        tokenize_plain(self.tokenizer, option_continuation(letter, self.prompt_format))
+                        for letter in sample.options
+                    ]
+                )
         input_ids, attention_mask = left_pad(rows, self.pad_id)
         pixel_values = torch.stack(images) if images else torch.zeros(0, 3, self.image_size, self.image_size)
-        return PromptBatch(samples, prompts, input_ids, attention_mask, pixel_values, num_images, option_ids,
-                           self.pad_id)
+        return PromptBatch(
+            samples, prompts, input_ids, attention_mask, pixel_values, num_images, option_ids, self.pad_id
+        )
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,8 +91,8 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, width - len(row):] = 1
+        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, width - len(row) :] = 1
     return input_ids, attention_mask
 
 
@@ -107,10 +116,15 @@ def _model_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def batch_to_device(batch: PromptBatch, model, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch_to_device(
+    batch: PromptBatch, model, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask, pixel_values in the model's dtype) on `device`; asynchronous from pinned memory."""
-    return (batch.input_ids.to(device, non_blocking=True), batch.attention_mask.to(device, non_blocking=True),
-            batch.pixel_values.to(device, non_blocking=True).to(_model_dtype(model)))
+    return (
+        batch.input_ids.to(device, non_blocking=True),
+        batch.attention_mask.to(device, non_blocking=True),
+        batch.pixel_values.to(device, non_blocking=True).to(_model_dtype(model)),
+    )
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -140,10 +154,18 @@ class StaticCacheSlot:
         return self.cache
 
 
-def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, *,
-                    max_new_tokens: int, min_new_tokens: int, stop_ids: list[int],
-                    static_cache: StaticCacheSlot | None = None,
-                    image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+def generate_tokens(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pixel_values: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    min_new_tokens: int,
+    stop_ids: list[int],
+    static_cache: StaticCacheSlot | None = None,
+    image_grid_thw: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Greedy decoding with the KV cache (tensors already on the model's device) -> new tokens [rows, T].
 
     static_cache: reuse that StaticCache (see StaticCacheSlot); the batch is padded up to its row count with
@@ -159,7 +181,9 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         dummies = static_cache.rows - rows
         if dummies:
             input_ids = torch.cat([input_ids, input_ids.new_full((dummies, input_ids.shape[1]), stop_ids[0])])
-            attention_mask = torch.cat([attention_mask, attention_mask.new_zeros(dummies, attention_mask.shape[1])])
+            attention_mask = torch.cat(
+                [attention_mask, attention_mask.new_zeros(dummies, attention_mask.shape[1])]
+            )
             attention_mask[rows:, -1] = 1
         kwargs["past_key_values"] = static_cache.for_length(input_ids.shape[1] + max_new_tokens)
     new_tokens = model.generate(
@@ -179,24 +203,40 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, batch: PromptBatch, bench: Benchmark, prompt_format: str,
-                     device: torch.device, static_cache: StaticCacheSlot | None = None) -> list[str]:
+def generate_answers(
+    model,
+    tokenizer,
+    batch: PromptBatch,
+    bench: Benchmark,
+    prompt_format: str,
+    device: torch.device,
+    static_cache: StaticCacheSlot | None = None,
+) -> list[str]:
     """Greedy decoding with the KV cache; returns the decoded new text per sample (stripped)."""
     # The reference's minimum lengths are for its raw base-model prompts. A chat model ends its turn with
     # <|im_end|>; forcing more tokens makes it write past the end of its answer, so ChatML asks for 1.
     min_new_tokens = bench.min_new_tokens if prompt_format == "raw" else 1
     input_ids, attention_mask, pixel_values = batch_to_device(batch, model, device)
-    new_tokens = generate_tokens(model, input_ids, attention_mask, pixel_values,
-                                 max_new_tokens=bench.max_new_tokens, min_new_tokens=min_new_tokens,
-                                 stop_ids=stop_token_ids(tokenizer, prompt_format), static_cache=static_cache)
+    new_tokens = generate_tokens(
+        model,
+        input_ids,
+        attention_mask,
+        pixel_values,
+        max_new_tokens=bench.max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        stop_ids=stop_token_ids(tokenizer, prompt_format),
+        static_cache=static_cache,
+    )
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens.cpu()]
 
 
 # ------------------------------------------------------------------------------------------ multiple choice
 def _choose(samples: list[EvalSample], losses: list[list[float]]) -> list[tuple[str, list[float]]]:
     """(letter with the lowest loss, losses) per sample; the first minimum on ties, like argmin."""
-    return [(sample.options[min(range(len(row)), key=row.__getitem__)], row)
-            for sample, row in zip(samples, losses, strict=True)]
+    return [
+        (sample.options[min(range(len(row)), key=row.__getitem__)], row)
+        for sample, row in zip(samples, losses, strict=True)
+    ]
 
 
 @torch.no_grad()
@@ -215,9 +255,15 @@ def rank_options(model, batch: PromptBatch, device: torch.device) -> list[tuple[
     if min(len(ids) for options in batch.option_ids for ids in options) == 0:
         raise ValueError("an option continuation tokenised to no tokens; nothing to score")
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = decoder(inputs_embeds=model.embed(input_ids, pixel_values), attention_mask=attention_mask,
-                  position_ids=positions, use_cache=longest > 1)
-    first_logits = lm_head(out.last_hidden_state[:, -1]).float()  # [samples, V]: the logits of the first option token
+    out = decoder(
+        inputs_embeds=model.embed(input_ids, pixel_values),
+        attention_mask=attention_mask,
+        position_ids=positions,
+        use_cache=longest > 1,
+    )
+    first_logits = lm_head(
+        out.last_hidden_state[:, -1]
+    ).float()  # [samples, V]: the logits of the first option token
 
     # token_losses[k][i, j]: cross-entropy of token j of option k of sample i (0 where it has none).
     num_samples, max_options = len(batch.samples), max(len(o) for o in batch.option_ids)
@@ -233,11 +279,14 @@ def rank_options(model, batch: PromptBatch, device: torch.device) -> list[tuple[
             continue
         # Tokens 0..n-2 of option k go in after the prompt (right-padded), predicting tokens 1..n-1.
         inputs = targets[:, :-1]
-        inputs_mask = (torch.arange(longest - 1) < counts[:, k:k + 1] - 1).to(device, attention_mask.dtype)
-        hidden = decoder(inputs_embeds=model.llm.get_input_embeddings()(inputs),
-                         attention_mask=torch.cat([attention_mask, inputs_mask], dim=1),
-                         position_ids=prompt_lengths + torch.arange(longest - 1, device=device),
-                         past_key_values=copy.deepcopy(out.past_key_values), use_cache=True).last_hidden_state
+        inputs_mask = (torch.arange(longest - 1) < counts[:, k : k + 1] - 1).to(device, attention_mask.dtype)
+        hidden = decoder(
+            inputs_embeds=model.llm.get_input_embeddings()(inputs),
+            attention_mask=torch.cat([attention_mask, inputs_mask], dim=1),
+            position_ids=prompt_lengths + torch.arange(longest - 1, device=device),
+            past_key_values=copy.deepcopy(out.past_key_values),
+            use_cache=True,
+        ).last_hidden_state
         rest = F.cross_entropy(lm_head(hidden).float().transpose(1, 2), targets[:, 1:], reduction="none")
         token_losses.append(torch.cat([first[:, None], rest], dim=1))
     losses = torch.stack(token_losses, dim=1)  # [samples, options, longest]
@@ -245,7 +294,9 @@ def rank_options(model, batch: PromptBatch, device: torch.device) -> list[tuple[
     scored = torch.arange(longest, device=device) < counts[..., None]
     means = losses.masked_fill(~scored, 0.0).sum(-1) / counts.clamp(min=1)
     means = means.tolist()  # the one device->host copy
-    return _choose(batch.samples, [row[:len(options)] for row, options in zip(means, batch.option_ids, strict=True)])
+    return _choose(
+        batch.samples, [row[: len(options)] for row, options in zip(means, batch.option_ids, strict=True)]
+    )
 
 
 @torch.no_grad()
@@ -255,8 +306,9 @@ def rank_options_per_row(model, batch: PromptBatch, device: torch.device) -> lis
     one forward over all rows, mean cross-entropy over each option's tokens."""
     rows, images, lengths = [], [], []
     image_rows = torch.split(batch.pixel_values, batch.num_images)
-    for prompt_ids, mask, pixels, options in zip(batch.input_ids, batch.attention_mask, image_rows,
-                                                 batch.option_ids, strict=True):
+    for prompt_ids, mask, pixels, options in zip(
+        batch.input_ids, batch.attention_mask, image_rows, batch.option_ids, strict=True
+    ):
         prompt = prompt_ids[mask.bool()].tolist()
         rows += [prompt + ids for ids in options]
         images += [pixels] * len(options)
@@ -265,14 +317,21 @@ def rank_options_per_row(model, batch: PromptBatch, device: torch.device) -> lis
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     pixel_values = torch.cat(images).to(device, _model_dtype(model))
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids[:, :-1], pixel_values=pixel_values, attention_mask=attention_mask[:, :-1],
-                   position_ids=position_ids[:, :-1]).logits
+    logits = model(
+        input_ids[:, :-1],
+        pixel_values=pixel_values,
+        attention_mask=attention_mask[:, :-1],
+        position_ids=position_ids[:, :-1],
+    ).logits
     # Only the last max_len positions can be option tokens; slicing first keeps the fp32 copy small.
     max_len = max(n for row in lengths for n in row)
-    token_losses = F.cross_entropy(logits[:, -max_len:].float().transpose(1, 2), input_ids[:, -max_len:],
-                                   reduction="none").cpu()
+    token_losses = F.cross_entropy(
+        logits[:, -max_len:].float().transpose(1, 2), input_ids[:, -max_len:], reduction="none"
+    ).cpu()
     losses, row = [], 0
     for sample_lengths in lengths:
-        losses.append([token_losses[row + i, max_len - n:].mean().item() for i, n in enumerate(sample_lengths)])
+        losses.append(
+            [token_losses[row + i, max_len - n :].mean().item() for i, n in enumerate(sample_lengths)]
+        )
         row += len(sample_lengths)
     return _choose(batch.samples, losses)

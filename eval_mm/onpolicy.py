@@ -86,8 +86,14 @@ def relocate_record(record: dict, source_dir: Path, out_dir: Path) -> None:
 
 
 @torch.no_grad()
-def generate_for_pairs(model, tokenizer, records: list[dict], batch_size: int = 32,
-                       max_new_tokens: int | None = None, wheres: list[str] | None = None) -> list[str]:
+def generate_for_pairs(
+    model,
+    tokenizer,
+    records: list[dict],
+    batch_size: int = 32,
+    max_new_tokens: int | None = None,
+    wheres: list[str] | None = None,
+) -> list[str]:
     """The model's greedy ChatML answer to each preference record's conversation (records as
     ``data.formats.load_records`` gives them: image paths resolved; ``wheres`` name them in errors).
     ``max_new_tokens`` None: the longest ``chosen`` answer's token count plus 8, so a wrong answer of the same
@@ -99,17 +105,33 @@ def generate_for_pairs(model, tokenizer, records: list[dict], batch_size: int = 
         max_new_tokens = max(len(tokenize_plain(tokenizer, r["chosen"])) for r in records) + 8
     stop_ids = stop_token_ids(tokenizer, "chatml")
     # Longest prompt first: batches of similar length, little padding (as eval_mm's runner orders them).
-    encoded = [encode_conversation_prompt(tokenizer, r["conversations"], config.num_image_tokens) for r in records]
+    encoded = [
+        encode_conversation_prompt(tokenizer, r["conversations"], config.num_image_tokens) for r in records
+    ]
     order = sorted(range(len(records)), key=lambda i: -len(encoded[i][0]))
     answers: list[str] = [""] * len(records)
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         input_ids, attention_mask = left_pad([encoded[i][0] for i in chunk], pad_token_id(tokenizer))
-        images = [load_image(p, config.vision.image_size, where=wheres[i] if wheres else f"pair {i}")
-                  for i in chunk for p in encoded[i][1]]
-        pixels = (torch.stack(images) if images else torch.zeros(0, 3, config.vision.image_size, config.vision.image_size))
-        new = generate_tokens(model, input_ids.to(device), attention_mask.to(device), pixels.to(device, dtype),
-                              max_new_tokens=max_new_tokens, min_new_tokens=1, stop_ids=stop_ids)
+        images = [
+            load_image(p, config.vision.image_size, where=wheres[i] if wheres else f"pair {i}")
+            for i in chunk
+            for p in encoded[i][1]
+        ]
+        pixels = (
+            torch.stack(images)
+            if images
+            else torch.zeros(0, 3, config.vision.image_size, config.vision.image_size)
+        )
+        new = generate_tokens(
+            model,
+            input_ids.to(device),
+            attention_mask.to(device),
+            pixels.to(device, dtype),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=1,
+            stop_ids=stop_ids,
+        )
         for i, row in zip(chunk, new.tolist(), strict=True):
             answers[i] = decode_answer(tokenizer, row, stop_ids)
     return answers
@@ -129,15 +151,28 @@ def _trainable(record: dict, answer: str) -> bool:
     if "<img>" in answer or "</img>" in answer:
         return False
     try:
-        normalize_record({"conversations": [{"from": "user", "value": "q"}], "chosen": record["chosen"],
-                          "rejected": answer}, "qwen", Path("."))
+        normalize_record(
+            {
+                "conversations": [{"from": "user", "value": "q"}],
+                "chosen": record["chosen"],
+                "rejected": answer,
+            },
+            "qwen",
+            Path("."),
+        )
     except (ValueError, KeyError, TypeError):
         return False
     return True
 
 
-def onpolicy_pairs(raw: list[dict], answers: list[str], right: str = "drop", iou: float = 0.5,
-                   source_dir: Path | None = None, out_dir: Path | None = None) -> tuple[list[dict], Counter]:
+def onpolicy_pairs(
+    raw: list[dict],
+    answers: list[str],
+    right: str = "drop",
+    iou: float = 0.5,
+    source_dir: Path | None = None,
+    out_dir: Path | None = None,
+) -> tuple[list[dict], Counter]:
     """The output records from the input's raw records and the model's answers; and counts
     ``(kind, "right"|"wrong"|"unusable")`` per kind of answer."""
     if right not in RIGHT_MODES:
@@ -174,19 +209,40 @@ def onpolicy_pairs(raw: list[dict], answers: list[str], right: str = "drop", iou
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m eval_mm.onpolicy") -> None:
-    p = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                       examples=["--checkpoint runs/demo/sft/final --pairs "
-                                 "runs/demo/data/synthetic/dpo.json --out runs/dpo_onpolicy.json"])
-    p.add_argument("--checkpoint", required=True, help="the model whose answers are rejected: any export "
-                   "(models.load_pretrained), normally the SFT run's final/")
-    p.add_argument("--pairs", required=True, help="preference pairs whose 'chosen' answers are right (JSON / JSONL)")
+    p = ArgumentParser(
+        prog=prog,
+        description=__doc__.split("\n\n")[0],
+        examples=[
+            "--checkpoint runs/demo/sft/final --pairs "
+            "runs/demo/data/synthetic/dpo.json --out runs/dpo_onpolicy.json"
+        ],
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="the model whose answers are rejected: any export "
+        "(models.load_pretrained), normally the SFT run's final/",
+    )
+    p.add_argument(
+        "--pairs", required=True, help="preference pairs whose 'chosen' answers are right (JSON / JSONL)"
+    )
     p.add_argument("--out", required=True, help="output JSON file")
-    p.add_argument("--right", choices=RIGHT_MODES, default="drop",
-                   help="pairs the model answers right: drop them (default) or keep them unchanged")
-    p.add_argument("--iou", type=float, default=0.5, help="a box answer is right at this IoU with chosen's box")
+    p.add_argument(
+        "--right",
+        choices=RIGHT_MODES,
+        default="drop",
+        help="pairs the model answers right: drop them (default) or keep them unchanged",
+    )
+    p.add_argument(
+        "--iou", type=float, default=0.5, help="a box answer is right at this IoU with chosen's box"
+    )
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--max-new-tokens", type=positive_int, default=None,
-                   help="default: the longest chosen answer's tokens + 8")
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=None,
+        help="default: the longest chosen answer's tokens + 8",
+    )
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda")
     p.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     a = p.parse_args(argv)
@@ -209,10 +265,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m eval_mm.onpolicy"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     for kind in sorted({k for k, _ in counts}):
-        print(f"{kind:4s} answers: {counts[kind, 'right']} right, {counts[kind, 'wrong']} wrong, "
-              f"{counts[kind, 'unusable']} unusable (empty or malformed)")
-    print(f"wrote {len(result)} pairs ({sum(v for (_, s), v in counts.items() if s == 'wrong')} with the model's "
-          f"answer rejected) to {out}")
+        print(
+            f"{kind:4s} answers: {counts[kind, 'right']} right, {counts[kind, 'wrong']} wrong, "
+            f"{counts[kind, 'unusable']} unusable (empty or malformed)"
+        )
+    print(
+        f"wrote {len(result)} pairs ({sum(v for (_, s), v in counts.items() if s == 'wrong')} with the model's "
+        f"answer rejected) to {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ class PairBatchBuilder:
     def __init__(self, tokenizer, bench_name: str, num_image_tokens: int, image_size: int):
         config = DataConfig(paths=[], image_size=image_size, max_len=NO_TRUNCATION)
         self.builder = SampleBuilder(tokenizer, num_image_tokens, config)
-        self.collate = Collator(pad_id=tokenizer.convert_tokens_to_ids(ENDOFTEXT), image_size=image_size,
-                                max_len=NO_TRUNCATION)
+        self.collate = Collator(
+            pad_id=tokenizer.convert_tokens_to_ids(ENDOFTEXT), image_size=image_size, max_len=NO_TRUNCATION
+        )
         self.bench_name = bench_name
 
     def __call__(self, samples: list[EvalSample]) -> dict[str, Any]:
@@ -44,9 +45,16 @@ class PairBatchBuilder:
 @torch.no_grad()
 def score_pairs(model, batch: dict[str, Any], device: torch.device) -> list[float]:
     """log p(chosen) - log p(rejected) per pair, each summed over the answer's labelled tokens."""
-    out = model(batch["input_ids"].to(device), pixel_values=batch["pixel_values"].to(device, next(model.parameters()).dtype),
-                attention_mask=batch["attention_mask"].to(device), position_ids=batch["position_ids"].to(device),
-                labels=batch["labels"].to(device), image_index=batch["image_index"].to(device),
-                return_token_logps=True)
-    logps = sum_per_sequence(out.token_logps, batch["sequence_ids"].to(device), 2 * batch["num_pairs"]).view(-1, 2)
+    out = model(
+        batch["input_ids"].to(device),
+        pixel_values=batch["pixel_values"].to(device, next(model.parameters()).dtype),
+        attention_mask=batch["attention_mask"].to(device),
+        position_ids=batch["position_ids"].to(device),
+        labels=batch["labels"].to(device),
+        image_index=batch["image_index"].to(device),
+        return_token_logps=True,
+    )
+    logps = sum_per_sequence(out.token_logps, batch["sequence_ids"].to(device), 2 * batch["num_pairs"]).view(
+        -1, 2
+    )
     return (logps[:, 0] - logps[:, 1]).tolist()

@@ -35,8 +35,13 @@ def checkpoint_prompt_format(checkpoint: str | Path) -> str:
     return "raw"
 
 
-def encode_prompt(tokenizer, text: str, num_image_tokens: int, prompt_format: str,
-                  system_message: str = DEFAULT_SYSTEM_MESSAGE) -> tuple[list[int], list[str]]:
+def encode_prompt(
+    tokenizer,
+    text: str,
+    num_image_tokens: int,
+    prompt_format: str,
+    system_message: str = DEFAULT_SYSTEM_MESSAGE,
+) -> tuple[list[int], list[str]]:
     """Token ids of the prompt (ending where the model's answer starts) and the image paths in order.
 
     ChatML goes through data.chatml, so prompts are tokenised exactly as training conversations:
@@ -59,5 +64,6 @@ def prompt_text(text: str, prompt_format: str, system_message: str = DEFAULT_SYS
     """The prompt as a string (what encode_prompt tokenises), for the predictions file."""
     if prompt_format == "raw":
         return text
-    return (f"{IM_START}system\n{system_message}{IM_END}\n{IM_START}user\n{text}{IM_END}\n"
-            f"{IM_START}assistant\n")
+    return (
+        f"{IM_START}system\n{system_message}{IM_END}\n{IM_START}user\n{text}{IM_END}\n{IM_START}assistant\n"
+    )

@@ -38,10 +38,20 @@ from models.tokens import IMG_START
 SEED = 0
 
 
-def evaluate(model, tokenizer, benches: list[Benchmark] | list[str], data_root: str | Path, out_dir: str | Path,
-             limit: int | None = None, batch_size: int = 32, prompt_format: str = "raw",
-             metric_options: MetricOptions = MetricOptions(), num_workers: int | None = None,
-             progress: bool = True, static_cache: bool | None = None) -> dict[str, dict[str, Any]]:
+def evaluate(
+    model,
+    tokenizer,
+    benches: list[Benchmark] | list[str],
+    data_root: str | Path,
+    out_dir: str | Path,
+    limit: int | None = None,
+    batch_size: int = 32,
+    prompt_format: str = "raw",
+    metric_options: MetricOptions = MetricOptions(),
+    num_workers: int | None = None,
+    progress: bool = True,
+    static_cache: bool | None = None,
+) -> dict[str, dict[str, Any]]:
     """Evaluate `model` on each benchmark; returns {bench: {metric: value}} on every rank.
 
     `model` may be a Hugging Face family model (models.load_pretrained of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL
@@ -58,15 +68,37 @@ def evaluate(model, tokenizer, benches: list[Benchmark] | list[str], data_root: 
     benches = [get_benchmark(b) if isinstance(b, str) else b for b in benches]
     results = {}
     for bench in benches:
-        results[bench.name] = _evaluate_one(model, tokenizer, bench, Path(data_root), Path(out_dir) / bench.name,
-                                            limit, batch_size, prompt_format, metric_options, num_workers, progress,
-                                            static_cache)
+        results[bench.name] = _evaluate_one(
+            model,
+            tokenizer,
+            bench,
+            Path(data_root),
+            Path(out_dir) / bench.name,
+            limit,
+            batch_size,
+            prompt_format,
+            metric_options,
+            num_workers,
+            progress,
+            static_cache,
+        )
     return results
 
 
-def _evaluate_one(model, tokenizer, bench: Benchmark, data_root: Path, bench_dir: Path, limit: int | None,
-                  batch_size: int, prompt_format: str, metric_options: MetricOptions, num_workers: int | None,
-                  progress: bool, static_cache: bool | None) -> dict[str, Any]:
+def _evaluate_one(
+    model,
+    tokenizer,
+    bench: Benchmark,
+    data_root: Path,
+    bench_dir: Path,
+    limit: int | None,
+    batch_size: int,
+    prompt_format: str,
+    metric_options: MetricOptions,
+    num_workers: int | None,
+    progress: bool,
+    static_cache: bool | None,
+) -> dict[str, Any]:
     rank, world_size = world()
     random.seed(SEED)
     torch.manual_seed(SEED)
@@ -76,8 +108,10 @@ def _evaluate_one(model, tokenizer, bench: Benchmark, data_root: Path, bench_dir
     references = load_references(bench, data_root / bench.references_file)
     missing = [s.id for s in samples if s.id not in references]
     if missing:
-        raise UserError(f"{bench.name}: {len(missing)} samples have no annotation in "
-                         f"{data_root / bench.references_file} (e.g. {missing[:5]})")
+        raise UserError(
+            f"{bench.name}: {len(missing)} samples have no annotation in "
+            f"{data_root / bench.references_file} (e.g. {missing[:5]})"
+        )
     if rank == 0:
         _check_run_info(bench_dir, prompt_format)
     barrier()
@@ -86,21 +120,38 @@ def _evaluate_one(model, tokenizer, bench: Benchmark, data_root: Path, bench_dir
     done = broadcast_from_rank0(read_predictions(bench_dir) if rank == 0 else None)
     todo = [s for s in samples if s.id not in done]
     mine = [todo[i] for i in shard_range(len(todo), rank, world_size)]
-    new_records = _predict(model, tokenizer, bench, mine, bench_dir / f"predictions.part{rank}.jsonl",
-                           batch_size, prompt_format, num_workers, progress and rank == 0, static_cache)
+    new_records = _predict(
+        model,
+        tokenizer,
+        bench,
+        mine,
+        bench_dir / f"predictions.part{rank}.jsonl",
+        batch_size,
+        prompt_format,
+        num_workers,
+        progress and rank == 0,
+        static_cache,
+    )
     new_records = gather_to_all(new_records)
 
     metrics = None
     if rank == 0:
         merged = {**done, **{r["id"]: r for r in new_records}}
         order = {s.id: i for i, s in enumerate(samples)}
-        _write_jsonl(bench_dir / "predictions.jsonl",
-                     sorted(merged.values(), key=lambda r: order.get(r["id"], len(order))))
+        _write_jsonl(
+            bench_dir / "predictions.jsonl",
+            sorted(merged.values(), key=lambda r: order.get(r["id"], len(order))),
+        )
         for part in bench_dir.glob("predictions.part*.jsonl"):
             part.unlink()
         predictions = {s.id: merged[s.id]["prediction"] for s in samples}
-        metrics = compute_metric(bench.metric, predictions, {s.id: references[s.id] for s in samples},
-                                 metric_options, where=bench.name)
+        metrics = compute_metric(
+            bench.metric,
+            predictions,
+            {s.id: references[s.id] for s in samples},
+            metric_options,
+            where=bench.name,
+        )
         metrics["num_resumed"] = sum(1 for s in samples if s.id in done)
         (bench_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     metrics = broadcast_from_rank0(metrics)
@@ -113,8 +164,18 @@ def estimated_prompt_tokens(sample: EvalSample, num_image_tokens: int) -> int:
     return sample.text.count(IMG_START) * (num_image_tokens + 2) + len(sample.text) // 4
 
 
-def _predict(model, tokenizer, bench: Benchmark, samples: list[EvalSample], part_file: Path, batch_size: int,
-             prompt_format: str, num_workers: int | None, progress: bool, static_cache: bool | None) -> list[dict]:
+def _predict(
+    model,
+    tokenizer,
+    bench: Benchmark,
+    samples: list[EvalSample],
+    part_file: Path,
+    batch_size: int,
+    prompt_format: str,
+    num_workers: int | None,
+    progress: bool,
+    static_cache: bool | None,
+) -> list[dict]:
     """Predict `samples`, appending each batch's records to part_file as soon as it is done.
 
     Samples go longest prompt first, so a batch holds prompts of similar length (little padding) and the
@@ -132,8 +193,14 @@ def _predict(model, tokenizer, bench: Benchmark, samples: list[EvalSample], part
     on_cuda = device.type == "cuda"
     if num_workers is None:
         num_workers = min(4, os.cpu_count() or 1) if on_cuda else 0
-    loader = DataLoader(samples, batch_size=batch_size, shuffle=False, collate_fn=builder, num_workers=num_workers,
-                        pin_memory=on_cuda)
+    loader = DataLoader(
+        samples,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=builder,
+        num_workers=num_workers,
+        pin_memory=on_cuda,
+    )
     if static_cache is None:
         static_cache = on_cuda
     rows = min(batch_size, len(samples))
@@ -165,24 +232,35 @@ def _batch_builder(model, tokenizer, bench: Benchmark, prompt_format: str):
     return BatchBuilder(tokenizer, bench, prompt_format, config.num_image_tokens, config.vision.image_size)
 
 
-def _predict_batch(model, tokenizer, bench, batch: PromptBatch | dict, prompt_format, device,
-                   cache: StaticCacheSlot | None) -> list[dict]:
+def _predict_batch(
+    model, tokenizer, bench, batch: PromptBatch | dict, prompt_format, device, cache: StaticCacheSlot | None
+) -> list[dict]:
     family = is_family_model(model)
     if bench.kind == "preference":  # batch: a dict of pairs (eval_mm.preference); prediction: the margin
         margins = score_family_pairs(model, batch, device) if family else score_pairs(model, batch, device)
-        return [{"id": s.id, "prediction": margin, "prompt": s.text, "raw_output": None}
-                for s, margin in zip(batch["samples"], margins, strict=True)]
+        return [
+            {"id": s.id, "prediction": margin, "prompt": s.text, "raw_output": None}
+            for s, margin in zip(batch["samples"], margins, strict=True)
+        ]
     if bench.kind == "choice":
         ranked = rank_family_options(model, batch, device) if family else rank_options(model, batch, device)
-        return [{"id": s.id, "prediction": letter, "prompt": p, "raw_output": None, "option_losses": losses}
-                for s, p, (letter, losses) in zip(batch.samples, batch.prompts, ranked, strict=True)]
+        return [
+            {"id": s.id, "prediction": letter, "prompt": p, "raw_output": None, "option_losses": losses}
+            for s, p, (letter, losses) in zip(batch.samples, batch.prompts, ranked, strict=True)
+        ]
     if family:  # the prediction in our box markup, the raw output in the family's own convention
         answers = generate_family_answers(model, tokenizer, batch, bench, device)
     else:
-        answers = [(a, a) for a in generate_answers(model, tokenizer, batch, bench, prompt_format, device,
-                                                    static_cache=cache)]
-    return [{"id": s.id, "prediction": answer, "prompt": p, "raw_output": raw}
-            for s, p, (answer, raw) in zip(batch.samples, batch.prompts, answers, strict=True)]
+        answers = [
+            (a, a)
+            for a in generate_answers(
+                model, tokenizer, batch, bench, prompt_format, device, static_cache=cache
+            )
+        ]
+    return [
+        {"id": s.id, "prediction": answer, "prompt": p, "raw_output": raw}
+        for s, p, (answer, raw) in zip(batch.samples, batch.prompts, answers, strict=True)
+    ]
 
 
 def read_predictions(bench_dir: Path) -> dict[str, dict]:
@@ -210,8 +288,10 @@ def _check_run_info(bench_dir: Path, prompt_format: str) -> None:
     if info_file.exists():
         previous = json.loads(info_file.read_text()).get("prompt_format")
         if previous != prompt_format:
-            raise UserError(f"{bench_dir} holds predictions made with prompt format {previous!r}, not "
-                             f"{prompt_format!r}; use another --out directory")
+            raise UserError(
+                f"{bench_dir} holds predictions made with prompt format {previous!r}, not "
+                f"{prompt_format!r}; use another --out directory"
+            )
     bench_dir.mkdir(parents=True, exist_ok=True)
     info_file.write_text(json.dumps({"prompt_format": prompt_format}) + "\n")
 

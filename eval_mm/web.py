@@ -34,7 +34,9 @@ MAX_QUEUE = 16  # questions waiting for the model (answers are computed one at a
 KEEP_UPLOADS_S = 3600  # gradio keeps a closed session's state for an hour too
 # What the page says when an uploaded image cannot be used: the same for every cause, with no path in it.
 UNREADABLE_UPLOAD = "The uploaded file could not be read as an image. Upload a PNG or JPEG picture."
-UNREADABLE_CONVERSATION = "An image of this conversation can no longer be read. Clear the history and upload it again."
+UNREADABLE_CONVERSATION = (
+    "An image of this conversation can no longer be read. Clear the history and upload it again."
+)
 
 
 def _import_gradio():
@@ -94,8 +96,12 @@ def delete_uploads(session: Session | None, upload_folder: str | Path) -> None:
     session.chat.reset()
 
 
-def build_demo(new_chat: Callable[[], Chat], title: str = TITLE, max_question_chars: int = MAX_QUESTION_CHARS,
-               keep_uploads_s: int = KEEP_UPLOADS_S):
+def build_demo(
+    new_chat: Callable[[], Chat],
+    title: str = TITLE,
+    max_question_chars: int = MAX_QUESTION_CHARS,
+    keep_uploads_s: int = KEEP_UPLOADS_S,
+):
     """The gradio Blocks app. ``new_chat()`` makes the conversation of a new browser session. Questions longer
     than ``max_question_chars`` are refused; uploads are deleted when their session ends, and in any case
     ``keep_uploads_s`` seconds after upload (gradio's ``delete_cache``)."""
@@ -110,8 +116,9 @@ def build_demo(new_chat: Callable[[], Chat], title: str = TITLE, max_question_ch
         if not question:
             raise gr.Error("Type a question first.")
         if len(question) > max_question_chars:
-            raise gr.Error(f"The question is {len(question)} characters long; at most {max_question_chars} are "
-                           "allowed.")
+            raise gr.Error(
+                f"The question is {len(question)} characters long; at most {max_question_chars} are allowed."
+            )
         try:
             image = uploaded_path(image, demo.GRADIO_CACHE)
         except UploadError as e:
@@ -122,7 +129,9 @@ def build_demo(new_chat: Callable[[], Chat], title: str = TITLE, max_question_ch
             except ChatImageError as e:  # its message names the server's path: say the same for every cause
                 raise gr.Error(UNREADABLE_UPLOAD) from e
             messages.append({"role": "user", "content": {"path": image}})
-            session.messages = list(messages)  # the image stays with the conversation even if this question fails
+            session.messages = list(
+                messages
+            )  # the image stays with the conversation even if this question fails
         messages += [{"role": "user", "content": shown(question)}, {"role": "assistant", "content": ""}]
         answer = ""
         yield messages, session, "", gr.skip()
@@ -148,37 +157,54 @@ def build_demo(new_chat: Callable[[], Chat], title: str = TITLE, max_question_ch
         return [], session, "", None, None
 
     # delete_cache=(how often to look, how old a file may be), in seconds; everything goes when the server stops.
-    with gr.Blocks(title=title, analytics_enabled=False,
-                   delete_cache=(min(600, keep_uploads_s), keep_uploads_s)) as demo:
-        gr.Markdown(f"## {title}\nUpload an image, ask about it. Boxes the model names are drawn on the right.")
+    with gr.Blocks(
+        title=title, analytics_enabled=False, delete_cache=(min(600, keep_uploads_s), keep_uploads_s)
+    ) as demo:
+        gr.Markdown(
+            f"## {title}\nUpload an image, ask about it. Boxes the model names are drawn on the right."
+        )
         session = gr.State(None, delete_callback=lambda s: delete_uploads(s, demo.GRADIO_CACHE))
         with gr.Row():
             with gr.Column(scale=3):
-                chatbot = gr.Chatbot(label="conversation", elem_id="chatbot", height=420, render_markdown=False)
-                question = gr.Textbox(placeholder="Ask about the image and press Enter", show_label=False,
-                                      elem_id="question", max_length=max_question_chars)
+                chatbot = gr.Chatbot(
+                    label="conversation", elem_id="chatbot", height=420, render_markdown=False
+                )
+                question = gr.Textbox(
+                    placeholder="Ask about the image and press Enter",
+                    show_label=False,
+                    elem_id="question",
+                    max_length=max_question_chars,
+                )
                 with gr.Row():
                     send = gr.Button("Send", variant="primary", elem_id="send")
                     clear_button = gr.Button("Clear history", elem_id="clear")
             with gr.Column(scale=2):
-                image = gr.Image(type="filepath", sources=["upload"], label="image", elem_id="image", height=260)
+                image = gr.Image(
+                    type="filepath", sources=["upload"], label="image", elem_id="image", height=260
+                )
                 boxes = gr.Image(label="grounded boxes", interactive=False, elem_id="boxes", height=260)
         # The chat window is an output only: what it shows comes from the session, never from the client.
         inputs, outputs = [question, image, session], [chatbot, session, question, boxes]
         send.click(respond, inputs, outputs, api_name="respond", preprocess=False)
-        question.submit(respond, inputs, outputs, preprocess=False,
-                        api_visibility="undocumented")  # the same as /respond
+        question.submit(
+            respond, inputs, outputs, preprocess=False, api_visibility="undocumented"
+        )  # the same as /respond
         clear_button.click(clear, [session], [chatbot, session, question, boxes, image], api_name="clear")
-        chatbot.clear(clear, [session], [chatbot, session, question, boxes, image],  # the chat's bin icon
-                      api_visibility="undocumented")
+        chatbot.clear(
+            clear,
+            [session],
+            [chatbot, session, question, boxes, image],  # the chat's bin icon
+            api_visibility="undocumented",
+        )
     return demo
 
 
 def local_theme():
     """gradio's default theme on system fonts: the page loads nothing from outside."""
     gr = _import_gradio()
-    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                             font_mono=["ui-monospace", "monospace"])
+    return gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
+    )
 
 
 # ------------------------------------------------------------------------------------- launching
@@ -197,9 +223,14 @@ def read_auth(pairs: list[str], files: list[str]) -> list[tuple[str, str]]:
         path = Path(name)
         if not path.is_file():
             raise MissingFileError(f"--auth-file {path}: file not found")
-        lines = [(n, line.strip()) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)]
-        in_file = [_credentials(line, f"--auth-file {path}, line {n}") for n, line in lines
-                   if line and not line.startswith("#")]
+        lines = [
+            (n, line.strip()) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        ]
+        in_file = [
+            _credentials(line, f"--auth-file {path}, line {n}")
+            for n, line in lines
+            if line and not line.startswith("#")
+        ]
         if not in_file:
             raise UserError(f"--auth-file {path}: no USER:PASSWORD line")
         logins += in_file
@@ -221,36 +252,71 @@ def check_exposure(host: str, share: bool, logins: list) -> None:
     if logins:
         return
     if share:
-        raise UserError("--share makes a public link, and the demo has no login: add --auth USER:PASS or "
-                        "--auth-file FILE (docs/chat.md)")
+        raise UserError(
+            "--share makes a public link, and the demo has no login: add --auth USER:PASS or "
+            "--auth-file FILE (docs/chat.md)"
+        )
     if not is_loopback(host):
-        raise UserError(f"--host {host} serves the demo to the network without a login: add --auth USER:PASS or "
-                        "--auth-file FILE (and TLS in front, docs/chat.md), or serve on --host 127.0.0.1")
+        raise UserError(
+            f"--host {host} serves the demo to the network without a login: add --auth USER:PASS or "
+            "--auth-file FILE (and TLS in front, docs/chat.md), or serve on --host 127.0.0.1"
+        )
 
 
 def build_parser(prog: str = "python -m eval_mm.web") -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                            examples=["--checkpoint runs/demo/sft/final",
-                                      "--checkpoint runs/my_lora/final --port 8080"])
+    parser = ArgumentParser(
+        prog=prog,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=["--checkpoint runs/demo/sft/final", "--checkpoint runs/my_lora/final --port 8080"],
+    )
     add_model_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to serve on (default 127.0.0.1; any other needs --auth or --auth-file)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to serve on (default 127.0.0.1; any other needs --auth or --auth-file)",
+    )
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--share", action="store_true",
-                        help="also make gradio's public share link (needs --auth or --auth-file; off by default)")
-    parser.add_argument("--auth", action="append", default=[], metavar="USER:PASS",
-                        help="a login (repeatable); prefer --auth-file: a command line is visible to other users")
-    parser.add_argument("--auth-file", action="append", default=[], metavar="FILE",
-                        help="a file of logins, USER:PASS a line")
-    parser.add_argument("--max-upload-mb", type=positive_int, default=MAX_UPLOAD_MB,
-                        help=f"largest upload accepted (default {MAX_UPLOAD_MB})")
-    parser.add_argument("--max-question-chars", type=positive_int, default=MAX_QUESTION_CHARS,
-                        help=f"longest question accepted (default {MAX_QUESTION_CHARS})")
-    parser.add_argument("--max-queue", type=positive_int, default=MAX_QUEUE,
-                        help=f"questions that may wait for the model; more are turned away (default {MAX_QUEUE})")
-    parser.add_argument("--keep-uploads-s", type=positive_int, default=KEEP_UPLOADS_S,
-                        help=f"delete an upload this long after it arrived, if its session has not ended "
-                             f"before (default {KEEP_UPLOADS_S})")
+    parser.add_argument(
+        "--share",
+        action="store_true",
+        help="also make gradio's public share link (needs --auth or --auth-file; off by default)",
+    )
+    parser.add_argument(
+        "--auth",
+        action="append",
+        default=[],
+        metavar="USER:PASS",
+        help="a login (repeatable); prefer --auth-file: a command line is visible to other users",
+    )
+    parser.add_argument(
+        "--auth-file", action="append", default=[], metavar="FILE", help="a file of logins, USER:PASS a line"
+    )
+    parser.add_argument(
+        "--max-upload-mb",
+        type=positive_int,
+        default=MAX_UPLOAD_MB,
+        help=f"largest upload accepted (default {MAX_UPLOAD_MB})",
+    )
+    parser.add_argument(
+        "--max-question-chars",
+        type=positive_int,
+        default=MAX_QUESTION_CHARS,
+        help=f"longest question accepted (default {MAX_QUESTION_CHARS})",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=positive_int,
+        default=MAX_QUEUE,
+        help=f"questions that may wait for the model; more are turned away (default {MAX_QUEUE})",
+    )
+    parser.add_argument(
+        "--keep-uploads-s",
+        type=positive_int,
+        default=KEEP_UPLOADS_S,
+        help=f"delete an upload this long after it arrived, if its session has not ended "
+        f"before (default {KEEP_UPLOADS_S})",
+    )
     return parser
 
 
@@ -265,16 +331,30 @@ def serve(args: argparse.Namespace, block: bool = True):
     def new_chat() -> Chat:
         return template.new_conversation()
 
-    demo = build_demo(new_chat, max_question_chars=args.max_question_chars, keep_uploads_s=args.keep_uploads_s)
+    demo = build_demo(
+        new_chat, max_question_chars=args.max_question_chars, keep_uploads_s=args.keep_uploads_s
+    )
     login = f", login required ({len(logins)} user{'s' if len(logins) != 1 else ''})" if logins else ""
-    print(f"serving {args.checkpoint} ({template.prompt_format} prompts) on http://{args.host}:{args.port}{login}",
-          flush=True)
+    print(
+        f"serving {args.checkpoint} ({template.prompt_format} prompts) on http://{args.host}:{args.port}{login}",
+        flush=True,
+    )
     # share passed explicitly: gradio would otherwise turn it on by itself (GRADIO_SHARE, hosted notebooks).
     # show_error=False: the page shows only the messages of gr.Error, never an exception's text (paths).
     demo.queue(max_size=args.max_queue, default_concurrency_limit=1).launch(
-        server_name=args.host, server_port=args.port, share=args.share, auth=logins or None,
-        max_file_size=args.max_upload_mb * 1024 * 1024, show_error=False, prevent_thread_lock=not block,
-        quiet=not block, theme=local_theme(), footer_links=[], mcp_server=False, ssr_mode=False)
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        auth=logins or None,
+        max_file_size=args.max_upload_mb * 1024 * 1024,
+        show_error=False,
+        prevent_thread_lock=not block,
+        quiet=not block,
+        theme=local_theme(),
+        footer_links=[],
+        mcp_server=False,
+        ssr_mode=False,
+    )
     return demo
 
 

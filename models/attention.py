@@ -36,15 +36,19 @@ def register_varlen_attention() -> str:
     mask transformers builds. Written here because transformers' own varlen paths need the flash-attn
     package. The function is pure (no cache, no sync), so torch.compile traces it and a checkpointed
     layer's recompute saves exactly what its forward saved."""
-    causal_kw = ({"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters
-                 else {"window_size": (-1, 0)})
+    causal_kw = (
+        {"is_causal": True}
+        if "is_causal" in inspect.signature(varlen_attn).parameters
+        else {"window_size": (-1, 0)}
+    )
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         b, h, length, dh = query.shape
         cu = kwargs.get("cu_seq_lens_q")
         if attention_mask is not None or cu is None or key.shape[2] != length:
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, **kwargs)
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
         max_len = kwargs["max_length_q"]
         # Flash kernels take only bf16/fp16; fp32 states appear when norms were upcast (Q-LoRA) or RoPE
         # promoted them under autocast. SDPA casts the same way under autocast.
@@ -53,7 +57,9 @@ def register_varlen_attention() -> str:
         def flat(t):
             return t.transpose(1, 2).reshape(b * length, -1, dh).to(dtype)
 
-        out = varlen_attn(flat(query), flat(key), flat(value), cu, cu, max_len, max_len, scale=scaling, **causal_kw)
+        out = varlen_attn(
+            flat(query), flat(key), flat(value), cu, cu, max_len, max_len, scale=scaling, **causal_kw
+        )
         return out.view(b, length, h, dh).to(query.dtype), None
 
     AttentionInterface.register("varlen", attention)

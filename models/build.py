@@ -130,14 +130,20 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False, **kwargs)
 
 
-def load_vlm(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-             keep_fp32: Callable[[VLM], Iterable[nn.Module]] | None = None) -> VLM:
+def load_vlm(
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    keep_fp32: Callable[[VLM], Iterable[nn.Module]] | None = None,
+) -> VLM:
     """Load a directory written by ``save_pretrained`` (no remote code, safetensors only), straight onto
     ``device`` in ``dtype``; ``keep_fp32`` (see models.build_vlm) keeps some modules in float32."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise MissingFileError(f"{config_file}: no VLM config (is {path} a directory from VLM.save_pretrained?)")
+        raise MissingFileError(
+            f"{config_file}: no VLM config (is {path} a directory from VLM.save_pretrained?)"
+        )
     config = VLMConfig.load(config_file)
     if (path / SAFETENSORS_INDEX).is_file():
         weight_map = json.loads((path / SAFETENSORS_INDEX).read_text())["weight_map"]

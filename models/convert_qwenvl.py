@@ -67,25 +67,43 @@ def vlm_config_from_qwen(qwen: dict, config_path: Path, image_token_ids: dict[st
 
     `image_token_ids` maps "<img>", "</img>", "<imgpad>", "<|endoftext|>" to the tokenizer's ids.
     """
-    _require(qwen.get("model_type") == "qwen" and "visual" in qwen, config_path,
-             "not a Qwen-VL config (needs model_type 'qwen' and a 'visual' block)")
-    _require("quantization_config" not in qwen, config_path,
-             "quantised checkpoints (e.g. Qwen-VL-Chat-Int4, GPTQ) cannot be converted; use the bf16 release")
+    _require(
+        qwen.get("model_type") == "qwen" and "visual" in qwen,
+        config_path,
+        "not a Qwen-VL config (needs model_type 'qwen' and a 'visual' block)",
+    )
+    _require(
+        "quantization_config" not in qwen,
+        config_path,
+        "quantised checkpoints (e.g. Qwen-VL-Chat-Int4, GPTQ) cannot be converted; use the bf16 release",
+    )
     hidden, heads = qwen["hidden_size"], qwen["num_attention_heads"]
     head_dim = qwen.get("kv_channels", hidden // heads)
-    _require(head_dim * heads == hidden, config_path, f"kv_channels {head_dim} x heads {heads} != hidden {hidden}")
-    _require(qwen.get("rotary_pct", 1.0) == 1.0, config_path, "rotary_pct != 1 (partial RoPE) is not supported")
-    _require(qwen.get("no_bias", True), config_path, "no_bias=false (biased c_proj / w1 / w2) is not supported")
+    _require(
+        head_dim * heads == hidden, config_path, f"kv_channels {head_dim} x heads {heads} != hidden {hidden}"
+    )
+    _require(
+        qwen.get("rotary_pct", 1.0) == 1.0, config_path, "rotary_pct != 1 (partial RoPE) is not supported"
+    )
+    _require(
+        qwen.get("no_bias", True), config_path, "no_bias=false (biased c_proj / w1 / w2) is not supported"
+    )
     _require(not qwen.get("tie_word_embeddings", False), config_path, "tied embeddings are not supported")
     _require(qwen["intermediate_size"] % 2 == 0, config_path, "intermediate_size must be even (w1 + w2)")
 
     visual = qwen["visual"]
     output_dim = visual["output_dim"]
     _require(output_dim == hidden, config_path, f"visual.output_dim {output_dim} != hidden_size {hidden}")
-    _require(output_dim % QWEN_RESAMPLER_HEAD_DIM == 0, config_path,
-             f"visual.output_dim {output_dim} is not a multiple of the resampler head size 128")
-    _require(visual["image_start_id"] == image_token_ids["<img>"], config_path,
-             f"visual.image_start_id {visual['image_start_id']} != the tokenizer's <img> id {image_token_ids['<img>']}")
+    _require(
+        output_dim % QWEN_RESAMPLER_HEAD_DIM == 0,
+        config_path,
+        f"visual.output_dim {output_dim} is not a multiple of the resampler head size 128",
+    )
+    _require(
+        visual["image_start_id"] == image_token_ids["<img>"],
+        config_path,
+        f"visual.image_start_id {visual['image_start_id']} != the tokenizer's <img> id {image_token_ids['<img>']}",
+    )
 
     text_config = dict(
         model_type="qwen2",
@@ -119,7 +137,9 @@ def vlm_config_from_qwen(qwen: dict, config_path: Path, image_token_ids: dict[st
             ln_eps=1e-6,
         ),
         resampler=ResamplerConfig(
-            num_queries=visual.get("n_queries", QWEN_DEFAULT_QUERIES), head_dim=QWEN_RESAMPLER_HEAD_DIM, ln_eps=1e-6
+            num_queries=visual.get("n_queries", QWEN_DEFAULT_QUERIES),
+            head_dim=QWEN_RESAMPLER_HEAD_DIM,
+            ln_eps=1e-6,
         ),
         text_config=text_config,
         image_start_id=image_token_ids["<img>"],
@@ -178,8 +198,11 @@ RULES: tuple[Rule, ...] = (
     Rule(r"transformer\.wte\.weight", ("llm.model.embed_tokens.weight",)),
     Rule(_LLM + r"ln_1\.weight", (_OUR_LLM + "input_layernorm.weight",)),
     Rule(_LLM + r"ln_2\.weight", (_OUR_LLM + "post_attention_layernorm.weight",)),
-    Rule(_LLM + r"attn\.c_attn\.(weight|bias)",
-         tuple(_OUR_LLM + f"self_attn.{p}_proj.\\2" for p in "qkv"), _split_fused_qkv),
+    Rule(
+        _LLM + r"attn\.c_attn\.(weight|bias)",
+        tuple(_OUR_LLM + f"self_attn.{p}_proj.\\2" for p in "qkv"),
+        _split_fused_qkv,
+    ),
     Rule(_LLM + r"attn\.c_proj\.weight", (_OUR_LLM + "self_attn.o_proj.weight",)),
     Rule(_LLM + r"mlp\.w1\.weight", (_OUR_LLM + "mlp.up_proj.weight",)),  # the ungated branch
     Rule(_LLM + r"mlp\.w2\.weight", (_OUR_LLM + "mlp.gate_proj.weight",)),  # silu(w2(x))
@@ -198,7 +221,10 @@ RULES: tuple[Rule, ...] = (
     # resampler (attn_pool) and the post-resampler LayerNorm / projection
     Rule(_POOL + r"(query|pos_embed|kv_proj\.weight)", (r"resampler.\1",)),
     Rule(_POOL + r"(ln_q|ln_kv)\.(weight|bias)", (r"resampler.\1.\2",)),
-    Rule(_POOL + r"attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)", (r"resampler.attn.\1",)),
+    Rule(
+        _POOL + r"attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)",
+        (r"resampler.attn.\1",),
+    ),
     Rule(_VIS + r"ln_post\.(weight|bias)", (r"resampler.ln_post.\1",)),
     Rule(_VIS + r"proj", ("resampler.proj",)),
 )
@@ -302,16 +328,24 @@ def convert_state_dict(
                 else:
                     converted[name] = value.to(dtype)
     if unexpected:
-        raise UserError(f"{src_dir}: {len(unexpected)} unexpected checkpoint entries:{_format_keys(unexpected)}")
+        raise UserError(
+            f"{src_dir}: {len(unexpected)} unexpected checkpoint entries:{_format_keys(unexpected)}"
+        )
     missing = [name for name in expected_shapes if name not in converted]
     if missing:
-        raise UserError(f"{src_dir}: the checkpoint lacks {len(missing)} of our parameters:{_format_keys(missing)}")
+        raise UserError(
+            f"{src_dir}: the checkpoint lacks {len(missing)} of our parameters:{_format_keys(missing)}"
+        )
     if derived:
-        log.info("skipped %d derived entries (rotary inv_freq, recomputed from rotary_emb_base)", len(derived))
+        log.info(
+            "skipped %d derived entries (rotary inv_freq, recomputed from rotary_emb_base)", len(derived)
+        )
     return converted
 
 
-def convert_qwenvl(src_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> VLMConfig:
+def convert_qwenvl(
+    src_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16
+) -> VLMConfig:
     """Convert SRC_DIR (Qwen-VL / Qwen-VL-Chat) into OUT_DIR (our VLM format). Returns the config."""
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     config_path = src_dir / "config.json"
@@ -327,7 +361,9 @@ def convert_qwenvl(src_dir: str | Path, out_dir: str | Path, dtype: torch.dtype 
     except (KeyError, TypeError) as e:
         raise UserError(f"{config_path}: missing or malformed entry {e} of a Qwen-VL config") from e
     if len(tokenizer) > cfg.text_config["vocab_size"]:
-        raise UserError(f"{config_path}: vocab_size {cfg.text_config['vocab_size']} < tokenizer size {len(tokenizer)}")
+        raise UserError(
+            f"{config_path}: vocab_size {cfg.text_config['vocab_size']} < tokenizer size {len(tokenizer)}"
+        )
 
     # Names and shapes only: on the meta device no memory is allocated for weights. The tokenizer
     # already has every special token, so build_vlm adds none and resizes nothing.
@@ -348,7 +384,8 @@ def convert_qwenvl(src_dir: str | Path, out_dir: str | Path, dtype: torch.dtype 
 
 def main(argv: list[str] | None = None, prog: str = "python -m models.convert_qwenvl") -> None:
     parser = ArgumentParser(
-        prog=prog, examples=["/models/Qwen-VL-Chat ckpt/qwen-vl-chat"],
+        prog=prog,
+        examples=["/models/Qwen-VL-Chat ckpt/qwen-vl-chat"],
         description="Convert a Qwen-VL / Qwen-VL-Chat HF directory into a VLM directory (no remote code).",
     )
     parser.add_argument("src_dir", type=Path, help="downloaded Qwen/Qwen-VL or Qwen/Qwen-VL-Chat directory")

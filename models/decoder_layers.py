@@ -31,7 +31,9 @@ from torch.utils.checkpoint import checkpoint
 
 # Decoder layers whose forward is exactly: norm -> attention -> residual -> norm -> down(act(gate) * up) ->
 # residual (tests/test_model_decoder_layers.py checks each against its own forward).
-SPLIT_LAYER_TYPES = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"})
+SPLIT_LAYER_TYPES = frozenset(
+    {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
+)
 
 
 def _core(layer: nn.Module, hidden_states: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +97,11 @@ def installed(layer: nn.Module) -> bool:
 
 def is_checkpointed(layer: nn.Module) -> bool:
     """Whether a training forward of ``layer`` recomputes it in backward (by this module or transformers)."""
-    return layer._vlrecipe_checkpointed if installed(layer) else bool(getattr(layer, "gradient_checkpointing", False))
+    return (
+        layer._vlrecipe_checkpointed
+        if installed(layer)
+        else bool(getattr(layer, "gradient_checkpointing", False))
+    )
 
 
 _COMPILED: dict[str, tuple] = {}

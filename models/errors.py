@@ -47,7 +47,7 @@ def user_message(error: BaseException) -> str:
         # The traceback text ends with "<module>.<Type>: <original message>"; keep the original message.
         marker = f"{type(error).__module__}.{type(error).__qualname__}: "
         cut = message.rfind(marker)
-        message = (message[cut + len(marker):] if cut >= 0 else message.rstrip().rsplit("\n", 1)[-1]).strip()
+        message = (message[cut + len(marker) :] if cut >= 0 else message.rstrip().rsplit("\n", 1)[-1]).strip()
         if isinstance(error, KeyError) and message[:1] in ("'", '"') and message[-1:] == message[:1]:
             message = message[1:-1]  # the traceback shows a KeyError's message as its repr
     return " ".join(line.strip() for line in message.splitlines() if line.strip())

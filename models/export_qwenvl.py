@@ -66,17 +66,33 @@ QWEN_SEQ_LENGTH = 2048  # config.json seq_length: where dynamic NTK and log-n sc
 VLLM_PATCH_GRID = 32  # vLLM counts (image_size // patch_size // 2) ** 2 image tokens: 256 only at 32
 
 # Qwen-VL-Chat's generation_config.json: the defaults for keys the source does not set.
-QWEN_VL_CHAT_GENERATION = {"chat_format": "chatml", "max_window_size": 6144, "max_new_tokens": 512,
-                           "do_sample": True, "top_k": 0, "top_p": 0.3}
+QWEN_VL_CHAT_GENERATION = {
+    "chat_format": "chatml",
+    "max_window_size": 6144,
+    "max_new_tokens": 512,
+    "do_sample": True,
+    "top_k": 0,
+    "top_p": 0.3,
+}
 RELEASE_CODE_FILES = ("*.py", "LICENSE*", "NOTICE*")  # what --code-from copies
 
 # The decoder parameters the release has a place for (Hugging Face Qwen2 names), per layer and outside.
-DECODER_LAYER_PARAMS = frozenset({
-    "input_layernorm.weight", "post_attention_layernorm.weight",
-    "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias",
-    "self_attn.v_proj.weight", "self_attn.v_proj.bias", "self_attn.o_proj.weight",
-    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
-})
+DECODER_LAYER_PARAMS = frozenset(
+    {
+        "input_layernorm.weight",
+        "post_attention_layernorm.weight",
+        "self_attn.q_proj.weight",
+        "self_attn.q_proj.bias",
+        "self_attn.k_proj.weight",
+        "self_attn.k_proj.bias",
+        "self_attn.v_proj.weight",
+        "self_attn.v_proj.bias",
+        "self_attn.o_proj.weight",
+        "mlp.gate_proj.weight",
+        "mlp.up_proj.weight",
+        "mlp.down_proj.weight",
+    }
+)
 DECODER_OTHER_PARAMS = frozenset({"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"})
 QKV_BIASES = frozenset(f"self_attn.{p}_proj.bias" for p in "qkv")
 _LAYER_PARAM = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -95,8 +111,10 @@ def _decoder_problems(llm: nn.Module) -> list[str]:
         problems.append("tied input/output embeddings (the release has a separate lm_head)")
     kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     if kv_heads != c.num_attention_heads:
-        problems.append(f"grouped-query attention (num_key_value_heads {kv_heads} != num_attention_heads "
-                        f"{c.num_attention_heads}; the release's c_attn has one k/v head per q head)")
+        problems.append(
+            f"grouped-query attention (num_key_value_heads {kv_heads} != num_attention_heads "
+            f"{c.num_attention_heads}; the release's c_attn has one k/v head per q head)"
+        )
     head_dim = getattr(c, "head_dim", None)
     if head_dim is not None and head_dim * c.num_attention_heads != c.hidden_size:
         problems.append(f"head_dim {head_dim} x {c.num_attention_heads} heads != hidden_size {c.hidden_size}")
@@ -108,11 +126,16 @@ def _decoder_problems(llm: nn.Module) -> list[str]:
         problems.append(f"rope_type {rope['rope_type']!r} (the release has plain RoPE; see --dynamic-ntk)")
     if rope.get("partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0)) != 1.0:
         problems.append("partial RoPE (the release rotates the whole head)")
-    if getattr(c, "use_sliding_window", False) or any(t != "full_attention" for t in getattr(c, "layer_types", None) or []):
+    if getattr(c, "use_sliding_window", False) or any(
+        t != "full_attention" for t in getattr(c, "layer_types", None) or []
+    ):
         problems.append("sliding-window attention (the release attends to the whole context)")
 
-    norms = {type(m).__name__ for name, m in llm.named_modules()
-             if name == "model.norm" or name.endswith(("input_layernorm", "post_attention_layernorm"))}
+    norms = {
+        type(m).__name__
+        for name, m in llm.named_modules()
+        if name == "model.norm" or name.endswith(("input_layernorm", "post_attention_layernorm"))
+    }
     non_rms = sorted(n for n in norms if not n.endswith("RMSNorm"))
     if non_rms:
         problems.append(f"{'/'.join(non_rms)} norms (the release's decoder uses RMSNorm)")
@@ -131,14 +154,22 @@ def _decoder_problems(llm: nn.Module) -> list[str]:
     if foreign:
         more = f" and {len(foreign) - 6} more" if len(foreign) > 6 else ""
         problems.append(f"parameters the release has no place for: {', '.join(foreign[:6])}{more}")
-    lacking = sorted({f"model.layers.N.{p}" for params in per_layer.values()
-                      for p in DECODER_LAYER_PARAMS - QKV_BIASES - params} | (DECODER_OTHER_PARAMS - set(names)))
+    lacking = sorted(
+        {
+            f"model.layers.N.{p}"
+            for params in per_layer.values()
+            for p in DECODER_LAYER_PARAMS - QKV_BIASES - params
+        }
+        | (DECODER_OTHER_PARAMS - set(names))
+    )
     if lacking:
         problems.append(f"lacks parameters the release needs: {', '.join(lacking[:6])}")
     # Last and always: passing the checks above does not prove the maths equal (e.g. scaled embeddings);
     # Qwen2 is the Hugging Face architecture whose maths the tests pin against the release's.
     if getattr(c, "model_type", None) != "qwen2":
-        problems.append(f"decoder model_type {c.model_type!r} (the release's decoder is exported from 'qwen2')")
+        problems.append(
+            f"decoder model_type {c.model_type!r} (the release's decoder is exported from 'qwen2')"
+        )
     return problems
 
 
@@ -146,13 +177,19 @@ def _vision_problems(cfg: VLMConfig) -> list[str]:
     """Why the release's visual.py cannot hold this vision tower and resampler (empty: it can)."""
     problems = []
     if cfg.vision.pos_grid**2 != QWEN_POS_TABLE_ROWS:
-        problems.append(f"a {cfg.vision.pos_grid}x{cfg.vision.pos_grid} ViT position table (the release's has "
-                        f"{QWEN_POS_TABLE_ROWS} rows, 16x16)")
+        problems.append(
+            f"a {cfg.vision.pos_grid}x{cfg.vision.pos_grid} ViT position table (the release's has "
+            f"{QWEN_POS_TABLE_ROWS} rows, 16x16)"
+        )
     if cfg.resampler.num_queries != QWEN_IMAGE_SLOTS:
-        problems.append(f"{cfg.resampler.num_queries} image queries (the release's tokenizer gives every image "
-                        f"{QWEN_IMAGE_SLOTS} slots)")
+        problems.append(
+            f"{cfg.resampler.num_queries} image queries (the release's tokenizer gives every image "
+            f"{QWEN_IMAGE_SLOTS} slots)"
+        )
     if cfg.resampler.head_dim != QWEN_RESAMPLER_HEAD_DIM:
-        problems.append(f"resampler head_dim {cfg.resampler.head_dim} (the release's is {QWEN_RESAMPLER_HEAD_DIM})")
+        problems.append(
+            f"resampler head_dim {cfg.resampler.head_dim} (the release's is {QWEN_RESAMPLER_HEAD_DIM})"
+        )
     for name, eps in (("vision", cfg.vision.ln_eps), ("resampler", cfg.resampler.ln_eps)):
         if eps != QWEN_LN_EPS:
             problems.append(f"{name} LayerNorm eps {eps} (the release's is {QWEN_LN_EPS})")
@@ -171,9 +208,15 @@ def check_exportable(cfg: VLMConfig, llm: nn.Module, tokenizer, where: str) -> d
         raise UserError(f"{where}: no tokenizer beside the model; the release layout needs its qwen.tiktoken")
     ranks = tiktoken_ranks_from_tokenizer(tokenizer, where=f"{where}: tokenizer")
     vocab = tokenizer.get_vocab()
-    for token, ours in ((IMG_START, cfg.image_start_id), (IMG_END, cfg.image_end_id), (IMG_PAD, cfg.image_pad_id)):
+    for token, ours in (
+        (IMG_START, cfg.image_start_id),
+        (IMG_END, cfg.image_end_id),
+        (IMG_PAD, cfg.image_pad_id),
+    ):
         if vocab[token] != ours:
-            raise UserError(f"{where}: the config's id for {token} is {ours}, the tokenizer's is {vocab[token]}")
+            raise UserError(
+                f"{where}: the config's id for {token} is {ours}, the tokenizer's is {vocab[token]}"
+            )
     rows = llm.config.vocab_size
     if rows < len(tokenizer):
         raise UserError(f"{where}: {rows} embedding rows for a tokenizer of {len(tokenizer)} tokens")
@@ -209,8 +252,10 @@ def release_config(cfg: VLMConfig, text_config, dtype: torch.dtype, dynamic_ntk:
     theta = float(text_config.rope_parameters["rope_theta"])
     return {
         "architectures": ["QWenLMHeadModel"],
-        "auto_map": {"AutoConfig": "configuration_qwen.QWenConfig",
-                     "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
+        "auto_map": {
+            "AutoConfig": "configuration_qwen.QWenConfig",
+            "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel",
+        },
         "attn_dropout_prob": text_config.attention_dropout,
         # The release's code casts the model to the one precision flag that is set.
         "bf16": dtype == torch.bfloat16,
@@ -256,8 +301,11 @@ def release_config(cfg: VLMConfig, text_config, dtype: torch.dtype, dynamic_ntk:
 
 def release_tokenizer_config() -> dict:
     """tokenizer_config.json: the release's QWenTokenizer (remote code) reading qwen.tiktoken."""
-    return {"model_max_length": QWEN_MODEL_MAX_LENGTH, "tokenizer_class": "QWenTokenizer",
-            "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]}}
+    return {
+        "model_max_length": QWEN_MODEL_MAX_LENGTH,
+        "tokenizer_class": "QWenTokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]},
+    }
 
 
 def release_generation_config(source: dict | None, endoftext_id: int, where: str = "model") -> dict:
@@ -271,8 +319,13 @@ def release_generation_config(source: dict | None, endoftext_id: int, where: str
     chat_format = source.get("chat_format", "raw")
     if chat_format not in ("chatml", "raw"):
         raise UserError(f"{where}: chat_format {chat_format!r}; the release knows 'chatml' and 'raw'")
-    return {**QWEN_VL_CHAT_GENERATION, **source, "chat_format": chat_format,
-            "eos_token_id": endoftext_id, "pad_token_id": endoftext_id}
+    return {
+        **QWEN_VL_CHAT_GENERATION,
+        **source,
+        "chat_format": chat_format,
+        "eos_token_id": endoftext_id,
+        "pad_token_id": endoftext_id,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,15 +380,20 @@ EXPORT_RULES: tuple[ExportRule, ...] = (
     ExportRule(r"vision\.pos_embed", _VIS + "positional_embedding"),
     ExportRule(r"vision\.ln_pre\.(weight|bias)", _VIS + r"ln_pre.\1"),
     ExportRule(_OURS_BLOCK + r"(ln_1|ln_2)\.(weight|bias)", _BLOCK + r"\2.\3"),
-    ExportRule(_OURS_BLOCK + r"attn\.qkv\.(weight|bias)", _BLOCK + r"attn.in_proj.\2",
-               transform=_blocked_qkv_to_per_head),
+    ExportRule(
+        _OURS_BLOCK + r"attn\.qkv\.(weight|bias)",
+        _BLOCK + r"attn.in_proj.\2",
+        transform=_blocked_qkv_to_per_head,
+    ),
     ExportRule(_OURS_BLOCK + r"attn\.proj\.(weight|bias)", _BLOCK + r"attn.out_proj.\2"),
     ExportRule(_OURS_BLOCK + r"mlp\.fc1\.(weight|bias)", _BLOCK + r"mlp.c_fc.\2"),
     ExportRule(_OURS_BLOCK + r"mlp\.fc2\.(weight|bias)", _BLOCK + r"mlp.c_proj.\2"),
     # resampler -> attn_pool, plus its ln_post / proj, which are attn_pool's siblings in the release
     ExportRule(r"resampler\.(query|pos_embed|kv_proj\.weight)", _POOL + r"\1"),
     ExportRule(r"resampler\.(ln_q|ln_kv)\.(weight|bias)", _POOL + r"\1.\2"),
-    ExportRule(r"resampler\.attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)", _POOL + r"attn.\1"),
+    ExportRule(
+        r"resampler\.attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)", _POOL + r"attn.\1"
+    ),
     ExportRule(r"resampler\.ln_post\.(weight|bias)", _VIS + r"ln_post.\1"),
     ExportRule(r"resampler\.proj", _VIS + "proj"),
 )
@@ -386,8 +444,10 @@ def _check_destination(out_dir: Path, code_from: Path | None) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"{out_dir}: already exists and is not empty; choose a new directory")
     if code_from is not None and not (code_from / "modeling_qwen.py").is_file():
-        raise UserError(f"{code_from / 'modeling_qwen.py'}: not found; --code-from takes a downloaded "
-                        "Qwen/Qwen-VL-Chat (or Qwen/Qwen-VL) directory")
+        raise UserError(
+            f"{code_from / 'modeling_qwen.py'}: not found; --code-from takes a downloaded "
+            "Qwen/Qwen-VL-Chat (or Qwen/Qwen-VL) directory"
+        )
 
 
 def write_release(
@@ -409,9 +469,12 @@ def write_release(
     dtype = dtype or model.llm.get_input_embeddings().weight.dtype
     config = release_config(cfg, model.llm.config, dtype, dynamic_ntk)
     if cfg.vision.image_size // cfg.vision.patch_size != VLLM_PATCH_GRID:
-        log.warning("vLLM's Qwen-VL counts (image_size // patch_size // 2)^2 image tokens, %d here, not the "
-                    "model's %d: vLLM will not serve this model (the release's own code will)",
-                    (cfg.vision.image_size // cfg.vision.patch_size // 2) ** 2, cfg.resampler.num_queries)
+        log.warning(
+            "vLLM's Qwen-VL counts (image_size // patch_size // 2)^2 image tokens, %d here, not the "
+            "model's %d: vLLM will not serve this model (the release's own code will)",
+            (cfg.vision.image_size // cfg.vision.patch_size // 2) ** 2,
+            cfg.resampler.num_queries,
+        )
 
     tmp = out_dir.with_name(f".{out_dir.name}.export-tmp")
     if tmp.exists():
@@ -446,8 +509,16 @@ def export_vlm(
     generation settings (chat_format, sampling), if any. Returns the config.json written."""
     ranks = check_exportable(model.config, model.llm, model.tokenizer, where="model")
     generation = release_generation_config(generation_config, model.tokenizer.get_vocab()[ENDOFTEXT], "model")
-    return write_release(out_dir, model, ranks, generation, dtype=dtype, dynamic_ntk=dynamic_ntk,
-                         code_from=code_from, max_shard_size=max_shard_size)
+    return write_release(
+        out_dir,
+        model,
+        ranks,
+        generation,
+        dtype=dtype,
+        dynamic_ntk=dynamic_ntk,
+        code_from=code_from,
+        max_shard_size=max_shard_size,
+    )
 
 
 def read_saved_tokenizer(src_dir: Path):
@@ -476,8 +547,10 @@ def export_qwenvl(
     src_dir = Path(src_dir)
     config_file = src_dir / "config.json"
     if not config_file.is_file():
-        raise UserError(f"{config_file}: not found; SRC_DIR must be a full VLM export (for a LoRA run, its "
-                        "merged/ directory: train with merge_on_export: true)")
+        raise UserError(
+            f"{config_file}: not found; SRC_DIR must be a full VLM export (for a LoRA run, its "
+            "merged/ directory: train with merge_on_export: true)"
+        )
     if json.loads(config_file.read_text()).get("model_type") == "qwen":
         raise UserError(f"{config_file}: already in the Qwen-VL release layout (model_type 'qwen')")
     try:
@@ -494,29 +567,54 @@ def export_qwenvl(
 
     log.info("loading %s", src_dir)
     model = load_vlm(src_dir, dtype=dtype)
-    return write_release(out_dir, model, ranks, generation, dtype=dtype, dynamic_ntk=dynamic_ntk,
-                         code_from=code_from, max_shard_size=max_shard_size)
+    return write_release(
+        out_dir,
+        model,
+        ranks,
+        generation,
+        dtype=dtype,
+        dynamic_ntk=dynamic_ntk,
+        code_from=code_from,
+        max_shard_size=max_shard_size,
+    )
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m models.export_qwenvl") -> None:
     parser = ArgumentParser(
-        prog=prog, examples=["runs/my_lora/final/merged exported/my-qwen-vl"],
+        prog=prog,
+        examples=["runs/my_lora/final/merged exported/my-qwen-vl"],
         description="Export a VLM directory to the layout of the released Qwen-VL(-Chat) (the inverse of "
-                    "models.convert_qwenvl).",
+        "models.convert_qwenvl).",
     )
-    parser.add_argument("src_dir", type=Path, help="a full VLM export (final/, merged/ or a converted release)")
-    parser.add_argument("out_dir", type=Path, help="where to write the release-layout directory (new or empty)")
+    parser.add_argument(
+        "src_dir", type=Path, help="a full VLM export (final/, merged/ or a converted release)"
+    )
+    parser.add_argument(
+        "out_dir", type=Path, help="where to write the release-layout directory (new or empty)"
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--dynamic-ntk", action="store_true",
-                        help="turn on the release's dynamic NTK and log-n scaling beyond 2048 tokens (as Qwen-VL-Chat "
-                             "ships); off, the release computes exactly what this model does")
-    parser.add_argument("--code-from", type=Path, metavar="QWEN_VL_DIR",
-                        help="copy the release's Python files (and LICENSE/NOTICE) from a downloaded Qwen/Qwen-VL-Chat")
+    parser.add_argument(
+        "--dynamic-ntk",
+        action="store_true",
+        help="turn on the release's dynamic NTK and log-n scaling beyond 2048 tokens (as Qwen-VL-Chat "
+        "ships); off, the release computes exactly what this model does",
+    )
+    parser.add_argument(
+        "--code-from",
+        type=Path,
+        metavar="QWEN_VL_DIR",
+        help="copy the release's Python files (and LICENSE/NOTICE) from a downloaded Qwen/Qwen-VL-Chat",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    export_qwenvl(args.src_dir, args.out_dir, dtype=getattr(torch, args.dtype), dynamic_ntk=args.dynamic_ntk,
-                  code_from=args.code_from)
+    export_qwenvl(
+        args.src_dir,
+        args.out_dir,
+        dtype=getattr(torch, args.dtype),
+        dynamic_ntk=args.dynamic_ntk,
+        code_from=args.code_from,
+    )
 
 
 if __name__ == "__main__":

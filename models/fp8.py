@@ -49,14 +49,25 @@ def fp8_parts(vlm) -> dict[str, nn.Module]:
     return {"decoder": vlm.llm.get_decoder().layers, "vision": vlm.vision.blocks}
 
 
-def _to_fp8(tensor: torch.Tensor, cast: CastConfig, mm_config: LinearMMConfig, role: GemmInputRole, dim: int,
-            config: Float8LinearConfig):
+def _to_fp8(
+    tensor: torch.Tensor,
+    cast: CastConfig,
+    mm_config: LinearMMConfig,
+    role: GemmInputRole,
+    dim: int,
+    config: Float8LinearConfig,
+):
     """torchao's dynamic cast of one operand, as its Float8Linear does it (``dim``: the axis of axiswise scales)."""
     axiswise = cast.scaling_granularity.value == "axiswise"
-    return hp_tensor_to_float8_dynamic(tensor, cast.target_dtype, mm_config, gemm_input_role=role,
-                                       scaling_granularity=cast.scaling_granularity,
-                                       axiswise_dim=dim if axiswise else None,
-                                       round_scales_to_power_of_2=config.round_scales_to_power_of_2)
+    return hp_tensor_to_float8_dynamic(
+        tensor,
+        cast.target_dtype,
+        mm_config,
+        gemm_input_role=role,
+        scaling_granularity=cast.scaling_granularity,
+        axiswise_dim=dim if axiswise else None,
+        round_scales_to_power_of_2=config.round_scales_to_power_of_2,
+    )
 
 
 class FrozenWeightFloat8Matmul(torch.autograd.Function):
@@ -76,8 +87,14 @@ class FrozenWeightFloat8Matmul(torch.autograd.Function):
         (weight_hp_t,) = ctx.saved_tensors
         c, mm_config = ctx.config, ctx.mm_config
         shape = grad_output.shape
-        g = _to_fp8(grad_output.reshape(-1, shape[-1]), c.cast_config_grad_output, mm_config,
-                    GemmInputRole.GRAD_OUTPUT, -1, c)
+        g = _to_fp8(
+            grad_output.reshape(-1, shape[-1]),
+            c.cast_config_grad_output,
+            mm_config,
+            GemmInputRole.GRAD_OUTPUT,
+            -1,
+            c,
+        )
         w = _to_fp8(weight_hp_t, c.cast_config_weight_for_grad_input, mm_config, GemmInputRole.WEIGHT, -1, c)
         return torch.mm(g, w.t()).reshape(*shape[:-1], -1), None, None, None
 

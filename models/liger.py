@@ -19,8 +19,14 @@ def apply_liger_to(llm) -> None:
 
     classes = {name: getattr(qwen2, name) for name in ("Qwen2RMSNorm", "Qwen2MLP")}
     rope = getattr(qwen2.apply_rotary_pos_emb, "transformers_rope", qwen2.apply_rotary_pos_emb)
-    apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                fused_linear_cross_entropy=False, model=llm)
+    apply_liger_kernel_to_qwen2(
+        rope=True,
+        rms_norm=True,
+        swiglu=True,
+        cross_entropy=False,
+        fused_linear_cross_entropy=False,
+        model=llm,
+    )
     liger_rope = qwen2.apply_rotary_pos_emb
     for name, cls in classes.items():
         setattr(qwen2, name, cls)

@@ -131,14 +131,20 @@ def resolve_export(path: str | Path, merge: bool = True) -> ExportLayout:
     if _is_adapter(adapter):
         return ExportLayout("adapter", adapter, origin)
     if (origin / "trainer_state.json").is_file():
-        raise UserError(f"{origin}: a training checkpoint (for train.resume), not an export; use the run's final/ "
-                        "directory, written when training ends")
+        raise UserError(
+            f"{origin}: a training checkpoint (for train.resume), not an export; use the run's final/ "
+            "directory, written when training ends"
+        )
     if (origin / "config.json").is_file():
         families = ", ".join(spec.model_type for spec in FAMILIES.values())
-        raise UserError(f"{origin}/config.json is not a vlrecipe VLM config, nor a supported family's "
-                        f"(model_type {families}); convert Qwen-VL-Chat with python -m models.convert_qwenvl; an LLM goes "
-                        "in model.llm_path")
-    raise UserError(f"{origin}: not a checkpoint directory (no config.json, {ADAPTER_CONFIG}, adapter/ or merged/)")
+        raise UserError(
+            f"{origin}/config.json is not a vlrecipe VLM config, nor a supported family's "
+            f"(model_type {families}); convert Qwen-VL-Chat with python -m models.convert_qwenvl; an LLM goes "
+            "in model.llm_path"
+        )
+    raise UserError(
+        f"{origin}: not a checkpoint directory (no config.json, {ADAPTER_CONFIG}, adapter/ or merged/)"
+    )
 
 
 def training_info(path: str | Path) -> dict:
@@ -176,8 +182,10 @@ def export_config_and_tokenizer(path: str | Path, base: str | Path | None = None
     if layout.kind == "full":
         return VLMConfig.load(layout.path / "config.json"), layout.path
     if depth >= MAX_ADAPTER_CHAIN:
-        raise UserError(f"{layout.origin}: more than {MAX_ADAPTER_CHAIN} adapters on top of each other "
-                        "(does an init_from point back at its own run?)")
+        raise UserError(
+            f"{layout.origin}: more than {MAX_ADAPTER_CHAIN} adapters on top of each other "
+            "(does an init_from point back at its own run?)"
+        )
     config, tokenizer_dir = export_config_and_tokenizer(_adapter_base(layout, base), depth=depth + 1)
     if (layout.path / VLM_CONFIG_OF_ADAPTER).is_file():
         config = VLMConfig.load(layout.path / VLM_CONFIG_OF_ADAPTER)
@@ -243,8 +251,10 @@ def load_pretrained(
     if tokenizer is not None:
         tok = _load_text_side(Path(tokenizer), family)
     if tok is None:
-        raise UserError(f"{path}: the export has no tokenizer (expected {' or '.join(TOKENIZER_FILES)}); pass a "
-                        "tokenizer directory (model.tokenizer_path in a recipe)")
+        raise UserError(
+            f"{path}: the export has no tokenizer (expected {' or '.join(TOKENIZER_FILES)}); pass a "
+            "tokenizer directory (model.tokenizer_path in a recipe)"
+        )
     if not family:  # a family model's processor travels beside it (the second value), never inside
         base_vlm(model).tokenizer = tok
     return model.eval(), tok
@@ -267,8 +277,15 @@ def base_vlm(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _load(path: Path, base: str | Path | None, dtype: torch.dtype, device: torch.device, merge: bool, depth: int,
-          keep_fp32=None):
+def _load(
+    path: Path,
+    base: str | Path | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    merge: bool,
+    depth: int,
+    keep_fp32=None,
+):
     layout = resolve_export(path, merge)
     check_export_files(layout.path)
     if layout.kind == "full" and _is_family(layout.path):
@@ -301,21 +318,34 @@ def _adapter_base(layout: ExportLayout, base: str | Path | None) -> Path:
         info = training_info(layout.path) or training_info(layout.path.parent)
         init_from = info.get("init_from")
         if not init_from:
-            raise UserError(f"{layout.path}: an adapter, and its training_info.json records no base (init_from); "
-                            "pass the base export it was trained on (--base DIR, or base=)")
+            raise UserError(
+                f"{layout.path}: an adapter, and its training_info.json records no base (init_from); "
+                "pass the base export it was trained on (--base DIR, or base=)"
+            )
         where = f"{layout.path / TRAINING_INFO} init_from"
         found = Path(init_from)
     if not found.exists():
-        raise UserError(f"base checkpoint {found} not found (from {where}) for the adapter {layout.path}; "
-                        "pass the base export it was trained on (--base DIR, or base=)")
+        raise UserError(
+            f"base checkpoint {found} not found (from {where}) for the adapter {layout.path}; "
+            "pass the base export it was trained on (--base DIR, or base=)"
+        )
     return found
 
 
-def _load_adapter(layout: ExportLayout, base: str | Path | None, dtype: torch.dtype, device: torch.device,
-                  merge: bool, depth: int, keep_fp32=None):
+def _load_adapter(
+    layout: ExportLayout,
+    base: str | Path | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    merge: bool,
+    depth: int,
+    keep_fp32=None,
+):
     if depth >= MAX_ADAPTER_CHAIN:
-        raise UserError(f"{layout.origin}: more than {MAX_ADAPTER_CHAIN} adapters on top of each other "
-                        "(does an init_from point back at its own run?)")
+        raise UserError(
+            f"{layout.origin}: more than {MAX_ADAPTER_CHAIN} adapters on top of each other "
+            "(does an init_from point back at its own run?)"
+        )
     base_path = _adapter_base(layout, base)
     # The base is merged whatever `merge` says: this adapter's LoRA weights sit on its plain weights.
     model, tok = _load(base_path, None, dtype, device, merge=True, depth=depth + 1, keep_fp32=keep_fp32)
@@ -330,8 +360,9 @@ def _load_adapter(layout: ExportLayout, base: str | Path | None, dtype: torch.dt
     try:
         model = apply_adapter(model, layout.path, merge)
     except SafetensorError as e:  # peft reads the weights with safetensors
-        raise UserError(f"{layout.path / ADAPTER_WEIGHTS}: cannot read the adapter weights (corrupt or "
-                        f"incomplete?): {e}") from e
+        raise UserError(
+            f"{layout.path / ADAPTER_WEIGHTS}: cannot read the adapter weights (corrupt or incomplete?): {e}"
+        ) from e
     except (KeyError, RuntimeError, ValueError) as e:  # shapes / names that do not fit the base
         raise UserError(f"{layout.path}: the adapter does not fit the base {base_path}: {e}") from e
     return model.to(device), tok
@@ -347,12 +378,17 @@ def _check_base_fits(trained, base, adapter: Path, base_path: Path) -> None:
     """The shapes the adapter was trained with must be the base's (a wrong --base fails here, clearly)."""
     checks = {
         "LLM hidden size": (trained.hidden_size, base.hidden_size),
-        "LLM layers": (trained.text_config.get("num_hidden_layers"), base.text_config.get("num_hidden_layers")),
+        "LLM layers": (
+            trained.text_config.get("num_hidden_layers"),
+            base.text_config.get("num_hidden_layers"),
+        ),
         "vocabulary size": (trained.text_config.get("vocab_size"), base.text_config.get("vocab_size")),
         "image tokens": (trained.num_image_tokens, base.num_image_tokens),
         "vision width": (trained.vision.width, base.vision.width),
     }
     wrong = [f"{name} {t} vs {b}" for name, (t, b) in checks.items() if t != b]
     if wrong:
-        raise UserError(f"{adapter} was trained on another base than {base_path}: {', '.join(wrong)} "
-                        "(adapter vs base); pass the right one with --base")
+        raise UserError(
+            f"{adapter} was trained on another base than {base_path}: {', '.join(wrong)} "
+            "(adapter vs base); pass the right one with --base"
+        )

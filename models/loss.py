@@ -29,7 +29,10 @@ CHUNK_TOKENS = 2048  # chunked: [2048, 151936] fp32 logits = 1.2 GiB live at a t
 
 
 def causal_lm_loss_sum(
-    hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, impl: str = "torch",
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    impl: str = "torch",
     label_positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy summed over supervised tokens.
@@ -76,17 +79,21 @@ def causal_lm_token_logps(
     if impl == "torch":
         nll = _ce_per_token(shift_hidden, lm_head_weight, shift_labels)
     else:  # chunked, liger, auto: see the module docstring
-        nll = torch.cat([
-            checkpoint(_ce_per_token, h, lm_head_weight, y, use_reentrant=False)
-            if torch.is_grad_enabled() and (h.requires_grad or lm_head_weight.requires_grad)
-            else _ce_per_token(h, lm_head_weight, y)
-            for h, y in zip(shift_hidden.split(CHUNK_TOKENS), shift_labels.split(CHUNK_TOKENS))
-        ])
+        nll = torch.cat(
+            [
+                checkpoint(_ce_per_token, h, lm_head_weight, y, use_reentrant=False)
+                if torch.is_grad_enabled() and (h.requires_grad or lm_head_weight.requires_grad)
+                else _ce_per_token(h, lm_head_weight, y)
+                for h, y in zip(shift_hidden.split(CHUNK_TOKENS), shift_labels.split(CHUNK_TOKENS))
+            ]
+        )
     logps = -nll.float().view(labels.shape[0], -1)
     return F.pad(logps, (1, 0))
 
 
-def sum_per_sequence(token_logps: torch.Tensor, sequence_ids: torch.Tensor, num_sequences: int) -> torch.Tensor:
+def sum_per_sequence(
+    token_logps: torch.Tensor, sequence_ids: torch.Tensor, num_sequences: int
+) -> torch.Tensor:
     """Sum token log-probs [B, L] into their sequences: ``sequence_ids`` [B, L] gives each position's
     sequence (0 .. num_sequences-1, row-major over packed or padded rows; -1 on padding, whose log-probs
     are 0). Returns [num_sequences] fp32."""
@@ -135,8 +142,10 @@ def _liger_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
             # optional heavy dependency (the gpu extra), imported when the fused loss first runs
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         except ImportError as e:
-            raise ImportError("loss impl 'liger' needs liger-kernel (pip install 'vlrecipe[gpu]'); "
-                              "or use 'chunked', its pure-torch equivalent") from e
+            raise ImportError(
+                "loss impl 'liger' needs liger-kernel (pip install 'vlrecipe[gpu]'); "
+                "or use 'chunked', its pure-torch equivalent"
+            ) from e
         _LIGER_LOSS = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
     # liger's kernel is not autocast-aware and needs one dtype for input and weight: use the dtype the
     # torch path's matmul would run in (the autocast dtype, else the hidden states'). Softmax and

@@ -54,8 +54,10 @@ def write_manifest(directory: str | Path) -> Path:
     directory = Path(directory)
     names = _files_under(directory)
     digests = _sha256_all(directory, names)
-    files = {name: {"size": (directory / name).stat().st_size, "sha256": digest}
-             for name, digest in zip(names, digests, strict=True)}
+    files = {
+        name: {"size": (directory / name).stat().st_size, "sha256": digest}
+        for name, digest in zip(names, digests, strict=True)
+    }
     target = directory / MANIFEST
     tmp = directory / f"{MANIFEST}.tmp"
     with open(tmp, "w") as f:
@@ -77,24 +79,31 @@ def verify_manifest(directory: str | Path, unlisted_ok: bool = False) -> None:
     present = set(_files_under(directory))
     for name in sorted(listed):
         if name not in present:
-            raise CorruptCheckpointError(f"{directory / name}: missing, though {directory / MANIFEST} "
-                                         "lists it (an incomplete copy?)")
+            raise CorruptCheckpointError(
+                f"{directory / name}: missing, though {directory / MANIFEST} lists it (an incomplete copy?)"
+            )
     if not unlisted_ok and present - set(listed):
         extra = sorted(present - set(listed))[0]
-        raise CorruptCheckpointError(f"{directory / extra}: not in {directory / MANIFEST}, so not written "
-                                     "with this checkpoint; it is not read: move it out of the directory")
+        raise CorruptCheckpointError(
+            f"{directory / extra}: not in {directory / MANIFEST}, so not written "
+            "with this checkpoint; it is not read: move it out of the directory"
+        )
     for name, entry in sorted(listed.items()):
         size = (directory / name).stat().st_size
         if size != entry["size"]:
-            raise CorruptCheckpointError(f"{directory / name}: {size} bytes, but {entry['size']} when "
-                                         "written (truncated or incomplete: the write or a copy did not "
-                                         "finish)")
+            raise CorruptCheckpointError(
+                f"{directory / name}: {size} bytes, but {entry['size']} when "
+                "written (truncated or incomplete: the write or a copy did not "
+                "finish)"
+            )
     names = sorted(listed)
     for name, digest in zip(names, _sha256_all(directory, names), strict=True):
         if digest != listed[name]["sha256"]:
-            raise CorruptCheckpointError(f"{directory / name}: corrupt: its sha256 differs from the one in "
-                                         f"{directory / MANIFEST} (the bytes changed after they were "
-                                         "written; if you edited the file on purpose, delete the manifest)")
+            raise CorruptCheckpointError(
+                f"{directory / name}: corrupt: its sha256 differs from the one in "
+                f"{directory / MANIFEST} (the bytes changed after they were "
+                "written; if you edited the file on purpose, delete the manifest)"
+            )
 
 
 def read_manifest(directory: str | Path) -> dict[str, dict]:
@@ -118,8 +127,11 @@ def read_manifest(directory: str | Path) -> dict[str, dict]:
 def _files_under(directory: Path) -> list[str]:
     """Every file under ``directory`` (relative, '/'-separated, sorted), except the manifest itself."""
     skip = {MANIFEST, f"{MANIFEST}.tmp"}
-    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
-                  if p.is_file() and p.relative_to(directory).as_posix() not in skip)
+    return sorted(
+        p.relative_to(directory).as_posix()
+        for p in directory.rglob("*")
+        if p.is_file() and p.relative_to(directory).as_posix() not in skip
+    )
 
 
 def _sha256_all(directory: Path, names: Iterable[str]) -> list[str]:

@@ -21,7 +21,9 @@ def build_openclip_model(model_name: str, checkpoint_path: str | Path) -> nn.Mod
     import open_clip  # optional heavy dependency: only an OpenCLIP initialisation imports it (seconds)
 
     if not Path(checkpoint_path).is_file():
-        raise FileNotFoundError(f"{checkpoint_path}: OpenCLIP checkpoint not found (weights are never downloaded)")
+        raise FileNotFoundError(
+            f"{checkpoint_path}: OpenCLIP checkpoint not found (weights are never downloaded)"
+        )
     return open_clip.create_model(model_name, pretrained=str(checkpoint_path), weights_only=True)
 
 
@@ -67,7 +69,7 @@ def openclip_to_tower_state_dict(visual: nn.Module, tower: VisionTower) -> dict[
         for name, tensor in block.state_dict().items():
             for theirs, ours in renames.items():
                 if name.startswith(theirs):
-                    sd[f"blocks.{i}.{ours}{name[len(theirs):]}"] = tensor
+                    sd[f"blocks.{i}.{ours}{name[len(theirs) :]}"] = tensor
                     break
             else:
                 raise ValueError(f"unmapped OpenCLIP parameter transformer.resblocks.{i}.{name}")

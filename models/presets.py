@@ -5,8 +5,16 @@ from __future__ import annotations
 from models.config import ResamplerConfig, VisionConfig, VLMConfig
 
 
-def qwen2_text_config(vocab_size: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
-                      max_positions: int, rope_theta: float = 10000.0) -> dict:
+def qwen2_text_config(
+    vocab_size: int,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    max_positions: int,
+    rope_theta: float = 10000.0,
+) -> dict:
     """A Hugging Face Qwen2 config dict (RMSNorm eps 1e-6, SwiGLU, untied embeddings, as Qwen-7B)."""
     return dict(
         model_type="qwen2",
@@ -32,10 +40,13 @@ def qwen_vl_7b(vocab_size: int = 151936) -> VLMConfig:
     tokenizer's (reference 2.1); build_vlm(config, tokenizer) replaces them with the tokenizer's own.
     """
     return VLMConfig(
-        vision=VisionConfig(image_size=448, patch_size=14, width=1664, layers=48, heads=16, mlp_dim=8192, pos_grid=16),
+        vision=VisionConfig(
+            image_size=448, patch_size=14, width=1664, layers=48, heads=16, mlp_dim=8192, pos_grid=16
+        ),
         resampler=ResamplerConfig(num_queries=256, head_dim=128),
-        text_config=qwen2_text_config(vocab_size, hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32,
-                                      max_positions=8192),
+        text_config=qwen2_text_config(
+            vocab_size, hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, max_positions=8192
+        ),
         image_start_id=151857,
         image_end_id=151858,
         image_pad_id=151859,
@@ -51,10 +62,13 @@ def tiny(vocab_size: int) -> VLMConfig:
     vision width 96 != LLM width 64, so kv_proj really changes width.
     """
     return VLMConfig(
-        vision=VisionConfig(image_size=84, patch_size=14, width=96, layers=2, heads=4, mlp_dim=192, pos_grid=4),
+        vision=VisionConfig(
+            image_size=84, patch_size=14, width=96, layers=2, heads=4, mlp_dim=192, pos_grid=4
+        ),
         resampler=ResamplerConfig(num_queries=16, head_dim=16),
-        text_config=qwen2_text_config(vocab_size, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2,
-                                      max_positions=1024),
+        text_config=qwen2_text_config(
+            vocab_size, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, max_positions=1024
+        ),
     )
 
 
@@ -67,10 +81,13 @@ def demo(vocab_size: int) -> VLMConfig:
     scale) and stages 2-3 at 84 px (6x6 patches, the table resized bicubically, like 448 px).
     """
     return VLMConfig(
-        vision=VisionConfig(image_size=56, patch_size=14, width=128, layers=3, heads=4, mlp_dim=512, pos_grid=4),
+        vision=VisionConfig(
+            image_size=56, patch_size=14, width=128, layers=3, heads=4, mlp_dim=512, pos_grid=4
+        ),
         resampler=ResamplerConfig(num_queries=16, head_dim=32),
-        text_config=qwen2_text_config(vocab_size, hidden=160, intermediate=480, layers=4, heads=5, kv_heads=5,
-                                      max_positions=1024),
+        text_config=qwen2_text_config(
+            vocab_size, hidden=160, intermediate=480, layers=4, heads=5, kv_heads=5, max_positions=1024
+        ),
     )
 
 
@@ -78,8 +95,18 @@ def small(vocab_size: int = 151936) -> VLMConfig:
     """A small-but-real VLM (~0.9B) for multi-GPU checks: a ViT-L/14-shaped tower at 448 px, the
     256-query resampler, and a Qwen2-0.5B-shaped decoder (the vocabulary follows the tokenizer)."""
     return VLMConfig(
-        vision=VisionConfig(image_size=448, patch_size=14, width=1024, layers=24, heads=16, mlp_dim=4096, pos_grid=16),
+        vision=VisionConfig(
+            image_size=448, patch_size=14, width=1024, layers=24, heads=16, mlp_dim=4096, pos_grid=16
+        ),
         resampler=ResamplerConfig(num_queries=256, head_dim=128),
-        text_config=qwen2_text_config(vocab_size, hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2,
-                                      max_positions=8192, rope_theta=1000000.0),
+        text_config=qwen2_text_config(
+            vocab_size,
+            hidden=896,
+            intermediate=4864,
+            layers=24,
+            heads=14,
+            kv_heads=2,
+            max_positions=8192,
+            rope_theta=1000000.0,
+        ),
     )

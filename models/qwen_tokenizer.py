@@ -47,12 +47,20 @@ from models.tokens import (
 
 # tokenization_qwen.py's PAT_STR. Note the single `\p{N}` (one digit per piece; GPT-4's cl100k uses
 # `\p{N}{1,3}`), so numbers are always split into single digits.
-QWEN_PRETOKENIZE_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+QWEN_PRETOKENIZE_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 NUM_EXTRA_TOKENS = 205
-IMAGE_SPECIAL_TOKENS = (REF_START, REF_END, BOX_START, BOX_END, QUAD_START, QUAD_END, IMG_START, IMG_END, IMG_PAD)
+IMAGE_SPECIAL_TOKENS = (
+    REF_START,
+    REF_END,
+    BOX_START,
+    BOX_END,
+    QUAD_START,
+    QUAD_END,
+    IMG_START,
+    IMG_END,
+    IMG_PAD,
+)
 
 # The reference's order: ids are len(ranks) + index in this tuple, i.e. 151643 <|endoftext|>,
 # 151644/151645 <|im_start|>/<|im_end|>, 151646..151850 extras, 151851 <ref> ... 151859 <imgpad>.
@@ -103,7 +111,9 @@ def read_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
             except (binascii.Error, ValueError) as e:
                 raise UserError(f"{path}:{line_no}: cannot parse {line[:80]!r}: {e}") from e
             if token in ranks:
-                raise UserError(f"{path}:{line_no}: token {token!r} appears twice (ranks {ranks[token]}, {rank})")
+                raise UserError(
+                    f"{path}:{line_no}: token {token!r} appears twice (ranks {ranks[token]}, {rank})"
+                )
             ranks[token] = rank
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise UserError(f"{path}: ranks are not exactly 0..{len(ranks) - 1}")
@@ -158,9 +168,7 @@ def build_qwen_backend_tokenizer(ranks: dict[bytes, int]) -> Tokenizer:
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     # Special tokens take the next ids in the reference's order; never NFC-normalised, never split.
-    tokenizer.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS]
-    )
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
     return tokenizer
 
 
@@ -199,7 +207,9 @@ def build_qwen_tokenizer(tiktoken_path: str | Path) -> PreTrainedTokenizerFast:
 _TOKENIZER_PARTS = ("added_tokens", "normalizer", "pre_tokenizer", "post_processor", "decoder", "model")
 
 
-def tiktoken_ranks_from_tokenizer(tokenizer: PreTrainedTokenizerFast, where: str = "tokenizer") -> dict[bytes, int]:
+def tiktoken_ranks_from_tokenizer(
+    tokenizer: PreTrainedTokenizerFast, where: str = "tokenizer"
+) -> dict[bytes, int]:
     """The {token_bytes: rank} that `qwen.tiktoken` must hold for `build_qwen_tokenizer` to give back `tokenizer`.
 
     qwen.tiktoken carries byte-level BPE ranks only: the release's tokenizer fixes everything else (its
@@ -211,12 +221,16 @@ def tiktoken_ranks_from_tokenizer(tokenizer: PreTrainedTokenizerFast, where: str
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     model = state["model"]
     if model["type"] != "BPE":
-        raise UserError(f"{where}: a {model['type']} tokenizer; qwen.tiktoken holds byte-level BPE ranks only")
+        raise UserError(
+            f"{where}: a {model['type']} tokenizer; qwen.tiktoken holds byte-level BPE ranks only"
+        )
     added = {t["content"]: t["id"] for t in state["added_tokens"]}
     foreign = [t for t in added if t not in QWEN_SPECIAL_TOKENS]
     if foreign:
-        raise UserError(f"{where}: {len(foreign)} added token(s) the release's tokenizer cannot carry (its special "
-                        f"tokens are a fixed set): {foreign[:5]}")
+        raise UserError(
+            f"{where}: {len(foreign)} added token(s) the release's tokenizer cannot carry (its special "
+            f"tokens are a fixed set): {foreign[:5]}"
+        )
 
     byte_of_char = {char: byte for byte, char in bytes_to_unicode().items()}
     ranks: dict[bytes, int] = {}
@@ -224,15 +238,22 @@ def tiktoken_ranks_from_tokenizer(tokenizer: PreTrainedTokenizerFast, where: str
         if text in added:
             continue  # a trained tokenizer also lists its special tokens in the BPE vocabulary
         if any(c not in byte_of_char for c in text):
-            raise UserError(f"{where}: token {text!r} (id {token_id}) is not byte-level; qwen.tiktoken holds byte strings")
+            raise UserError(
+                f"{where}: token {text!r} (id {token_id}) is not byte-level; qwen.tiktoken holds byte strings"
+            )
         ranks[bytes(byte_of_char[c] for c in text)] = token_id
 
     n = len(ranks)
-    misplaced = [f"{t} has id {added.get(t)}, the release's is {n + i}"
-                 for i, t in enumerate(QWEN_SPECIAL_TOKENS) if added.get(t) != n + i]
+    misplaced = [
+        f"{t} has id {added.get(t)}, the release's is {n + i}"
+        for i, t in enumerate(QWEN_SPECIAL_TOKENS)
+        if added.get(t) != n + i
+    ]
     if misplaced:
-        raise UserError(f"{where}: the release's special tokens follow the {n} BPE ranks in a fixed order; "
-                        f"{len(misplaced)} of {len(QWEN_SPECIAL_TOKENS)} do not, e.g. {'; '.join(misplaced[:3])}")
+        raise UserError(
+            f"{where}: the release's special tokens follow the {n} BPE ranks in a fixed order; "
+            f"{len(misplaced)} of {len(QWEN_SPECIAL_TOKENS)} do not, e.g. {'; '.join(misplaced[:3])}"
+        )
     if sorted(ranks.values()) != list(range(n)):
         raise UserError(f"{where}: BPE token ids are not exactly 0..{n - 1}, as qwen.tiktoken ranks must be")
     if any(bytes([b]) not in ranks for b in range(256)):
@@ -241,8 +262,10 @@ def tiktoken_ranks_from_tokenizer(tokenizer: PreTrainedTokenizerFast, where: str
     rebuilt = json.loads(build_qwen_backend_tokenizer(ranks).to_str())
     for part in _TOKENIZER_PARTS:
         if rebuilt[part] != state[part]:
-            raise UserError(f"{where}: its {part} differs from the one the release's tokenizer uses with these "
-                            "ranks; qwen.tiktoken cannot carry it")
+            raise UserError(
+                f"{where}: its {part} differs from the one the release's tokenizer uses with these "
+                "ranks; qwen.tiktoken cannot carry it"
+            )
     return ranks
 
 

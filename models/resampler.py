@@ -30,7 +30,9 @@ def sincos_2d(dim: int, grid_size: int) -> torch.Tensor:
     if dim % 4:
         raise ValueError(f"2D sin-cos needs dim divisible by 4, got {dim}")
     rows, cols = torch.meshgrid(
-        torch.arange(grid_size, dtype=torch.float64), torch.arange(grid_size, dtype=torch.float64), indexing="ij"
+        torch.arange(grid_size, dtype=torch.float64),
+        torch.arange(grid_size, dtype=torch.float64),
+        indexing="ij",
     )
     emb = torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)
     return emb.float()

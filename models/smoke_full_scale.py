@@ -17,13 +17,22 @@ from models.errors import ArgumentParser, UserError, positive_int, run_cli
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m models.smoke_full_scale") -> None:
-    parser = ArgumentParser(prog=prog, description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            examples=["--seq 2048 --grad-ckpt"])
-    parser.add_argument("--seq", type=positive_int, default=2048, help="tokens in the row (one image span included)")
-    parser.add_argument("--steps", type=positive_int, default=3, help="timed forward+backward steps after one warm-up")
+    parser = ArgumentParser(
+        prog=prog,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=["--seq 2048 --grad-ckpt"],
+    )
+    parser.add_argument(
+        "--seq", type=positive_int, default=2048, help="tokens in the row (one image span included)"
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, default=3, help="timed forward+backward steps after one warm-up"
+    )
     parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in vision and LLM")
-    parser.add_argument("--tiny", action="store_true", help="dry-run the script with the tiny preset (CPU ok)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="dry-run the script with the tiny preset (CPU ok)"
+    )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     args = parser.parse_args(argv)
@@ -32,7 +41,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m models.smoke_full
     except RuntimeError as e:
         raise UserError(f"--device {args.device!r}: {e}") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("no CUDA GPU here: the full-scale smoke test needs one (or --tiny --device cpu for a dry run)")
+        raise UserError(
+            "no CUDA GPU here: the full-scale smoke test needs one (or --tiny --device cpu for a dry run)"
+        )
 
     if args.tiny:
         cfg = presets.tiny(vocab_size=1000)
@@ -51,14 +62,19 @@ def main(argv: list[str] | None = None, prog: str = "python -m models.smoke_full
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     build_s = time.perf_counter() - t0
-    counts = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in ("vision", "resampler", "llm")}
+    counts = {
+        name: sum(p.numel() for p in getattr(model, name).parameters())
+        for name in ("vision", "resampler", "llm")
+    }
 
     text = torch.randint(0, cfg.image_start_id, (args.seq - n - 2,), device=device)
     span = torch.tensor([cfg.image_start_id] + [cfg.image_pad_id] * n + [cfg.image_end_id], device=device)
     input_ids = torch.cat([text[:8], span, text[8:]])[None]
     labels = input_ids.clone()
     labels[:, : n + 10] = -100
-    pixel_values = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size, device=device, dtype=torch.bfloat16)
+    pixel_values = torch.randn(
+        1, 3, cfg.vision.image_size, cfg.vision.image_size, device=device, dtype=torch.bfloat16
+    )
 
     def step() -> torch.Tensor:
         out = model(input_ids, pixel_values=pixel_values, labels=labels)

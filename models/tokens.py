@@ -21,9 +21,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # one of them mak
 
 # The tokens every VLM tokenizer must know (order = the order they are appended when missing).
 VLM_SPECIAL_TOKENS: tuple[str, ...] = (
-    IMG_START, IMG_END, IMG_PAD,
-    REF_START, REF_END, BOX_START, BOX_END, QUAD_START, QUAD_END,
-    IM_START, IM_END,
+    IMG_START,
+    IMG_END,
+    IMG_PAD,
+    REF_START,
+    REF_END,
+    BOX_START,
+    BOX_END,
+    QUAD_START,
+    QUAD_END,
+    IM_START,
+    IM_END,
 )
 
 

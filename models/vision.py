@@ -97,7 +97,9 @@ class VisionTower(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.patch_embed = nn.Conv2d(
+            3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False
+        )
         self.pos_embed = nn.Parameter(cfg.width**-0.5 * torch.randn(cfg.pos_grid**2, cfg.width))
         self.ln_pre = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))

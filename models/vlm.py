@@ -37,7 +37,11 @@ def checkpointed_layer_indices(num_layers: int, num_checkpointed: int) -> set[in
     """``num_checkpointed`` of ``num_layers`` indices, evenly spread (all when equal, none when 0)."""
     if not 0 <= num_checkpointed <= num_layers:
         raise ValueError(f"cannot checkpoint {num_checkpointed} of {num_layers} layers")
-    return {int(i * num_layers / num_checkpointed) for i in range(num_checkpointed)} if num_checkpointed else set()
+    return (
+        {int(i * num_layers / num_checkpointed) for i in range(num_checkpointed)}
+        if num_checkpointed
+        else set()
+    )
 
 
 @contextlib.contextmanager
@@ -96,9 +100,13 @@ class VLM(nn.Module):
         super().__init__()
         for name in ("image_start_id", "image_end_id", "image_pad_id"):
             if getattr(config, name) is None:
-                raise ValueError(f"VLMConfig.{name} is unset; build the model with models.build_vlm(config, tokenizer)")
+                raise ValueError(
+                    f"VLMConfig.{name} is unset; build the model with models.build_vlm(config, tokenizer)"
+                )
         if getattr(llm.get_output_embeddings(), "bias", None) is not None:
-            raise NotImplementedError("LM heads with a bias are not supported by models.loss.causal_lm_loss_sum")
+            raise NotImplementedError(
+                "LM heads with a bias are not supported by models.loss.causal_lm_loss_sum"
+            )
         self.config = config
         self.vision = VisionTower(config.vision)
         self.resampler = Resampler(config.resampler, kv_dim=config.vision.width, dim=config.hidden_size)
@@ -106,7 +114,9 @@ class VLM(nn.Module):
         self.tokenizer = None  # attached by build_vlm / models.build.load_vlm; saved with the model
         self.runtime = RuntimeOptions()  # set_runtime; not saved with the model
         self.resampler_checkpointing = False  # set_gradient_checkpointing
-        self.shared_vision: dict | None = None  # frozen_vision_shared: one frozen-tower encoding per pixel tensor
+        self.shared_vision: dict | None = (
+            None  # frozen_vision_shared: one frozen-tower encoding per pixel tensor
+        )
 
     # ----------------------------------------------------------------------------------- images
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -163,8 +173,12 @@ class VLM(nn.Module):
                 f"{num_images} images"
             )
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_index: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Token embeddings with the resampler outputs written into the <imgpad> slots. ``image_index``
         ([image spans] long): the row of ``pixel_values`` each span shows, when spans share images (the two
         sequences of a preference pair): each image is then encoded once."""
@@ -216,13 +230,20 @@ class VLM(nn.Module):
             if cu_seq_lens is None:
                 cu_seq_lens, max_length = sample_boundaries_from_position_ids(position_ids)
             cu_seq_lens = cu_seq_lens.to(input_ids.device, non_blocking=True)
-            varlen = {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
-                      "max_length_q": max_length, "max_length_k": max_length}
+            varlen = {
+                "cu_seq_lens_q": cu_seq_lens,
+                "cu_seq_lens_k": cu_seq_lens,
+                "max_length_q": max_length,
+                "max_length_k": max_length,
+            }
         # use_cache=False: no KV cache in a full forward, and transformers only detects packed rows
         # (position_ids restarting at 0 with attention_mask=None -> block-diagonal causal mask) when
         # there is no cache (masking_utils.find_packed_sequence_indices).
         hidden = self.llm.get_decoder()(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
             **varlen,
         ).last_hidden_state
         lm_head = self.llm.get_output_embeddings()
@@ -234,10 +255,15 @@ class VLM(nn.Module):
         else:
             token_logps = None
             positions = label_positions if self.runtime.loss_at_label_positions else None
-            loss_sum, num_tokens = causal_lm_loss_sum(hidden, lm_head.weight, labels, impl=self.runtime.loss_impl,
-                                                      label_positions=positions)
-        return VLMOutput(loss_sum=loss_sum, num_tokens=num_tokens, loss=loss_sum / num_tokens.clamp(min=1),
-                         token_logps=token_logps)
+            loss_sum, num_tokens = causal_lm_loss_sum(
+                hidden, lm_head.weight, labels, impl=self.runtime.loss_impl, label_positions=positions
+            )
+        return VLMOutput(
+            loss_sum=loss_sum,
+            num_tokens=num_tokens,
+            loss=loss_sum / num_tokens.clamp(min=1),
+            token_logps=token_logps,
+        )
 
     @torch.no_grad()
     def generate(
@@ -273,9 +299,12 @@ class VLM(nn.Module):
         if compile_vision or compile_llm:
             self.compile_blocks(vision=compile_vision, llm=compile_llm)
         self.runtime = dataclasses.replace(
-            options, liger_kernels=options.liger_kernels or current.liger_kernels,
+            options,
+            liger_kernels=options.liger_kernels or current.liger_kernels,
             compile_vision=options.compile_vision or current.compile_vision,
-            compile_llm=options.compile_llm or current.compile_llm, fp8=options.fp8 or current.fp8)
+            compile_llm=options.compile_llm or current.compile_llm,
+            fp8=options.fp8 or current.fp8,
+        )
 
     def module_groups(self) -> dict[str, list[nn.Module]]:
         """Groups for freezing / optimiser settings. "embeddings" (input embeddings + LM head) is a
@@ -287,8 +316,9 @@ class VLM(nn.Module):
             "embeddings": [self.llm.get_input_embeddings(), self.llm.get_output_embeddings()],
         }
 
-    def set_gradient_checkpointing(self, enabled: bool = True, llm_layers: int | None = None,
-                                   vision: bool = True) -> None:
+    def set_gradient_checkpointing(
+        self, enabled: bool = True, llm_layers: int | None = None, vision: bool = True
+    ) -> None:
         """Recompute vision blocks, the resampler and LLM layers in backward (non-reentrant checkpointing).
 
         ``llm_layers``: how many decoder layers to checkpoint (None = all), spread evenly over the depth;
@@ -310,7 +340,9 @@ class VLM(nn.Module):
             else:
                 self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             layers = self.llm.get_decoder().layers
-            chosen = checkpointed_layer_indices(len(layers), len(layers) if llm_layers is None else llm_layers)
+            chosen = checkpointed_layer_indices(
+                len(layers), len(layers) if llm_layers is None else llm_layers
+            )
             for i, layer in enumerate(layers):
                 # Llama-family layers skip the down projection's recompute (models.decoder_layers); others
                 # are checkpointed whole by transformers.
@@ -330,7 +362,9 @@ class VLM(nn.Module):
         layers = list(self.llm.get_decoder().layers) if llm else []
         # Layers run by models.decoder_layers compile their parts there, outside the checkpoint.
         compile_layers([layer for layer in layers if installed(layer)], backend)
-        for block in (list(self.vision.blocks) if vision else []) + [layer for layer in layers if not installed(layer)]:
+        for block in (list(self.vision.blocks) if vision else []) + [
+            layer for layer in layers if not installed(layer)
+        ]:
             block.compile(backend=backend)
 
     # ------------------------------------------------------------------------------------ I/O

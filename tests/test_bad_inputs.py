@@ -108,10 +108,16 @@ RESUME_STEPS = 3
 
 def resume_args(train_folder: Path) -> list[str]:
     """``python -m train`` arguments of the run in ``train_folder`` (its checkpoints, data and tokenizer)."""
-    return [str(REPO / "recipes" / "tiny" / "pretrain.yaml"),
-            f"model.tokenizer_path={train_folder / 'tokenizer'}", f"data.paths=[{train_folder / 'data.json'}]",
-            f"checkpoint.out_dir={train_folder / 'run'}",
-            f"train.steps={RESUME_STEPS}", "checkpoint.every=1", "data.check=off", "log.progress_bar=false"]
+    return [
+        str(REPO / "recipes" / "tiny" / "pretrain.yaml"),
+        f"model.tokenizer_path={train_folder / 'tokenizer'}",
+        f"data.paths=[{train_folder / 'data.json'}]",
+        f"checkpoint.out_dir={train_folder / 'run'}",
+        f"train.steps={RESUME_STEPS}",
+        "checkpoint.every=1",
+        "data.check=off",
+        "log.progress_bar=false",
+    ]
 
 
 @cache
@@ -136,8 +142,14 @@ def pristine(source: str) -> Path:
     build_tiny_tokenizer().save_pretrained(folder / "tokenizer")
     records()(folder)  # folder/data.json
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, "-m", "train", *resume_args(folder), "train.stop_after_steps=2"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", *resume_args(folder), "train.stop_after_steps=2"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return folder / "run" / "checkpoints" / "step_000002"
 
@@ -166,20 +178,23 @@ def damaged(source: str, damage: Callable[[Path], None], manifest: bool = True) 
     return build
 
 
-def damaged_checkpoint(name: str, damage: Callable[[Path], None], *says: str, auto: tuple[str, ...] = ()
-                       ) -> Case:
+def damaged_checkpoint(
+    name: str, damage: Callable[[Path], None], *says: str, auto: tuple[str, ...] = ()
+) -> Case:
     """A damaged newest checkpoint (step 2): named with train.resume=PATH, one error line naming the file;
     with train.resume=auto (unless ``auto`` is empty), one warning line naming it, then a resume from
     step 1."""
     outcomes = {"train resume=PATH": error("cannot resume", *says)}
     if auto:
-        outcomes["train resume=auto"] = counted("warning: train.resume=auto: skipping checkpoint", *auto,
-                                                "step_000001 at step 1")
+        outcomes["train resume=auto"] = counted(
+            "warning: train.resume=auto: skipping checkpoint", *auto, "step_000001 at step 1"
+        )
     return Case(name, "checkpoint", damaged("checkpoint", damage), outcomes)
 
 
-def damaged_export(name: str, source: str, damage: Callable[[Path], None], *says: str, manifest: bool = True
-                   ) -> Case:
+def damaged_export(
+    name: str, source: str, damage: Callable[[Path], None], *says: str, manifest: bool = True
+) -> Case:
     """A damaged export: models.load_pretrained (here through eval_mm chat) says which file, in one line."""
     return Case(name, "export", damaged(source, damage, manifest), {"load_pretrained": error(*says)})
 
@@ -367,45 +382,103 @@ CASES: list[Case] = [
         {"eval run": error("vqa_test.jsonl line 1", "nested too deeply")},
     ),
     # ---- exports (issue 27, "checkpoints are atomic but not verified"): models.load_pretrained
-    damaged_export("export: weights cut in half", "export", truncate("model.safetensors"),
-                   "model.safetensors: ", "bytes, but", "when written (truncated"),
-    damaged_export("export: one flipped byte in the weights", "export", flip_byte("model.safetensors"),
-                   "model.safetensors: corrupt: its sha256 differs"),
-    damaged_export("export without manifest: weights cut in half", "export", truncate("model.safetensors"),
-                   "model.safetensors: cannot read the weights (corrupt or incomplete?)", manifest=False),
-    damaged_export("export without manifest: config.json cut", "export",
-                   replace_text("config.json", '{"model_type": "vlrecipe_vlm", '),
-                   "config.json: not a valid VLM config", manifest=False),
-    damaged_export("export: tokenizer.json missing", "export", delete("tokenizer.json"),
-                   "tokenizer.json: missing, though"),
-    damaged_export("export: manifest.json not JSON", "export", replace_text(MANIFEST, "{"),
-                   "manifest.json: not a readable manifest"),
-    damaged_export("adapter: one flipped byte in the weights", "adapter",
-                   flip_byte("adapter_model.safetensors"), "adapter_model.safetensors: corrupt"),
-    damaged_export("adapter without manifest: weights cut in half", "adapter",
-                   truncate("adapter_model.safetensors"),
-                   "adapter_model.safetensors: cannot read the adapter weights (corrupt or incomplete?)",
-                   manifest=False),
-    damaged_export("adapter without manifest: adapter_config.json not JSON", "adapter",
-                   replace_text("adapter_config.json", "{"), "adapter_config.json: malformed JSON",
-                   manifest=False),
-    damaged_export("adapter without manifest: tokenizer.json not JSON", "adapter",
-                   replace_text("tokenizer.json", "{"), "adapter: cannot read its tokenizer files",
-                   manifest=False),
+    damaged_export(
+        "export: weights cut in half",
+        "export",
+        truncate("model.safetensors"),
+        "model.safetensors: ",
+        "bytes, but",
+        "when written (truncated",
+    ),
+    damaged_export(
+        "export: one flipped byte in the weights",
+        "export",
+        flip_byte("model.safetensors"),
+        "model.safetensors: corrupt: its sha256 differs",
+    ),
+    damaged_export(
+        "export without manifest: weights cut in half",
+        "export",
+        truncate("model.safetensors"),
+        "model.safetensors: cannot read the weights (corrupt or incomplete?)",
+        manifest=False,
+    ),
+    damaged_export(
+        "export without manifest: config.json cut",
+        "export",
+        replace_text("config.json", '{"model_type": "vlrecipe_vlm", '),
+        "config.json: not a valid VLM config",
+        manifest=False,
+    ),
+    damaged_export(
+        "export: tokenizer.json missing",
+        "export",
+        delete("tokenizer.json"),
+        "tokenizer.json: missing, though",
+    ),
+    damaged_export(
+        "export: manifest.json not JSON",
+        "export",
+        replace_text(MANIFEST, "{"),
+        "manifest.json: not a readable manifest",
+    ),
+    damaged_export(
+        "adapter: one flipped byte in the weights",
+        "adapter",
+        flip_byte("adapter_model.safetensors"),
+        "adapter_model.safetensors: corrupt",
+    ),
+    damaged_export(
+        "adapter without manifest: weights cut in half",
+        "adapter",
+        truncate("adapter_model.safetensors"),
+        "adapter_model.safetensors: cannot read the adapter weights (corrupt or incomplete?)",
+        manifest=False,
+    ),
+    damaged_export(
+        "adapter without manifest: adapter_config.json not JSON",
+        "adapter",
+        replace_text("adapter_config.json", "{"),
+        "adapter_config.json: malformed JSON",
+        manifest=False,
+    ),
+    damaged_export(
+        "adapter without manifest: tokenizer.json not JSON",
+        "adapter",
+        replace_text("tokenizer.json", "{"),
+        "adapter: cannot read its tokenizer files",
+        manifest=False,
+    ),
     # ---- training checkpoints: python -m train resuming from one
-    damaged_checkpoint("checkpoint: one flipped byte in model.safetensors", flip_byte("model.safetensors"),
-                       "step_000002/model.safetensors: corrupt",
-                       auto=("step_000002/model.safetensors: corrupt",)),
-    damaged_checkpoint("checkpoint: optimizer.pt cut in half", truncate("optimizer.pt"),
-                       "optimizer.pt: ", "(truncated or incomplete", auto=("optimizer.pt: ",)),
-    damaged_checkpoint("checkpoint: no manifest (its write did not finish)", delete(MANIFEST),
-                       "manifest.json: missing", auto=("step_000002/manifest.json: missing",)),
-    damaged_checkpoint("checkpoint: a file in deepspeed/ that the trainer did not write",
-                       add("deepspeed/state/zero_pp_rank_0_mp_rank_00_optim_states.pt"),
-                       "zero_pp_rank_0_mp_rank_00_optim_states.pt: not in", "it is not read",
-                       auto=("optim_states.pt: not in",)),
-    damaged_checkpoint("checkpoint: a rank's state missing", delete("rank_00000.pt"),
-                       "rank_00000.pt: missing, though"),
+    damaged_checkpoint(
+        "checkpoint: one flipped byte in model.safetensors",
+        flip_byte("model.safetensors"),
+        "step_000002/model.safetensors: corrupt",
+        auto=("step_000002/model.safetensors: corrupt",),
+    ),
+    damaged_checkpoint(
+        "checkpoint: optimizer.pt cut in half",
+        truncate("optimizer.pt"),
+        "optimizer.pt: ",
+        "(truncated or incomplete",
+        auto=("optimizer.pt: ",),
+    ),
+    damaged_checkpoint(
+        "checkpoint: no manifest (its write did not finish)",
+        delete(MANIFEST),
+        "manifest.json: missing",
+        auto=("step_000002/manifest.json: missing",),
+    ),
+    damaged_checkpoint(
+        "checkpoint: a file in deepspeed/ that the trainer did not write",
+        add("deepspeed/state/zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt: not in",
+        "it is not read",
+        auto=("optim_states.pt: not in",),
+    ),
+    damaged_checkpoint(
+        "checkpoint: a rank's state missing", delete("rank_00000.pt"), "rank_00000.pt: missing, though"
+    ),
 ]
 
 

@@ -29,21 +29,25 @@ def truncate(name: str, keep: float = 0.5) -> Callable[[Path], None]:
     def damage(directory: Path) -> None:
         data = (directory / name).read_bytes()
         (directory / name).write_bytes(data[: int(len(data) * keep)])
+
     return damage
 
 
 def flip_byte(name: str, offset: int = -100) -> Callable[[Path], None]:
     """One bit of one byte near the end: inside the tensor data, where safetensors notices nothing."""
+
     def damage(directory: Path) -> None:
         data = bytearray((directory / name).read_bytes())
         data[offset] ^= 0x01
         (directory / name).write_bytes(bytes(data))
+
     return damage
 
 
 def replace_text(name: str, text: str) -> Callable[[Path], None]:
     def damage(directory: Path) -> None:
         (directory / name).write_text(text)
+
     return damage
 
 
@@ -55,6 +59,7 @@ def add(name: str) -> Callable[[Path], None]:
     def damage(directory: Path) -> None:
         (directory / name).parent.mkdir(parents=True, exist_ok=True)
         (directory / name).write_bytes(b"not written by the trainer")
+
     return damage
 
 
@@ -66,20 +71,28 @@ def test_a_manifest_lists_every_file_with_its_size_and_sha256_and_is_written_ato
     write_manifest(tmp_path)
     files = json.loads((tmp_path / MANIFEST).read_text())["files"]
     assert files["deepspeed/state/shard.pt"] == {
-        "size": 3, "sha256": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}  # of "abc"
+        "size": 3,
+        "sha256": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+    }  # of "abc"
     assert sorted(files) == ["deepspeed/state/shard.pt", "trainer_state.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deepspeed", MANIFEST, "trainer_state.json"]
     verify_manifest(tmp_path)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (truncate("weights.bin"), r"weights.bin: 512 bytes, but 1024 when written \(truncated"),
-    (flip_byte("weights.bin"), r"weights.bin: corrupt: its sha256 differs"),
-    (delete("weights.bin"), r"weights.bin: missing, though .*manifest.json lists it"),
-    (add("deepspeed/state/extra.pt"), r"deepspeed/state/extra.pt: not in .*manifest.json.*it is not read"),
-    (delete(MANIFEST), r"manifest.json: missing \(the checkpoint was not completely written\)"),
-    (replace_text(MANIFEST, '{"files": '), r"manifest.json: not a readable manifest"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (truncate("weights.bin"), r"weights.bin: 512 bytes, but 1024 when written \(truncated"),
+        (flip_byte("weights.bin"), r"weights.bin: corrupt: its sha256 differs"),
+        (delete("weights.bin"), r"weights.bin: missing, though .*manifest.json lists it"),
+        (
+            add("deepspeed/state/extra.pt"),
+            r"deepspeed/state/extra.pt: not in .*manifest.json.*it is not read",
+        ),
+        (delete(MANIFEST), r"manifest.json: missing \(the checkpoint was not completely written\)"),
+        (replace_text(MANIFEST, '{"files": '), r"manifest.json: not a readable manifest"),
+    ],
+)
 def test_every_damage_is_one_error_naming_the_file(tmp_path, damage, message):
     (tmp_path / "weights.bin").write_bytes(bytes(range(256)) * 4)
     write_manifest(tmp_path)
@@ -139,8 +152,11 @@ def test_deepspeed_files_are_read_only_from_a_checkpoint_whose_manifest_matches(
     """DeepSpeed unpickles what it finds (torch.load(weights_only=False)): a file in its folder that the
     trainer did not write makes the checkpoint unusable, named, before DeepSpeed is called."""
     path = fake_checkpoint(tmp_path, 2, add("deepspeed/state/zero_pp_rank_1_mp_rank_00_optim_states.pt"))
-    with pytest.raises(UserError, match=r"train.resume=.*cannot resume: "
-                                        r".*zero_pp_rank_1_mp_rank_00_optim_states.pt: not in"):
+    with pytest.raises(
+        UserError,
+        match=r"train.resume=.*cannot resume: "
+        r".*zero_pp_rank_1_mp_rank_00_optim_states.pt: not in",
+    ):
         resolve_resume(str(path), tmp_path)
 
 

@@ -25,8 +25,14 @@ EVAL_SUBCOMMANDS = ["run", "score", "list", "compare", "chat"]
 def run(*argv: str, command: list[str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
     env.pop("VLRECIPE_DEBUG", None)
-    return subprocess.run([*(command or [sys.executable, "-m", "train.cli"]), *argv], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [*(command or [sys.executable, "-m", "train.cli"]), *argv],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def help_of(argv: list[str], capsys) -> str:
@@ -41,9 +47,17 @@ def test_help_lists_every_verb_with_its_line_and_loads_no_torch():
     assert result.returncode == 0
     for name, verb in VERBS.items():
         assert f"  {name}" in result.stdout and verb.summary in result.stdout, name
-    probe = "\n".join(["import sys", "from train.cli import main", "try:", "    main(['--help'])",
-                       "except SystemExit:", "    pass",
-                       "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))"])
+    probe = "\n".join(
+        [
+            "import sys",
+            "from train.cli import main",
+            "try:",
+            "    main(['--help'])",
+            "except SystemExit:",
+            "    pass",
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))",
+        ]
+    )
     loaded = run(command=[sys.executable, "-c", probe])
     assert loaded.stdout.splitlines()[-1] == "[]", loaded.stderr
 
@@ -52,7 +66,7 @@ def test_help_lists_every_verb_with_its_line_and_loads_no_torch():
 def test_every_verb_has_help_with_an_example(verb, capsys):
     text = help_of([verb, "--help"], capsys)
     assert f"usage: vlrecipe {verb} " in text
-    examples = text[text.rindex("\nexample"):]
+    examples = text[text.rindex("\nexample") :]
     assert f"\n  vlrecipe {verb}" in examples, text
 
 
@@ -60,7 +74,7 @@ def test_every_verb_has_help_with_an_example(verb, capsys):
 def test_every_eval_subcommand_has_help_with_an_example(subcommand, capsys):
     text = help_of(["eval", subcommand, "--help"], capsys)
     assert f"usage: vlrecipe eval {subcommand}" in text
-    assert f"\n  vlrecipe eval {subcommand}" in text[text.rindex("\nexample"):]
+    assert f"\n  vlrecipe eval {subcommand}" in text[text.rindex("\nexample") :]
 
 
 def test_an_unknown_verb_is_one_error_line_and_status_2():
@@ -76,8 +90,12 @@ def test_a_verb_is_its_python_m_module(tmp_path):
     """The same world, byte for byte, and the same error line for the same mistake."""
     world = ["--seed", "3", "--n-train", "6", "--n-eval", "3", "--image-size", "32"]
     assert run("synth", "--out", str(tmp_path / "command"), *world).returncode == 0
-    assert run("-m", "data.synthetic", "--out", str(tmp_path / "module"), *world,
-               command=[sys.executable]).returncode == 0
+    assert (
+        run(
+            "-m", "data.synthetic", "--out", str(tmp_path / "module"), *world, command=[sys.executable]
+        ).returncode
+        == 0
+    )
     module_out = tmp_path / "module"
     files = sorted(str(p.relative_to(module_out)) for p in module_out.rglob("*") if p.is_file())
     assert len(files) > 10
@@ -101,8 +119,11 @@ def test_chat_is_eval_chat():
 
 def test_demo_runs_the_demo_script_with_this_interpreter(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(demo.subprocess, "run", lambda argv, env: calls.append((argv, env)) or
-                        subprocess.CompletedProcess(argv, 0))
+    monkeypatch.setattr(
+        demo.subprocess,
+        "run",
+        lambda argv, env: calls.append((argv, env)) or subprocess.CompletedProcess(argv, 0),
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DPO", raising=False)
     assert demo.main(["out", "--dpo"]) == 0 and demo.main([]) == 0

@@ -80,18 +80,24 @@ def tiktoken_encode(ranks: dict[bytes, int], text: str) -> list[int]:
             continue
         parts = [bytes([b]) for b in data]
         while True:
-            candidates = [(ranks[parts[i] + parts[i + 1]], i) for i in range(len(parts) - 1)
-                          if parts[i] + parts[i + 1] in ranks]
+            candidates = [
+                (ranks[parts[i] + parts[i + 1]], i)
+                for i in range(len(parts) - 1)
+                if parts[i] + parts[i + 1] in ranks
+            ]
             if not candidates:
                 break
             _, i = min(candidates)
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
         ids.extend(ranks[p] for p in parts)
     return ids
 
 
 def write_ranks(path, ranks: dict[bytes, int]) -> None:
-    lines = [f"{base64.b64encode(tok).decode()} {rank}" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
+    lines = [
+        f"{base64.b64encode(tok).decode()} {rank}"
+        for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])
+    ]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -174,7 +180,7 @@ def test_round_trip_of_mixed_text_with_image_ref_and_box_spans(tokenizer, ranks)
     assert tokenizer.decode(ids) == text
     # The text between special tokens encodes exactly as tiktoken would.
     img = ids.index(vocab["<img>"])
-    assert ids[img + 1:ids.index(vocab["</img>"])] == tiktoken_encode(ranks, "/data/图片/cat 1.jpg")
+    assert ids[img + 1 : ids.index(vocab["</img>"])] == tiktoken_encode(ranks, "/data/图片/cat 1.jpg")
 
 
 def test_text_is_nfc_normalised(tokenizer):
@@ -232,8 +238,9 @@ def test_overlapping_merges_on_repetitive_text_match_tiktoken(tmp_path):
 # The inverse: a tokenizer -> its qwen.tiktoken (what models.export_qwenvl writes)
 
 
-def test_the_ranks_come_back_from_the_tokenizer_and_are_written_in_the_same_bytes(tokenizer, ranks, tiktoken_file,
-                                                                                   tmp_path):
+def test_the_ranks_come_back_from_the_tokenizer_and_are_written_in_the_same_bytes(
+    tokenizer, ranks, tiktoken_file, tmp_path
+):
     assert tiktoken_ranks_from_tokenizer(tokenizer) == ranks
     write_tiktoken_ranks(ranks, tmp_path / "qwen.tiktoken")
     assert (tmp_path / "qwen.tiktoken").read_bytes() == tiktoken_file.read_bytes()
@@ -250,10 +257,14 @@ def test_a_tokenizer_that_differs_from_what_its_ranks_imply_is_refused(tiktoken_
         tiktoken_ranks_from_tokenizer(not_nfc, where="tok")
 
 
-def test_special_tokens_the_release_does_not_have_or_puts_elsewhere_are_refused(tiktoken_file, tiny_tokenizer):
+def test_special_tokens_the_release_does_not_have_or_puts_elsewhere_are_refused(
+    tiktoken_file, tiny_tokenizer
+):
     extended = build_qwen_tokenizer(tiktoken_file)
     extended.add_special_tokens({"additional_special_tokens": ["<|tool_call|>"]})
-    with pytest.raises(UserError, match=r"1 added token\(s\) the release's tokenizer cannot carry.*tool_call"):
+    with pytest.raises(
+        UserError, match=r"1 added token\(s\) the release's tokenizer cannot carry.*tool_call"
+    ):
         tiktoken_ranks_from_tokenizer(extended, where="tok")
     # tests/conftest.py's BPE was trained with its special tokens first, at ids 0..11
     with pytest.raises(UserError, match="<\\|endoftext\\|> has id 0, the release's is"):
@@ -277,8 +288,14 @@ def test_the_released_vocabulary(released_tokenizer):
     assert len(ranks) == QWEN_NUM_RANKS
     vocab = released_tokenizer.get_vocab()
     assert (vocab["<|endoftext|>"], vocab["<|im_end|>"], vocab["<ref>"], vocab["<imgpad>"]) == (
-        151643, 151645, 151851, 151859)
-    for text in TEXTS + ["Generate the caption in English with grounding: <ref> a dog</ref><box>(1,2),(3,4)</box>"]:
+        151643,
+        151645,
+        151851,
+        151859,
+    )
+    for text in TEXTS + [
+        "Generate the caption in English with grounding: <ref> a dog</ref><box>(1,2),(3,4)</box>"
+    ]:
         plain = text.split("<")[0]
         assert released_tokenizer.encode(plain, add_special_tokens=False) == tiktoken_encode(ranks, plain)
 

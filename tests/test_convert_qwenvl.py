@@ -24,8 +24,16 @@ NUM_RANKS = 256 + 6  # 256 single bytes + a few merges
 N_QUERIES = 256  # the reference's default: 256 <imgpad> slots per image
 IMG, IMG_END, IMGPAD = NUM_RANKS + 214, NUM_RANKS + 215, NUM_RANKS + 216  # reference offsets
 # Qwen-VL-Chat's generation_config.json
-GENERATION_CONFIG = {"chat_format": "chatml", "eos_token_id": 151643, "pad_token_id": 151643,
-                     "max_window_size": 6144, "max_new_tokens": 512, "do_sample": True, "top_k": 0, "top_p": 0.3}
+GENERATION_CONFIG = {
+    "chat_format": "chatml",
+    "eos_token_id": 151643,
+    "pad_token_id": 151643,
+    "max_window_size": 6144,
+    "max_new_tokens": 512,
+    "do_sample": True,
+    "top_k": 0,
+    "top_p": 0.3,
+}
 
 
 def tiny_qwen_config() -> dict:
@@ -85,27 +93,38 @@ def tiny_qwen_state_dict(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     for i in range(layers):
         h = f"transformer.h.{i}."
         sd |= {
-            h + "ln_1.weight": vec(d, 1.0), h + "ln_2.weight": vec(d, 1.0),
-            h + "attn.c_attn.weight": lin(3 * d, d), h + "attn.c_attn.bias": vec(3 * d),
+            h + "ln_1.weight": vec(d, 1.0),
+            h + "ln_2.weight": vec(d, 1.0),
+            h + "attn.c_attn.weight": lin(3 * d, d),
+            h + "attn.c_attn.bias": vec(3 * d),
             h + "attn.c_proj.weight": lin(d, d),
-            h + "mlp.w1.weight": lin(ff, d), h + "mlp.w2.weight": lin(ff, d), h + "mlp.c_proj.weight": lin(d, ff),
+            h + "mlp.w1.weight": lin(ff, d),
+            h + "mlp.w2.weight": lin(ff, d),
+            h + "mlp.c_proj.weight": lin(d, ff),
         }
     sd["transformer.ln_f.weight"] = vec(d, 1.0)
     V = "transformer.visual."
     sd |= {
         V + "conv1.weight": torch.randn(w, 3, p, p, generator=g) * (3 * p * p) ** -0.5,
         V + "positional_embedding": torch.randn(256, w, generator=g) * w**-0.5,
-        V + "ln_pre.weight": vec(w, 1.0), V + "ln_pre.bias": vec(w),
+        V + "ln_pre.weight": vec(w, 1.0),
+        V + "ln_pre.bias": vec(w),
     }
     for i in range(vis["layers"]):
         b = f"{V}transformer.resblocks.{i}."
         sd |= {
-            b + "ln_1.weight": vec(w, 1.0), b + "ln_1.bias": vec(w),
-            b + "attn.in_proj.weight": lin(3 * w, w), b + "attn.in_proj.bias": vec(3 * w),
-            b + "attn.out_proj.weight": lin(w, w), b + "attn.out_proj.bias": vec(w),
-            b + "ln_2.weight": vec(w, 1.0), b + "ln_2.bias": vec(w),
-            b + "mlp.c_fc.weight": lin(mlp, w), b + "mlp.c_fc.bias": vec(mlp),
-            b + "mlp.c_proj.weight": lin(w, mlp), b + "mlp.c_proj.bias": vec(w),
+            b + "ln_1.weight": vec(w, 1.0),
+            b + "ln_1.bias": vec(w),
+            b + "attn.in_proj.weight": lin(3 * w, w),
+            b + "attn.in_proj.bias": vec(3 * w),
+            b + "attn.out_proj.weight": lin(w, w),
+            b + "attn.out_proj.bias": vec(w),
+            b + "ln_2.weight": vec(w, 1.0),
+            b + "ln_2.bias": vec(w),
+            b + "mlp.c_fc.weight": lin(mlp, w),
+            b + "mlp.c_fc.bias": vec(mlp),
+            b + "mlp.c_proj.weight": lin(w, mlp),
+            b + "mlp.c_proj.bias": vec(w),
         }
     A = V + "attn_pool."
     sd |= {
@@ -113,11 +132,16 @@ def tiny_qwen_state_dict(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
         # Not the sin-cos table our resampler would compute: the converter must keep stored values.
         A + "pos_embed": torch.randn(N_QUERIES, d, generator=g) * 0.5,
         A + "kv_proj.weight": lin(d, w),
-        A + "ln_q.weight": vec(d, 1.0), A + "ln_q.bias": vec(d),
-        A + "ln_kv.weight": vec(d, 1.0), A + "ln_kv.bias": vec(d),
-        A + "attn.in_proj_weight": lin(3 * d, d), A + "attn.in_proj_bias": vec(3 * d),
-        A + "attn.out_proj.weight": lin(d, d), A + "attn.out_proj.bias": vec(d),
-        V + "ln_post.weight": vec(d, 1.0), V + "ln_post.bias": vec(d),
+        A + "ln_q.weight": vec(d, 1.0),
+        A + "ln_q.bias": vec(d),
+        A + "ln_kv.weight": vec(d, 1.0),
+        A + "ln_kv.bias": vec(d),
+        A + "attn.in_proj_weight": lin(3 * d, d),
+        A + "attn.in_proj_bias": vec(3 * d),
+        A + "attn.out_proj.weight": lin(d, d),
+        A + "attn.out_proj.bias": vec(d),
+        V + "ln_post.weight": vec(d, 1.0),
+        V + "ln_post.bias": vec(d),
         V + "proj": torch.randn(d, d, generator=g) * d**-0.5,
     }
     return sd
@@ -142,7 +166,7 @@ def write_qwen_dir(path, cfg: dict, sd: dict[str, torch.Tensor], fmt: str = "bin
     per_shard = math.ceil(len(keys) / shards)
     weight_map = {}
     for s in range(shards):
-        part = {k: sd[k].contiguous() for k in keys[s * per_shard:(s + 1) * per_shard]}
+        part = {k: sd[k].contiguous() for k in keys[s * per_shard : (s + 1) * per_shard]}
         if fmt == "bin":
             name = f"pytorch_model-{s + 1:05d}-of-{shards:05d}.bin"
             torch.save(part, path / name)
@@ -245,7 +269,7 @@ def reference_logits(sd, cfg, input_ids, images):
         starts = (input_ids[row] == IMG).nonzero().flatten().tolist()
         ends = (input_ids[row] == IMG_END).nonzero().flatten().tolist()
         for a, b in zip(starts, ends, strict=True):
-            h[row, a + 1:b] = feats[k]
+            h[row, a + 1 : b] = feats[k]
             k += 1
     # RoPE on slot indices 0..L-1 (the reference ignores position_ids), rotate-half on the full head
     inv_freq = 1.0 / cfg["rotary_emb_base"] ** (torch.arange(0, hd, 2).float() / hd)
@@ -269,8 +293,13 @@ def reference_logits(sd, cfg, input_ids, images):
 
 def one_image_input(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    before, after = torch.randint(0, NUM_RANKS, (5,), generator=g), torch.randint(0, NUM_RANKS, (7,), generator=g)
-    ids = torch.cat([before, torch.tensor([IMG]), torch.full((N_QUERIES,), IMGPAD), torch.tensor([IMG_END]), after])
+    before, after = (
+        torch.randint(0, NUM_RANKS, (5,), generator=g),
+        torch.randint(0, NUM_RANKS, (7,), generator=g),
+    )
+    ids = torch.cat(
+        [before, torch.tensor([IMG]), torch.full((N_QUERIES,), IMGPAD), torch.tensor([IMG_END]), after]
+    )
     images = torch.randn(1, 3, 56, 56, generator=g)
     return ids[None], images
 
@@ -341,13 +370,30 @@ def test_the_released_config_gives_exactly_the_released_parameter_count():
     from models import build_vlm
     from models.convert_qwenvl import vlm_config_from_qwen
 
-    released = {**tiny_qwen_config(), "hidden_size": 4096, "intermediate_size": 22016, "kv_channels": 128,
-                "num_attention_heads": 32, "num_hidden_layers": 32, "vocab_size": 151936,
-                "visual": {"heads": 16, "image_size": 448, "image_start_id": 151857, "layers": 48,
-                           "mlp_ratio": 4.9231, "output_dim": 4096, "patch_size": 14, "width": 1664}}
+    released = {
+        **tiny_qwen_config(),
+        "hidden_size": 4096,
+        "intermediate_size": 22016,
+        "kv_channels": 128,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 32,
+        "vocab_size": 151936,
+        "visual": {
+            "heads": 16,
+            "image_size": 448,
+            "image_start_id": 151857,
+            "layers": 48,
+            "mlp_ratio": 4.9231,
+            "output_dim": 4096,
+            "patch_size": 14,
+            "width": 1664,
+        },
+    }
     ids = {"<img>": 151857, "</img>": 151858, "<imgpad>": 151859, "<|endoftext|>": 151643}
     cfg = vlm_config_from_qwen(released, Path("config.json"), ids)
-    shapes = {k: tuple(t.shape) for k, t in build_vlm(cfg, device="meta", init_weights=False).state_dict().items()}
+    shapes = {
+        k: tuple(t.shape) for k, t in build_vlm(cfg, device="meta", init_weights=False).state_dict().items()
+    }
     assert sum(math.prod(s) for s in shapes.values()) * 2 == 19_313_870_336
     assert shapes["vision.blocks.47.mlp.fc1.weight"] == (8192, 1664)
     assert shapes["vision.pos_embed"] == (256, 1664)
@@ -382,7 +428,9 @@ def test_default_dtype_is_bfloat16(qwen_checkpoint, tmp_path):
 
 def test_resampler_keeps_the_stored_pos_embed(qwen_checkpoint, converted_fp32):
     _, _, sd = qwen_checkpoint
-    torch.testing.assert_close(converted_fp32.resampler.pos_embed, sd["transformer.visual.attn_pool.pos_embed"])
+    torch.testing.assert_close(
+        converted_fp32.resampler.pos_embed, sd["transformer.visual.attn_pool.pos_embed"]
+    )
 
 
 def test_cli_converts(qwen_checkpoint, tmp_path):
@@ -412,7 +460,9 @@ def test_unexpected_keys_are_refused_with_a_list(qwen_checkpoint, tmp_path):
 
 def test_missing_keys_are_refused_with_a_list(qwen_checkpoint, tmp_path):
     _, cfg, sd = qwen_checkpoint
-    partial = {k: v for k, v in sd.items() if k not in ("transformer.visual.attn_pool.query", "lm_head.weight")}
+    partial = {
+        k: v for k, v in sd.items() if k not in ("transformer.visual.attn_pool.query", "lm_head.weight")
+    }
     src = write_qwen_dir(tmp_path / "src", cfg, partial)
     with pytest.raises(ValueError, match="lacks 2 of our parameters") as err:
         convert_qwenvl(src, tmp_path / "out")

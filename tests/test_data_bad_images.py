@@ -26,8 +26,15 @@ def write_chat_data(folder, n: int, missing: set[int] = frozenset(), corrupt: se
             path.write_bytes(b"not an image")
         elif i not in missing:
             Image.new("RGB", (20, 10), (i * 20, 0, 0)).save(path)
-    records = [{"conversations": [{"from": "user", "value": f"<img>imgs/{i}.png</img>what is {i}?"},
-                                  {"from": "assistant", "value": f"it is {i}"}]} for i in range(n)]
+    records = [
+        {
+            "conversations": [
+                {"from": "user", "value": f"<img>imgs/{i}.png</img>what is {i}?"},
+                {"from": "assistant", "value": f"it is {i}"},
+            ]
+        }
+        for i in range(n)
+    ]
     (folder / "train.json").write_text(json.dumps(records))
     return folder / "train.json"
 
@@ -87,12 +94,18 @@ def test_max_bad_images_counts_distinct_files_across_epochs(tmp_path, tiny_token
     assert loader.stats.total[stats.SAMPLES] == 5 * 10
     assert loader.stats.total[stats.DROPPED_BAD_IMAGE] == 5 * 2  # samples skipped: every epoch
     assert loader.stats.total[stats.BAD_IMAGE_FILES] == 2  # files: once
-    assert set(loader.stats.bad_images) == {str(tmp_path / "imgs" / "4.png"), str(tmp_path / "imgs" / "9.png")}
+    assert set(loader.stats.bad_images) == {
+        str(tmp_path / "imgs" / "4.png"),
+        str(tmp_path / "imgs" / "9.png"),
+    }
 
     cfg.max_bad_images = 1  # the second distinct file, whenever it turns up, is one too many
     loader = build_dataloader(cfg, tiny_tokenizer, num_image_tokens=N_IMG, batch_size=4)
-    with pytest.raises(ImageLoadError, match=r"cannot decode image .*(4|9)\.png \(referenced by .*train\.json record "
-                                             r"(4|9)\).*2 distinct bad image files exceed data\.max_bad_images=1"):
+    with pytest.raises(
+        ImageLoadError,
+        match=r"cannot decode image .*(4|9)\.png \(referenced by .*train\.json record "
+        r"(4|9)\).*2 distinct bad image files exceed data\.max_bad_images=1",
+    ):
         list(loader)
 
 
@@ -107,5 +120,7 @@ def test_a_resumed_run_does_not_count_the_same_bad_file_again(tmp_path, tiny_tok
     list(resumed)
     assert resumed.stats.total[stats.BAD_IMAGE_FILES] == 2
     (tmp_path / "imgs" / "0.png").write_bytes(b"now broken too")  # a third distinct file exceeds the limit
-    with pytest.raises(ImageLoadError, match=r"0\.png.*3 distinct bad image files exceed data\.max_bad_images=2"):
+    with pytest.raises(
+        ImageLoadError, match=r"0\.png.*3 distinct bad image files exceed data\.max_bad_images=2"
+    ):
         list(resumed)

@@ -12,7 +12,10 @@ N_IMG = 5
 
 # Qwen-VL README fine-tune example, record identity_1 (one image, a VQA turn and a grounding turn).
 README_EXAMPLE = [
-    {"from": "user", "value": "Picture 1: <img>https://qianwen-res.oss-cn-beijing.aliyuncs.com/Qwen-VL/assets/demo.jpeg</img>\n图中的狗是什么品种？"},
+    {
+        "from": "user",
+        "value": "Picture 1: <img>https://qianwen-res.oss-cn-beijing.aliyuncs.com/Qwen-VL/assets/demo.jpeg</img>\n图中的狗是什么品种？",
+    },
     {"from": "assistant", "value": "图中是一只拉布拉多犬。"},
     {"from": "user", "value": "框出图中的格子衬衫"},
     {"from": "assistant", "value": "<ref>格子衬衫</ref><box>(588,499),(725,789)</box>"},
@@ -25,6 +28,7 @@ def reference_preprocess(tok, conversation, system_message=DEFAULT_SYSTEM_MESSAG
     The only change: `<img>path</img>` is spelled out as `<img>` + N x `<imgpad>` + `</img>` in the string
     before tokenising (we pass pixels, not path bytes), and the whole value is tokenised in one call.
     """
+
     def t(s):
         return tok(s, add_special_tokens=False)["input_ids"]
 
@@ -42,7 +46,9 @@ def reference_preprocess(tok, conversation, system_message=DEFAULT_SYSTEM_MESSAG
         if role == "<|im_start|>user":
             _target = [im_start] + [IGNORE] * (len(_input_id) - 3) + [im_end] + nl_tokens
         else:
-            _target = [im_start] + [IGNORE] * len(t(role)) + _input_id[len(t(role)) + 1 : -2] + [im_end] + nl_tokens
+            _target = (
+                [im_start] + [IGNORE] * len(t(role)) + _input_id[len(t(role)) + 1 : -2] + [im_end] + nl_tokens
+            )
         target += _target
     return input_id, target
 
@@ -65,7 +71,8 @@ def test_readme_example_supervises_structure_and_assistant_content(tiny_tokenize
     supervised = tok.decode([t for t in sample.labels if t != IGNORE])
     # 4 turns + system = 5 blocks; every block keeps <|im_start|> (except the very first), <|im_end|> and "\n"
     assert supervised == (
-        "<|im_end|>\n" + "<|im_start|><|im_end|>\n"
+        "<|im_end|>\n"
+        + "<|im_start|><|im_end|>\n"
         + "<|im_start|>图中是一只拉布拉多犬。<|im_end|>\n"
         + "<|im_start|><|im_end|>\n"
         + "<|im_start|><ref>格子衬衫</ref><box>(588,499),(725,789)</box><|im_end|>\n"
@@ -79,14 +86,24 @@ def test_assistant_only_supervises_assistant_content_and_its_im_end(tiny_tokeniz
     sample = render_chatml(tok, README_EXAMPLE, N_IMG, assistant_only=True)
     assert sample.input_ids == render_chatml(tok, README_EXAMPLE, N_IMG).input_ids
     supervised = tok.decode([t for t in sample.labels if t != IGNORE])
-    assert supervised == "图中是一只拉布拉多犬。<|im_end|><ref>格子衬衫</ref><box>(588,499),(725,789)</box><|im_end|>"
+    assert (
+        supervised
+        == "图中是一只拉布拉多犬。<|im_end|><ref>格子衬衫</ref><box>(588,499),(725,789)</box><|im_end|>"
+    )
 
 
 def test_system_turn_replaces_the_default_system_message(tiny_tokenizer):
     tok = tiny_tokenizer
-    conv = [{"from": "system", "value": "Be brief."}, {"from": "user", "value": "hi"}, {"from": "assistant", "value": "yes"}]
+    conv = [
+        {"from": "system", "value": "Be brief."},
+        {"from": "user", "value": "hi"},
+        {"from": "assistant", "value": "yes"},
+    ]
     text = tok.decode(render_chatml(tok, conv, N_IMG).input_ids)
-    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyes<|im_end|>\n"
+    assert (
+        text
+        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyes<|im_end|>\n"
+    )
 
 
 def test_images_in_assistant_turns_are_not_supervised(tiny_tokenizer):
@@ -98,14 +115,20 @@ def test_images_in_assistant_turns_are_not_supervised(tiny_tokenizer):
     assert sample.image_paths == ["x.png"]
 
 
-@pytest.mark.parametrize("conv, message", [
-    ([], "empty conversation"),
-    ([{"from": "system", "value": "s"}], "empty conversation"),
-    ([{"from": "user", "value": "a"}, {"from": "bot", "value": "b"}], "role 'bot'"),
-    ([{"from": "assistant", "value": "a"}], "first turn"),
-    ([{"from": "user", "value": "a"}, {"from": "system", "value": "b"}], "system turn may only come first"),
-    ([{"from": "user"}], "'from' and 'value'"),
-])
+@pytest.mark.parametrize(
+    "conv, message",
+    [
+        ([], "empty conversation"),
+        ([{"from": "system", "value": "s"}], "empty conversation"),
+        ([{"from": "user", "value": "a"}, {"from": "bot", "value": "b"}], "role 'bot'"),
+        ([{"from": "assistant", "value": "a"}], "first turn"),
+        (
+            [{"from": "user", "value": "a"}, {"from": "system", "value": "b"}],
+            "system turn may only come first",
+        ),
+        ([{"from": "user"}], "'from' and 'value'"),
+    ],
+)
 def test_bad_conversations_raise(tiny_tokenizer, conv, message):
     with pytest.raises(ValueError, match=message):
         render_chatml(tiny_tokenizer, conv, N_IMG)
@@ -115,11 +138,14 @@ def test_chat_prompt_is_the_training_rendering_up_to_the_answer(tiny_tokenizer):
     """Evaluation prompts (eval_mm, ChatML) see exactly the tokens training put before an answer."""
     question = "Picture 1: <img>a.png</img>\nWhat color is the circle?"
     prompt_ids, paths = encode_chat_prompt(tiny_tokenizer, question, num_image_tokens=4)
-    trained = render_chatml(tiny_tokenizer, [{"from": "user", "value": question},
-                                             {"from": "assistant", "value": "red"}], num_image_tokens=4)
+    trained = render_chatml(
+        tiny_tokenizer,
+        [{"from": "user", "value": question}, {"from": "assistant", "value": "red"}],
+        num_image_tokens=4,
+    )
     answer_ids = tiny_tokenizer("red", add_special_tokens=False)["input_ids"]
     assert trained.input_ids[: len(prompt_ids)] == prompt_ids
-    assert trained.input_ids[len(prompt_ids): len(prompt_ids) + len(answer_ids)] == answer_ids
+    assert trained.input_ids[len(prompt_ids) : len(prompt_ids) + len(answer_ids)] == answer_ids
     assert paths == trained.image_paths == ["a.png"]
 
 

@@ -40,17 +40,31 @@ def clean_records(n: int = 8) -> list[dict]:
     records = []
     for i in range(n):
         records.append(chat(f"Picture 1: <img>a.png</img>\nWhat colour is it? ({i})", f"It is red ({i})."))
-    records.append(chat("<img>a.png</img><img>b.png</img>Find the dog.", "<ref>the dog</ref><box>(10,20),(300,400)</box>"))
-    records.append(chat("<img>b.png</img><ref>the dog</ref><box>", "<ref>the dog</ref><box>(1,2),(3,4)</box>"))
+    records.append(
+        chat(
+            "<img>a.png</img><img>b.png</img>Find the dog.", "<ref>the dog</ref><box>(10,20),(300,400)</box>"
+        )
+    )
+    records.append(
+        chat("<img>b.png</img><ref>the dog</ref><box>", "<ref>the dog</ref><box>(1,2),(3,4)</box>")
+    )
     records.append({"task": "grounding", "image": "a.png", "ref": "the cat", "box": [0, 0, 999, 999]})
-    records.append({"task": "ocr", "image": "b.png", "texts": [{"text": "stop", "quad": [[1, 2], [30, 2], [30, 9], [1, 9]]}]})
+    records.append(
+        {
+            "task": "ocr",
+            "image": "b.png",
+            "texts": [{"text": "stop", "quad": [[1, 2], [30, 2], [30, 9], [1, 9]]}],
+        }
+    )
     return records
 
 
 def write(folder: Path, name: str, records: list, lines: list[str] = ()) -> Path:
     path = folder / name
     if name.endswith(".jsonl"):
-        path.write_text("".join(json.dumps(r) + "\n" for r in records) + "".join(line + "\n" for line in lines))
+        path.write_text(
+            "".join(json.dumps(r) + "\n" for r in records) + "".join(line + "\n" for line in lines)
+        )
     else:
         path.write_text(json.dumps(records))
     return path
@@ -58,7 +72,9 @@ def write(folder: Path, name: str, records: list, lines: list[str] = ()) -> Path
 
 def run_check(path: Path, tokenizer, mode: str = "fast", image_tokens: int = N_IMG, **config):
     config = DataConfig(paths=[str(path)], **{"max_len": 256, **config})
-    return check_data(config, tokenizer, image_tokens, CheckOptions(mode=mode, progress=False, workers=1)).report
+    return check_data(
+        config, tokenizer, image_tokens, CheckOptions(mode=mode, progress=False, workers=1)
+    ).report
 
 
 def error_kinds(report: dict) -> dict[str, int]:
@@ -80,22 +96,69 @@ def test_a_clean_file_passes_with_its_counts(folder, tiny_tokenizer):
 
 # (kind, records planted twice among clean ones, malformed JSONL lines, config, mode)
 PLANTED = {
-    "invalid_record": ([{"conversations": [{"from": "bot", "value": "hi"}]},
-                        {"task": "grounding", "image": "nope.png", "ref": "x", "bbox": [1, 2, 3, 4]}],  # size unknown
-                       ["{not json"], {}, "fast"),
+    "invalid_record": (
+        [
+            {"conversations": [{"from": "bot", "value": "hi"}]},
+            {"task": "grounding", "image": "nope.png", "ref": "x", "bbox": [1, 2, 3, 4]},
+        ],  # size unknown
+        ["{not json"],
+        {},
+        "fast",
+    ),
     "malformed_img_tag": ([chat("<img>a.png What is it?", "red")], [], {}, "fast"),
-    "image_count_mismatch": ([{"image": ["a.png"], "conversations": [
-        {"from": "human", "value": "<image><image> Compare."}, {"from": "gpt", "value": "same"}]}], [], {}, "fast"),
-    "bad_box": ([chat("<img>a.png</img>Where?", "<ref>it</ref><box>(0,0),(1000,5)</box>"),
-                 chat("<img>a.png</img>Read it.", "<ref>stop</ref><quad>(1,2),(3,4),(5,6)</quad>")], [], {}, "fast"),
-    "malformed_grounding_tag": ([chat("<img>a.png</img>Where?", "<ref>it<box>(1,2),(3,4)</box>"),
-                                 chat("<img>a.png</img>Where?", "it is at (1,2),(3,4)</box>")], [], {}, "fast"),
+    "image_count_mismatch": (
+        [
+            {
+                "image": ["a.png"],
+                "conversations": [
+                    {"from": "human", "value": "<image><image> Compare."},
+                    {"from": "gpt", "value": "same"},
+                ],
+            }
+        ],
+        [],
+        {},
+        "fast",
+    ),
+    "bad_box": (
+        [
+            chat("<img>a.png</img>Where?", "<ref>it</ref><box>(0,0),(1000,5)</box>"),
+            chat("<img>a.png</img>Read it.", "<ref>stop</ref><quad>(1,2),(3,4),(5,6)</quad>"),
+        ],
+        [],
+        {},
+        "fast",
+    ),
+    "malformed_grounding_tag": (
+        [
+            chat("<img>a.png</img>Where?", "<ref>it<box>(1,2),(3,4)</box>"),
+            chat("<img>a.png</img>Where?", "it is at (1,2),(3,4)</box>"),
+        ],
+        [],
+        {},
+        "fast",
+    ),
     "control_token_in_text": ([chat("<img>a.png</img>What is <imgpad>?", "red")], [], {}, "fast"),
-    "no_supervised_tokens": ([{"conversations": [{"from": "user", "value": "<img>a.png</img>hello"}]}], [],
-                             {"assistant_only": True}, "fast"),
-    "dropped_too_long": ([{"task": "vqa", "image": "a.png", "answer": "yes", "question": "Is the red car in the "
-                           "park near the water, with the people and the boats in the harbour at sunset?"}], [],
-                         {"max_len": 30}, "fast"),
+    "no_supervised_tokens": (
+        [{"conversations": [{"from": "user", "value": "<img>a.png</img>hello"}]}],
+        [],
+        {"assistant_only": True},
+        "fast",
+    ),
+    "dropped_too_long": (
+        [
+            {
+                "task": "vqa",
+                "image": "a.png",
+                "answer": "yes",
+                "question": "Is the red car in the "
+                "park near the water, with the people and the boats in the harbour at sunset?",
+            }
+        ],
+        [],
+        {"max_len": 30},
+        "fast",
+    ),
     "missing_image": ([chat("<img>nope.png</img>What is it?", "red")], [], {}, "fast"),
     "undecodable_image": ([chat("<img>corrupt.png</img>What is it?", "red")], [], {}, "full"),
 }
@@ -121,8 +184,9 @@ def test_each_planted_problem_is_found_and_counted(folder, tiny_tokenizer, kind)
 def test_truncation_that_cuts_an_image_span_is_reported_and_max_len_is_honoured(folder, tiny_tokenizer):
     """With 32 tokens per image the second image's span covers token 64: at max_len 64 the sample is cut
     before it (warnings, not errors); at max_len 256 nothing is cut."""
-    record = chat("<img>a.png</img>Picture 2: <img>b.png</img> the second one",
-                  "They show the same car in the park.")
+    record = chat(
+        "<img>a.png</img>Picture 2: <img>b.png</img> the second one", "They show the same car in the park."
+    )
     sample = SampleBuilder(tiny_tokenizer, 32, DataConfig(paths=[])).tokenize(record, "r")
     img_start = tiny_tokenizer.convert_tokens_to_ids("<img>")
     second = [i for i, t in enumerate(sample.input_ids) if t == img_start][1]
@@ -133,7 +197,10 @@ def test_truncation_that_cuts_an_image_span_is_reported_and_max_len_is_honoured(
     assert at_64["result"]["passed"]
     assert at_64["tokens"]["used"] == at_64["tokens"]["before_truncation"]["total"] - len(sample) + second
     at_256 = run_check(path, tiny_tokenizer, max_len=256, image_tokens=32)
-    assert at_256["problems"] == {} and at_256["tokens"]["used"] == at_256["tokens"]["before_truncation"]["total"]
+    assert (
+        at_256["problems"] == {}
+        and at_256["tokens"]["used"] == at_256["tokens"]["before_truncation"]["total"]
+    )
 
 
 def test_duplicates_are_warnings_naming_the_first_occurrence(folder, tiny_tokenizer):
@@ -141,7 +208,10 @@ def test_duplicates_are_warnings_naming_the_first_occurrence(folder, tiny_tokeni
     path = write(folder, "dup.json", records + [records[1], records[1]])
     report = run_check(path, tiny_tokenizer)
     assert report["problems"]["duplicate"]["count"] == 2 and report["result"]["passed"]
-    assert report["problems"]["duplicate"]["examples"][0]["message"] == f"same tokens and images as {path} record 1"
+    assert (
+        report["problems"]["duplicate"]["examples"][0]["message"]
+        == f"same tokens and images as {path} record 1"
+    )
 
 
 def test_bad_images_within_max_bad_images_pass_as_training_would(folder, tiny_tokenizer):
@@ -157,10 +227,17 @@ def test_the_check_tokenises_exactly_as_training(folder, tiny_tokenizer):
     import hashlib
     from array import array
 
-    records = clean_records() + [{"image": "a.png", "conversations": [
-        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a red picture"}]},
+    records = clean_records() + [
+        {
+            "image": "a.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is it?"},
+                {"from": "gpt", "value": "a red picture"},
+            ],
+        },
         {"task": "vqa", "image": "b.png", "question": "Which colour?", "answer": "blue"},
-        {"task": "text", "text": "Plain text: a dog runs on the beach."}]
+        {"task": "text", "text": "Plain text: a dog runs on the beach."},
+    ]
     path = write(folder, "mixed.json", records)
     config = DataConfig(paths=[str(path)], max_len=40)
     init_scan(tiny_tokenizer, N_IMG, config, max_examples=5)
@@ -187,16 +264,29 @@ def test_packing_changes_the_padding_estimate_not_the_samples(folder, tiny_token
     for report, packing in ((padded, False), (packed, True)):
         assert report["batches"]["packing"] is packing
     padded4 = check_data(DataConfig(paths=[str(path)], max_len=256), tiny_tokenizer, N_IMG, options).report
-    packed4 = check_data(DataConfig(paths=[str(path)], max_len=256, packing=True), tiny_tokenizer, N_IMG, options).report
+    packed4 = check_data(
+        DataConfig(paths=[str(path)], max_len=256, packing=True), tiny_tokenizer, N_IMG, options
+    ).report
     assert packed4["batches"]["padding_fraction"] < padded4["batches"]["padding_fraction"]
 
 
 def test_streamed_pretraining_pairs_are_checked_like_the_streaming_dataset(folder, tiny_tokenizer):
-    pairs = [{"img": "a.png", "text": f"a red picture {i}"} for i in range(5)] + [{"img": "nope.png", "text": "x"}]
+    pairs = [{"img": "a.png", "text": f"a red picture {i}"} for i in range(5)] + [
+        {"img": "nope.png", "text": "x"}
+    ]
     path = write(folder, "pairs.jsonl", pairs)
-    report = run_check(path, tiny_tokenizer, streaming=True, format="pretrain", image_column="img",
-                       caption_column="text", max_bad_images=1)
-    assert report["records"] == 6 and report["formats"] == {"pretrain": 6} and report["tasks"] == {"caption": 6}
+    report = run_check(
+        path,
+        tiny_tokenizer,
+        streaming=True,
+        format="pretrain",
+        image_column="img",
+        caption_column="text",
+        max_bad_images=1,
+    )
+    assert (
+        report["records"] == 6 and report["formats"] == {"pretrain": 6} and report["tasks"] == {"caption": 6}
+    )
     assert report["images"]["samples_with_bad_images"] == 1 and report["result"]["passed"]
 
 
@@ -227,8 +317,10 @@ def test_webdataset_shards_are_checked_sample_by_sample(folder, tiny_tokenizer):
 def test_worker_processes_give_the_report_of_one_process(folder, tiny_tokenizer):
     path = write(folder, "workers.jsonl", clean_records(30) * 3 + [chat("<img>a.png", "x")])
     config = DataConfig(paths=[str(path)], max_len=64)
-    reports = [check_data(config, tiny_tokenizer, N_IMG, CheckOptions(progress=False, workers=w)).report
-               for w in (1, 2)]
+    reports = [
+        check_data(config, tiny_tokenizer, N_IMG, CheckOptions(progress=False, workers=w)).report
+        for w in (1, 2)
+    ]
     for r in reports:
         del r["timing"], r["check"]["workers"]
     assert reports[0] == reports[1] and reports[0]["problems"]["duplicate"]["count"] == 2 * 34
@@ -237,8 +329,18 @@ def test_worker_processes_give_the_report_of_one_process(folder, tiny_tokenizer)
 def test_cli_exit_status_follows_the_threshold_and_writes_the_report(folder, tmp_path):
     records = clean_records(8) + [chat("<img>a.png", "unclosed")]  # 1 error in 13 records: 7.7%
     path = write(folder, "threshold.json", records)
-    args = ["--data", str(path), "--tokenizer", str(folder / "tokenizer"), "--image-tokens", str(N_IMG),
-            "--no-progress", "--out", str(tmp_path), "data.max_len=128"]
+    args = [
+        "--data",
+        str(path),
+        "--tokenizer",
+        str(folder / "tokenizer"),
+        "--image-tokens",
+        str(N_IMG),
+        "--no-progress",
+        "--out",
+        str(tmp_path),
+        "data.max_len=128",
+    ]
     assert check_main(args + ["--max-error-fraction", "0.1"]) == 0
     assert check_main(args + ["--max-error-fraction", "0.05"]) == 1
     assert check_main(args) == 1  # default 0.001
@@ -250,8 +352,15 @@ def test_cli_exit_status_follows_the_threshold_and_writes_the_report(folder, tmp
 def test_cli_reads_a_recipe_with_its_overrides_and_plots(folder, tmp_path):
     pytest.importorskip("matplotlib", reason="--plot needs the optional matplotlib (the plot extra)")
     path = write(folder, "recipe_data.json", clean_records()[:8])  # chats: max_len 40 truncates, drops none
-    args = [str(REPO / "recipes" / "tiny" / "pretrain.yaml"), f"model.tokenizer_path={folder / 'tokenizer'}",
-            f"data.paths=[{path}]", "data.max_len=40", f"checkpoint.out_dir={tmp_path}", "--no-progress", "--plot"]
+    args = [
+        str(REPO / "recipes" / "tiny" / "pretrain.yaml"),
+        f"model.tokenizer_path={folder / 'tokenizer'}",
+        f"data.paths=[{path}]",
+        "data.max_len=40",
+        f"checkpoint.out_dir={tmp_path}",
+        "--no-progress",
+        "--plot",
+    ]
     assert check_main(args) == 0  # truncation is a warning
     report = json.loads((tmp_path / "data_check.json").read_text())
     assert report["data"]["max_len"] == 40 and report["problems"]["truncated"]["count"] > 0
@@ -262,17 +371,25 @@ def test_cli_reads_a_recipe_with_its_overrides_and_plots(folder, tmp_path):
 def test_cli_user_mistakes_print_one_error_line(folder, tmp_path, monkeypatch, capsys):
     from models.errors import run_cli
 
-    monkeypatch.setattr(sys, "argv", ["data.check", "--data", str(tmp_path / "missing.json"),
-                                      "--tokenizer", str(folder / "tokenizer")])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["data.check", "--data", str(tmp_path / "missing.json"), "--tokenizer", str(folder / "tokenizer")],
+    )
     with pytest.raises(SystemExit) as exit_:
         run_cli(check_main)
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.splitlines() == [f"error: data file not found: {tmp_path / 'missing.json'}"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: data file not found: {tmp_path / 'missing.json'}"
+    ]
 
 
 def pair(prompt: str, chosen: str, rejected: str) -> dict:
-    return {"conversations": [{"from": "user", "value": prompt}], "chosen": {"from": "assistant", "value": chosen},
-            "rejected": {"from": "assistant", "value": rejected}}
+    return {
+        "conversations": [{"from": "user", "value": prompt}],
+        "chosen": {"from": "assistant", "value": chosen},
+        "rejected": {"from": "assistant", "value": rejected},
+    }
 
 
 def test_preference_pairs_are_checked_as_dpo_trains_on_them(folder, tiny_tokenizer):
@@ -280,12 +397,24 @@ def test_preference_pairs_are_checked_as_dpo_trains_on_them(folder, tiny_tokeniz
     problems; a pair that training refuses (identical answers, a prompt that max_len cuts through an image
     span) is an invalid record with training's reason."""
     good = [pair(f"Picture 1: <img>a.png</img>\nWhat colour is it? ({i})", "red", "blue") for i in range(6)]
-    good.append(pair("<img>b.png</img>Find the dog.", "<ref>the dog</ref><box>(1,2),(300,400)</box>",
-                     "<ref>the dog</ref><box>(500,600),(900,990)</box>"))
-    bad = [pair("<img>a.png</img>What colour?", "red", "red"),  # identical answers
-           pair("<img>a.png</img>Where?", "<ref>it</ref><box>(1,2),(3,4)</box>", "<ref>it<box>(1,2),(3,4)</box>"),
-           pair("A long preamble before the picture: " + "words " * 12 + "<img>b.png</img>Which colour?",
-                "blue", "green")]
+    good.append(
+        pair(
+            "<img>b.png</img>Find the dog.",
+            "<ref>the dog</ref><box>(1,2),(300,400)</box>",
+            "<ref>the dog</ref><box>(500,600),(900,990)</box>",
+        )
+    )
+    bad = [
+        pair("<img>a.png</img>What colour?", "red", "red"),  # identical answers
+        pair(
+            "<img>a.png</img>Where?", "<ref>it</ref><box>(1,2),(3,4)</box>", "<ref>it<box>(1,2),(3,4)</box>"
+        ),
+        pair(
+            "A long preamble before the picture: " + "words " * 12 + "<img>b.png</img>Which colour?",
+            "blue",
+            "green",
+        ),
+    ]
     path = write(folder, "pairs.json", good + bad)
     report = run_check(path, tiny_tokenizer, max_len=128, image_tokens=64)
     assert report["records"] == 10
@@ -295,7 +424,8 @@ def test_preference_pairs_are_checked_as_dpo_trains_on_them(folder, tiny_tokeniz
     messages = [e["message"] for e in report["problems"]["invalid_record"]["examples"]]
     assert "identical" in messages[0] and "cuts through an image span of the prompt" in messages[1]
     assert report["problems"]["invalid_record"]["examples"][1]["where"] == f"{path} record 9"
-    clean = run_check(write(folder, "good_pairs.json", good), tiny_tokenizer, mode="full", max_len=256,
-                      image_tokens=64)
+    clean = run_check(
+        write(folder, "good_pairs.json", good), tiny_tokenizer, mode="full", max_len=256, image_tokens=64
+    )
     assert clean["result"]["passed"] and clean["problems"] == {}
     assert 0 < clean["tokens"]["supervised"] < clean["tokens"]["used"]

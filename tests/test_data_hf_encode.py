@@ -29,7 +29,9 @@ MIN_PIXELS, MAX_PIXELS = 56 * 56, 160 * 160
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def processor(request):
-    return build_family_processor(FAMILIES[request.param], TIKTOKEN, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    return build_family_processor(
+        FAMILIES[request.param], TIKTOKEN, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,10 @@ def conversations(paths: list[str]) -> dict[str, list[dict]]:
     return {
         "several turns, several images, system prompt": [
             {"from": "system", "value": "You are a careful describer of pictures."},
-            {"from": "user", "value": f"Picture 1: <img>{wide}</img>\nPicture 2: <img>{tall}</img>\nCompare them."},
+            {
+                "from": "user",
+                "value": f"Picture 1: <img>{wide}</img>\nPicture 2: <img>{tall}</img>\nCompare them.",
+            },
             {"from": "assistant", "value": "The first is wide, the second tall."},
             {"from": "user", "value": f"And this one? <img>{small}</img>"},
             {"from": "assistant", "value": "It is small: 40 by 30 pixels.\nThat is all."},
@@ -79,8 +84,10 @@ def sizes_of(images, conversation):
     return [images[p] for p in to_messages(conversation)[1]]
 
 
-@pytest.mark.parametrize("case", ["several turns, several images, system prompt", "text only",
-                                  "image after text, default system prompt"])
+@pytest.mark.parametrize(
+    "case",
+    ["several turns, several images, system prompt", "text only", "image after text, default system prompt"],
+)
 def test_ids_equal_the_family_processor(processor, images, case):
     conversation = conversations(list(images))[case]
     sample = encode_conversation(processor, conversation, sizes_of(images, conversation))
@@ -94,7 +101,9 @@ def test_each_image_span_is_sized_by_its_own_grid(processor, images):
     conversation = conversations(list(images))["several turns, several images, system prompt"]
     sample = encode_conversation(processor, conversation, sizes_of(images, conversation))
     tok = processor.tokenizer
-    start, pad, end = (tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"))
+    start, pad, end = (
+        tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
+    )
     ids = sample.input_ids
     runs = [ids.index(end, i) - i - 1 for i, t in enumerate(ids) if t == start]
     assert runs == [t * h * w // 4 for t, h, w in sample.image_grid_thw]
@@ -132,11 +141,27 @@ def test_labels_are_exactly_the_assistant_turns_and_their_end_marker(processor, 
 def test_records_of_every_format_encode_alike(processor, images, tmp_path):
     """A LLaVA record (data.formats converts it) encodes as its Qwen-VL JSON twin."""
     wide = next(iter(images))
-    llava = normalize_record({"image": wide, "conversations": [
-        {"from": "human", "value": "<image>\nWhat shape?"}, {"from": "gpt", "value": "Wide."}]}, "auto", tmp_path)
-    qwen = normalize_record({"conversations": [
-        {"from": "user", "value": f"<img>{wide}</img>\nWhat shape?"},
-        {"from": "assistant", "value": "Wide."}]}, "auto", tmp_path)
+    llava = normalize_record(
+        {
+            "image": wide,
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat shape?"},
+                {"from": "gpt", "value": "Wide."},
+            ],
+        },
+        "auto",
+        tmp_path,
+    )
+    qwen = normalize_record(
+        {
+            "conversations": [
+                {"from": "user", "value": f"<img>{wide}</img>\nWhat shape?"},
+                {"from": "assistant", "value": "Wide."},
+            ]
+        },
+        "auto",
+        tmp_path,
+    )
     a, pixels = encode_record(processor, llava)
     b, _ = encode_record(processor, qwen)
     assert (a.input_ids, a.labels) == (b.input_ids, b.labels)
@@ -148,28 +173,71 @@ def test_records_of_every_format_encode_alike(processor, images, tmp_path):
 def test_the_released_qwen2_vl_ids():
     """reference 1.2.4: a 56x84 image (grid 1x4x6, 6 pads) in Qwen2-VL's template, ids as transformers gives."""
     processor = build_family_processor(FAMILIES["qwen2_vl"], TIKTOKEN)
-    conversation = [{"from": "user", "value": "<img>x.png</img>Describe this image."},
-                    {"from": "assistant", "value": "A black rectangle."}]
+    conversation = [
+        {"from": "user", "value": "<img>x.png</img>Describe this image."},
+        {"from": "assistant", "value": "A black rectangle."},
+    ]
     sample = encode_conversation(processor, conversation, [(84, 56)])
-    assert sample.input_ids == [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 151644, 872, 198,
-                                151652, *[151655] * 6, 151653, 74785, 419, 2168, 13, 151645, 198, 151644, 77091, 198,
-                                32, 3691, 22756, 13, 151645, 198]
+    assert sample.input_ids == [
+        151644,
+        8948,
+        198,
+        2610,
+        525,
+        264,
+        10950,
+        17847,
+        13,
+        151645,
+        198,
+        151644,
+        872,
+        198,
+        151652,
+        *[151655] * 6,
+        151653,
+        74785,
+        419,
+        2168,
+        13,
+        151645,
+        198,
+        151644,
+        77091,
+        198,
+        32,
+        3691,
+        22756,
+        13,
+        151645,
+        198,
+    ]
     assert [t for t, lab in zip(sample.input_ids, sample.labels) if lab != IGNORE_INDEX] == [
-        32, 3691, 22756, 13, 151645]
+        32,
+        3691,
+        22756,
+        13,
+        151645,
+    ]
 
 
 def test_bad_conversations_are_refused(processor):
     with pytest.raises(ValueError, match="images are allowed in user turns only"):
         to_messages([{"from": "user", "value": "hi"}, {"from": "assistant", "value": "<img>a.png</img>"}])
     with pytest.raises(ValueError, match="1 images in the conversation but 0 image sizes"):
-        encode_conversation(processor, [{"from": "user", "value": "<img>a.png</img>"},
-                                        {"from": "assistant", "value": "ok"}], [])
+        encode_conversation(
+            processor,
+            [{"from": "user", "value": "<img>a.png</img>"}, {"from": "assistant", "value": "ok"}],
+            [],
+        )
 
 
 def test_truncation_never_cuts_an_image_span_and_keeps_the_grids_of_the_images_it_keeps(processor, images):
     conversation = conversations(list(images))["several turns, several images, system prompt"]
     sample = encode_conversation(processor, conversation, sizes_of(images, conversation))
-    start, end = (processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>"))
+    start, end = (
+        processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>")
+    )
     second_image = [i for i, t in enumerate(sample.input_ids) if t == start][1]
     cut = truncate_family_sample(sample, second_image + 3, start, end)  # inside the second span
     assert cut is None  # everything supervised came after that image

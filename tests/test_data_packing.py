@@ -15,8 +15,12 @@ def make_sample(n, first_token, n_images=0):
     ids = torch.arange(first_token, first_token + n)
     labels = ids.clone()
     labels[0] = IGNORE_INDEX
-    return {"input_ids": ids, "labels": labels, "pixel_values": torch.full((n_images, 3, S, S), float(first_token)),
-            "truncated": False}
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "pixel_values": torch.full((n_images, 3, S, S), float(first_token)),
+        "truncated": False,
+    }
 
 
 def test_rows_fill_in_order_and_close_when_the_next_sample_would_overflow():
@@ -25,16 +29,28 @@ def test_rows_fill_in_order_and_close_when_the_next_sample_would_overflow():
 
 
 def test_packed_positions_restart_per_sample_and_tokens_are_accounted_exactly():
-    samples = [make_sample(4, 100), make_sample(3, 200), make_sample(5, 300), make_sample(1, 400), make_sample(3, 500)]
+    samples = [
+        make_sample(4, 100),
+        make_sample(3, 200),
+        make_sample(5, 300),
+        make_sample(1, 400),
+        make_sample(3, 500),
+    ]
     batch = pack(samples, max_len=8, pad_id=PAD)
     # rows: [s0 s1], [s2 s3], [s4 pad pad pad pad]; width = longest row (7)
     assert batch["input_ids"].shape == (3, 7)
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2], [0, 1, 2, 3, 4, 0, 0], [0, 1, 2, 0, 1, 2, 3]]
+    assert batch["position_ids"].tolist() == [
+        [0, 1, 2, 3, 0, 1, 2],
+        [0, 1, 2, 3, 4, 0, 0],
+        [0, 1, 2, 0, 1, 2, 3],
+    ]
     assert batch["input_ids"][0].tolist() == [100, 101, 102, 103, 200, 201, 202]
     # exact accounting: every real token exactly once, padding is pad_id, supervised labels preserved
     real = batch["input_ids"][batch["input_ids"] != PAD]
     assert sorted(real.tolist()) == sorted(torch.cat([s["input_ids"] for s in samples]).tolist())
-    assert (batch["labels"] != IGNORE_INDEX).sum() == sum((s["labels"] != IGNORE_INDEX).sum() for s in samples)
+    assert (batch["labels"] != IGNORE_INDEX).sum() == sum(
+        (s["labels"] != IGNORE_INDEX).sum() for s in samples
+    )
     # the trailing padding is its own segment with labels -100
     assert batch["input_ids"][2, 3:].tolist() == [PAD] * 4
     assert batch["labels"][2, 3:].tolist() == [IGNORE_INDEX] * 4
@@ -54,8 +70,12 @@ def test_dynamic_padding_pads_right_to_the_longest_with_an_attention_mask():
 
 
 def test_collator_concatenates_pixels_in_order_of_appearance_and_counts_drops():
-    items = [make_sample(3, 1, n_images=2), {"dropped": stats.DROPPED_TOO_LONG}, make_sample(3, 2, n_images=0),
-             make_sample(2, 3, n_images=1)]
+    items = [
+        make_sample(3, 1, n_images=2),
+        {"dropped": stats.DROPPED_TOO_LONG},
+        make_sample(3, 2, n_images=0),
+        make_sample(2, 3, n_images=1),
+    ]
     for packing in (False, True):
         batch = Collator(pad_id=PAD, image_size=S, row_len=8, packing=packing)(items)
         assert batch["pixel_values"][:, 0, 0, 0].tolist() == [1.0, 1.0, 3.0]
@@ -71,8 +91,12 @@ def test_collator_ships_the_flat_positions_of_every_predicted_label():
     for packing in (False, True):
         batch = Collator(pad_id=PAD, image_size=S, row_len=8, packing=packing)(items)
         labels = batch["labels"]
-        expected = [r * labels.shape[1] + t for r in range(labels.shape[0]) for t in range(1, labels.shape[1])
-                    if labels[r, t] != IGNORE_INDEX]
+        expected = [
+            r * labels.shape[1] + t
+            for r in range(labels.shape[0])
+            for t in range(1, labels.shape[1])
+            if labels[r, t] != IGNORE_INDEX
+        ]
         assert batch["label_positions"].tolist() == expected and expected
 
 
@@ -88,8 +112,15 @@ def test_a_longer_pack_len_shares_rows_and_cuts_padding(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(world / "tokenizer")
     padding = {}
     for pack_len in (None, 4096):
-        config = DataConfig(paths=[str(world / "sft.json")], image_size=28, max_len=256, packing=True,
-                            pack_len=pack_len, num_workers=0, shuffle=False)
+        config = DataConfig(
+            paths=[str(world / "sft.json")],
+            image_size=28,
+            max_len=256,
+            packing=True,
+            pack_len=pack_len,
+            num_workers=0,
+            shuffle=False,
+        )
         batch = next(iter(build_dataloader(config, tokenizer, num_image_tokens=4, batch_size=16)))
         padding[pack_len] = batch["input_ids"].numel() - sum(batch["sample_lengths"])
         assert batch["num_samples"] == 16 and len(batch["sample_lengths"]) == 16
@@ -141,9 +172,24 @@ def test_sample_with_nothing_supervised_left_is_dropped():
 def test_bench_loader_reports_the_padding_that_pack_len_removes(capsys):
     from data import bench_loader
 
-    argv = ["--workers", "0", "--batches", "2", "--batch-size", "8", "--image-size", "28", "--num-image-tokens", "4",
-            "--packing", "--max-len", "256"]
+    argv = [
+        "--workers",
+        "0",
+        "--batches",
+        "2",
+        "--batch-size",
+        "8",
+        "--image-size",
+        "28",
+        "--num-image-tokens",
+        "4",
+        "--packing",
+        "--max-len",
+        "256",
+    ]
     bench_loader.main(argv)
     bench_loader.main([*argv, "--pack-len", "4096"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("workers=")]
-    assert len(rows) == 2 and "padding 0.0%" not in rows[0] and rows[1].endswith("padding 0.0% of token slots")
+    assert (
+        len(rows) == 2 and "padding 0.0%" not in rows[0] and rows[1].endswith("padding 0.0% of token slots")
+    )

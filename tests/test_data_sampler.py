@@ -15,7 +15,10 @@ N = 23  # not a multiple of world_size * batch_size, so the last round and batch
 
 
 def test_order_is_a_function_of_seed_and_epoch_and_ranks_partition_it():
-    a, b = ResumableSampler(N, seed=3, rank=0, world_size=2), ResumableSampler(N, seed=3, rank=1, world_size=2)
+    a, b = (
+        ResumableSampler(N, seed=3, rank=0, world_size=2),
+        ResumableSampler(N, seed=3, rank=1, world_size=2),
+    )
     assert list(a) == list(ResumableSampler(N, seed=3, rank=0, world_size=2))
     assert list(a) != list(ResumableSampler(N, seed=4, rank=0, world_size=2))
     assert len(list(a)) == len(list(b)) == 12  # ceil(23 / 2), the head repeated once to even out ranks
@@ -47,8 +50,15 @@ def data_file(tmp_path_factory):
     (root / "imgs").mkdir()
     for i in range(N):
         Image.new("RGB", (8, 8), (i * 10, 0, 0)).save(root / "imgs" / f"{i}.png")
-    records = [{"conversations": [{"from": "user", "value": f"<img>imgs/{i}.png</img>q"},
-                                  {"from": "assistant", "value": f"n{i}"}]} for i in range(N)]
+    records = [
+        {
+            "conversations": [
+                {"from": "user", "value": f"<img>imgs/{i}.png</img>q"},
+                {"from": "assistant", "value": f"n{i}"},
+            ]
+        }
+        for i in range(N)
+    ]
     (root / "train.json").write_text(json.dumps(records))
     return root / "train.json"
 
@@ -73,7 +83,9 @@ def test_resumed_run_sees_exactly_the_samples_of_an_uninterrupted_run(data_file,
             loader.set_epoch(epoch)
             expected.append([i for b in loader for i in sample_ids(b, tok)])
         assert len(expected[0]) == 12 and expected[0] != expected[1]
-        assert expected[0] == [int(i) for i in ResumableSampler(N, seed=11, rank=rank, world_size=2).rank_indices(0)]
+        assert expected[0] == [
+            int(i) for i in ResumableSampler(N, seed=11, rank=rank, world_size=2).rank_indices(0)
+        ]
 
         # interrupted after 2 batches (workers have prefetched more), resumed in a fresh loader
         loader = make_loader(data_file, tok, rank)

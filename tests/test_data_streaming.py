@@ -36,8 +36,10 @@ def png_bytes(i: int) -> bytes:
 
 def make_tar_shards(root: Path, n_shards: int, per_shard: int) -> str:
     """Shards of samples KEY.png + KEY.txt, caption "n{i}" for sample i; returns their brace pattern."""
-    samples = ({"__key__": f"{i:04d}", "png": png_bytes(i), "txt": f"n{i}".encode()}
-               for i in range(n_shards * per_shard))
+    samples = (
+        {"__key__": f"{i:04d}", "png": png_bytes(i), "txt": f"n{i}".encode()}
+        for i in range(n_shards * per_shard)
+    )
     write_shards(samples, root, "s", per_shard)
     return str(root / f"s-{{000000..{n_shards - 1:06d}}}.tar")
 
@@ -78,7 +80,10 @@ def test_fewer_shards_than_readers_share_each_shard_split_by_record():
     for r in readers:
         by_shard.setdefault(r[0].shard, []).append((r[0].every, r[0].which))
     # 3 readers per shard, each keeping one residue class of the records: together all of them, once
-    assert {s: sorted(v) for s, v in by_shard.items()} == {0: [(3, 0), (3, 1), (3, 2)], 1: [(3, 0), (3, 1), (3, 2)]}
+    assert {s: sorted(v) for s, v in by_shard.items()} == {
+        0: [(3, 0), (3, 1), (3, 2)],
+        1: [(3, 0), (3, 1), (3, 2)],
+    }
 
 
 # --------------------------------------------------------------------- readers and positions
@@ -89,8 +94,12 @@ def one_shard(request, tmp_path) -> tuple[ShardReader, str, list[str]]:
     rows = [{"image": f"{i}.png", "caption": c} for i, c in enumerate(captions)]
     kind = request.param
     if kind == "tar":
-        write_shards(({"__key__": f"{i:03d}", "png": png_bytes(i), "txt": c.encode()} for i, c in enumerate(captions)),
-                     tmp_path, "t", 100)
+        write_shards(
+            ({"__key__": f"{i:03d}", "png": png_bytes(i), "txt": c.encode()} for i, c in enumerate(captions)),
+            tmp_path,
+            "t",
+            100,
+        )
         return ShardReader("tar"), str(tmp_path / "t-000000.tar"), captions
     path = tmp_path / f"shard.{kind}"
     if kind == "jsonl":
@@ -116,7 +125,7 @@ def test_a_shard_read_from_any_saved_position_goes_on_with_the_next_record(one_s
     records = list(reader.read(url))
     assert [caption_of(r) for r, _, _ in records] == captions
     for k, (_, _, end) in enumerate(records):
-        assert [caption_of(r) for r, _, _ in reader.read(url, end)] == captions[k + 1:]
+        assert [caption_of(r) for r, _, _ in reader.read(url, end)] == captions[k + 1 :]
     # and any record is read alone from its range
     ranges = [(s, e) for _, s, e in records][::-2]
     assert [caption_of(r) for r in reader.read_ranges(url, ranges)] == captions[::-2]
@@ -128,8 +137,9 @@ def test_stream_state_taken_after_any_record_resumes_the_exact_sequence(tmp_path
     reader = ShardReader("tar")
 
     def stream(state=None):
-        return ReaderStream(urls, reader, assign_shards(3, 1, 0, seed=1, epoch=0), buffer_size=4, seed=(1, 0, 0),
-                            state=state)
+        return ReaderStream(
+            urls, reader, assign_shards(3, 1, 0, seed=1, epoch=0), buffer_size=4, seed=(1, 0, 0), state=state
+        )
 
     full = [raw["__key__"] for raw, _, _ in stream()]
     assert sorted(full) == [f"{i:04d}" for i in range(15)] and full != sorted(full)  # shuffled, complete
@@ -156,14 +166,24 @@ BATCH, BUFFER = 3, 5
 def stream_sources(tmp_path_factory) -> dict[str, tuple[list[str], str]]:
     """webdataset: 8 shards (2 per reader); jsonl: 2 files for 4 readers (shared shards, split by record)."""
     root = tmp_path_factory.mktemp("streams")
-    return {"webdataset": ([make_tar_shards(root / "wds", n_shards=8, per_shard=6)], "webdataset"),
-            "jsonl": (make_jsonl_shards(root / "jsonl", n_files=2, per_file=23), "pretrain")}
+    return {
+        "webdataset": ([make_tar_shards(root / "wds", n_shards=8, per_shard=6)], "webdataset"),
+        "jsonl": (make_jsonl_shards(root / "jsonl", n_files=2, per_file=23), "pretrain"),
+    }
 
 
 def make_loader(source, tok, rank: int):
     paths, fmt = source
-    cfg = DataConfig(paths=paths, format=fmt, streaming=True, image_size=8, max_len=64, num_workers=2, seed=7,
-                     shuffle_buffer=BUFFER)
+    cfg = DataConfig(
+        paths=paths,
+        format=fmt,
+        streaming=True,
+        image_size=8,
+        max_len=64,
+        num_workers=2,
+        seed=7,
+        shuffle_buffer=BUFFER,
+    )
     return build_dataloader(cfg, tok, num_image_tokens=N_IMG, batch_size=BATCH, rank=rank, world_size=2)
 
 
@@ -203,7 +223,8 @@ class ReadLog:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["webdataset", "jsonl"])
 def test_resumed_streams_yield_the_uninterrupted_sequence_and_reread_nothing_consumed(
-        kind, stream_sources, tiny_tokenizer, tmp_path, monkeypatch):
+    kind, stream_sources, tiny_tokenizer, tmp_path, monkeypatch
+):
     tok, source = tiny_tokenizer, stream_sources[kind]
     reads = ReadLog(monkeypatch, tmp_path / "reads.log")
     expected, whole = {}, set()
@@ -213,7 +234,9 @@ def test_resumed_streams_yield_the_uninterrupted_sequence_and_reread_nothing_con
         assert reads.take(), "the read log must see the workers' reads"
         whole |= set(expected[rank][0])
         assert len(set(expected[rank][0])) == len(expected[rank][0])  # no sample twice in an epoch
-    assert set(expected[0][0]).isdisjoint(expected[1][0]) and whole == set(range(46 if kind == "jsonl" else 48))
+    assert set(expected[0][0]).isdisjoint(expected[1][0]) and whole == set(
+        range(46 if kind == "jsonl" else 48)
+    )
     assert expected[0][0] != expected[0][1]  # reshuffled per epoch
 
     for rank in (0, 1):
@@ -243,7 +266,9 @@ def test_resume_refuses_a_different_number_of_readers(stream_sources, tiny_token
     paths, fmt = stream_sources["webdataset"]
     loader = make_loader(stream_sources["webdataset"], tiny_tokenizer, 0)
     cfg = DataConfig(paths=paths, format=fmt, image_size=8, max_len=64, num_workers=1)
-    other = build_dataloader(cfg, tiny_tokenizer, num_image_tokens=N_IMG, batch_size=BATCH, rank=0, world_size=2)
+    other = build_dataloader(
+        cfg, tiny_tokenizer, num_image_tokens=N_IMG, batch_size=BATCH, rank=0, world_size=2
+    )
     with pytest.raises(UserError, match="num_workers=2.*now num_workers=1"):
         other.load_state_dict(loader.state_dict())
 

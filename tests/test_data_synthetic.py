@@ -54,10 +54,14 @@ def test_training_files_load_and_batch_with_the_generated_tokenizer(world):
     for name, fmt in (("pretrain.jsonl", "pretrain"), ("multitask.jsonl", "multitask"), ("sft.json", "qwen")):
         records, _ = load_records(out / name, fmt)
         assert records
-        cfg = DataConfig(paths=[str(out / name)], format=fmt, image_size=32, max_len=512, num_workers=0, packing=True)
+        cfg = DataConfig(
+            paths=[str(out / name)], format=fmt, image_size=32, max_len=512, num_workers=0, packing=True
+        )
         batch = next(iter(build_dataloader(cfg, tok, num_image_tokens=4, batch_size=8)))
         assert batch["num_samples"] == 8
-        assert (batch["input_ids"] == tok.convert_tokens_to_ids("<img>")).sum() == batch["pixel_values"].shape[0]
+        assert (batch["input_ids"] == tok.convert_tokens_to_ids("<img>")).sum() == batch[
+            "pixel_values"
+        ].shape[0]
 
 
 def test_preference_pairs_set_the_right_answer_against_a_plausible_wrong_one(world):
@@ -72,7 +76,10 @@ def test_preference_pairs_set_the_right_answer_against_a_plausible_wrong_one(wor
         chosen, rejected = r["chosen"], r["rejected"]
         if "<box>" in chosen:
             kinds.add("box")
-            assert parse_boxes(chosen) != parse_boxes(rejected) and chosen.split("<box>")[0] == rejected.split("<box>")[0]
+            assert (
+                parse_boxes(chosen) != parse_boxes(rejected)
+                and chosen.split("<box>")[0] == rejected.split("<box>")[0]
+            )
         elif "How many" in question:
             kinds.add("count")
             assert chosen != rejected and {chosen, rejected} <= {"1", "2", "3"}
@@ -102,15 +109,33 @@ def test_a_picture_gives_a_pair_for_every_question_it_answers():
 
     def asked(things):
         pairs = preference_pairs(random.Random(0), "x.png", things, 64)
-        questions = [p["conversations"][0]["value"].split("</img>")[1].strip().removesuffix(" Answer:") for p in pairs]
-        return sorted(q.replace("Find ", "").replace(" and give its box.", "").replace("<ref>", "").replace("</ref><box>", "")
-                      for q in questions)
+        questions = [
+            p["conversations"][0]["value"].split("</img>")[1].strip().removesuffix(" Answer:") for p in pairs
+        ]
+        return sorted(
+            q.replace("Find ", "")
+            .replace(" and give its box.", "")
+            .replace("<ref>", "")
+            .replace("</ref><box>", "")
+            for q in questions
+        )
 
-    shapes = [Thing("red", "circle", (0, 0, 20, 20)), Thing("blue", "circle", (40, 0, 60, 20)),
-              Thing("green", "square", (0, 40, 20, 60))]
-    assert asked(shapes) == ["How many shapes are there?", "What color is the square?", "the blue circle",
-                             "the green square", "the red circle"]
-    assert asked([Thing("red", "word", (5, 5, 30, 15), word="cat")]) == ["What color is the word?", "the word cat"]
+    shapes = [
+        Thing("red", "circle", (0, 0, 20, 20)),
+        Thing("blue", "circle", (40, 0, 60, 20)),
+        Thing("green", "square", (0, 40, 20, 60)),
+    ]
+    assert asked(shapes) == [
+        "How many shapes are there?",
+        "What color is the square?",
+        "the blue circle",
+        "the green square",
+        "the red circle",
+    ]
+    assert asked([Thing("red", "word", (5, 5, 30, 15), word="cat")]) == [
+        "What color is the word?",
+        "the word cat",
+    ]
 
 
 def test_the_preference_pairs_leave_every_other_file_as_it_was(world, tmp_path, monkeypatch):
@@ -121,7 +146,11 @@ def test_the_preference_pairs_leave_every_other_file_as_it_was(world, tmp_path, 
     out, _ = world
     monkeypatch.setattr(data.synthetic, "preference_pairs", lambda *args: [])
     generate(tmp_path / "b", seed=5, n_train=40, n_eval=12, image_size=64, vocab_size=600)
-    files = [f for f in _all_files(out) if f.name not in ("dpo.json", "dpo_count_color.json", "dpo_test.json", "manifest.json")]
+    files = [
+        f
+        for f in _all_files(out)
+        if f.name not in ("dpo.json", "dpo_count_color.json", "dpo_test.json", "manifest.json")
+    ]
     match, mismatch, errors = filecmp.cmpfiles(out, tmp_path / "b", [str(f) for f in files], shallow=False)
     assert len(match) == len(files) > 52 and mismatch == [] and errors == []
 
@@ -170,4 +199,8 @@ def test_no_answer_is_rejected_more_often_than_it_is_right():
             rejected[pair["rejected"]["value"]] += 1
     for answer in ("1", "2", "3", "red", "green", "blue", "yellow"):
         assert chosen[answer] > 100
-        assert abs(rejected[answer] - chosen[answer]) < 0.25 * chosen[answer], (answer, chosen[answer], rejected[answer])
+        assert abs(rejected[answer] - chosen[answer]) < 0.25 * chosen[answer], (
+            answer,
+            chosen[answer],
+            rejected[answer],
+        )

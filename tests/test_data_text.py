@@ -15,14 +15,16 @@ from data.text import (
 
 def test_each_image_span_becomes_start_pads_end_and_paths_come_back_in_order(tiny_tokenizer):
     tok = tiny_tokenizer
-    ids, paths = encode_text_with_images(tok, "Picture 1: <img>a/x.png</img>\nPicture 2: <img>b.jpg</img> hi", 4)
+    ids, paths = encode_text_with_images(
+        tok, "Picture 1: <img>a/x.png</img>\nPicture 2: <img>b.jpg</img> hi", 4
+    )
     vocab = tok.get_vocab()
     s, e, p = vocab["<img>"], vocab["</img>"], vocab["<imgpad>"]
     assert paths == ["a/x.png", "b.jpg"]
     assert ids.count(s) == 2 and ids.count(e) == 2 and ids.count(p) == 8
     first = ids.index(s)
     assert ids[first : first + 6] == [s, p, p, p, p, e]
-    assert tok.decode(ids[: first]) == "Picture 1: "
+    assert tok.decode(ids[:first]) == "Picture 1: "
     # text between and after the spans is tokenised as usual
     assert tok.decode([t for t in ids if t not in (s, e, p)]) == "Picture 1: \nPicture 2:  hi"
 
@@ -32,12 +34,15 @@ def test_text_without_images_is_plain_tokenisation(tiny_tokenizer):
     assert paths == [] and ids == tiny_tokenizer("a red circle", add_special_tokens=False)["input_ids"]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("look <img>a.png", "unclosed <img>"),
-    ("<img>a.png<img>b.png</img></img>", "nested <img>"),
-    ("a.png</img>", "</img> without <img>"),
-    ("<img> </img>", "empty image path"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("look <img>a.png", "unclosed <img>"),
+        ("<img>a.png<img>b.png</img></img>", "nested <img>"),
+        ("a.png</img>", "</img> without <img>"),
+        ("<img> </img>", "empty image path"),
+    ],
+)
 def test_malformed_image_spans_raise(tiny_tokenizer, text, message):
     with pytest.raises(ValueError, match=message):
         encode_text_with_images(tiny_tokenizer, text, 4)
@@ -59,7 +64,9 @@ def test_denormalise_uses_the_same_divisor_1000():
 def test_box_text_round_trips_and_validates():
     assert format_box((1, 2, 300, 400)) == "<box>(1,2),(300,400)</box>"
     assert parse_boxes("a <ref>dog</ref><box>(1,2),(300,400)</box> and <box>(0,0),(999,999)</box>") == [
-        (1, 2, 300, 400), (0, 0, 999, 999)]
+        (1, 2, 300, 400),
+        (0, 0, 999, 999),
+    ]
 
 
 @pytest.mark.parametrize("box", [(0, 0, 1000, 10), (-1, 0, 5, 5), (10, 10, 5, 20), (0.5, 0, 1, 1)])
@@ -78,8 +85,12 @@ def test_out_of_range_or_malformed_box_in_text_is_rejected():
 def test_grounding_tags_pair_up_and_a_prompt_may_end_with_an_open_box():
     from data.text import BoxError, GroundingTagError, check_grounding_tags
 
-    check_grounding_tags("<ref>a dog</ref><box>(1,2),(300,400)</box> and <ref>t</ref><quad>(1,2),(3,4),(5,6),(7,8)</quad>")
-    check_grounding_tags("<img>p.png</img><ref>the dog</ref><box>", open_box_at_end=True)  # the grounding prompt
+    check_grounding_tags(
+        "<ref>a dog</ref><box>(1,2),(300,400)</box> and <ref>t</ref><quad>(1,2),(3,4),(5,6),(7,8)</quad>"
+    )
+    check_grounding_tags(
+        "<img>p.png</img><ref>the dog</ref><box>", open_box_at_end=True
+    )  # the grounding prompt
     for text, error in [
         ("<ref>the dog</ref><box>", GroundingTagError),  # not a prompt: the open box is unclosed
         ("<ref>the dog<box>(1,2),(3,4)</box>", GroundingTagError),  # box inside an open ref

@@ -47,26 +47,47 @@ def write_benchmarks(root: Path) -> None:
     """A grounding, a preference and a caption benchmark of four samples under root/synthetic."""
     world = root / "synthetic"
     world.mkdir(parents=True)
-    (world / "grounding_test.jsonl").write_text("".join(
-        json.dumps({"image": f"{i}.png", "sent": "it", "bbox": BOX, "width": 100, "height": 100}) + "\n" for i in range(4)))
-    (world / "dpo_test.json").write_text(json.dumps([
-        {"id": f"p{i}", "conversations": [{"from": "user", "value": f"<img>{i}.png</img>Q?"}],
-         "chosen": {"from": "assistant", "value": "yes"}, "rejected": {"from": "assistant", "value": "no"}}
-        for i in range(4)]))
-    (world / "caption_test.json").write_text(json.dumps({
-        "images": [{"id": i, "image": f"{i}.png"} for i in range(4)],
-        "annotations": [{"id": i, "image_id": i, "caption": "a shape."} for i in range(4)]}))
+    (world / "grounding_test.jsonl").write_text(
+        "".join(
+            json.dumps({"image": f"{i}.png", "sent": "it", "bbox": BOX, "width": 100, "height": 100}) + "\n"
+            for i in range(4)
+        )
+    )
+    (world / "dpo_test.json").write_text(
+        json.dumps(
+            [
+                {
+                    "id": f"p{i}",
+                    "conversations": [{"from": "user", "value": f"<img>{i}.png</img>Q?"}],
+                    "chosen": {"from": "assistant", "value": "yes"},
+                    "rejected": {"from": "assistant", "value": "no"},
+                }
+                for i in range(4)
+            ]
+        )
+    )
+    (world / "caption_test.json").write_text(
+        json.dumps(
+            {
+                "images": [{"id": i, "image": f"{i}.png"} for i in range(4)],
+                "annotations": [{"id": i, "image_id": i, "caption": "a shape."} for i in range(4)],
+            }
+        )
+    )
 
 
 def write_eval(run: Path, grounding: list[str], margins: list[float]) -> Path:
     """What `eval_mm run --out run` writes: a predictions.jsonl per benchmark."""
-    predictions = {"synth_grounding": dict(zip(map(str, range(4)), grounding, strict=True)),
-                   "synth_preference": {f"p{i}": m for i, m in enumerate(margins)},
-                   "synth_caption": {str(i): "a shape." for i in range(4)}}
+    predictions = {
+        "synth_grounding": dict(zip(map(str, range(4)), grounding, strict=True)),
+        "synth_preference": {f"p{i}": m for i, m in enumerate(margins)},
+        "synth_caption": {str(i): "a shape." for i in range(4)},
+    }
     for bench, preds in predictions.items():
         (run / bench).mkdir(parents=True)
         (run / bench / "predictions.jsonl").write_text(
-            "".join(json.dumps({"id": k, "prediction": p}) + "\n" for k, p in preds.items()))
+            "".join(json.dumps({"id": k, "prediction": p}) + "\n" for k, p in preds.items())
+        )
     return run
 
 
@@ -79,21 +100,30 @@ def test_compare_runs_scores_every_sample_of_both_runs(tmp_path):
     assert "not a mean over samples" in r["synth_caption"]["skipped"]
     g = r["synth_grounding"]
     assert (g["baseline"], g["candidate"], g["change"], g["won"], g["lost"]) == (50.0, 75.0, 25.0, 2, 1)
-    p = r["synth_preference"]  # right (margin > 0): 2 of 4 -> 3 of 4; margins grew on pairs 0 and 1 (+2, +1.5), fell on 2 and 3 (-1, -1)
+    p = r[
+        "synth_preference"
+    ]  # right (margin > 0): 2 of 4 -> 3 of 4; margins grew on pairs 0 and 1 (+2, +1.5), fell on 2 and 3 (-1, -1)
     assert (p["baseline"], p["candidate"], p["won"], p["lost"]) == (50.0, 75.0, 1, 0)
     assert p["reward_accuracy"] == 50.0 and p["mean_margin_change"] == pytest.approx((2 + 1.5 - 1 - 1) / 4)
 
 
 def run_compare(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "eval_mm", "compare", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "eval_mm", "compare", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_compare_cli_prints_a_table_or_json(tmp_path):
     write_benchmarks(tmp_path / "data")
     sft = write_eval(tmp_path / "sft", [RIGHT, WRONG, WRONG, RIGHT], [1.0, -1.0, 2.0, -0.5])
     dpo = write_eval(tmp_path / "dpo", [RIGHT, RIGHT, RIGHT, WRONG], [3.0, 0.5, 1.0, -1.5])
-    table = run_compare(str(sft), str(dpo), "--data-root", str(tmp_path / "data"), "--bench", "synth_grounding")
+    table = run_compare(
+        str(sft), str(dpo), "--data-root", str(tmp_path / "data"), "--bench", "synth_grounding"
+    )
     assert table.returncode == 0, table.stderr
     header, row = table.stdout.splitlines()
     assert header.split()[:4] == ["benchmark", "samples", "baseline", "candidate"]

@@ -18,21 +18,41 @@ def _image(path):
 
 def test_scienceqa_prompt_matches_the_reference(tmp_path):
     _image(tmp_path / "scienceqa/img/1.png")
-    (tmp_path / "scienceqa/scienceqa_test_img.jsonl").write_text(json.dumps(
-        {"image": "scienceqa/img/1.png", "hint": "", "question": "Which?", "choices": ["sand", "light"], "answer": 1}) + "\n")
+    (tmp_path / "scienceqa/scienceqa_test_img.jsonl").write_text(
+        json.dumps(
+            {
+                "image": "scienceqa/img/1.png",
+                "hint": "",
+                "question": "Which?",
+                "choices": ["sand", "light"],
+                "answer": 1,
+            }
+        )
+        + "\n"
+    )
     bench = get_benchmark("scienceqa_img")
     [sample] = load_samples(bench, tmp_path)
     image = tmp_path / "scienceqa/img/1.png"
-    assert sample.text == f"<img>{image}</img>Context: N/A\nQuestion: Which?\nOptions: A. sand\nB. light\nAnswer:"
+    assert (
+        sample.text
+        == f"<img>{image}</img>Context: N/A\nQuestion: Which?\nOptions: A. sand\nB. light\nAnswer:"
+    )
     assert sample.options == ("A", "B")
     assert load_references(bench, tmp_path / bench.references_file) == {"0": "B"}
 
 
 def test_seed_bench_records_carry_their_prompt(tmp_path):
     _image(tmp_path / "seed_bench/a.jpg")
-    (tmp_path / "seed_bench/image_input.jsonl").write_text(json.dumps(
-        {"question_id": "q7", "prompt": "<img>seed_bench/a.jpg</img>\nQuestion: x\nOptions: A. 1\nB. 2\nC. 3\nD. 4\nAnswer:",
-         "answer": "C"}) + "\n")
+    (tmp_path / "seed_bench/image_input.jsonl").write_text(
+        json.dumps(
+            {
+                "question_id": "q7",
+                "prompt": "<img>seed_bench/a.jpg</img>\nQuestion: x\nOptions: A. 1\nB. 2\nC. 3\nD. 4\nAnswer:",
+                "answer": "C",
+            }
+        )
+        + "\n"
+    )
     bench = get_benchmark("seed_bench_img")
     [sample] = load_samples(bench, tmp_path)
     assert sample.id == "q7" and sample.text.startswith(f"<img>{tmp_path}/seed_bench/a.jpg</img>\nQuestion")
@@ -54,7 +74,9 @@ def test_mme_directory(tmp_path):
 
 def test_missing_image_and_bad_record_are_named(tmp_path):
     (tmp_path / "gqa").mkdir()
-    (tmp_path / "gqa/testdev_balanced.jsonl").write_text(json.dumps({"image": "nope.jpg", "question": "q"}) + "\n")
+    (tmp_path / "gqa/testdev_balanced.jsonl").write_text(
+        json.dumps({"image": "nope.jpg", "question": "q"}) + "\n"
+    )
     with pytest.raises(FileNotFoundError, match="testdev_balanced.jsonl record 0: image not found"):
         load_samples(get_benchmark("gqa_testdev"), tmp_path)
     (tmp_path / "gqa/testdev_balanced.jsonl").write_text(json.dumps({"question": "q"}) + "\n")
@@ -92,9 +114,16 @@ def test_minimum_answer_length_applies_to_raw_prompts_only(tiny_tokenizer, promp
             seen.update(kwargs)
             return torch.zeros(input_ids.shape[0], 1, dtype=torch.long)
 
-    batch = PromptBatch(samples=[], prompts=["p"], input_ids=torch.ones(1, 3, dtype=torch.long),
-                        attention_mask=torch.ones(1, 3, dtype=torch.long), pixel_values=torch.zeros(0, 3, 4, 4),
-                        num_images=[0], option_ids=[], pad_id=0)
+    batch = PromptBatch(
+        samples=[],
+        prompts=["p"],
+        input_ids=torch.ones(1, 3, dtype=torch.long),
+        attention_mask=torch.ones(1, 3, dtype=torch.long),
+        pixel_values=torch.zeros(0, 3, 4, 4),
+        num_images=[0],
+        option_ids=[],
+        pad_id=0,
+    )
     bench = get_benchmark("synth_caption")
     assert bench.min_new_tokens == 8
     generate_answers(RecordingModel(), tiny_tokenizer, batch, bench, prompt_format, torch.device("cpu"))

@@ -91,7 +91,9 @@ def test_load_pretrained_takes_full_adapter_and_merged_family_exports(exports, p
 
     # A LoRA run's final/: the adapter (on `full`, named by training_info.json) and its merged weights.
     torch.manual_seed(1)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=model.lora_target_pattern(["q_proj", "v_proj"]))
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=model.lora_target_pattern(["q_proj", "v_proj"])
+    )
     trained = peft.get_peft_model(HFFamilyModel.from_pretrained(full), config)
     for name, param in trained.named_parameters():
         if "lora_B" in name:  # a trained adapter: B is no longer 0, so the adapter changes the outputs
@@ -121,8 +123,14 @@ def test_a_family_export_without_its_processor_is_a_clear_error(exports, tmp_pat
 
 
 def run_eval_cli(*args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "eval_mm", "run", *args, "--num-workers", "0"], cwd=REPO,
-                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [sys.executable, "-m", "eval_mm", "run", *args, "--num-workers", "0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "prompt format: chatml" in out.stdout
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -135,8 +143,18 @@ def read_jsonl(path: Path) -> list[dict]:
 def test_eval_run_scores_a_family_export_on_every_benchmark_kind(exports, data_root, tmp_path):
     """Generation (caption, VQA, grounding), multiple choice and preference pairs: finite metrics over every
     sample; prompts in the family's chat template, the grounding request in the family's own words."""
-    results = run_eval_cli("--checkpoint", str(exports["qwen2_5_vl"]), "--bench", SYNTH_BENCHES, "--data-root",
-                           str(data_root), "--out", str(tmp_path), "--batch-size", "2")
+    results = run_eval_cli(
+        "--checkpoint",
+        str(exports["qwen2_5_vl"]),
+        "--bench",
+        SYNTH_BENCHES,
+        "--data-root",
+        str(data_root),
+        "--out",
+        str(tmp_path),
+        "--batch-size",
+        "2",
+    )
     assert set(results) == set(SYNTH_BENCHES.split(","))
     for bench, metrics in results.items():
         numbers = [v for v in metrics.values() if isinstance(v, (int, float))]
@@ -146,7 +164,10 @@ def test_eval_run_scores_a_family_export_on_every_benchmark_kind(exports, data_r
     for record in grounding:
         assert record["prompt"].startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
         assert "<|vision_start|><|image_pad|><|vision_end|>Locate the " in record["prompt"]
-        assert "output its bbox coordinates using JSON format.<|im_end|>\n<|im_start|>assistant\n" in record["prompt"]
+        assert (
+            "output its bbox coordinates using JSON format.<|im_end|>\n<|im_start|>assistant\n"
+            in record["prompt"]
+        )
         assert "<ref>" not in record["prompt"] and isinstance(record["raw_output"], str)
     choices = read_jsonl(tmp_path / "synth_mc" / "predictions.jsonl")
     assert all(r["prediction"] in "ABCDE" and len(r["option_losses"]) >= 2 for r in choices)
@@ -162,12 +183,30 @@ def test_the_other_families_score_in_process(family, exports, data_root, tmp_pat
 
     model, processor = load_pretrained(exports[family])
     benches = ["synth_grounding", "synth_mc", "synth_preference"]
-    results = eval_mm.evaluate(model, processor, benches, data_root, tmp_path, limit=2, batch_size=2,
-                               prompt_format="chatml", num_workers=1, progress=False)
+    results = eval_mm.evaluate(
+        model,
+        processor,
+        benches,
+        data_root,
+        tmp_path,
+        limit=2,
+        batch_size=2,
+        prompt_format="chatml",
+        num_workers=1,
+        progress=False,
+    )
     assert [results[b]["num_samples"] for b in benches] == [2, 2, 2]
     with pytest.raises(UserError, match="its own chat template only"):
-        eval_mm.evaluate(model, processor, ["synth_vqa"], data_root, tmp_path / "raw", limit=1, prompt_format="raw",
-                         progress=False)
+        eval_mm.evaluate(
+            model,
+            processor,
+            ["synth_vqa"],
+            data_root,
+            tmp_path / "raw",
+            limit=1,
+            prompt_format="raw",
+            progress=False,
+        )
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -183,10 +222,12 @@ def test_a_grounding_answer_in_the_family_convention_scores_like_its_qwen_vl_equ
     for box, hit in (([10, 8, 40, 30], 100.0), ([41, 31, 55, 39], 0.0)):
         x1, y1, x2, y2 = normalize_box(box, width, height)
         ours = f"<ref>the word</ref><box>({x1},{y1}),({x2},{y2})</box>"
-        answer_ids = processor.tokenizer(boxes_to_family(ours, spec.box_convention, geometry),
-                                         add_special_tokens=False)["input_ids"]
-        prediction, own = family_answer(processor.tokenizer, answer_ids + stops[:1], stops, spec.box_convention,
-                                        geometry)
+        answer_ids = processor.tokenizer(
+            boxes_to_family(ours, spec.box_convention, geometry), add_special_tokens=False
+        )["input_ids"]
+        prediction, own = family_answer(
+            processor.tokenizer, answer_ids + stops[:1], stops, spec.box_convention, geometry
+        )
         assert own != ours and "<box>" not in own
         family_score = compute_metric("grounding", {"0": prediction}, reference)
         qwen_vl_score = compute_metric("grounding", {"0": ours}, reference)
@@ -196,10 +237,28 @@ def test_a_grounding_answer_in_the_family_convention_scores_like_its_qwen_vl_equ
 
 def test_chat_cli_answers_about_an_image_with_a_family_model(exports, data_root):
     image = next((data_root / "synthetic" / "images" / "eval").glob("*.png"))
-    out = subprocess.run([sys.executable, "-m", "eval_mm", "chat", "--checkpoint", str(exports["qwen3_vl"]),
-                          "--image", str(image), "--prompt", "What colour is the word?", "--max-new-tokens", "5",
-                          "--json"], cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eval_mm",
+            "chat",
+            "--checkpoint",
+            str(exports["qwen3_vl"]),
+            "--image",
+            str(image),
+            "--prompt",
+            "What colour is the word?",
+            "--max-new-tokens",
+            "5",
+            "--json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     reply = json.loads(out.stdout.strip().splitlines()[-1])
     assert isinstance(reply["answer"], str) and reply["answer"] and reply["boxes"] == []
@@ -207,7 +266,9 @@ def test_chat_cli_answers_about_an_image_with_a_family_model(exports, data_root)
 
 @pytest.fixture(scope="module")
 def family_chat(exports):
-    return Chat.from_pretrained(exports["qwen2_5_vl"], device="cpu", settings=GenerationSettings(max_new_tokens=4))
+    return Chat.from_pretrained(
+        exports["qwen2_5_vl"], device="cpu", settings=GenerationSettings(max_new_tokens=4)
+    )
 
 
 def test_chat_keeps_a_family_conversation_and_its_typed_text_plain(family_chat, data_root, opened_files):
@@ -262,10 +323,16 @@ def test_the_web_demo_answers_an_uploaded_image_with_a_family_model(exports, dat
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    demo = serve(build_parser().parse_args(["--checkpoint", str(exports["qwen2_vl"]), "--port", str(port),
-                                            "--max-new-tokens", "4"]), block=False)
+    demo = serve(
+        build_parser().parse_args(
+            ["--checkpoint", str(exports["qwen2_vl"]), "--port", str(port), "--max-new-tokens", "4"]
+        ),
+        block=False,
+    )
     image, private = sorted((data_root / "synthetic" / "images" / "eval").glob("*.png"))[:2]
-    expected = Chat.from_pretrained(exports["qwen2_vl"], device="cpu", settings=GenerationSettings(max_new_tokens=4))
+    expected = Chat.from_pretrained(
+        exports["qwen2_vl"], device="cpu", settings=GenerationSettings(max_new_tokens=4)
+    )
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         window, _, _ = client.predict("What colour is the word?", handle_file(image), api_name="/respond")

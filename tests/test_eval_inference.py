@@ -31,7 +31,9 @@ def data_root(tmp_path_factory):
 
 def build(tiny_vlm, tiny_tokenizer, bench, prompt_format, samples):
     config = tiny_vlm.config
-    builder = BatchBuilder(tiny_tokenizer, bench, prompt_format, config.num_image_tokens, config.vision.image_size)
+    builder = BatchBuilder(
+        tiny_tokenizer, bench, prompt_format, config.num_image_tokens, config.vision.image_size
+    )
     return builder(samples)
 
 
@@ -44,8 +46,9 @@ def choice_samples(data_root):
 
 
 @pytest.mark.parametrize("prompt_format", ["raw", "chatml"])
-def test_options_scored_from_one_prompt_encoding_equal_one_row_per_option(tiny_vlm, tiny_tokenizer, data_root,
-                                                                           prompt_format):
+def test_options_scored_from_one_prompt_encoding_equal_one_row_per_option(
+    tiny_vlm, tiny_tokenizer, data_root, prompt_format
+):
     bench = get_benchmark("synth_mc")
     samples = choice_samples(data_root)
     batch = build(tiny_vlm, tiny_tokenizer, bench, prompt_format, samples)
@@ -68,18 +71,27 @@ def test_option_losses_do_not_depend_on_the_batch(tiny_vlm, tiny_tokenizer, data
     for size in (1, 4):
         alone = []
         for start in range(0, len(samples), size):
-            alone += rank_options(tiny_vlm, build(tiny_vlm, tiny_tokenizer, bench, "raw", samples[start:start + size]), CPU)
+            alone += rank_options(
+                tiny_vlm, build(tiny_vlm, tiny_tokenizer, bench, "raw", samples[start : start + size]), CPU
+            )
         for (letter, losses), (ref_letter, ref_losses) in zip(alone, together, strict=True):
             assert letter == ref_letter and losses == pytest.approx(ref_losses, rel=1e-5)
 
 
 @pytest.mark.parametrize("prompt_format", ["raw", "chatml"])
-def test_static_cache_generates_what_the_dynamic_cache_does_in_any_batch(tiny_vlm, tiny_tokenizer, data_root,
-                                                                        prompt_format):
+def test_static_cache_generates_what_the_dynamic_cache_does_in_any_batch(
+    tiny_vlm, tiny_tokenizer, data_root, prompt_format
+):
     bench = get_benchmark("synth_vqa")
     samples = load_samples(bench, data_root)
-    dynamic = generate_answers(tiny_vlm, tiny_tokenizer, build(tiny_vlm, tiny_tokenizer, bench, prompt_format, samples),
-                               bench, prompt_format, CPU)
+    dynamic = generate_answers(
+        tiny_vlm,
+        tiny_tokenizer,
+        build(tiny_vlm, tiny_tokenizer, bench, prompt_format, samples),
+        bench,
+        prompt_format,
+        CPU,
+    )
     assert any(dynamic)
     # One cache for the whole run, as the runner keeps it: batches of 4 then 2 (2 dummy rows), and a longer
     # batch than the first (the cache is remade).
@@ -87,13 +99,22 @@ def test_static_cache_generates_what_the_dynamic_cache_does_in_any_batch(tiny_vl
     static = []
     for part in (samples[:4], samples[4:]):
         batch = build(tiny_vlm, tiny_tokenizer, bench, prompt_format, part)
-        static += generate_answers(tiny_vlm, tiny_tokenizer, batch, bench, prompt_format, CPU, static_cache=slot)
+        static += generate_answers(
+            tiny_vlm, tiny_tokenizer, batch, bench, prompt_format, CPU, static_cache=slot
+        )
     assert static == dynamic
     first = slot.cache
     longer = build(tiny_vlm, tiny_tokenizer, bench, prompt_format, samples[:1])
-    longer.input_ids = torch.cat([longer.input_ids.new_full((1, slot.length), longer.pad_id), longer.input_ids], 1)
-    longer.attention_mask = torch.cat([longer.attention_mask.new_zeros((1, slot.length)), longer.attention_mask], 1)
-    assert generate_answers(tiny_vlm, tiny_tokenizer, longer, bench, prompt_format, CPU, static_cache=slot) == dynamic[:1]
+    longer.input_ids = torch.cat(
+        [longer.input_ids.new_full((1, slot.length), longer.pad_id), longer.input_ids], 1
+    )
+    longer.attention_mask = torch.cat(
+        [longer.attention_mask.new_zeros((1, slot.length)), longer.attention_mask], 1
+    )
+    assert (
+        generate_answers(tiny_vlm, tiny_tokenizer, longer, bench, prompt_format, CPU, static_cache=slot)
+        == dynamic[:1]
+    )
     assert slot.cache is not first and slot.length % StaticCacheSlot.LENGTH_STEP == 0
 
 
@@ -101,12 +122,21 @@ def test_static_cache_refuses_a_batch_larger_than_its_rows(tiny_vlm, tiny_tokeni
     bench = get_benchmark("synth_vqa")
     batch = build(tiny_vlm, tiny_tokenizer, bench, "raw", load_samples(bench, data_root)[:3])
     with pytest.raises(ValueError, match="batch of 3 rows > the static cache's 2"):
-        generate_answers(tiny_vlm, tiny_tokenizer, batch, bench, "raw", CPU, static_cache=StaticCacheSlot(
-            tiny_vlm.llm.config, rows=2))
+        generate_answers(
+            tiny_vlm,
+            tiny_tokenizer,
+            batch,
+            bench,
+            "raw",
+            CPU,
+            static_cache=StaticCacheSlot(tiny_vlm.llm.config, rows=2),
+        )
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="transformers compiles the decode step on CUDA only")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="transformers compiles the decode step on CUDA only"
+)
 def test_compiled_decoding_on_cuda_generates_what_eager_decoding_does(tiny_vlm, tiny_tokenizer, data_root):
     import copy
 
@@ -117,6 +147,9 @@ def test_compiled_decoding_on_cuda_generates_what_eager_decoding_does(tiny_vlm, 
     device = torch.device("cuda")
     eager = generate_answers(model, tiny_tokenizer, batch, bench, "raw", device)
     slot = StaticCacheSlot(model.llm.config, rows=len(batch.samples))
-    compiled = [generate_answers(model, tiny_tokenizer, batch, bench, "raw", device, static_cache=slot) for _ in range(3)]
+    compiled = [
+        generate_answers(model, tiny_tokenizer, batch, bench, "raw", device, static_cache=slot)
+        for _ in range(3)
+    ]
     assert hasattr(model.llm, "_compiled_call"), "transformers did not compile the decode step"
     assert compiled == [eager] * 3

@@ -17,19 +17,22 @@ from eval_mm.metrics.vqa import normalize_prediction, process_punctuation, vqa_q
 # ------------------------------------------------------------------------------------------ VQA
 
 
-@pytest.mark.parametrize("raw, normalized", [
-    ("Two", "2"),                       # number words
-    ("none", "0"),
-    ("a dog", "dog"),                   # articles dropped
-    ("The Cat.", "cat"),                # period not before a digit removed, lower-cased
-    ("3.5", "3.5"),                     # period before a digit kept
-    ("1,000", "1000"),                  # comma between digits: every mark deleted, not spaced
-    ("yes, sir", "yes sir"),            # comma touching a space: deleted
-    ("black/white", "black white"),     # slash inside a word: replaced by a space
-    ("dont", "don't"),                  # contractions table
-    ("isnt it", "isn't it"),
-    ("  red\n", "red"),
-])
+@pytest.mark.parametrize(
+    "raw, normalized",
+    [
+        ("Two", "2"),  # number words
+        ("none", "0"),
+        ("a dog", "dog"),  # articles dropped
+        ("The Cat.", "cat"),  # period not before a digit removed, lower-cased
+        ("3.5", "3.5"),  # period before a digit kept
+        ("1,000", "1000"),  # comma between digits: every mark deleted, not spaced
+        ("yes, sir", "yes sir"),  # comma touching a space: deleted
+        ("black/white", "black white"),  # slash inside a word: replaced by a space
+        ("dont", "don't"),  # contractions table
+        ("isnt it", "isn't it"),
+        ("  red\n", "red"),
+    ],
+)
 def test_vqa_prediction_normalisation(raw, normalized):
     assert normalize_prediction(raw) == normalized
 
@@ -92,7 +95,7 @@ def test_anls_threshold_and_unnormalised_lengths():
 
 
 def test_relaxed_accuracy_target_is_the_annotation():
-    assert relaxed_accuracy_score("104", ["100"]) == 1.0   # |104-100|/100 = 4%
+    assert relaxed_accuracy_score("104", ["100"]) == 1.0  # |104-100|/100 = 4%
     assert relaxed_accuracy_score("106", ["100"]) == 0.0
     assert relaxed_accuracy_score("50%", ["0.5"]) == 1.0
     assert relaxed_accuracy_score(" Blue ", ["blue"]) == 1.0
@@ -119,7 +122,10 @@ def test_exact_match_and_gqa_cleanup():
     assert gqa_clean_answer("It is a cup of tea") == "cup"
     # literal reference behaviour: "this is a dog".split("is ") == ["th", "", "a dog"] and [1] is ""
     assert gqa_clean_answer("this is a dog") == ""
-    assert compute_metric("gqa_accuracy", {"0": "It is the table, I think"}, {"0": ["table"]})["accuracy"] == 100.0
+    assert (
+        compute_metric("gqa_accuracy", {"0": "It is the table, I think"}, {"0": ["table"]})["accuracy"]
+        == 100.0
+    )
 
 
 # ------------------------------------------------------------------------------------- grounding
@@ -184,9 +190,12 @@ def test_mme_parse_and_acc_plus():
     assert mme_parse_yes_no("No.") == "no"
     assert mme_parse_yes_no("There is no dog") == "other"  # 'no' not in the first 4 characters
     records = [
-        ("existence", "a.jpg", "yes", "yes"), ("existence", "a.jpg", "no", "no"),     # image a: both right
-        ("existence", "b.jpg", "yes", "yes"), ("existence", "b.jpg", "no", "yes"),    # image b: one right
-        ("code_reasoning", "c.png", "yes", "maybe"), ("code_reasoning", "c.png", "no", "no"),
+        ("existence", "a.jpg", "yes", "yes"),
+        ("existence", "a.jpg", "no", "no"),  # image a: both right
+        ("existence", "b.jpg", "yes", "yes"),
+        ("existence", "b.jpg", "no", "yes"),  # image b: one right
+        ("code_reasoning", "c.png", "yes", "maybe"),
+        ("code_reasoning", "c.png", "no", "no"),
     ]
     out = mme_scores(records)
     assert out["existence/acc"] == 75.0 and out["existence/acc_plus"] == 50.0
@@ -212,7 +221,10 @@ def test_caption_scores_perfect_and_wrong(monkeypatch, java):
         monkeypatch.setattr(caption, "java_available", lambda: False)
     elif not caption.java_available():
         pytest.skip("Java not installed")
-    refs = {"1": ["a dog runs on the beach", "a dog on a beach"], "2": ["a red car parked on a street", "red car"]}
+    refs = {
+        "1": ["a dog runs on the beach", "a dog on a beach"],
+        "2": ["a red car parked on a street", "red car"],
+    }
     perfect = caption_scores({"1": "a dog runs on the beach", "2": "a red car parked on a street"}, refs)
     wrong = caption_scores({"1": "blue sky", "2": "blue sky"}, refs)
     assert perfect["BLEU_1"] == pytest.approx(100.0) and perfect["CIDEr"] > wrong["CIDEr"] == 0.0

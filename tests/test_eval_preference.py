@@ -24,7 +24,9 @@ def data_root(tmp_path_factory):
 
 
 def test_preference_accuracy_is_the_share_of_pairs_whose_chosen_answer_is_likelier():
-    scores = compute_metric("preference", {"a": 2.0, "b": -0.5, "c": 0.0, "d": 1.5}, dict.fromkeys("abcd", "chosen"))
+    scores = compute_metric(
+        "preference", {"a": 2.0, "b": -0.5, "c": 0.0, "d": 1.5}, dict.fromkeys("abcd", "chosen")
+    )
     assert scores == {"accuracy": 50.0, "mean_margin": 0.75, "num_samples": 4}  # a tie is not a win
 
 
@@ -35,18 +37,36 @@ def test_synth_preference_scores_every_held_out_pair_with_its_margin(data_root, 
     tokenizer = load_tokenizer(data_root / "synthetic" / "tokenizer")
     torch.manual_seed(0)
     model = build_vlm(presets.tiny(vocab_size=len(tokenizer)), tokenizer=tokenizer).eval()
-    results = eval_mm.evaluate(model, tokenizer, ["synth_preference"], data_root, tmp_path, batch_size=4,
-                               prompt_format="chatml", progress=False)
+    results = eval_mm.evaluate(
+        model,
+        tokenizer,
+        ["synth_preference"],
+        data_root,
+        tmp_path,
+        batch_size=4,
+        prompt_format="chatml",
+        progress=False,
+    )
     scores = results["synth_preference"]
     records, _ = load_records(data_root / "synthetic" / "dpo_test.json")  # several pairs per held-out image
     assert scores["num_samples"] == len(records) > N_EVAL and 0.0 <= scores["accuracy"] <= 100.0
-    predictions = [json.loads(line) for line in (tmp_path / "synth_preference" / "predictions.jsonl").read_text().splitlines()]
+    predictions = [
+        json.loads(line)
+        for line in (tmp_path / "synth_preference" / "predictions.jsonl").read_text().splitlines()
+    ]
     assert [p["id"] for p in predictions] == [r["id"] for r in records]
-    assert scores["accuracy"] == pytest.approx(100 * sum(p["prediction"] > 0 for p in predictions) / len(records))
+    assert scores["accuracy"] == pytest.approx(
+        100 * sum(p["prediction"] > 0 for p in predictions) / len(records)
+    )
 
     # Record 0 scored by hand: each answer's tokens' log-probs under the model, summed.
-    pair = render_preference_pair(tokenizer, records[0]["conversations"], records[0]["chosen"], records[0]["rejected"],
-                                  model.config.num_image_tokens)
+    pair = render_preference_pair(
+        tokenizer,
+        records[0]["conversations"],
+        records[0]["chosen"],
+        records[0]["rejected"],
+        model.config.num_image_tokens,
+    )
     pixels = torch.stack([load_image(p, model.config.vision.image_size) for p in pair[0].image_paths])
     logps = []
     with torch.no_grad():
@@ -64,7 +84,11 @@ def test_reward_accuracy_is_the_share_of_pairs_whose_margin_grew_over_the_refere
     from eval_mm.metrics import CoverageError, reward_accuracy
 
     policy, reference = {"a": 2.0, "b": -0.5, "c": 1.0, "d": 3.0}, {"a": 1.0, "b": -1.5, "c": 1.0, "d": 4.0}
-    assert reward_accuracy(policy, reference) == {"reward_accuracy": 50.0, "mean_margin_change": 0.25, "num_pairs": 4}
+    assert reward_accuracy(policy, reference) == {
+        "reward_accuracy": 50.0,
+        "mean_margin_change": 0.25,
+        "num_pairs": 4,
+    }
     with pytest.raises(CoverageError, match="cover different pairs"):
         reward_accuracy(policy, {"a": 1.0})
 
@@ -95,9 +119,25 @@ def test_score_cli_adds_the_reward_accuracy_against_a_reference_models_predictio
     reference.write_text("".join(json.dumps({"id": k, "prediction": 2.0}) + "\n" for k in ids))
 
     def score(*extra):
-        return subprocess.run([sys.executable, "-m", "eval_mm", "score", "--bench", "synth_preference",
-                               "--predictions", str(policy), "--annotations", str(annotations), *extra],
-                              cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "eval_mm",
+                "score",
+                "--bench",
+                "synth_preference",
+                "--predictions",
+                str(policy),
+                "--annotations",
+                str(annotations),
+                *extra,
+            ],
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     out = score("--reference-predictions", str(reference))
     assert out.returncode == 0, out.stderr

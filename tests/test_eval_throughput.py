@@ -9,8 +9,22 @@ from eval_mm.bench_throughput import VARIANTS
 def test_bench_throughput_smoke_on_tiny_preset_prints_every_variant(capsys):
     from eval_mm.bench_throughput import main
 
-    out = main(["--preset", "tiny", "--batch-size", "2", "--baseline-batch-size", "1", "--batches", "1",
-                "--max-new-tokens", "2", "--prompt-tokens", "4"])
+    out = main(
+        [
+            "--preset",
+            "tiny",
+            "--batch-size",
+            "2",
+            "--baseline-batch-size",
+            "1",
+            "--batches",
+            "1",
+            "--max-new-tokens",
+            "2",
+            "--prompt-tokens",
+            "4",
+        ]
+    )
     assert list(out["variants"]) == list(VARIANTS)
     for variant, result in out["variants"].items():
         assert result["generate_samples_per_s"] > 0 and result["choice_samples_per_s"] > 0, variant
@@ -30,7 +44,9 @@ def test_bench_throughput_variants_run_in_a_fixed_order_and_unknown_ones_are_ref
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the full-scale 7B model in bf16)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (the full-scale 7B model in bf16)"
+)
 def test_bench_throughput_reports_samples_per_second_and_memory_on_gpu():
     from eval_mm.bench_throughput import main
 

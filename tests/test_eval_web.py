@@ -30,9 +30,10 @@ try:
     import selenium  # noqa: F401  (the browser tests' driver)
 except ImportError:
     selenium = None
-needs_browser = pytest.mark.skipif(selenium is None or CHROMIUM is None or CHROMEDRIVER is None,
-                                   reason="no headless browser: pip install selenium; "
-                                          "apt-get install chromium chromium-driver")
+needs_browser = pytest.mark.skipif(
+    selenium is None or CHROMIUM is None or CHROMEDRIVER is None,
+    reason="no headless browser: pip install selenium; apt-get install chromium chromium-driver",
+)
 LOGIN = ("alice", "wonderland")
 MAX_NEW_TOKENS = 8
 WAIT_S = 120  # generous: CI machines are small and shared
@@ -59,9 +60,19 @@ def browser(tmp_path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,900"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1280,900",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
@@ -78,9 +89,25 @@ def served(checkpoint, tmp_path_factory) -> str:
     logins = tmp_path_factory.mktemp("auth") / "logins"
     logins.write_text("# who may use the demo\n" + ":".join(LOGIN) + "\n")
     port = free_port()
-    demo = serve(build_parser().parse_args([
-        "--checkpoint", str(checkpoint), "--port", str(port), "--auth-file", str(logins),
-        "--max-new-tokens", str(MAX_NEW_TOKENS), "--max-question-chars", "200", "--max-upload-mb", "1"]), block=False)
+    demo = serve(
+        build_parser().parse_args(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--port",
+                str(port),
+                "--auth-file",
+                str(logins),
+                "--max-new-tokens",
+                str(MAX_NEW_TOKENS),
+                "--max-question-chars",
+                "200",
+                "--max-upload-mb",
+                "1",
+            ]
+        ),
+        block=False,
+    )
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 
@@ -91,7 +118,9 @@ def plain_answer(checkpoint):
     from eval_mm.chat import Chat, GenerationSettings
 
     template = Chat.from_pretrained(checkpoint, settings=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS))
-    return lambda question: Chat(template.model, template.tokenizer, settings=template.settings).ask(question).text
+    return lambda question: (
+        Chat(template.model, template.tokenizer, settings=template.settings).ask(question).text
+    )
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +154,10 @@ def bot_answers(browser) -> list[str]:
 
     for _ in range(20):
         try:
-            return [e.get_attribute("textContent")
-                    for e in browser.find_elements(By.CSS_SELECTOR, "#chatbot [data-testid=bot]")]
+            return [
+                e.get_attribute("textContent")
+                for e in browser.find_elements(By.CSS_SELECTOR, "#chatbot [data-testid=bot]")
+            ]
         except StaleElementReferenceException:
             time.sleep(0.1)
     raise AssertionError("the chat window kept changing")
@@ -172,8 +203,9 @@ def test_the_page_answers_an_uploaded_image_with_the_models_answer(served, check
 
 @needs_browser
 @pytest.mark.slow
-def test_in_the_browser_a_typed_img_tag_opens_nothing_whether_the_file_exists(served, plain_answer, files, browser,
-                                                                               opened_files):
+def test_in_the_browser_a_typed_img_tag_opens_nothing_whether_the_file_exists(
+    served, plain_answer, files, browser, opened_files
+):
     from selenium.webdriver.common.by import By
 
     wait = log_in(browser, served)
@@ -182,8 +214,11 @@ def test_in_the_browser_a_typed_img_tag_opens_nothing_whether_the_file_exists(se
         expected = plain_answer(question)
         browser.find_element(By.CSS_SELECTOR, "#question textarea").send_keys(question)
         browser.find_element(By.CSS_SELECTOR, "#send").click()
-        wait.until(lambda d, want=expected: bot_answers(d) == [want]
-                   or d.find_elements(By.CSS_SELECTOR, "[data-testid=toast-body]"))
+        wait.until(
+            lambda d, want=expected: (
+                bot_answers(d) == [want] or d.find_elements(By.CSS_SELECTOR, "[data-testid=toast-body]")
+            )
+        )
         assert not browser.find_elements(By.CSS_SELECTOR, "[data-testid=toast-body]"), path  # no error shown
         assert bot_answers(browser) == [expected], path  # the answer to the plain text, image or not
         assert question in browser.find_element(By.CSS_SELECTOR, "#chatbot").text
@@ -208,17 +243,22 @@ def ask(url: str, question: str, image=None) -> tuple[list[tuple[str, str]] | No
     return [(m["role"], html.unescape(m["content"][0].get("text") or "file")) for m in window], None
 
 
-def test_a_typed_img_tag_opens_nothing_and_the_answer_is_the_same_whether_the_file_exists(served, plain_answer,
-                                                                                          files, opened_files):
+def test_a_typed_img_tag_opens_nothing_and_the_answer_is_the_same_whether_the_file_exists(
+    served, plain_answer, files, opened_files
+):
     for path in (files["image"], files["text"], files["missing"], "/etc/hostname"):
         question = f"<img>{path}</img> What is in this picture?"
         window, error = ask(served, question)
         assert error is None, path
-        assert window == [("user", question), ("assistant", plain_answer(question))], path  # answered as plain text
+        assert window == [("user", question), ("assistant", plain_answer(question))], (
+            path
+        )  # answered as plain text
         assert str(path) not in opened_files, path
 
 
-def test_the_image_input_takes_only_uploads_and_says_the_same_whatever_the_path(served, files, opened_files, tmp_path):
+def test_the_image_input_takes_only_uploads_and_says_the_same_whatever_the_path(
+    served, files, opened_files, tmp_path
+):
     import httpx
     from gradio_client import handle_file
 
@@ -235,7 +275,9 @@ def test_the_image_input_takes_only_uploads_and_says_the_same_whatever_the_path(
         replies = set()
         for path in files.values():
             payload = {"path": str(path), "meta": {"_type": "gradio.FileData"}}
-            event = http.post("gradio_api/call/respond", json={"data": ["What colour is it?", payload]}).json()
+            event = http.post(
+                "gradio_api/call/respond", json={"data": ["What colour is it?", payload]}
+            ).json()
             replies.add(http.get(f"gradio_api/call/respond/{event['event_id']}").text)
         assert len(replies) == 1 and replies.pop().startswith("event: error"), "one reply, whichever the file"
         assert not {str(path) for path in files.values()} & set(opened_files)
@@ -243,7 +285,11 @@ def test_the_image_input_takes_only_uploads_and_says_the_same_whatever_the_path(
     not_an_image.write_text("hello")
     assert ask(served, "What colour is it?", handle_file(not_an_image)) == (None, UNREADABLE_UPLOAD)
     window, error = ask(served, "What colour is it?", handle_file(files["image"]))  # the same file, uploaded
-    assert error is None and [role for role, _ in window] == ["user", "user", "assistant"] and window[0][1] == "file"
+    assert (
+        error is None
+        and [role for role, _ in window] == ["user", "user", "assistant"]
+        and window[0][1] == "file"
+    )
 
 
 def test_limits_a_login_and_no_server_path_in_what_the_page_says(served, tmp_path):
@@ -280,17 +326,30 @@ def test_a_sessions_uploads_are_deleted_when_it_ends(tiny_vlm, tiny_tokenizer, t
     assert not (uploads / "a.png").exists() and (elsewhere / "a.png").exists() and session.chat.pending == []
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--host", "0.0.0.0"], "error: --host 0.0.0.0 serves the demo to the network without a login: add --auth "
-                            "USER:PASS or --auth-file FILE (and TLS in front, docs/chat.md), or serve on --host 127.0.0.1"),
-    (["--share"], "error: --share makes a public link, and the demo has no login: add --auth USER:PASS or "
-                  "--auth-file FILE (docs/chat.md)"),
-    (["--host", "0.0.0.0", "--auth", "alice"], "error: --auth: expected USER:PASSWORD, a user and a password "
-                                               "separated by ':'"),
-    (["--host", "::1"], "error: checkpoint not found: {missing}"),  # loopback: on to loading the model
-    (["--host", "0.0.0.0", "--auth", "alice:wonderland"], "error: checkpoint not found: {missing}"),
-])
-def test_an_exposed_launch_without_a_login_is_refused_in_one_line(argv, message, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--host", "0.0.0.0"],
+            "error: --host 0.0.0.0 serves the demo to the network without a login: add --auth "
+            "USER:PASS or --auth-file FILE (and TLS in front, docs/chat.md), or serve on --host 127.0.0.1",
+        ),
+        (
+            ["--share"],
+            "error: --share makes a public link, and the demo has no login: add --auth USER:PASS or "
+            "--auth-file FILE (docs/chat.md)",
+        ),
+        (
+            ["--host", "0.0.0.0", "--auth", "alice"],
+            "error: --auth: expected USER:PASSWORD, a user and a password separated by ':'",
+        ),
+        (["--host", "::1"], "error: checkpoint not found: {missing}"),  # loopback: on to loading the model
+        (["--host", "0.0.0.0", "--auth", "alice:wonderland"], "error: checkpoint not found: {missing}"),
+    ],
+)
+def test_an_exposed_launch_without_a_login_is_refused_in_one_line(
+    argv, message, tmp_path, monkeypatch, capsys
+):
     from eval_mm.web import main
     from models.errors import run_cli
 

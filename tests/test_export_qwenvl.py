@@ -119,8 +119,17 @@ def test_export_then_convert_gives_back_the_same_weights(source, exported, tmp_p
     assert back.config.vision == source.config.vision and back.config.resampler == source.config.resampler
     for key in ("image_start_id", "image_end_id", "image_pad_id", "pad_token_id"):
         assert getattr(back.config, key) == getattr(source.config, key), key
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "rms_norm_eps", "rope_parameters", "max_position_embeddings"):
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "rms_norm_eps",
+        "rope_parameters",
+        "max_position_embeddings",
+    ):
         assert back.config.text_config[key] == source.config.text_config[key], key
 
 
@@ -151,8 +160,9 @@ def test_a_released_checkpoint_survives_convert_then_export(tmp_path):
     cfg, sd = tiny_qwen_config(), tiny_qwen_state_dict(tiny_qwen_config(), seed=3)
     release = write_qwen_dir(tmp_path / "Qwen-VL-Chat", cfg, sd, fmt="bin", shards=3)
     convert_qwenvl(release, tmp_path / "ours", dtype=torch.float32)
-    export_qwenvl(tmp_path / "ours", tmp_path / "again", dtype=torch.float32, dynamic_ntk=True,
-                  max_shard_size="2MB")
+    export_qwenvl(
+        tmp_path / "ours", tmp_path / "again", dtype=torch.float32, dynamic_ntk=True, max_shard_size="2MB"
+    )
 
     config, tensors = read_release_dir(tmp_path / "again")
     assert set(tensors) == set(sd)
@@ -161,7 +171,10 @@ def test_a_released_checkpoint_survives_convert_then_export(tmp_path):
     assert (tmp_path / "again" / "qwen.tiktoken").read_bytes() == (release / "qwen.tiktoken").read_bytes()
     # eos = pad = this vocabulary's <|endoftext|> (the fixture file copies the full-size release's ids)
     assert json.loads((tmp_path / "again" / "generation_config.json").read_text()) == {
-        **GENERATION_CONFIG, "eos_token_id": NUM_RANKS, "pad_token_id": NUM_RANKS}
+        **GENERATION_CONFIG,
+        "eos_token_id": NUM_RANKS,
+        "pad_token_id": NUM_RANKS,
+    }
     # Every key of the release's config.json comes back with its value; the precision flags follow
     # the export's dtype (float32 here), auto_map also names the release's configuration class, and
     # visual spells out n_queries (256, the release's default).
@@ -169,7 +182,12 @@ def test_a_released_checkpoint_survives_convert_then_export(tmp_path):
         if key not in ("bf16", "auto_map", "visual"):
             assert config[key] == value, key
     assert config["visual"] == {**cfg["visual"], "n_queries": 256}
-    assert (config["bf16"], config["fp16"], config["fp32"], config["torch_dtype"]) == (False, False, True, "float32")
+    assert (config["bf16"], config["fp16"], config["fp32"], config["torch_dtype"]) == (
+        False,
+        False,
+        True,
+        "float32",
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,18 +198,48 @@ def test_the_written_files_and_config_keys_are_the_releases(exported):
     files = {p.name for p in exported.iterdir()}
     shards = {f for f in files if f.endswith(".safetensors")}
     assert len(shards) > 1 and all(f.startswith("model-") for f in shards)
-    assert files - shards == {"config.json", "model.safetensors.index.json", "qwen.tiktoken",
-                              "tokenizer_config.json", "generation_config.json"}
+    assert files - shards == {
+        "config.json",
+        "model.safetensors.index.json",
+        "qwen.tiktoken",
+        "tokenizer_config.json",
+        "generation_config.json",
+    }
     config, tensors = read_release_dir(exported)
     assert set(tensors) == set(tiny_qwen_state_dict(tiny_qwen_config()))  # the release's names, no more
     # Qwen-VL-Chat-Int4's config.json keys, less its quantisation and the writer's transformers version
     release_keys = {
-        "architectures", "attn_dropout_prob", "auto_map", "bf16", "emb_dropout_prob", "fp16", "fp32",
-        "hidden_size", "initializer_range", "intermediate_size", "kv_channels", "layer_norm_epsilon",
-        "max_position_embeddings", "model_type", "no_bias", "num_attention_heads", "num_hidden_layers",
-        "onnx_safe", "rotary_emb_base", "rotary_pct", "scale_attn_weights", "seq_length", "tie_word_embeddings",
-        "tokenizer_type", "torch_dtype", "use_cache", "use_dynamic_ntk", "use_flash_attn", "use_logn_attn",
-        "visual", "vocab_size",
+        "architectures",
+        "attn_dropout_prob",
+        "auto_map",
+        "bf16",
+        "emb_dropout_prob",
+        "fp16",
+        "fp32",
+        "hidden_size",
+        "initializer_range",
+        "intermediate_size",
+        "kv_channels",
+        "layer_norm_epsilon",
+        "max_position_embeddings",
+        "model_type",
+        "no_bias",
+        "num_attention_heads",
+        "num_hidden_layers",
+        "onnx_safe",
+        "rotary_emb_base",
+        "rotary_pct",
+        "scale_attn_weights",
+        "seq_length",
+        "tie_word_embeddings",
+        "tokenizer_type",
+        "torch_dtype",
+        "use_cache",
+        "use_dynamic_ntk",
+        "use_flash_attn",
+        "use_logn_attn",
+        "visual",
+        "vocab_size",
     }
     assert set(config) == release_keys
     assert config["visual"] == {**tiny_qwen_config()["visual"], "n_queries": 256}
@@ -217,16 +265,46 @@ def test_the_7b_preset_gives_the_released_config_json():
     cfg = presets.qwen_vl_7b()
     config = release_config(cfg, text_config_from_dict(cfg.text_config), torch.bfloat16, dynamic_ntk=True)
     released = {
-        "architectures": ["QWenLMHeadModel"], "attn_dropout_prob": 0.0, "emb_dropout_prob": 0.0,
-        "bf16": True, "fp16": False, "fp32": False, "hidden_size": 4096, "initializer_range": 0.02,
-        "intermediate_size": 22016, "kv_channels": 128, "layer_norm_epsilon": 1e-6,
-        "max_position_embeddings": 8192, "model_type": "qwen", "no_bias": True, "num_attention_heads": 32,
-        "num_hidden_layers": 32, "onnx_safe": None, "rotary_emb_base": 10000, "rotary_pct": 1.0,
-        "scale_attn_weights": True, "seq_length": 2048, "tie_word_embeddings": False,
-        "tokenizer_type": "QWenTokenizer", "torch_dtype": "bfloat16", "use_cache": True, "use_dynamic_ntk": True,
-        "use_flash_attn": "auto", "use_logn_attn": True, "vocab_size": 151936,
-        "visual": {"heads": 16, "image_size": 448, "image_start_id": 151857, "layers": 48, "mlp_ratio": 4.9231,
-                   "n_queries": 256, "output_dim": 4096, "patch_size": 14, "width": 1664},
+        "architectures": ["QWenLMHeadModel"],
+        "attn_dropout_prob": 0.0,
+        "emb_dropout_prob": 0.0,
+        "bf16": True,
+        "fp16": False,
+        "fp32": False,
+        "hidden_size": 4096,
+        "initializer_range": 0.02,
+        "intermediate_size": 22016,
+        "kv_channels": 128,
+        "layer_norm_epsilon": 1e-6,
+        "max_position_embeddings": 8192,
+        "model_type": "qwen",
+        "no_bias": True,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 32,
+        "onnx_safe": None,
+        "rotary_emb_base": 10000,
+        "rotary_pct": 1.0,
+        "scale_attn_weights": True,
+        "seq_length": 2048,
+        "tie_word_embeddings": False,
+        "tokenizer_type": "QWenTokenizer",
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "use_dynamic_ntk": True,
+        "use_flash_attn": "auto",
+        "use_logn_attn": True,
+        "vocab_size": 151936,
+        "visual": {
+            "heads": 16,
+            "image_size": 448,
+            "image_start_id": 151857,
+            "layers": 48,
+            "mlp_ratio": 4.9231,
+            "n_queries": 256,
+            "output_dim": 4096,
+            "patch_size": 14,
+            "width": 1664,
+        },
     }
     assert {k: v for k, v in config.items() if k != "auto_map"} == released
 
@@ -282,11 +360,13 @@ REFUSED = {
     "no q/k/v biases": lambda tok: _text_variant(tok, model_type="llama", attention_bias=False),
     "tied input/output embeddings": lambda tok: _text_variant(tok, tie_word_embeddings=True),
     "grouped-query attention": lambda tok: _text_variant(tok, num_key_value_heads=2),
-    "LayerNorm norms": lambda tok: _text_variant(tok, model_type="stablelm", use_qkv_bias=True,
-                                                 partial_rotary_factor=1.0, layer_norm_eps=1e-6),
+    "LayerNorm norms": lambda tok: _text_variant(
+        tok, model_type="stablelm", use_qkv_bias=True, partial_rotary_factor=1.0, layer_norm_eps=1e-6
+    ),
     "activation 'gelu'": lambda tok: _text_variant(tok, hidden_act="gelu"),
-    "rope_type 'linear'": lambda tok: _text_variant(tok, rope_parameters={"rope_type": "linear", "factor": 2.0,
-                                                                          "rope_theta": 10000.0}),
+    "rope_type 'linear'": lambda tok: _text_variant(
+        tok, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    ),
     "a 4x4 ViT position table": lambda tok: _replace(qwen_architecture_config(tok), "vision", pos_grid=4),
     "64 image queries": lambda tok: _replace(qwen_architecture_config(tok), "resampler", num_queries=64),
     "resampler head_dim 64": lambda tok: _replace(qwen_architecture_config(tok), "resampler", head_dim=64),
@@ -312,8 +392,9 @@ def test_an_architecture_the_release_cannot_express_is_refused(reason, qwen_toke
 
 
 def test_the_release_architecture_itself_passes_the_checks(qwen_tokenizer):
-    skeleton = build_vlm(qwen_architecture_config(qwen_tokenizer), tokenizer=qwen_tokenizer, device="meta",
-                         init_weights=False)
+    skeleton = build_vlm(
+        qwen_architecture_config(qwen_tokenizer), tokenizer=qwen_tokenizer, device="meta", init_weights=False
+    )
     ranks = check_exportable(skeleton.config, skeleton.llm, qwen_tokenizer, where="SRC")
     assert len(ranks) == NUM_RANKS
 
@@ -327,16 +408,21 @@ def test_every_reason_is_listed_at_once(tiny_vlm):
 
 
 def test_a_vocabulary_qwen_tiktoken_cannot_carry_is_refused(tiny_tokenizer, qwen_tokenizer, tmp_path):
-    skeleton = build_vlm(qwen_architecture_config(qwen_tokenizer), tokenizer=qwen_tokenizer, device="meta",
-                         init_weights=False)
+    skeleton = build_vlm(
+        qwen_architecture_config(qwen_tokenizer), tokenizer=qwen_tokenizer, device="meta", init_weights=False
+    )
     # A BPE trained with its special tokens first (tests/conftest.py): ids the release cannot have.
-    with pytest.raises(UserError, match=r"SRC: tokenizer: the release's special tokens follow the \d+ BPE ranks"):
+    with pytest.raises(
+        UserError, match=r"SRC: tokenizer: the release's special tokens follow the \d+ BPE ranks"
+    ):
         check_exportable(skeleton.config, skeleton.llm, tiny_tokenizer, where="SRC")
     # The release's vocabulary plus a token of one's own: the release's special tokens are a fixed set.
     write_tiny_tiktoken(tmp_path / "qwen.tiktoken")
     extended = build_qwen_tokenizer(tmp_path / "qwen.tiktoken")
     extended.add_special_tokens({"additional_special_tokens": ["<|my_token|>"]})
-    with pytest.raises(UserError, match=r"added token\(s\) the release's tokenizer cannot carry.*<\|my_token\|>"):
+    with pytest.raises(
+        UserError, match=r"added token\(s\) the release's tokenizer cannot carry.*<\|my_token\|>"
+    ):
         check_exportable(skeleton.config, skeleton.llm, extended, where="SRC")
 
 

@@ -21,9 +21,19 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("models", "data", "eval_mm", "train")
 # Imported inside the function that needs them, each with a comment saying so: optional features whose import
 # costs seconds (or needs a GPU stack) and that most runs never use.
-OPTIONAL_HEAVY = ("gradio", "bitsandbytes", "deepspeed", "liger_kernel", "matplotlib", "wandb",
-                  "torch.utils.tensorboard", "open_clip", "datasets", "torchao",
-                  "models.fp8")  # models.fp8 imports torchao
+OPTIONAL_HEAVY = (
+    "gradio",
+    "bitsandbytes",
+    "deepspeed",
+    "liger_kernel",
+    "matplotlib",
+    "wandb",
+    "torch.utils.tensorboard",
+    "open_clip",
+    "datasets",
+    "torchao",
+    "models.fp8",
+)  # models.fp8 imports torchao
 
 
 def is_optional_heavy(module: str) -> bool:
@@ -55,8 +65,9 @@ def private_imports(source: str, importer: str) -> list[str]:
             if node.module != importer:
                 found += [f"{node.module}: {a.name}" for a in node.names if is_private(a.name)]
         elif isinstance(node, ast.Import):
-            found += [a.name for a in node.names
-                      if is_ours(a.name) and any(map(is_private, a.name.split(".")))]
+            found += [
+                a.name for a in node.names if is_ours(a.name) and any(map(is_private, a.name.split(".")))
+            ]
     return found
 
 
@@ -74,25 +85,34 @@ def function_level_imports(source: str) -> list[tuple[int, str]]:
 
 
 def test_no_module_imports_a_private_name_of_another():
-    violations = [f"{path.relative_to(REPO)}: {hit}" for path in package_files()
-                  for hit in private_imports(path.read_text(), module_name(path))]
+    violations = [
+        f"{path.relative_to(REPO)}: {hit}"
+        for path in package_files()
+        for hit in private_imports(path.read_text(), module_name(path))
+    ]
     assert violations == []
 
 
 def test_function_level_imports_are_only_optional_heavy_dependencies():
-    violations = [f"{path.relative_to(REPO)}:{line}: {module}" for path in package_files()
-                  for line, module in function_level_imports(path.read_text())
-                  if not is_optional_heavy(module)]
+    violations = [
+        f"{path.relative_to(REPO)}:{line}: {module}"
+        for path in package_files()
+        for line, module in function_level_imports(path.read_text())
+        if not is_optional_heavy(module)
+    ]
     assert violations == []
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("from train.freeze import _group_of, apply_freezing", ["train.freeze: _group_of"]),
-    ("from train.freeze import (\n    apply_freezing,\n    _group_of,\n)", ["train.freeze: _group_of"]),
-    ("import data._internal", ["data._internal"]),
-    ("from torch._utils import ExceptionWrapper", []),  # not ours
-    ("from train.freeze import __doc__, group_of", []),  # dunders and public names
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("from train.freeze import _group_of, apply_freezing", ["train.freeze: _group_of"]),
+        ("from train.freeze import (\n    apply_freezing,\n    _group_of,\n)", ["train.freeze: _group_of"]),
+        ("import data._internal", ["data._internal"]),
+        ("from torch._utils import ExceptionWrapper", []),  # not ours
+        ("from train.freeze import __doc__, group_of", []),  # dunders and public names
+    ],
+)
 def test_the_private_name_check_sees_what_it_should(source, expected):
     assert private_imports(source, importer="train.plan") == expected
 

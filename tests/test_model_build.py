@@ -22,7 +22,9 @@ def full_scale(tiny_tokenizer):
 
 def test_full_scale_parameter_counts(full_scale):
     assert count(full_scale.vision) == pytest.approx(1.84e9, rel=0.01)
-    assert count(full_scale.resampler) == pytest.approx(0.09e9, rel=0.03)  # 0.0918 B; reference rounds to 0.09
+    assert count(full_scale.resampler) == pytest.approx(
+        0.09e9, rel=0.03
+    )  # 0.0918 B; reference rounds to 0.09
     assert count(full_scale.llm) == pytest.approx(7.7e9, rel=0.01)
     assert all(p.is_meta for p in full_scale.parameters())
 
@@ -51,7 +53,11 @@ def test_full_scale_image_features_on_meta(full_scale):
 def test_build_records_image_token_ids(tiny_vlm, tiny_tokenizer):
     cfg = tiny_vlm.config
     vocab = tiny_tokenizer.get_vocab()
-    assert (cfg.image_start_id, cfg.image_end_id, cfg.image_pad_id) == (vocab["<img>"], vocab["</img>"], vocab["<imgpad>"])
+    assert (cfg.image_start_id, cfg.image_end_id, cfg.image_pad_id) == (
+        vocab["<img>"],
+        vocab["</img>"],
+        vocab["<imgpad>"],
+    )
     assert cfg.pad_token_id == tiny_tokenizer.pad_token_id
     assert not cfg.train_embeddings  # the fixture tokenizer already had every special token
 
@@ -65,7 +71,9 @@ def test_base_tokenizer_gets_special_tokens_and_model_trains_embeddings(tmp_path
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.train_from_iterator(
         ["hello world the cat sat on the mat"],
-        trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False),
+        trainers.BpeTrainer(
+            vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        ),
     )
     base_tok = PreTrainedTokenizerFast(tokenizer_object=raw)
     base_len = len(base_tok)
@@ -82,7 +90,11 @@ def test_base_tokenizer_gets_special_tokens_and_model_trains_embeddings(tmp_path
         vlm.llm.model.layers[0].mlp.up_proj.weight, llm.model.layers[0].mlp.up_proj.weight
     )
     assert ensure_special_tokens(base_tok) == []  # idempotent
-    assert base_tok.convert_ids_to_tokens(base_tok("<img><imgpad></img>")["input_ids"]) == ["<img>", "<imgpad>", "</img>"]
+    assert base_tok.convert_ids_to_tokens(base_tok("<img><imgpad></img>")["input_ids"]) == [
+        "<img>",
+        "<imgpad>",
+        "</img>",
+    ]
 
 
 def test_config_json_round_trip(tmp_path, tiny_vlm):

@@ -14,20 +14,30 @@ from torch.utils.checkpoint import set_checkpoint_early_stop
 from models.decoder_layers import SPLIT_LAYER_TYPES, compile_layers, install_checkpointing, is_checkpointed
 
 CONFIGS = {  # each listed layer type, from its tiny config
-    "LlamaDecoderLayer": "LlamaConfig", "MistralDecoderLayer": "MistralConfig",
-    "Qwen2DecoderLayer": "Qwen2Config", "Qwen3DecoderLayer": "Qwen3Config",
+    "LlamaDecoderLayer": "LlamaConfig",
+    "MistralDecoderLayer": "MistralConfig",
+    "Qwen2DecoderLayer": "Qwen2Config",
+    "Qwen3DecoderLayer": "Qwen3Config",
 }
 
 
 def tiny_lm(layer_type: str, trainable_down: bool = False):
     config = getattr(transformers, CONFIGS[layer_type])(
-        hidden_size=32, intermediate_size=88, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=64, head_dim=8)
+        hidden_size=32,
+        intermediate_size=88,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        head_dim=8,
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).train()
     assert type(model.model.layers[0]).__name__ == layer_type
     for name, p in model.named_parameters():  # as under LoRA: a few trainable projections, the rest frozen
-        p.requires_grad_(name.endswith(("q_proj.weight", "up_proj.weight")) or (trainable_down and "down_proj" in name))
+        p.requires_grad_(
+            name.endswith(("q_proj.weight", "up_proj.weight")) or (trainable_down and "down_proj" in name)
+        )
     return model
 
 

@@ -38,14 +38,17 @@ def tiny(request) -> HFFamilyModel:
     return HFFamilyModel.from_preset(request.param)
 
 
-@pytest.mark.parametrize("name, total, visual", [
-    ("qwen2_vl_7b", 8_291_375_616, 675_759_104),
-    ("qwen2_5_vl_7b", 8_292_166_656, 676_550_144),
-    ("qwen3_vl_8b", 8_767_123_696, 576_388_336),
-    ("qwen2_vl_tiny", 19_601_664, 79_552),
-    ("qwen2_5_vl_tiny", 19_605_728, 83_616),
-    ("qwen3_vl_tiny", 19_640_096, 118_176),
-])
+@pytest.mark.parametrize(
+    "name, total, visual",
+    [
+        ("qwen2_vl_7b", 8_291_375_616, 675_759_104),
+        ("qwen2_5_vl_7b", 8_292_166_656, 676_550_144),
+        ("qwen3_vl_8b", 8_767_123_696, 576_388_336),
+        ("qwen2_vl_tiny", 19_601_664, 79_552),
+        ("qwen2_5_vl_tiny", 19_605_728, 83_616),
+        ("qwen3_vl_tiny", 19_640_096, 118_176),
+    ],
+)
 def test_presets_have_the_released_shapes(name, total, visual):
     """Parameter counts of the released models built from their config.json (reference 7.1, 6.3)."""
     adapter = HFFamilyModel.from_preset(name, device="meta")
@@ -66,8 +69,9 @@ def test_every_parameter_belongs_to_exactly_one_part(tiny):
 
 def test_freezing_by_the_recipe_trains_only_the_named_parts(tiny):
     """train.freeze reads the adapter's groups as it reads the Qwen-VL model's."""
-    decision = apply_freezing(tiny, FreezeSection(vision="frozen", resampler="train", llm="frozen",
-                                                  embeddings="frozen"))
+    decision = apply_freezing(
+        tiny, FreezeSection(vision="frozen", resampler="train", llm="frozen", embeddings="frozen")
+    )
     assert decision == {"vision": False, "resampler": True, "llm": False, "embeddings": False}
     projector = tiny.part_prefixes()["resampler"]
     for name, param in tiny.named_parameters():
@@ -99,19 +103,24 @@ def test_position_ids_are_mrope_of_the_image_grid(tiny):
     the image resumes at 4 + max(h, w) / 2 = 6."""
     ids = torch.tensor([[151644, 872, 198, 151652] + [151655] * 4 + [151653, 5, 6]])
     positions = tiny.position_ids(ids, torch.tensor([[1, 4, 4]]))
-    assert positions.tolist() == [[[0, 1, 2, 3, 4, 4, 4, 4, 6, 7, 8]],
-                                  [[0, 1, 2, 3, 4, 4, 5, 5, 6, 7, 8]],
-                                  [[0, 1, 2, 3, 4, 5, 4, 5, 6, 7, 8]]]
+    assert positions.tolist() == [
+        [[0, 1, 2, 3, 4, 4, 4, 4, 6, 7, 8]],
+        [[0, 1, 2, 3, 4, 4, 5, 5, 6, 7, 8]],
+        [[0, 1, 2, 3, 4, 5, 4, 5, 6, 7, 8]],
+    ]
 
 
 def test_position_ids_skip_padding_and_text_only_rows(tiny):
-    ids = torch.tensor([[151644, 151652] + [151655] * 4 + [151653, 0, 0],
-                        [151644, 5, 6, 7, 8, 9, 10, 11, 12]])
+    ids = torch.tensor(
+        [[151644, 151652] + [151655] * 4 + [151653, 0, 0], [151644, 5, 6, 7, 8, 9, 10, 11, 12]]
+    )
     mask = torch.tensor([[1] * 7 + [0, 0], [1] * 9])
     positions = tiny.position_ids(ids, torch.tensor([[1, 4, 4]]), attention_mask=mask)
-    assert positions[:, 0].tolist() == [[0, 1, 2, 2, 2, 2, 4, 0, 0],
-                                        [0, 1, 2, 2, 3, 3, 4, 0, 0],
-                                        [0, 1, 2, 3, 2, 3, 4, 0, 0]]
+    assert positions[:, 0].tolist() == [
+        [0, 1, 2, 2, 2, 2, 4, 0, 0],
+        [0, 1, 2, 2, 3, 3, 4, 0, 0],
+        [0, 1, 2, 3, 2, 3, 4, 0, 0],
+    ]
     assert positions[:, 1].tolist() == [list(range(9))] * 3
     text_only = tiny.position_ids(ids[1:], None)
     assert text_only.tolist() == [[list(range(9))]] * 3
@@ -140,17 +149,43 @@ def test_a_released_qwen2_5_vl_directory_loads_as_it_is(tmp_path):
         renamed[re.sub(r"^model\.language_model\.", "model.", key)] = tensor.contiguous()
     save_file(renamed, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     config = {
-        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
-        "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
-        "vision_end_token_id": 151653, "vision_token_id": 151654, "image_token_id": 151655,
-        "video_token_id": 151656, "hidden_act": "silu", "hidden_size": 64, "intermediate_size": 128,
-        "max_position_embeddings": 4096, "num_attention_heads": 4, "num_hidden_layers": 2,
-        "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "tie_word_embeddings": False,
-        "torch_dtype": "float32", "vocab_size": 151936,
-        "vision_config": {"depth": 2, "hidden_act": "silu", "hidden_size": 32, "intermediate_size": 64,
-                          "num_heads": 2, "in_chans": 3, "out_hidden_size": 64, "patch_size": 14,
-                          "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
-                          "fullatt_block_indexes": [1], "tokens_per_second": 2, "temporal_patch_size": 2},
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653,
+        "vision_token_id": 151654,
+        "image_token_id": 151655,
+        "video_token_id": 151656,
+        "hidden_act": "silu",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "max_position_embeddings": 4096,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "vocab_size": 151936,
+        "vision_config": {
+            "depth": 2,
+            "hidden_act": "silu",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "in_chans": 3,
+            "out_hidden_size": 64,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "spatial_patch_size": 14,
+            "window_size": 112,
+            "fullatt_block_indexes": [1],
+            "tokens_per_second": 2,
+            "temporal_patch_size": 2,
+        },
         "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -179,11 +214,14 @@ TIKTOKEN = Path("/work/shared/data/qwen.tiktoken")
 needs_vocabulary = pytest.mark.skipif(not TIKTOKEN.is_file(), reason=f"needs the Qwen vocabulary {TIKTOKEN}")
 
 
-@pytest.mark.parametrize("family, sha256", [
-    ("qwen2_vl", "a0bc6f6fc7a29a80017a433e8f03a1cc1236e838a944a2d034295a60c4f2fddb"),
-    ("qwen2_5_vl", "a0bc6f6fc7a29a80017a433e8f03a1cc1236e838a944a2d034295a60c4f2fddb"),
-    ("qwen3_vl", "3636d0f0bd6bef02654cdffdc447b79cb2cef8ab02cc75267345946291a489e4"),
-])
+@pytest.mark.parametrize(
+    "family, sha256",
+    [
+        ("qwen2_vl", "a0bc6f6fc7a29a80017a433e8f03a1cc1236e838a944a2d034295a60c4f2fddb"),
+        ("qwen2_5_vl", "a0bc6f6fc7a29a80017a433e8f03a1cc1236e838a944a2d034295a60c4f2fddb"),
+        ("qwen3_vl", "3636d0f0bd6bef02654cdffdc447b79cb2cef8ab02cc75267345946291a489e4"),
+    ],
+)
 def test_chat_templates_are_the_released_bytes(family, sha256):
     """SHA-256 pins of the released templates (reference 1.1)."""
     assert hashlib.sha256(FAMILIES[family].chat_template.encode("utf-8")).hexdigest() == sha256
@@ -195,8 +233,14 @@ def test_vocab_and_merges_derived_from_tiktoken_are_the_released_files():
     vocab, merges = qwen2_vocab_and_merges(str(TIKTOKEN))
     vocab_json = json.dumps(vocab, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     merges_txt = "".join(f"{a} {b}\n" for a, b in merges).encode("utf-8")
-    assert hashlib.sha256(vocab_json).hexdigest() == "ca10d7e9fb3ed18575dd1e277a2579c16d108e32f27439684afa0e10b1440910"
-    assert hashlib.sha256(merges_txt).hexdigest() == "599bab54075088774b1733fde865d5bd747cbcc7a547c5bc12610e874e26f5e3"
+    assert (
+        hashlib.sha256(vocab_json).hexdigest()
+        == "ca10d7e9fb3ed18575dd1e277a2579c16d108e32f27439684afa0e10b1440910"
+    )
+    assert (
+        hashlib.sha256(merges_txt).hexdigest()
+        == "599bab54075088774b1733fde865d5bd747cbcc7a547c5bc12610e874e26f5e3"
+    )
 
 
 @needs_vocabulary
@@ -204,12 +248,27 @@ def test_vocab_and_merges_derived_from_tiktoken_are_the_released_files():
 def test_family_tokenizers_carry_their_added_tokens(family, size):
     tokenizer = build_family_tokenizer(FAMILIES[family], TIKTOKEN)
     assert len(tokenizer) == size
-    ids = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|box_start|>",
-                                           "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"])
+    ids = tokenizer.convert_tokens_to_ids(
+        [
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|box_start|>",
+            "<|vision_start|>",
+            "<|vision_end|>",
+            "<|image_pad|>",
+        ]
+    )
     assert ids == [151643, 151644, 151645, 151648, 151652, 151653, 151655]
     assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|endoftext|>")
     assert tokenizer.encode("<|im_start|>user\n12 cats", add_special_tokens=False) == [
-        151644, 872, 198, 16, 17, 19423]
+        151644,
+        872,
+        198,
+        16,
+        17,
+        19423,
+    ]
 
 
 @needs_vocabulary
@@ -223,7 +282,9 @@ def test_a_saved_model_directory_brings_its_processor(tmp_path):
     loaded = load_family_processor(tmp_path, max_pixels=200_000)
     assert type(loaded) is spec.processor_class
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is it? 12"}]}]
-    assert loaded.apply_chat_template(messages, tokenize=False) == built.apply_chat_template(messages, tokenize=False)
+    assert loaded.apply_chat_template(messages, tokenize=False) == built.apply_chat_template(
+        messages, tokenize=False
+    )
     text = "<|im_start|>user\n<|box_start|>(1,2)<think> x<|im_end|>"
     assert loaded.tokenizer(text)["input_ids"] == built.tokenizer(text)["input_ids"]
     assert loaded.image_processor.size == {"shortest_edge": spec.min_pixels, "longest_edge": 200_000}

@@ -38,11 +38,20 @@ def family(request, tmp_path_factory):
         Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / f"{i}.png")
         paths.append(folder / f"{i}.png")
     records = [
-        [{"from": "user", "value": f"<img>{paths[0]}</img><img>{paths[1]}</img>Which is <ref>wider</ref>?"},
-         {"from": "assistant", "value": "<ref>The first</ref><box>(0,0),(999,999)</box>."},
-         {"from": "user", "value": "Sure?"}, {"from": "assistant", "value": "Yes."}],
-        [{"from": "system", "value": "Be brief."},
-         {"from": "user", "value": f"Colour? <img>{paths[2]}</img>"}, {"from": "assistant", "value": "Noise."}],
+        [
+            {
+                "from": "user",
+                "value": f"<img>{paths[0]}</img><img>{paths[1]}</img>Which is <ref>wider</ref>?",
+            },
+            {"from": "assistant", "value": "<ref>The first</ref><box>(0,0),(999,999)</box>."},
+            {"from": "user", "value": "Sure?"},
+            {"from": "assistant", "value": "Yes."},
+        ],
+        [
+            {"from": "system", "value": "Be brief."},
+            {"from": "user", "value": f"Colour? <img>{paths[2]}</img>"},
+            {"from": "assistant", "value": "Noise."},
+        ],
         [{"from": "user", "value": "Say hi."}, {"from": "assistant", "value": "Hi there!"}],
     ]
     items = [encode_record(processor, {"conversations": c}, spec.box_convention) for c in records]
@@ -62,11 +71,14 @@ def test_padded_loss_is_the_hf_models_own_loss(family):
     torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("freeze, trained", [
-    (FreezeSection(vision="frozen", resampler="train", llm="frozen", embeddings="frozen"), {"resampler"}),
-    (FreezeSection(vision="train", resampler="frozen", llm="frozen", embeddings="frozen"), {"vision"}),
-    (FreezeSection(vision="frozen", resampler="train", llm="train"), {"resampler", "llm"}),
-])
+@pytest.mark.parametrize(
+    "freeze, trained",
+    [
+        (FreezeSection(vision="frozen", resampler="train", llm="frozen", embeddings="frozen"), {"resampler"}),
+        (FreezeSection(vision="train", resampler="frozen", llm="frozen", embeddings="frozen"), {"vision"}),
+        (FreezeSection(vision="frozen", resampler="train", llm="train"), {"resampler", "llm"}),
+    ],
+)
 def test_gradients_reach_exactly_the_parts_the_freezing_names(family, freeze, trained):
     model, processor, items = family
     apply_freezing(model, freeze)
@@ -79,9 +91,15 @@ def test_gradients_reach_exactly_the_parts_the_freezing_names(family, freeze, tr
             assert param.grad is not None, name
         else:
             assert param.grad is None and not param.requires_grad, name
-    got_signal = {p for p in trained if any(param.grad is not None and param.grad.abs().sum() > 0
-                                            for name, param in model.named_parameters()
-                                            if name.startswith(prefixes[p]))}
+    got_signal = {
+        p
+        for p in trained
+        if any(
+            param.grad is not None and param.grad.abs().sum() > 0
+            for name, param in model.named_parameters()
+            if name.startswith(prefixes[p])
+        )
+    }
     assert got_signal == trained
     model.requires_grad_(True)
     model.zero_grad(set_to_none=True)
@@ -118,15 +136,20 @@ def test_a_packed_row_equals_its_samples_one_by_one(family):
 
 def test_packed_positions_restart_per_sample(family):
     model, processor, items = family
-    packed = collate_family_batch(items, processor.tokenizer.pad_token_id,
-                                  pack_to=sum(len(s.input_ids) for s, _ in items) + 5)
-    positions = model.packed_position_ids(packed["input_ids"], packed.get("image_grid_thw"), packed["cu_seq_lens"])
+    packed = collate_family_batch(
+        items, processor.tokenizer.pad_token_id, pack_to=sum(len(s.input_ids) for s, _ in items) + 5
+    )
+    positions = model.packed_position_ids(
+        packed["input_ids"], packed.get("image_grid_thw"), packed["cu_seq_lens"]
+    )
     bounds = packed["cu_seq_lens"].tolist()
     grids = packed["image_grid_thw"]
     counts = [2, 1, 0]
     for k, (start, end) in enumerate(zip(bounds[:3], bounds[1:4])):
-        alone = model.position_ids(packed["input_ids"][:, start:end],
-                                   grids[sum(counts[:k]):sum(counts[:k + 1])] if counts[k] else None)
+        alone = model.position_ids(
+            packed["input_ids"][:, start:end],
+            grids[sum(counts[:k]) : sum(counts[: k + 1])] if counts[k] else None,
+        )
         assert torch.equal(positions[1:, :, start:end], alone)
         assert positions[0, 0, start:end].tolist() == list(range(end - start))
 
@@ -143,7 +166,11 @@ def test_a_text_only_training_batch_still_reaches_every_vision_parameter(family)
     out = model(**batch)
     out.loss_sum.backward()
     prefixes = model.part_prefixes()
-    vision = [(n, p) for n, p in model.named_parameters() if n.startswith(prefixes["vision"] + prefixes["resampler"])]
+    vision = [
+        (n, p)
+        for n, p in model.named_parameters()
+        if n.startswith(prefixes["vision"] + prefixes["resampler"])
+    ]
     assert vision and all(p.grad is not None and not p.grad.any() for _, p in vision)
     model.eval()
     with torch.no_grad():
@@ -163,8 +190,10 @@ def test_gradient_checkpointing_recomputes_the_chosen_layers_and_changes_nothing
         layers = model.llm.get_decoder().layers
         # On the first module inside each layer: transformers checkpoints a layer's forward with the layer's
         # own hooks outside, and torch's recompute stops early, once the last tensor backward needs is back.
-        hooks = [layer.input_layernorm.register_forward_hook(lambda mod, args, out, i=i: calls.append(i))
-                 for i, layer in enumerate(layers)]
+        hooks = [
+            layer.input_layernorm.register_forward_hook(lambda mod, args, out, i=i: calls.append(i))
+            for i, layer in enumerate(layers)
+        ]
         model.zero_grad(set_to_none=True)
         loss = model(**batch).loss_sum
         loss.backward()
@@ -188,8 +217,12 @@ def test_gradient_checkpointing_recomputes_the_chosen_layers_and_changes_nothing
 def test_lora_by_the_adapters_pattern_trains_adapters_and_the_saved_projector_only(family):
     model, processor, items = family
     lora_model = copy.deepcopy(model).requires_grad_(False)
-    config = peft.LoraConfig(r=4, lora_alpha=8, modules_to_save=["merger"],
-                             target_modules=lora_model.lora_target_pattern(["q_proj", "gate_proj"], ["attn.qkv"]))
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        modules_to_save=["merger"],
+        target_modules=lora_model.lora_target_pattern(["q_proj", "gate_proj"], ["attn.qkv"]),
+    )
     wrapped = peft.get_peft_model(lora_model, config)
     wrapped(**collate_family_batch(items, processor.tokenizer.pad_token_id)).loss_sum.backward()
     trained = {n for n, p in wrapped.named_parameters() if p.grad is not None}

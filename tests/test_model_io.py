@@ -11,7 +11,9 @@ from models import build_vlm, load_tokenizer, load_vlm, presets
 def outputs(model, tok):
     n = model.config.num_image_tokens
     ids = tok("Picture 1:", add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([ids + [model.config.image_start_id] + [model.config.image_pad_id] * n + [model.config.image_end_id]])
+    ids = torch.tensor(
+        [ids + [model.config.image_start_id] + [model.config.image_pad_id] * n + [model.config.image_end_id]]
+    )
     px = torch.randn(1, 3, 84, 84, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         return model(ids, pixel_values=px).logits
@@ -23,7 +25,14 @@ def test_round_trip_is_bit_identical(tmp_path, tiny_vlm, tiny_tokenizer, max_sha
     sharded = (tmp_path / "model.safetensors.index.json").is_file()
     assert sharded == (max_shard_size != "5GB")
     if sharded:
-        assert len(set(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"].values())) > 1
+        assert (
+            len(
+                set(
+                    json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"].values()
+                )
+            )
+            > 1
+        )
     loaded = load_vlm(tmp_path).eval()
     assert loaded.config == tiny_vlm.config
     for (k, a), (k2, b) in zip(tiny_vlm.state_dict().items(), loaded.state_dict().items(), strict=True):
@@ -66,7 +75,9 @@ def test_missing_weights_are_a_clear_error(tmp_path, tiny_vlm):
         load_vlm(tmp_path)
 
 
-def test_a_saved_vlm_tokenizes_exactly_like_the_tokenizer_it_was_trained_with(tmp_path, tiny_vlm, tiny_tokenizer):
+def test_a_saved_vlm_tokenizes_exactly_like_the_tokenizer_it_was_trained_with(
+    tmp_path, tiny_vlm, tiny_tokenizer
+):
     """load_tokenizer must read the saved tokenizer.json, not rebuild the LLM family's tokenizer class
     (a Qwen2Tokenizer with Qwen2's pre-tokenizer split ' 1' into ' ' + '1' and added NFC)."""
     import copy
@@ -77,6 +88,12 @@ def test_a_saved_vlm_tokenizes_exactly_like_the_tokenizer_it_was_trained_with(tm
     model.tokenizer = tiny_tokenizer
     model.save_pretrained(tmp_path / "vlm")
     loaded = load_tokenizer(tmp_path / "vlm")
-    texts = [" 1", "a 1 photo of 2 dogs", "Café", "<img>a.png</img><|im_start|>user\nhi<|im_end|>", "x  y\n\nz"]
+    texts = [
+        " 1",
+        "a 1 photo of 2 dogs",
+        "Café",
+        "<img>a.png</img><|im_start|>user\nhi<|im_end|>",
+        "x  y\n\nz",
+    ]
     for text in texts:
         assert loaded(text)["input_ids"] == tiny_tokenizer(text)["input_ids"], text

@@ -28,9 +28,17 @@ TRAINED_IMAGE_SIZE = 56  # the adapter is trained at another size than its base'
 
 def _inputs(model):
     cfg = model.config
-    ids = torch.tensor([[cfg.image_start_id] + [cfg.image_pad_id] * cfg.num_image_tokens + [cfg.image_end_id]
-                        + [30, 40, 41, 42, 43, 44]])
-    pixels = torch.randn(1, 3, TRAINED_IMAGE_SIZE, TRAINED_IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor(
+        [
+            [cfg.image_start_id]
+            + [cfg.image_pad_id] * cfg.num_image_tokens
+            + [cfg.image_end_id]
+            + [30, 40, 41, 42, 43, 44]
+        ]
+    )
+    pixels = torch.randn(
+        1, 3, TRAINED_IMAGE_SIZE, TRAINED_IMAGE_SIZE, generator=torch.Generator().manual_seed(1)
+    )
     return ids, pixels
 
 
@@ -42,7 +50,12 @@ def _logits(model, inputs):
 def _export(model, out: Path, init_from: Path | None, merge: bool) -> Path:
     """train.checkpoint.export_final as the trainer calls it, on a single process."""
     engine = SimpleNamespace(mode="single", model=model, dist=SimpleNamespace(is_main=True))
-    info = {"stage": "sft", "prompt_format": "chatml", "steps": 1, "init_from": str(init_from) if init_from else None}
+    info = {
+        "stage": "sft",
+        "prompt_format": "chatml",
+        "steps": 1,
+        "init_from": str(init_from) if init_from else None,
+    }
     return export_final(engine, out, info, merge_lora=merge)
 
 
@@ -86,14 +99,17 @@ def test_a_full_export_loads_with_the_saved_models_logits_and_tokenizer(tiny_vlm
     assert resolve_export(base_dir).kind == "full"
 
 
-@pytest.mark.parametrize("where, merge, kind", [
-    ("final", True, "VLM"),  # a run's final/ with merged/ beside adapter/: merged/
-    ("final", False, "PeftModel"),  # ... and the adapter when not merging
-    ("final/merged", True, "VLM"),
-    ("final/adapter", True, "VLM"),  # the adapter on its base (training_info.json init_from), merged
-    ("final/adapter", False, "PeftModel"),
-    (".", True, "VLM"),  # the run directory
-])
+@pytest.mark.parametrize(
+    "where, merge, kind",
+    [
+        ("final", True, "VLM"),  # a run's final/ with merged/ beside adapter/: merged/
+        ("final", False, "PeftModel"),  # ... and the adapter when not merging
+        ("final/merged", True, "VLM"),
+        ("final/adapter", True, "VLM"),  # the adapter on its base (training_info.json init_from), merged
+        ("final/adapter", False, "PeftModel"),
+        (".", True, "VLM"),  # the run directory
+    ],
+)
 def test_every_lora_export_layout_gives_the_trained_models_logits(lora, where, merge, kind):
     model, tokenizer = load_pretrained(lora.run / where, merge=merge)
     assert type(model).__name__ == kind
@@ -117,7 +133,9 @@ def test_an_adapter_without_a_recorded_base_needs_base(lora, base_dir, tmp_path)
     (adapter / "manifest.json").unlink()  # training_info.json is edited below
     info = json.loads((adapter / "training_info.json").read_text())
     (adapter / "training_info.json").write_text(json.dumps({**info, "init_from": None}))
-    with pytest.raises(UserError, match=rf"{adapter}: an adapter, and its training_info.json records no base.*--base"):
+    with pytest.raises(
+        UserError, match=rf"{adapter}: an adapter, and its training_info.json records no base.*--base"
+    ):
         load_pretrained(adapter)
     model, _ = load_pretrained(adapter, base=base_dir)
     torch.testing.assert_close(_logits(model, lora.inputs), lora.want, rtol=1e-4, atol=1e-4)
@@ -160,7 +178,9 @@ def test_an_export_without_tokenizer_needs_one(base_dir, tiny_tokenizer, tmp_pat
     shutil.copytree(base_dir, bare)
     (bare / "manifest.json").unlink()  # an export written by other code, without a manifest
     for file in bare.iterdir():
-        if file.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens", "chat_template")):
+        if file.name.startswith(
+            ("tokenizer", "special_tokens", "vocab", "merges", "added_tokens", "chat_template")
+        ):
             file.unlink()
     with pytest.raises(UserError, match=f"{bare}: the export has no tokenizer"):
         load_pretrained(bare)
@@ -188,8 +208,14 @@ def test_training_continues_from_an_adapter_export(lora, tmp_path):
     from train.loop import train
 
     world = make_world(tmp_path / "world")
-    overrides = [f"model.init_from={lora.adapter_only / 'final'}", "train.steps=2", "train.micro_batch=2",
-                 "model.image_size=56", "data.image_size=56", *world_overrides(world, tmp_path / "run", "chat.json")]
+    overrides = [
+        f"model.init_from={lora.adapter_only / 'final'}",
+        "train.steps=2",
+        "train.micro_batch=2",
+        "model.image_size=56",
+        "data.image_size=56",
+        *world_overrides(world, tmp_path / "run", "chat.json"),
+    ]
     recipe = load_recipe(TINY / "sft.yaml", overrides)
     model, _ = build_model(recipe)
     assert type(model).__name__ == "VLM"
@@ -210,15 +236,29 @@ def test_a_lora_run_evaluates_its_adapter_without_merging(base_dir, tmp_path):
 
     world = make_world(tmp_path / "world")
     generate(tmp_path / "eval" / "synthetic", seed=0, n_train=4, n_eval=3, image_size=56, vocab_size=300)
-    recipe = load_recipe(TINY / "sft_lora.yaml", [
-        f"model.init_from={base_dir}", "lora.merge_on_export=false", "train.steps=2", "train.micro_batch=2",
-        "eval.benches=[synth_vqa]", f"eval.data_root={tmp_path / 'eval'}", "eval.limit=2",
-        *world_overrides(world, tmp_path / "run", "chat.json")])
+    recipe = load_recipe(
+        TINY / "sft_lora.yaml",
+        [
+            f"model.init_from={base_dir}",
+            "lora.merge_on_export=false",
+            "train.steps=2",
+            "train.micro_batch=2",
+            "eval.benches=[synth_vqa]",
+            f"eval.data_root={tmp_path / 'eval'}",
+            "eval.limit=2",
+            *world_overrides(world, tmp_path / "run", "chat.json"),
+        ],
+    )
     export = train(recipe)
     assert export == tmp_path / "run" / "final" / "adapter"
     metrics = json.loads((export / "metrics.json").read_text())
     assert metrics["synth_vqa"]["num_samples"] == 2
-    for name in ("adapter_config.json", "adapter_model.safetensors", "vlm_config.json", "tokenizer_config.json"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "vlm_config.json",
+        "tokenizer_config.json",
+    ):
         assert (export / name).is_file(), name
 
 
@@ -232,10 +272,19 @@ def test_a_qlora_adapter_evaluates_and_chats_on_gpu_and_cpu(base_dir, tmp_path):
     from train.loop import train
 
     world = make_world(tmp_path / "world")
-    recipe = load_recipe(TINY / "sft_lora.yaml", [
-        f"model.init_from={base_dir}", "quantization.enabled=true", "lora.merge_on_export=false", "train.bf16=true",
-        "train.steps=2", "train.micro_batch=2", "parallel.mode=ddp",
-        *world_overrides(world, tmp_path / "run", "chat.json")])
+    recipe = load_recipe(
+        TINY / "sft_lora.yaml",
+        [
+            f"model.init_from={base_dir}",
+            "quantization.enabled=true",
+            "lora.merge_on_export=false",
+            "train.bf16=true",
+            "train.steps=2",
+            "train.micro_batch=2",
+            "parallel.mode=ddp",
+            *world_overrides(world, tmp_path / "run", "chat.json"),
+        ],
+    )
     export = train(recipe)
     assert export.name == "adapter"
     answers = []

@@ -14,7 +14,14 @@ from models.vision import VisionTower, resize_pos_table
 OPENCLIP_CFG = {
     "embed_dim": 32,
     # 56 px / 14 = 4x4 patches + class token; head_width 16 -> 4 heads; exact GELU (no quick_gelu)
-    "vision_cfg": {"image_size": 56, "layers": 2, "width": 64, "head_width": 16, "mlp_ratio": 2.0, "patch_size": 14},
+    "vision_cfg": {
+        "image_size": 56,
+        "layers": 2,
+        "width": 64,
+        "head_width": 16,
+        "mlp_ratio": 2.0,
+        "patch_size": 14,
+    },
     "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
 }
 
@@ -68,7 +75,9 @@ def test_position_table_is_resized_to_pos_grid(openclip_checkpoint):
     _, _, reference = openclip_checkpoint
     tower = VisionTower(tower_cfg(pos_grid=8, ln_eps=1e-6))
     sd = openclip_to_tower_state_dict(reference.visual, tower)
-    assert torch.equal(sd["pos_embed"], resize_pos_table(reference.visual.positional_embedding[1:].detach(), 64))
+    assert torch.equal(
+        sd["pos_embed"], resize_pos_table(reference.visual.positional_embedding[1:].detach(), 64)
+    )
 
 
 def test_per_block_outputs_equal_on_identical_token_inputs(openclip_checkpoint):

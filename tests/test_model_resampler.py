@@ -39,10 +39,17 @@ def reference_resampler(m: Resampler, x: torch.Tensor) -> torch.Tensor:
     eps = m.cfg.ln_eps
     pos_q = torch.from_numpy(mae_sincos_2d(d, int(n**0.5)))
     g_src, g_tgt = int(n**0.5), int(x.shape[1] ** 0.5)
-    pos_k = F.interpolate(
-        pos_q.float().reshape(1, g_src, g_src, d).permute(0, 3, 1, 2), size=(g_tgt, g_tgt), mode="bicubic",
-        align_corners=False,
-    ).permute(0, 2, 3, 1).reshape(-1, d).double()
+    pos_k = (
+        F.interpolate(
+            pos_q.float().reshape(1, g_src, g_src, d).permute(0, 3, 1, 2),
+            size=(g_tgt, g_tgt),
+            mode="bicubic",
+            align_corners=False,
+        )
+        .permute(0, 2, 3, 1)
+        .reshape(-1, d)
+        .double()
+    )
 
     kv = layer_norm(x @ p["kv_proj.weight"].T, p["ln_kv.weight"], p["ln_kv.bias"], eps)
     q_in = layer_norm(p["query"], p["ln_q.weight"], p["ln_q.bias"], eps) + pos_q

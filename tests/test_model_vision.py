@@ -19,9 +19,11 @@ def test_pos_table_resize_is_float32_bicubic_and_identity_at_equal_size():
     table = torch.randn(16, 8, dtype=torch.bfloat16)
     assert resize_pos_table(table, 16) is table
     resized = resize_pos_table(table, 36)
-    expected = F.interpolate(
-        table.float().T.reshape(1, 8, 4, 4), size=(6, 6), mode="bicubic", align_corners=False
-    ).reshape(8, 36).T.to(torch.bfloat16)
+    expected = (
+        F.interpolate(table.float().T.reshape(1, 8, 4, 4), size=(6, 6), mode="bicubic", align_corners=False)
+        .reshape(8, 36)
+        .T.to(torch.bfloat16)
+    )
     assert resized.dtype == torch.bfloat16
     assert torch.equal(resized, expected)
 

@@ -25,7 +25,13 @@ def images(n, size=84, seed=0):
 def batch(tiny_tokenizer, tiny_vlm):
     """Row 0: two images; row 1: one image. Equal lengths, no padding."""
     tok, n = tiny_tokenizer, tiny_vlm.config.num_image_tokens
-    row0 = text(tok, "Picture 1:") + image_span(tok, n) + text(tok, "Picture 2:") + image_span(tok, n) + text(tok, " two dogs")
+    row0 = (
+        text(tok, "Picture 1:")
+        + image_span(tok, n)
+        + text(tok, "Picture 2:")
+        + image_span(tok, n)
+        + text(tok, " two dogs")
+    )
     row1 = image_span(tok, n) + text(tok, "Describe the image in English: a red car")
     row1 = row1 + text(tok, " parked near the water")[: len(row0) - len(row1)]
     row1 += [tok.pad_token_id] * (len(row0) - len(row1))
@@ -41,7 +47,9 @@ def test_image_features_land_in_the_imgpad_slots_in_order_and_text_is_untouched(
         table = tiny_vlm.llm.get_input_embeddings().weight
     slots = input_ids == tiny_vlm.config.image_pad_id
     assert torch.equal(embeds[slots], features.reshape(-1, features.shape[-1]))  # row-major = image order
-    assert torch.equal(embeds[~slots], table[input_ids[~slots]])  # <img>, </img> and text keep their embeddings
+    assert torch.equal(
+        embeds[~slots], table[input_ids[~slots]]
+    )  # <img>, </img> and text keep their embeddings
     # row 0 holds images 0 and 1, row 1 holds image 2
     n = tiny_vlm.config.num_image_tokens
     assert torch.equal(embeds[1][slots[1]], features[2])
@@ -122,7 +130,9 @@ def test_shared_images_encoded_once_give_the_loss_and_gradients_of_each_span_its
     torch.testing.assert_close(loss_once, loss_copies)
     for name, grad in grads_copies.items():
         torch.testing.assert_close(grads_once[name], grad, msg=name)
-    with pytest.raises(ValueError, match="batch row 1: image spans up to this row need 3"):  # checked against the index
+    with pytest.raises(
+        ValueError, match="batch row 1: image spans up to this row need 3"
+    ):  # checked against the index
         tiny_vlm(input_ids, pixel_values=shared, labels=input_ids, image_index=torch.tensor([0, 1]))
 
 
@@ -139,7 +149,10 @@ def test_frozen_towers_encode_a_pixel_tensor_once_inside_frozen_vision_shared(ti
     runs = []
     for model in (policy, reference):
         model.vision.register_forward_hook(lambda module, args, out: runs.append(module))
-    alone = [model(input_ids, pixel_values=pixel_values, labels=input_ids).loss_sum for model in (reference, policy)]
+    alone = [
+        model(input_ids, pixel_values=pixel_values, labels=input_ids).loss_sum
+        for model in (reference, policy)
+    ]
     assert len(runs) == 2
     runs.clear()
     with frozen_vision_shared(policy, reference):
@@ -240,7 +253,10 @@ def test_left_padded_batch_matches_unpadded_rows(tiny_vlm, tiny_tokenizer):
 
 def test_generate_returns_only_new_tokens_equal_to_greedy_decoding(tiny_vlm, tiny_tokenizer):
     tok, n = tiny_tokenizer, tiny_vlm.config.num_image_tokens
-    prompts = [image_span(tok, n) + text(tok, "Describe the image in English:"), image_span(tok, n) + text(tok, "Is")]
+    prompts = [
+        image_span(tok, n) + text(tok, "Describe the image in English:"),
+        image_span(tok, n) + text(tok, "Is"),
+    ]
     width = max(map(len, prompts))
     ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
@@ -264,7 +280,10 @@ def test_module_groups_cover_all_parameters(tiny_vlm):
     covered = {id(p) for g in ("vision", "resampler", "llm") for m in groups[g] for p in m.parameters()}
     assert covered == {id(p) for p in tiny_vlm.parameters()}
     emb = {id(p) for m in groups["embeddings"] for p in m.parameters()}
-    assert emb == {id(tiny_vlm.llm.get_input_embeddings().weight), id(tiny_vlm.llm.get_output_embeddings().weight)}
+    assert emb == {
+        id(tiny_vlm.llm.get_input_embeddings().weight),
+        id(tiny_vlm.llm.get_output_embeddings().weight),
+    }
 
 
 def test_gradient_checkpointing_keeps_loss_and_grads(tiny_vlm, batch):
@@ -312,5 +331,7 @@ def test_bf16_cuda_forward_backward_and_generate(tiny_vlm, batch):
     assert out.loss_sum.dtype == torch.float32 and torch.isfinite(out.loss)
     out.loss.backward()
     assert all(p.grad is not None for p in model.parameters())
-    new = model.eval().generate(input_ids, pixel_values=pixel_values, max_new_tokens=3, do_sample=False, eos_token_id=None)
+    new = model.eval().generate(
+        input_ids, pixel_values=pixel_values, max_new_tokens=3, do_sample=False, eos_token_id=None
+    )
     assert new.shape == (2, 3)

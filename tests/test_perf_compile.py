@@ -23,9 +23,12 @@ def lora_model(tiny_vlm, dropout: float):
 
     apply_freezing(vlm, freeze)
     vlm.set_gradient_checkpointing(True)
-    model = apply_lora(vlm, LoraSection(enabled=True, r=4, alpha=8, dropout=dropout, targets=["q_proj", "v_proj",
-                                                                                           "gate_proj"]),
-                       freeze, gradient_checkpointing=True)
+    model = apply_lora(
+        vlm,
+        LoraSection(enabled=True, r=4, alpha=8, dropout=dropout, targets=["q_proj", "v_proj", "gate_proj"]),
+        freeze,
+        gradient_checkpointing=True,
+    )
     return model, vlm
 
 
@@ -51,15 +54,21 @@ def test_compiled_layers_under_checkpointing_with_changing_row_lengths_cpu(tiny_
     compiled, vlm = lora_model(tiny_vlm, dropout=0.0)
     vlm.compile_blocks(vision=False, llm=True, backend="aot_eager")
     device = torch.device("cpu")
-    torch.testing.assert_close(run_steps(compiled, batches, device, False), run_steps(eager, batches, device, False),
-                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        run_steps(compiled, batches, device, False),
+        run_steps(eager, batches, device, False),
+        rtol=1e-5,
+        atol=1e-4,
+    )
     with_dropout, vlm = lora_model(tiny_vlm, dropout=0.1)
     vlm.compile_blocks(vision=False, llm=True, backend="aot_eager")
     assert all(torch.isfinite(torch.tensor(run_steps(with_dropout, batches[:2], device, False))))
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (varlen flash attention, inductor)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (varlen flash attention, inductor)"
+)
 @pytest.mark.parametrize("liger", [False, True])
 def test_compiled_varlen_layers_with_lora_dropout_under_checkpointing_gpu(tiny_vlm, tiny_tokenizer, liger):
     """The issue's crash, reproduced at tiny scale: varlen attention fed by the collator's boundaries,
@@ -72,13 +81,21 @@ def test_compiled_varlen_layers_with_lora_dropout_under_checkpointing_gpu(tiny_v
     torch._dynamo.reset()
     batches = packed_batches(tiny_vlm, tiny_tokenizer, [(20, 31), (44, 9, 17), (25,), (13, 40), (60, 5)])
     device = torch.device("cuda")
-    perf = PerfSection(attention="varlen", loss_impl="auto", liger_kernels=liger, compile_llm=True,
-                       compile_vision=True, check_image_spans=False)
+    perf = PerfSection(
+        attention="varlen",
+        loss_impl="auto",
+        liger_kernels=liger,
+        compile_llm=True,
+        compile_vision=True,
+        check_image_spans=False,
+    )
     results = []
     for compile_ in (False, True):
         model, vlm = lora_model(tiny_vlm, dropout=0.0)
         model.cuda()
-        apply_perf_switches(vlm, PerfSection(**{**perf.__dict__, "compile_llm": compile_, "compile_vision": compile_}))
+        apply_perf_switches(
+            vlm, PerfSection(**{**perf.__dict__, "compile_llm": compile_, "compile_vision": compile_})
+        )
         results.append(run_steps(model, batches, device, True))
     torch.testing.assert_close(results[1], results[0], rtol=2e-2, atol=2e-2)
     model, vlm = lora_model(tiny_vlm, dropout=0.05)

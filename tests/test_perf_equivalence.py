@@ -90,7 +90,9 @@ def optimised(model, items, pixels, pad_id):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = model(ids, pixel_values=pixels.cuda(), position_ids=positions, labels=labels)
     out.loss_sum.backward()
-    return out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.loss_sum.detach(), {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+    }
 
 
 @pytest.fixture

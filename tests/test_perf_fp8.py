@@ -19,24 +19,37 @@ from train.perf import fp8_unavailable, resolve_perf
 from train.recipe import FreezeSection, LoraSection, PerfSection
 
 
-@pytest.mark.parametrize("where, why", [
-    (dict(cuda=False, capability=None), "no CUDA device"),
-    (dict(cuda=True, capability=(8, 0)), "compute capability 8.0 has no FP8 tensor cores (needs 8.9"),  # A100
-    (dict(cuda=True, capability=(9, 0), quantized=True), "Q-LoRA's decoder linears are 4-bit"),
-    (dict(cuda=True, capability=(9, 0), zero3=True), "not verified under ZeRO-3"),
-    (dict(cuda=True, capability=(9, 0), installed=False), "torchao is not installed (pip install .[gpu])"),
-    (dict(cuda=True, capability=(9, 0), installed=True), ""),  # H100 / H200
-    (dict(cuda=True, capability=(8, 9), installed=True), ""),  # L4 / L40 (Ada)
-])
+@pytest.mark.parametrize(
+    "where, why",
+    [
+        (dict(cuda=False, capability=None), "no CUDA device"),
+        (
+            dict(cuda=True, capability=(8, 0)),
+            "compute capability 8.0 has no FP8 tensor cores (needs 8.9",
+        ),  # A100
+        (dict(cuda=True, capability=(9, 0), quantized=True), "Q-LoRA's decoder linears are 4-bit"),
+        (dict(cuda=True, capability=(9, 0), zero3=True), "not verified under ZeRO-3"),
+        (
+            dict(cuda=True, capability=(9, 0), installed=False),
+            "torchao is not installed (pip install .[gpu])",
+        ),
+        (dict(cuda=True, capability=(9, 0), installed=True), ""),  # H100 / H200
+        (dict(cuda=True, capability=(8, 9), installed=True), ""),  # L4 / L40 (Ada)
+    ],
+)
 def test_fp8_runs_only_on_cards_with_fp8_tensor_cores(where, why):
     reason = fp8_unavailable(**where)
     assert reason.startswith(why) and (reason == "") == (why == "")
 
 
 def test_on_a_cpu_perf_fp8_is_off_with_one_log_line(tiny_vlm):
-    resolved, notes = resolve_perf(PerfSection(fp8=True, liger_kernels=False), tiny_vlm, cuda=False, quantized=False)
+    resolved, notes = resolve_perf(
+        PerfSection(fp8=True, liger_kernels=False), tiny_vlm, cuda=False, quantized=False
+    )
     assert resolved.fp8 is False and notes == ["perf.fp8: off (no CUDA device)"]
-    assert resolve_perf(PerfSection(), tiny_vlm, cuda=False, quantized=False)[0].fp8 is False  # off by default
+    assert (
+        resolve_perf(PerfSection(), tiny_vlm, cuda=False, quantized=False)[0].fp8 is False
+    )  # off by default
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +64,12 @@ def fp8():
 def lora_model(tiny_vlm):
     """The tiny model as the LoRA recipe trains it: ViT and LLM frozen, resampler trained, adapters on the LLM."""
     model = copy.deepcopy(tiny_vlm).train()
-    apply_freezing(model, FreezeSection(vision="frozen", resampler="train", llm="frozen", embeddings="frozen"))
-    return apply_lora(model, LoraSection(enabled=True, r=8, alpha=16, dropout=0.0), FreezeSection(llm="frozen"), False)
+    apply_freezing(
+        model, FreezeSection(vision="frozen", resampler="train", llm="frozen", embeddings="frozen")
+    )
+    return apply_lora(
+        model, LoraSection(enabled=True, r=8, alpha=16, dropout=0.0), FreezeSection(llm="frozen"), False
+    )
 
 
 def test_the_filter_takes_exactly_the_frozen_linears_of_the_decoder_layers_and_vision_blocks(tiny_vlm, fp8):
@@ -60,14 +77,27 @@ def test_the_filter_takes_exactly_the_frozen_linears_of_the_decoder_layers_and_v
     vlm = wrapped.get_base_model()
     counts = fp8.convert_frozen_linears(vlm, emulate=True)
     converted = sorted(n for n, m in wrapped.named_modules() if isinstance(m, fp8.FrozenFloat8Linear))
-    layer = ["mlp.down_proj"] + [f"{p}.base_layer" for p in ("mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj",
-                                                               "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj")]
+    layer = ["mlp.down_proj"] + [
+        f"{p}.base_layer"
+        for p in (
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "self_attn.k_proj",
+            "self_attn.o_proj",
+            "self_attn.q_proj",
+            "self_attn.v_proj",
+        )
+    ]
     decoder = [n for n in converted if ".layers." in n]
     vision = [n for n in converted if ".vision.blocks." in n]
     assert counts == {"decoder": 2 * 7, "vision": 2 * 4} and len(converted) == len(decoder) + len(vision)
     assert sorted({n.split(".layers.")[1].split(".", 1)[1] for n in decoder}) == sorted(layer)
-    assert sorted({n.split(".blocks.")[1].split(".", 1)[1] for n in vision}) == ["attn.proj", "attn.qkv", "mlp.fc1",
-                                                                                 "mlp.fc2"]
+    assert sorted({n.split(".blocks.")[1].split(".", 1)[1] for n in vision}) == [
+        "attn.proj",
+        "attn.qkv",
+        "mlp.fc1",
+        "mlp.fc2",
+    ]
     # what trains or is read by the loss stays as it was
     assert not any("lora_" in n or "resampler" in n or "lm_head" in n for n in converted)
     assert all(p.dtype == torch.float32 for n, p in wrapped.named_parameters() if "lora_" in n)
@@ -87,8 +117,9 @@ def test_a_frozen_fp8_linear_keeps_only_its_weight_and_computes_no_weight_gradie
     torch.manual_seed(0)
     plain = nn.Linear(64, 128, bias=False).requires_grad_(False)
     holder = nn.ModuleDict({"layer": copy.deepcopy(plain)})
-    fp8.convert_to_float8_training(holder, module_filter_fn=fp8.frozen_linear,
-                                   config=fp8.Float8LinearConfig(emulate=True))
+    fp8.convert_to_float8_training(
+        holder, module_filter_fn=fp8.frozen_linear, config=fp8.Float8LinearConfig(emulate=True)
+    )
     holder["layer"].__class__ = fp8.FrozenFloat8Linear
     x = torch.randn(3, 10, 64, requires_grad=True)
     saved = []
@@ -104,7 +135,9 @@ def test_a_frozen_fp8_linear_keeps_only_its_weight_and_computes_no_weight_gradie
     assert torch.nn.functional.cosine_similarity(fp8_grad.flatten(), x.grad.flatten(), dim=0) > 0.99
 
 
-def test_a_lora_step_in_emulated_fp8_moves_loss_and_gradients_only_by_fp8_rounding(tiny_vlm, tiny_tokenizer, fp8):
+def test_a_lora_step_in_emulated_fp8_moves_loss_and_gradients_only_by_fp8_rounding(
+    tiny_vlm, tiny_tokenizer, fp8
+):
     input_ids, labels, positions, pixels = _packed_batch(tiny_vlm, tiny_tokenizer)
     runs = []
     for in_fp8 in (False, True):

@@ -10,8 +10,10 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned memory, streams)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned memory, streams)"),
+]
 
 
 class Stack(torch.nn.Module):
@@ -20,8 +22,11 @@ class Stack(torch.nn.Module):
     def __init__(self, width: int, depth: int):
         super().__init__()
         self.blocks = torch.nn.ModuleList(
-            torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(), torch.nn.Linear(4 * width, width))
-            for _ in range(depth))
+            torch.nn.Sequential(
+                torch.nn.Linear(width, 4 * width), torch.nn.GELU(), torch.nn.Linear(4 * width, width)
+            )
+            for _ in range(depth)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -34,8 +39,11 @@ def forward_backward(model, x, offload):
 
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    ctx = ActivationOffload().saved_on_host() if offload else torch.autograd.graph.saved_tensors_hooks(
-        lambda t: t, lambda t: t)
+    ctx = (
+        ActivationOffload().saved_on_host()
+        if offload
+        else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    )
     before = torch.cuda.memory_allocated()
     with ctx:
         out = model(x)

@@ -47,7 +47,11 @@ def test_the_loss_at_the_supervised_positions_only_equals_the_loss_over_every_po
 
     monkeypatch.setattr(loss_mod, "CHUNK_TOKENS", 5)
     gen = torch.Generator().manual_seed(2)
-    hidden, weight, labels = torch.randn(3, 12, 16, generator=gen), torch.randn(40, 16, generator=gen), _labels(40, (3, 12), gen)
+    hidden, weight, labels = (
+        torch.randn(3, 12, 16, generator=gen),
+        torch.randn(40, 16, generator=gen),
+        _labels(40, (3, 12), gen),
+    )
     labels[1, 0] = 7  # a label in column 0 is never predicted: nothing precedes it in its row
     positions = supervised_positions(labels)
     assert 12 not in positions.tolist() and len(positions) == int((labels[:, 1:] != -100).sum())
@@ -63,17 +67,27 @@ def test_the_loss_at_the_supervised_positions_only_equals_the_loss_over_every_po
 
 def test_unknown_loss_impl_is_rejected():
     with pytest.raises(ValueError, match="loss impl 'fast'"):
-        causal_lm_loss_sum(torch.zeros(1, 2, 4), torch.zeros(3, 4), torch.zeros(1, 2, dtype=torch.long), impl="fast")
+        causal_lm_loss_sum(
+            torch.zeros(1, 2, 4), torch.zeros(3, 4), torch.zeros(1, 2, dtype=torch.long), impl="fast"
+        )
 
 
 def test_auto_loss_impl_falls_back_to_chunked_on_cpu():
     gen = torch.Generator().manual_seed(1)
-    hidden, weight, labels = torch.randn(1, 9, 8, generator=gen), torch.randn(30, 8, generator=gen), _labels(30, (1, 9), gen)
-    torch.testing.assert_close(causal_lm_loss_sum(hidden, weight, labels, impl="auto"),
-                               causal_lm_loss_sum(hidden, weight, labels, impl="torch"))
+    hidden, weight, labels = (
+        torch.randn(1, 9, 8, generator=gen),
+        torch.randn(30, 8, generator=gen),
+        _labels(30, (1, 9), gen),
+    )
+    torch.testing.assert_close(
+        causal_lm_loss_sum(hidden, weight, labels, impl="auto"),
+        causal_lm_loss_sum(hidden, weight, labels, impl="torch"),
+    )
 
 
-@pytest.mark.parametrize("layers,count,expected", [(4, 4, {0, 1, 2, 3}), (4, 2, {0, 2}), (32, 0, set()), (6, 3, {0, 2, 4})])
+@pytest.mark.parametrize(
+    "layers,count,expected", [(4, 4, {0, 1, 2, 3}), (4, 2, {0, 2}), (32, 0, set()), (6, 3, {0, 2, 4})]
+)
 def test_checkpointed_layers_are_spread_evenly(layers, count, expected):
     assert checkpointed_layer_indices(layers, count) == expected
 
@@ -99,7 +113,9 @@ def _packed_batch(model, tok):
     return torch.tensor([row]), labels[None], positions[None], pixels
 
 
-def test_selective_checkpointing_and_chunked_loss_keep_packed_loss_and_grads(tiny_vlm, tiny_tokenizer, monkeypatch):
+def test_selective_checkpointing_and_chunked_loss_keep_packed_loss_and_grads(
+    tiny_vlm, tiny_tokenizer, monkeypatch
+):
     monkeypatch.setattr(loss_mod, "CHUNK_TOKENS", 16)
     input_ids, labels, positions, pixels = _packed_batch(tiny_vlm, tiny_tokenizer)
     runs = []
@@ -161,9 +177,18 @@ def test_recipe_perf_section_reaches_the_model(tiny_vlm):
     from train.recipe import PerfSection
 
     model = copy.deepcopy(tiny_vlm)
-    perf, notes = resolve_perf(PerfSection(loss_impl="chunked", check_image_spans=False, liger_kernels="auto",
-                                           compile_llm="auto", compile_vision="auto"), model, cuda=False,
-                               quantized=False)
+    perf, notes = resolve_perf(
+        PerfSection(
+            loss_impl="chunked",
+            check_image_spans=False,
+            liger_kernels="auto",
+            compile_llm="auto",
+            compile_vision="auto",
+        ),
+        model,
+        cuda=False,
+        quantized=False,
+    )
     apply_perf_switches(model, perf)
     assert model.runtime.loss_impl == "chunked" and model.runtime.check_image_spans is False
     # Without CUDA every "auto" resolves to off, each with one line saying why.
@@ -204,8 +229,10 @@ def test_varlen_attention_falls_back_to_sdpa_for_padded_batches_and_generation(t
     from models.attention import set_attention
 
     tok = tiny_tokenizer
-    rows = [tok("A red car is parked near the water.", add_special_tokens=False)["input_ids"],
-            tok("The cat sleeps.", add_special_tokens=False)["input_ids"]]
+    rows = [
+        tok("A red car is parked near the water.", add_special_tokens=False)["input_ids"],
+        tok("The cat sleeps.", add_special_tokens=False)["input_ids"],
+    ]
     width = max(map(len, rows))
     left = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
     left_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
@@ -218,7 +245,9 @@ def test_varlen_attention_falls_back_to_sdpa_for_padded_batches_and_generation(t
         set_attention(model, attn)
         with torch.no_grad():
             loss = model(right, attention_mask=right_mask, labels=labels).loss_sum
-        new = model.generate(left, attention_mask=left_mask, max_new_tokens=4, do_sample=False, eos_token_id=None)
+        new = model.generate(
+            left, attention_mask=left_mask, max_new_tokens=4, do_sample=False, eos_token_id=None
+        )
         results.append((loss, new))
     torch.testing.assert_close(results[1][0], results[0][0])
     assert torch.equal(results[1][1], results[0][1])
@@ -230,8 +259,9 @@ def test_dpo_with_the_adapter_disabled_reference_never_compiles_its_decoder(tiny
     from train.perf import resolve_perf
     from train.recipe import PerfSection
 
-    perf, notes = resolve_perf(PerfSection(compile_llm="auto"), tiny_vlm, cuda=True, quantized=False,
-                               adapter_off_reference=True)
+    perf, notes = resolve_perf(
+        PerfSection(compile_llm="auto"), tiny_vlm, cuda=True, quantized=False, adapter_off_reference=True
+    )
     assert perf.compile_llm is False and any("adapter-disabled reference" in n for n in notes)
 
 
@@ -246,8 +276,9 @@ def test_liger_kernels_stay_off_where_the_decoder_layers_compile(tiny_vlm):
     assert compiled.compile_llm is True and compiled.liger_kernels is False
     assert any("liger_kernels" in n and "compile" in n for n in notes)
     quantized, _ = resolve_perf(auto, tiny_vlm, cuda=True, quantized=True)
-    assert quantized.compile_llm is False and quantized.liger_kernels is (importlib.util.find_spec("liger_kernel")
-                                                                          is not None)
+    assert quantized.compile_llm is False and quantized.liger_kernels is (
+        importlib.util.find_spec("liger_kernel") is not None
+    )
 
 
 def test_liger_kernels_stay_on_the_model_they_were_applied_to(tiny_vlm, tiny_tokenizer):
@@ -272,6 +303,7 @@ def test_liger_kernels_stay_on_the_model_they_were_applied_to(tiny_vlm, tiny_tok
     for got, want in zip(qwen2.apply_rotary_pos_emb(q, k, cos, sin), rope(q, k, cos, sin)):
         assert torch.equal(got, want)
 
+
 def test_offloading_activations_needs_cuda_and_says_so_where_it_is_off(tiny_vlm):
     """perf.offload_activations (sft_lora.yaml) parks saved tensors in pinned host memory through CUDA copy
     streams: on a CPU run the trainer turns it off with one line, and its engine offloads nothing."""
@@ -285,8 +317,13 @@ def test_offloading_activations_needs_cuda_and_says_so_where_it_is_off(tiny_vlm)
     assert cpu.offload_activations is False and "perf.offload_activations: off (no CUDA device)" in notes
     model = copy.deepcopy(tiny_vlm)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    engine = Engine(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-                    Recipe(perf=on), DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    engine = Engine(
+        model,
+        optimizer,
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+        Recipe(perf=on),
+        DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")),
+    )
     assert engine.offload is None
 
 
@@ -303,7 +340,9 @@ def test_fused_lora_forwards_go_only_where_the_blocks_do_not_compile(tiny_vlm, c
     freeze = FreezeSection(vision="frozen", resampler="train", llm="frozen")
     base = copy.deepcopy(tiny_vlm)
     apply_freezing(base, freeze)
-    model = apply_lora(base, LoraSection(enabled=True, r=4, targets=["q_proj"], vision_targets=["attn.qkv"]), freeze)
+    model = apply_lora(
+        base, LoraSection(enabled=True, r=4, targets=["q_proj"], vision_targets=["attn.qkv"]), freeze
+    )
     vlm = model.get_base_model()
     apply_perf_switches(vlm, PerfSection(liger_kernels=False, compile_llm=compile_llm, compile_vision=False))
     fused = {name.split(".")[0] for name, m in vlm.named_modules() if getattr(m, "_vlrecipe_fused", False)}

@@ -16,10 +16,19 @@ from train.bench import PLAIN
 def test_recipe_switches_keep_the_plain_paths_losses(tmp_path):
     world = make_world(tmp_path / "world")
     common = ["model.preset=tiny", "train.steps=4", "train.micro_batch=4", "log.every=1", "data.max_len=128"]
-    fast = ["data.packing=true", "data.pack_len=128", "train.max_forward_tokens=128", "perf.loss_impl=chunked",
-            "perf.check_image_spans=false"]
-    run_train([str(TINY / "sft.yaml"), *world_overrides(world, tmp_path / "plain", "chat.json"), *common, *PLAIN])
-    run_train([str(TINY / "sft.yaml"), *world_overrides(world, tmp_path / "fast", "chat.json"), *common, *fast])
+    fast = [
+        "data.packing=true",
+        "data.pack_len=128",
+        "train.max_forward_tokens=128",
+        "perf.loss_impl=chunked",
+        "perf.check_image_spans=false",
+    ]
+    run_train(
+        [str(TINY / "sft.yaml"), *world_overrides(world, tmp_path / "plain", "chat.json"), *common, *PLAIN]
+    )
+    run_train(
+        [str(TINY / "sft.yaml"), *world_overrides(world, tmp_path / "fast", "chat.json"), *common, *fast]
+    )
     plain, fast = read_losses(tmp_path / "plain"), read_losses(tmp_path / "fast")
     assert plain.keys() == fast.keys() == {1, 2, 3, 4}
     for step in plain:

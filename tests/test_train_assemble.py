@@ -42,16 +42,20 @@ def export_dir(tmp_path, tiny_vlm, tiny_tokenizer):
     return tmp_path / "export"
 
 
-@pytest.mark.parametrize("recipe_file, overrides", [
-    ("pretrain.yaml", []),  # ViT frozen, resampler and LLM train
-    ("sft.yaml", ["freeze.vision=train", "freeze.embeddings=frozen"]),
-    ("sft_lora.yaml", []),  # LoRA on the LLM, the resampler saved in full
-    ("sft_lora.yaml", ["lora.vision_targets=[attn.qkv, mlp.fc1]", "freeze.embeddings=train"]),
-    ("sft_lora.yaml", ["model.pad_vocab_to=4096"]),
-])
+@pytest.mark.parametrize(
+    "recipe_file, overrides",
+    [
+        ("pretrain.yaml", []),  # ViT frozen, resampler and LLM train
+        ("sft.yaml", ["freeze.vision=train", "freeze.embeddings=frozen"]),
+        ("sft_lora.yaml", []),  # LoRA on the LLM, the resampler saved in full
+        ("sft_lora.yaml", ["lora.vision_targets=[attn.qkv, mlp.fc1]", "freeze.embeddings=train"]),
+        ("sft_lora.yaml", ["model.pad_vocab_to=4096"]),
+    ],
+)
 def test_the_planners_meta_model_is_the_trainers_model(tokenizer_dir, recipe_file, overrides):
-    recipe = load_recipe(TINY / recipe_file,
-                         [f"model.tokenizer_path={tokenizer_dir}", "model.preset=tiny", *overrides])
+    recipe = load_recipe(
+        TINY / recipe_file, [f"model.tokenizer_path={tokenizer_dir}", "model.preset=tiny", *overrides]
+    )
     trainer = assemble(recipe, "cpu")
     planner = assemble(recipe, "meta")
     assert shapes(planner.model) == shapes(trainer.model)
@@ -67,8 +71,9 @@ def test_the_planners_meta_model_is_the_trainers_model(tokenizer_dir, recipe_fil
     assert counts.lora == sum(trainer.adapters.values())
 
 
-def test_from_an_export_the_planner_reads_its_config_and_the_trainer_its_weights(tmp_path, tokenizer_dir,
-                                                                                export_dir, tiny_vlm):
+def test_from_an_export_the_planner_reads_its_config_and_the_trainer_its_weights(
+    tmp_path, tokenizer_dir, export_dir, tiny_vlm
+):
     recipe = load_recipe(TINY / "sft_lora.yaml", [f"model.init_from={export_dir}", "model.preset=null"])
     trainer = assemble(recipe, "cpu")
     planner = assemble(recipe, "meta")
@@ -81,8 +86,9 @@ def test_from_an_export_the_planner_reads_its_config_and_the_trainer_its_weights
 
 
 def test_a_mismatched_image_size_stops_trainer_and_planner_alike(tokenizer_dir):
-    recipe = load_recipe(TINY / "pretrain.yaml",
-                         [f"model.tokenizer_path={tokenizer_dir}", "data.image_size=56"])
+    recipe = load_recipe(
+        TINY / "pretrain.yaml", [f"model.tokenizer_path={tokenizer_dir}", "data.image_size=56"]
+    )
     for device in ("cpu", "meta"):
         with pytest.raises(UserError, match="data.image_size=56 but the model's vision.image_size is 84"):
             assemble(recipe, device)
@@ -91,8 +97,10 @@ def test_a_mismatched_image_size_stops_trainer_and_planner_alike(tokenizer_dir):
 def test_the_perf_section_reaches_the_model_as_one_runtime_object(tokenizer_dir):
     """The trainer's model runs as its resolved perf section says: models.vlm.RuntimeOptions, set by the
     model's own set_runtime (on the CPU every "auto" kernel and compilation resolves to off)."""
-    recipe = load_recipe(TINY / "pretrain.yaml", [f"model.tokenizer_path={tokenizer_dir}",
-                                                  "perf.loss_impl=chunked", "perf.check_image_spans=false"])
+    recipe = load_recipe(
+        TINY / "pretrain.yaml",
+        [f"model.tokenizer_path={tokenizer_dir}", "perf.loss_impl=chunked", "perf.check_image_spans=false"],
+    )
     trainer = assemble(recipe, "cpu")
     assert trainer.vlm.runtime == RuntimeOptions(loss_impl="chunked", check_image_spans=False)
     assert trainer.vlm.runtime == runtime_options(trainer.perf)

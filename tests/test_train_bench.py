@@ -29,8 +29,18 @@ def test_the_summary_gives_the_window_average_and_the_median_step():
     that meets new shapes pays a one-time cost, which the mean of a short window carries and the median not."""
     from train.bench import summarise
 
-    rows = [{"step": s, "tokens": 6000, "window_s": w, "samples_per_s": 16 / w, "time": 100.0 + s, "loss": 2.0,
-             "peak_mem_gib": 24.0} for s, w in [(1, 20.0), (2, 0.6), (3, 0.6), (4, 1.2), (5, 0.5)]]
+    rows = [
+        {
+            "step": s,
+            "tokens": 6000,
+            "window_s": w,
+            "samples_per_s": 16 / w,
+            "time": 100.0 + s,
+            "loss": 2.0,
+            "peak_mem_gib": 24.0,
+        }
+        for s, w in [(1, 20.0), (2, 0.6), (3, 0.6), (4, 1.2), (5, 0.5)]
+    ]
     result = summarise("world", "recipe", launched=90.0, rows=rows, warmup=1, error="")
     assert result.steps == 4 and result.startup_s == 11.0
     assert result.tokens_per_s == 24000 / 2.9

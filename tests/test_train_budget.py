@@ -42,8 +42,12 @@ def test_the_shipped_recipes_leave_the_activation_settings_to_the_budget():
     for name in ("sft_lora", "sft_qlora", "dpo_lora", "sft", "dpo"):
         recipe = load_recipe(REPO / f"recipes/{name}.yaml", FULL_SHAPE)
         assert recipe.train.memory_budget == "auto", name
-        assert (recipe.perf.checkpoint_llm_layers, recipe.perf.offload_activations, recipe.perf.checkpoint_vision,
-                recipe.train.max_forward_tokens) == ("auto",) * 4, name
+        assert (
+            recipe.perf.checkpoint_llm_layers,
+            recipe.perf.offload_activations,
+            recipe.perf.checkpoint_vision,
+            recipe.train.max_forward_tokens,
+        ) == ("auto",) * 4, name
 
 
 def test_more_budget_fewer_checkpointed_layers_and_the_planned_peak_within_the_budget(qwen_vl):
@@ -63,10 +67,13 @@ def test_more_budget_fewer_checkpointed_layers_and_the_planned_peak_within_the_b
 def test_the_planned_peak_is_the_planners_for_the_chosen_settings(qwen_vl):
     choice = choice_for(qwen_vl, "train.memory_budget=40")
     s = choice.settings
-    fixed = sft_lora("train.memory_budget=null", f"perf.checkpoint_llm_layers={s.checkpointed_layers}",
-                     f"perf.offload_activations={str(s.offload).lower()}",
-                     f"perf.checkpoint_vision={str(s.checkpoint_vision).lower()}",
-                     f"train.max_forward_tokens={s.max_forward_tokens}")
+    fixed = sft_lora(
+        "train.memory_budget=null",
+        f"perf.checkpoint_llm_layers={s.checkpointed_layers}",
+        f"perf.offload_activations={str(s.offload).lower()}",
+        f"perf.checkpoint_vision={str(s.checkpoint_vision).lower()}",
+        f"train.max_forward_tokens={s.max_forward_tokens}",
+    )
     images = 2048 / (qwen_vl.config.num_image_tokens + 2)  # the choice plans every token an image slot
     plan = make_plan(fixed, "r", images_per_sample=images, model=qwen_vl)
     assert plan.estimate.process_peak / GiB == pytest.approx(choice.planned_peak_gib)
@@ -89,22 +96,31 @@ def test_a_value_the_recipe_sets_wins_and_the_line_says_so(qwen_vl):
     choice = choice_for(qwen_vl, "train.memory_budget=80", "perf.checkpoint_llm_layers=8")
     assert choice.settings.checkpointed_layers == 8 and choice.fixed == ("checkpointed_layers",)
     assert choice.checkpointed_indices == [0, 4, 8, 12, 16, 20, 24, 28]
-    assert "8 of 32 decoder layers checkpointed (layers 0, 4, 8, 12, 16, 20, 24, 28) (set), no offload," in choice.line
+    assert (
+        "8 of 32 decoder layers checkpointed (layers 0, 4, 8, 12, 16, 20, 24, 28) (set), no offload,"
+        in choice.line
+    )
     forced = choice_for(qwen_vl, "train.memory_budget=80", "train.max_forward_tokens=16384")
     assert forced.settings.max_forward_tokens == 16384 and "forwards of 16384 tokens (set)" in forced.line
     # and the trainer's recipe carries the value
-    recipe, _ = settle_budget(sft_lora("train.memory_budget=80", "perf.checkpoint_llm_layers=8"), qwen_vl, 1, 80,
-                              "r")
+    recipe, _ = settle_budget(
+        sft_lora("train.memory_budget=80", "perf.checkpoint_llm_layers=8"), qwen_vl, 1, 80, "r"
+    )
     assert recipe.perf.checkpoint_llm_layers == 8 and recipe.train.max_forward_tokens == 8192
 
 
 def test_the_line(qwen_vl):
     line = choice_for(qwen_vl, "train.memory_budget=80").line
-    assert re.fullmatch(r"memory budget 80\.0 GiB \(train\.memory_budget\): 0 of 32 decoder layers checkpointed, "
-                        r"no offload, resampler (not )?checkpointed, forwards of 8192 tokens; "
-                        r"planned peak \d\d\.\d GiB", line), line
+    assert re.fullmatch(
+        r"memory budget 80\.0 GiB \(train\.memory_budget\): 0 of 32 decoder layers checkpointed, "
+        r"no offload, resampler (not )?checkpointed, forwards of 8192 tokens; "
+        r"planned peak \d\d\.\d GiB",
+        line,
+    ), line
     tight = choice_for(qwen_vl, "train.memory_budget=40").line
-    assert re.search(r": \d\d of 32 decoder layers checkpointed \((all but|layers) [\d, ]+\), no offload", tight)
+    assert re.search(
+        r": \d\d of 32 decoder layers checkpointed \((all but|layers) [\d, ]+\), no offload", tight
+    )
     over = choice_for(qwen_vl, "train.memory_budget=16")
     assert not over.fits and over.settings == Settings(32, True, True, 8192)
     assert over.line.endswith("> the budget: no setting fits, this is the one that needs least")
@@ -118,8 +134,12 @@ def test_without_activation_checkpointing_only_the_forward_size_is_chosen(qwen_v
 
 def test_without_a_budget_auto_settings_are_the_plain_ones():
     recipe = without_budget(sft_lora("train.memory_budget=null"))
-    assert (recipe.perf.checkpoint_llm_layers, recipe.perf.offload_activations, recipe.perf.checkpoint_vision,
-            recipe.train.max_forward_tokens) == (None, False, True, 8192)  # one packed row per forward
+    assert (
+        recipe.perf.checkpoint_llm_layers,
+        recipe.perf.offload_activations,
+        recipe.perf.checkpoint_vision,
+        recipe.train.max_forward_tokens,
+    ) == (None, False, True, 8192)  # one packed row per forward
     full = without_budget(load_recipe(REPO / "recipes/sft.yaml", FULL_SHAPE))
     assert full.train.max_forward_tokens is None  # no pack_len: one forward per micro-batch
 
@@ -128,7 +148,11 @@ def test_on_a_cpu_the_trainer_turns_the_budget_off_in_one_line(capsys):
     cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     recipe, choice = settle_memory_budget(sft_lora(), cpu)
     out = capsys.readouterr().out
-    assert choice is None and out.count("\n") == 1 and out.startswith("train.memory_budget: off (no CUDA device)")
+    assert (
+        choice is None
+        and out.count("\n") == 1
+        and out.startswith("train.memory_budget: off (no CUDA device)")
+    )
     assert recipe.train.memory_budget is None and recipe.perf.checkpoint_llm_layers is None
     assert recipe.perf.offload_activations is False and recipe.train.max_forward_tokens == 8192
 
@@ -138,7 +162,10 @@ def test_a_peak_beyond_the_planners_error_is_one_warning_with_both_figures(qwen_
     assert choice.peak_warning(choice.planned_peak_gib * (1 + PLAN_ERROR) - 0.01) is None
     warning = choice.peak_warning(choice.planned_peak_gib * 1.2)
     assert warning.startswith("warning: peak memory") and warning.count("\n") == 0
-    assert f"{choice.planned_peak_gib * 1.2:.1f} GiB" in warning and f"{choice.planned_peak_gib:.1f} GiB" in warning
+    assert (
+        f"{choice.planned_peak_gib * 1.2:.1f} GiB" in warning
+        and f"{choice.planned_peak_gib:.1f} GiB" in warning
+    )
 
 
 def test_memory_budget_must_be_positive_or_auto():
@@ -150,30 +177,63 @@ def test_memory_budget_must_be_positive_or_auto():
 
 
 # ------------------------------------------------------------------------------------------ the cost model
-QWEN = Dims(hidden=4096, kv_dim=4096, ffn=11008, layers=32, heads=32, vocab=151936, vit_width=1664, vit_mlp=8192,
-            vit_layers=48, patches=1024, queries=256)
-COUNTS = Counts(total=9_876_652_800, trainable=220_766_208, lora=128_974_848, largest_group=128_974_848,
-                layer_linears=202_375_168)
-LORA = Setup(mode="single", frozen_bf16=True, llm_trains=False, head_trains=False, lora_inputs=(4096,) * 6,
-             lora_r=64, lora_dropout=0.05, checkpointed_layers=32, liger_kernels=True)
+QWEN = Dims(
+    hidden=4096,
+    kv_dim=4096,
+    ffn=11008,
+    layers=32,
+    heads=32,
+    vocab=151936,
+    vit_width=1664,
+    vit_mlp=8192,
+    vit_layers=48,
+    patches=1024,
+    queries=256,
+)
+COUNTS = Counts(
+    total=9_876_652_800,
+    trainable=220_766_208,
+    lora=128_974_848,
+    largest_group=128_974_848,
+    layer_linears=202_375_168,
+)
+LORA = Setup(
+    mode="single",
+    frozen_bf16=True,
+    llm_trains=False,
+    head_trains=False,
+    lora_inputs=(4096,) * 6,
+    lora_r=64,
+    lora_dropout=0.05,
+    checkpointed_layers=32,
+    liger_kernels=True,
+)
 ROW = MicroBatch(samples=4, rows=1, row_len=8192, images=4, real_tokens=8192)
 
 
 def test_the_cost_is_the_recompute_and_the_offload():
     rates = recompute_flops(presets.qwen_vl_7b(vocab_size=151936))
-    cost = {k: extra_seconds(Settings(k, False, True, 8192), LORA, QWEN, COUNTS, rates, ROW, 2048) for k in (0, 1, 32)}
+    cost = {
+        k: extra_seconds(Settings(k, False, True, 8192), LORA, QWEN, COUNTS, rates, ROW, 2048)
+        for k in (0, 1, 32)
+    }
     # a 7B layer's recompute at 8192 tokens: q, k, v, o, gate and up (the down projection runs outside the
     # checkpoint), the adapters' forward and causal attention over 4 samples of 2048 tokens
     linears = 2 * (4 * 4096 * 4096 + 2 * 4096 * 11008) + 2 * COUNTS.lora / 32
     per_layer = cost[1] - cost[0]
     assert per_layer == pytest.approx((8192 * linears + 4 * 2048**2 * 2 * 4096) / 640e12)  # ~4.3 ms
-    trains_down = dataclasses.replace(LORA, lora_inputs=(4096,) * 6 + (11008,))  # adapted: recomputed in the checkpoint
-    down = (extra_seconds(Settings(1, False, True, 8192), trains_down, QWEN, COUNTS, rates, ROW, 2048)
-            - extra_seconds(Settings(0, False, True, 8192), trains_down, QWEN, COUNTS, rates, ROW, 2048))
+    trains_down = dataclasses.replace(
+        LORA, lora_inputs=(4096,) * 6 + (11008,)
+    )  # adapted: recomputed in the checkpoint
+    down = extra_seconds(
+        Settings(1, False, True, 8192), trains_down, QWEN, COUNTS, rates, ROW, 2048
+    ) - extra_seconds(Settings(0, False, True, 8192), trains_down, QWEN, COUNTS, rates, ROW, 2048)
     assert down - per_layer == pytest.approx(8192 * 2 * 4096 * 11008 / 640e12)
     assert cost[32] - cost[0] == pytest.approx(32 * per_layer)
     parked = extra_seconds(Settings(32, True, True, 8192), LORA, QWEN, COUNTS, rates, ROW, 2048) - cost[32]
-    assert parked == pytest.approx(32 * 8192 * 4096 * 2 / GiB * 0.005)  # bf16 layer inputs (frozen bf16 embeddings)
+    assert parked == pytest.approx(
+        32 * 8192 * 4096 * 2 / GiB * 0.005
+    )  # bf16 layer inputs (frozen bf16 embeddings)
     assert cost[0] > 0  # the resampler's recompute (it trains)
     no_resampler = extra_seconds(Settings(0, False, False, 8192), LORA, QWEN, COUNTS, rates, ROW, 2048)
     assert no_resampler == 0
@@ -185,8 +245,13 @@ def test_offload_is_only_chosen_with_every_layer_checkpointed_and_only_when_need
     def pick(budget_gib: float) -> BudgetChoice:
         return choose(COUNTS, QWEN, LORA, lambda mft: ROW, [8192], budget_gib * GiB, "test", rates, 2048)
 
-    roomy, tight = pick(200), pick(estimate(COUNTS, QWEN, dataclasses.replace(LORA, offload_activations=True),
-                                            ROW).process_peak / GiB)
+    roomy, tight = (
+        pick(200),
+        pick(
+            estimate(COUNTS, QWEN, dataclasses.replace(LORA, offload_activations=True), ROW).process_peak
+            / GiB
+        ),
+    )
     assert roomy.settings == Settings(0, False, False, 8192)
     assert tight.settings.offload and tight.settings.checkpointed_layers == 32
 

@@ -20,7 +20,10 @@ def test_the_memory_report_lists_what_was_live_at_the_highest_point_by_our_alloc
     """Replaying the allocator's trace: the peak is after the second allocation (3 GiB live); the third comes
     after a free and never meets the first two. Our own frame names an allocation before a library's."""
     gib = 2**30
-    ours = [frame("/x/torch/nn/modules/linear.py", 125, "forward"), frame("/repo/models/vlm.py", 80, "encode_images")]
+    ours = [
+        frame("/x/torch/nn/modules/linear.py", 125, "forward"),
+        frame("/repo/models/vlm.py", 80, "encode_images"),
+    ]
     library = [frame("/site-packages/transformers/models/qwen2/modeling_qwen2.py", 297, "forward")]
     events = [
         {"action": "alloc", "addr": 1, "size": 1 * gib, "frames": ours},

@@ -46,9 +46,14 @@ def test_dpo_loss_matches_a_hand_computation():
     one = [torch.tensor([v]) for v in (-10.0, -12.0, -11.0, -11.5)]
     losses, chosen, rejected = dpo_losses(*one, loss="sigmoid", beta=0.5)
     assert losses.item() == pytest.approx(math.log(1 + math.exp(-0.75)))  # -log sigmoid(0.5 * 1.5)
-    assert (chosen.item(), rejected.item()) == (pytest.approx(0.5), pytest.approx(-0.25))  # 0.5 (-10+11), 0.5 (-12+11.5)
+    assert (chosen.item(), rejected.item()) == (
+        pytest.approx(0.5),
+        pytest.approx(-0.25),
+    )  # 0.5 (-10+11), 0.5 (-12+11.5)
     smoothed, _, _ = dpo_losses(*one, loss="sigmoid", beta=0.5, label_smoothing=0.1)
-    assert smoothed.item() == pytest.approx(0.9 * math.log(1 + math.exp(-0.75)) + 0.1 * math.log(1 + math.exp(0.75)))
+    assert smoothed.item() == pytest.approx(
+        0.9 * math.log(1 + math.exp(-0.75)) + 0.1 * math.log(1 + math.exp(0.75))
+    )
     ipo, _, _ = dpo_losses(*one, loss="ipo", beta=0.5)
     assert ipo.item() == pytest.approx((1.5 - 1 / (2 * 0.5)) ** 2)
 
@@ -106,12 +111,17 @@ def pair_item(vocab, prompt, chosen, rejected, seed, image=None):
     def seq(n):
         ids = torch.cat([head, torch.randint(20, vocab, (n,), generator=g)])
         labels = torch.full_like(ids, IGNORE_INDEX)
-        labels[len(head):] = ids[len(head):]
+        labels[len(head) :] = ids[len(head) :]
         return {"input_ids": ids, "labels": labels}
 
     pixels = image[4] if image is not None else torch.zeros(0, 3, 84, 84)
-    return {"chosen": seq(chosen), "rejected": seq(rejected), "pixel_values": pixels, "truncated": False,
-            "index": seed}
+    return {
+        "chosen": seq(chosen),
+        "rejected": seq(rejected),
+        "pixel_values": pixels,
+        "truncated": False,
+        "index": seed,
+    }
 
 
 def collate(items, packing, max_len=256):
@@ -136,11 +146,20 @@ def manual_answer_logps(model, item):
 @pytest.mark.parametrize("packing", [False, True])
 def test_answer_log_probs_of_a_batch_equal_each_sequence_scored_alone(tiny_vlm, packing):
     vocab = tiny_vlm.config.text_config["vocab_size"]
-    items = [pair_item(vocab, 7, 4, 6, seed=1), pair_item(vocab, 5, 3, 2, seed=2), pair_item(vocab, 9, 5, 5, seed=3)]
+    items = [
+        pair_item(vocab, 7, 4, 6, seed=1),
+        pair_item(vocab, 5, 3, 2, seed=2),
+        pair_item(vocab, 9, 5, 5, seed=3),
+    ]
     batch = collate(items, packing)
     with torch.no_grad():
-        out = tiny_vlm(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                       position_ids=batch["position_ids"], labels=batch["labels"], return_token_logps=True)
+        out = tiny_vlm(
+            batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch["position_ids"],
+            labels=batch["labels"],
+            return_token_logps=True,
+        )
         expected = torch.stack([manual_answer_logps(tiny_vlm, item) for item in items])
     torch.testing.assert_close(pair_logps(out.token_logps, batch), expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(-out.token_logps.sum(), out.loss_sum)
@@ -148,8 +167,12 @@ def test_answer_log_probs_of_a_batch_equal_each_sequence_scored_alone(tiny_vlm, 
 
 # ---------------------------------------------------------------------------- objective and references
 def dpo_recipe(**sections):
-    raw = {"model": {"preset": "tiny"}, "data": {"paths": ["x"]},
-           "train": {"steps": 10, "bf16": False, "stage": "dpo"}, **sections}
+    raw = {
+        "model": {"preset": "tiny"},
+        "data": {"paths": ["x"]},
+        "train": {"steps": 10, "bf16": False, "stage": "dpo"},
+        **sections,
+    }
     return recipe_from_dict(raw)
 
 
@@ -160,19 +183,29 @@ def make_engine(model, recipe):
 
 
 def full_dpo(tiny_vlm, **preference):
-    recipe = dpo_recipe(freeze={"vision": "frozen", "llm": "train"}, optim={"lr": 1e-2},
-                        preference={"reference": "frozen_copy", **preference})
+    recipe = dpo_recipe(
+        freeze={"vision": "frozen", "llm": "train"},
+        optim={"lr": 1e-2},
+        preference={"reference": "frozen_copy", **preference},
+    )
     model = copy.deepcopy(tiny_vlm).train()
     apply_freezing(model, recipe.freeze)
     reference = copy_for_reference(model, recipe)
     engine = make_engine(model, recipe)
-    objective = DirectPreference(recipe.preference, FrozenCopyReference(place_frozen_copy(reference, recipe, engine)))
+    objective = DirectPreference(
+        recipe.preference, FrozenCopyReference(place_frozen_copy(reference, recipe, engine))
+    )
     return engine, objective
 
 
 def run_step(engine, objective, batches, max_forward_tokens=None):
-    sums, counts = accumulate_gradients(engine, batches, max_forward_tokens=max_forward_tokens,
-                                        image_start_id=engine.model.config.image_start_id, objective=objective)
+    sums, counts = accumulate_gradients(
+        engine,
+        batches,
+        max_forward_tokens=max_forward_tokens,
+        image_start_id=engine.model.config.image_start_id,
+        objective=objective,
+    )
     return objective.metrics(sums.tolist(), counts[NUM_COUNTS:].tolist())
 
 
@@ -180,7 +213,9 @@ def test_frozen_copy_equals_the_policy_at_step_0_then_stays_where_it_started(tin
     engine, objective = full_dpo(tiny_vlm)
     # MFU counts the reference's forward, but not a frozen tower's encoding, which the policy's serves
     assert objective.runs_reference and not objective.reference_encodes_images
-    assert DirectPreference(objective.cfg, objective.reference, policy_vision_frozen=False).reference_encodes_images
+    assert DirectPreference(
+        objective.cfg, objective.reference, policy_vision_frozen=False
+    ).reference_encodes_images
     vocab = tiny_vlm.config.text_config["vocab_size"]
     batch = collate([pair_item(vocab, 6, 4, 5, seed=s) for s in range(4)], packing=False)
     first = run_step(engine, objective, [batch])
@@ -189,9 +224,16 @@ def test_frozen_copy_equals_the_policy_at_step_0_then_stays_where_it_started(tin
     engine.step()
     with torch.no_grad():
         reference = objective.reference(engine, batch)
-        start = pair_logps(tiny_vlm(batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    position_ids=batch["position_ids"], labels=batch["labels"],
-                                    return_token_logps=True).token_logps, batch)
+        start = pair_logps(
+            tiny_vlm(
+                batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"],
+                labels=batch["labels"],
+                return_token_logps=True,
+            ).token_logps,
+            batch,
+        )
     torch.testing.assert_close(reference, start)  # the reference did not move
     second = run_step(engine, objective, [batch])
     assert second["rewards/margins"] != 0.0 and second["loss"] != pytest.approx(LOG2, abs=1e-6)
@@ -202,18 +244,28 @@ def test_step_loss_is_pair_weighted_over_micro_batches_and_the_sft_term_token_we
     weighs 1/4 (not 1/2 and 1/6), each chosen token 1/(chosen tokens of the step). So do forwards cut
     between pairs by train.max_forward_tokens, padded (two rows a pair) or packed (a pair in a row)."""
     vocab = tiny_vlm.config.text_config["vocab_size"]
-    items = [pair_item(vocab, 6, 2, 5, seed=10), pair_item(vocab, 4, 7, 3, seed=11),
-             pair_item(vocab, 8, 3, 3, seed=12), pair_item(vocab, 5, 6, 2, seed=13)]
+    items = [
+        pair_item(vocab, 6, 2, 5, seed=10),
+        pair_item(vocab, 4, 7, 3, seed=11),
+        pair_item(vocab, 8, 3, 3, seed=12),
+        pair_item(vocab, 5, 6, 2, seed=13),
+    ]
     packed = collate(items, True, max_len=40)
     assert packed["input_ids"].shape[0] == 2  # two rows of two pairs each
-    variants = [([collate(items, False)], None), ([collate(items[:1], False), collate(items[1:], False)], None),
-                ([collate(items, False)], 1), ([packed], 1)]  # max_forward_tokens=1: one pair / row a forward
+    variants = [
+        ([collate(items, False)], None),
+        ([collate(items[:1], False), collate(items[1:], False)], None),
+        ([collate(items, False)], 1),
+        ([packed], 1),
+    ]  # max_forward_tokens=1: one pair / row a forward
     grads, metrics = [], []
     for batches, max_forward_tokens in variants:
         engine, objective = full_dpo(tiny_vlm, sft_weight=0.5)
         metrics.append(run_step(engine, objective, batches, max_forward_tokens))
         grads.append({n: p.grad.clone() for n, p in engine.model.named_parameters() if p.grad is not None})
-    assert metrics[0]["nll/chosen"] > 0 and metrics[0]["loss"] == pytest.approx(LOG2 + 0.5 * metrics[0]["nll/chosen"])
+    assert metrics[0]["nll/chosen"] > 0 and metrics[0]["loss"] == pytest.approx(
+        LOG2 + 0.5 * metrics[0]["nll/chosen"]
+    )
     assert len(grads[0]) > 5
     for m, g in zip(metrics[1:], grads[1:]):
         assert m == pytest.approx(metrics[0], rel=1e-4, abs=1e-6)
@@ -223,7 +275,8 @@ def test_step_loss_is_pair_weighted_over_micro_batches_and_the_sft_term_token_we
 
 
 def test_a_pairs_images_encoded_once_and_shared_with_the_reference_give_the_step_of_separate_copies(
-        tiny_vlm, monkeypatch):
+    tiny_vlm, monkeypatch
+):
     """The batch holds a pair's images once (image_index) and the frozen ViT encodes them once for reference
     and policy: the step's metrics and gradients are those of every sequence with its own copy, each forward
     encoding its own (as before both changes)."""
@@ -234,11 +287,19 @@ def test_a_pairs_images_encoded_once_and_shared_with_the_reference_give_the_step
     cfg, vocab = tiny_vlm.config, tiny_vlm.config.text_config["vocab_size"]
 
     def image(seed):
-        return (cfg.image_start_id, cfg.image_pad_id, cfg.image_end_id, cfg.num_image_tokens,
-                torch.randn(1, 3, 84, 84, generator=torch.Generator().manual_seed(seed)))
+        return (
+            cfg.image_start_id,
+            cfg.image_pad_id,
+            cfg.image_end_id,
+            cfg.num_image_tokens,
+            torch.randn(1, 3, 84, 84, generator=torch.Generator().manual_seed(seed)),
+        )
 
-    items = [pair_item(vocab, 6, 4, 5, seed=20, image=image(1)), pair_item(vocab, 5, 3, 6, seed=21),
-             pair_item(vocab, 7, 5, 2, seed=22, image=image(2))]
+    items = [
+        pair_item(vocab, 6, 4, 5, seed=20, image=image(1)),
+        pair_item(vocab, 5, 3, 6, seed=21),
+        pair_item(vocab, 7, 5, 2, seed=22, image=image(2)),
+    ]
     once = collate(items, packing=True)
     assert once["pixel_values"].shape[0] == 2 and once["image_index"].tolist() == [0, 0, 1, 1]
     copies = {k: v for k, v in once.items() if k != "image_index"}
@@ -269,8 +330,11 @@ def _perturb_trainable(model):
 
 def test_adapter_disabled_reference_gives_the_base_models_log_probs(tiny_vlm):
     cfg = tiny_vlm.config
-    recipe = dpo_recipe(freeze={"vision": "frozen", "resampler": "train", "llm": "frozen"}, lora={"enabled": True},
-                        preference={"reference": "adapter_disabled"})
+    recipe = dpo_recipe(
+        freeze={"vision": "frozen", "resampler": "train", "llm": "frozen"},
+        lora={"enabled": True},
+        preference={"reference": "adapter_disabled"},
+    )
     base = copy.deepcopy(tiny_vlm)
     apply_freezing(base, recipe.freeze)
     untouched = copy.deepcopy(base).eval()
@@ -279,15 +343,30 @@ def test_adapter_disabled_reference_gives_the_base_models_log_probs(tiny_vlm):
     _perturb_trainable(model)  # adapters and the resampler (modules_to_save) move away from the base
     engine = make_engine(model, recipe)
     engine.eval()
-    image = (cfg.image_start_id, cfg.image_pad_id, cfg.image_end_id, cfg.num_image_tokens,
-             torch.randn(1, 3, 84, 84, generator=torch.Generator().manual_seed(5)))
-    batch = collate([pair_item(cfg.text_config["vocab_size"], 6, 4, 5, seed=s, image=image) for s in range(2)], False)
+    image = (
+        cfg.image_start_id,
+        cfg.image_pad_id,
+        cfg.image_end_id,
+        cfg.num_image_tokens,
+        torch.randn(1, 3, 84, 84, generator=torch.Generator().manual_seed(5)),
+    )
+    batch = collate(
+        [pair_item(cfg.text_config["vocab_size"], 6, 4, 5, seed=s, image=image) for s in range(2)], False
+    )
     with torch.no_grad():
         reference = AdapterDisabledReference()(engine, batch)
-        base_logps = pair_logps(untouched(batch["input_ids"], pixel_values=batch["pixel_values"],
-                                          image_index=batch["image_index"],
-                                          attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                                          labels=batch["labels"], return_token_logps=True).token_logps, batch)
+        base_logps = pair_logps(
+            untouched(
+                batch["input_ids"],
+                pixel_values=batch["pixel_values"],
+                image_index=batch["image_index"],
+                attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"],
+                labels=batch["labels"],
+                return_token_logps=True,
+            ).token_logps,
+            batch,
+        )
         policy = pair_logps(engine.forward_loss(batch, token_logps=True).token_logps, batch)
     torch.testing.assert_close(reference, base_logps, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(policy, base_logps, atol=1e-3)  # the adapter is back on afterwards
@@ -315,18 +394,29 @@ def write_pairs(root, tokenizer_dir=None, n=6):
         name = list(colours)[i % 3]
         Image.new("RGB", (40, 40), colours[name]).save(root / f"{i}.png")
         wrong = list(colours)[(i + 1) % 3]
-        records.append({"id": f"p{i}", "conversations": [
-            {"from": "user", "value": f"Picture 1: <img>{i}.png</img>\nWhat color is the picture?"}],
-            "chosen": {"from": "assistant", "value": f"The picture is {name}."},
-            "rejected": {"from": "assistant", "value": f"It is {wrong}" + " and white" * (i % 2) + "."}})
+        records.append(
+            {
+                "id": f"p{i}",
+                "conversations": [
+                    {"from": "user", "value": f"Picture 1: <img>{i}.png</img>\nWhat color is the picture?"}
+                ],
+                "chosen": {"from": "assistant", "value": f"The picture is {name}."},
+                "rejected": {"from": "assistant", "value": f"It is {wrong}" + " and white" * (i % 2) + "."},
+            }
+        )
     (root / "pairs.json").write_text(json.dumps(records))
     return root / "pairs.json"
 
 
 def test_precomputed_reference_equals_the_reference_computed_in_the_step(tiny_vlm, tiny_tokenizer, tmp_path):
     pairs = write_pairs(tmp_path)
-    loader = build_dataloader(DataConfig(paths=[str(pairs)], image_size=84, max_len=128, num_workers=0),
-                              tiny_tokenizer, tiny_vlm.config.num_image_tokens, batch_size=4, preference=True)
+    loader = build_dataloader(
+        DataConfig(paths=[str(pairs)], image_size=84, max_len=128, num_workers=0),
+        tiny_tokenizer,
+        tiny_vlm.config.num_image_tokens,
+        batch_size=4,
+        preference=True,
+    )
     recipe = dpo_recipe(freeze={"vision": "frozen", "llm": "train"}, preference={"reference": "precomputed"})
     model = copy.deepcopy(tiny_vlm).train()
     apply_freezing(model, recipe.freeze)
@@ -357,8 +447,16 @@ def pairs_world(tmp_path_factory):
 
 def dpo_args(recipe, pairs_world, run, *extra):
     pairs, tokenizer = pairs_world
-    return [str(TINY / recipe), "model.preset=tiny", f"model.tokenizer_path={tokenizer}", f"data.paths=[{pairs}]",
-            f"checkpoint.out_dir={run}", "train.steps=3", "log.every=1", *extra]
+    return [
+        str(TINY / recipe),
+        "model.preset=tiny",
+        f"model.tokenizer_path={tokenizer}",
+        f"data.paths=[{pairs}]",
+        f"checkpoint.out_dir={run}",
+        "train.steps=3",
+        "log.every=1",
+        *extra,
+    ]
 
 
 def read_metrics(run):
@@ -375,8 +473,16 @@ def test_dpo_recipe_trains_logs_rewards_and_exports_a_chat_model(pairs_world, tm
     assert first["loss"] == pytest.approx(LOG2, abs=1e-5)
     assert abs(first["rewards/margins"]) < 0.1 * REWARD_MARGIN_TOLERANCE  # dpo.yaml's beta: 0.1
     assert first["rewards/accuracies"] == 0.0
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
-                "tokens_per_s", "lr", "grad_norm"):
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "tokens_per_s",
+        "lr",
+        "grad_norm",
+    ):
         assert key in last and math.isfinite(last[key]), key
     assert last["logps/chosen"] < 0
     info = json.loads((run / "final" / "training_info.json").read_text())
@@ -403,8 +509,14 @@ def test_dpo_lora_recipe_adapts_llm_and_vision_tower_and_merges_on_export(pairs_
 @pytest.mark.slow
 def test_precomputed_reference_is_stored_once_and_reused_on_resume(pairs_world, tmp_path):
     run = tmp_path / "pre"
-    args = dpo_args("dpo.yaml", pairs_world, run, "preference.reference=precomputed", "checkpoint.every=1",
-                    "train.steps=4")
+    args = dpo_args(
+        "dpo.yaml",
+        pairs_world,
+        run,
+        "preference.reference=precomputed",
+        "checkpoint.every=1",
+        "train.steps=4",
+    )
     run_train(args + ["train.stop_after_steps=2"])
     stored = run / "reference_logps.safetensors"
     stamp = os.stat(stored).st_mtime_ns
@@ -424,19 +536,37 @@ def run_train_expect_failure(args):
 
     from tests.test_train_world import subprocess_env
 
-    proc = subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", *args],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode != 0
     return proc
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe, export", [("dpo.yaml", "model.safetensors"),  # frozen_copy: a 2nd ZeRO-3 engine
-                                            ("dpo_lora.yaml", "adapter/adapter_model.safetensors")])  # adapter off
-def test_zero3_reference_equals_the_sharded_policy_at_step_0_on_two_processes(pairs_world, tmp_path, recipe, export):
+@pytest.mark.parametrize(
+    "recipe, export",
+    [
+        ("dpo.yaml", "model.safetensors"),  # frozen_copy: a 2nd ZeRO-3 engine
+        ("dpo_lora.yaml", "adapter/adapter_model.safetensors"),
+    ],
+)  # adapter off
+def test_zero3_reference_equals_the_sharded_policy_at_step_0_on_two_processes(
+    pairs_world, tmp_path, recipe, export
+):
     run = tmp_path / "zero3"
-    run_train(dpo_args(recipe, pairs_world, run, "parallel.mode=zero3", "train.micro_batch=1",
-                       "train.grad_accum=2"), nproc=2, timeout=600)
+    run_train(
+        dpo_args(
+            recipe, pairs_world, run, "parallel.mode=zero3", "train.micro_batch=1", "train.grad_accum=2"
+        ),
+        nproc=2,
+        timeout=600,
+    )
     losses = read_losses(run)
     assert losses[1] == pytest.approx(LOG2, abs=1e-5)  # the reference equals the policy at step 0
     assert all(math.isfinite(v) for v in losses.values()) and losses[3] != pytest.approx(LOG2, abs=1e-5)
@@ -448,10 +578,13 @@ def test_the_adapter_off_reference_is_recognised_when_auto_picks_it():
     (it keeps the decoder layers uncompiled for that reference pass), not only the explicit setting."""
     raw = {"model": {"preset": "tiny"}, "data": {"paths": ["x.json"]}, "train": {"steps": 1, "stage": "dpo"}}
     assert runs_adapter_off_reference(recipe_from_dict({**raw, "lora": {"enabled": True}}))
-    assert runs_adapter_off_reference(recipe_from_dict({**raw, "lora": {"enabled": True},
-                                                        "preference": {"reference": "adapter_disabled"}}))
-    assert not runs_adapter_off_reference(recipe_from_dict({**raw, "lora": {"enabled": True},
-                                                            "preference": {"reference": "precomputed"}}))
+    assert runs_adapter_off_reference(
+        recipe_from_dict({**raw, "lora": {"enabled": True}, "preference": {"reference": "adapter_disabled"}})
+    )
+    assert not runs_adapter_off_reference(
+        recipe_from_dict({**raw, "lora": {"enabled": True}, "preference": {"reference": "precomputed"}})
+    )
     assert not runs_adapter_off_reference(recipe_from_dict(raw))  # auto without LoRA: a frozen copy
-    assert not runs_adapter_off_reference(recipe_from_dict({**raw, "train": {"steps": 1, "stage": "sft"},
-                                                            "lora": {"enabled": True}}))
+    assert not runs_adapter_off_reference(
+        recipe_from_dict({**raw, "train": {"steps": 1, "stage": "sft"}, "lora": {"enabled": True}})
+    )

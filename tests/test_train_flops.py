@@ -38,6 +38,8 @@ def test_a_step_adds_tokens_attention_and_images():
     config = presets.tiny(vocab_size=700)
     rates = step_flops(config, vision_trains=True, resampler_trains=True, llm_trains=True)
     d, layers = config.text_config["hidden_size"], config.text_config["num_hidden_layers"]
-    assert rates.per_attention_pair == 3 * 2 * d * layers  # causal: 2 s^2 d per layer forward, x3 with backward
+    assert (
+        rates.per_attention_pair == 3 * 2 * d * layers
+    )  # causal: 2 s^2 d per layer forward, x3 with backward
     expected = rates.per_token * 80 + rates.per_attention_pair * (30**2 + 50**2) + rates.per_image * 2
     assert rates(80, 2, 30**2 + 50**2) == expected

@@ -62,8 +62,13 @@ VISION_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 def image_inputs(model, seed=0):
     """One image span and its pixels, so the vision tower's adapters matter."""
     cfg = model.config
-    ids = torch.tensor([[30, 40, cfg.image_start_id] + [cfg.image_pad_id] * cfg.num_image_tokens
-                        + [cfg.image_end_id, 41, 42, 43]])
+    ids = torch.tensor(
+        [
+            [30, 40, cfg.image_start_id]
+            + [cfg.image_pad_id] * cfg.num_image_tokens
+            + [cfg.image_end_id, 41, 42, 43]
+        ]
+    )
     return ids, torch.randn(1, 3, 84, 84, generator=torch.Generator().manual_seed(seed))
 
 
@@ -71,7 +76,9 @@ def test_vision_lora_trains_adapters_on_the_vit_and_nothing_else_of_it(tiny_vlm)
     base = copy.deepcopy(tiny_vlm)
     freeze = FreezeSection(vision="frozen", resampler="train", llm="frozen", embeddings="frozen")
     apply_freezing(base, freeze)
-    model = apply_lora(base, LoraSection(enabled=True, r=4, dropout=0.0, vision_targets=VISION_TARGETS), freeze)
+    model = apply_lora(
+        base, LoraSection(enabled=True, r=4, dropout=0.0, vision_targets=VISION_TARGETS), freeze
+    )
     trains = {n for n, p in model.named_parameters() if p.requires_grad}
     vision = [n for n, _ in model.named_parameters() if ".vision." in n]
     assert {n for n in vision if n in trains} == {n for n in vision if "lora_" in n}
@@ -87,8 +94,11 @@ def test_vision_lora_trains_adapters_on_the_vit_and_nothing_else_of_it(tiny_vlm)
     vision_b = [p.grad for n, p in model.named_parameters() if ".vision." in n and "lora_B" in n]
     assert vision_b and all(g is not None and g.abs().sum() > 0 for g in vision_b)  # gradient reaches the ViT
     with pytest.raises(ValueError, match="adapts a frozen vision tower"):
-        apply_lora(copy.deepcopy(tiny_vlm), LoraSection(enabled=True, vision_targets=["attn.qkv"]),
-                   FreezeSection(vision="train", llm="frozen"))
+        apply_lora(
+            copy.deepcopy(tiny_vlm),
+            LoraSection(enabled=True, vision_targets=["attn.qkv"]),
+            FreezeSection(vision="train", llm="frozen"),
+        )
 
 
 def test_vision_lora_save_load_merge_give_the_same_logits(tiny_vlm, tmp_path):
@@ -96,8 +106,13 @@ def test_vision_lora_save_load_merge_give_the_same_logits(tiny_vlm, tmp_path):
     freeze = FreezeSection(vision="frozen", resampler="train", llm="frozen", embeddings="frozen")
     apply_freezing(base, freeze)
     reference_base = copy.deepcopy(base)
-    model = apply_lora(base, LoraSection(enabled=True, r=4, alpha=8, dropout=0.0, targets=["q_proj"],
-                                         vision_targets=VISION_TARGETS), freeze)
+    model = apply_lora(
+        base,
+        LoraSection(
+            enabled=True, r=4, alpha=8, dropout=0.0, targets=["q_proj"], vision_targets=VISION_TARGETS
+        ),
+        freeze,
+    )
     _perturb_trainable(model)
     model.eval()
     ids, pixels = image_inputs(tiny_vlm, seed=1)
@@ -112,7 +127,9 @@ def test_vision_lora_save_load_merge_give_the_same_logits(tiny_vlm, tmp_path):
     assert type(merged).__name__ == "VLM" and not any("lora" in k for k in merged.state_dict())
     torch.testing.assert_close(merged(ids, pixel_values=pixels).logits, want, rtol=1e-4, atol=1e-4)
     # merging folded the vision adapters into the ViT's own weights
-    assert not torch.allclose(merged.vision.blocks[0].attn.qkv.weight, reference_base.vision.blocks[0].attn.qkv.weight)
+    assert not torch.allclose(
+        merged.vision.blocks[0].attn.qkv.weight, reference_base.vision.blocks[0].attn.qkv.weight
+    )
 
 
 @pytest.mark.gpu
@@ -228,8 +245,13 @@ def test_fused_lora_forward_on_4bit_layers_matches_peft():
     model = _TwoProjections(64)
     for name in ("q_proj", "up_proj"):
         dense = getattr(model, name)
-        q = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=dense.bias is not None,
-                              compute_dtype=torch.bfloat16, quant_type="nf4")
+        q = bnb.nn.Linear4bit(
+            dense.in_features,
+            dense.out_features,
+            bias=dense.bias is not None,
+            compute_dtype=torch.bfloat16,
+            quant_type="nf4",
+        )
         q.weight = bnb.nn.Params4bit(dense.weight.data, requires_grad=False, quant_type="nf4")
         if dense.bias is not None:
             q.bias = torch.nn.Parameter(dense.bias.data, requires_grad=False)
@@ -248,16 +270,23 @@ def test_fused_lora_forward_on_4bit_layers_matches_peft():
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parents[1])
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
 
 
 def test_a_run_without_lora_does_not_import_peft():
     """The perf switches look for LoRA layers in every run; without peft loaded there are none, and peft
     (with bitsandbytes behind it) is not imported just to find that out."""
-    run = _python("import sys, torch\nfrom train.lora import fuse_lora_forwards\n"
-                  "assert fuse_lora_forwards(torch.nn.Sequential(torch.nn.Linear(2, 2))) == 0\n"
-                  "print('peft' in sys.modules, 'bitsandbytes' in sys.modules)")
+    run = _python(
+        "import sys, torch\nfrom train.lora import fuse_lora_forwards\n"
+        "assert fuse_lora_forwards(torch.nn.Sequential(torch.nn.Linear(2, 2))) == 0\n"
+        "print('peft' in sys.modules, 'bitsandbytes' in sys.modules)"
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["False", "False"]
 

@@ -24,8 +24,15 @@ from tests.test_train_world import (
 )
 
 pytestmark = pytest.mark.slow
-COMMON = ["train.steps=6", "train.micro_batch=2", "train.grad_accum=2", "log.every=1", "checkpoint.every=2",
-          "schedule.warmup_steps=1", "freeze.llm=train"]
+COMMON = [
+    "train.steps=6",
+    "train.micro_batch=2",
+    "train.grad_accum=2",
+    "log.every=1",
+    "checkpoint.every=2",
+    "schedule.warmup_steps=1",
+    "freeze.llm=train",
+]
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +88,25 @@ def test_two_node_launch_simulated_on_one_machine(world, tmp_path):
     """Two torchrun invocations (--nnodes 2, node ranks 0 and 1) rendezvous over 127.0.0.1 and train."""
     run = tmp_path / "two_nodes"
     port = free_port()
-    args = [str(TINY / "pretrain.yaml"), *world_overrides(world, run), "train.steps=3", "train.micro_batch=2",
-            "log.every=1", "parallel.mode=ddp"]
-    procs = [subprocess.Popen(torchrun_cmd(1, *args, nnodes=2, node_rank=r, port=port), cwd=REPO,
-                              env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in (0, 1)]
+    args = [
+        str(TINY / "pretrain.yaml"),
+        *world_overrides(world, run),
+        "train.steps=3",
+        "train.micro_batch=2",
+        "log.every=1",
+        "parallel.mode=ddp",
+    ]
+    procs = [
+        subprocess.Popen(
+            torchrun_cmd(1, *args, nnodes=2, node_rank=r, port=port),
+            cwd=REPO,
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
     assert "mode ddp, world size 2" in outs[0]
@@ -96,14 +117,18 @@ def test_two_node_launch_simulated_on_one_machine(world, tmp_path):
 def test_zero3_module_hooks_see_the_tensors_inside_the_model_output():
     """ZeRO-3 re-gathers parameters for backward through hooks on a module's output tensors; it finds
     them only inside tuples, lists and dicts, so VLMOutput must be a dict (a transformers ModelOutput)."""
-    script = ("import sys, torch\n"
-              "from deepspeed.runtime.zero.utils import apply_to_tensors_only\n"
-              "from models.vlm import VLMOutput\n"
-              "out = VLMOutput(loss_sum=torch.ones(()), num_tokens=torch.ones((), dtype=torch.long))\n"
-              "seen = []\n"
-              "apply_to_tensors_only(lambda t: seen.append(t) or t, out)\n"
-              "sys.exit(0 if len(seen) == 2 else 1)\n")
-    result = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True)
+    script = (
+        "import sys, torch\n"
+        "from deepspeed.runtime.zero.utils import apply_to_tensors_only\n"
+        "from models.vlm import VLMOutput\n"
+        "out = VLMOutput(loss_sum=torch.ones(()), num_tokens=torch.ones((), dtype=torch.long))\n"
+        "seen = []\n"
+        "apply_to_tensors_only(lambda t: seen.append(t) or t, out)\n"
+        "sys.exit(0 if len(seen) == 2 else 1)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr[-2000:]
 
 

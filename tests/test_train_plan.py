@@ -34,7 +34,12 @@ def tokenizer_dir(tmp_path_factory, tiny_tokenizer):
 
 
 def tiny_overrides(tokenizer_dir: Path) -> list[str]:
-    return ["model.preset=tiny", "model.init_from=null", f"model.tokenizer_path={tokenizer_dir}", "data.paths=[x.json]"]
+    return [
+        "model.preset=tiny",
+        "model.init_from=null",
+        f"model.tokenizer_path={tokenizer_dir}",
+        "data.paths=[x.json]",
+    ]
 
 
 def tiny_recipe(tokenizer_dir: Path, *overrides: str):
@@ -54,11 +59,30 @@ def trainer_model(tiny_tokenizer, recipe, config: VLMConfig | None = None):
 
 # ------------------------------------------------------------------------------------------ counts
 FREEZES = {
-    "stage 1: ViT + resampler": ["freeze.vision=train", "freeze.resampler=train", "freeze.llm=frozen", "lora.enabled=false"],
-    "stage 2: everything": ["freeze.vision=train", "freeze.resampler=train", "freeze.llm=train", "lora.enabled=false"],
-    "SFT: LLM + resampler": ["freeze.vision=frozen", "freeze.llm=train", "freeze.embeddings=train", "lora.enabled=false"],
+    "stage 1: ViT + resampler": [
+        "freeze.vision=train",
+        "freeze.resampler=train",
+        "freeze.llm=frozen",
+        "lora.enabled=false",
+    ],
+    "stage 2: everything": [
+        "freeze.vision=train",
+        "freeze.resampler=train",
+        "freeze.llm=train",
+        "lora.enabled=false",
+    ],
+    "SFT: LLM + resampler": [
+        "freeze.vision=frozen",
+        "freeze.llm=train",
+        "freeze.embeddings=train",
+        "lora.enabled=false",
+    ],
     "SFT LoRA r=8": ["lora.r=8"],
-    "LoRA on attention only, vision trains too": ["lora.r=4", "lora.targets=[q_proj, v_proj]", "freeze.vision=train"],
+    "LoRA on attention only, vision trains too": [
+        "lora.r=4",
+        "lora.targets=[q_proj, v_proj]",
+        "freeze.vision=train",
+    ],
 }
 
 
@@ -76,9 +100,13 @@ def test_parameter_and_trainable_counts_are_the_trainers(name, tokenizer_dir, ti
     assert plan.lora_inputs == tuple(m.in_features for m in layer0.modules() if hasattr(m, "lora_A"))
 
 
-def test_embeddings_auto_train_when_the_export_says_special_tokens_were_added(tmp_path, tokenizer_dir, tiny_tokenizer):
+def test_embeddings_auto_train_when_the_export_says_special_tokens_were_added(
+    tmp_path, tokenizer_dir, tiny_tokenizer
+):
     # An init_from export: the planner reads its config.json only (no weights).
-    config = build_vlm(presets.tiny(vocab_size=len(tiny_tokenizer)), tokenizer=tiny_tokenizer, device="meta").config
+    config = build_vlm(
+        presets.tiny(vocab_size=len(tiny_tokenizer)), tokenizer=tiny_tokenizer, device="meta"
+    ).config
     config.train_embeddings = True
     (tmp_path / "export").mkdir()
     config.save(tmp_path / "export" / "config.json")
@@ -101,7 +129,9 @@ def test_qlora_counts_every_decoder_linear_weight_as_4_bit(tokenizer_dir, tiny_t
 
 # ------------------------------------------------------------------------------------------ memory
 def counts_7b(trainable: int) -> Counts:
-    return Counts(total=9_655_886_592, trainable=trainable, largest_group=trainable, layer_linears=202_375_168)
+    return Counts(
+        total=9_655_886_592, trainable=trainable, largest_group=trainable, layer_linears=202_375_168
+    )
 
 
 @pytest.mark.parametrize("mode", ["zero2", "zero3"])
@@ -113,7 +143,10 @@ def test_zero_divides_what_it_partitions_by_the_gpu_count(mode):
     shard = 4 if mode == "zero3" else 1  # ZeRO-2 keeps whole bf16 weights on every GPU
     assert four["weights: frozen"] == pytest.approx(one["weights: frozen"] / shard)
     assert four["weights: trainable"] == pytest.approx(one["weights: trainable"] / shard)
-    assert one["optimizer: AdamW states"] == counts.trainable * 8 and one["optimizer: fp32 master"] == counts.trainable * 4
+    assert (
+        one["optimizer: AdamW states"] == counts.trainable * 8
+        and one["optimizer: fp32 master"] == counts.trainable * 4
+    )
 
 
 def test_zero_partitions_in_a_plan_shrink_with_gpus(tokenizer_dir):
@@ -124,11 +157,32 @@ def test_zero_partitions_in_a_plan_shrink_with_gpus(tokenizer_dir):
     assert eight["weights: trainable"] == pytest.approx(two["weights: trainable"] / 4)
 
 
-QWEN = Dims(hidden=4096, kv_dim=4096, ffn=11008, layers=32, heads=32, vocab=151936, vit_width=1664, vit_mlp=8192,
-            vit_layers=48, patches=1024, queries=256)
+QWEN = Dims(
+    hidden=4096,
+    kv_dim=4096,
+    ffn=11008,
+    layers=32,
+    heads=32,
+    vocab=151936,
+    vit_width=1664,
+    vit_mlp=8192,
+    vit_layers=48,
+    patches=1024,
+    queries=256,
+)
 ROW = MicroBatch(samples=16, rows=1, row_len=8192, images=16, real_tokens=8192)
-LORA = Setup(mode="single", frozen_bf16=True, resampler_trains=False, llm_trains=False, head_trains=False,
-             lora_inputs=(4096,) * 6, lora_r=64, lora_dropout=0.05, checkpointed_layers=32, liger_kernels=True)
+LORA = Setup(
+    mode="single",
+    frozen_bf16=True,
+    resampler_trains=False,
+    llm_trains=False,
+    head_trains=False,
+    lora_inputs=(4096,) * 6,
+    lora_r=64,
+    lora_dropout=0.05,
+    checkpointed_layers=32,
+    liger_kernels=True,
+)
 
 
 def test_the_fused_loss_never_materialises_the_logits():
@@ -145,7 +199,9 @@ def test_every_checkpointed_layer_keeps_only_its_input():
     full = estimate(counts_7b(128_974_848), QWEN, LORA, ROW)
     fewer = estimate(counts_7b(128_974_848), QWEN, dataclasses.replace(LORA, checkpointed_layers=24), ROW)
     per_layer = (fewer.terms["activations: decoder"] - full.terms["activations: decoder"]) / 8
-    assert 1.0 * GiB < per_layer < 1.6 * GiB  # docs/benchmarks.md: ~0.6 GiB per un-checkpointed layer per 4096 tokens
+    assert (
+        1.0 * GiB < per_layer < 1.6 * GiB
+    )  # docs/benchmarks.md: ~0.6 GiB per un-checkpointed layer per 4096 tokens
     assert full.terms["activations: decoder"] == 32 * 8192 * 4096 * 2  # bf16 layer inputs only
 
 
@@ -210,8 +266,10 @@ def test_the_suggested_micro_batch_fits_and_one_more_does_not(tokenizer_dir):
     plan = make_plan(recipe, "r", gpu_mem_gib=1.3, model=model)
     best = plan.largest_micro_batch
     assert best > 1
-    at = [make_plan(tiny_recipe(tokenizer_dir, f"train.micro_batch={m}"), "r", gpu_mem_gib=1.3, model=model)
-          for m in (best, best + 1)]
+    at = [
+        make_plan(tiny_recipe(tokenizer_dir, f"train.micro_batch={m}"), "r", gpu_mem_gib=1.3, model=model)
+        for m in (best, best + 1)
+    ]
     assert at[0].fits and not at[1].fits
 
 
@@ -223,20 +281,37 @@ def test_with_max_forward_tokens_the_suggestion_is_the_longest_pass_that_fits(to
     assert plan.largest_micro_batch is None and plan.largest_forward_tokens % 256 == 0
     rows = plan.largest_forward_tokens // 256
     assert rows > 1
-    at = [make_plan(tiny_recipe(tokenizer_dir, *split, f"train.max_forward_tokens={n * 256}",
-                                f"train.micro_batch={2 * (n + 1)}"), "r", gpu_mem_gib=1.3, tokens_per_sample=128,
-                    model=model) for n in (rows, rows + 1)]
+    at = [
+        make_plan(
+            tiny_recipe(
+                tokenizer_dir,
+                *split,
+                f"train.max_forward_tokens={n * 256}",
+                f"train.micro_batch={2 * (n + 1)}",
+            ),
+            "r",
+            gpu_mem_gib=1.3,
+            tokens_per_sample=128,
+            model=model,
+        )
+        for n in (rows, rows + 1)
+    ]
     assert at[0].fits and not at[1].fits
 
 
 def test_dpo_plans_two_sequences_per_pair_the_reference_and_its_forward(tokenizer_dir):
     from train.flops import forward_flops, step_flops
 
-    copy = make_plan(load_recipe(REPO / "recipes/tiny/dpo.yaml", [*tiny_overrides(tokenizer_dir), "perf.loss_impl=auto"]),
-                     "r", tokens_per_sample=100)
+    copy = make_plan(
+        load_recipe(REPO / "recipes/tiny/dpo.yaml", [*tiny_overrides(tokenizer_dir), "perf.loss_impl=auto"]),
+        "r",
+        tokens_per_sample=100,
+    )
     assert (copy.batch.samples, copy.batch.images) == (4, 2)  # 2 pairs: 4 sequences, one image per pair
     counts = copy.model.counts
-    assert copy.estimate.terms["weights: DPO reference copy"] == 4 * counts.total  # a deep copy, fp32 (bf16 off)
+    assert (
+        copy.estimate.terms["weights: DPO reference copy"] == 4 * counts.total
+    )  # a deep copy, fp32 (bf16 off)
     assert copy.setup.loss_impl == "chunked"  # per-token log-probs: auto / liger take the chunked path
     assert "DPO reference forward" in copy.estimate.phases
     rates = step_flops(copy.model.config, vision_trains=False, resampler_trains=True, llm_trains=True)
@@ -244,9 +319,15 @@ def test_dpo_plans_two_sequences_per_pair_the_reference_and_its_forward(tokenize
     rates = rates + forward_flops(copy.model.config, vision=False)
     assert copy.flops_per_step == rates(4 * 100, 2, 4 * 100**2)
 
-    lora = make_plan(load_recipe(REPO / "recipes/tiny/dpo_lora.yaml", tiny_overrides(tokenizer_dir)), "r",
-                     tokens_per_sample=100)
-    assert lora.setup.reference == "adapter_disabled" and "weights: DPO reference copy" not in lora.estimate.terms
+    lora = make_plan(
+        load_recipe(REPO / "recipes/tiny/dpo_lora.yaml", tiny_overrides(tokenizer_dir)),
+        "r",
+        tokens_per_sample=100,
+    )
+    assert (
+        lora.setup.reference == "adapter_disabled"
+        and "weights: DPO reference copy" not in lora.estimate.terms
+    )
     # adapters on the frozen ViT: gradient runs through it, so it keeps activations (checkpointing is off)
     assert lora.model.vision_lora > 0 and len(lora.setup.vision_lora_inputs) == 4
     assert "backward: vision tower" in lora.estimate.phases
@@ -257,8 +338,13 @@ def test_flops_and_step_time_follow_the_training_logs_convention(tokenizer_dir):
 
     recipe = tiny_recipe(tokenizer_dir, "train.micro_batch=4", "train.grad_accum=2")
     plan = make_plan(recipe, "r", tokens_per_sample=100, images_per_sample=2, mfu=0.5, peak_tflops=100)
-    rates = step_flops(plan.model.config, vision_trains=False, resampler_trains=True, llm_trains=False,
-                       lora_params=plan.model.counts.lora)
+    rates = step_flops(
+        plan.model.config,
+        vision_trains=False,
+        resampler_trains=True,
+        llm_trains=False,
+        lora_params=plan.model.counts.lora,
+    )
     assert plan.flops_per_step == rates(8 * 100, 8 * 2, 8 * 100**2)
     assert plan.step_time == pytest.approx(plan.flops_per_step / 50e12)
 
@@ -272,16 +358,23 @@ def test_the_plan_lands_within_15_percent_of_every_gpu_measurement():
         if row.run.superseded:  # measured before a fix: what it measured is the superseded build
             assert abs(row.explained_gib / row.run.measured_gib - 1) <= PLAN_ERROR, row.run.name
             continue
-        assert abs(row.error) <= PLAN_ERROR, f"{row.run.name}: measured {row.run.measured_gib}, planned {row.planned_gib:.1f}"
+        assert abs(row.error) <= PLAN_ERROR, (
+            f"{row.run.name}: measured {row.run.measured_gib}, planned {row.planned_gib:.1f}"
+        )
     # docs/benchmarks.md shows this very table
     docs = (REPO / "docs/benchmarks.md").read_text()
     for row in rows:
-        assert re.search(rf"\| {re.escape(row.run.name)} \| {row.run.measured_gib:.1f} \({row.run.kind}\) \| "
-                         rf"{row.planned_gib:.1f} \| {re.escape(percent(row.error))} \|", docs), row.run.name
+        assert re.search(
+            rf"\| {re.escape(row.run.name)} \| {row.run.measured_gib:.1f} \({row.run.kind}\) \| "
+            rf"{row.planned_gib:.1f} \| {re.escape(percent(row.error))} \|",
+            docs,
+        ), row.run.name
 
 
 # ------------------------------------------------------------------------------------------ recipes, CLI
-SHIPPED = sorted(str(p.relative_to(REPO)) for p in (REPO / "recipes").rglob("*.yaml") if p.name != "base.yaml")
+SHIPPED = sorted(
+    str(p.relative_to(REPO)) for p in (REPO / "recipes").rglob("*.yaml") if p.name != "base.yaml"
+)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -308,14 +401,20 @@ def run_cli_main(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
     return exit_info.value.code, out.out, out.err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (("recipes/sft.yaml", "train.micro_bach=3"), "did you mean 'train.micro_batch'"),
-    (("recipes/sft.yaml", "--mfu", "3"), "--mfu is a fraction"),
-    (("recipes/sft.yaml", "--tokens-per-sample", "9000"), "data.max_len=2048"),
-    (("recipes/sft.yaml", "perf.checkpoint_llm_layers=40"), "the decoder has 32 layers"),
-    (("recipes/sft.yaml", "freeze.llm=frozen", "freeze.resampler=frozen", "freeze.embeddings=frozen"), "nothing trains"),
-    (("recipes/sft.yaml", "model.image_size=224"), "data.image_size=448"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("recipes/sft.yaml", "train.micro_bach=3"), "did you mean 'train.micro_batch'"),
+        (("recipes/sft.yaml", "--mfu", "3"), "--mfu is a fraction"),
+        (("recipes/sft.yaml", "--tokens-per-sample", "9000"), "data.max_len=2048"),
+        (("recipes/sft.yaml", "perf.checkpoint_llm_layers=40"), "the decoder has 32 layers"),
+        (
+            ("recipes/sft.yaml", "freeze.llm=frozen", "freeze.resampler=frozen", "freeze.embeddings=frozen"),
+            "nothing trains",
+        ),
+        (("recipes/sft.yaml", "model.image_size=224"), "data.image_size=448"),
+    ],
+)
 def test_user_mistakes_are_one_error_line(monkeypatch, capsys, argv, message):
     monkeypatch.chdir(REPO)
     code, out, err = run_cli_main(monkeypatch, capsys, *argv)
@@ -324,14 +423,27 @@ def test_user_mistakes_are_one_error_line(monkeypatch, capsys, argv, message):
 
 def test_json_output_holds_the_table(monkeypatch, capsys):
     monkeypatch.chdir(REPO)
-    code, out, _ = run_cli_main(monkeypatch, capsys, "recipes/sft_lora.yaml", "--gpus", "8", "--json",
-                                "--tokens-per-sample", "600", "--gpu-mem", "141", "parallel.mode=zero2",
-                                "train.memory_budget=null")  # forwards of one row, as without a budget
+    code, out, _ = run_cli_main(
+        monkeypatch,
+        capsys,
+        "recipes/sft_lora.yaml",
+        "--gpus",
+        "8",
+        "--json",
+        "--tokens-per-sample",
+        "600",
+        "--gpu-mem",
+        "141",
+        "parallel.mode=zero2",
+        "train.memory_budget=null",
+    )  # forwards of one row, as without a budget
     plan = json.loads(out)
     assert code == 0 and plan["setup"]["mode"] == "zero2" and plan["setup"]["gpus"] == 8
     assert plan["parameters"]["trainable"] == 220_766_208  # r=64 adapters on q,k,v,o,gate,up + the resampler
     assert plan["fits"] is True and plan["peak_gib"] < 141
-    assert plan["largest_micro_batch"] is None and plan["largest_forward_tokens"] >= 2 * 7800  # max_forward_tokens
+    assert (
+        plan["largest_micro_batch"] is None and plan["largest_forward_tokens"] >= 2 * 7800
+    )  # max_forward_tokens
     # 16 samples of 600 tokens: 13 to a row of 8192, two rows, one forward pass each
     assert plan["micro_batch"]["tokens"] == 2 * 13 * 600 and plan["micro_batch"]["rows_per_pass"] == 1
     assert plan["tokens_per_s_per_gpu"] > 0
@@ -339,5 +451,7 @@ def test_json_output_holds_the_table(monkeypatch, capsys):
 
 def test_the_table_names_the_peak_and_the_verdict(monkeypatch, capsys):
     monkeypatch.chdir(REPO)
-    code, out, _ = run_cli_main(monkeypatch, capsys, "recipes/sft.yaml", "--gpus", "1", "train.memory_budget=null")
+    code, out, _ = run_cli_main(
+        monkeypatch, capsys, "recipes/sft.yaml", "--gpus", "1", "train.memory_budget=null"
+    )
     assert code == 0 and "DOES NOT FIT" in out and "<- peak" in out and "largest micro-batch that fits" in out

@@ -25,14 +25,22 @@ pytestmark = pytest.mark.slow
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     world = make_world(tmp_path / "world")
-    args = [str(TINY / "pretrain.yaml"), "train.steps=12", "log.every=1", "checkpoint.every=3",
-            "checkpoint.keep_last=1", "train.micro_batch=3"]  # 8 samples / 3: epochs end mid-step
+    args = [
+        str(TINY / "pretrain.yaml"),
+        "train.steps=12",
+        "log.every=1",
+        "checkpoint.every=3",
+        "checkpoint.keep_last=1",
+        "train.micro_batch=3",
+    ]  # 8 samples / 3: epochs end mid-step
     straight = tmp_path / "straight"
     run_train([*args, *world_overrides(world, straight)])
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "train", *args, *world_overrides(world, killed), "train.resume=auto"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while not (killed / "checkpoints" / "step_000006").is_dir():
         assert proc.poll() is None and time.time() < deadline, "run ended before its step-6 checkpoint"
@@ -56,11 +64,27 @@ def test_resume_of_a_webdataset_run_matches_an_uninterrupted_run(tmp_path):
 
     world = make_world(tmp_path / "world")
     pairs = json.loads((world / "captions.json").read_text())
-    write_shards(({"__key__": f"{i:03d}", "png": (world / p["image"]).read_bytes(), "txt": p["caption"].encode()}
-                  for i, p in enumerate(pairs)), world / "shards", "c", 2)  # 4 shards of 2 pairs
-    args = [str(TINY / "pretrain.yaml"), "train.steps=6", "log.every=1", "checkpoint.every=3", "train.micro_batch=2",
-            "data.format=webdataset", "data.num_workers=2", "data.shuffle_buffer=3",
-            f'data.paths=["{world}/shards/c-{{000000..000003}}.tar"]', f"model.tokenizer_path={world / 'tokenizer'}"]
+    write_shards(
+        (
+            {"__key__": f"{i:03d}", "png": (world / p["image"]).read_bytes(), "txt": p["caption"].encode()}
+            for i, p in enumerate(pairs)
+        ),
+        world / "shards",
+        "c",
+        2,
+    )  # 4 shards of 2 pairs
+    args = [
+        str(TINY / "pretrain.yaml"),
+        "train.steps=6",
+        "log.every=1",
+        "checkpoint.every=3",
+        "train.micro_batch=2",
+        "data.format=webdataset",
+        "data.num_workers=2",
+        "data.shuffle_buffer=3",
+        f'data.paths=["{world}/shards/c-{{000000..000003}}.tar"]',
+        f"model.tokenizer_path={world / 'tokenizer'}",
+    ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_train([*args, f"checkpoint.out_dir={straight}"])
     run_train([*args, f"checkpoint.out_dir={resumed}", "train.stop_after_steps=3"])  # mid-epoch: 6 of 8 pairs

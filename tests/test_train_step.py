@@ -19,7 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_recipe(**sections):
-    raw = {"model": {"preset": "tiny"}, "data": {"paths": ["x"]}, "train": {"steps": 10, "bf16": False}, **sections}
+    raw = {
+        "model": {"preset": "tiny"},
+        "data": {"paths": ["x"]},
+        "train": {"steps": 10, "bf16": False},
+        **sections,
+    }
     return recipe_from_dict(raw)
 
 
@@ -40,10 +45,17 @@ def make_batch(model, lengths, seed, num_supervised):
     mask = torch.zeros_like(ids)
     for r, (n, s) in enumerate(zip(lengths, num_supervised)):
         mask[r, :n] = 1
-        labels[r, n - s:n] = ids[r, n - s:n]
+        labels[r, n - s : n] = ids[r, n - s : n]
     pos = (mask.cumsum(1) - 1).clamp(min=0)
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": pos,
-            "pixel_values": None, "num_samples": len(lengths), "sample_lengths": list(lengths)}
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "attention_mask": mask,
+        "position_ids": pos,
+        "pixel_values": None,
+        "num_samples": len(lengths),
+        "sample_lengths": list(lengths),
+    }
 
 
 def concat(a, b):
@@ -52,17 +64,26 @@ def concat(a, b):
     def pad(t, v):
         return torch.nn.functional.pad(t, (0, L - t.shape[1]), value=v)
 
-    out = {k: torch.cat([pad(a[k], v), pad(b[k], v)]) for k, v in
-           [("input_ids", 0), ("labels", -100), ("attention_mask", 0), ("position_ids", 0)]}
-    return {**out, "pixel_values": None, "num_samples": a["num_samples"] + b["num_samples"],
-            "sample_lengths": a["sample_lengths"] + b["sample_lengths"]}
+    out = {
+        k: torch.cat([pad(a[k], v), pad(b[k], v)])
+        for k, v in [("input_ids", 0), ("labels", -100), ("attention_mask", 0), ("position_ids", 0)]
+    }
+    return {
+        **out,
+        "pixel_values": None,
+        "num_samples": a["num_samples"] + b["num_samples"],
+        "sample_lengths": a["sample_lengths"] + b["sample_lengths"],
+    }
 
 
-@pytest.mark.parametrize("stage,expected", [
-    ("pretrain.yaml", {"vision": True, "resampler": True, "llm": False}),
-    ("multitask.yaml", {"vision": True, "resampler": True, "llm": True}),
-    ("sft.yaml", {"vision": False, "resampler": True, "llm": True}),
-])
+@pytest.mark.parametrize(
+    "stage,expected",
+    [
+        ("pretrain.yaml", {"vision": True, "resampler": True, "llm": False}),
+        ("multitask.yaml", {"vision": True, "resampler": True, "llm": True}),
+        ("sft.yaml", {"vision": False, "resampler": True, "llm": True}),
+    ],
+)
 def test_each_stage_freezes_exactly_what_its_recipe_says(tiny_vlm, stage, expected):
     model = copy.deepcopy(tiny_vlm)
     recipe = load_recipe(REPO / "recipes" / stage)
@@ -70,8 +91,11 @@ def test_each_stage_freezes_exactly_what_its_recipe_says(tiny_vlm, stage, expect
     for group, trains in expected.items():
         flags = {p.requires_grad for m in model.module_groups()[group] for p in m.parameters()}
         if group == "llm" and not trains:  # embeddings: "auto" follows train_embeddings of the tiny tokenizer
-            flags = {p.requires_grad for n, p in model.llm.named_parameters()
-                     if "embed_tokens" not in n and "lm_head" not in n}
+            flags = {
+                p.requires_grad
+                for n, p in model.llm.named_parameters()
+                if "embed_tokens" not in n and "lm_head" not in n
+            }
         assert flags == {trains}, f"{stage}: {group}"
     assert "resampler" in trainable_table(model)
 
@@ -100,12 +124,20 @@ def test_accumulating_k_micro_batches_gives_the_gradient_of_one_big_batch(tiny_v
     loss_big, _ = accumulate_gradients(single_engine(big, recipe), [concat(a, b)])
 
     # [supervised, sample tokens, samples, images, sum of squared lengths] + the objective's [supervised]
-    assert counts.tolist() == [9 + 2 + 1 + 8, 12 + 7 + 5 + 10, 4, 0, 12**2 + 7**2 + 5**2 + 10**2, 9 + 2 + 1 + 8]
+    assert counts.tolist() == [
+        9 + 2 + 1 + 8,
+        12 + 7 + 5 + 10,
+        4,
+        0,
+        12**2 + 7**2 + 5**2 + 10**2,
+        9 + 2 + 1 + 8,
+    ]
     torch.testing.assert_close(loss_small, loss_big, rtol=1e-5, atol=1e-5)
     g_small, g_big = _grads(small), _grads(big)
     assert g_small.keys() == g_big.keys() and len(g_small) > 10
     for name in g_big:
         torch.testing.assert_close(g_small[name], g_big[name], rtol=1e-4, atol=1e-6, msg=name)
+
     # And it is NOT the mean of per-micro-batch means, which would weight b's few tokens more.
     def model_inputs(batch):
         return {k: v for k, v in batch.items() if k not in ("num_samples", "sample_lengths")}
@@ -122,7 +154,9 @@ def test_loss_ignores_masked_labels(tiny_vlm):
     assert int(counts[0]) == 4 + 3
     # The same sum computed by hand over the supervised (shifted) positions only.
     with torch.no_grad():
-        logits = model(a["input_ids"], attention_mask=a["attention_mask"], position_ids=a["position_ids"]).logits
+        logits = model(
+            a["input_ids"], attention_mask=a["attention_mask"], position_ids=a["position_ids"]
+        ).logits
     logp = torch.log_softmax(logits[:, :-1].float(), -1)
     target = a["labels"][:, 1:]
     keep = target != -100
@@ -159,34 +193,47 @@ def test_vit_layer_decay_scales_lower_blocks_more(tiny_vlm):
 
 def _tiny_recipe_at(tmp_path, tiny_tokenizer, *overrides):
     tiny_tokenizer.save_pretrained(tmp_path / "tok")
-    return load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "base.yaml",
-                       [f"model.tokenizer_path={tmp_path / 'tok'}", "model.preset=tiny", *overrides])
+    return load_recipe(
+        Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "base.yaml",
+        [f"model.tokenizer_path={tmp_path / 'tok'}", "model.preset=tiny", *overrides],
+    )
 
 
-@pytest.mark.parametrize("mode, bf16, frozen_bf16, frozen, trainable", [
-    ("zero2", True, True, torch.bfloat16, torch.bfloat16),  # DeepSpeed: all bf16, its own fp32 masters
-    ("zero3", True, False, torch.bfloat16, torch.bfloat16),
-    ("zero3", False, True, torch.float32, torch.float32),
-    ("ddp", True, True, torch.bfloat16, torch.float32),  # frozen bf16, trainable fp32 for the optimiser
-    ("auto", True, True, torch.bfloat16, torch.float32),
-    ("auto", True, False, torch.float32, torch.float32),
-    ("auto", False, True, torch.float32, torch.float32),  # no autocast: everything fp32
-])
-def test_models_are_built_in_their_storage_dtypes(tmp_path, tiny_tokenizer, mode, bf16, frozen_bf16, frozen,
-                                                  trainable):
+@pytest.mark.parametrize(
+    "mode, bf16, frozen_bf16, frozen, trainable",
+    [
+        ("zero2", True, True, torch.bfloat16, torch.bfloat16),  # DeepSpeed: all bf16, its own fp32 masters
+        ("zero3", True, False, torch.bfloat16, torch.bfloat16),
+        ("zero3", False, True, torch.float32, torch.float32),
+        ("ddp", True, True, torch.bfloat16, torch.float32),  # frozen bf16, trainable fp32 for the optimiser
+        ("auto", True, True, torch.bfloat16, torch.float32),
+        ("auto", True, False, torch.float32, torch.float32),
+        ("auto", False, True, torch.float32, torch.float32),  # no autocast: everything fp32
+    ],
+)
+def test_models_are_built_in_their_storage_dtypes(
+    tmp_path, tiny_tokenizer, mode, bf16, frozen_bf16, frozen, trainable
+):
     """The model is built straight in its final dtypes (it never exists in fp32 as a whole): DeepSpeed bf16
     casts the module and keeps fp32 masters itself; elsewhere frozen weights are bf16 (perf.frozen_bf16)
     and the ones that train fp32 (the optimiser updates them)."""
     from train.assemble import build_model
 
-    recipe = _tiny_recipe_at(tmp_path, tiny_tokenizer, f"parallel.mode={mode}", f"train.bf16={bf16}",
-                             f"perf.frozen_bf16={frozen_bf16}")  # tiny: vision frozen, resampler + llm train
+    recipe = _tiny_recipe_at(
+        tmp_path,
+        tiny_tokenizer,
+        f"parallel.mode={mode}",
+        f"train.bf16={bf16}",
+        f"perf.frozen_bf16={frozen_bf16}",
+    )  # tiny: vision frozen, resampler + llm train
     model, _ = build_model(recipe)
     assert {p.dtype for p in model.vision.parameters()} == {frozen}
     assert {p.dtype for p in model.resampler.parameters()} == {trainable}
 
 
-def test_an_export_loads_with_trainable_weights_exact_and_frozen_ones_in_bf16(tmp_path, tiny_tokenizer, tiny_vlm):
+def test_an_export_loads_with_trainable_weights_exact_and_frozen_ones_in_bf16(
+    tmp_path, tiny_tokenizer, tiny_vlm
+):
     """Loading in mixed storage must not round the weights that go on training through bf16."""
     from train.assemble import build_model
 
@@ -194,8 +241,15 @@ def test_an_export_loads_with_trainable_weights_exact_and_frozen_ones_in_bf16(tm
     model = copy.deepcopy(tiny_vlm)
     model.tokenizer = tiny_tokenizer
     model.save_pretrained(export)
-    recipe = _tiny_recipe_at(tmp_path, tiny_tokenizer, f"model.init_from={export}", "model.preset=null",
-                             "train.bf16=true", "freeze.vision=frozen", "freeze.resampler=train")
+    recipe = _tiny_recipe_at(
+        tmp_path,
+        tiny_tokenizer,
+        f"model.init_from={export}",
+        "model.preset=null",
+        "train.bf16=true",
+        "freeze.vision=frozen",
+        "freeze.resampler=train",
+    )
     loaded, _ = build_model(recipe)
     assert torch.equal(loaded.resampler.proj, model.resampler.proj)  # fp32, bit for bit
     assert loaded.vision.patch_embed.weight.dtype == torch.bfloat16
@@ -224,9 +278,13 @@ def test_a_micro_batch_split_into_forwards_of_whole_rows_keeps_loss_and_gradient
     from data.collate import split_rows
     from data.packing import supervised_positions
 
-    rows = [packed_batches(tiny_vlm, tiny_tokenizer, [lengths], seed=i)[0]
-            for i, lengths in enumerate([(20, 31), (44, 7), (25, 26)])]  # three rows of equal width
-    batch = {k: torch.cat([r[k] for r in rows]) for k in ("input_ids", "labels", "position_ids", "pixel_values")}
+    rows = [
+        packed_batches(tiny_vlm, tiny_tokenizer, [lengths], seed=i)[0]
+        for i, lengths in enumerate([(20, 31), (44, 7), (25, 26)])
+    ]  # three rows of equal width
+    batch = {
+        k: torch.cat([r[k] for r in rows]) for k in ("input_ids", "labels", "position_ids", "pixel_values")
+    }
     width = batch["input_ids"].shape[1]
     segments = [int(n) for r in rows for n in (r["cu_seq_lens"][1:] - r["cu_seq_lens"][:-1])]
     batch["cu_seq_lens"] = torch.tensor([0, *segments], dtype=torch.int32).cumsum(0, dtype=torch.int32)
@@ -247,8 +305,9 @@ def test_a_micro_batch_split_into_forwards_of_whole_rows_keeps_loss_and_gradient
     for max_tokens in (None, 2 * width, 1):
         model = copy.deepcopy(tiny_vlm).train()
         engine = single_engine(model, recipe)
-        loss, counts = accumulate_gradients(engine, [batch], max_forward_tokens=max_tokens,
-                                            image_start_id=tiny_vlm.config.image_start_id)
+        loss, counts = accumulate_gradients(
+            engine, [batch], max_forward_tokens=max_tokens, image_start_id=tiny_vlm.config.image_start_id
+        )
         grads.append((loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     for loss, g in grads[1:]:
         torch.testing.assert_close(loss, grads[0][0], rtol=1e-5, atol=1e-5)

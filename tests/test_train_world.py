@@ -38,10 +38,14 @@ def make_world(root: Path, num_images: int = 8) -> Path:
         # Different lengths so per-micro-batch token counts differ.
         caption = f"a {colour} picture" + " of the park near the water" * (i % 3)
         captions.append({"image": f"images/{i}.png", "caption": caption})
-        chats.append({"conversations": [
-            {"from": "user", "value": f"<img>images/{i}.png</img>\nWhat color is the picture?"},
-            {"from": "assistant", "value": f"The picture is {colour}."},
-        ]})
+        chats.append(
+            {
+                "conversations": [
+                    {"from": "user", "value": f"<img>images/{i}.png</img>\nWhat color is the picture?"},
+                    {"from": "assistant", "value": f"The picture is {colour}."},
+                ]
+            }
+        )
     (root / "captions.json").write_text(json.dumps(captions))
     (root / "chat.json").write_text(json.dumps(chats))
     (root / "done").write_text("")
@@ -49,8 +53,11 @@ def make_world(root: Path, num_images: int = 8) -> Path:
 
 
 def world_overrides(world: Path, run: Path, data: str = "captions.json") -> list[str]:
-    return [f"model.tokenizer_path={world / 'tokenizer'}", f"data.paths=[{world / data}]",
-            f"checkpoint.out_dir={run}"]
+    return [
+        f"model.tokenizer_path={world / 'tokenizer'}",
+        f"data.paths=[{world / data}]",
+        f"checkpoint.out_dir={run}",
+    ]
 
 
 def free_port() -> int:
@@ -60,27 +67,44 @@ def free_port() -> int:
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               WANDB_MODE="offline", DS_ACCELERATOR="cpu")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_MODE="offline",
+        DS_ACCELERATOR="cpu",
+    )
     env.update(extra)
     return env
 
 
-def torchrun_cmd(nproc: int, *args: str, nnodes: int = 1, node_rank: int = 0, port: int | None = None) -> list[str]:
+def torchrun_cmd(
+    nproc: int, *args: str, nnodes: int = 1, node_rank: int = 0, port: int | None = None
+) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
     if nnodes == 1:
         cmd += ["--standalone"] if port is None else [f"--master_port={port}"]
     else:
-        cmd += [f"--nnodes={nnodes}", f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port}"]
+        cmd += [
+            f"--nnodes={nnodes}",
+            f"--node_rank={node_rank}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+        ]
     return cmd + ["-m", "train", *args]
 
 
 def run_train(args: list[str], nproc: int = 0, timeout: int = 240, **env: str) -> subprocess.CompletedProcess:
     """``python -m train ARGS`` (nproc=0: plainly) or under torchrun; fails the test with the log."""
     cmd = torchrun_cmd(nproc, *args) if nproc else [sys.executable, "-m", "train", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(**env), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=subprocess_env(**env), capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        pytest.fail(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -99,8 +123,12 @@ def test_world_builds_batches(tmp_path):
 
     world = make_world(tmp_path / "world")
     tok = load_tokenizer(world / "tokenizer")
-    loader = build_dataloader(DataConfig(paths=[str(world / "captions.json")], image_size=84, max_len=256,
-                                         num_workers=0), tok, num_image_tokens=16, batch_size=4)
+    loader = build_dataloader(
+        DataConfig(paths=[str(world / "captions.json")], image_size=84, max_len=256, num_workers=0),
+        tok,
+        num_image_tokens=16,
+        batch_size=4,
+    )
     batch = next(iter(loader))
     assert batch["pixel_values"].shape == (4, 3, 84, 84)
     assert (batch["labels"] != -100).sum() > 0

@@ -66,8 +66,14 @@ class ModelFamily(Protocol):
     def image_tokens(self, m: ModelSection) -> int:
         """Tokens one image takes in a sample (for the data check's lengths)."""
 
-    def build(self, m: ModelSection, dtype: torch.dtype | None, device: torch.device | None, keep_fp32,
-              llm_on_meta: bool) -> tuple[nn.Module, Any]:
+    def build(
+        self,
+        m: ModelSection,
+        dtype: torch.dtype | None,
+        device: torch.device | None,
+        keep_fp32,
+        llm_on_meta: bool,
+    ) -> tuple[nn.Module, Any]:
         """(model, tokenizer) with weights: loaded, or drawn on ``device``."""
 
     def build_meta(self, m: ModelSection, source: str, notes: list[str]) -> tuple[nn.Module, Any]:
@@ -87,8 +93,10 @@ class QwenVL:
         if m.tokenizer_path is None and m.init_from is not None:
             path = export_config_and_tokenizer(m.init_from)[1]
         if path is None:
-            raise UserError("the recipe names no tokenizer: set model.tokenizer_path (or model.init_from / "
-                            "model.llm_path)")
+            raise UserError(
+                "the recipe names no tokenizer: set model.tokenizer_path (or model.init_from / "
+                "model.llm_path)"
+            )
         if not Path(path).is_dir():
             raise UserError(f"tokenizer directory not found: {path}")
         tokenizer = load_tokenizer(path)
@@ -101,12 +109,24 @@ class QwenVL:
             return export_config_and_tokenizer(m.init_from)[0].num_image_tokens
         return preset(m)(vocab_size=1).num_image_tokens
 
-    def build(self, m: ModelSection, dtype: torch.dtype | None, device: torch.device | None, keep_fp32,
-              llm_on_meta: bool) -> tuple[nn.Module, Any]:
+    def build(
+        self,
+        m: ModelSection,
+        dtype: torch.dtype | None,
+        device: torch.device | None,
+        keep_fp32,
+        llm_on_meta: bool,
+    ) -> tuple[nn.Module, Any]:
         if m.init_from is not None:
             # Any export: a full one, a LoRA run's final/ (its adapter merged into its base here), ...
-            model, tokenizer = load_pretrained(m.init_from, dtype=dtype or torch.float32, device=device,
-                                               merge=True, tokenizer=m.tokenizer_path, keep_fp32=keep_fp32)
+            model, tokenizer = load_pretrained(
+                m.init_from,
+                dtype=dtype or torch.float32,
+                device=device,
+                merge=True,
+                tokenizer=m.tokenizer_path,
+                keep_fp32=keep_fp32,
+            )
             model.train()  # load_pretrained hands out models for inference
         else:
             tokenizer = load_tokenizer(m.tokenizer_path or m.llm_path)
@@ -116,8 +136,16 @@ class QwenVL:
             on = device if m.llm_path is None and m.openclip_name is None else None
             # Q-LoRA builds the decoder on the meta device: quantize_llm_4bit creates it layer by layer.
             llm_device = "meta" if llm_on_meta and on is not None and on.type == "cuda" else None
-            model = build_vlm(config, tokenizer=tokenizer, llm_path=m.llm_path, openclip=openclip,
-                              dtype=dtype, device=on, keep_fp32=keep_fp32, llm_device=llm_device)
+            model = build_vlm(
+                config,
+                tokenizer=tokenizer,
+                llm_path=m.llm_path,
+                openclip=openclip,
+                dtype=dtype,
+                device=on,
+                keep_fp32=keep_fp32,
+                llm_device=llm_device,
+            )
         if m.image_size is not None:
             model.config.vision.image_size = m.image_size  # the position table is resized on the fly
         model.tokenizer = tokenizer
@@ -143,15 +171,19 @@ class QwenVL:
                 except ValueError as e:
                     raise UserError(f"{source}: model.init_from: {e}") from e
                 return config, None  # an export's vocabulary is final: the trainer resizes nothing
-            notes.append(f"model.init_from={m.init_from} has no config.json yet: planned with the "
-                         f"{m.preset or DEFAULT_PRESET} preset (the shape the shipped recipes train)")
+            notes.append(
+                f"model.init_from={m.init_from} has no config.json yet: planned with the "
+                f"{m.preset or DEFAULT_PRESET} preset (the shape the shipped recipes train)"
+            )
         tokenizer = _tokenizer_if_present(m.tokenizer_path or m.llm_path, notes)
         text_config = None
         if m.llm_path is not None and (Path(m.llm_path) / "config.json").is_file():
             text_config = AutoConfig.from_pretrained(m.llm_path, trust_remote_code=False).to_dict()
         elif m.llm_path is not None:
-            notes.append(f"no LLM config at model.llm_path={m.llm_path}: planned with the "
-                         f"{m.preset or DEFAULT_PRESET} decoder")
+            notes.append(
+                f"no LLM config at model.llm_path={m.llm_path}: planned with the "
+                f"{m.preset or DEFAULT_PRESET} decoder"
+            )
         vocab = len(tokenizer) if tokenizer is not None else None
         if text_config is not None:
             vocab = max(vocab or 0, text_config["vocab_size"])
@@ -210,12 +242,14 @@ def build_model(recipe: Recipe, device: torch.device | None = None) -> tuple[nn.
     torchrun takes minutes) or loaded (an export's)."""
     dtype, trainable_fp32 = storage_dtypes(recipe)
     keep_fp32 = (lambda vlm: trainable_modules(vlm, recipe.freeze)) if trainable_fp32 else None
-    return family_of(recipe.model).build(recipe.model, dtype=dtype, device=device, keep_fp32=keep_fp32,
-                                         llm_on_meta=recipe.quantization.enabled)
+    return family_of(recipe.model).build(
+        recipe.model, dtype=dtype, device=device, keep_fp32=keep_fp32, llm_on_meta=recipe.quantization.enabled
+    )
 
 
-def assemble(recipe: Recipe, device: torch.device | str | None, mode: str = "single",
-             source: str | None = None) -> Assembled:
+def assemble(
+    recipe: Recipe, device: torch.device | str | None, mode: str = "single", source: str | None = None
+) -> Assembled:
     """The recipe's model, ready for the engine. ``device``: where the trainer runs (weights go straight
     there where they can), or ``"meta"``: the same model without memory, weights or speed switches, for
     the planner's counts. ``mode``: the resolved parallel mode (train.parallel.resolve_mode). ``source``:
@@ -229,14 +263,16 @@ def assemble(recipe: Recipe, device: torch.device | str | None, mode: str = "sin
         # Straight onto the GPU in the final dtypes; ZeRO-3 loads an export on the CPU (it partitions it), and
         # so does Q-LoRA (quantize_llm_4bit moves the decoder over one layer at a time).
         cuda = device.type == "cuda"
-        on_gpu = cuda and (recipe.model.init_from is None
-                           or (mode != "zero3" and not recipe.quantization.enabled))
+        on_gpu = cuda and (
+            recipe.model.init_from is None or (mode != "zero3" and not recipe.quantization.enabled)
+        )
         model, tokenizer = build_model(recipe, device=device if on_gpu else None)
     check_image_size(model, recipe.data.image_size, source)
     trains = apply_freezing(model, recipe.freeze)
     if not meta and recipe.train.grad_checkpointing:
-        model.set_gradient_checkpointing(True, llm_layers=recipe.perf.checkpoint_llm_layers,
-                                         vision=recipe.perf.checkpoint_vision)
+        model.set_gradient_checkpointing(
+            True, llm_layers=recipe.perf.checkpoint_llm_layers, vision=recipe.perf.checkpoint_vision
+        )
     if not meta and recipe.quantization.enabled:
         quantize_llm_4bit(model, recipe.quantization, device)
     wrapped = model
@@ -253,9 +289,14 @@ def assemble(recipe: Recipe, device: torch.device | str | None, mode: str = "sin
         return Assembled(wrapped, vlm, tokenizer, trains, adapters, perf=None, notes=notes)
     if storage_dtypes(recipe) == (torch.bfloat16, True):
         frozen_to_bf16(vlm)  # what quantisation / LoRA wrapping left in fp32 while frozen
-    perf, notes = resolve_perf(recipe.perf, vlm, cuda=device.type == "cuda",
-                               quantized=recipe.quantization.enabled, zero3=mode == "zero3",
-                               adapter_off_reference=runs_adapter_off_reference(recipe))
+    perf, notes = resolve_perf(
+        recipe.perf,
+        vlm,
+        cuda=device.type == "cuda",
+        quantized=recipe.quantization.enabled,
+        zero3=mode == "zero3",
+        adapter_off_reference=runs_adapter_off_reference(recipe),
+    )
     apply_perf_switches(vlm, perf)
     return Assembled(wrapped, vlm, tokenizer, trains, adapters, perf=perf, notes=notes)
 
@@ -263,5 +304,7 @@ def assemble(recipe: Recipe, device: torch.device | str | None, mode: str = "sin
 def check_image_size(model: nn.Module, image_size: int, source: str | None = None) -> None:
     if model.config.vision.image_size != image_size:
         where = f"{source}: " if source else ""
-        raise UserError(f"{where}data.image_size={image_size} but the model's vision.image_size is "
-                        f"{model.config.vision.image_size}; set model.image_size and data.image_size alike")
+        raise UserError(
+            f"{where}data.image_size={image_size} but the model's vision.image_size is "
+            f"{model.config.vision.image_size}; set model.image_size and data.image_size alike"
+        )

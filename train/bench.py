@@ -44,11 +44,21 @@ from models.errors import ArgumentParser, UserError, non_negative_int, positive_
 from train.recipe import load_recipe
 
 PLAIN = [  # the reference's way (see the module docstring)
-    "data.packing=false", "data.pack_len=null", "perf.attention=sdpa", "perf.loss_impl=torch",
-    "perf.liger_kernels=false", "perf.compile_llm=false", "perf.compile_vision=false", "perf.frozen_bf16=false",
-    "perf.check_image_spans=true", "perf.loss_at_label_positions=false",
-    "perf.checkpoint_llm_layers=null", "train.max_forward_tokens=null", "perf.fused_lora=false",
-    "perf.cudnn_attention=true", "train.memory_budget=null",
+    "data.packing=false",
+    "data.pack_len=null",
+    "perf.attention=sdpa",
+    "perf.loss_impl=torch",
+    "perf.liger_kernels=false",
+    "perf.compile_llm=false",
+    "perf.compile_vision=false",
+    "perf.frozen_bf16=false",
+    "perf.check_image_spans=true",
+    "perf.loss_at_label_positions=false",
+    "perf.checkpoint_llm_layers=null",
+    "train.max_forward_tokens=null",
+    "perf.fused_lora=false",
+    "perf.cudnn_attention=true",
+    "train.memory_budget=null",
 ]
 
 
@@ -85,8 +95,12 @@ def make_long_conversations(world: Path, tokens: int, count: int = 600) -> Path:
     if out.is_file():
         return out
     sft = json.loads((world / "sft.json").read_text())
-    pairs = [(c["conversations"][i], c["conversations"][i + 1]) for c in sft
-             for i in range(0, len(c["conversations"]) - 1, 2) if "<img>" not in c["conversations"][i]["value"]]
+    pairs = [
+        (c["conversations"][i], c["conversations"][i + 1])
+        for c in sft
+        for i in range(0, len(c["conversations"]) - 1, 2)
+        if "<img>" not in c["conversations"][i]["value"]
+    ]
     images = [m for c in sft for m in re.findall(r"<img>(.*?)</img>", c["conversations"][0]["value"])]
     rng = random.Random(0)
     records = []
@@ -108,7 +122,9 @@ def workload_overrides(workload: str, world: Path, preference: bool = False) -> 
     if workload == "world":
         return [*common, f"data.paths=[{world / ('dpo.json' if preference else 'sft.json')}]"]
     if preference:
-        raise UserError(f"workload {workload}: a DPO recipe runs on the 'world' workload (its preference pairs)")
+        raise UserError(
+            f"workload {workload}: a DPO recipe runs on the 'world' workload (its preference pairs)"
+        )
     long = make_long_conversations(world, int(workload))
     return [*common, f"data.paths=[{long}]", f"data.max_len={int(workload)}"]
 
@@ -123,31 +139,56 @@ def run_trainer(recipe: str, overrides: list[str], run_dir: Path, log: Path) -> 
         f.write(" ".join(cmd) + "\n")
         f.flush()
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
-        if (run_dir / "metrics.jsonl").is_file() else []
+    rows = (
+        [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        if (run_dir / "metrics.jsonl").is_file()
+        else []
+    )
     error = "" if rc == 0 else f"exit {rc}: " + " | ".join(log.read_text().strip().splitlines()[-3:])[-400:]
     return launched, rows, error
 
 
-def summarise(workload: str, variant: str, launched: float, rows: list[dict], warmup: int, error: str) -> Result:
+def summarise(
+    workload: str, variant: str, launched: float, rows: list[dict], warmup: int, error: str
+) -> Result:
     timed = [r for r in rows if r["step"] > warmup]
     if error or not timed:
-        return Result(workload, variant, 0, float("nan"), float("nan"), None, None, float("nan"), float("nan"),
-                      error or "no step after warm-up was logged")
+        return Result(
+            workload,
+            variant,
+            0,
+            float("nan"),
+            float("nan"),
+            None,
+            None,
+            float("nan"),
+            float("nan"),
+            error or "no step after warm-up was logged",
+        )
     seconds = sum(r["window_s"] for r in timed)
     tokens = sum(r["tokens"] for r in timed)
     median = statistics.median(r["tokens"] / r["window_s"] for r in timed)
     samples = sum(r["samples_per_s"] * r["window_s"] for r in timed)
     mfu = [r["mfu"] * r["window_s"] for r in timed if "mfu" in r]
-    return Result(workload, variant, len(timed), tokens / seconds, samples / seconds,
-                  sum(mfu) / seconds if mfu else None,
-                  max((r["peak_mem_gib"] for r in rows if "peak_mem_gib" in r), default=None),
-                  rows[0]["time"] - launched, rows[0]["loss"], median_tokens_per_s=median)
+    return Result(
+        workload,
+        variant,
+        len(timed),
+        tokens / seconds,
+        samples / seconds,
+        sum(mfu) / seconds if mfu else None,
+        max((r["peak_mem_gib"] for r in rows if "peak_mem_gib" in r), default=None),
+        rows[0]["time"] - launched,
+        rows[0]["loss"],
+        median_tokens_per_s=median,
+    )
 
 
 def print_table(results: list[Result]) -> None:
-    header = f"{'workload':<10}{'variant':<9}{'steps':>6}{'tok/s':>10}{'median':>9}{'samp/s':>9}{'MFU':>8}{'peak GiB':>10}" \
-             f"{'start-up s':>12}{'loss@1':>9}"
+    header = (
+        f"{'workload':<10}{'variant':<9}{'steps':>6}{'tok/s':>10}{'median':>9}{'samp/s':>9}{'MFU':>8}{'peak GiB':>10}"
+        f"{'start-up s':>12}{'loss@1':>9}"
+    )
     print("\n" + header + "\n" + "-" * len(header))
     for r in results:
         if r.error:
@@ -155,24 +196,42 @@ def print_table(results: list[Result]) -> None:
             continue
         mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "-"
         peak = f"{r.peak_gib:.1f}" if r.peak_gib is not None else "-"
-        print(f"{r.workload:<10}{r.variant:<9}{r.steps:>6}{r.tokens_per_s:>10,.0f}{r.median_tokens_per_s:>9,.0f}"
-              f"{r.samples_per_s:>9.2f}{mfu:>8}"
-              f"{peak:>10}{r.startup_s:>12.1f}{r.loss_first:>9.4f}")
+        print(
+            f"{r.workload:<10}{r.variant:<9}{r.steps:>6}{r.tokens_per_s:>10,.0f}{r.median_tokens_per_s:>9,.0f}"
+            f"{r.samples_per_s:>9.2f}{mfu:>8}"
+            f"{peak:>10}{r.startup_s:>12.1f}{r.loss_first:>9.4f}"
+        )
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m train.bench") -> None:
-    p = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                       examples=["recipes/sft_lora.yaml model.init_from=null model.preset=qwen_vl_7b "
-                                 "model.pad_vocab_to=151936 --workloads world 2048 --steps 20 --warmup 8"])
+    p = ArgumentParser(
+        prog=prog,
+        description=__doc__.split("\n\n")[0],
+        examples=[
+            "recipes/sft_lora.yaml model.init_from=null model.preset=qwen_vl_7b "
+            "model.pad_vocab_to=151936 --workloads world 2048 --steps 20 --warmup 8"
+        ],
+    )
     p.add_argument("recipe", help="a recipe YAML, e.g. recipes/sft_lora.yaml")
     p.add_argument("overrides", nargs="*", default=[], help="section.key=value overrides (model, paths, ...)")
-    p.add_argument("--workloads", nargs="+", default=["world"], help="'world' and/or a sample length, e.g. 2048")
+    p.add_argument(
+        "--workloads", nargs="+", default=["world"], help="'world' and/or a sample length, e.g. 2048"
+    )
     p.add_argument("--variants", nargs="+", default=["plain", "recipe"], choices=["plain", "recipe"])
-    p.add_argument("--steps", type=positive_int, default=20, help="optimiser steps per run (train.stop_after_steps)")
-    p.add_argument("--warmup", type=non_negative_int, default=8, help="steps left out of the averages (compilation, caches)")
+    p.add_argument(
+        "--steps", type=positive_int, default=20, help="optimiser steps per run (train.stop_after_steps)"
+    )
+    p.add_argument(
+        "--warmup",
+        type=non_negative_int,
+        default=8,
+        help="steps left out of the averages (compilation, caches)",
+    )
     p.add_argument("--work", default="runs/bench", help="where the data and the runs go")
     p.add_argument("--n-train", type=positive_int, default=2000, help="images of the synthetic world")
-    p.add_argument("--tag", default="", help="appended to the run folders' names (several runs in one --work)")
+    p.add_argument(
+        "--tag", default="", help="appended to the run folders' names (several runs in one --work)"
+    )
     p.add_argument("--out", help="also write the results as JSON here")
     a = p.parse_args(argv)
     if a.steps <= a.warmup:
@@ -186,22 +245,45 @@ def main(argv: list[str] | None = None, prog: str = "python -m train.bench") -> 
         data = workload_overrides(workload, world, preference)
         for variant in a.variants:
             run_dir = work / f"run_{workload}_{variant}{a.tag}"
-            overrides = [*data, *a.overrides, *(PLAIN if variant == "plain" else []),
-                         f"train.stop_after_steps={a.steps}", "log.every=1", "log.backend=console",
-                         "log.progress_bar=false", f"checkpoint.out_dir={run_dir}", "checkpoint.every=0",
-                         "eval.benches=[]", "train.resume=null"]
+            overrides = [
+                *data,
+                *a.overrides,
+                *(PLAIN if variant == "plain" else []),
+                f"train.stop_after_steps={a.steps}",
+                "log.every=1",
+                "log.backend=console",
+                "log.progress_bar=false",
+                f"checkpoint.out_dir={run_dir}",
+                "checkpoint.every=0",
+                "eval.benches=[]",
+                "train.resume=null",
+            ]
             if variant == "plain":
                 overrides += plain_batching(a.recipe, a.overrides)
             print(f"== {workload} / {variant}: log in {run_dir}.log", flush=True)
             launched, rows, error = run_trainer(a.recipe, overrides, run_dir, Path(f"{run_dir}.log"))
             r = summarise(workload, variant, launched, rows, a.warmup, error)
             results.append(r)
-            print(f"   {r.tokens_per_s:,.0f} tok/s, peak {r.peak_gib} GiB, start-up {r.startup_s:.0f} s"
-                  if not r.error else f"   FAILED: {r.error}", flush=True)
+            print(
+                f"   {r.tokens_per_s:,.0f} tok/s, peak {r.peak_gib} GiB, start-up {r.startup_s:.0f} s"
+                if not r.error
+                else f"   FAILED: {r.error}",
+                flush=True,
+            )
     print_table(results)
     if a.out:
-        Path(a.out).write_text(json.dumps({"recipe": a.recipe, "overrides": a.overrides, "steps": a.steps,
-                                           "warmup": a.warmup, "results": [asdict(r) for r in results]}, indent=2))
+        Path(a.out).write_text(
+            json.dumps(
+                {
+                    "recipe": a.recipe,
+                    "overrides": a.overrides,
+                    "steps": a.steps,
+                    "warmup": a.warmup,
+                    "results": [asdict(r) for r in results],
+                },
+                indent=2,
+            )
+        )
         print(f"wrote {a.out}")
 
 

@@ -46,8 +46,12 @@ OFFLOAD_S_PER_GIB = 0.005  # LoRA 2048: +32 ms a step for 8 GiB parked; world: +
 # its planned peak by more says the calibration needs a look.
 PLAN_ERROR = 0.15
 # The recipe fields the choice fills, by the name a setting has here.
-FIELDS = {"checkpointed_layers": "perf.checkpoint_llm_layers", "offload": "perf.offload_activations",
-          "checkpoint_vision": "perf.checkpoint_vision", "max_forward_tokens": "train.max_forward_tokens"}
+FIELDS = {
+    "checkpointed_layers": "perf.checkpoint_llm_layers",
+    "offload": "perf.offload_activations",
+    "checkpoint_vision": "perf.checkpoint_vision",
+    "max_forward_tokens": "train.max_forward_tokens",
+}
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,9 @@ class BudgetChoice:
     fixed: tuple[str, ...] = ()  # the settings the recipe set (names of Settings' fields)
     vision_grad: bool = False  # gradient runs through the vision tower (it trains or has adapters)
     extra_seconds: float = 0.0  # modelled cost per step of the recompute and offload chosen
-    checkpointing: bool = True  # train.grad_checkpointing: without it nothing is recomputed whatever the settings
+    checkpointing: bool = (
+        True  # train.grad_checkpointing: without it nothing is recomputed whatever the settings
+    )
 
     @property
     def checkpointed_indices(self) -> list[int]:
@@ -88,39 +94,62 @@ class BudgetChoice:
         if 0 < k < self.layers:  # name the shorter list
             chosen = self.checkpointed_indices
             kept = [i for i in range(self.layers) if i not in chosen]
-            layers += (f" (layers {', '.join(map(str, chosen))})" if len(chosen) <= len(kept)
-                       else f" (all but {', '.join(map(str, kept))})")
+            layers += (
+                f" (layers {', '.join(map(str, chosen))})"
+                if len(chosen) <= len(kept)
+                else f" (all but {', '.join(map(str, kept))})"
+            )
         vision = "vision tower and resampler" if self.vision_grad else "resampler"
-        forwards = (f"forwards of {s.max_forward_tokens} tokens" if s.max_forward_tokens is not None
-                    else "one forward per micro-batch")
-        parts = [layers + mark("checkpointed_layers"), ("offload" if s.offload else "no offload") + mark("offload"),
-                 f"{vision} {'' if s.checkpoint_vision else 'not '}checkpointed" + mark("checkpoint_vision"),
-                 forwards + mark("max_forward_tokens")]
+        forwards = (
+            f"forwards of {s.max_forward_tokens} tokens"
+            if s.max_forward_tokens is not None
+            else "one forward per micro-batch"
+        )
+        parts = [
+            layers + mark("checkpointed_layers"),
+            ("offload" if s.offload else "no offload") + mark("offload"),
+            f"{vision} {'' if s.checkpoint_vision else 'not '}checkpointed" + mark("checkpoint_vision"),
+            forwards + mark("max_forward_tokens"),
+        ]
         if not self.checkpointing:
             parts[:3] = ["no activation checkpointing (train.grad_checkpointing: false)"]
         verdict = "" if self.fits else " > the budget: no setting fits, this is the one that needs least"
-        return (f"memory budget {self.budget_gib:.1f} GiB ({self.how}): {', '.join(parts)}; "
-                f"planned peak {self.planned_peak_gib:.1f} GiB{verdict}")
+        return (
+            f"memory budget {self.budget_gib:.1f} GiB ({self.how}): {', '.join(parts)}; "
+            f"planned peak {self.planned_peak_gib:.1f} GiB{verdict}"
+        )
 
     def peak_warning(self, measured_gib: float) -> str | None:
         """One warning line when a measured peak exceeds the planned one by more than the planner's error."""
         if measured_gib <= self.planned_peak_gib * (1 + PLAN_ERROR):
             return None
-        return (f"warning: peak memory {measured_gib:.1f} GiB exceeds the planned {self.planned_peak_gib:.1f} GiB "
-                f"by {measured_gib / self.planned_peak_gib - 1:.0%} (more than the planner's {PLAN_ERROR:.0%}): "
-                f"train/plan_calibration.py needs this run (python -m train.plan shows the plan)")
+        return (
+            f"warning: peak memory {measured_gib:.1f} GiB exceeds the planned {self.planned_peak_gib:.1f} GiB "
+            f"by {measured_gib / self.planned_peak_gib - 1:.0%} (more than the planner's {PLAN_ERROR:.0%}): "
+            f"train/plan_calibration.py needs this run (python -m train.plan shows the plan)"
+        )
 
 
-def extra_seconds(settings: Settings, setup: Setup, dims: Dims, counts: Counts, rates: RecomputeFlops,
-                  batch: MicroBatch, tokens_per_sample: float) -> float:
+def extra_seconds(
+    settings: Settings,
+    setup: Setup,
+    dims: Dims,
+    counts: Counts,
+    rates: RecomputeFlops,
+    batch: MicroBatch,
+    tokens_per_sample: float,
+) -> float:
     """Modelled seconds per step that ``settings`` spend on recompute and offload (module docstring)."""
     tokens = batch.tokens * setup.grad_accum
     samples = batch.samples * setup.grad_accum
     images = batch.images * setup.grad_accum
     per_layer = rates.layer_per_token + 2 * counts.lora / dims.layers  # adapters' forward: 2 per weight
     # models.decoder_layers keeps a frozen down projection that autocast does not cast out of the checkpoint
-    down_outside = (not setup.llm_trains and dims.ffn not in setup.lora_inputs
-                    and (setup.frozen_bf16 or setup.deepspeed or setup.quantized))
+    down_outside = (
+        not setup.llm_trains
+        and dims.ffn not in setup.lora_inputs
+        and (setup.frozen_bf16 or setup.deepspeed or setup.quantized)
+    )
     per_layer -= rates.down_projection_per_token if down_outside else 0
     layers = settings.checkpointed_layers if setup.grad_checkpointing else 0
     flops = layers * (tokens * per_layer + samples * tokens_per_sample**2 * rates.attention_per_layer_pair)
@@ -134,17 +163,26 @@ def extra_seconds(settings: Settings, setup: Setup, dims: Dims, counts: Counts, 
     return flops / MATMUL_FLOPS_PER_S + parked / GiB * OFFLOAD_S_PER_GIB
 
 
-def candidates(fixed: dict[str, object], layers: int, grad_checkpointing: bool, vision_choice: bool,
-               offload_choice: bool, forwards: Sequence[int | None]) -> list[Settings]:
+def candidates(
+    fixed: dict[str, object],
+    layers: int,
+    grad_checkpointing: bool,
+    vision_choice: bool,
+    offload_choice: bool,
+    forwards: Sequence[int | None],
+) -> list[Settings]:
     """Every setting to plan: the recipe's value where it set one, else each option."""
+
     def options(name: str, free: Sequence) -> Sequence:
         return [fixed[name]] if name in fixed else free
 
     out = []
     for k, offload, vision, forward in itertools.product(
-            options("checkpointed_layers", range(layers + 1) if grad_checkpointing else [0]),
-            options("offload", [False, True] if offload_choice else [False]), options("checkpoint_vision", [True, False] if vision_choice else [True]),
-            options("max_forward_tokens", forwards)):
+        options("checkpointed_layers", range(layers + 1) if grad_checkpointing else [0]),
+        options("offload", [False, True] if offload_choice else [False]),
+        options("checkpoint_vision", [True, False] if vision_choice else [True]),
+        options("max_forward_tokens", forwards),
+    ):
         # Offload with un-checkpointed layers would park their whole activations on the host (module docstring).
         if offload and k < layers and "offload" not in fixed and "checkpointed_layers" not in fixed:
             continue
@@ -152,9 +190,18 @@ def candidates(fixed: dict[str, object], layers: int, grad_checkpointing: bool, 
     return out
 
 
-def choose(counts: Counts, dims: Dims, setup: Setup, batch_for: Callable[[int | None], MicroBatch],
-           forwards: Sequence[int | None], budget_bytes: float, how: str, rates: RecomputeFlops,
-           tokens_per_sample: float, fixed: dict[str, object] | None = None) -> BudgetChoice:
+def choose(
+    counts: Counts,
+    dims: Dims,
+    setup: Setup,
+    batch_for: Callable[[int | None], MicroBatch],
+    forwards: Sequence[int | None],
+    budget_bytes: float,
+    how: str,
+    rates: RecomputeFlops,
+    tokens_per_sample: float,
+    fixed: dict[str, object] | None = None,
+) -> BudgetChoice:
     """The cheapest setting (``extra_seconds``, then fewer forward passes) whose planned process peak is at
     most ``budget_bytes``; when none is, the one of the smallest peak. ``batch_for(max_forward_tokens)``: the
     micro-batch planned; ``forwards``: the forward sizes to try; ``fixed``: the settings the recipe set."""
@@ -164,11 +211,16 @@ def choose(counts: Counts, dims: Dims, setup: Setup, batch_for: Callable[[int | 
     planned = []
     # The host copies are verified in one process and under DDP, not with DeepSpeed's hooks (train.offload).
     offload_choice = setup.grad_checkpointing and not setup.deepspeed
-    for settings in candidates(fixed, dims.layers, setup.grad_checkpointing, vision_choice, offload_choice, forwards):
+    for settings in candidates(
+        fixed, dims.layers, setup.grad_checkpointing, vision_choice, offload_choice, forwards
+    ):
         batch = batch_for(settings.max_forward_tokens)
-        trial = dataclasses.replace(setup, checkpointed_layers=settings.checkpointed_layers,
-                                    offload_activations=settings.offload,
-                                    vision_checkpointing=settings.checkpoint_vision)
+        trial = dataclasses.replace(
+            setup,
+            checkpointed_layers=settings.checkpointed_layers,
+            offload_activations=settings.offload,
+            vision_checkpointing=settings.checkpoint_vision,
+        )
         est = estimate(counts, dims, trial, batch)
         cost = extra_seconds(settings, trial, dims, counts, rates, batch, tokens_per_sample)
         planned.append((settings, batch, est, cost))
@@ -176,22 +228,39 @@ def choose(counts: Counts, dims: Dims, setup: Setup, batch_for: Callable[[int | 
     if fitting:
         settings, batch, est, cost = min(fitting, key=lambda p: (p[3], p[1].passes))
     else:  # the smallest peak; between equal peaks (set by the weights), the least memory in every phase
-        settings, batch, est, cost = min(planned, key=lambda p: (p[2].process_peak, p[2].peak,
-                                                                 sum(p[2].phases.values())))
-    return BudgetChoice(budget_gib=budget_bytes / GiB, how=how, settings=settings, layers=dims.layers,
-                        pass_tokens=batch.pass_tokens, planned_peak_gib=est.process_peak / GiB, fits=bool(fitting),
-                        fixed=tuple(name for name in FIELDS if name in fixed), vision_grad=vision_grad,
-                        extra_seconds=cost, checkpointing=setup.grad_checkpointing)
+        settings, batch, est, cost = min(
+            planned, key=lambda p: (p[2].process_peak, p[2].peak, sum(p[2].phases.values()))
+        )
+    return BudgetChoice(
+        budget_gib=budget_bytes / GiB,
+        how=how,
+        settings=settings,
+        layers=dims.layers,
+        pass_tokens=batch.pass_tokens,
+        planned_peak_gib=est.process_peak / GiB,
+        fits=bool(fitting),
+        fixed=tuple(name for name in FIELDS if name in fixed),
+        vision_grad=vision_grad,
+        extra_seconds=cost,
+        checkpointing=setup.grad_checkpointing,
+    )
 
 
 def fixed_settings(recipe: Recipe, layers: int) -> dict[str, object]:
     """The settings ``recipe`` gives a value (not ``auto``), by the names of ``Settings``."""
     p, t = recipe.perf, recipe.train
-    values = {"checkpointed_layers": layers if p.checkpoint_llm_layers is None else p.checkpoint_llm_layers,
-              "offload": p.offload_activations, "checkpoint_vision": p.checkpoint_vision,
-              "max_forward_tokens": t.max_forward_tokens}
-    raw = {"checkpointed_layers": p.checkpoint_llm_layers, "offload": p.offload_activations,
-           "checkpoint_vision": p.checkpoint_vision, "max_forward_tokens": t.max_forward_tokens}
+    values = {
+        "checkpointed_layers": layers if p.checkpoint_llm_layers is None else p.checkpoint_llm_layers,
+        "offload": p.offload_activations,
+        "checkpoint_vision": p.checkpoint_vision,
+        "max_forward_tokens": t.max_forward_tokens,
+    }
+    raw = {
+        "checkpointed_layers": p.checkpoint_llm_layers,
+        "offload": p.offload_activations,
+        "checkpoint_vision": p.checkpoint_vision,
+        "max_forward_tokens": t.max_forward_tokens,
+    }
     return {name: values[name] for name in FIELDS if raw[name] != AUTO}
 
 
@@ -200,16 +269,24 @@ def without_budget(recipe: Recipe) -> Recipe:
     the resampler checkpointed, forwards of one packed row (data.pack_len; without it, one per micro-batch)."""
     p, t, d = recipe.perf, recipe.train, recipe.data
     one_row = d.pack_len if d.packing else None
-    return apply(recipe, Settings(
-        checkpointed_layers=None if p.checkpoint_llm_layers == AUTO else p.checkpoint_llm_layers,
-        offload=False if p.offload_activations == AUTO else p.offload_activations,
-        checkpoint_vision=True if p.checkpoint_vision == AUTO else p.checkpoint_vision,
-        max_forward_tokens=one_row if t.max_forward_tokens == AUTO else t.max_forward_tokens))
+    return apply(
+        recipe,
+        Settings(
+            checkpointed_layers=None if p.checkpoint_llm_layers == AUTO else p.checkpoint_llm_layers,
+            offload=False if p.offload_activations == AUTO else p.offload_activations,
+            checkpoint_vision=True if p.checkpoint_vision == AUTO else p.checkpoint_vision,
+            max_forward_tokens=one_row if t.max_forward_tokens == AUTO else t.max_forward_tokens,
+        ),
+    )
 
 
 def apply(recipe: Recipe, settings: Settings) -> Recipe:
     """``recipe`` with ``settings`` in its fields (resolved.yaml records what ran)."""
-    perf = dataclasses.replace(recipe.perf, checkpoint_llm_layers=settings.checkpointed_layers,
-                               offload_activations=settings.offload, checkpoint_vision=settings.checkpoint_vision)
+    perf = dataclasses.replace(
+        recipe.perf,
+        checkpoint_llm_layers=settings.checkpointed_layers,
+        offload_activations=settings.offload,
+        checkpoint_vision=settings.checkpoint_vision,
+    )
     train = dataclasses.replace(recipe.train, max_forward_tokens=settings.max_forward_tokens)
     return dataclasses.replace(recipe, perf=perf, train=train)

@@ -93,11 +93,14 @@ def _choose_checkpoint(resume: str, run_dir: Path) -> tuple[str | None, str | No
         problem = checkpoint_problem(path)
         if problem is None:
             return str(path), None
-        print(f"warning: train.resume=auto: skipping checkpoint {path}: {problem}", file=sys.stderr,
-              flush=True)
+        print(
+            f"warning: train.resume=auto: skipping checkpoint {path}: {problem}", file=sys.stderr, flush=True
+        )
     if found:
-        return None, (f"train.resume=auto: none of the {len(found)} checkpoints in {run_dir / CHECKPOINTS} "
-                      "is complete and intact (see the warnings above); to start over, move them away")
+        return None, (
+            f"train.resume=auto: none of the {len(found)} checkpoints in {run_dir / CHECKPOINTS} "
+            "is complete and intact (see the warnings above); to start over, move them away"
+        )
     return None, None
 
 
@@ -160,11 +163,15 @@ def save_checkpoint(
     barrier()
     if engine.uses_deepspeed:
         # DeepSpeed writes its own per-rank model/optimizer shards (and the scheduler state).
-        engine.module.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False,
-                                      exclude_frozen_parameters=True)
+        engine.module.save_checkpoint(
+            str(tmp / "deepspeed"), tag="state", save_latest=False, exclude_frozen_parameters=True
+        )
     elif info.is_main:
-        save_file({k: v.contiguous().cpu() for k, v in trainable_state_dict(engine.model).items()},
-                  tmp / "model.safetensors", metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous().cpu() for k, v in trainable_state_dict(engine.model).items()},
+            tmp / "model.safetensors",
+            metadata={"format": "pt"},
+        )
         torch.save(engine.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(engine.scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save({"rng": rng_state(), "data": loader_state}, tmp / f"rank_{info.rank:05d}.pt")
@@ -191,13 +198,17 @@ def load_checkpoint(engine: Engine, path: Path) -> tuple[dict, dict]:
     info: DistInfo = engine.dist
     rank_file = path / f"rank_{info.rank:05d}.pt"
     if not rank_file.is_file():
-        raise MissingFileError(f"{rank_file}: missing; was the checkpoint written with a different world size?")
+        raise MissingFileError(
+            f"{rank_file}: missing; was the checkpoint written with a different world size?"
+        )
     if engine.uses_deepspeed:
         # DeepSpeed reads its own files with torch.load(weights_only=False), which runs whatever code a
         # pickle names. They are read only from a checkpoint whose manifest resolve_resume verified (every
         # file listed and none added): the files this trainer wrote. That guards against corruption and
         # stray files, not against a forged manifest: resume DeepSpeed only from checkpoints you wrote.
-        loaded, _ = engine.module.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False)
+        loaded, _ = engine.module.load_checkpoint(
+            str(path / "deepspeed"), tag="state", load_module_strict=False
+        )
         if loaded is None:
             raise RuntimeError(f"{path}: DeepSpeed could not load its checkpoint")
     else:
@@ -212,7 +223,9 @@ def load_checkpoint(engine: Engine, path: Path) -> tuple[dict, dict]:
             for name, param in engine.model.named_parameters():
                 if name in saved:
                     param.copy_(saved[name])
-        engine.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=info.device, weights_only=True))
+        engine.optimizer.load_state_dict(
+            torch.load(path / "optimizer.pt", map_location=info.device, weights_only=True)
+        )
         engine.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rank_state = torch.load(rank_file, weights_only=True)
     set_rng_state(rank_state["rng"])

@@ -50,11 +50,13 @@ def build_parser() -> ArgumentParser:
     width = max(map(len, VERBS))
     verbs = "\n".join(f"  {name:{width}}  {verb.summary}" for name, verb in VERBS.items())
     parser = ArgumentParser(
-        prog="vlrecipe", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="vlrecipe",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train vision-language models by the Qwen-VL recipe.",
         epilog=f"verbs:\n{verbs}\n\n`vlrecipe VERB --help` shows a verb's options and an example. "
-               "`--debug` anywhere shows the traceback of a user error.",
-        examples=["demo", "train recipes/sft_lora.yaml model.init_from=ckpt/qwen-vl-chat"])
+        "`--debug` anywhere shows the traceback of a user error.",
+        examples=["demo", "train recipes/sft_lora.yaml model.init_from=ckpt/qwen-vl-chat"],
+    )
     parser.add_argument("verb", metavar="VERB", choices=VERBS, help="one of the verbs below")
     parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)  # the verb parses them
     return parser

@@ -61,9 +61,13 @@ def _from_main(value: str | None) -> str | None:
 
 def _run_check(recipe: Recipe, run_dir: Path) -> str | None:
     data = recipe.data
-    options = CheckOptions(mode=data.check, max_error_fraction=data.check_max_error_fraction,
-                           micro_batch=recipe.train.micro_batch, progress=recipe.log.progress_bar,
-                           limit=STREAMING_STARTUP_RECORDS if data.streaming else None)
+    options = CheckOptions(
+        mode=data.check,
+        max_error_fraction=data.check_max_error_fraction,
+        micro_batch=recipe.train.micro_batch,
+        progress=recipe.log.progress_bar,
+        limit=STREAMING_STARTUP_RECORDS if data.streaming else None,
+    )
     report = check_data(data, recipe_tokenizer(recipe.model), recipe_image_tokens(recipe.model), options)
     report.write(run_dir)
     limited = f" (first {options.limit:,} records)" if options.limit else ""

@@ -20,14 +20,22 @@ DEMO_SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "demo.sh"
 
 def main(argv: list[str] | None = None, prog: str = "python -m train.demo") -> int:
     p = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], examples=["", "runs/demo_dpo --dpo"])
-    p.add_argument("out_dir", nargs="?", default="runs/demo",
-                   help="where the runs and metrics.json go (default runs/demo)")
-    p.add_argument("--dpo", action="store_true",
-                   help="add a fourth stage, DPO on the world's count and colour pairs (2 minutes more)")
+    p.add_argument(
+        "out_dir",
+        nargs="?",
+        default="runs/demo",
+        help="where the runs and metrics.json go (default runs/demo)",
+    )
+    p.add_argument(
+        "--dpo",
+        action="store_true",
+        help="add a fourth stage, DPO on the world's count and colour pairs (2 minutes more)",
+    )
     args = p.parse_args(argv)
     if not DEMO_SCRIPT.is_file():
-        raise UserError(f"{DEMO_SCRIPT} not found: the demo runs from a clone of the repository "
-                        "(pip install -e . in it)")
+        raise UserError(
+            f"{DEMO_SCRIPT} not found: the demo runs from a clone of the repository (pip install -e . in it)"
+        )
     env = {**os.environ, "PYTHON": sys.executable} | ({"DPO": "1"} if args.dpo else {})
     # The script changes into the repository: a relative OUT_DIR is the user's, so it is resolved here.
     return subprocess.run(["bash", str(DEMO_SCRIPT), str(Path(args.out_dir).resolve())], env=env).returncode

@@ -28,7 +28,14 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 PROJECT_DIRS = ("/models/", "/train/", "/data/")  # frames of ours name an allocation best
-LIBRARY_HINTS = ("transformers/", "peft/", "liger_kernel/", "torch/nn/", "torch/utils/checkpoint", "torch/optim/")
+LIBRARY_HINTS = (
+    "transformers/",
+    "peft/",
+    "liger_kernel/",
+    "torch/nn/",
+    "torch/utils/checkpoint",
+    "torch/optim/",
+)
 
 
 def _env_steps(name: str) -> set[int]:
@@ -60,10 +67,14 @@ def profiled(step: int, is_main: bool):
     averages = prof.key_averages()
     lines = [f"profile of step {step}:", averages.table(sort_by=sort, row_limit=30, max_name_column_width=70)]
     if cuda:
-        kernels = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+        kernels = [
+            (e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA
+        ]
         busy = busy_time(kernels) / 1e6
-        lines.append(f"step {step}: wall {wall * 1e3:.0f} ms, GPU kernels {busy * 1e3:.0f} ms "
-                     f"({100 * busy / wall:.0f}% busy)")
+        lines.append(
+            f"step {step}: wall {wall * 1e3:.0f} ms, GPU kernels {busy * 1e3:.0f} ms "
+            f"({100 * busy / wall:.0f}% busy)"
+        )
     print("\n".join(lines), flush=True)
     out = _out_dir()
     if out is not None:
@@ -99,7 +110,11 @@ def start_memory_recording(is_main: bool) -> None:
 
 def finish_memory_recording(step: int, is_main: bool) -> None:
     """After step ``VLRECIPE_MEMORY_STEP``: print the live allocations at the recorded peak and stop."""
-    if not is_main or not torch.cuda.is_available() or step != max(_env_steps("VLRECIPE_MEMORY_STEP"), default=0):
+    if (
+        not is_main
+        or not torch.cuda.is_available()
+        or step != max(_env_steps("VLRECIPE_MEMORY_STEP"), default=0)
+    ):
         return
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
@@ -117,7 +132,11 @@ def _where(frames: list[dict]) -> str:
         for f in frames:
             name = f.get("filename", "")
             if any(w in name for w in wanted) and "diagnose.py" not in name:
-                short = name.split("site-packages/")[-1] if "site-packages/" in name else "/".join(name.split("/")[-2:])
+                short = (
+                    name.split("site-packages/")[-1]
+                    if "site-packages/" in name
+                    else "/".join(name.split("/")[-2:])
+                )
                 return f"{short}:{f.get('line')} {f.get('name')}"
     return "(no Python frame)"
 
@@ -146,8 +165,10 @@ def live_at_peak(snapshot: dict, before: int = 0, top: int = 25) -> str:
     groups: dict[str, int] = defaultdict(int)
     for size, event in at_peak.values():
         groups[_where(event.get("frames", []))] += size
-    lines = [f"memory at the recorded peak: {peak / 2**30:.2f} GiB allocated while recording "
-             f"(+ {before / 2**30:.2f} GiB still live from before it), by allocating line:"]
+    lines = [
+        f"memory at the recorded peak: {peak / 2**30:.2f} GiB allocated while recording "
+        f"(+ {before / 2**30:.2f} GiB still live from before it), by allocating line:"
+    ]
     for where, size in sorted(groups.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"  {size / 2**30:7.3f} GiB  {where}")
     return "\n".join(lines)

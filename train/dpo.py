@@ -48,14 +48,22 @@ REFERENCE_FILE = "reference_logps.safetensors"
 
 
 # ----------------------------------------------------------------------------------------------- loss
-def dpo_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
-               reference_rejected: torch.Tensor, loss: str = "sigmoid", beta: float = 0.1,
-               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dpo_losses(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    loss: str = "sigmoid",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses and the implicit rewards beta * (policy - reference) of chosen and rejected answers."""
     margin = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
     if loss == "sigmoid":
-        losses = (-F.logsigmoid(beta * margin) * (1 - label_smoothing)
-                  - F.logsigmoid(-beta * margin) * label_smoothing)
+        losses = (
+            -F.logsigmoid(beta * margin) * (1 - label_smoothing)
+            - F.logsigmoid(-beta * margin) * label_smoothing
+        )
     elif loss == "ipo":
         losses = (margin - 1 / (2 * beta)) ** 2
     else:
@@ -87,8 +95,15 @@ class DirectPreference:
     """The DPO objective (train.objectives protocol): counts [pairs, chosen-answer tokens]; logs
     loss, rewards/{chosen,rejected,accuracies,margins}, logps/{chosen,rejected} (means over pairs)."""
 
-    SUMS = ("pair_loss", "chosen_nll", "rewards_chosen", "rewards_rejected", "accuracies", "logps_chosen",
-            "logps_rejected")
+    SUMS = (
+        "pair_loss",
+        "chosen_nll",
+        "rewards_chosen",
+        "rewards_rejected",
+        "accuracies",
+        "logps_chosen",
+        "logps_rejected",
+    )
 
     def __init__(self, cfg: PreferenceSection, reference, policy_vision_frozen: bool = True) -> None:
         self.cfg = cfg
@@ -100,8 +115,9 @@ class DirectPreference:
     def count(self, batches: list[dict[str, Any]]) -> list[float]:
         return [sum(b["num_pairs"] for b in batches), sum(count_chosen_tokens(b) for b in batches)]
 
-    def __call__(self, engine: Engine, batch: dict[str, Any], counts: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, engine: Engine, batch: dict[str, Any], counts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         pairs, chosen_tokens = counts[0].clamp(min=1), counts[1].clamp(min=1)
         # A frozen vision tower encodes the micro-batch's images once for the reference and the policy.
         with frozen_vision_shared(base_vlm(engine.model), *self.reference.vision_twins):
@@ -109,17 +125,30 @@ class DirectPreference:
                 reference = self.reference(engine, batch)
             policy = pair_logps(engine.forward_loss(batch, token_logps=True).token_logps, batch)
         c = self.cfg
-        losses, chosen_rewards, rejected_rewards = dpo_losses(policy[:, 0], policy[:, 1], reference[:, 0],
-                                                              reference[:, 1], c.loss, c.beta, c.label_smoothing)
+        losses, chosen_rewards, rejected_rewards = dpo_losses(
+            policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], c.loss, c.beta, c.label_smoothing
+        )
         world = engine.dist.world_size
         chosen_nll = -policy[:, 0].sum()
         loss = losses.sum() * (world / pairs).to(losses.dtype)
         if c.sft_weight:
             loss = loss + c.sft_weight * chosen_nll * (world / chosen_tokens).to(losses.dtype)
         won = pairs_won(chosen_rewards, rejected_rewards, c.beta)
-        sums = torch.stack([losses.sum(), chosen_nll, chosen_rewards.sum(), rejected_rewards.sum(),
-                            won.float().sum(), policy[:, 0].sum(),
-                            policy[:, 1].sum()]).detach().float()
+        sums = (
+            torch.stack(
+                [
+                    losses.sum(),
+                    chosen_nll,
+                    chosen_rewards.sum(),
+                    rejected_rewards.sum(),
+                    won.float().sum(),
+                    policy[:, 0].sum(),
+                    policy[:, 1].sum(),
+                ]
+            )
+            .detach()
+            .float()
+        )
         return loss, sums
 
     def metrics(self, sums: list[float], counts: list[float]) -> dict[str, float]:
@@ -128,14 +157,16 @@ class DirectPreference:
         metrics = {"loss": s["pair_loss"] / pairs + self.cfg.sft_weight * s["chosen_nll"] / chosen_tokens}
         if self.cfg.sft_weight:
             metrics["nll/chosen"] = s["chosen_nll"] / chosen_tokens
-        metrics.update({
-            "rewards/chosen": s["rewards_chosen"] / pairs,
-            "rewards/rejected": s["rewards_rejected"] / pairs,
-            "rewards/accuracies": s["accuracies"] / pairs,
-            "rewards/margins": (s["rewards_chosen"] - s["rewards_rejected"]) / pairs,
-            "logps/chosen": s["logps_chosen"] / pairs,
-            "logps/rejected": s["logps_rejected"] / pairs,
-        })
+        metrics.update(
+            {
+                "rewards/chosen": s["rewards_chosen"] / pairs,
+                "rewards/rejected": s["rewards_rejected"] / pairs,
+                "rewards/accuracies": s["accuracies"] / pairs,
+                "rewards/margins": (s["rewards_chosen"] - s["rewards_rejected"]) / pairs,
+                "logps/chosen": s["logps_chosen"] / pairs,
+                "logps/rejected": s["logps_rejected"] / pairs,
+            }
+        )
         return metrics
 
 
@@ -150,7 +181,9 @@ def reference_mode(preference: PreferenceSection, lora: LoraSection) -> str:
 def runs_adapter_off_reference(recipe: Recipe) -> bool:
     """Whether the reference pass runs the policy's own layers with the adapters off (train.perf keeps those
     layers uncompiled)."""
-    return recipe.train.stage == "dpo" and reference_mode(recipe.preference, recipe.lora) == "adapter_disabled"
+    return (
+        recipe.train.stage == "dpo" and reference_mode(recipe.preference, recipe.lora) == "adapter_disabled"
+    )
 
 
 def copy_for_reference(model: nn.Module, recipe: Recipe) -> nn.Module | None:
@@ -183,11 +216,17 @@ class FrozenCopyReference:
         self.vision_twins = (base_vlm(module.module.model if zero3 else module),)
 
     def __call__(self, engine: Engine, batch: dict[str, Any]) -> torch.Tensor:
-        out = self.module(input_ids=batch["input_ids"], pixel_values=batch.get("pixel_values"),
-                          attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"),
-                          labels=batch["labels"], cu_seq_lens=batch.get("cu_seq_lens"),
-                          max_length=batch.get("max_length"), image_index=batch.get("image_index"),
-                          return_token_logps=True)
+        out = self.module(
+            input_ids=batch["input_ids"],
+            pixel_values=batch.get("pixel_values"),
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            labels=batch["labels"],
+            cu_seq_lens=batch.get("cu_seq_lens"),
+            max_length=batch.get("max_length"),
+            image_index=batch.get("image_index"),
+            return_token_logps=True,
+        )
         return pair_logps(out[2] if isinstance(out, tuple) else out.token_logps, batch)
 
 
@@ -220,26 +259,39 @@ def place_frozen_copy(reference: nn.Module, recipe: Recipe, engine: Engine) -> n
     return ref_engine
 
 
-def build_reference(recipe: Recipe, engine: Engine, loader, frozen_reference: nn.Module | None,
-                    pixel_dtype: torch.dtype | None, run_dir: Path):
+def build_reference(
+    recipe: Recipe,
+    engine: Engine,
+    loader,
+    frozen_reference: nn.Module | None,
+    pixel_dtype: torch.dtype | None,
+    run_dir: Path,
+):
     mode = reference_mode(recipe.preference, recipe.lora)
     if mode == "adapter_disabled":
         return AdapterDisabledReference()
     if mode == "frozen_copy":
-        return FrozenCopyReference(place_frozen_copy(frozen_reference, recipe, engine),
-                                   zero3=engine.mode == "zero3")
+        return FrozenCopyReference(
+            place_frozen_copy(frozen_reference, recipe, engine), zero3=engine.mode == "zero3"
+        )
     return PrecomputedReference(load_or_precompute(recipe, engine, loader, pixel_dtype, run_dir))
 
 
 # ------------------------------------------------------------------------------ precomputed log-probs
 def _fingerprint(d: DataConfig, init_from: str | None, num_records: int) -> dict[str, str]:
     """What the stored log-probs depend on besides the weights: a file made for other data is refused."""
-    return {"records": str(num_records), "paths": json.dumps(list(d.paths)), "max_len": str(d.max_len),
-            "system_message": d.system_message, "init_from": str(init_from)}
+    return {
+        "records": str(num_records),
+        "paths": json.dumps(list(d.paths)),
+        "max_len": str(d.max_len),
+        "system_message": d.system_message,
+        "init_from": str(init_from),
+    }
 
 
-def load_or_precompute(recipe: Recipe, engine: Engine, loader, pixel_dtype: torch.dtype | None,
-                       run_dir: Path) -> torch.Tensor:
+def load_or_precompute(
+    recipe: Recipe, engine: Engine, loader, pixel_dtype: torch.dtype | None, run_dir: Path
+) -> torch.Tensor:
     """[records, 2] reference log-probs on the device: read from ``run_dir/reference_logps.safetensors``,
     or computed now, while the model still holds its initial weights (before any resume), and stored."""
     path = run_dir / REFERENCE_FILE
@@ -250,11 +302,15 @@ def load_or_precompute(recipe: Recipe, engine: Engine, loader, pixel_dtype: torc
                 stored = f.metadata()
                 table = f.get_tensor("logps")
         except SafetensorError as e:
-            raise UserError(f"{path}: cannot read the stored reference log-probs (corrupt or incomplete?): "
-                            f"{e}; delete it to compute it again") from e
+            raise UserError(
+                f"{path}: cannot read the stored reference log-probs (corrupt or incomplete?): "
+                f"{e}; delete it to compute it again"
+            ) from e
         if stored != fingerprint:
-            raise UserError(f"{path} was computed for other data or another model ({stored}, now {fingerprint}); "
-                            "delete it to compute it again, or use another checkpoint.out_dir")
+            raise UserError(
+                f"{path} was computed for other data or another model ({stored}, now {fingerprint}); "
+                "delete it to compute it again, or use another checkpoint.out_dir"
+            )
         return table.to(engine.dist.device)
     table = precompute_reference_logps(engine, loader, pixel_dtype)
     if engine.dist.is_main:
@@ -273,8 +329,13 @@ def precompute_reference_logps(engine: Engine, loader, pixel_dtype: torch.dtype 
     info = engine.dist
     dataset = loader.dataloader.dataset
     sampler = ResumableSampler(len(dataset), rank=info.rank, world_size=info.world_size, shuffle=False)
-    order = DataLoader(dataset, batch_size=loader.batch_size, sampler=sampler,
-                       collate_fn=loader.dataloader.collate_fn, num_workers=loader.dataloader.num_workers)
+    order = DataLoader(
+        dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        collate_fn=loader.dataloader.collate_fn,
+        num_workers=loader.dataloader.num_workers,
+    )
     table = torch.zeros(len(dataset), 2, device=info.device)
     seen = torch.zeros(len(dataset), device=info.device)
     engine.eval()
@@ -283,8 +344,10 @@ def precompute_reference_logps(engine: Engine, loader, pixel_dtype: torch.dtype 
         loader.count_bad_images(batch.pop("_bad_images", ()))  # max_bad_images holds here too
         if batch["num_samples"] == 0:  # every pair of the batch dropped for a bad image
             if engine.mode == "zero3":
-                raise RuntimeError("a batch of the reference pass lost all its pairs to bad images; under ZeRO-3 "
-                                   "the ranks would fall out of step: fix the images or use frozen_copy")
+                raise RuntimeError(
+                    "a batch of the reference pass lost all its pairs to bad images; under ZeRO-3 "
+                    "the ranks would fall out of step: fix the images or use frozen_copy"
+                )
             continue
         batch = to_device(batch, info.device, pixel_dtype)
         with engine.autocast():

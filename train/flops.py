@@ -32,8 +32,11 @@ class StepFlops:
         return self.per_token * tokens + self.per_attention_pair * sum_sq_lengths + self.per_image * images
 
     def __add__(self, other: StepFlops) -> StepFlops:
-        return StepFlops(self.per_token + other.per_token, self.per_attention_pair + other.per_attention_pair,
-                         self.per_image + other.per_image)
+        return StepFlops(
+            self.per_token + other.per_token,
+            self.per_attention_pair + other.per_attention_pair,
+            self.per_image + other.per_image,
+        )
 
 
 def step_flops(
@@ -50,34 +53,49 @@ def step_flops(
     n_llm, attention_fwd, patches, resampler_fwd, vit_fwd = _forward_parts(config)
     per_token = (6 if llm_trains else 4) * n_llm + 6 * lora_params
     vit_factor = 3 if vision_trains else 2 if vision_lora_params else 1
-    per_image = ((3 if resampler_trains or vision_trains or vision_lora_params else 1) * resampler_fwd
-                 + vit_factor * vit_fwd + 6 * vision_lora_params * patches)
-    return StepFlops(per_token=float(per_token), per_attention_pair=float(3 * attention_fwd),
-                     per_image=float(per_image))
+    per_image = (
+        (3 if resampler_trains or vision_trains or vision_lora_params else 1) * resampler_fwd
+        + vit_factor * vit_fwd
+        + 6 * vision_lora_params * patches
+    )
+    return StepFlops(
+        per_token=float(per_token), per_attention_pair=float(3 * attention_fwd), per_image=float(per_image)
+    )
 
 
 def forward_flops(config: VLMConfig, vision: bool = True) -> StepFlops:
     """A forward pass only (DPO's frozen reference model); ``vision=False``: its images' vision tower
     encodings come from the policy's (models.vlm.frozen_vision_shared), only its resampler runs."""
     n_llm, attention_fwd, _, resampler_fwd, vit_fwd = _forward_parts(config)
-    return StepFlops(per_token=float(2 * n_llm), per_attention_pair=float(attention_fwd),
-                     per_image=float(resampler_fwd + (vit_fwd if vision else 0)))
+    return StepFlops(
+        per_token=float(2 * n_llm),
+        per_attention_pair=float(attention_fwd),
+        per_image=float(resampler_fwd + (vit_fwd if vision else 0)),
+    )
 
 
 def _forward_parts(config: VLMConfig) -> tuple[int, int, int, int, int]:
     """(decoder linear + LM head parameters, attention forward FLOPs per s^2, patches per image, resampler
     and vision tower forward FLOPs per image)."""
     vc, tc = config.vision, config.text_config
-    d, layers, ffn, vocab = tc["hidden_size"], tc["num_hidden_layers"], tc["intermediate_size"], tc["vocab_size"]
+    d, layers, ffn, vocab = (
+        tc["hidden_size"],
+        tc["num_hidden_layers"],
+        tc["intermediate_size"],
+        tc["vocab_size"],
+    )
     kv_dim = d * tc["num_key_value_heads"] // tc["num_attention_heads"]
     n_layer = d * (2 * d + 2 * kv_dim) + 3 * d * ffn  # q, o + k, v + gate, up, down
     n_llm = layers * n_layer + d * vocab
 
     patches = (vc.image_size // vc.patch_size) ** 2
     q = config.num_image_tokens
-    resampler_fwd = (2 * (patches * vc.width * d + q * d * d + 2 * patches * d * d + 2 * q * d * d)
-                     + 4 * q * patches * d)
-    vit_fwd = vc.layers * (2 * patches * (4 * vc.width**2 + 2 * vc.width * vc.mlp_dim) + 4 * patches**2 * vc.width)
+    resampler_fwd = (
+        2 * (patches * vc.width * d + q * d * d + 2 * patches * d * d + 2 * q * d * d) + 4 * q * patches * d
+    )
+    vit_fwd = vc.layers * (
+        2 * patches * (4 * vc.width**2 + 2 * vc.width * vc.mlp_dim) + 4 * patches**2 * vc.width
+    )
     vit_fwd += 2 * patches * 3 * vc.patch_size**2 * vc.width  # patch embedding
     return n_llm, 2 * d * layers, patches, resampler_fwd, vit_fwd
 
@@ -100,7 +118,10 @@ def recompute_flops(config: VLMConfig) -> RecomputeFlops:
     n_llm, attention_fwd, _, resampler_fwd, vit_fwd = _forward_parts(config)
     tc = config.text_config
     d, layers, vocab = tc["hidden_size"], tc["num_hidden_layers"], tc["vocab_size"]
-    return RecomputeFlops(layer_per_token=2 * (n_llm - d * vocab) / layers,
-                          down_projection_per_token=2 * d * tc["intermediate_size"],
-                          attention_per_layer_pair=attention_fwd / layers, resampler_per_image=resampler_fwd,
-                          vision_per_image=vit_fwd)
+    return RecomputeFlops(
+        layer_per_token=2 * (n_llm - d * vocab) / layers,
+        down_projection_per_token=2 * d * tc["intermediate_size"],
+        attention_per_layer_pair=attention_fwd / layers,
+        resampler_per_image=resampler_fwd,
+        vision_per_image=vit_fwd,
+    )

@@ -70,7 +70,7 @@ def group_of(name: str) -> str:
     # peft wraps the model: strip its prefixes so groups read the same with and without LoRA.
     for prefix in ("base_model.model.", "module."):
         if name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
     if "lora_" in name:
         return "vision (lora adapters)" if name.startswith("vision.") else "llm (lora adapters)"
     if "embed_tokens" in name or "lm_head" in name:

@@ -40,8 +40,9 @@ class MetricLogger:
             import wandb  # optional heavy dependency: only log.backend wandb imports it (seconds)
 
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-            self.backend = wandb.init(project=cfg.project, name=cfg.run_name, dir=str(run_dir), mode=mode,
-                                      config=config or {})
+            self.backend = wandb.init(
+                project=cfg.project, name=cfg.run_name, dir=str(run_dir), mode=mode, config=config or {}
+            )
         elif cfg.backend == "tensorboard":
             # optional heavy dependency: only log.backend tensorboard imports it (seconds)
             from torch.utils.tensorboard import SummaryWriter
@@ -54,7 +55,9 @@ class MetricLogger:
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
         if console:
-            text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+            text = "  ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+            )
             print(f"step {step}  {text}", flush=True)
         if self.backend is None:
             return

@@ -76,8 +76,12 @@ NUM_COUNTS = 5  # the loop's own counts, before the objective's (accumulate_grad
 
 
 def accumulate_gradients(
-    engine: Engine, step_batches: list[dict[str, Any]], pixel_dtype: torch.dtype | None = None,
-    max_forward_tokens: int | None = None, image_start_id: int = -1, objective: Objective | None = None,
+    engine: Engine,
+    step_batches: list[dict[str, Any]],
+    pixel_dtype: torch.dtype | None = None,
+    max_forward_tokens: int | None = None,
+    image_start_id: int = -1,
+    objective: Objective | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward + backward of one optimiser step's micro-batches (no optimiser step). A micro-batch longer
     than ``max_forward_tokens`` runs as several forwards of whole rows (data.collate.split_rows).
@@ -91,10 +95,17 @@ def accumulate_gradients(
     objective = objective or LanguageModelling()
     info = engine.dist
     lengths = [n for b in step_batches for n in b["sample_lengths"]]
-    local = torch.tensor([sum(count_supervised(b) for b in step_batches), sum(lengths),
-                          sum(b["num_samples"] for b in step_batches),
-                          sum(len(b["pixel_values"]) for b in step_batches if b.get("pixel_values") is not None),
-                          sum(n * n for n in lengths), *objective.count(step_batches)], dtype=torch.float64)
+    local = torch.tensor(
+        [
+            sum(count_supervised(b) for b in step_batches),
+            sum(lengths),
+            sum(b["num_samples"] for b in step_batches),
+            sum(len(b["pixel_values"]) for b in step_batches if b.get("pixel_values") is not None),
+            sum(n * n for n in lengths),
+            *objective.count(step_batches),
+        ],
+        dtype=torch.float64,
+    )
     counts = all_reduce_sum(local.to(info.device))  # the step's one collective before backward
     sums = None
     forwards = [part for b in step_batches for part in split_rows(b, max_forward_tokens, image_start_id)]
@@ -132,19 +143,34 @@ def train(recipe: Recipe) -> Path:
     cuda = info.device.type == "cuda"
     perf = assembled.perf
     if info.is_main:
-        print("\n".join([f"mode {mode}, world size {info.world_size}", *assembled.notes, trainable_table(model)]),
-              flush=True)
+        print(
+            "\n".join(
+                [f"mode {mode}, world size {info.world_size}", *assembled.notes, trainable_table(model)]
+            ),
+            flush=True,
+        )
     vision_adapters = sum(size for n, size in assembled.adapters.items() if ".vision.blocks." in n)
-    flops = step_flops(vlm.config, vision_trains=recipe.freeze.vision == "train",
-                       resampler_trains=recipe.freeze.resampler == "train", llm_trains=recipe.freeze.llm == "train",
-                       lora_params=sum(assembled.adapters.values()) - vision_adapters,
-                       vision_lora_params=vision_adapters)
+    flops = step_flops(
+        vlm.config,
+        vision_trains=recipe.freeze.vision == "train",
+        resampler_trains=recipe.freeze.resampler == "train",
+        llm_trains=recipe.freeze.llm == "train",
+        lora_params=sum(assembled.adapters.values()) - vision_adapters,
+        vision_lora_params=vision_adapters,
+    )
     frozen_reference = copy_for_reference(model, recipe)  # DPO: before the engine wraps or shards the model
 
     # ---- data
-    loader = build_dataloader(recipe.data, tokenizer, num_image_tokens=vlm.config.num_image_tokens,
-                              batch_size=recipe.train.micro_batch, rank=info.rank, world_size=info.world_size,
-                              preference=recipe.train.stage == "dpo", records=records)
+    loader = build_dataloader(
+        recipe.data,
+        tokenizer,
+        num_image_tokens=vlm.config.num_image_tokens,
+        batch_size=recipe.train.micro_batch,
+        rank=info.rank,
+        world_size=info.world_size,
+        preference=recipe.train.stage == "dpo",
+        records=records,
+    )
     accum = recipe.train.grad_accum
     if recipe.train.steps is not None:
         total_steps = recipe.train.steps
@@ -160,9 +186,11 @@ def train(recipe: Recipe) -> Path:
     if objective.runs_reference:  # DPO's reference forward is model work too
         flops = flops + forward_flops(vlm.config, vision=objective.reference_encodes_images)
     if info.is_main and cuda:  # what the step's activations add to this is the rest of the peak
-        print(f"memory before the first step: {torch.cuda.memory_allocated(info.device) / 2**30:.1f} GiB allocated "
-              f"(weights and optimiser state; peak so far {torch.cuda.max_memory_allocated(info.device) / 2**30:.1f})",
-              flush=True)
+        print(
+            f"memory before the first step: {torch.cuda.memory_allocated(info.device) / 2**30:.1f} GiB allocated "
+            f"(weights and optimiser state; peak so far {torch.cuda.max_memory_allocated(info.device) / 2**30:.1f})",
+            flush=True,
+        )
 
     # ---- resume
     step, bad_steps = 0, 0
@@ -181,7 +209,9 @@ def train(recipe: Recipe) -> Path:
     peak = peak_flops_per_device()
     progress = None
     if info.is_main and recipe.log.progress_bar:
-        progress = tqdm(total=total_steps, initial=step, desc=f"train ({recipe.train.stage})", dynamic_ncols=True)
+        progress = tqdm(
+            total=total_steps, initial=step, desc=f"train ({recipe.train.stage})", dynamic_ncols=True
+        )
     batches = micro_batches(loader)
     last_step = min(total_steps, recipe.train.stop_after_steps or total_steps)
     engine.train()
@@ -197,8 +227,14 @@ def train(recipe: Recipe) -> Path:
         # Fetch the step's micro-batches first: their supervised-token (or pair) count normalises the loss.
         step_batches = [next(batches) for _ in range(accum)]
         with profiled(step + 1, info.is_main):
-            sums, counts = accumulate_gradients(engine, step_batches, pixel_dtype, recipe.train.max_forward_tokens,
-                                                vlm.config.image_start_id, objective)
+            sums, counts = accumulate_gradients(
+                engine,
+                step_batches,
+                pixel_dtype,
+                recipe.train.max_forward_tokens,
+                vlm.config.image_start_id,
+                objective,
+            )
         window["sums"] = sums if "sums" not in window else window["sums"] + sums
         lr = engine.lr()  # the lr this step applies (the schedule advances inside engine.step)
         grad_norm, applied = engine.step()
@@ -209,8 +245,10 @@ def train(recipe: Recipe) -> Path:
             if info.is_main:
                 print(f"step {step}: non-finite gradient norm, step skipped ({bad_steps} so far)", flush=True)
             if bad_steps > recipe.train.max_bad_steps:
-                raise NonFiniteLossError(f"{bad_steps} skipped non-finite steps exceed train.max_bad_steps="
-                                         f"{recipe.train.max_bad_steps}; lower the lr or check the data")
+                raise NonFiniteLossError(
+                    f"{bad_steps} skipped non-finite steps exceed train.max_bad_steps="
+                    f"{recipe.train.max_bad_steps}; lower the lr or check the data"
+                )
         window["steps"] += 1
         if step % GC_EVERY == 0:
             gc.collect(1)
@@ -250,8 +288,14 @@ def train(recipe: Recipe) -> Path:
 
         # ---- checkpoint
         if recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < total_steps:
-            save_checkpoint(engine, run_dir, step, {"bad_steps": bad_steps, "total_steps": total_steps},
-                            loader.state_dict(), recipe.checkpoint.keep_last)
+            save_checkpoint(
+                engine,
+                run_dir,
+                step,
+                {"bad_steps": bad_steps, "total_steps": total_steps},
+                loader.state_dict(),
+                recipe.checkpoint.keep_last,
+            )
 
     gc.enable()
     if progress is not None:
@@ -262,9 +306,14 @@ def train(recipe: Recipe) -> Path:
     if step < total_steps:  # stopped early on purpose (train.stop_after_steps)
         return run_dir
     stage = recipe.train.stage
-    training_info = {"stage": stage, "prompt_format": PROMPT_FORMAT[stage], "steps": step,
-                     "skipped_steps": bad_steps, "init_from": _absolute(recipe.model.init_from),
-                     "data_stats": dict(loader.stats.total)}
+    training_info = {
+        "stage": stage,
+        "prompt_format": PROMPT_FORMAT[stage],
+        "steps": step,
+        "skipped_steps": bad_steps,
+        "init_from": _absolute(recipe.model.init_from),
+        "data_stats": dict(loader.stats.total),
+    }
     export = export_final(engine, run_dir / "final", training_info, merge_lora=recipe.lora.merge_on_export)
     if info.is_main:
         print(f"exported {export}", flush=True)
@@ -279,8 +328,11 @@ def settle_memory_budget(recipe: Recipe, info: DistInfo) -> tuple[Recipe, Budget
     their values without one."""
     if recipe.train.memory_budget is not None and info.device.type != "cuda":
         if info.is_main:
-            print("train.memory_budget: off (no CUDA device): every decoder layer checkpointed, no offload, "
-                  "forwards of one packed row", flush=True)
+            print(
+                "train.memory_budget: off (no CUDA device): every decoder layer checkpointed, no offload, "
+                "forwards of one packed row",
+                flush=True,
+            )
         recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, memory_budget=None))
     if recipe.train.memory_budget is None:
         return without_budget(recipe), None
@@ -302,9 +354,13 @@ def _absolute(path: str | None) -> str | None:
 def check_paths(recipe: Recipe) -> None:
     """Fail at once, naming the key, when a file or directory the recipe names does not exist."""
     m = recipe.model
-    named = {"model.init_from": m.init_from, "model.llm_path": m.llm_path, "model.tokenizer_path": m.tokenizer_path,
-             "model.openclip_checkpoint": m.openclip_checkpoint,
-             "parallel.deepspeed_config": recipe.parallel.deepspeed_config}
+    named = {
+        "model.init_from": m.init_from,
+        "model.llm_path": m.llm_path,
+        "model.tokenizer_path": m.tokenizer_path,
+        "model.openclip_checkpoint": m.openclip_checkpoint,
+        "parallel.deepspeed_config": recipe.parallel.deepspeed_config,
+    }
     if recipe.train.resume not in (None, "auto"):
         named["train.resume"] = recipe.train.resume
     for key, value in named.items():
@@ -319,8 +375,10 @@ def check_eval_section(recipe: Recipe) -> None:
     if recipe.eval.data_root is None:
         raise UserError("eval.benches is set but eval.data_root is not (the folder holding e.g. synthetic/)")
     if recipe.lora.enabled and not recipe.lora.merge_on_export and recipe.model.init_from is None:
-        raise UserError("eval.benches with a LoRA export needs the base the adapter goes on: set model.init_from "
-                        "(or lora.merge_on_export: true)")
+        raise UserError(
+            "eval.benches with a LoRA export needs the base the adapter goes on: set model.init_from "
+            "(or lora.merge_on_export: true)"
+        )
     for name in recipe.eval.benches:
         bench = get_benchmark(name)  # unknown name -> UserError listing the known ones
         for file in dict.fromkeys((bench.test_file, bench.references_file)):
@@ -341,8 +399,17 @@ def evaluate_export(recipe: Recipe, export: Path, info: DistInfo) -> dict[str, d
     model, tokenizer = load_pretrained(export, device=info.device)  # an adapter goes on init_from, merged
     prompt_format = checkpoint_prompt_format(export)
     e = recipe.eval
-    results = eval_mm.evaluate(model, tokenizer, e.benches, e.data_root, eval_dir, limit=e.limit,
-                               batch_size=e.batch_size, prompt_format=prompt_format, progress=False)
+    results = eval_mm.evaluate(
+        model,
+        tokenizer,
+        e.benches,
+        e.data_root,
+        eval_dir,
+        limit=e.limit,
+        batch_size=e.batch_size,
+        prompt_format=prompt_format,
+        progress=False,
+    )
     if info.is_main:
         (export / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
         print(f"\nevaluation of {export} ({recipe.train.stage}, {prompt_format} prompts)", end="")

@@ -47,13 +47,17 @@ def target_pattern(lora: LoraSection) -> str:
     return rf"^({pattern})$"
 
 
-def apply_lora(model: nn.Module, lora: LoraSection, freeze: FreezeSection, gradient_checkpointing: bool = False):
+def apply_lora(
+    model: nn.Module, lora: LoraSection, freeze: FreezeSection, gradient_checkpointing: bool = False
+):
     """Wrap the VLM in a peft model: LoRA adapters on the LLM (and the ViT), the recipe's trained modules
     saved in full."""
     peft = import_peft()
 
     if freeze.llm == "train":
-        raise UserError("lora.enabled with freeze.llm: train: LoRA adapts a frozen LLM; set freeze.llm: frozen")
+        raise UserError(
+            "lora.enabled with freeze.llm: train: LoRA adapts a frozen LLM; set freeze.llm: frozen"
+        )
     if lora.vision_targets and freeze.vision == "train":
         raise UserError("lora.vision_targets adapts a frozen vision tower; set freeze.vision: frozen")
     config = peft.LoraConfig(
@@ -85,6 +89,7 @@ def quantize_llm_4bit(model: nn.Module, cfg: QuantizationSection, device: torch.
     checkpointing needs, inputs that require grad, apply_lora does.
     """
     import bitsandbytes as bnb  # optional heavy dependency: only Q-LoRA (CUDA) imports it
+
     if device.type != "cuda":
         raise RuntimeError("Q-LoRA (quantization.enabled) needs a CUDA GPU: bitsandbytes 4-bit kernels")
     compute_dtype = getattr(torch, cfg.compute_dtype)
@@ -101,11 +106,21 @@ def quantize_llm_4bit(model: nn.Module, cfg: QuantizationSection, device: torch.
             module.to(device)
 
     def quantise(parent: nn.Module, name: str, child: nn.Linear) -> None:
-        q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                              compute_dtype=compute_dtype, compress_statistics=cfg.double_quant,
-                              quant_type=cfg.quant_type, device="meta")
-        q.weight = bnb.nn.Params4bit(child.weight.data.to(compute_dtype), requires_grad=False,
-                                     compress_statistics=cfg.double_quant, quant_type=cfg.quant_type).to(device)
+        q = bnb.nn.Linear4bit(
+            child.in_features,
+            child.out_features,
+            bias=child.bias is not None,
+            compute_dtype=compute_dtype,
+            compress_statistics=cfg.double_quant,
+            quant_type=cfg.quant_type,
+            device="meta",
+        )
+        q.weight = bnb.nn.Params4bit(
+            child.weight.data.to(compute_dtype),
+            requires_grad=False,
+            compress_statistics=cfg.double_quant,
+            quant_type=cfg.quant_type,
+        ).to(device)
         if child.bias is not None:
             q.bias = nn.Parameter(child.bias.data, requires_grad=False)
         setattr(parent, name, q)
@@ -133,9 +148,16 @@ def _fused_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> to
     peft's own forward. Same maths; tests/test_train_lora.py pins outputs and gradients to peft's. Written
     here because peft has no such path (its forward is one per layer type, for every adapter setting)."""
     active = self.active_adapters
-    if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1
-            or active[0] not in self.lora_A or active[0] in getattr(self, "lora_variant", {})
-            or getattr(self, "lora_bias", {}).get(active[0])):
+    if (
+        args
+        or kwargs
+        or self.disable_adapters
+        or self.merged
+        or len(active) != 1
+        or active[0] not in self.lora_A
+        or active[0] in getattr(self, "lora_variant", {})
+        or getattr(self, "lora_bias", {}).get(active[0])
+    ):
         return type(self).forward(self, x, *args, **kwargs)
     name = active[0]
     a, b = self.lora_A[name].weight, self.lora_B[name].weight
@@ -157,8 +179,11 @@ def fuse_lora_forwards(model: nn.Module) -> int:
 
     count = 0
     for module in model.modules():
-        if isinstance(module, LoraLayer) and isinstance(getattr(module, "base_layer", None), nn.Linear) \
-                and not hasattr(module, "_vlrecipe_fused"):
+        if (
+            isinstance(module, LoraLayer)
+            and isinstance(getattr(module, "base_layer", None), nn.Linear)
+            and not hasattr(module, "_vlrecipe_fused")
+        ):
             module.forward = types.MethodType(_fused_lora_forward, module)
             module._vlrecipe_fused = True
             count += 1

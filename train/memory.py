@@ -123,8 +123,12 @@ class Setup:
     zero: dict = field(default_factory=dict)  # DeepSpeed zero_optimization settings
     # DPO (train.stage: dpo): where the reference log-probs come from (train.dpo.reference_mode), or "" (not DPO)
     reference: str = ""
-    offload_activations: bool = False  # perf.offload_activations: the decoder's saved activations wait on the host
-    vision_checkpointing: bool = True  # perf.checkpoint_vision: with grad_checkpointing, the ViT and resampler too
+    offload_activations: bool = (
+        False  # perf.offload_activations: the decoder's saved activations wait on the host
+    )
+    vision_checkpointing: bool = (
+        True  # perf.checkpoint_vision: with grad_checkpointing, the ViT and resampler too
+    )
 
     @property
     def deepspeed(self) -> bool:
@@ -242,8 +246,11 @@ def parameter_terms(c: Counts, s: Setup) -> dict[str, float]:
         if s.deepspeed:  # its own ZeRO-3 engine partitions it; under ZeRO-2 it is a plain bf16 module
             terms["weights: DPO reference copy"] = c.total * 2 / (w if s.mode == "zero3" else 1)
         else:  # the policy's storage dtypes: frozen bf16 (frozen_bf16), trainable modules fp32
-            terms["weights: DPO reference copy"] = (c.frozen * (2 if s.frozen_bf16 else 4) + t * 4
-                                                    + c.quantized * nf4_bytes_per_param(s.double_quant))
+            terms["weights: DPO reference copy"] = (
+                c.frozen * (2 if s.frozen_bf16 else 4)
+                + t * 4
+                + c.quantized * nf4_bytes_per_param(s.double_quant)
+            )
     return terms
 
 
@@ -305,14 +312,20 @@ def decoder_terms(c: Counts, d: Dims, s: Setup, b: MicroBatch) -> tuple[float, f
     checkpointed = s.checkpointed_layers if s.grad_checkpointing else 0
     plain = d.layers - checkpointed
     # Frozen fp32 linears under autocast keep the bf16 copy of their weight for the input gradient.
-    copies = 2 * c.layer_linears if frozen_weights_fp32_under_autocast(s) and not s.llm_trains and not s.quantized else 0
+    copies = (
+        2 * c.layer_linears
+        if frozen_weights_fp32_under_autocast(s) and not s.llm_trains and not s.quantized
+        else 0
+    )
     tokens = b.pass_tokens
     if s.offload_activations:  # train.offload: on the GPU, the layer backward is working on and the next one
         live = tokens * min(2, d.layers) * (ckpt if checkpointed else kept) + plain * copies
     else:
         live = tokens * (checkpointed * ckpt + plain * kept) + plain * copies
     if s.attention == "sdpa" or (s.attention == "varlen" and not b.packed):
-        live += b.pass_rows * b.row_len**2  # a boolean [L, L] mask per row: SDPA's (varlen falls back to it on padding)
+        live += (
+            b.pass_rows * b.row_len**2
+        )  # a boolean [L, L] mask per row: SDPA's (varlen falls back to it on padding)
     recompute = (tokens * kept + copies) if checkpointed else 0
     return live, recompute + tokens * work
 

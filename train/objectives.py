@@ -33,8 +33,9 @@ class Objective(Protocol):
 
     def count(self, batches: list[dict[str, Any]]) -> list[float]: ...
 
-    def __call__(self, engine: Engine, batch: dict[str, Any], counts: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def __call__(
+        self, engine: Engine, batch: dict[str, Any], counts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def metrics(self, sums: list[float], counts: list[float]) -> dict[str, float]: ...
 
@@ -53,8 +54,9 @@ class LanguageModelling:
     def count(self, batches: list[dict[str, Any]]) -> list[float]:
         return [sum(count_supervised(b) for b in batches)]
 
-    def __call__(self, engine: Engine, batch: dict[str, Any], counts: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, engine: Engine, batch: dict[str, Any], counts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         out = engine.forward_loss(batch)
         scale = engine.dist.world_size / counts[0].clamp(min=1)  # stays on device: no sync
         return out.loss_sum * scale.to(out.loss_sum.dtype), out.loss_sum.detach().float().reshape(1)
@@ -63,13 +65,22 @@ class LanguageModelling:
         return {"loss": sums[0] / max(counts[0], 1)}
 
 
-def build_objective(recipe: Recipe, engine: Engine, loader, frozen_reference: torch.nn.Module | None,
-                    pixel_dtype: torch.dtype | None, run_dir: Path) -> Objective:
+def build_objective(
+    recipe: Recipe,
+    engine: Engine,
+    loader,
+    frozen_reference: torch.nn.Module | None,
+    pixel_dtype: torch.dtype | None,
+    run_dir: Path,
+) -> Objective:
     """The stage's objective: DPO for ``train.stage: dpo`` (with its reference model, train.dpo), next-token
     cross-entropy otherwise."""
     if recipe.train.stage != "dpo":
         return LanguageModelling()
     reference = build_reference(recipe, engine, loader, frozen_reference, pixel_dtype, run_dir)
     vision_adapters = recipe.lora.enabled and bool(recipe.lora.vision_targets)
-    return DirectPreference(recipe.preference, reference,
-                            policy_vision_frozen=recipe.freeze.vision != "train" and not vision_adapters)
+    return DirectPreference(
+        recipe.preference,
+        reference,
+        policy_vision_frozen=recipe.freeze.vision != "train" and not vision_adapters,
+    )

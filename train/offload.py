@@ -48,8 +48,11 @@ class ActivationOffload:
         def pack(tensor: torch.Tensor):
             # Only activations: a tensor with a grad_fn is the output of a recorded op (a layer's input, a
             # norm's input). Weights, their casts and views, and bookkeeping tensors have none and stay put.
-            if (not tensor.is_cuda or tensor.grad_fn is None
-                    or tensor.numel() * tensor.element_size() < self.min_bytes):
+            if (
+                not tensor.is_cuda
+                or tensor.grad_fn is None
+                or tensor.numel() * tensor.element_size() < self.min_bytes
+            ):
                 return tensor
             compute = torch.cuda.current_stream(tensor.device)
             host = torch.empty_like(tensor, device="cpu", pin_memory=True)

@@ -43,8 +43,10 @@ def param_groups(model: nn.Module, cfg: OptimSection, num_vit_blocks: int) -> li
         no_decay = param.ndim < 2 or name.endswith(_NO_DECAY_SUFFIXES)
         wd = 0.0 if no_decay else cfg.weight_decay
         scale = vit_lr_scale(name, num_vit_blocks, cfg.vit_layer_decay)
-        group = groups.setdefault((scale, wd), {"params": [], "names": [], "lr": cfg.lr * scale,
-                                                "lr_scale": scale, "weight_decay": wd})
+        group = groups.setdefault(
+            (scale, wd),
+            {"params": [], "names": [], "lr": cfg.lr * scale, "lr_scale": scale, "weight_decay": wd},
+        )
         group["params"].append(param)
         group["names"].append(name)
     if not groups:
@@ -60,8 +62,9 @@ def build_optimizer(model: nn.Module, cfg: OptimSection, num_vit_blocks: int) ->
     # trainable state); the update is the same AdamW.
     params = [p for g in groups for p in g["params"]]
     fused = bool(params) and all(p.is_cuda and p.dtype in (torch.float32, torch.bfloat16) for p in params)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                             fused=fused or None)
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused or None
+    )
 
 
 def lr_factor(step: int, total_steps: int, lr: float, cfg: ScheduleSection) -> float:

@@ -46,7 +46,7 @@ class DistInfo:
 
 
 def resolve_mode(cfg: ParallelSection, world_size: int) -> str:
-    """"single", "ddp", "zero2" or "zero3"."""
+    """ "single", "ddp", "zero2" or "zero3"."""
     if cfg.mode == "auto" or (cfg.mode == "ddp" and world_size == 1):
         return "ddp" if world_size > 1 else "single"  # DDP over one process would need a process group
     return cfg.mode
@@ -101,7 +101,9 @@ def deepspeed_config(recipe: Recipe, mode: str, world_size: int) -> dict[str, An
     }
     for key, value in wanted.items():
         if config.get(key, "auto") not in ("auto", value):
-            raise UserError(f"{path}: '{key}' is {config[key]} but the recipe implies {value}; set it to \"auto\"")
+            raise UserError(
+                f"{path}: '{key}' is {config[key]} but the recipe implies {value}; set it to \"auto\""
+            )
         config[key] = value
     bf16 = config.setdefault("bf16", {})
     if bf16.get("enabled", "auto") not in ("auto", recipe.train.bf16):

@@ -19,8 +19,14 @@ from train.recipe import PerfSection
 FP8_MIN_CAPABILITY = (8, 9)  # FP8 tensor cores (torch._scaled_mm): Ada, Hopper and newer
 
 
-def resolve_perf(perf: PerfSection, vlm, cuda: bool, quantized: bool, zero3: bool = False,
-                 adapter_off_reference: bool = False) -> tuple[PerfSection, list[str]]:
+def resolve_perf(
+    perf: PerfSection,
+    vlm,
+    cuda: bool,
+    quantized: bool,
+    zero3: bool = False,
+    adapter_off_reference: bool = False,
+) -> tuple[PerfSection, list[str]]:
     """``perf`` with every "auto" replaced by True or False, and one line per switch that auto turned off
     (the trainer prints them)."""
     notes: list[str] = []
@@ -39,19 +45,32 @@ def resolve_perf(perf: PerfSection, vlm, cuda: bool, quantized: bool, zero3: boo
     adapter_off_why = "DPO's adapter-disabled reference pass breaks the compiled layers' recompute"
     resolved = {}
     if perf.compile_llm == "auto":
-        resolved["compile_llm"] = auto("compile_llm", [
-            no_cuda, "bitsandbytes 4-bit layers do not compile" if quantized else "", zero3_why if zero3 else "",
-            adapter_off_why if adapter_off_reference else ""])
+        resolved["compile_llm"] = auto(
+            "compile_llm",
+            [
+                no_cuda,
+                "bitsandbytes 4-bit layers do not compile" if quantized else "",
+                zero3_why if zero3 else "",
+                adapter_off_why if adapter_off_reference else "",
+            ],
+        )
     compiles_llm = resolved.get("compile_llm", perf.compile_llm) is True
     if perf.liger_kernels == "auto":
-        resolved["liger_kernels"] = auto("liger_kernels", [
-            no_cuda,
-            "" if importlib.util.find_spec("liger_kernel") else "liger-kernel is not installed (pip install .[gpu])",
-            "" if vlm.llm.config.model_type == "qwen2" else f"no liger kernels for {vlm.llm.config.model_type}",
-            # Measured on one H100 (docs/benchmarks.md): the compiled layers without liger ran 12% faster than
-            # with it. Inductor fuses RMSNorm, RoPE and SwiGLU itself, and liger's RoPE breaks the layer's graph.
-            "the decoder layers compile (inductor fuses what liger would)" if compiles_llm else "",
-        ])
+        resolved["liger_kernels"] = auto(
+            "liger_kernels",
+            [
+                no_cuda,
+                ""
+                if importlib.util.find_spec("liger_kernel")
+                else "liger-kernel is not installed (pip install .[gpu])",
+                ""
+                if vlm.llm.config.model_type == "qwen2"
+                else f"no liger kernels for {vlm.llm.config.model_type}",
+                # Measured on one H100 (docs/benchmarks.md): the compiled layers without liger ran 12% faster than
+                # with it. Inductor fuses RMSNorm, RoPE and SwiGLU itself, and liger's RoPE breaks the layer's graph.
+                "the decoder layers compile (inductor fuses what liger would)" if compiles_llm else "",
+            ],
+        )
     if perf.compile_vision == "auto":
         resolved["compile_vision"] = auto("compile_vision", [no_cuda, zero3_why if zero3 else ""])
     if perf.offload_activations and not cuda:  # pinned host memory and copy streams are CUDA's
@@ -59,20 +78,30 @@ def resolve_perf(perf: PerfSection, vlm, cuda: bool, quantized: bool, zero3: boo
         resolved["offload_activations"] = False
     if perf.fp8:
         why = fp8_unavailable(cuda, torch.cuda.get_device_capability() if cuda else None, quantized, zero3)
-        notes.append(f"perf.fp8: off ({why})" if why else
-                     "perf.fp8: on (frozen linears of the decoder layers and vision blocks in FP8, torchao)")
+        notes.append(
+            f"perf.fp8: off ({why})"
+            if why
+            else "perf.fp8: on (frozen linears of the decoder layers and vision blocks in FP8, torchao)"
+        )
         resolved["fp8"] = not why
     return dataclasses.replace(perf, **resolved), notes
 
 
-def fp8_unavailable(cuda: bool, capability: tuple[int, int] | None, quantized: bool = False, zero3: bool = False,
-                    installed: bool | None = None) -> str:
+def fp8_unavailable(
+    cuda: bool,
+    capability: tuple[int, int] | None,
+    quantized: bool = False,
+    zero3: bool = False,
+    installed: bool | None = None,
+) -> str:
     """Why perf.fp8 (models/fp8.py) cannot run here, or "" where it can."""
     if not cuda:
         return "no CUDA device"
     if capability is not None and tuple(capability) < FP8_MIN_CAPABILITY:
-        return (f"compute capability {capability[0]}.{capability[1]} has no FP8 tensor cores (needs "
-                f"{FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]}: Ada, Hopper or newer)")
+        return (
+            f"compute capability {capability[0]}.{capability[1]} has no FP8 tensor cores (needs "
+            f"{FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]}: Ada, Hopper or newer)"
+        )
     if quantized:
         return "Q-LoRA's decoder linears are 4-bit bitsandbytes layers"
     if zero3:
@@ -96,8 +125,10 @@ def apply_perf_switches(vlm, perf: PerfSection) -> None:
         # Measured on one H100 (docs/benchmarks.md): Q-LoRA's eager decoder +24% (+19% by the median step);
         # inside compiled layers 1.6-2.7% slower than peft's forward, whose element-wise work inductor fuses.
         compiled = vlm.runtime
-        for part, compiles in ((vlm.llm, perf.compile_llm or compiled.compile_llm),
-                               (vlm.vision, perf.compile_vision or compiled.compile_vision)):
+        for part, compiles in (
+            (vlm.llm, perf.compile_llm or compiled.compile_llm),
+            (vlm.vision, perf.compile_vision or compiled.compile_vision),
+        ):
             if not compiles:
                 fuse_lora_forwards(part)  # before compilation, which would trace the forwards it finds
     vlm.set_runtime(runtime_options(perf))
@@ -105,10 +136,15 @@ def apply_perf_switches(vlm, perf: PerfSection) -> None:
 
 def runtime_options(perf: PerfSection) -> RuntimeOptions:
     """The model's share of a resolved ``perf`` section: how its forward runs (models.vlm.RuntimeOptions)."""
-    return RuntimeOptions(loss_impl=perf.loss_impl, check_image_spans=perf.check_image_spans,
-                          loss_at_label_positions=perf.loss_at_label_positions,
-                          liger_kernels=perf.liger_kernels, compile_vision=perf.compile_vision,
-                          compile_llm=perf.compile_llm, fp8=perf.fp8)
+    return RuntimeOptions(
+        loss_impl=perf.loss_impl,
+        check_image_spans=perf.check_image_spans,
+        loss_at_label_positions=perf.loss_at_label_positions,
+        liger_kernels=perf.liger_kernels,
+        compile_vision=perf.compile_vision,
+        compile_llm=perf.compile_llm,
+        fp8=perf.fp8,
+    )
 
 
 def frozen_to_bf16(vlm) -> None:

@@ -68,13 +68,24 @@ def plan_model(recipe: Recipe, source: str = "recipe") -> ModelPlan:
     decoder = model.llm.get_decoder()
     # The decoder's own linears (peft's adapters are linears too, named lora_*): train.lora.quantize_llm_4bit
     # turns exactly these weights into NF4.
-    quantized_ids = ({id(mod.weight) for name, mod in decoder.named_modules()
-                      if type(mod) is nn.Linear and "lora_" not in name}
-                     if recipe.quantization.enabled else set())
-    layer_linears = sum(mod.weight.numel() for name, mod in decoder.layers[0].named_modules()
-                        if type(mod) is nn.Linear and "lora_" not in name)
+    quantized_ids = (
+        {
+            id(mod.weight)
+            for name, mod in decoder.named_modules()
+            if type(mod) is nn.Linear and "lora_" not in name
+        }
+        if recipe.quantization.enabled
+        else set()
+    )
+    layer_linears = sum(
+        mod.weight.numel()
+        for name, mod in decoder.layers[0].named_modules()
+        if type(mod) is nn.Linear and "lora_" not in name
+    )
     lora_inputs = tuple(mod.in_features for mod in decoder.layers[0].modules() if hasattr(mod, "lora_A"))
-    vision_lora_inputs = tuple(mod.in_features for mod in model.vision.blocks[0].modules() if hasattr(mod, "lora_A"))
+    vision_lora_inputs = tuple(
+        mod.in_features for mod in model.vision.blocks[0].modules() if hasattr(mod, "lora_A")
+    )
 
     total = trainable = quantized = lora = vision_lora = 0
     groups: dict[str, list[int]] = {}
@@ -91,23 +102,47 @@ def plan_model(recipe: Recipe, source: str = "recipe") -> ModelPlan:
         vision_lora += n if "lora_" in name and ".vision.blocks." in f".{name}" else 0
     if trainable == 0:
         raise UserError(f"{source}: nothing trains: check the freeze and lora sections")
-    largest = max(sum(p.numel() for p in g["params"])
-                  for g in param_groups(wrapped, recipe.optim, model.config.vision.layers))
-    counts = Counts(total=total, trainable=trainable, quantized=quantized, lora=lora, largest_group=largest,
-                    layer_linears=layer_linears)
-    return ModelPlan(config=model.config, counts=counts, groups={k: (v[0], v[1]) for k, v in groups.items()},
-                     trains=assembled.trains, lora_inputs=lora_inputs, vision_lora_inputs=vision_lora_inputs,
-                     vision_lora=vision_lora, notes=assembled.notes)
+    largest = max(
+        sum(p.numel() for p in g["params"])
+        for g in param_groups(wrapped, recipe.optim, model.config.vision.layers)
+    )
+    counts = Counts(
+        total=total,
+        trainable=trainable,
+        quantized=quantized,
+        lora=lora,
+        largest_group=largest,
+        layer_linears=layer_linears,
+    )
+    return ModelPlan(
+        config=model.config,
+        counts=counts,
+        groups={k: (v[0], v[1]) for k, v in groups.items()},
+        trains=assembled.trains,
+        lora_inputs=lora_inputs,
+        vision_lora_inputs=vision_lora_inputs,
+        vision_lora=vision_lora,
+        notes=assembled.notes,
+    )
 
 
 def dims_of(config) -> Dims:
     tc, vc = config.text_config, config.vision
     heads = int(tc["num_attention_heads"])
     head_dim = int(tc.get("head_dim") or tc["hidden_size"] // heads)
-    return Dims(hidden=int(tc["hidden_size"]), kv_dim=head_dim * int(tc.get("num_key_value_heads") or heads),
-                ffn=int(tc["intermediate_size"]), layers=int(tc["num_hidden_layers"]), heads=heads,
-                vocab=int(tc["vocab_size"]), vit_width=vc.width, vit_mlp=vc.mlp_dim, vit_layers=vc.layers,
-                patches=vc.num_patches, queries=config.num_image_tokens)
+    return Dims(
+        hidden=int(tc["hidden_size"]),
+        kv_dim=head_dim * int(tc.get("num_key_value_heads") or heads),
+        ffn=int(tc["intermediate_size"]),
+        layers=int(tc["num_hidden_layers"]),
+        heads=heads,
+        vocab=int(tc["vocab_size"]),
+        vit_width=vc.width,
+        vit_mlp=vc.mlp_dim,
+        vit_layers=vc.layers,
+        patches=vc.num_patches,
+        queries=config.num_image_tokens,
+    )
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -125,7 +160,9 @@ def setup_of(recipe: Recipe, model: ModelPlan, gpus: int, notes: list[str], sour
     layers = int(model.config.text_config["num_hidden_layers"])
     checkpointed = recipe.perf.checkpoint_llm_layers
     if checkpointed is not None and not 0 <= checkpointed <= layers:
-        raise UserError(f"{source}: perf.checkpoint_llm_layers={checkpointed} but the decoder has {layers} layers")
+        raise UserError(
+            f"{source}: perf.checkpoint_llm_layers={checkpointed} but the decoder has {layers} layers"
+        )
     # "auto" as train.perf.resolve_perf decides it on the GPU machine, assumed to have the gpu extra (liger).
     perf = recipe.perf
     qwen2 = model.config.text_config.get("model_type") == "qwen2"
@@ -135,33 +172,54 @@ def setup_of(recipe: Recipe, model: ModelPlan, gpus: int, notes: list[str], sour
     # The memory model is liger's either way.
     liger_kernels = qwen2 if perf.liger_kernels == "auto" else perf.liger_kernels
     if "auto" in (perf.loss_impl, perf.liger_kernels):
-        notes.append("perf auto switches as on a CUDA machine with liger-kernel installed: fused liger loss"
-                     + (", liger kernels (or compiled layers fusing the same work)" if liger_kernels else ""))
+        notes.append(
+            "perf auto switches as on a CUDA machine with liger-kernel installed: fused liger loss"
+            + (", liger kernels (or compiled layers fusing the same work)" if liger_kernels else "")
+        )
     reference = ""
     if recipe.train.stage == "dpo":
         reference = reference_mode(recipe.preference, recipe.lora)
         if loss_impl != "torch":  # models.loss.causal_lm_token_logps: liger's per-token mode is not used
             loss_impl = "chunked"
-        notes.append(f"DPO: micro_batch counts pairs (2 sequences showing the pair's images, encoded once; "
-                     f"--tokens-per-sample is per sequence), per-token log-probs chunked, reference {reference}")
+        notes.append(
+            f"DPO: micro_batch counts pairs (2 sequences showing the pair's images, encoded once; "
+            f"--tokens-per-sample is per sequence), per-token log-probs chunked, reference {reference}"
+        )
     m = recipe.model
-    drawn_on_gpu = m.init_from is None and m.llm_path is None and m.openclip_name is None  # train.assemble.build_model
+    drawn_on_gpu = (
+        m.init_from is None and m.llm_path is None and m.openclip_name is None
+    )  # train.assemble.build_model
     loaded_on_gpu = m.init_from is not None and mode != "zero3" and not recipe.quantization.enabled
     return Setup(
         # train.assemble.storage_dtypes: frozen weights bf16 only with bf16 training
-        mode=mode, gpus=gpus, bf16=recipe.train.bf16, frozen_bf16=recipe.perf.frozen_bf16 and recipe.train.bf16,
-        vision_trains=model.trains["vision"], resampler_trains=model.trains["resampler"],
-        llm_trains=model.trains["llm"], head_trains=model.trains["embeddings"],
-        lora_inputs=model.lora_inputs, vision_lora_inputs=model.vision_lora_inputs, lora_r=recipe.lora.r if recipe.lora.enabled else 0,
-        lora_dropout=recipe.lora.dropout, quantized=recipe.quantization.enabled,
-        double_quant=recipe.quantization.double_quant, grad_checkpointing=recipe.train.grad_checkpointing,
-        checkpointed_layers=layers if checkpointed is None else checkpointed, liger_kernels=bool(liger_kernels),
-        loss_impl=loss_impl, attention=perf.attention, grad_accum=recipe.train.grad_accum, zero=zero,
+        mode=mode,
+        gpus=gpus,
+        bf16=recipe.train.bf16,
+        frozen_bf16=recipe.perf.frozen_bf16 and recipe.train.bf16,
+        vision_trains=model.trains["vision"],
+        resampler_trains=model.trains["resampler"],
+        llm_trains=model.trains["llm"],
+        head_trains=model.trains["embeddings"],
+        lora_inputs=model.lora_inputs,
+        vision_lora_inputs=model.vision_lora_inputs,
+        lora_r=recipe.lora.r if recipe.lora.enabled else 0,
+        lora_dropout=recipe.lora.dropout,
+        quantized=recipe.quantization.enabled,
+        double_quant=recipe.quantization.double_quant,
+        grad_checkpointing=recipe.train.grad_checkpointing,
+        checkpointed_layers=layers if checkpointed is None else checkpointed,
+        liger_kernels=bool(liger_kernels),
+        loss_impl=loss_impl,
+        attention=perf.attention,
+        grad_accum=recipe.train.grad_accum,
+        zero=zero,
         # train.optim fuses AdamW when the weights are on the GPU as it is built (Q-LoRA moves them there).
         fused_adamw=drawn_on_gpu or loaded_on_gpu or recipe.quantization.enabled,
         load_shard_bytes=largest_shard(m.init_from, notes) if loaded_on_gpu else 0.0,
-        zero3_built_whole=mode == "zero3" and drawn_on_gpu, reference=reference,
-        offload_activations=perf.offload_activations, vision_checkpointing=perf.checkpoint_vision,
+        zero3_built_whole=mode == "zero3" and drawn_on_gpu,
+        reference=reference,
+        offload_activations=perf.offload_activations,
+        vision_checkpointing=perf.checkpoint_vision,
     )
 
 
@@ -171,7 +229,9 @@ def largest_shard(export: str, notes: list[str]) -> float:
     files = list(Path(export).glob("*.safetensors"))
     if files:
         return float(max(f.stat().st_size for f in files))
-    notes.append(f"export shards of {MAX_SHARD_BYTES / 1e9:g} GB (models.vlm.MAX_SHARD_SIZE) read onto the GPU")
+    notes.append(
+        f"export shards of {MAX_SHARD_BYTES / 1e9:g} GB (models.vlm.MAX_SHARD_SIZE) read onto the GPU"
+    )
     return MAX_SHARD_BYTES
 
 
@@ -183,8 +243,14 @@ def samples_per_row(data, tokens_per_sample: float, group: int = 1) -> int:
     return group * max(1, int(data.row_len // (group * tokens_per_sample)))
 
 
-def micro_batch_shape(data, micro_batch: int, tokens_per_sample: float, images_per_sample: float,
-                      max_forward_tokens: int | None = None, group: int = 1) -> MicroBatch:
+def micro_batch_shape(
+    data,
+    micro_batch: int,
+    tokens_per_sample: float,
+    images_per_sample: float,
+    max_forward_tokens: int | None = None,
+    group: int = 1,
+) -> MicroBatch:
     """Rows and tokens of a micro-batch of ``micro_batch`` samples (DPO: pairs of ``group`` = 2 sequences,
     whose images the batch holds once per pair, data.collate) of ``tokens_per_sample`` tokens per sequence.
     Packed (data.packing): greedy rows of up to pack_len (else max_len) tokens, padded to the longest row (data.packing.pack); otherwise one
@@ -195,8 +261,15 @@ def micro_batch_shape(data, micro_batch: int, tokens_per_sample: float, images_p
     rows = math.ceil(sequences / per_row)
     width = round(min(sequences, per_row) * tokens_per_sample)
     rows_per_pass = max(1, max_forward_tokens // width) if max_forward_tokens else None
-    return MicroBatch(samples=sequences, rows=rows, row_len=width, images=micro_batch * images_per_sample,
-                      real_tokens=sequences * tokens_per_sample, packed=data.packing, rows_per_pass=rows_per_pass)
+    return MicroBatch(
+        samples=sequences,
+        rows=rows,
+        row_len=width,
+        images=micro_batch * images_per_sample,
+        real_tokens=sequences * tokens_per_sample,
+        packed=data.packing,
+        rows_per_pass=rows_per_pass,
+    )
 
 
 @dataclass
@@ -256,8 +329,9 @@ def budget_for_device(gpu_mem_gib: float, setup: Setup) -> float:
     return (gpu_mem_gib - CONTEXT_GIB - extra) * GiB / (1 + ALLOCATOR_SLACK)
 
 
-def settle_budget(recipe: Recipe, model: ModelPlan, gpus: int, gpu_mem_gib: float,
-                  source: str) -> tuple[Recipe, BudgetChoice | None]:
+def settle_budget(
+    recipe: Recipe, model: ModelPlan, gpus: int, gpu_mem_gib: float, source: str
+) -> tuple[Recipe, BudgetChoice | None]:
     """``recipe`` with its ``auto`` activation settings filled in: chosen for train.memory_budget (train/budget.py;
     ``auto``: ``gpu_mem_gib`` less the allowance), or as without a budget when it is None. The choice is planned
     for the worst a forward can hold: samples of data.max_len tokens, every token of them an image slot."""
@@ -268,28 +342,53 @@ def settle_budget(recipe: Recipe, model: ModelPlan, gpus: int, gpu_mem_gib: floa
     images = tokens / (model.config.num_image_tokens + 2)  # <img> + slots + </img>
 
     def batch_for(max_forward_tokens: int | None) -> MicroBatch:
-        return micro_batch_shape(data, recipe.train.micro_batch, tokens, images, max_forward_tokens,
-                                 2 if setup.reference else 1)
+        return micro_batch_shape(
+            data, recipe.train.micro_batch, tokens, images, max_forward_tokens, 2 if setup.reference else 1
+        )
 
     whole = batch_for(None)
     forwards = sorted({whole.row_len * min(2**i, whole.rows) for i in range(whole.rows.bit_length() + 1)})
     if recipe.train.memory_budget == "auto":
         budget = budget_for_device(gpu_mem_gib, setup)
-        how = f"auto: {gpu_mem_gib:.1f} GiB less the CUDA context{', NCCL' if setup.deepspeed or gpus > 1 else ''} " \
-              f"and allocator slack"
+        how = (
+            f"auto: {gpu_mem_gib:.1f} GiB less the CUDA context{', NCCL' if setup.deepspeed or gpus > 1 else ''} "
+            f"and allocator slack"
+        )
     else:
         budget, how = recipe.train.memory_budget * GiB, "train.memory_budget"
     layers = int(model.config.text_config["num_hidden_layers"])
-    choice = choose(model.counts, dims_of(model.config), setup, batch_for, forwards, budget, how,
-                    recompute_flops(model.config), tokens, fixed_settings(recipe, layers))
+    choice = choose(
+        model.counts,
+        dims_of(model.config),
+        setup,
+        batch_for,
+        forwards,
+        budget,
+        how,
+        recompute_flops(model.config),
+        tokens,
+        fixed_settings(recipe, layers),
+    )
     return apply_settings(recipe, choice.settings), choice
 
 
-def make_plan(recipe: Recipe, source: str, gpus: int = 1, gpu_mem_gib: float = DEFAULT_GPU_MEM_GIB,
-              tokens_per_sample: float | None = None, images_per_sample: float = 1.0, mfu: float = 0.35,
-              peak_tflops: float = DEFAULT_PEAK_TFLOPS, model: ModelPlan | None = None) -> Plan:
+def make_plan(
+    recipe: Recipe,
+    source: str,
+    gpus: int = 1,
+    gpu_mem_gib: float = DEFAULT_GPU_MEM_GIB,
+    tokens_per_sample: float | None = None,
+    images_per_sample: float = 1.0,
+    mfu: float = 0.35,
+    peak_tflops: float = DEFAULT_PEAK_TFLOPS,
+    model: ModelPlan | None = None,
+) -> Plan:
     """The plan of ``recipe`` on ``gpus`` GPUs. ``model`` reuses a ModelPlan of the same recipe model."""
-    for name, value, low in (("--gpus", gpus, 1), ("--gpu-mem", gpu_mem_gib, 1e-9), ("--peak-tflops", peak_tflops, 1e-9)):
+    for name, value, low in (
+        ("--gpus", gpus, 1),
+        ("--gpu-mem", gpu_mem_gib, 1e-9),
+        ("--peak-tflops", peak_tflops, 1e-9),
+    ):
         if value < low:
             raise UserError(f"{name} must be positive, got {value}")
     if not 0 < mfu <= 1:
@@ -304,32 +403,55 @@ def make_plan(recipe: Recipe, source: str, gpus: int = 1, gpu_mem_gib: float = D
     notes = list(model.notes)
     recipe, choice = settle_budget(recipe, model, gpus, gpu_mem_gib, source)
     if tokens_per_sample is None:
-        notes.append(f"every sample {data.max_len} tokens (data.max_len, the worst case; --tokens-per-sample)")
+        notes.append(
+            f"every sample {data.max_len} tokens (data.max_len, the worst case; --tokens-per-sample)"
+        )
     setup = setup_of(recipe, model, gpus, notes, source)
     dims = dims_of(model.config)
     group = 2 if setup.reference else 1  # DPO: a pair is two sequences
 
     def estimate_for(micro_batch: int) -> tuple[MicroBatch, Estimate]:
-        batch = micro_batch_shape(data, micro_batch, tokens, images_per_sample, recipe.train.max_forward_tokens,
-                                  group)
+        batch = micro_batch_shape(
+            data, micro_batch, tokens, images_per_sample, recipe.train.max_forward_tokens, group
+        )
         return batch, estimate(model.counts, dims, setup, batch)
 
     batch, est = estimate_for(recipe.train.micro_batch)
     # The training loop's FLOP count: train.loop (adapters in the ViT per patch; DPO's reference forward).
     llm_lora = model.counts.lora - model.vision_lora
-    rates = step_flops(model.config, vision_trains=setup.vision_trains, resampler_trains=setup.resampler_trains,
-                       llm_trains=setup.llm_trains, lora_params=llm_lora, vision_lora_params=model.vision_lora)
+    rates = step_flops(
+        model.config,
+        vision_trains=setup.vision_trains,
+        resampler_trains=setup.resampler_trains,
+        llm_trains=setup.llm_trains,
+        lora_params=llm_lora,
+        vision_lora_params=model.vision_lora,
+    )
     if setup.reference in ("frozen_copy", "adapter_disabled"):  # a frozen ViT's encoding is the policy's
         policy_vision_frozen = not setup.vision_trains and not model.vision_lora
         rates = rates + forward_flops(model.config, vision=not policy_vision_frozen)
     samples = batch.samples * setup.grad_accum
     flops = rates(samples * tokens, batch.images * setup.grad_accum, samples * tokens**2)
-    plan = Plan(recipe=source, model=model, setup=setup, batch=batch, estimate=est, tokens_per_sample=tokens,
-                images_per_sample=images_per_sample, gpu_mem_gib=gpu_mem_gib, flops_per_step=flops, mfu=mfu,
-                peak_tflops=peak_tflops, budget=choice, notes=notes)
+    plan = Plan(
+        recipe=source,
+        model=model,
+        setup=setup,
+        batch=batch,
+        estimate=est,
+        tokens_per_sample=tokens,
+        images_per_sample=images_per_sample,
+        gpu_mem_gib=gpu_mem_gib,
+        flops_per_step=flops,
+        mfu=mfu,
+        peak_tflops=peak_tflops,
+        budget=choice,
+        notes=notes,
+    )
     budget = gpu_mem_gib * GiB
     if recipe.train.max_forward_tokens is None:
-        plan.largest_micro_batch = largest_fitting(lambda mb: needed_bytes(estimate_for(mb)[1], setup), budget)
+        plan.largest_micro_batch = largest_fitting(
+            lambda mb: needed_bytes(estimate_for(mb)[1], setup), budget
+        )
         return plan
     # Memory follows the forward pass, not the micro-batch: suggest the longest pass of whole rows that fits
     # (in a micro-batch of more rows than that, so gradients persist across passes as they would).
@@ -337,7 +459,9 @@ def make_plan(recipe: Recipe, source: str, gpus: int = 1, gpu_mem_gib: float = D
     row = round(per_row * tokens)
 
     def needed_for_rows(rows: int) -> float:
-        shape = micro_batch_shape(data, (rows + 1) * per_row // group, tokens, images_per_sample, rows * row, group)
+        shape = micro_batch_shape(
+            data, (rows + 1) * per_row // group, tokens, images_per_sample, rows * row, group
+        )
         return needed_bytes(estimate(model.counts, dims, setup, shape), setup)
 
     plan.largest_micro_batch = None
@@ -372,12 +496,16 @@ def _b(n: float) -> str:
 
 def describe_mode(s: Setup) -> str:
     if s.deepspeed:
-        return (f"DeepSpeed {s.mode.upper().replace('ZERO', 'ZeRO-')} over {s.gpus} GPU(s): "
-                f"{'bf16 weights, fp32 master weights' if s.bf16 else 'fp32 weights'}, AdamW states fp32")
+        return (
+            f"DeepSpeed {s.mode.upper().replace('ZERO', 'ZeRO-')} over {s.gpus} GPU(s): "
+            f"{'bf16 weights, fp32 master weights' if s.bf16 else 'fp32 weights'}, AdamW states fp32"
+        )
     where = "DDP" if s.mode == "ddp" else "one process"
     frozen = "bf16 (perf.frozen_bf16)" if s.frozen_bf16 else "fp32"
-    return (f"{where} on {s.gpus} GPU(s): trainable fp32 + AdamW fp32{' under bf16 autocast' if s.bf16 else ''}, "
-            f"frozen {frozen}")
+    return (
+        f"{where} on {s.gpus} GPU(s): trainable fp32 + AdamW fp32{' under bf16 autocast' if s.bf16 else ''}, "
+        f"frozen {frozen}"
+    )
 
 
 def render(plan: Plan) -> str:
@@ -394,12 +522,20 @@ def render(plan: Plan) -> str:
     if b.passes > 1:
         packing += f"; {b.passes} forward passes of {b.pass_tokens:,} tokens (train.max_forward_tokens)"
     what = f"{b.samples // 2} pairs = {b.samples} sequences" if s.reference else f"{b.samples} samples"
-    lines.append(f"{'micro-batch':<34}{what} x {plan.tokens_per_sample:g} tokens = "
-                 f"{b.tokens:,} tokens ({packing}), {b.images:g} images at {plan.model.config.vision.image_size} px")
-    ckpt = (f"{s.checkpointed_layers} of {plan.model.config.text_config['num_hidden_layers']} decoder layers "
-            f"checkpointed" if s.grad_checkpointing else "no activation checkpointing")
-    lines.append(f"{'activations':<34}{ckpt}; loss {s.loss_impl}; attention {s.attention}"
-                 f"{'; liger kernels' if s.liger_kernels else ''}")
+    lines.append(
+        f"{'micro-batch':<34}{what} x {plan.tokens_per_sample:g} tokens = "
+        f"{b.tokens:,} tokens ({packing}), {b.images:g} images at {plan.model.config.vision.image_size} px"
+    )
+    ckpt = (
+        f"{s.checkpointed_layers} of {plan.model.config.text_config['num_hidden_layers']} decoder layers "
+        f"checkpointed"
+        if s.grad_checkpointing
+        else "no activation checkpointing"
+    )
+    lines.append(
+        f"{'activations':<34}{ckpt}; loss {s.loss_impl}; attention {s.attention}"
+        f"{'; liger kernels' if s.liger_kernels else ''}"
+    )
     if plan.budget is not None:
         lines.append(f"{'':<34}{plan.budget.line}")
     lines += ["", f"{'memory':<34}{'GiB':>8}"]
@@ -409,25 +545,41 @@ def render(plan: Plan) -> str:
     lines.append("  allocated during the step:")
     for phase, value in est.phases.items():
         lines.append(f"    {phase:<30}{_gib(value):>8}" + ("  <- peak" if phase == est.peak_phase else ""))
-    lines.append(f"{'peak of a step':<34}{_gib(est.peak):>8}  (at {est.peak_phase}; torch.cuda.max_memory_allocated)")
+    lines.append(
+        f"{'peak of a step':<34}{_gib(est.peak):>8}  (at {est.peak_phase}; torch.cuda.max_memory_allocated)"
+    )
     if est.startup > est.peak:
-        why = ("the whole bf16 model on each GPU before ZeRO-3 partitions it" if s.zero3_built_whole
-               else "the weights and the largest export shard being read")
+        why = (
+            "the whole bf16 model on each GPU before ZeRO-3 partitions it"
+            if s.zero3_built_whole
+            else "the weights and the largest export shard being read"
+        )
         lines.append(f"{'peak while building the model':<34}{_gib(est.startup):>8}  ({why})")
-    lines.append(f"{'+ allowance':<34}{_gib(plan.allowance):>8}  (CUDA context and NCCL, "
-                 f"{ALLOCATOR_SLACK:.0%} allocator slack)")
+    lines.append(
+        f"{'+ allowance':<34}{_gib(plan.allowance):>8}  (CUDA context and NCCL, "
+        f"{ALLOCATOR_SLACK:.0%} allocator slack)"
+    )
     verdict = "fits" if plan.fits else "DOES NOT FIT"
     lines.append(f"{'needed / --gpu-mem':<34}{_gib(plan.needed):>8} / {plan.gpu_mem_gib:g}  {verdict}")
     if plan.largest_forward_tokens is not None:
-        lines.append(f"{'largest forward pass that fits':<34}{plan.largest_forward_tokens:>8}  tokens (whole rows, "
-                     f"train.max_forward_tokens; the micro-batch itself does not bound memory)")
+        lines.append(
+            f"{'largest forward pass that fits':<34}{plan.largest_forward_tokens:>8}  tokens (whole rows, "
+            f"train.max_forward_tokens; the micro-batch itself does not bound memory)"
+        )
     else:
         lines.append(f"{'largest micro-batch that fits':<34}{plan.largest_micro_batch:>8}")
     if not (plan.largest_micro_batch or plan.largest_forward_tokens):
-        lines.append(f"{'':<34}not even one row fits: shorter rows, more checkpointed layers, more GPUs or ZeRO-3")
-    lines += ["", f"{'FLOPs per step (train/flops.py)':<34}{plan.flops_per_step:.3e} per GPU  "
-                  f"({s.grad_accum} micro-batch(es) of {what})"]
-    lines.append(f"{'step time':<34}{plan.step_time:.3g} s at {plan.mfu:.0%} MFU of {plan.peak_tflops:g} TFLOP/s")
+        lines.append(
+            f"{'':<34}not even one row fits: shorter rows, more checkpointed layers, more GPUs or ZeRO-3"
+        )
+    lines += [
+        "",
+        f"{'FLOPs per step (train/flops.py)':<34}{plan.flops_per_step:.3e} per GPU  "
+        f"({s.grad_accum} micro-batch(es) of {what})",
+    ]
+    lines.append(
+        f"{'step time':<34}{plan.step_time:.3g} s at {plan.mfu:.0%} MFU of {plan.peak_tflops:g} TFLOP/s"
+    )
     per_gpu = plan.tokens_per_step / plan.step_time
     lines.append(f"{'tokens/s':<34}{per_gpu:,.0f} per GPU, {per_gpu * s.gpus:,.0f} over {s.gpus} GPU(s)")
     if plan.notes:
@@ -462,30 +614,52 @@ def to_json(plan: Plan) -> dict[str, Any]:
         "peak_tflops": plan.peak_tflops,
         "step_time_s": plan.step_time,
         "tokens_per_s_per_gpu": plan.tokens_per_step / plan.step_time,
-        "memory_budget": None if plan.budget is None else {**dataclasses.asdict(plan.budget), "line": plan.budget.line},
+        "memory_budget": None
+        if plan.budget is None
+        else {**dataclasses.asdict(plan.budget), "line": plan.budget.line},
         "notes": plan.notes,
     }
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m train.plan") -> None:
-    p = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                       examples=["recipes/sft_lora.yaml model.init_from=ckpt/qwen-vl-chat --gpus 8 "
-                                 "--tokens-per-sample 600",
-                                 "recipes/sft.yaml --gpus 8 --gpu-mem 80 --json"])
+    p = ArgumentParser(
+        prog=prog,
+        description=__doc__.split("\n\n")[0],
+        examples=[
+            "recipes/sft_lora.yaml model.init_from=ckpt/qwen-vl-chat --gpus 8 --tokens-per-sample 600",
+            "recipes/sft.yaml --gpus 8 --gpu-mem 80 --json",
+        ],
+    )
     p.add_argument("recipe", help="recipe YAML (see recipes/)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, as for python -m train")
     p.add_argument("--gpus", type=int, default=1, help="GPUs (parallel.mode auto: DDP when more than one)")
-    p.add_argument("--gpu-mem", type=float, default=DEFAULT_GPU_MEM_GIB, help="GiB per GPU (default 80, an H100)")
+    p.add_argument(
+        "--gpu-mem", type=float, default=DEFAULT_GPU_MEM_GIB, help="GiB per GPU (default 80, an H100)"
+    )
     p.add_argument("--mfu", type=float, default=0.35, help="assumed model-FLOP utilisation for the step time")
-    p.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS, help="dense bf16 peak of one GPU")
-    p.add_argument("--tokens-per-sample", type=float, default=None,
-                   help="average tokens per sample (default data.max_len: every sample at the limit)")
+    p.add_argument(
+        "--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS, help="dense bf16 peak of one GPU"
+    )
+    p.add_argument(
+        "--tokens-per-sample",
+        type=float,
+        default=None,
+        help="average tokens per sample (default data.max_len: every sample at the limit)",
+    )
     p.add_argument("--images-per-sample", type=float, default=1.0, help="average images per sample")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     a = p.parse_intermixed_args(argv)
     recipe = load_recipe(a.recipe, a.overrides)
-    plan = make_plan(recipe, a.recipe, gpus=a.gpus, gpu_mem_gib=a.gpu_mem, tokens_per_sample=a.tokens_per_sample,
-                     images_per_sample=a.images_per_sample, mfu=a.mfu, peak_tflops=a.peak_tflops)
+    plan = make_plan(
+        recipe,
+        a.recipe,
+        gpus=a.gpus,
+        gpu_mem_gib=a.gpu_mem,
+        tokens_per_sample=a.tokens_per_sample,
+        images_per_sample=a.images_per_sample,
+        mfu=a.mfu,
+        peak_tflops=a.peak_tflops,
+    )
     print(json.dumps(to_json(plan), indent=2) if a.json else render(plan), file=sys.stdout)
 
 

@@ -89,8 +89,10 @@ class Row:
     def where(self) -> str:
         est = self.plan.estimate
         if self.run.superseded:
-            return (f"{self.run.superseded}: {self.explained_gib:.1f} GiB "
-                    f"({percent(self.explained_gib / self.run.measured_gib - 1)})")
+            return (
+                f"{self.run.superseded}: {self.explained_gib:.1f} GiB "
+                f"({percent(self.explained_gib / self.run.measured_gib - 1)})"
+            )
         if self.run.kind == "build":
             return "building the model"
         if self.run.kind == "trainer" and est.startup > est.peak:
@@ -105,11 +107,26 @@ def calibrate(measurements: list[Measurement] = MEASUREMENTS) -> list[Row]:
     for run in measurements:
         pinned = ["train.memory_budget=null", *BEFORE_THE_BUDGET.get(run.recipe, ())]
         recipe = load_recipe(REPO / run.recipe, [*pinned, *run.overrides])
-        key = repr((recipe.model, recipe.freeze, recipe.lora, recipe.quantization, recipe.optim, recipe.data.image_size))
+        key = repr(
+            (
+                recipe.model,
+                recipe.freeze,
+                recipe.lora,
+                recipe.quantization,
+                recipe.optim,
+                recipe.data.image_size,
+            )
+        )
         if key not in models:
             models[key] = plan_model(recipe, run.recipe)
-        plan = make_plan(recipe, run.recipe, gpus=run.gpus, tokens_per_sample=run.tokens_per_sample,
-                         images_per_sample=run.images_per_sample, model=models[key])
+        plan = make_plan(
+            recipe,
+            run.recipe,
+            gpus=run.gpus,
+            tokens_per_sample=run.tokens_per_sample,
+            images_per_sample=run.images_per_sample,
+            model=models[key],
+        )
         rows.append(Row(run, plan))
     return rows
 
@@ -119,10 +136,15 @@ def percent(x: float) -> str:
 
 
 def markdown(rows: list[Row]) -> str:
-    lines = ["| run | measured GiB | planned GiB | error | planned peak at | source |", "|---|---:|---:|---:|---|---|"]
+    lines = [
+        "| run | measured GiB | planned GiB | error | planned peak at | source |",
+        "|---|---:|---:|---:|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r.run.name} | {r.run.measured_gib:.1f} ({r.run.kind}) | {r.planned_gib:.1f} | "
-                     f"{percent(r.error)} | {r.where} | {r.run.source} |")
+        lines.append(
+            f"| {r.run.name} | {r.run.measured_gib:.1f} ({r.run.kind}) | {r.planned_gib:.1f} | "
+            f"{percent(r.error)} | {r.where} | {r.run.source} |"
+        )
     return "\n".join(lines)
 
 

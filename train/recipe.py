@@ -132,7 +132,9 @@ class TrainSection:
     max_bad_steps: int = 10  # abort after this many skipped non-finite steps
     # Recorded in the export (eval picks ChatML after sft and dpo); dpo trains on preference pairs (`preference`).
     stage: Literal["pretrain", "multitask", "sft", "dpo"] = "pretrain"
-    stop_after_steps: int | None = None  # end the run early (tests of resume); the schedule still uses `steps`
+    stop_after_steps: int | None = (
+        None  # end the run early (tests of resume); the schedule still uses `steps`
+    )
     # Run a micro-batch as several forward/backward passes of whole rows of at most this many tokens: bounds
     # activation memory whatever the samples' lengths (16 x 2048-token samples = 4 passes of 8192), while
     # short samples still fill a pass. The loss is that of the whole step. None = one pass per micro-batch.
@@ -148,8 +150,9 @@ class TrainSection:
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of 'train.steps' and 'train.epochs'")
         if isinstance(self.memory_budget, float) and self.memory_budget <= 0:
-            raise ValueError(f"'train.memory_budget' must be a positive number of GiB or auto, "
-                             f"got {self.memory_budget:g}")
+            raise ValueError(
+                f"'train.memory_budget' must be a positive number of GiB or auto, got {self.memory_budget:g}"
+            )
         for name in ("micro_batch", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"'train.{name}' must be >= 1")
@@ -194,7 +197,9 @@ class PerfSection:
     switch on where it runs (CUDA, the package importable, a supported decoder) and off elsewhere, with
     one log line saying why."""
 
-    loss_impl: Literal["torch", "chunked", "liger", "auto"] = "torch"  # models.loss; auto = liger on CUDA, else chunked
+    loss_impl: Literal["torch", "chunked", "liger", "auto"] = (
+        "torch"  # models.loss; auto = liger on CUDA, else chunked
+    )
     # Decoder attention. varlen (torch flash varlen, sample boundaries shipped by the collator) and
     # flex_attention confine attention to each packed sample without a dense mask; training only.
     attention: Literal["sdpa", "flex_attention", "varlen"] = "sdpa"
@@ -282,7 +287,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return recipe_from_dict(_read_with_extends(path, seen=()), source=str(path), overrides=overrides)
 
 
-def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>", overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+def recipe_from_dict(
+    raw: dict[str, Any], source: str = "<dict>", overrides: list[str] | tuple[str, ...] = ()
+) -> Recipe:
     """Validate a plain dict (already merged), after ``key.sub=value`` overrides, into a Recipe."""
     raw = copy.deepcopy(raw)
     for item in overrides:
@@ -414,9 +421,11 @@ def parse_override(tp: Any, text: str, item: str) -> Any:
             return text  # an unknown key: the validation names it, whatever its value
         problem = getattr(e, "problem", None) or "not valid YAML"
         key = item.partition("=")[0]
-        raise RecipeError(f"override {item!r}: cannot read {text!r} as {_type_text(tp)} ({problem}); write "
-                          "it as YAML and quote the whole override for the shell, e.g. "
-                          f"'{key}={_example(tp)}'") from e
+        raise RecipeError(
+            f"override {item!r}: cannot read {text!r} as {_type_text(tp)} ({problem}); write "
+            "it as YAML and quote the whole override for the shell, e.g. "
+            f"'{key}={_example(tp)}'"
+        ) from e
 
 
 def _type_text(tp: Any) -> str:
@@ -444,9 +453,11 @@ def _string_item(text: str, item: str) -> str:
             value = None
         if isinstance(value, str):
             return value
-        raise RecipeError(f"override {item!r}: {text} is not a valid quoted string; inside double quotes "
-                          'write \\" for a quote, e.g. key="runs/a \\"b\\"" (or leave the quotes off: the '
-                          "text is kept)")
+        raise RecipeError(
+            f"override {item!r}: {text} is not a valid quoted string; inside double quotes "
+            'write \\" for a quote, e.g. key="runs/a \\"b\\"" (or leave the quotes off: the '
+            "text is kept)"
+        )
     return text
 
 
@@ -469,10 +480,12 @@ def _split_top_level(inner: str, item: str) -> list[str]:
         current.append(char)
     if quote or open_brackets:
         key = item.partition("=")[0]
-        raise RecipeError(f"override {item!r}: an unclosed {quote or open_brackets[-1]} in the list; quote "
-                          "each item that holds a comma, bracket or quote, and the whole override for the "
-                          "shell, e.g. "
-                          f"'{key}=[\"runs/a,b.json\", c.json]'")
+        raise RecipeError(
+            f"override {item!r}: an unclosed {quote or open_brackets[-1]} in the list; quote "
+            "each item that holds a comma, bracket or quote, and the whole override for the "
+            "shell, e.g. "
+            f"'{key}=[\"runs/a,b.json\", c.json]'"
+        )
     last = "".join(current).strip()
     if last:
         parts.append(last)  # (an empty last item is YAML's trailing comma: [a, b,])
@@ -623,8 +636,10 @@ def _check_consistency(recipe: Recipe) -> None:
         raise ValueError("4-bit Q-LoRA cannot be sharded by ZeRO-3; use ddp or zero2")
     d = recipe.data
     if d.pack_len is not None and d.pack_len > d.max_len and recipe.perf.attention == "sdpa":
-        raise ValueError(f"'data.pack_len' > 'data.max_len' with 'perf.attention: sdpa' builds a dense "
-                         f"{d.pack_len}x{d.pack_len} mask per row; use varlen or flex_attention")
+        raise ValueError(
+            f"'data.pack_len' > 'data.max_len' with 'perf.attention: sdpa' builds a dense "
+            f"{d.pack_len}x{d.pack_len} mask per row; use varlen or flex_attention"
+        )
     if recipe.lora.vision_targets and recipe.freeze.vision == "train":
         raise ValueError("'lora.vision_targets' adapts a frozen vision tower; set 'freeze.vision: frozen'")
     if recipe.train.stage == "dpo":
@@ -637,10 +652,14 @@ def _check_preference(recipe: Recipe) -> None:
     if p.reference == "adapter_disabled" and not recipe.lora.enabled:
         raise ValueError("'preference.reference: adapter_disabled' needs 'lora.enabled: true'")
     if p.reference == "frozen_copy" and recipe.lora.enabled:
-        raise ValueError("with LoRA the reference is the network with its adapter off: use "
-                         "'preference.reference: adapter_disabled' (no second copy) or precomputed")
+        raise ValueError(
+            "with LoRA the reference is the network with its adapter off: use "
+            "'preference.reference: adapter_disabled' (no second copy) or precomputed"
+        )
     if d.streaming:
         raise ValueError("'train.stage: dpo' reads preference pairs map-style; set 'data.streaming: false'")
     if d.packing and d.row_len < 2 * d.max_len:
-        raise ValueError(f"with 'train.stage: dpo' a packed row holds both sequences of a pair: set "
-                         f"'data.pack_len' >= 2 x 'data.max_len' ({2 * d.max_len})")
+        raise ValueError(
+            f"with 'train.stage: dpo' a packed row holds both sequences of a pair: set "
+            f"'data.pack_len' >= 2 x 'data.max_len' ({2 * d.max_len})"
+        )

@@ -19,11 +19,18 @@ from train.recipe import load_recipe
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m train") -> None:
-    parser = ArgumentParser(prog=prog, description=__doc__,
-                            examples=["recipes/sft_lora.yaml model.init_from=ckpt/qwen-vl-chat "
-                                      '"data.paths=[my_data.json]" checkpoint.out_dir=runs/my_lora'])
+    parser = ArgumentParser(
+        prog=prog,
+        description=__doc__,
+        examples=[
+            "recipes/sft_lora.yaml model.init_from=ckpt/qwen-vl-chat "
+            '"data.paths=[my_data.json]" checkpoint.out_dir=runs/my_lora'
+        ],
+    )
     parser.add_argument("recipe", help="recipe YAML (see recipes/)")
-    parser.add_argument("overrides", nargs="*", default=[], help="section.key=value overrides, e.g. optim.lr=1e-4")
+    parser.add_argument(
+        "overrides", nargs="*", default=[], help="section.key=value overrides, e.g. optim.lr=1e-4"
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     args = parser.parse_args(argv)

@@ -16,8 +16,9 @@ from data.images import ImageLoadError, decode_image
 PATHS_PER_TASK = 64  # paths per thread-pool task: amortises the pool's per-task cost on cheap stat() calls
 
 
-def check_image_batch(paths: list[str], decode: bool,
-                      image_size: int | None = None) -> list[tuple[str, str, str]]:
+def check_image_batch(
+    paths: list[str], decode: bool, image_size: int | None = None
+) -> list[tuple[str, str, str]]:
     """(path, problem kind, message) for the bad images among ``paths``; ``image_size``: as in training."""
     bad = []
     for path in paths:
@@ -33,13 +34,16 @@ def check_image_batch(paths: list[str], decode: bool,
     return bad
 
 
-def check_images(paths: list[str], decode: bool, threads: int, progress: bool = False,
-                 image_size: int | None = None) -> dict[str, tuple[str, str]]:
+def check_images(
+    paths: list[str], decode: bool, threads: int, progress: bool = False, image_size: int | None = None
+) -> dict[str, tuple[str, str]]:
     """Check ``paths`` in parallel; returns {bad path: (problem kind, message)}."""
     batches = [paths[i : i + PATHS_PER_TASK] for i in range(0, len(paths), PATHS_PER_TASK)]
     bad: dict[str, tuple[str, str]] = {}
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool, \
-            tqdm(total=len(paths), desc="data.check images", unit="img", disable=not progress) as bar:
+    with (
+        ThreadPoolExecutor(max_workers=max(1, threads)) as pool,
+        tqdm(total=len(paths), desc="data.check images", unit="img", disable=not progress) as bar,
+    ):
         found_per_batch = pool.map(lambda b: check_image_batch(b, decode, image_size), batches)
         for batch, found in zip(batches, found_per_batch):
             bar.update(len(batch))

@@ -28,30 +28,61 @@ class Problem:
     meaning: str
 
 
-PROBLEMS: dict[str, Problem] = {p.kind: p for p in (
-    Problem("invalid_record", True, "training refuses the record: malformed JSON, a bad role or field, an unknown "
-                                    "task, an image whose size a pixel box needs that cannot be read"),
-    Problem("malformed_img_tag", True, "an <img> tag unclosed, nested, stray or without a path"),
-    Problem("image_count_mismatch", True, "<image> placeholders differ in number from the record's images"),
-    Problem("bad_box", True, "a <box> or <quad> malformed, with coordinates outside [0, 1000) or corners "
-                             "out of order"),
-    Problem("malformed_grounding_tag", True,
-            "<ref>/<box>/<quad> tags unclosed, nested or stray (a prompt may end with an open <box>)"),
-    Problem("control_token_in_text", True, f"text holds {IMG_PAD}, {IM_START} or {IM_END}: it would break the "
-                                           "image slots or the ChatML turns"),
-    Problem("no_supervised_tokens", True, "no token of the sample is supervised: it adds nothing to the loss"),
-    Problem("dropped_too_long", True,
-            "nothing supervised fits in max_len without cutting an image span: training drops the sample"),
-    # Found by the image part, counted by file, judged against data.max_bad_images (see report.py).
-    Problem("missing_image", True, "an image file that does not exist"),
-    Problem("undecodable_image", True, "an image file that cannot be decoded, or over the pixel cap"),
-    Problem("truncated", False, "longer than max_len: training cuts it (never inside an image span)"),
-    Problem("image_span_cut", False,
-            "max_len falls inside an image span: training drops that image and everything after it"),
-    Problem("duplicate", False, "the same tokens and images as an earlier sample"),
-    Problem("empty_answer", False, "an assistant answer is empty (or only white space): training skips the sample "
-                                   "(counted as dropped_empty_answer)"),
-)}
+PROBLEMS: dict[str, Problem] = {
+    p.kind: p
+    for p in (
+        Problem(
+            "invalid_record",
+            True,
+            "training refuses the record: malformed JSON, a bad role or field, an unknown "
+            "task, an image whose size a pixel box needs that cannot be read",
+        ),
+        Problem("malformed_img_tag", True, "an <img> tag unclosed, nested, stray or without a path"),
+        Problem(
+            "image_count_mismatch", True, "<image> placeholders differ in number from the record's images"
+        ),
+        Problem(
+            "bad_box",
+            True,
+            "a <box> or <quad> malformed, with coordinates outside [0, 1000) or corners out of order",
+        ),
+        Problem(
+            "malformed_grounding_tag",
+            True,
+            "<ref>/<box>/<quad> tags unclosed, nested or stray (a prompt may end with an open <box>)",
+        ),
+        Problem(
+            "control_token_in_text",
+            True,
+            f"text holds {IMG_PAD}, {IM_START} or {IM_END}: it would break the "
+            "image slots or the ChatML turns",
+        ),
+        Problem(
+            "no_supervised_tokens", True, "no token of the sample is supervised: it adds nothing to the loss"
+        ),
+        Problem(
+            "dropped_too_long",
+            True,
+            "nothing supervised fits in max_len without cutting an image span: training drops the sample",
+        ),
+        # Found by the image part, counted by file, judged against data.max_bad_images (see report.py).
+        Problem("missing_image", True, "an image file that does not exist"),
+        Problem("undecodable_image", True, "an image file that cannot be decoded, or over the pixel cap"),
+        Problem("truncated", False, "longer than max_len: training cuts it (never inside an image span)"),
+        Problem(
+            "image_span_cut",
+            False,
+            "max_len falls inside an image span: training drops that image and everything after it",
+        ),
+        Problem("duplicate", False, "the same tokens and images as an earlier sample"),
+        Problem(
+            "empty_answer",
+            False,
+            "an assistant answer is empty (or only white space): training skips the sample "
+            "(counted as dropped_empty_answer)",
+        ),
+    )
+}
 IMAGE_PROBLEMS = ("missing_image", "undecodable_image")
 
 # Tokens no record text may hold: the renderer places them, and a stray one shifts image slots or turns.
@@ -63,8 +94,12 @@ def classify(error: BaseException) -> str:
     # An image that had to be read to tokenise (pixel boxes without a size) and could not be: the record
     # cannot be rendered, and training stops on it, so it is an invalid record (ImageLoadError: the default).
     while error is not None:  # DataFormatError wraps the original exception (raise ... from e)
-        for cls, kind in ((ImageTagError, "malformed_img_tag"), (BoxError, "bad_box"),
-                          (GroundingTagError, "malformed_grounding_tag"), (ImageCountError, "image_count_mismatch")):
+        for cls, kind in (
+            (ImageTagError, "malformed_img_tag"),
+            (BoxError, "bad_box"),
+            (GroundingTagError, "malformed_grounding_tag"),
+            (ImageCountError, "image_count_mismatch"),
+        ):
             if isinstance(error, cls):
                 return kind
         error = error.__cause__

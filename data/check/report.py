@@ -41,9 +41,14 @@ class CheckReport:
         """One line: the verdict and its reasons."""
         r = self.report["result"]
         verdict = "passed" if r["passed"] else "failed"
-        reasons = "; ".join(r["failures"]) if r["failures"] else (
-            f"{r['error_records']:,} of {self.report['records']:,} records with errors "
-            f"(threshold {100 * r['max_error_fraction']:.3g}%)")
+        reasons = (
+            "; ".join(r["failures"])
+            if r["failures"]
+            else (
+                f"{r['error_records']:,} of {self.report['records']:,} records with errors "
+                f"(threshold {100 * r['max_error_fraction']:.3g}%)"
+            )
+        )
         return f"data check ({self.report['check']['mode']}) {verdict}: {reasons}"
 
     def first_error(self) -> str | None:
@@ -65,26 +70,42 @@ class CheckReport:
         written[0].write_text(json.dumps(self.report, indent=2) + "\n")
         written[1].write_text(self.text() + "\n")
         if plot:
-            written.append(plot_lengths(self.full_lengths, self.report["data"]["max_len"],
-                                        out / f"{REPORT_NAME}_lengths.png"))
+            written.append(
+                plot_lengths(
+                    self.full_lengths, self.report["data"]["max_len"], out / f"{REPORT_NAME}_lengths.png"
+                )
+            )
         return written
 
 
-def build_report(totals: Totals, config: DataConfig, options: CheckOptions, num_image_tokens: int,
-                 images_checked: int, bad_image_samples: int, seconds: dict[str, float],
-                 workers: int) -> CheckReport:
+def build_report(
+    totals: Totals,
+    config: DataConfig,
+    options: CheckOptions,
+    num_image_tokens: int,
+    images_checked: int,
+    bad_image_samples: int,
+    seconds: dict[str, float],
+    workers: int,
+) -> CheckReport:
     full = np.frombuffer(totals.full_len, dtype=np.int32) if len(totals.full_len) else np.zeros(0, np.int32)
     kept = np.frombuffer(totals.kept_len, dtype=np.int32) if len(totals.kept_len) else np.zeros(0, np.int32)
-    supervised = int(np.sum(np.frombuffer(totals.supervised, dtype=np.int32), dtype=np.int64)) if len(kept) else 0
+    supervised = (
+        int(np.sum(np.frombuffer(totals.supervised, dtype=np.int32), dtype=np.int64)) if len(kept) else 0
+    )
     used = int(kept.sum(dtype=np.int64))
     error_fraction = totals.error_records / totals.records
     failures = []
     if error_fraction > options.max_error_fraction:
-        failures.append(f"{totals.error_records:,} of {totals.records:,} records ({100 * error_fraction:.3g}%) "
-                        f"have errors, more than {100 * options.max_error_fraction:.3g}% allowed")
+        failures.append(
+            f"{totals.error_records:,} of {totals.records:,} records ({100 * error_fraction:.3g}%) "
+            f"have errors, more than {100 * options.max_error_fraction:.3g}% allowed"
+        )
     if bad_image_samples > config.max_bad_images:
-        failures.append(f"{bad_image_samples:,} samples reference a missing or undecodable image; "
-                        f"data.max_bad_images={config.max_bad_images} lets training skip that many")
+        failures.append(
+            f"{bad_image_samples:,} samples reference a missing or undecodable image; "
+            f"data.max_bad_images={config.max_bad_images} lets training skip that many"
+        )
     problems = {}
     for kind, problem in PROBLEMS.items():
         if totals.problems[kind]:
@@ -96,12 +117,24 @@ def build_report(totals: Totals, config: DataConfig, options: CheckOptions, num_
                 "examples": [{"where": w, "message": m} for w, m in totals.examples.get(kind, [])],
             }
     report = {
-        "data": {"paths": list(config.paths), "format": config.format, "streaming": config.streaming,
-                 "max_len": config.max_len, "packing": config.packing, "pack_len": config.pack_len,
-                 "assistant_only": config.assistant_only, "image_root": config.image_root,
-                 "max_bad_images": config.max_bad_images, "num_image_tokens": num_image_tokens},
-        "check": {"mode": options.mode, "limit": options.limit, "image_sample": options.image_sample,
-                  "workers": workers},
+        "data": {
+            "paths": list(config.paths),
+            "format": config.format,
+            "streaming": config.streaming,
+            "max_len": config.max_len,
+            "packing": config.packing,
+            "pack_len": config.pack_len,
+            "assistant_only": config.assistant_only,
+            "image_root": config.image_root,
+            "max_bad_images": config.max_bad_images,
+            "num_image_tokens": num_image_tokens,
+        },
+        "check": {
+            "mode": options.mode,
+            "limit": options.limit,
+            "image_sample": options.image_sample,
+            "workers": workers,
+        },
         "records": totals.records,
         "samples": len(full),
         "formats": dict(totals.formats.most_common()),
@@ -116,15 +149,27 @@ def build_report(totals: Totals, config: DataConfig, options: CheckOptions, num_
         },
         "batches": batch_padding(kept, config, options.micro_batch),
         "problems": problems,
-        "images": {"distinct": len(totals.image_ids), "checked": images_checked,
-                   "how": "decoded" if options.mode == "full" else "exists",
-                   "samples_with_bad_images": bad_image_samples},
-        "result": {"passed": not failures, "failures": failures, "error_records": totals.error_records,
-                   "error_fraction": error_fraction, "max_error_fraction": options.max_error_fraction},
-        "timing": {"text_seconds": round(seconds["text"], 3),
-                   "records_per_second": round(totals.records / max(seconds["text"], 1e-9)),
-                   "image_seconds": round(seconds["images"], 3),
-                   "images_per_second": round(images_checked / max(seconds["images"], 1e-9)) if images_checked else None},
+        "images": {
+            "distinct": len(totals.image_ids),
+            "checked": images_checked,
+            "how": "decoded" if options.mode == "full" else "exists",
+            "samples_with_bad_images": bad_image_samples,
+        },
+        "result": {
+            "passed": not failures,
+            "failures": failures,
+            "error_records": totals.error_records,
+            "error_fraction": error_fraction,
+            "max_error_fraction": options.max_error_fraction,
+        },
+        "timing": {
+            "text_seconds": round(seconds["text"], 3),
+            "records_per_second": round(totals.records / max(seconds["text"], 1e-9)),
+            "image_seconds": round(seconds["images"], 3),
+            "images_per_second": round(images_checked / max(seconds["images"], 1e-9))
+            if images_checked
+            else None,
+        },
     }
     return CheckReport(report, full)
 
@@ -133,8 +178,15 @@ def _distribution(lengths: np.ndarray) -> dict[str, float]:
     if not len(lengths):
         return {"samples": 0}
     p50, p90, p99 = np.percentile(lengths, [50, 90, 99])
-    return {"samples": len(lengths), "total": int(lengths.sum(dtype=np.int64)), "mean": round(float(lengths.mean()), 1),
-            "p50": int(p50), "p90": int(p90), "p99": int(p99), "max": int(lengths.max())}
+    return {
+        "samples": len(lengths),
+        "total": int(lengths.sum(dtype=np.int64)),
+        "mean": round(float(lengths.mean()), 1),
+        "p50": int(p50),
+        "p90": int(p90),
+        "p99": int(p99),
+        "max": int(lengths.max()),
+    }
 
 
 def length_histogram(lengths: np.ndarray, max_len: int) -> list[dict[str, int]]:
@@ -162,8 +214,12 @@ def batch_padding(kept: np.ndarray, config: DataConfig, micro_batch: int) -> dic
     if not len(kept) or not kept.any():
         return out
     lengths = np.minimum(kept, config.max_len)
-    sampler = ResumableSampler(len(kept), seed=config.seed, shuffle=config.shuffle,
-                               lengths=lengths.tolist() if config.group_by_length else None)
+    sampler = ResumableSampler(
+        len(kept),
+        seed=config.seed,
+        shuffle=config.shuffle,
+        lengths=lengths.tolist() if config.group_by_length else None,
+    )
     order = sampler.epoch_order(0)
     row_len = config.row_len
     slots = 0
@@ -218,32 +274,50 @@ def render_text(r: dict[str, Any]) -> str:
     ]
     b = t["before_truncation"]
     if b["samples"]:
-        lines.append(f"tokens per sample before truncation: mean {b['mean']}, p50 {b['p50']}, p90 {b['p90']}, "
-                     f"p99 {b['p99']}, max {b['max']}")
+        lines.append(
+            f"tokens per sample before truncation: mean {b['mean']}, p50 {b['p50']}, p90 {b['p90']}, "
+            f"p99 {b['p99']}, max {b['max']}"
+        )
         lines += _histogram_lines(t["histogram"], d["max_len"])
-        lines.append(f"supervised: {100 * t['supervised_fraction']:.1f}% of the {t['used']:,} tokens training "
-                     f"uses ({t['supervised']:,})")
+        lines.append(
+            f"supervised: {100 * t['supervised_fraction']:.1f}% of the {t['used']:,} tokens training "
+            f"uses ({t['supervised']:,})"
+        )
     batches = r["batches"]
     if "padding_fraction" in batches:
-        lines.append(f"batches of {batches['micro_batch']} (epoch-0 order, one rank): "
-                     f"{100 * batches['padding_fraction']:.1f}% of {batches['token_slots']:,} token slots are padding")
+        lines.append(
+            f"batches of {batches['micro_batch']} (epoch-0 order, one rank): "
+            f"{100 * batches['padding_fraction']:.1f}% of {batches['token_slots']:,} token slots are padding"
+        )
     im = r["images"]
-    lines.append(f"images: {im['distinct']:,} distinct, {im['checked']:,} checked ({im['how']}), "
-                 f"{im['samples_with_bad_images']:,} samples reference a bad one")
+    lines.append(
+        f"images: {im['distinct']:,} distinct, {im['checked']:,} checked ({im['how']}), "
+        f"{im['samples_with_bad_images']:,} samples reference a bad one"
+    )
     if r["problems"]:
         lines.append("problems:")
         for kind, p in r["problems"].items():
-            lines.append(f"  {p['severity']:<7} {kind:<24} {p['count']:>10,} {p['counts']:<11} {p['meaning']}")
+            lines.append(
+                f"  {p['severity']:<7} {kind:<24} {p['count']:>10,} {p['counts']:<11} {p['meaning']}"
+            )
             lines += [f"            {e['where']}: {e['message']}" for e in p["examples"]]
     else:
         lines.append("problems: none")
     tm = r["timing"]
-    rate = f"; images {tm['image_seconds']:.1f} s ({tm['images_per_second']:,}/s)" if tm["images_per_second"] else ""
-    lines.append(f"time: text {tm['text_seconds']:.1f} s ({tm['records_per_second']:,} records/s, "
-                 f"{r['check']['workers']} workers){rate}")
+    rate = (
+        f"; images {tm['image_seconds']:.1f} s ({tm['images_per_second']:,}/s)"
+        if tm["images_per_second"]
+        else ""
+    )
+    lines.append(
+        f"time: text {tm['text_seconds']:.1f} s ({tm['records_per_second']:,} records/s, "
+        f"{r['check']['workers']} workers){rate}"
+    )
     res = r["result"]
-    lines.append(("PASSED" if res["passed"] else "FAILED") + f": {res['error_records']:,} records with errors "
-                 f"({100 * res['error_fraction']:.3g}%, threshold {100 * res['max_error_fraction']:.3g}%)")
+    lines.append(
+        ("PASSED" if res["passed"] else "FAILED") + f": {res['error_records']:,} records with errors "
+        f"({100 * res['error_fraction']:.3g}%, threshold {100 * res['max_error_fraction']:.3g}%)"
+    )
     lines += [f"  - {f}" for f in res["failures"]]
     return "\n".join(lines)
 

@@ -32,9 +32,13 @@ SMALL_INPUT_BYTES = 16 << 20  # below this, worker processes cost more to start 
 
 @dataclass
 class CheckOptions:
-    mode: str = "fast"  # fast: records, tokens, tags, truncation, duplicates, images exist; full: + images decode
+    mode: str = (
+        "fast"  # fast: records, tokens, tags, truncation, duplicates, images exist; full: + images decode
+    )
     max_error_fraction: float = 0.001  # fail when more records than this have an error
-    workers: int | None = None  # processes for the text part; None: one per core (at most 8), 1 for small input
+    workers: int | None = (
+        None  # processes for the text part; None: one per core (at most 8), 1 for small input
+    )
     image_threads: int = 16
     image_sample: int | None = None  # check only this many distinct images, drawn at random
     limit: int | None = None  # read only the first N records
@@ -87,7 +91,9 @@ class Totals:
             if first is None:
                 self.first_seen[digest] = where
             else:
-                self.add_problem("duplicate", 1, [(where, f"same tokens and images as {first}")], max_examples)
+                self.add_problem(
+                    "duplicate", 1, [(where, f"same tokens and images as {first}")], max_examples
+                )
 
     def add_problem(self, kind: str, count: int, examples: list[tuple[str, str]], max_examples: int) -> None:
         self.problems[kind] += count
@@ -114,7 +120,11 @@ def check_data(config: DataConfig, tokenizer, num_image_tokens: int, options: Ch
         for result in _map_in_order(scan_chunk, chunks, workers, init_scan, init_args):
             totals.add(result, options.max_examples)
             bar.update(result.records)
-    for where, message, *kind in malformed:  # malformed JSON lines, unusable shard samples: training refuses them
+    for (
+        where,
+        message,
+        *kind,
+    ) in malformed:  # malformed JSON lines, unusable shard samples: training refuses them
         totals.records += 1
         totals.error_records += 1
         totals.add_problem(kind[0] if kind else "invalid_record", 1, [(where, message)], options.max_examples)
@@ -127,13 +137,25 @@ def check_data(config: DataConfig, tokenizer, num_image_tokens: int, options: Ch
     paths = [] if config.format == "webdataset" else list(totals.image_ids)
     if options.image_sample is not None and options.image_sample < len(paths):
         paths = random.Random(0).sample(paths, options.image_sample)
-    bad_images = check_images(paths, decode=options.mode == "full", threads=options.image_threads,
-                              progress=options.progress, image_size=config.image_size)
+    bad_images = check_images(
+        paths,
+        decode=options.mode == "full",
+        threads=options.image_threads,
+        progress=options.progress,
+        image_size=config.image_size,
+    )
     image_seconds = time.perf_counter() - start
     _count_image_problems(totals, bad_images, options.max_examples)
-    return build_report(totals, config, options, num_image_tokens, images_checked=len(paths),
-                        bad_image_samples=_samples_with_bad_images(totals, bad_images),
-                        seconds={"text": text_seconds, "images": image_seconds}, workers=workers)
+    return build_report(
+        totals,
+        config,
+        options,
+        num_image_tokens,
+        images_checked=len(paths),
+        bad_image_samples=_samples_with_bad_images(totals, bad_images),
+        seconds={"text": text_seconds, "images": image_seconds},
+        workers=workers,
+    )
 
 
 def _default_workers(config: DataConfig) -> int:
@@ -142,8 +164,9 @@ def _default_workers(config: DataConfig) -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
-def _map_in_order(fn: Callable, items: Iterable, workers: int, initializer: Callable,
-                  init_args: tuple) -> Iterator:
+def _map_in_order(
+    fn: Callable, items: Iterable, workers: int, initializer: Callable, init_args: tuple
+) -> Iterator:
     """``map(fn, items)`` in ``workers`` processes, in order, with a bounded number of items in flight
     (Pool.imap would read the whole input ahead of the workers)."""
     if workers <= 1:
@@ -152,7 +175,9 @@ def _map_in_order(fn: Callable, items: Iterable, workers: int, initializer: Call
         return
     # spawn, not fork: the parent may hold CUDA state (the trainer) or a tokenizer's thread pool
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=initializer, initargs=init_args) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=initializer, initargs=init_args
+    ) as pool:
         in_flight: deque = deque()
         for item in items:
             in_flight.append(pool.submit(fn, item))

@@ -152,8 +152,9 @@ def scan_chunk(chunk: Chunk) -> ChunkResult:
     return result
 
 
-def measure_sample(sample: TokenizedSample, ctx: ScanContext, where: str, problems: dict[str, str],
-                   result: ChunkResult) -> None:
+def measure_sample(
+    sample: TokenizedSample, ctx: ScanContext, where: str, problems: dict[str, str], result: ChunkResult
+) -> None:
     """What training does with one sample at max_len: its lengths, supervised tokens, truncation."""
     max_len, img_start, img_end = ctx.config.max_len, ctx.builder.img_start, ctx.builder.img_end
     n, supervised = len(sample), sample.num_supervised
@@ -164,8 +165,11 @@ def measure_sample(sample: TokenizedSample, ctx: ScanContext, where: str, proble
         cut, kept_images = span_safe_cut(sample.input_ids, max_len, img_start, img_end)
         problems.setdefault("truncated", f"{n} tokens > max_len={max_len}; cut at {cut}")
         if cut < max_len:
-            problems.setdefault("image_span_cut", f"max_len={max_len} falls inside image "
-                                f"{kept_images + 1} of {len(sample.image_paths)}; it and the rest are dropped")
+            problems.setdefault(
+                "image_span_cut",
+                f"max_len={max_len} falls inside image "
+                f"{kept_images + 1} of {len(sample.image_paths)}; it and the rest are dropped",
+            )
         kept = truncate_span_safe(sample, max_len, img_start, img_end)
         if kept is None:
             kept_len = kept_supervised = 0
@@ -182,8 +186,13 @@ def measure_sample(sample: TokenizedSample, ctx: ScanContext, where: str, proble
     result.digests.append(hashlib.blake2b(identity, digest_size=12).digest())
 
 
-def read_chunks(config: DataConfig, malformed: list[tuple[str, ...]], limit: int | None = None,
-                chunk_records: int = CHUNK_RECORDS, decode: bool = False) -> Iterator[Chunk]:
+def read_chunks(
+    config: DataConfig,
+    malformed: list[tuple[str, ...]],
+    limit: int | None = None,
+    chunk_records: int = CHUNK_RECORDS,
+    decode: bool = False,
+) -> Iterator[Chunk]:
     """The records training reads, in file order, in chunks. Malformed JSON lines and unusable WebDataset
     samples are appended to ``malformed`` as (where, message[, problem kind]) instead of stopping the
     check; the caller counts them. ``decode``: decode the images stored inside shards (full mode)."""
@@ -204,8 +213,9 @@ def read_chunks(config: DataConfig, malformed: list[tuple[str, ...]], limit: int
             return
 
 
-def _sources(config: DataConfig, malformed: list[tuple[str, ...]],
-             decode: bool = False) -> Iterator[tuple[str, Path, Iterator]]:
+def _sources(
+    config: DataConfig, malformed: list[tuple[str, ...]], decode: bool = False
+) -> Iterator[tuple[str, Path, Iterator]]:
     """(format, image base folder, (where, raw record) iterator) per source, as data.dataset reads them."""
     if config.streaming:  # StreamingVLMDataset: shard by shard, through the trainer's streamed_pair
         urls = expand_shard_patterns(config.paths)
@@ -218,8 +228,9 @@ def _sources(config: DataConfig, malformed: list[tuple[str, ...]],
         yield config.format, base_dir, iter_raw_records(path, config.format, malformed)
 
 
-def _streamed_pairs(config: DataConfig, urls: list[str], malformed: list[tuple[str, ...]],
-                    decode: bool) -> Iterator[tuple[str, dict]]:
+def _streamed_pairs(
+    config: DataConfig, urls: list[str], malformed: list[tuple[str, ...]], decode: bool
+) -> Iterator[tuple[str, dict]]:
     """Every shard's records in shard order (the check reads them all; training shuffles). A WebDataset
     sample's image is a member of its shard, not a file: a sample without a usable member is malformed;
     ``decode`` (full mode) decodes each image here, while its bytes are at hand."""

@@ -65,14 +65,20 @@ SAMPLE_SCORES: dict[str, Callable[[str, Any, MetricOptions], float]] = {
     "relaxed_accuracy": lambda p, r, o: relaxed_accuracy_score(p, r, o.chartqa_reference_order),
     "exact_match": lambda p, r, o: exact_match_score(p, r),
     "gqa_accuracy": lambda p, r, o: exact_match_score(gqa_clean_answer(p), r),
-    "grounding": lambda p, r, o: float(grounding_hit(p, r["bbox"], r["width"], r["height"], o.box_divisor)[0]),
+    "grounding": lambda p, r, o: float(
+        grounding_hit(p, r["bbox"], r["width"], r["height"], o.box_divisor)[0]
+    ),
     "choice_accuracy": lambda p, r, o: float(p.strip() == r),
     "preference": lambda p, r, o: float(float(p) > 0),  # margin log p(chosen) - log p(rejected) > 0
 }
 
 
-def sample_scores(metric: str, predictions: dict[str, Any], references: dict[str, Any],
-                  options: MetricOptions = MetricOptions()) -> dict[str, float]:
+def sample_scores(
+    metric: str,
+    predictions: dict[str, Any],
+    references: dict[str, Any],
+    options: MetricOptions = MetricOptions(),
+) -> dict[str, float]:
     """id -> the sample's score in [0, 1] under ``metric`` (a key of SAMPLE_SCORES), for every reference."""
     score = SAMPLE_SCORES[metric]
     return {k: score(predictions[k], references[k], options) for k in references}
@@ -86,17 +92,22 @@ def _per_question(metric: str, name: str, digits: int | None = None):
     def mean(predictions: dict[str, str], references: dict[str, Any], options: MetricOptions) -> dict:
         value = _mean_score(metric, predictions, references, options)
         return {name: value if digits is None else round(value, digits)}
+
     return mean
 
 
 def _grounding(predictions, references, options):
-    return {"accuracy_iou0.5": _mean_score("grounding", predictions, references, options),
-            "num_unparsable": sum(parse_first_box(predictions[k]) is None for k in references)}
+    return {
+        "accuracy_iou0.5": _mean_score("grounding", predictions, references, options),
+        "num_unparsable": sum(parse_first_box(predictions[k]) is None for k in references),
+    }
 
 
 def _choice(predictions, references, options):
-    return {"accuracy": _mean_score("choice_accuracy", predictions, references, options),
-            "num_unparsable": sum(1 for k in references if not predictions[k].strip())}
+    return {
+        "accuracy": _mean_score("choice_accuracy", predictions, references, options),
+        "num_unparsable": sum(1 for k in references if not predictions[k].strip()),
+    }
 
 
 def _circular(predictions, references, options):
@@ -107,14 +118,19 @@ def _circular(predictions, references, options):
         except ValueError as e:
             raise UserError(f"MMBench ids must be integer indices, got {k!r}") from e
     accuracy, num_questions = circular_accuracy(correct)
-    return {"circular_accuracy": 100.0 * accuracy, "accuracy": _mean_percent([float(v) for v in correct.values()]),
-            "num_questions": num_questions}
+    return {
+        "circular_accuracy": 100.0 * accuracy,
+        "accuracy": _mean_percent([float(v) for v in correct.values()]),
+        "num_questions": num_questions,
+    }
 
 
 def _preference(predictions, references, options):
     margins = [float(predictions[k]) for k in references]
-    return {"accuracy": _mean_score("preference", predictions, references, options),
-            "mean_margin": sum(margins) / len(margins)}
+    return {
+        "accuracy": _mean_score("preference", predictions, references, options),
+        "mean_margin": sum(margins) / len(margins),
+    }
 
 
 def paired_change(baseline: dict[str, float], candidate: dict[str, float], where: str = "") -> dict:
@@ -126,21 +142,30 @@ def paired_change(baseline: dict[str, float], candidate: dict[str, float], where
     few points on a few hundred samples can be told from noise (about two standard errors)."""
     if set(baseline) != set(candidate):
         differ = sorted(set(baseline) ^ set(candidate))
-        raise CoverageError(f"{where}: the two runs scored different samples ({len(differ)} differ, "
-                            f"e.g. {differ[0]!r}); compare runs of the same benchmark and --limit")
+        raise CoverageError(
+            f"{where}: the two runs scored different samples ({len(differ)} differ, "
+            f"e.g. {differ[0]!r}); compare runs of the same benchmark and --limit"
+        )
     n = len(baseline)
     if n == 0:
         raise UserError(f"{where}: no samples to compare")
     diffs = [candidate[k] - baseline[k] for k in baseline]
     mean = sum(diffs) / n
     variance = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
-    return {"baseline": _mean_percent(list(baseline.values())), "candidate": _mean_percent(list(candidate.values())),
-            "change": 100.0 * mean, "paired_se": 100.0 * math.sqrt(variance / n),
-            "won": sum(d > 0 for d in diffs), "lost": sum(d < 0 for d in diffs), "num_samples": n}
+    return {
+        "baseline": _mean_percent(list(baseline.values())),
+        "candidate": _mean_percent(list(candidate.values())),
+        "change": 100.0 * mean,
+        "paired_se": 100.0 * math.sqrt(variance / n),
+        "won": sum(d > 0 for d in diffs),
+        "lost": sum(d < 0 for d in diffs),
+        "num_samples": n,
+    }
 
 
-def reward_accuracy(margins: dict[str, float | str], reference_margins: dict[str, float | str],
-                    where: str = "") -> dict:
+def reward_accuracy(
+    margins: dict[str, float | str], reference_margins: dict[str, float | str], where: str = ""
+) -> dict:
     """DPO's implicit reward on held-out pairs: a pair is right when the policy widened its margin
     log p(chosen) - log p(rejected) over the reference model's by more than ``REWARD_MARGIN_TOLERANCE``
     nats (the reward margin beta * (policy margin - reference margin) > beta * tolerance), the evaluation
@@ -148,14 +173,19 @@ def reward_accuracy(margins: dict[str, float | str], reference_margins: dict[str
     margins (each model's ``predictions.jsonl`` of a preference benchmark) and must cover the same pairs."""
     missing = sorted(set(margins) ^ set(reference_margins))
     if missing:
-        raise CoverageError(f"{where}: the policy's and the reference's predictions cover different pairs "
-                            f"({len(missing)} differ, e.g. {missing[0]!r})")
+        raise CoverageError(
+            f"{where}: the policy's and the reference's predictions cover different pairs "
+            f"({len(missing)} differ, e.g. {missing[0]!r})"
+        )
     try:  # predictions files hold them as written (numbers, or their text when read back by `score`)
         changes = [float(margins[k]) - float(reference_margins[k]) for k in margins]
     except ValueError as e:
         raise UserError(f"{where}: a preference prediction must be a number (a margin in nats): {e}") from e
-    return {"reward_accuracy": _mean_percent([float(c > REWARD_MARGIN_TOLERANCE) for c in changes]),
-            "mean_margin_change": sum(changes) / len(changes), "num_pairs": len(changes)}
+    return {
+        "reward_accuracy": _mean_percent([float(c > REWARD_MARGIN_TOLERANCE) for c in changes]),
+        "mean_margin_change": sum(changes) / len(changes),
+        "num_pairs": len(changes),
+    }
 
 
 def _caption(predictions, references, options):
@@ -167,7 +197,9 @@ def _mme(predictions, references, options):
 
 
 METRICS: dict[str, Callable[[dict[str, str], dict[str, Any], MetricOptions], dict]] = {
-    "vqa_accuracy": _per_question("vqa_accuracy", "vqa_accuracy", digits=2),  # the official script's round(100 * mean, 2)
+    "vqa_accuracy": _per_question(
+        "vqa_accuracy", "vqa_accuracy", digits=2
+    ),  # the official script's round(100 * mean, 2)
     "anls": _per_question("anls", "anls"),
     "relaxed_accuracy": _per_question("relaxed_accuracy", "relaxed_accuracy"),
     "exact_match": _per_question("exact_match", "accuracy"),
@@ -181,8 +213,13 @@ METRICS: dict[str, Callable[[dict[str, str], dict[str, Any], MetricOptions], dic
 }
 
 
-def compute_metric(metric: str, predictions: dict[str, str], references: dict[str, Any],
-                   options: MetricOptions = MetricOptions(), where: str = "") -> dict[str, Any]:
+def compute_metric(
+    metric: str,
+    predictions: dict[str, str],
+    references: dict[str, Any],
+    options: MetricOptions = MetricOptions(),
+    where: str = "",
+) -> dict[str, Any]:
     """Score predictions (id -> model answer text) against references (id -> ground truth)."""
     if not references:
         raise UserError(f"{where}: no annotations to score")

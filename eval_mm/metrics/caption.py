@@ -17,8 +17,25 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 # The punctuation tokens PTBTokenizer drops after tokenising (pycocoevalcap/tokenizer/ptbtokenizer.py).
-PTB_PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-",
-                   "--", "...", ";"}
+PTB_PUNCTUATION = {
+    "''",
+    "'",
+    "``",
+    "`",
+    "-LRB-",
+    "-RRB-",
+    "-LCB-",
+    "-RCB-",
+    ".",
+    "?",
+    "!",
+    ",",
+    ":",
+    "-",
+    "--",
+    "...",
+    ";",
+}
 # Words, PTB-style clitics ("don't" -> "do n't", "dog's" -> "dog 's"), and single symbols.
 _WORD_PATTERN = re.compile(r"[a-z0-9]+(?=n't)|n't|'[a-z]+|[a-z0-9]+|[^\sa-z0-9]")
 
@@ -40,8 +57,9 @@ def simple_ptb_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
     return out
 
 
-def caption_scores(predictions: dict[str, str], references: dict[str, list[str]],
-                   with_meteor: bool = False) -> dict[str, float]:
+def caption_scores(
+    predictions: dict[str, str], references: dict[str, list[str]], with_meteor: bool = False
+) -> dict[str, float]:
     """Corpus-level caption metrics (x100). predictions/references are keyed by image id."""
     gts = {k: list(v) for k, v in references.items()}
     res = {k: [predictions[k]] for k in references}
@@ -51,8 +69,11 @@ def caption_scores(predictions: dict[str, str], references: dict[str, list[str]]
         res = tokenizer.tokenize({k: [{"caption": c} for c in v] for k, v in res.items()})
         tokenizer_name = "ptb"
     else:
-        print("eval_mm: Java not found; captions are tokenised with the pure-Python PTB approximation "
-              "(scores may differ slightly from the official Java tokenizer; METEOR skipped).", file=sys.stderr)
+        print(
+            "eval_mm: Java not found; captions are tokenised with the pure-Python PTB approximation "
+            "(scores may differ slightly from the official Java tokenizer; METEOR skipped).",
+            file=sys.stderr,
+        )
         gts, res = simple_ptb_tokenize(gts), simple_ptb_tokenize(res)
         tokenizer_name = "python_fallback"
         with_meteor = False

@@ -4,8 +4,18 @@ from collections import defaultdict
 
 MMBENCH_CIRCULAR_STRIDE = 1_000_000  # variant k of question i has index k * 1e6 + i
 
-MME_PERCEPTION = ["existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
-                  "artwork", "OCR"]
+MME_PERCEPTION = [
+    "existence",
+    "count",
+    "position",
+    "color",
+    "posters",
+    "celebrity",
+    "scene",
+    "landmark",
+    "artwork",
+    "OCR",
+]
 MME_COGNITION = ["commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning"]
 
 

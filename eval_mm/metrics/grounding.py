@@ -20,6 +20,7 @@ def parse_first_box(text: str) -> tuple[float, float, float, float] | None:
 
 def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     """IoU of two xyxy boxes. An inverted box (x2 < x1) has zero area, so it never counts as a hit."""
+
     def area(box):
         return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
 
@@ -30,14 +31,24 @@ def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def grounding_hit(output: str, gt_box: list[float], width: float, height: float,
-                  box_divisor: float = 1000.0, iou_threshold: float = 0.5) -> tuple[bool, bool]:
+def grounding_hit(
+    output: str,
+    gt_box: list[float],
+    width: float,
+    height: float,
+    box_divisor: float = 1000.0,
+    iou_threshold: float = 0.5,
+) -> tuple[bool, bool]:
     """(is_correct, was_parsable). Coordinates in text are in [0, 1000) (docs/design.md); mapping back
     is x / box_divisor * width (the reference's RefCOCO evaluator used 999)."""
     box = parse_first_box(output)
     if box is None:
         return False, False
     x1, y1, x2, y2 = box
-    pixel_box = (x1 / box_divisor * width, y1 / box_divisor * height,
-                 x2 / box_divisor * width, y2 / box_divisor * height)
+    pixel_box = (
+        x1 / box_divisor * width,
+        y1 / box_divisor * height,
+        x2 / box_divisor * width,
+        y2 / box_divisor * height,
+    )
     return box_iou(pixel_box, tuple(gt_box)) >= iou_threshold, True

@@ -68,8 +68,9 @@ class HFFamilyModel(nn.Module):
 
     # ------------------------------------------------------------------------------ construction
     @classmethod
-    def from_preset(cls, name: str, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str | None = None) -> HFFamilyModel:
+    def from_preset(
+        cls, name: str, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    ) -> HFFamilyModel:
         """Random weights in a preset's shape (``qwen2_5_vl_tiny``, ``qwen2_5_vl_7b``, ...; see specs.PRESETS).
         ``device="meta"`` builds the shape without memory (parameter counts, planning)."""
         spec, config = preset(name)
@@ -94,8 +95,9 @@ class HFFamilyModel(nn.Module):
         except json.JSONDecodeError as e:
             raise UserError(f"{config_file}: malformed JSON at line {e.lineno}: {e.msg}") from e
         spec = family_of_model_type(model_type, str(config_file))
-        model = spec.model_class.from_pretrained(path, dtype=dtype if dtype is not None else "auto",
-                                                 use_safetensors=True, trust_remote_code=False)
+        model = spec.model_class.from_pretrained(
+            path, dtype=dtype if dtype is not None else "auto", use_safetensors=True, trust_remote_code=False
+        )
         return cls(spec, model)
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -143,8 +145,10 @@ class HFFamilyModel(nn.Module):
         gives them, e.g. ``hf.model.visual.merger.``). Every parameter is under exactly one of vision,
         resampler and llm (pinned in tests)."""
         names = {id(module): name for name, module in self.named_modules()}
-        return {group: tuple(names[id(m)] + "." for m in modules)
-                for group, modules in self.module_groups().items()}
+        return {
+            group: tuple(names[id(m)] + "." for m in modules)
+            for group, modules in self.module_groups().items()
+        }
 
     def lora_target_pattern(self, targets: list[str], vision_targets: list[str] = ()) -> str:
         """peft's ``target_modules`` regex: ``targets`` (leaf names such as q_proj) only inside the LLM's
@@ -163,8 +167,9 @@ class HFFamilyModel(nn.Module):
     @property
     def placeholder(self) -> ImagePlaceholder:
         config = self.hf.config
-        return ImagePlaceholder(start=config.vision_start_token_id, pad=config.image_token_id,
-                                end=config.vision_end_token_id)
+        return ImagePlaceholder(
+            start=config.vision_start_token_id, pad=config.image_token_id, end=config.vision_end_token_id
+        )
 
     @property
     def spatial_merge_size(self) -> int:
@@ -175,8 +180,12 @@ class HFFamilyModel(nn.Module):
         type 2, are not supported by the recipe)."""
         return (input_ids == self.placeholder.pad).int()
 
-    def position_ids(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
-                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def position_ids(
+        self,
+        input_ids: torch.Tensor,
+        image_grid_thw: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """M-RoPE position ids [3, B, L] (temporal, height, width) by the model's own ``get_rope_index``.
 
         Text advances all three rows by one per token; an image's slots take (t, h, w) grid coordinates
@@ -190,15 +199,19 @@ class HFFamilyModel(nn.Module):
                 positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) * attention_mask.long()
             return positions.unsqueeze(0).expand(3, -1, -1).clone()
         positions, _ = self.hf.model.get_rope_index(
-            input_ids, mm_token_type_ids=self.mm_token_type_ids(input_ids), image_grid_thw=image_grid_thw,
-            attention_mask=attention_mask)
+            input_ids,
+            mm_token_type_ids=self.mm_token_type_ids(input_ids),
+            image_grid_thw=image_grid_thw,
+            attention_mask=attention_mask,
+        )
         return positions
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def packed_position_ids(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
-                            cu_seq_lens: torch.Tensor) -> torch.Tensor:
+    def packed_position_ids(
+        self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, cu_seq_lens: torch.Tensor
+    ) -> torch.Tensor:
         """Position ids [4, B, L] of packed rows: row 0 the text positions restarting at 0 in every sample
         (transformers builds the per-sample causal mask, or the varlen boundaries, from it), rows 1-3 each
         sample's own M-RoPE, as if it were alone. ``cu_seq_lens``: sample boundaries over the flattened rows
@@ -214,7 +227,9 @@ class HFFamilyModel(nn.Module):
             segment = flat_ids[start:end]
             num_images = int((segment == self.placeholder.start).sum())
             text[start:end] = torch.arange(end - start)
-            mrope[:, start:end] = self.position_ids(segment[None], grids[next_image:next_image + num_images])[:, 0]
+            mrope[:, start:end] = self.position_ids(
+                segment[None], grids[next_image : next_image + num_images]
+            )[:, 0]
             next_image += num_images
         if next_image != len(grids):
             raise ValueError(f"the packed rows hold {next_image} images but image_grid_thw has {len(grids)}")
@@ -255,18 +270,29 @@ class HFFamilyModel(nn.Module):
         # arguments given to the HF model would reach the ViT's attention too (it has its own boundaries).
         encoded = None
         if pixel_values is not None:
-            encoded = {"image": self.hf.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)}
+            encoded = {
+                "image": self.hf.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+            }
         varlen = {}
         if packed:  # flash / varlen attention read the boundaries; SDPA and eager ignore them
             cu_seq_lens = cu_seq_lens.to(input_ids.device, non_blocking=True)
             if max_length is None:
                 max_length = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
-            varlen = {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
-                      "max_length_q": max_length, "max_length_k": max_length}
+            varlen = {
+                "cu_seq_lens_q": cu_seq_lens,
+                "cu_seq_lens_k": cu_seq_lens,
+                "max_length_q": max_length,
+                "max_length_k": max_length,
+            }
         hidden = self.hf.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            mm_encoder_outputs=encoded, image_grid_thw=image_grid_thw,
-            mm_token_type_ids=self.mm_token_type_ids(input_ids), use_cache=False, **varlen,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            mm_encoder_outputs=encoded,
+            image_grid_thw=image_grid_thw,
+            mm_token_type_ids=self.mm_token_type_ids(input_ids),
+            use_cache=False,
+            **varlen,
         ).last_hidden_state
         if labels is None:
             return VLMOutput(logits=self.hf.lm_head(hidden))
@@ -276,27 +302,45 @@ class HFFamilyModel(nn.Module):
             token_logps = causal_lm_token_logps(hidden, head, labels, impl=self.loss_impl)
             loss_sum, num_tokens = -token_logps.sum(), (labels[:, 1:] != IGNORE_INDEX).sum()
         else:
-            loss_sum, num_tokens = causal_lm_loss_sum(hidden, head, labels, impl=self.loss_impl,
-                                                      label_positions=label_positions)
+            loss_sum, num_tokens = causal_lm_loss_sum(
+                hidden, head, labels, impl=self.loss_impl, label_positions=label_positions
+            )
         if pixel_values is None and self.training:
             loss_sum = loss_sum + self._unused_vision_term()
-        return VLMOutput(loss_sum=loss_sum, num_tokens=num_tokens, loss=loss_sum / num_tokens.clamp(min=1),
-                         token_logps=token_logps)
+        return VLMOutput(
+            loss_sum=loss_sum,
+            num_tokens=num_tokens,
+            loss=loss_sum / num_tokens.clamp(min=1),
+            token_logps=token_logps,
+        )
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                 **generate_kwargs) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
         """Left-padded prompts -> only the new tokens [B, T], as ``VLM.generate`` returns them: the HF model's
         own ``generate`` (its M-RoPE positions from the image grids, the image slots marked by
         ``mm_token_type_ids``). A streamer in ``generate_kwargs`` is handed the prompt first, as HF does."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        images = {} if pixel_values is None or not len(pixel_values) else {
-            "pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
-        out = self.hf.generate(input_ids=input_ids, attention_mask=attention_mask, **images,
-                               mm_token_type_ids=self.mm_token_type_ids(input_ids), **generate_kwargs)
-        return out[:, input_ids.shape[1]:]
+        images = (
+            {}
+            if pixel_values is None or not len(pixel_values)
+            else {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
+        )
+        out = self.hf.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            **images,
+            mm_token_type_ids=self.mm_token_type_ids(input_ids),
+            **generate_kwargs,
+        )
+        return out[:, input_ids.shape[1] :]
 
     def _unused_vision_term(self) -> torch.Tensor:
         """0 x the vision outputs of one smallest blank image (2x2 patches, one LLM token): a text-only
@@ -306,10 +350,14 @@ class HFFamilyModel(nn.Module):
         vision = self.hf.model.visual
         vision_config = self.hf.config.vision_config
         merge = vision_config.spatial_merge_size
-        width = vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size ** 2
+        width = vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size**2
         grid = torch.tensor([[1, merge, merge]], device=self.hf.device)
         blank = torch.zeros(merge * merge, width, device=self.hf.device, dtype=vision.dtype)
         outputs = vision(blank, grid_thw=grid, return_dict=True)
-        tensors = [t for value in outputs.values() for t in (value if isinstance(value, (list, tuple)) else [value])
-                   if isinstance(t, torch.Tensor)]
+        tensors = [
+            t
+            for value in outputs.values()
+            for t in (value if isinstance(value, (list, tuple)) else [value])
+            if isinstance(t, torch.Tensor)
+        ]
         return sum(t.float().mean() for t in tensors) * 0.0

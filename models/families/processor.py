@@ -31,7 +31,7 @@ def _last_bpe_merge(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes
     """The pair whose merge completes ``token`` when byte-pair encoding it with ``ranks`` (tiktoken's rule:
     repeatedly join the adjacent pair whose concatenation has the lowest rank). Written out because
     tiktoken is not a dependency and `tokenizers` has no merges to start from."""
-    parts = [token[i:i + 1] for i in range(len(token))]
+    parts = [token[i : i + 1] for i in range(len(token))]
     last = None
     while len(parts) > 1:
         best_rank, best_at = None, None
@@ -42,7 +42,7 @@ def _last_bpe_merge(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes
         if best_at is None:
             raise UserError(f"token {token!r} cannot be reached by merging its bytes; not a BPE ranks file")
         last = (parts[best_at], parts[best_at + 1])
-        parts[best_at:best_at + 2] = [parts[best_at] + parts[best_at + 1]]
+        parts[best_at : best_at + 2] = [parts[best_at] + parts[best_at + 1]]
     return last
 
 
@@ -57,7 +57,9 @@ def qwen2_vocab_and_merges(tiktoken_path: str) -> tuple[dict[str, int], list[tup
 
     in_rank_order = sorted(ranks, key=ranks.__getitem__)
     vocab = {to_chars(token): ranks[token] for token in in_rank_order}
-    merges = [tuple(map(to_chars, _last_bpe_merge(token, ranks))) for token in in_rank_order if len(token) > 1]
+    merges = [
+        tuple(map(to_chars, _last_bpe_merge(token, ranks))) for token in in_rank_order if len(token) > 1
+    ]
     return vocab, merges
 
 
@@ -68,11 +70,19 @@ def build_family_tokenizer(spec: FamilySpec, tiktoken_path: str | Path) -> Qwen2
         raise MissingFileError(f"{tiktoken_path}: tiktoken ranks file not found")
     vocab, merges = qwen2_vocab_and_merges(str(tiktoken_path.resolve()))
     if len(vocab) != FIRST_ADDED_TOKEN_ID:
-        raise UserError(f"{tiktoken_path}: {len(vocab)} ranks; the Qwen2 tokenizer has {FIRST_ADDED_TOKEN_ID}")
-    tokenizer = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges), unk_token=None, bos_token=None,
-                               eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                               chat_template=spec.chat_template)
-    added = QWEN2_ADDED_TOKENS[:spec.num_added_tokens]
+        raise UserError(
+            f"{tiktoken_path}: {len(vocab)} ranks; the Qwen2 tokenizer has {FIRST_ADDED_TOKEN_ID}"
+        )
+    tokenizer = Qwen2Tokenizer(
+        vocab=dict(vocab),
+        merges=list(merges),
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        chat_template=spec.chat_template,
+    )
+    added = QWEN2_ADDED_TOKENS[: spec.num_added_tokens]
     tokenizer.add_tokens([AddedToken(token, special=special, normalized=False) for token, special in added])
     for offset, (token, _) in enumerate(added):
         if tokenizer.convert_tokens_to_ids(token) != FIRST_ADDED_TOKEN_ID + offset:
@@ -81,34 +91,49 @@ def build_family_tokenizer(spec: FamilySpec, tiktoken_path: str | Path) -> Qwen2
     return tokenizer
 
 
-def build_image_processor(spec: FamilySpec, min_pixels: int | None = None,
-                          max_pixels: int | None = None) -> Qwen2VLImageProcessor:
+def build_image_processor(
+    spec: FamilySpec, min_pixels: int | None = None, max_pixels: int | None = None
+) -> Qwen2VLImageProcessor:
     """The family's image processor with its released defaults; ``min_pixels``/``max_pixels`` (the pixel
     budget per image, data.min_pixels / data.max_pixels) override them."""
     shortest = min_pixels if min_pixels is not None else spec.min_pixels
     longest = max_pixels if max_pixels is not None else spec.max_pixels
     if not 0 < shortest <= longest:
         raise UserError(f"min_pixels ({shortest}) must be positive and at most max_pixels ({longest})")
-    return Qwen2VLImageProcessor(size={"shortest_edge": shortest, "longest_edge": longest},
-                                 patch_size=spec.patch_size, temporal_patch_size=2,
-                                 merge_size=IMAGE_MERGE_SIZE, image_mean=list(spec.image_mean),
-                                 image_std=list(spec.image_std))
+    return Qwen2VLImageProcessor(
+        size={"shortest_edge": shortest, "longest_edge": longest},
+        patch_size=spec.patch_size,
+        temporal_patch_size=2,
+        merge_size=IMAGE_MERGE_SIZE,
+        image_mean=list(spec.image_mean),
+        image_std=list(spec.image_std),
+    )
 
 
-def build_family_processor(spec: FamilySpec, tiktoken_path: str | Path, min_pixels: int | None = None,
-                           max_pixels: int | None = None) -> ProcessorMixin:
+def build_family_processor(
+    spec: FamilySpec, tiktoken_path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None
+) -> ProcessorMixin:
     """The family's processor (``Qwen2_5_VLProcessor`` ...) as its release ships it, built offline. (The
     processor classes require a video processor; the recipe never feeds videos.)"""
     tokenizer = build_family_tokenizer(spec, tiktoken_path)
     image_processor = build_image_processor(spec, min_pixels, max_pixels)
-    video_processor = spec.video_processor_class(patch_size=spec.patch_size, merge_size=IMAGE_MERGE_SIZE,
-                                                image_mean=list(spec.image_mean), image_std=list(spec.image_std))
-    return spec.processor_class(image_processor=image_processor, tokenizer=tokenizer,
-                                video_processor=video_processor, chat_template=spec.chat_template)
+    video_processor = spec.video_processor_class(
+        patch_size=spec.patch_size,
+        merge_size=IMAGE_MERGE_SIZE,
+        image_mean=list(spec.image_mean),
+        image_std=list(spec.image_std),
+    )
+    return spec.processor_class(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=spec.chat_template,
+    )
 
 
-def load_family_processor(path: str | Path, min_pixels: int | None = None,
-                          max_pixels: int | None = None) -> ProcessorMixin:
+def load_family_processor(
+    path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None
+) -> ProcessorMixin:
     """The processor saved in a released (or exported) model directory, with an optional new pixel budget."""
     path = Path(path)
     if not path.is_dir():
@@ -120,4 +145,3 @@ def load_family_processor(path: str | Path, min_pixels: int | None = None,
         size["longest_edge"] = max_pixels if max_pixels is not None else size["longest_edge"]
         processor.image_processor.size = size
     return processor
-

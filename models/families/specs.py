@@ -43,19 +43,42 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # carries the first `num_added_tokens` of them. (token, special): the Qwen2.5-family tokenizer_config
 # marks tool/FIM/think tokens "special": false (never split, but kept by decode(skip_special_tokens)).
 QWEN2_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
-    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
-    ("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True), ("<|box_end|>", True),
-    ("<|quad_start|>", True), ("<|quad_end|>", True), ("<|vision_start|>", True), ("<|vision_end|>", True),
-    ("<|vision_pad|>", True), ("<|image_pad|>", True), ("<|video_pad|>", True),
-    ("<tool_call>", False), ("</tool_call>", False), ("<|fim_prefix|>", False), ("<|fim_middle|>", False),
-    ("<|fim_suffix|>", False), ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False),
-    ("<tool_response>", False), ("</tool_response>", False), ("<think>", False), ("</think>", False),
+    ("<|endoftext|>", True),
+    ("<|im_start|>", True),
+    ("<|im_end|>", True),
+    ("<|object_ref_start|>", True),
+    ("<|object_ref_end|>", True),
+    ("<|box_start|>", True),
+    ("<|box_end|>", True),
+    ("<|quad_start|>", True),
+    ("<|quad_end|>", True),
+    ("<|vision_start|>", True),
+    ("<|vision_end|>", True),
+    ("<|vision_pad|>", True),
+    ("<|image_pad|>", True),
+    ("<|video_pad|>", True),
+    ("<tool_call>", False),
+    ("</tool_call>", False),
+    ("<|fim_prefix|>", False),
+    ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False),
+    ("<|fim_pad|>", False),
+    ("<|repo_name|>", False),
+    ("<|file_sep|>", False),
+    ("<tool_response>", False),
+    ("</tool_response>", False),
+    ("<think>", False),
+    ("</think>", False),
 )
 FIRST_ADDED_TOKEN_ID = 151643  # = the number of BPE tokens in qwen.tiktoken / vocab.json
 
 # Box conventions (data.hf_boxes implements them):
-BOX_TOKENS_1000 = "box_tokens_1000"  # <|object_ref_start|>l<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>
-BOX_JSON_ABSOLUTE = "json_absolute"  # [{"bbox_2d": [x1, y1, x2, y2], "label": l}], pixels of the resized image
+BOX_TOKENS_1000 = (
+    "box_tokens_1000"  # <|object_ref_start|>l<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>
+)
+BOX_JSON_ABSOLUTE = (
+    "json_absolute"  # [{"bbox_2d": [x1, y1, x2, y2], "label": l}], pixels of the resized image
+)
 BOX_JSON_1000 = "json_1000"  # the same JSON, coordinates relative to the image in 0..1000
 
 
@@ -90,13 +113,31 @@ class FamilySpec:
         return self.patch_size * 2
 
 
-def _text_config(vocab: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
-                 max_positions: int, rope_theta: float, mrope_section: list[int], **extra) -> dict:
-    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
-                rms_norm_eps=1e-6, tie_word_embeddings=False,
-                rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": mrope_section},
-                **extra)
+def _text_config(
+    vocab: int,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    max_positions: int,
+    rope_theta: float,
+    mrope_section: list[int],
+    **extra,
+) -> dict:
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": mrope_section},
+        **extra,
+    )
 
 
 TINY_VOCAB = 151936  # the real embedding rows: every family token id (up to 151668) must have one
@@ -106,28 +147,58 @@ def qwen2_vl_tiny() -> Qwen2VLConfig:
     # In Qwen2-VL the vision config's hidden_size is the LLM width (merger output); embed_dim is the ViT's.
     return Qwen2VLConfig(
         text_config=_text_config(TINY_VOCAB, 64, 128, 2, 4, 2, 4096, 1e6, [2, 3, 3]),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        tie_word_embeddings=False)
+        vision_config=dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,
+            mlp_ratio=2,
+            num_heads=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        tie_word_embeddings=False,
+    )
 
 
 def qwen2_5_vl_tiny() -> Qwen2_5_VLConfig:
     return Qwen2_5_VLConfig(
         text_config=_text_config(TINY_VOCAB, 64, 128, 2, 4, 2, 4096, 1e6, [2, 3, 3]),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[1], tokens_per_second=2),
-        tie_word_embeddings=False)
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[1],
+            tokens_per_second=2,
+        ),
+        tie_word_embeddings=False,
+    )
 
 
 def qwen3_vl_tiny() -> Qwen3VLConfig:
     # Qwen3VLTextConfig.head_dim defaults to 128: a tiny model must set it (sum(mrope_section) = head_dim / 2).
     return Qwen3VLConfig(
         text_config=_text_config(TINY_VOCAB, 64, 128, 2, 4, 2, 4096, 5e6, [2, 3, 3], head_dim=16),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
-                           deepstack_visual_indexes=[0]),
-        tie_word_embeddings=False)
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0],
+        ),
+        tie_word_embeddings=False,
+    )
 
 
 def qwen2_vl_7b() -> Qwen2VLConfig:
@@ -135,52 +206,119 @@ def qwen2_vl_7b() -> Qwen2VLConfig:
     1280-wide ViT with quick-GELU MLPs (ratio 4) and LayerNorm."""
     return Qwen2VLConfig(
         text_config=_text_config(152064, 3584, 18944, 28, 28, 4, 32768, 1e6, [16, 24, 24]),
-        vision_config=dict(depth=32, embed_dim=1280, hidden_size=3584, mlp_ratio=4, num_heads=16,
-                           hidden_act="quick_gelu", patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        tie_word_embeddings=False)
+        vision_config=dict(
+            depth=32,
+            embed_dim=1280,
+            hidden_size=3584,
+            mlp_ratio=4,
+            num_heads=16,
+            hidden_act="quick_gelu",
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        tie_word_embeddings=False,
+    )
 
 
 def qwen2_5_vl_7b() -> Qwen2_5_VLConfig:
     """Qwen2.5-VL-7B-Instruct's config.json @ cc594898 (reference 7.2)."""
     return Qwen2_5_VLConfig(
         text_config=_text_config(152064, 3584, 18944, 28, 28, 4, 128000, 1e6, [16, 24, 24]),
-        vision_config=dict(depth=32, hidden_act="silu", hidden_size=1280, intermediate_size=3420, num_heads=16,
-                           in_chans=3, out_hidden_size=3584, patch_size=14, spatial_merge_size=2, window_size=112,
-                           fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, temporal_patch_size=2),
-        tie_word_embeddings=False)
+        vision_config=dict(
+            depth=32,
+            hidden_act="silu",
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            in_chans=3,
+            out_hidden_size=3584,
+            patch_size=14,
+            spatial_merge_size=2,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+            tokens_per_second=2,
+            temporal_patch_size=2,
+        ),
+        tie_word_embeddings=False,
+    )
 
 
 def qwen3_vl_8b() -> Qwen3VLConfig:
     """Qwen3-VL-8B-Instruct's config.json @ 0c351dd0 (reference 7.2)."""
     return Qwen3VLConfig(
-        text_config=_text_config(151936, 4096, 12288, 36, 32, 8, 262144, 5e6, [24, 20, 20], head_dim=128,
-                                 attention_bias=False),
-        vision_config=dict(deepstack_visual_indexes=[8, 16, 24], depth=27, hidden_act="gelu_pytorch_tanh",
-                           hidden_size=1152, in_channels=3, intermediate_size=4304, num_heads=16,
-                           num_position_embeddings=2304, out_hidden_size=4096, patch_size=16,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        tie_word_embeddings=False)
+        text_config=_text_config(
+            151936, 4096, 12288, 36, 32, 8, 262144, 5e6, [24, 20, 20], head_dim=128, attention_bias=False
+        ),
+        vision_config=dict(
+            deepstack_visual_indexes=[8, 16, 24],
+            depth=27,
+            hidden_act="gelu_pytorch_tanh",
+            hidden_size=1152,
+            in_channels=3,
+            intermediate_size=4304,
+            num_heads=16,
+            num_position_embeddings=2304,
+            out_hidden_size=4096,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        tie_word_embeddings=False,
+    )
 
 
 QWEN2_VL = FamilySpec(
-    name="qwen2_vl", model_type="qwen2_vl", config_class=Qwen2VLConfig,
-    model_class=Qwen2VLForConditionalGeneration, processor_class=Qwen2VLProcessor, video_processor_class=Qwen2VLVideoProcessor,
-    chat_template_file="qwen2_vl.jinja", num_added_tokens=14, patch_size=14,
-    image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, min_pixels=3136, max_pixels=12845056,
-    box_convention=BOX_TOKENS_1000, tiny=qwen2_vl_tiny)
-QWEN2_5_VL = FamilySpec(
-    name="qwen2_5_vl", model_type="qwen2_5_vl", config_class=Qwen2_5_VLConfig,
-    model_class=Qwen2_5_VLForConditionalGeneration, processor_class=Qwen2_5_VLProcessor,
+    name="qwen2_vl",
+    model_type="qwen2_vl",
+    config_class=Qwen2VLConfig,
+    model_class=Qwen2VLForConditionalGeneration,
+    processor_class=Qwen2VLProcessor,
     video_processor_class=Qwen2VLVideoProcessor,
-    chat_template_file="qwen2_vl.jinja", num_added_tokens=22, patch_size=14,  # Qwen2-VL's template, verbatim
-    image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, min_pixels=3136, max_pixels=12845056,
-    box_convention=BOX_JSON_ABSOLUTE, tiny=qwen2_5_vl_tiny)
+    chat_template_file="qwen2_vl.jinja",
+    num_added_tokens=14,
+    patch_size=14,
+    image_mean=OPENAI_CLIP_MEAN,
+    image_std=OPENAI_CLIP_STD,
+    min_pixels=3136,
+    max_pixels=12845056,
+    box_convention=BOX_TOKENS_1000,
+    tiny=qwen2_vl_tiny,
+)
+QWEN2_5_VL = FamilySpec(
+    name="qwen2_5_vl",
+    model_type="qwen2_5_vl",
+    config_class=Qwen2_5_VLConfig,
+    model_class=Qwen2_5_VLForConditionalGeneration,
+    processor_class=Qwen2_5_VLProcessor,
+    video_processor_class=Qwen2VLVideoProcessor,
+    chat_template_file="qwen2_vl.jinja",
+    num_added_tokens=22,
+    patch_size=14,  # Qwen2-VL's template, verbatim
+    image_mean=OPENAI_CLIP_MEAN,
+    image_std=OPENAI_CLIP_STD,
+    min_pixels=3136,
+    max_pixels=12845056,
+    box_convention=BOX_JSON_ABSOLUTE,
+    tiny=qwen2_5_vl_tiny,
+)
 QWEN3_VL = FamilySpec(
-    name="qwen3_vl", model_type="qwen3_vl", config_class=Qwen3VLConfig,
-    model_class=Qwen3VLForConditionalGeneration, processor_class=Qwen3VLProcessor, video_processor_class=Qwen3VLVideoProcessor,
-    chat_template_file="qwen3_vl.jinja", num_added_tokens=26, patch_size=16,
-    image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), min_pixels=65536, max_pixels=16777216,
-    box_convention=BOX_JSON_1000, tiny=qwen3_vl_tiny)
+    name="qwen3_vl",
+    model_type="qwen3_vl",
+    config_class=Qwen3VLConfig,
+    model_class=Qwen3VLForConditionalGeneration,
+    processor_class=Qwen3VLProcessor,
+    video_processor_class=Qwen3VLVideoProcessor,
+    chat_template_file="qwen3_vl.jinja",
+    num_added_tokens=26,
+    patch_size=16,
+    image_mean=(0.5, 0.5, 0.5),
+    image_std=(0.5, 0.5, 0.5),
+    min_pixels=65536,
+    max_pixels=16777216,
+    box_convention=BOX_JSON_1000,
+    tiny=qwen3_vl_tiny,
+)
 
 FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL)}
 
