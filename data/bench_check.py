@@ -96,8 +96,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m data.bench_check"
         t = report["timing"]
         if mode == "fast":
             print(
-                f"fast: {report['records']:,} records in {t['text_seconds']:.0f} s = {t['records_per_second']:,} "
-                f"records/s with {report['check']['workers']} workers ({report['tokens']['used']:,} tokens); "
+                f"fast: {report['records']:,} records in {t['text_seconds']:.0f} s = "
+                f"{t['records_per_second']:,} records/s with {report['check']['workers']} workers "
+                f"({report['tokens']['used']:,} tokens); "
                 f"images checked to exist: {report['images']['checked']:,} in {t['image_seconds']:.2f} s; "
                 f"whole check {wall:.0f} s wall, {cpu:.0f} s CPU ({report['records'] / cpu:,.0f} records per "
                 f"CPU-second); load average {load:.1f} at the start"
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m data.bench_check"
         else:
             print(
                 f"full, image part: {report['images']['checked']:,} distinct images decoded in "
-                f"{t['image_seconds']:.2f} s = {t['images_per_second']:,} images/s with {args.image_threads} threads; "
+                f"{t['image_seconds']:.2f} s = {t['images_per_second']:,} images/s "
+                f"with {args.image_threads} threads; "
                 f"load average {load:.1f} at the start"
             )
 

@@ -1,7 +1,8 @@
 """DataLoader throughput on the synthetic world: samples/s at a given resolution per worker count.
 
     python -m data.bench_loader [--data DIR] [--image-size 448] [--workers 0 1 2 4] [--batches 20]
-    python -m data.bench_loader --webdataset [--source-size 384] [--image-size 224] [--workers 16 --batches 200]
+    python -m data.bench_loader --webdataset [--source-size 384] [--image-size 224]
+        [--workers 16 --batches 200]
 
 Without --data, a small synthetic world is generated in a temporary folder first. Measures the whole
 pipeline a trainer sees (tokenise, decode + bicubic resize + normalise, collate/pack), after one warm-up
@@ -175,7 +176,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m data.bench_loader
             )
             rate, per_cpu, padding = measure(cfg, tokenizer, a.num_image_tokens, a.batch_size, a.batches)
             print(
-                f"workers={workers:2d}  {rate:8.1f} samples/s in total  ({rate / max(workers, 1):.1f} per worker)  "
+                f"workers={workers:2d}  {rate:8.1f} samples/s in total  "
+                f"({rate / max(workers, 1):.1f} per worker)  "
                 f"{per_cpu:6.1f} samples per CPU-second  padding {padding:.1%} of token slots",
                 flush=True,
             )

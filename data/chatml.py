@@ -122,7 +122,8 @@ def encode_chat_prompt(
     tokenizer, user_text: str, num_image_tokens: int, system_message: str = DEFAULT_SYSTEM_MESSAGE
 ) -> tuple[list[int], list[str]]:
     """Ids of a one-turn ChatML prompt that ends where the assistant's answer starts
-    (``...<|im_start|>assistant\\n``), tokenised exactly as training conversations are; and its image paths."""
+    (``...<|im_start|>assistant\\n``), tokenised exactly as training conversations are;
+    and its image paths."""
     return encode_conversation_prompt(
         tokenizer, [{"from": "user", "value": user_text}], num_image_tokens, system_message
     )

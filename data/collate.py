@@ -1,4 +1,5 @@
-"""Batch assembly: samples from the dataset (or drop markers) -> the batch dict of docs/design.md section 2."""
+"""Batch assembly: samples from the dataset (or drop markers) -> the batch dict of
+docs/design.md section 2."""
 
 from __future__ import annotations
 

@@ -2,9 +2,10 @@
 
 * chat: ``{"conversations": [{"from": "system"|"user"|"assistant", "value": str}, ...]}`` (Qwen-VL
   fine-tune JSON list or JSONL; LLaVA-style ``human``/``gpt`` + ``<image>`` + ``image`` converted on load);
-* preference pair (DPO): ``{"conversations": [... ending with the user turn], "chosen": str, "rejected": str}``
-  from ``{"conversations", "chosen": {"from": "assistant"|"gpt", "value"}, "rejected": {...}}``, Qwen-VL or
-  LLaVA style (the answers may also be plain strings);
+* preference pair (DPO):
+  ``{"conversations": [... ending with the user turn], "chosen": str, "rejected": str}`` from
+  ``{"conversations", "chosen": {"from": "assistant"|"gpt", "value"}, "rejected": {...}}``, Qwen-VL or LLaVA
+  style (the answers may also be plain strings);
 * task: ``{"task": ..., "image": ..., ...}`` (multitask records, data.templates) or a pretraining pair
   ``{"image", "caption"}`` (JSONL/CSV/Parquet through Hugging Face ``datasets``, optionally streamed).
 
@@ -195,14 +196,16 @@ def _normalize_preference(record: dict, llava: bool, base_dir: Path) -> dict:
 
 
 def detect_format(record: dict, fmt: str) -> str:
-    """The format a record is read in: ``fmt`` itself, or for ``auto`` the record's own (qwen, llava, multitask)."""
+    """The format a record is read in: ``fmt`` itself, or for ``auto`` the record's own
+    (qwen, llava, multitask)."""
     if fmt != "auto":
         return fmt
     return ("llava" if _is_llava(record) else "qwen") if "conversations" in record else "multitask"
 
 
 def normalize_record(record: dict, fmt: str, base_dir: Path) -> dict:
-    """Validate one raw record and return it in our chat, preference or task form with image paths resolved."""
+    """Validate one raw record and return it in our chat, preference or task form with
+    image paths resolved."""
     if not isinstance(record, dict):
         raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
     fmt = detect_format(record, fmt)

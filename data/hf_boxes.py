@@ -1,20 +1,25 @@
 """Grounding boxes in each HF family's own convention, to and from the project's.
 
-The project writes boxes Qwen-VL's way (docs/data.md "Box convention"): ``<ref>label</ref><box>(x1,y1),(x2,y2)</box>``,
-integers in [0, 1000) relative to the original image, ``floor(x * 1000 / width)``. The families (reference 5):
+The project writes boxes Qwen-VL's way (docs/data.md "Box convention"):
+``<ref>label</ref><box>(x1,y1),(x2,y2)</box>``, integers in [0, 1000) relative to the original image,
+``floor(x * 1000 / width)``. The families (reference 5):
 
 | convention (specs) | family | text | coordinates |
 |---|---|---|---|
-| ``box_tokens_1000`` | Qwen2-VL | ``<|object_ref_start|>l<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>`` | 0..1000 of the image |
-| ``json_absolute`` | Qwen2.5-VL | ``{"bbox_2d": [x1, y1, x2, y2], "label": "l"}`` | pixels of the *resized* image |
+| ``box_tokens_1000`` | Qwen2-VL | box tokens (below) | 0..1000 of the image |
+| ``json_absolute`` | Qwen2.5-VL | JSON (below) | pixels of the *resized* image |
 | ``json_1000`` | Qwen3-VL | the same JSON | 0..1000 of the image |
+
+The text of one box labelled ``l``, in box tokens:
+``<|object_ref_start|>l<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>``; in JSON:
+``{"bbox_2d": [x1, y1, x2, y2], "label": "l"}``.
 
 Training data in (``boxes_to_family``): every ``<ref>l</ref>`` followed by boxes (or a bare box) is rewritten.
 In the JSON conventions an answer made of boxes only becomes the cookbooks' fenced list
-(```` ```json\\n[\\n\\t{...},\\n\\t{...}\\n]\\n``` ````); a box inside running text becomes one inline object. A
-grounding prompt ending in an open box, ``<ref>l</ref><box>`` (Qwen-VL's task phrasing), becomes the family's
-own request: ``<|object_ref_start|>l<|object_ref_end|>`` for Qwen2-VL, the cookbook's "Locate l, output its bbox
-coordinates using JSON format." for the JSON families.
+(```` ```json\\n[\\n\\t{...},\\n\\t{...}\\n]\\n``` ````); a box inside running text becomes one inline object.
+A grounding prompt ending in an open box, ``<ref>l</ref><box>`` (Qwen-VL's task phrasing), becomes the
+family's own request: ``<|object_ref_start|>l<|object_ref_end|>`` for Qwen2-VL, the cookbook's "Locate l,
+output its bbox coordinates using JSON format." for the JSON families.
 
 Answers out (``boxes_from_family``, ``family_answer_to_qwen_vl``): the boxes of a family's answer in the
 project's convention, so eval_mm's metrics and chat drawing read them as they read Qwen-VL's. Qwen2-VL's box

@@ -110,7 +110,8 @@ class ResumableLoader:
             )
 
     def state_dict(self) -> dict:
-        """Plain lists, dicts and numbers (a JSON or ``torch.load(weights_only=True)`` round trip keeps it)."""
+        """Plain lists, dicts and numbers (a JSON or ``torch.load(weights_only=True)``
+        round trip keeps it)."""
         state = {"epoch": self.epoch, "stats": self.stats.state_dict()}
         if self.sampler is not None:
             state["sampler"] = self.sampler.state_dict()
@@ -152,7 +153,8 @@ class ResumableLoader:
         changed = [k for k in now if saved[k] != now[k]]
         if changed:
             raise UserError(
-                f"the checkpoint's data position was saved with {', '.join(f'{k}={saved[k]}' for k in changed)}, "
+                "the checkpoint's data position was saved with "
+                f"{', '.join(f'{k}={saved[k]}' for k in changed)}, "
                 f"now {', '.join(f'{k}={now[k]}' for k in changed)}: resume with the same data.paths, "
                 "data.num_workers and number of ranks (readers = ranks x workers), or start a new run"
             )

@@ -37,7 +37,8 @@ def mask_first_label(sample: TokenizedSample) -> TokenizedSample:
 
 
 def mask_image_spans(ids: list[int], labels: list[int], img_start: int, img_end: int) -> None:
-    """Set labels to -100 on every ``<img> ... </img>`` span, markers included (image slots are never supervised)."""
+    """Set labels to -100 on every ``<img> ... </img>`` span, markers included (image slots are never
+    supervised)."""
     inside = False
     for i, t in enumerate(ids):
         if t == img_start:
@@ -102,7 +103,8 @@ def _cut_falls_in_image_span(ids: list[int], cut: int, img_start: int, img_end: 
 def truncate_pair(
     chosen: TokenizedSample, rejected: TokenizedSample, max_len: int, img_start: int, img_end: int
 ) -> tuple[TokenizedSample, TokenizedSample, bool]:
-    """Cut each sequence of a preference pair to at most max_len tokens; returns (chosen, rejected, truncated).
+    """Cut each sequence of a preference pair to at most max_len tokens; returns
+    (chosen, rejected, truncated).
 
     Only answers may be cut (their end goes, as TRL truncates completions). A cut that leaves nothing of
     an answer (the prompt alone fills max_len) or that falls inside an image span of the prompt is a

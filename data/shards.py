@@ -6,9 +6,12 @@ list. A reader yields ``(raw, start, end)`` for each record from a given positio
 
 | kind | raw record | start / end |
 |---|---|---|
-| tar | ``{"__key__": key, ext: bytes, ...}``: the members sharing a key (WebDataset's grouping) | byte offsets of the first member's header / past the last member's data |
+| tar | ``{"__key__": key, ext: bytes, ...}``: the members sharing a key | byte offsets (below) |
 | jsonl, csv | the parsed line(s) as a dict | byte offsets of the line(s) |
 | parquet, json | the row / list item as a dict | row indices |
+
+A tar record's members are those sharing a key (WebDataset's grouping); its start and end are the byte
+offsets of the first member's header and past the last member's data.
 
 ``read(position)`` seeks there and reads on (a Parquet reader reads from the start of the row group that
 holds the row); ``read_ranges`` reads only the given records (the shuffle buffer of a resumed worker), with

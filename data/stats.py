@@ -52,7 +52,8 @@ class DataStats:
         return True
 
     def start_with_missing_images(self, missing: dict[str, str], dropped_records: int) -> None:
-        """Files found missing when the data was loaded (file -> first record using it) and the records dropped."""
+        """Files found missing when the data was loaded (file -> first record using it) and
+        the records dropped."""
         for path, where in missing.items():
             self.add_bad_image(path, f"image file not found: {path} (referenced by {where})")
         if dropped_records:

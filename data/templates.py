@@ -2,17 +2,18 @@
 
 A task record renders as ``prompt + target + <|endoftext|>``; only ``target + <|endoftext|>`` is
 supervised. Prompt and target are tokenised separately so the boundary the evaluator generates from
-is a token boundary. The templates are the evaluators' prompts (eval_mm uses the same strings):
+is a token boundary. The templates are the evaluators' prompts (eval_mm uses the same strings); every
+prompt (the text task has none) starts with the image, ``<img>p</img>``, then:
 
-| task | prompt | target |
+| task | prompt after ``<img>p</img>`` | target |
 |---|---|---|
-| caption | ``<img>p</img>Describe the image in English:`` | `` {caption}`` |
-| vqa | ``<img>p</img>{question} Answer:`` | `` {answer}`` |
-| grounding | ``<img>p</img><ref>{ref}</ref><box>`` | ``(x1,y1),(x2,y2)</box>`` |
-| referring | ``<img>p</img>Describe the region <box>(x1,y1),(x2,y2)</box> in English:`` | `` {ref}`` |
-| grounded_caption | ``<img>p</img>Generate the caption in English with grounding:`` | `` {caption with <ref>/<box>}`` |
-| ocr | ``<img>p</img>OCR with grounding:`` | `` <ref>{text}</ref><quad>(x,y)x4</quad>...`` |
-| choice | ``<img>p</img>Context: {hint}\nQuestion: {question}\nOptions: A. ..\nB. ..\nAnswer:`` | `` {letter}`` |
+| caption | ``Describe the image in English:`` | `` {caption}`` |
+| vqa | ``{question} Answer:`` | `` {answer}`` |
+| grounding | ``<ref>{ref}</ref><box>`` | ``(x1,y1),(x2,y2)</box>`` |
+| referring | ``Describe the region <box>(x1,y1),(x2,y2)</box> in English:`` | `` {ref}`` |
+| grounded_caption | ``Generate the caption in English with grounding:`` | `` {caption with <ref>/<box>}`` |
+| ocr | ``OCR with grounding:`` | `` <ref>{text}</ref><quad>(x,y)x4</quad>...`` |
+| choice | ``Context: {hint}\nQuestion: {question}\nOptions: A. ..\nB. ..\nAnswer:`` | `` {letter}`` |
 | text | (none) | ``{text}`` |
 """
 

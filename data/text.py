@@ -288,7 +288,8 @@ def format_points(points: list[tuple[int, int]]) -> str:
 
 
 def parse_boxes(text: str) -> list[tuple[int, int, int, int]]:
-    """Every ``<box>(x1,y1),(x2,y2)</box>`` in text, validated; BoxError on a malformed or out-of-range box."""
+    """Every ``<box>(x1,y1),(x2,y2)</box>`` in text, validated;
+    BoxError on a malformed or out-of-range box."""
     boxes = []
     for m in _BOX_ANY.finditer(text):
         strict = _BOX.fullmatch(m.group())

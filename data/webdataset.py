@@ -35,7 +35,8 @@ def parse_image_keys(spec: str) -> list[str]:
 
 
 def parse_caption_key(spec: str) -> tuple[str, str | None]:
-    """``"txt"`` -> (member ``txt``, whole text); ``"json:caption"`` -> (member ``json``, its field ``caption``)."""
+    """``"txt"`` -> (member ``txt``, whole text); ``"json:caption"`` -> (member ``json``, its field
+    ``caption``)."""
     member, _, field = spec.partition(":")
     if not member.strip() or (":" in spec and not field.strip()):
         raise UserError(
@@ -48,7 +49,8 @@ def parse_caption_key(spec: str) -> tuple[str, str | None]:
 def pair_of(
     sample: dict, url: str, image_keys: list[str], caption_key: tuple[str, str | None]
 ) -> tuple[dict, bytes]:
-    """A sample's ``{image, caption}`` record (the image named ``URL/KEY.EXT`` for messages) and image bytes."""
+    """A sample's ``{image, caption}`` record (the image named ``URL/KEY.EXT`` for
+    messages) and image bytes."""
     ext = next((k for k in image_keys if k in sample), None)
     members = sorted(k for k in sample if k != "__key__")
     if ext is None:
@@ -88,7 +90,8 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, prefix: str, per_
 
 
 def shard_pattern(paths: list[Path]) -> str:
-    """The brace pattern naming ``paths`` written by ``write_shards`` (``.../pretrain-{000000..000019}.tar``)."""
+    """The brace pattern naming ``paths`` written by ``write_shards``
+    (``.../pretrain-{000000..000019}.tar``)."""
     first, last = paths[0], paths[-1]
     prefix = first.name.rsplit("-", 1)[0]
     if len(paths) == 1:

@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m eval_mm.bench_thr
 
 def print_table(results: dict) -> None:
     print(
-        f"\n{results['device']}, {results['preset']} {results['dtype']}, prompts of {results['prompt_tokens']} tokens, "
+        f"\n{results['device']}, {results['preset']} {results['dtype']}, "
+        f"prompts of {results['prompt_tokens']} tokens, "
         f"{results['max_new_tokens']} new tokens, {results['options']} options"
     )
     print(f"{'variant':10} {'batch':>5} {'generate/s':>11} {'choice/s':>9} {'warm-up s':>10} {'peak GiB':>9}")

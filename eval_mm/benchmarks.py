@@ -21,7 +21,8 @@ SEED_PROMPT = "{prompt}"  # SEED-Bench records carry their full prompt (referenc
 class Benchmark:
     name: str
     # Record format, i.e. which loader in eval_mm.datasets reads the files:
-    # "vqa_jsonl" | "coco_caption" | "grounding_jsonl" | "choice_jsonl" | "seed_jsonl" | "mme_dir" | "preference_json"
+    # "vqa_jsonl" | "coco_caption" | "grounding_jsonl" | "choice_jsonl" | "seed_jsonl" | "mme_dir" |
+    # "preference_json"
     format: str
     test_file: str  # what the model is asked about
     metric: str  # a key of eval_mm.metrics.METRICS

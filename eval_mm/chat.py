@@ -114,7 +114,8 @@ DRAW_MIN_SIDE = 448  # smaller images are enlarged before drawing, so that label
 
 def draw_boxes(image_path: str | Path, boxes: list[GroundedBox], out: str | Path | None = None):
     """The image with each box drawn as a labelled rectangle (its ref, or its index); saved to ``out`` when
-    given. An image whose shorter side is under DRAW_MIN_SIDE pixels is enlarged first. Returns the PIL image."""
+    given. An image whose shorter side is under DRAW_MIN_SIDE pixels is enlarged first.
+    Returns the PIL image."""
     canvas = decode_image(image_path)  # the same checks as every image read (pixel cap, allowed formats)
     w, h = canvas.size
     if min(w, h) < DRAW_MIN_SIDE:
@@ -325,7 +326,8 @@ class Chat:
         return path
 
     def _user_message(self, text: str, new_images: list[str]) -> Message:
-        """The user turn: the new images (chatml: ``Picture n: <img>path</img>\n`` each), then the typed text."""
+        """The user turn: the new images (chatml: ``Picture n: <img>path</img>\n`` each),
+        then the typed text."""
         pieces: list[tuple[str, str]] = []
         for n, path in enumerate(new_images, start=len(self.images) + 1):
             if self.family:  # the template's image items, numbered by the template (add_vision_id) if at all
@@ -462,7 +464,8 @@ class Chat:
                 result["error"] = e
                 streamer.end()
 
-        # generate() runs in a thread so this one can hand out text while it is produced (TextIteratorStreamer).
+        # generate() runs in a thread so this one can hand out text while it is produced
+        # (TextIteratorStreamer).
         worker = threading.Thread(target=generate, daemon=True)
         worker.start()
         try:

@@ -100,6 +100,9 @@ def format_comparison(
             f"{r['change']:>+7.1f} {r['paired_se']:>9.1f} {r['won']:>5} {r['lost']:>5}"
         )
         if "reward_accuracy" in r:
-            line += f"   reward accuracy {r['reward_accuracy']:.1f}% (mean margin change {r['mean_margin_change']:+.2f} nats)"
+            line += (
+                f"   reward accuracy {r['reward_accuracy']:.1f}% "
+                f"(mean margin change {r['mean_margin_change']:+.2f} nats)"
+            )
         lines.append(line)
     return "\n".join(lines)

@@ -119,7 +119,8 @@ def _model_dtype(model) -> torch.dtype:
 def batch_to_device(
     batch: PromptBatch, model, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask, pixel_values in the model's dtype) on `device`; asynchronous from pinned memory."""
+    """(input_ids, attention_mask, pixel_values in the model's dtype) on `device`;
+    asynchronous from pinned memory."""
     return (
         batch.input_ids.to(device, non_blocking=True),
         batch.attention_mask.to(device, non_blocking=True),

@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m eval_mm.onpolicy"
             f"{counts[kind, 'unusable']} unusable (empty or malformed)"
         )
     print(
-        f"wrote {len(result)} pairs ({sum(v for (_, s), v in counts.items() if s == 'wrong')} with the model's "
+        f"wrote {len(result)} pairs "
+        f"({sum(v for (_, s), v in counts.items() if s == 'wrong')} with the model's "
         f"answer rejected) to {out}"
     )
 

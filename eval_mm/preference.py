@@ -24,7 +24,8 @@ NO_TRUNCATION = 1 << 30  # evaluation scores whole answers
 
 
 class PairBatchBuilder:
-    """Collate function: preference samples (``EvalSample.record``) -> a padded batch of pairs (data.collate)."""
+    """Collate function: preference samples (``EvalSample.record``) -> a padded batch of pairs
+    (data.collate)."""
 
     def __init__(self, tokenizer, bench_name: str, num_image_tokens: int, image_size: int):
         config = DataConfig(paths=[], image_size=image_size, max_len=NO_TRUNCATION)

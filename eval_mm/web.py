@@ -54,8 +54,8 @@ def shown(answer: str) -> str:
 
 @dataclass
 class Session:
-    """One browser session: its conversation, and what its chat window shows. Held on the server only (a gradio
-    State), so a client cannot hand the server a chat history that names files."""
+    """One browser session: its conversation, and what its chat window shows. Held on the server only (a
+    gradio State), so a client cannot hand the server a chat history that names files."""
 
     chat: Chat
     messages: list[dict] = field(default_factory=list)
@@ -156,7 +156,8 @@ def build_demo(
             session.messages = []
         return [], session, "", None, None
 
-    # delete_cache=(how often to look, how old a file may be), in seconds; everything goes when the server stops.
+    # delete_cache=(how often to look, how old a file may be), in seconds;
+    # everything goes when the server stops.
     with gr.Blocks(
         title=title, analytics_enabled=False, delete_cache=(min(600, keep_uploads_s), keep_uploads_s)
     ) as demo:
@@ -322,7 +323,8 @@ def build_parser(prog: str = "python -m eval_mm.web") -> argparse.ArgumentParser
 
 def serve(args: argparse.Namespace, block: bool = True):
     """Load the model and serve the page as ``args`` say; returns the running gradio app (``block=False``:
-    at once, else when the server stops). Refuses an exposed launch without a login before loading anything."""
+    at once, else when the server stops). Refuses an exposed launch without a login before
+    loading anything."""
     _import_gradio()  # fail with the install hint before the model loads
     logins = read_auth(args.auth, args.auth_file)
     check_exposure(args.host, args.share, logins)

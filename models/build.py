@@ -1,5 +1,5 @@
-"""Construction of a VLM: from configs, a local HF LLM directory and optionally OpenCLIP weights (``build_vlm``),
-or from a directory ``VLM.save_pretrained`` wrote (``load_vlm``)."""
+"""Construction of a VLM: from configs, a local HF LLM directory and optionally OpenCLIP weights
+(``build_vlm``), or from a directory ``VLM.save_pretrained`` wrote (``load_vlm``)."""
 
 from __future__ import annotations
 
@@ -170,7 +170,8 @@ def load_vlm(
     missing = sorted(expected - loaded)
     if set(missing) - expected_missing or unexpected:
         raise UserError(
-            f"{path}: checkpoint does not match the config: missing {sorted(set(missing) - expected_missing)[:10]}, "
+            f"{path}: checkpoint does not match the config: "
+            f"missing {sorted(set(missing) - expected_missing)[:10]}, "
             f"unexpected {sorted(unexpected)[:10]}"
         )
     if expected_missing:

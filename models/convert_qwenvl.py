@@ -102,7 +102,8 @@ def vlm_config_from_qwen(qwen: dict, config_path: Path, image_token_ids: dict[st
     _require(
         visual["image_start_id"] == image_token_ids["<img>"],
         config_path,
-        f"visual.image_start_id {visual['image_start_id']} != the tokenizer's <img> id {image_token_ids['<img>']}",
+        f"visual.image_start_id {visual['image_start_id']} != "
+        f"the tokenizer's <img> id {image_token_ids['<img>']}",
     )
 
     text_config = dict(

@@ -10,8 +10,8 @@ output, only the weight. So a checkpointed layer runs as
     out = hidden + down_proj(act)          # outside the checkpoint: saves nothing, never recomputed
 
 the same maths as the layer's forward, minus one of its seven products in the recompute: a 7B layer costs
-3 x 404 MFLOP per token in a LoRA step (forward, recompute, input gradient), the recompute's down projection 90
-of them. A trainable down projection would have to keep ``act`` (2.7x the layer's input), and an fp32 one
+3 x 404 MFLOP per token in a LoRA step (forward, recompute, input gradient), the recompute's down projection
+90 of them. A trainable down projection would have to keep ``act`` (2.7x the layer's input), and an fp32 one
 under bf16 autocast the bf16 copy of its weight, so such a layer is checkpointed whole. The compiled graph
 (``compile_layers``) is the core, called by the checkpoint, never a checkpoint inside a graph: transformers
 5.17 checkpoints around the layer's call and 5.25 inside its forward, and inductor 2.11 crashed on the

@@ -2,10 +2,11 @@
 
 A mistake of the user's (a bad recipe, a malformed data record, a missing image or checkpoint, an unknown
 benchmark name, a bad command-line value) raises ``UserError`` with a message that names the file and the
-record. Every CLI's entry point is wrapped in ``run_cli``: a UserError prints one line ``error: ...`` on stderr
-and exits with status 2, with no traceback unless ``--debug`` is on the command line or ``VLRECIPE_DEBUG=1`` is
-set. Anything else is a bug of ours and keeps its traceback. CLIs parse their arguments with this module's
-``ArgumentParser``, so a bad argument is reported the same way (usage, then the ``error:`` line, status 2).
+record. Every CLI's entry point is wrapped in ``run_cli``: a UserError prints one line ``error: ...`` on
+stderr and exits with status 2, with no traceback unless ``--debug`` is on the command line or
+``VLRECIPE_DEBUG=1`` is set. Anything else is a bug of ours and keeps its traceback. CLIs parse their
+arguments with this module's ``ArgumentParser``, so a bad argument is reported the same way (usage, then the
+``error:`` line, status 2).
 
 It lives in ``models`` because that is the lowest package: data, train and eval_mm all import it.
 """

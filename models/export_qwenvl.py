@@ -1,6 +1,7 @@
 """Export a VLM directory to the layout of the released Qwen-VL / Qwen-VL-Chat: the inverse of convert_qwenvl.
 
-    python -m models.export_qwenvl SRC_DIR OUT_DIR [--dtype bfloat16] [--dynamic-ntk] [--code-from QWEN_VL_DIR]
+    python -m models.export_qwenvl SRC_DIR OUT_DIR [--dtype bfloat16] [--dynamic-ntk]
+        [--code-from QWEN_VL_DIR]
 
 SRC_DIR is a full VLM export (what `models.load_vlm` reads: a trainer's final/ or merged/ directory,
 or a converted release). OUT_DIR receives what the release's own modelling code and the engines that

@@ -13,11 +13,11 @@ torchao installed (``pip install .[gpu]``); train.perf.fp8_unavailable says why 
 and for Q-LoRA's 4-bit decoder (bitsandbytes layers, not nn.Linear). This module imports torchao: the trainer
 imports it only with perf.fp8 on.
 
-torchao's ``Float8Linear`` computes the weight's gradient in every backward and keeps the layer's input for it,
-whether or not the weight trains; a frozen weight needs neither (one FP8 product of the two in backward, and
-the input of every frozen linear of a layer that is not checkpointed). ``FrozenFloat8Linear`` keeps torchao's
-module, casts and scaled products and replaces only the autograd function with one that computes the input
-gradient alone: written here because torchao has no frozen-weight path.
+torchao's ``Float8Linear`` computes the weight's gradient in every backward and keeps the layer's input for
+it, whether or not the weight trains; a frozen weight needs neither (one FP8 product of the two in backward,
+and the input of every frozen linear of a layer that is not checkpointed). ``FrozenFloat8Linear`` keeps
+torchao's module, casts and scaled products and replaces only the autograd function with one that computes the
+input gradient alone: written here because torchao has no frozen-weight path.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ ALIGNMENT = 16  # FP8 matrix products need both dimensions divisible by 16
 
 
 def frozen_linear(module: nn.Module, name: str) -> bool:
-    """The ``module_filter_fn``: a plain ``nn.Linear`` (not an adapter, not a 4-bit layer) whose parameters are
-    all frozen and whose dimensions FP8 products accept."""
+    """The ``module_filter_fn``: a plain ``nn.Linear`` (not an adapter, not a 4-bit layer) whose parameters
+    are all frozen and whose dimensions FP8 products accept."""
     if type(module) is not nn.Linear or "lora_" in name:
         return False
     if any(p.requires_grad for p in module.parameters()):
@@ -44,8 +44,9 @@ def frozen_linear(module: nn.Module, name: str) -> bool:
 
 
 def fp8_parts(vlm) -> dict[str, nn.Module]:
-    """The parts whose frozen linears run in FP8: the decoder layers (not the LM head: the fused loss reads its
-    weight directly) and the vision tower's blocks (not the resampler, which trains in every shipped stage)."""
+    """The parts whose frozen linears run in FP8: the decoder layers (not the LM head: the fused loss reads
+    its weight directly) and the vision tower's blocks (not the resampler,
+    which trains in every shipped stage)."""
     return {"decoder": vlm.llm.get_decoder().layers, "vision": vlm.vision.blocks}
 
 
@@ -57,7 +58,8 @@ def _to_fp8(
     dim: int,
     config: Float8LinearConfig,
 ):
-    """torchao's dynamic cast of one operand, as its Float8Linear does it (``dim``: the axis of axiswise scales)."""
+    """torchao's dynamic cast of one operand, as its Float8Linear does it
+    (``dim``: the axis of axiswise scales)."""
     axiswise = cast.scaling_granularity.value == "axiswise"
     return hp_tensor_to_float8_dynamic(
         tensor,

@@ -11,8 +11,8 @@ def apply_liger_to(llm) -> None:
 
     apply_liger_kernel_to_qwen2 also rebinds transformers' module-level Qwen2RMSNorm, Qwen2MLP and
     apply_rotary_pos_emb, so every Qwen2 model built afterwards in the process ran Triton kernels, on CPU
-    tensors too (a trained adapter loaded on the CPU for chat failed: "Pointer argument cannot be accessed from
-    Triton"). The classes are put back; RoPE is looked up by name at every call, so the module keeps a
+    tensors too (a trained adapter loaded on the CPU for chat failed: "Pointer argument cannot be accessed
+    from Triton"). The classes are put back; RoPE is looked up by name at every call, so the module keeps a
     dispatcher that sends CUDA tensors to liger and the rest to transformers' function."""
     # liger-kernel is an optional heavy dependency (the gpu extra): imported only when its kernels are used.
     from liger_kernel.transformers import apply_liger_kernel_to_qwen2

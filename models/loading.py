@@ -139,8 +139,8 @@ def resolve_export(path: str | Path, merge: bool = True) -> ExportLayout:
         families = ", ".join(spec.model_type for spec in FAMILIES.values())
         raise UserError(
             f"{origin}/config.json is not a vlrecipe VLM config, nor a supported family's "
-            f"(model_type {families}); convert Qwen-VL-Chat with python -m models.convert_qwenvl; an LLM goes "
-            "in model.llm_path"
+            f"(model_type {families}); convert Qwen-VL-Chat with python -m models.convert_qwenvl; "
+            "an LLM goes in model.llm_path"
         )
     raise UserError(
         f"{origin}: not a checkpoint directory (no config.json, {ADAPTER_CONFIG}, adapter/ or merged/)"

@@ -73,7 +73,8 @@ def tiny(vocab_size: int) -> VLMConfig:
 
 
 def demo(vocab_size: int) -> VLMConfig:
-    """The embedded demo's model (launch/demo.sh): a few million parameters, trained on 2 CPU cores in minutes.
+    """The embedded demo's model (launch/demo.sh): a few million parameters,
+    trained on 2 CPU cores in minutes.
 
     Like ``tiny`` (4x4 position table, 16 queries) but wide and deep enough to learn the synthetic
     world's captions, answers and boxes: vision width 128 with 3 blocks, a 4-layer LLM of width 160.

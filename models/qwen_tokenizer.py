@@ -47,7 +47,10 @@ from models.tokens import (
 
 # tokenization_qwen.py's PAT_STR. Note the single `\p{N}` (one digit per piece; GPT-4's cl100k uses
 # `\p{N}{1,3}`), so numbers are always split into single digits.
-QWEN_PRETOKENIZE_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN_PRETOKENIZE_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 NUM_EXTRA_TOKENS = 205
 IMAGE_SPECIAL_TOKENS = (
@@ -210,7 +213,8 @@ _TOKENIZER_PARTS = ("added_tokens", "normalizer", "pre_tokenizer", "post_process
 def tiktoken_ranks_from_tokenizer(
     tokenizer: PreTrainedTokenizerFast, where: str = "tokenizer"
 ) -> dict[bytes, int]:
-    """The {token_bytes: rank} that `qwen.tiktoken` must hold for `build_qwen_tokenizer` to give back `tokenizer`.
+    """The {token_bytes: rank} that `qwen.tiktoken` must hold for `build_qwen_tokenizer` to
+    give back `tokenizer`.
 
     qwen.tiktoken carries byte-level BPE ranks only: the release's tokenizer fixes everything else (its
     special tokens, right after the ranks in `QWEN_SPECIAL_TOKENS` order; the NFC normaliser; Qwen's

@@ -46,7 +46,8 @@ class ResizedPosTable:
     def __call__(self, table: torch.Tensor, num_positions: int) -> torch.Tensor:
         if table.requires_grad and torch.is_grad_enabled():
             return resize_pos_table(table, num_positions)
-        # _version changes with every in-place write (load_state_dict, an optimiser step), data_ptr with a move.
+        # _version changes with every in-place write (load_state_dict, an optimiser step),
+        # data_ptr with a move.
         key = (table.data_ptr(), table._version, table.dtype, table.device, num_positions)
         if key != self.key:
             self.key, self.value = key, resize_pos_table(table.detach(), num_positions)

@@ -159,13 +159,14 @@ class VLM(nn.Module):
         for row, (starts, ends, pads) in enumerate(counts):
             if starts != ends or pads != starts * cfg.num_image_tokens:
                 raise ValueError(
-                    f"batch row {row}: {starts} <img>, {ends} </img> and {pads} <imgpad> tokens; every image must be "
-                    f"<img> + {cfg.num_image_tokens} x <imgpad> + </img>"
+                    f"batch row {row}: {starts} <img>, {ends} </img> and {pads} <imgpad> tokens; "
+                    f"every image must be <img> + {cfg.num_image_tokens} x <imgpad> + </img>"
                 )
             seen += starts
             if seen > num_images:
                 raise ValueError(
-                    f"batch row {row}: image spans up to this row need {seen} images but pixel_values has {num_images}"
+                    f"batch row {row}: image spans up to this row need {seen} images "
+                    f"but pixel_values has {num_images}"
                 )
         if seen != num_images:
             raise ValueError(
@@ -332,7 +333,8 @@ class VLM(nn.Module):
         # 1024 patches at the LLM's width, their bf16 casts, LayerNorm's fp32 input): 1.4 GiB of a LoRA
         # step's 18 images, held through the whole decoder backward, and recomputed in ~0.2 ms per image.
         self.resampler_checkpointing = enabled and vision
-        # transformers 5 renamed gradient_* to activation_checkpointing_*; older releases only have the former.
+        # transformers 5 renamed gradient_* to activation_checkpointing_*;
+        # older releases only have the former.
         if enabled:
             enable = getattr(self.llm, "activation_checkpointing_enable", None)
             if enable is not None:

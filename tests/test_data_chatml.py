@@ -100,9 +100,9 @@ def test_system_turn_replaces_the_default_system_message(tiny_tokenizer):
         {"from": "assistant", "value": "yes"},
     ]
     text = tok.decode(render_chatml(tok, conv, N_IMG).input_ids)
-    assert (
-        text
-        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyes<|im_end|>\n"
+    assert text == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+        "<|im_start|>assistant\nyes<|im_end|>\n"
     )
 
 

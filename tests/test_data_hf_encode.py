@@ -171,7 +171,8 @@ def test_records_of_every_format_encode_alike(processor, images, tmp_path):
 
 
 def test_the_released_qwen2_vl_ids():
-    """reference 1.2.4: a 56x84 image (grid 1x4x6, 6 pads) in Qwen2-VL's template, ids as transformers gives."""
+    """reference 1.2.4: a 56x84 image (grid 1x4x6, 6 pads) in Qwen2-VL's template,
+    ids as transformers gives."""
     processor = build_family_processor(FAMILIES["qwen2_vl"], TIKTOKEN)
     conversation = [
         {"from": "user", "value": "<img>x.png</img>Describe this image."},

@@ -61,8 +61,9 @@ def test_demo_writes_metrics_of_every_stage_on_every_benchmark(tmp_path):
     assert "(sft, chatml prompts)" in proc.stdout and "(multitask, raw prompts)" in proc.stdout
     assert "(dpo, chatml prompts)" in proc.stdout and "rewards/accuracies" in proc.stdout
     assert "| sft |" in proc.stdout and "| dpo |" in proc.stdout and "demo wall time" in proc.stdout
-    # DPO against its SFT start on the same samples (eval_mm.compare): every benchmark with a per-sample metric,
-    # and DPO's implicit reward on the held-out pairs (eval_mm.metrics.reward_accuracy), also in metrics.json
+    # DPO against its SFT start on the same samples (eval_mm.compare): every benchmark with a per-sample
+    # metric, and DPO's implicit reward on the held-out pairs (eval_mm.metrics.reward_accuracy),
+    # also in metrics.json
     comparison = json.loads((out / "dpo_vs_sft.json").read_text())
     assert set(comparison) == set(BENCHES) and "skipped" in comparison["synth_caption"]
     for bench in ("synth_vqa", "synth_grounding", "synth_mc", "synth_preference"):

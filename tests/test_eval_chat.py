@@ -1,7 +1,8 @@
-"""eval_mm.chat and `python -m eval_mm chat`: prompts are the training rendering of the conversation (multi-turn
-ChatML, raw = the eval prompt), answers are the model's greedy output streamed piece by piece, sampling is
-reproducible with a seed, grounded boxes are parsed and drawn, the conversation saves as training data, and
-the CLI answers once (--json, --draw) or runs a session on stdin; mistakes are one `error:` line, exit 2."""
+"""eval_mm.chat and `python -m eval_mm chat`: prompts are the training rendering of the conversation
+(multi-turn ChatML, raw = the eval prompt), answers are the model's greedy output streamed piece by piece,
+sampling is reproducible with a seed, grounded boxes are parsed and drawn, the conversation saves as training
+data, and the CLI answers once (--json, --draw) or runs a session on stdin;
+mistakes are one `error:` line, exit 2."""
 
 from __future__ import annotations
 
@@ -395,9 +396,9 @@ def test_cli_session_on_stdin(sft_checkpoint, images, tmp_path):
 
 
 # The bad inputs of `python -m eval_mm chat` (issue 27, item 7) and their outcome: one `error:` line beginning
-# with the given text (after argparse's usage, for a bad option) and exit status 2, or an answer (None: status 0)
-# for what is only text. {tmp} is a folder
-# holding notes.txt (not an image) and "a<img>b.png" (an image whose name holds a tag); {sft} a chat checkpoint.
+# with the given text (after argparse's usage, for a bad option) and exit status 2, or an answer (None:
+# status 0) for what is only text. {tmp} is a folder holding notes.txt (not an image) and "a<img>b.png" (an
+# image whose name holds a tag); {sft} a chat checkpoint.
 CHAT_BAD_INPUTS = [
     (
         "no checkpoint",
@@ -407,8 +408,8 @@ CHAT_BAD_INPUTS = [
     (
         "adapter without a base",
         ["--checkpoint", "{tmp}/adapter", "--prompt", "hi"],
-        "error: {tmp}/adapter: an adapter, and its training_info.json records no base (init_from); pass the base "
-        "export it was trained on (--base DIR, or base=)",
+        "error: {tmp}/adapter: an adapter, and its training_info.json records no base (init_from); "
+        "pass the base export it was trained on (--base DIR, or base=)",
     ),
     (
         "--json alone",

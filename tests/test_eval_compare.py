@@ -100,9 +100,8 @@ def test_compare_runs_scores_every_sample_of_both_runs(tmp_path):
     assert "not a mean over samples" in r["synth_caption"]["skipped"]
     g = r["synth_grounding"]
     assert (g["baseline"], g["candidate"], g["change"], g["won"], g["lost"]) == (50.0, 75.0, 25.0, 2, 1)
-    p = r[
-        "synth_preference"
-    ]  # right (margin > 0): 2 of 4 -> 3 of 4; margins grew on pairs 0 and 1 (+2, +1.5), fell on 2 and 3 (-1, -1)
+    # right (margin > 0): 2 of 4 -> 3 of 4; margins grew on pairs 0 and 1 (+2, +1.5), fell on 2 and 3 (-1, -1)
+    p = r["synth_preference"]
     assert (p["baseline"], p["candidate"], p["won"], p["lost"]) == (50.0, 75.0, 1, 0)
     assert p["reward_accuracy"] == 50.0 and p["mean_margin_change"] == pytest.approx((2 + 1.5 - 1 - 1) / 4)
 

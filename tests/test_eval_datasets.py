@@ -47,7 +47,9 @@ def test_seed_bench_records_carry_their_prompt(tmp_path):
         json.dumps(
             {
                 "question_id": "q7",
-                "prompt": "<img>seed_bench/a.jpg</img>\nQuestion: x\nOptions: A. 1\nB. 2\nC. 3\nD. 4\nAnswer:",
+                "prompt": (
+                    "<img>seed_bench/a.jpg</img>\nQuestion: x\nOptions: A. 1\nB. 2\nC. 3\nD. 4\nAnswer:"
+                ),
                 "answer": "C",
             }
         )

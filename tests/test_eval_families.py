@@ -1,4 +1,5 @@
-"""Specification of evaluation, chat and loading for the Hugging Face families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
+"""Specification of evaluation, chat and loading for the Hugging Face families
+(Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
 
 A family export (an HF directory: the model's save_pretrained plus its processor's) loads with
 models.load_pretrained as (HFFamilyModel, processor), full, as a peft adapter on its base, or merged;

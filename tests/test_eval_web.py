@@ -125,7 +125,8 @@ def plain_answer(checkpoint):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
-    """Files on the server, none of them uploaded: a real image, a text file, and a path that does not exist."""
+    """Files on the server, none of them uploaded: a real image, a text file,
+    and a path that does not exist."""
     root = tmp_path_factory.mktemp("server_files")
     Image.new("RGB", (64, 48), (30, 200, 30)).save(root / "private.png")
     (root / "secret.txt").write_text("not for the page\n")
@@ -269,7 +270,8 @@ def test_the_image_input_takes_only_uploads_and_says_the_same_whatever_the_path(
         window, error = ask(served, "What colour is it?", {"path": str(path)})
         assert (window, error) == (None, UNREADABLE_UPLOAD), name
         assert str(path) not in opened_files, name
-    # ... or one marked as FileData, sent without gradio's client (which would upload the file): gradio refuses it.
+    # ... or one marked as FileData, sent without gradio's client (which would upload the
+    # file): gradio refuses it.
     with httpx.Client(base_url=served, timeout=WAIT_S) as http:
         http.post("login", data=dict(zip(("username", "password"), LOGIN))).raise_for_status()
         replies = set()

@@ -1,6 +1,6 @@
-"""models.decoder_layers: a checkpointed Llama-family layer with a frozen down projection recomputes everything
-but that projection; losses and gradients are those of the layer's own forward, for every architecture listed,
-compiled or not, and generation (outside training) runs the layer's own forward."""
+"""models.decoder_layers: a checkpointed Llama-family layer with a frozen down projection recomputes
+everything but that projection; losses and gradients are those of the layer's own forward, for every
+architecture listed, compiled or not, and generation (outside training) runs the layer's own forward."""
 
 from __future__ import annotations
 
@@ -78,9 +78,10 @@ def test_checkpointed_layers_give_the_layers_own_loss_and_gradients(layer_type, 
     assert grads.keys() == expected[1].keys()
     for name, grad in expected[1].items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
-    # Against transformers' whole-layer checkpointing: a frozen down projection is not recomputed (its product,
-    # 2 x tokens x intermediate x hidden FLOPs per layer, is saved); a trainable one is. The recompute runs to
-    # the layer's end here, as a compiled layer's does (its graph is one op: eager checkpointing may stop early).
+    # Against transformers' whole-layer checkpointing: a frozen down projection is not recomputed (its
+    # product, 2 x tokens x intermediate x hidden FLOPs per layer, is saved); a trainable one is. The
+    # recompute runs to the layer's end here, as a compiled layer's does (its graph is one op: eager
+    # checkpointing may stop early).
     split.zero_grad(set_to_none=True)
     whole = copy.deepcopy(plain)
     whole.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -90,9 +91,10 @@ def test_checkpointed_layers_give_the_layers_own_loss_and_gradients(layer_type, 
 
 
 def test_a_down_projection_that_would_keep_a_cast_copy_of_its_weight_stays_inside_the_checkpoint():
-    """Under bf16 autocast an fp32 frozen weight is cast for every call and the cast copy is what the product's
-    backward keeps: outside the checkpoint that is one weight-sized copy per layer (the plain anchor's fp32
-    frozen weights measured 2.7 GiB more on the H100). bf16 weights, or no autocast, keep nothing extra."""
+    """Under bf16 autocast an fp32 frozen weight is cast for every call and the cast copy is what the
+    product's backward keeps: outside the checkpoint that is one weight-sized copy per layer (the plain
+    anchor's fp32 frozen weights measured 2.7 GiB more on the H100). bf16 weights, or no autocast, keep
+    nothing extra."""
     from models.decoder_layers import down_projection_keeps_nothing
 
     layer = tiny_lm("Qwen2DecoderLayer").model.layers[0]

@@ -45,8 +45,10 @@ def openclip_checkpoint(tmp_path_factory):
 
 
 def tower_cfg(pos_grid: int, ln_eps: float) -> VisionConfig:
-    return VisionConfig(image_size=56, patch_size=14, width=64, layers=2, heads=4, mlp_dim=128, pos_grid=pos_grid,
-                        ln_eps=ln_eps)  # fmt: skip
+    return VisionConfig(
+        image_size=56, patch_size=14, width=64, layers=2, heads=4, mlp_dim=128, pos_grid=pos_grid,
+        ln_eps=ln_eps,
+    )  # fmt: skip
 
 
 def test_openclip_uses_exact_gelu(openclip_checkpoint):

@@ -301,9 +301,9 @@ def test_gradient_checkpointing_keeps_loss_and_grads(tiny_vlm, batch):
 
 
 def test_a_checkpointed_resampler_keeps_only_its_input_for_backward(tiny_vlm):
-    """Under a frozen ViT the resampler trains and, unless checkpointed, keeps its k/v projections, their casts
-    and LayerNorm inputs for every image until the decoder's backward is done (1.4 GiB of a full-shape LoRA
-    step); checkpointed it keeps its input and gives the same gradients."""
+    """Under a frozen ViT the resampler trains and, unless checkpointed, keeps its k/v projections, their
+    casts and LayerNorm inputs for every image until the decoder's backward is done (1.4 GiB of a full-shape
+    LoRA step); checkpointed it keeps its input and gives the same gradients."""
     pixels = images(4)
     kept, grads = [], []
     for enabled in (False, True):

@@ -72,7 +72,8 @@ def test_compiled_layers_under_checkpointing_with_changing_row_lengths_cpu(tiny_
 @pytest.mark.parametrize("liger", [False, True])
 def test_compiled_varlen_layers_with_lora_dropout_under_checkpointing_gpu(tiny_vlm, tiny_tokenizer, liger):
     """The issue's crash, reproduced at tiny scale: varlen attention fed by the collator's boundaries,
-    inductor-compiled decoder layers, every layer checkpointed, LoRA dropout, rows of a new length each step."""
+    inductor-compiled decoder layers, every layer checkpointed, LoRA dropout,
+    rows of a new length each step."""
     from train.perf import apply_perf_switches
     from train.recipe import PerfSection
 

@@ -1,8 +1,8 @@
-"""perf.fp8 (models/fp8.py): the frozen linears' products in FP8 through torchao, opt-in. On a CPU: it refuses in
-one log line where it cannot run, converts exactly the frozen nn.Linear layers of the decoder layers and vision
-blocks (adapters, resampler, LM head untouched), keeps nothing but the frozen weight for backward, computes no
-weight gradient, and (torchao's emulated FP8) moves a LoRA step's loss and gradients only by FP8 rounding.
-The tests of the conversion need torchao (the gpu extra) and are skipped without it."""
+"""perf.fp8 (models/fp8.py): the frozen linears' products in FP8 through torchao, opt-in. On a CPU: it refuses
+in one log line where it cannot run, converts exactly the frozen nn.Linear layers of the decoder layers and
+vision blocks (adapters, resampler, LM head untouched), keeps nothing but the frozen weight for backward,
+computes no weight gradient, and (torchao's emulated FP8) moves a LoRA step's loss and gradients only by FP8
+rounding. The tests of the conversion need torchao (the gpu extra) and are skipped without it."""
 
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ def fp8():
 
 
 def lora_model(tiny_vlm):
-    """The tiny model as the LoRA recipe trains it: ViT and LLM frozen, resampler trained, adapters on the LLM."""
+    """The tiny model as the LoRA recipe trains it: ViT and LLM frozen, resampler trained,
+    adapters on the LLM."""
     model = copy.deepcopy(tiny_vlm).train()
     apply_freezing(
         model, FreezeSection(vision="frozen", resampler="train", llm="frozen", embeddings="frozen")

@@ -1,6 +1,6 @@
-"""perf.offload_activations (train.offload): what a checkpointed forward saves for backward waits in pinned host
-memory. The gradients are exactly those without offloading, the GPU holds less between forward and backward,
-and a tensor's memory is never reused while its copy to the host is still reading it."""
+"""perf.offload_activations (train.offload): what a checkpointed forward saves for backward waits in pinned
+host memory. The gradients are exactly those without offloading, the GPU holds less between forward and
+backward, and a tensor's memory is never reused while its copy to the host is still reading it."""
 
 from __future__ import annotations
 

@@ -266,8 +266,8 @@ def test_dpo_with_the_adapter_disabled_reference_never_compiles_its_decoder(tiny
 
 
 def test_liger_kernels_stay_off_where_the_decoder_layers_compile(tiny_vlm):
-    """Inductor fuses RMSNorm, RoPE and SwiGLU inside the compiled layers itself, and liger's RoPE breaks their
-    graph (12% slower on the H100); liger stays on where nothing compiles the decoder (Q-LoRA)."""
+    """Inductor fuses RMSNorm, RoPE and SwiGLU inside the compiled layers itself, and liger's RoPE breaks
+    their graph (12% slower on the H100); liger stays on where nothing compiles the decoder (Q-LoRA)."""
     from train.perf import resolve_perf
     from train.recipe import PerfSection
 

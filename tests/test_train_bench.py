@@ -26,7 +26,8 @@ def test_a_dpo_recipe_on_long_conversations_is_refused_with_a_reason():
 
 def test_the_summary_gives_the_window_average_and_the_median_step():
     """tokens/s over the timed window (all its tokens over all its seconds) and the median step's rate: a step
-    that meets new shapes pays a one-time cost, which the mean of a short window carries and the median not."""
+    that meets new shapes pays a one-time cost, which the mean of a short window carries
+    and the median not."""
     from train.bench import summarise
 
     rows = [

@@ -101,7 +101,8 @@ def test_token_log_probs_sum_to_the_sft_loss_and_every_implementation_agrees():
 
 
 def pair_item(vocab, prompt, chosen, rejected, seed, image=None):
-    """A text pair (random ids) sharing its prompt; labels on the answers only, as data.chatml renders them."""
+    """A text pair (random ids) sharing its prompt; labels on the answers only,
+    as data.chatml renders them."""
     g = torch.Generator().manual_seed(seed)
     head = torch.randint(20, vocab, (prompt,), generator=g)
     if image is not None:  # (start id, pad id, end id, num pads, pixels): an image span in the prompt
@@ -371,8 +372,8 @@ def test_adapter_disabled_reference_gives_the_base_models_log_probs(tiny_vlm):
     torch.testing.assert_close(reference, base_logps, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(policy, base_logps, atol=1e-3)  # the adapter is back on afterwards
 
-    # Adapters that train in the vision tower keep it from sharing one encoding between the reference's forward,
-    # adapters off, and the policy's: each forward encodes, and the policy sees its adapters' effect.
+    # Adapters that train in the vision tower keep it from sharing one encoding between the reference's
+    # forward, adapters off, and the policy's: each forward encodes, and the policy sees its adapters' effect.
     runs = []
     model.get_base_model().vision.register_forward_hook(lambda *args: runs.append(1))
     with torch.no_grad(), frozen_vision_shared(model.get_base_model()):

@@ -1,4 +1,5 @@
-"""Training metrics reach metrics.jsonl and the chosen backend (TensorBoard, or wandb offline without a key)."""
+"""Training metrics reach metrics.jsonl and the chosen backend (TensorBoard,
+or wandb offline without a key)."""
 
 from __future__ import annotations
 

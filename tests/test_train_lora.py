@@ -207,7 +207,8 @@ def test_fused_lora_forward_gives_peft_outputs_and_gradients(dropout):
 
 
 def test_fused_lora_forward_under_bf16_autocast_matches_peft_within_bf16():
-    """The trainer's setting: frozen bf16 base, fp32 adapters, bf16 autocast (CPU here, CUDA in the trainer)."""
+    """The trainer's setting: frozen bf16 base, fp32 adapters, bf16 autocast
+    (CPU here, CUDA in the trainer)."""
     peft_model, fused = _peft_and_fused(0.0, dtype=torch.bfloat16)
     x = torch.randn(4, 7, 48)
     want, want_grads = _run(peft_model, x, seed=1, autocast=True)

@@ -186,8 +186,8 @@ def summarise(
 
 def print_table(results: list[Result]) -> None:
     header = (
-        f"{'workload':<10}{'variant':<9}{'steps':>6}{'tok/s':>10}{'median':>9}{'samp/s':>9}{'MFU':>8}{'peak GiB':>10}"
-        f"{'start-up s':>12}{'loss@1':>9}"
+        f"{'workload':<10}{'variant':<9}{'steps':>6}{'tok/s':>10}{'median':>9}{'samp/s':>9}{'MFU':>8}"
+        f"{'peak GiB':>10}{'start-up s':>12}{'loss@1':>9}"
     )
     print("\n" + header + "\n" + "-" * len(header))
     for r in results:

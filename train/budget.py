@@ -15,10 +15,10 @@ one that fits. The settings chosen are those the recipe leaves at ``auto``:
 A setting the recipe gives a value keeps it, and the log line marks it "(set)".
 
 The cost model (``extra_seconds``) is the time a step spends on what the memory saving costs, nothing else:
-- recompute: the FLOPs the checkpointed parts run a second time (train.flops.recompute_flops: a decoder layer's
-  linears without the down projection where models.decoder_layers leaves it outside the checkpoint, its LoRA
-  adapters, its attention; the resampler's forward per image, the vision tower's when it is checkpointed),
-  at the rate the H100 profiles measured for the step's matrix products (docs/benchmarks.md);
+- recompute: the FLOPs the checkpointed parts run a second time (train.flops.recompute_flops: a decoder
+  layer's linears without the down projection where models.decoder_layers leaves it outside the checkpoint,
+  its LoRA adapters, its attention; the resampler's forward per image, the vision tower's when it is
+  checkpointed), at the rate the H100 profiles measured for the step's matrix products (docs/benchmarks.md);
 - offload: the copies run on side streams, overlapped with compute; what they cost the step was measured
   (1-1.5% of a step, ~5 ms per GiB parked). Only considered with every decoder layer checkpointed: a layer
   that keeps its whole activations (~150 KB per token) would park them over PCIe, slower than recomputing it.
@@ -124,7 +124,8 @@ class BudgetChoice:
         if measured_gib <= self.planned_peak_gib * (1 + PLAN_ERROR):
             return None
         return (
-            f"warning: peak memory {measured_gib:.1f} GiB exceeds the planned {self.planned_peak_gib:.1f} GiB "
+            f"warning: peak memory {measured_gib:.1f} GiB "
+            f"exceeds the planned {self.planned_peak_gib:.1f} GiB "
             f"by {measured_gib / self.planned_peak_gib - 1:.0%} (more than the planner's {PLAN_ERROR:.0%}): "
             f"train/plan_calibration.py needs this run (python -m train.plan shows the plan)"
         )
@@ -183,7 +184,8 @@ def candidates(
         options("checkpoint_vision", [True, False] if vision_choice else [True]),
         options("max_forward_tokens", forwards),
     ):
-        # Offload with un-checkpointed layers would park their whole activations on the host (module docstring).
+        # Offload with un-checkpointed layers would park their whole activations on the
+        # host (module docstring).
         if offload and k < layers and "offload" not in fixed and "checkpointed_layers" not in fixed:
             continue
         out.append(Settings(k, offload, vision, forward))
@@ -266,7 +268,8 @@ def fixed_settings(recipe: Recipe, layers: int) -> dict[str, object]:
 
 def without_budget(recipe: Recipe) -> Recipe:
     """``auto`` settings as they are without a budget: every layer checkpointed with its input on the GPU,
-    the resampler checkpointed, forwards of one packed row (data.pack_len; without it, one per micro-batch)."""
+    the resampler checkpointed, forwards of one packed row (data.pack_len; without it, one per
+    micro-batch)."""
     p, t, d = recipe.perf, recipe.train, recipe.data
     one_row = d.pack_len if d.packing else None
     return apply(

@@ -216,7 +216,8 @@ def load_checkpoint(engine: Engine, path: Path) -> tuple[dict, dict]:
         expected = trainable_state_dict(engine.model)
         if set(saved) != set(expected):
             raise UserError(
-                f"{path}: trainable parameters differ from the recipe's: missing {sorted(set(expected) - set(saved))[:5]}, "
+                f"{path}: trainable parameters differ from the recipe's: "
+                f"missing {sorted(set(expected) - set(saved))[:5]}, "
                 f"unexpected {sorted(set(saved) - set(expected))[:5]}"
             )
         with torch.no_grad():

@@ -23,7 +23,8 @@ STREAMING_STARTUP_RECORDS = 100_000
 
 
 def recipe_tokenizer(model: ModelSection):
-    """The tokenizer training will use, with the VLM special tokens added (the model family's: train.assemble)."""
+    """The tokenizer training will use, with the VLM special tokens added (the model family's:
+    train.assemble)."""
     return family_of(model).tokenizer(model)
 
 
@@ -76,4 +77,7 @@ def _run_check(recipe: Recipe, run_dir: Path) -> str | None:
         print(f"{report.summary()}{limited}; {where}", flush=True)
         return None
     first = report.first_error()  # the file and record of one error, so the line alone says where to look
-    return f"{report.summary()}{limited}; {f'first: {first}; ' if first else ''}{where} (data.check: off skips the check)"
+    return (
+        f"{report.summary()}{limited}; {f'first: {first}; ' if first else ''}{where} "
+        "(data.check: off skips the check)"
+    )

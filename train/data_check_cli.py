@@ -71,7 +71,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m data.check") -> i
         "--max-error-fraction",
         type=float,
         metavar="F",
-        help="fail when more records than this fraction have an error (default: data.check_max_error_fraction, 0.001)",
+        help=(
+            "fail when more records than this fraction have an error "
+            "(default: data.check_max_error_fraction, 0.001)"
+        ),
     )
     p.add_argument(
         "--workers",

@@ -1,8 +1,9 @@
 """Diagnosis aids for the training loop, off unless an environment variable asks for them.
 
-- ``VLRECIPE_PROFILE_STEP=N`` (or ``N,M,...``): profile step N (forward, backward and optimiser step) with torch.profiler;
-  rank 0 prints the top kernels by device time, the step's wall time and how much of it the GPU was busy,
-  and, with ``VLRECIPE_PROFILE_DIR=DIR``, writes DIR/trace_stepN.json.gz (chrome://tracing, Perfetto).
+- ``VLRECIPE_PROFILE_STEP=N`` (or ``N,M,...``): profile step N (forward, backward and optimiser step) with
+  torch.profiler; rank 0 prints the top kernels by device time, the step's wall time and how much of it the
+  GPU was busy, and, with ``VLRECIPE_PROFILE_DIR=DIR``, writes DIR/trace_stepN.json.gz
+  (chrome://tracing, Perfetto).
 - ``VLRECIPE_MEMORY_STEP=N``: record every CUDA allocation from the first step to the end of step N
   (torch.cuda.memory._record_memory_history), then print what was live at the peak, grouped by the
   allocating source line, and write the snapshot to ``VLRECIPE_PROFILE_DIR`` (pytorch.org/memory_viz).

@@ -172,7 +172,8 @@ class DirectPreference:
 
 # ------------------------------------------------------------------------------------------ reference
 def reference_mode(preference: PreferenceSection, lora: LoraSection) -> str:
-    """The preference section's reference, "auto" resolved: adapter_disabled with LoRA, frozen_copy otherwise."""
+    """The preference section's reference, "auto" resolved: adapter_disabled with LoRA,
+    frozen_copy otherwise."""
     if preference.reference == "auto":
         return "adapter_disabled" if lora.enabled else "frozen_copy"
     return preference.reference

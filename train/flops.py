@@ -6,8 +6,8 @@ linear layers + LM head (embedding lookups are not matmuls). LoRA adapters: 6 pe
 token (vision tower adapters: per patch). Causal attention: 2*s^2*d per layer per sample forward, x3 with
 backward. Per image: the vision tower forward only unless it trains (x3) or carries LoRA adapters (x2: input
 gradients through its frozen weights), the resampler x3 when gradient reaches it (it or the ViT trains). A
-frozen reference model's forward (DPO) is model work too: ``forward_flops``. Recomputation by activation checkpointing and Q-LoRA dequantisation are not counted: they
-are overhead, not model FLOPs.
+frozen reference model's forward (DPO) is model work too: ``forward_flops``. Recomputation by activation
+checkpointing and Q-LoRA dequantisation are not counted: they are overhead, not model FLOPs.
 
 The plain "6 x all parameters x tokens" estimate overstates a VLM step by ~10% at the Qwen-VL shape: a
 frozen 1.84B ViT runs forward only, and per image (1,024 patches), not per text token.

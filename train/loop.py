@@ -187,8 +187,10 @@ def train(recipe: Recipe) -> Path:
         flops = flops + forward_flops(vlm.config, vision=objective.reference_encodes_images)
     if info.is_main and cuda:  # what the step's activations add to this is the rest of the peak
         print(
-            f"memory before the first step: {torch.cuda.memory_allocated(info.device) / 2**30:.1f} GiB allocated "
-            f"(weights and optimiser state; peak so far {torch.cuda.max_memory_allocated(info.device) / 2**30:.1f})",
+            "memory before the first step: "
+            f"{torch.cuda.memory_allocated(info.device) / 2**30:.1f} GiB allocated "
+            "(weights and optimiser state; peak so far "
+            f"{torch.cuda.max_memory_allocated(info.device) / 2**30:.1f})",
             flush=True,
         )
 

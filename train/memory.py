@@ -121,7 +121,8 @@ class Setup:
     load_shard_bytes: float = 0.0  # an export read onto the GPU: the largest safetensors shard, held once
     zero3_built_whole: bool = False  # ZeRO-3 from a preset: drawn whole in bf16 on each GPU, then partitioned
     zero: dict = field(default_factory=dict)  # DeepSpeed zero_optimization settings
-    # DPO (train.stage: dpo): where the reference log-probs come from (train.dpo.reference_mode), or "" (not DPO)
+    # DPO (train.stage: dpo): where the reference log-probs come from
+    # (train.dpo.reference_mode), or "" (not DPO)
     reference: str = ""
     offload_activations: bool = (
         False  # perf.offload_activations: the decoder's saved activations wait on the host
@@ -273,7 +274,8 @@ def zero3_gathered(c: Counts, d: Dims, s: Setup) -> float:
 
 def optimizer_step_transient(c: Counts, s: Setup) -> float:
     """Extra bytes while the optimiser steps. torch's fused AdamW has no large temporary; its foreach form
-    (weights not on the GPU when the optimiser is built) keeps one fp32 tensor of a group (sqrt of exp_avg_sq).
+    (weights not on the GPU when the optimiser is built) keeps one fp32 tensor of a group
+    (sqrt of exp_avg_sq).
     - ZeRO-2: per group, the bf16 gradient partition flattened and cast to an fp32 gradient (2 + 4 bytes;
       the gradient partition is freed before the last group steps, which covers a foreach temporary).
     - ZeRO-3: the same per sub-group of at most zero_optimization.sub_group_size elements."""
@@ -367,8 +369,9 @@ def vision_terms(d: Dims, s: Setup, b: MicroBatch) -> tuple[float, float, float]
     else:
         forward = n * p * (10 * w + 4 * m)  # under no_grad: one block of every image at a time
     if s.vision_trains or s.vision_lora_inputs or s.resampler_trains:
-        # kv_proj's input, its output, LayerNorm's fp32 input and output, their bf16 casts, the k and v projections:
-        # 1.45 GiB for 18 images measured at the Qwen-VL shape (docs/benchmarks.md, memory at the peak)
+        # kv_proj's input, its output, LayerNorm's fp32 input and output, their bf16 casts, the k and v
+        # projections: 1.45 GiB for 18 images measured at the Qwen-VL shape
+        # (docs/benchmarks.md, memory at the peak)
         resampler = n * p * (act * w + 20 * d.hidden)
         if s.grad_checkpointing and s.vision_checkpointing:  # VLM.set_gradient_checkpointing: input kept
             kept += n * p * act * w

@@ -1,4 +1,5 @@
-"""Saved activations parked in pinned host memory between a forward and its backward (``perf.offload_activations``).
+"""Saved activations parked in pinned host memory between a forward and its backward
+(``perf.offload_activations``).
 
 With every decoder layer checkpointed, what autograd keeps on the GPU across a forward is each layer's input
 (tokens x hidden x 2 bytes per layer: 2 GiB at 8,192 tokens through a 32-layer, 4096-wide decoder) and a few

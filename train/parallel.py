@@ -181,7 +181,8 @@ class Engine:
                 self.module = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
             self.optimizer, self.scheduler = optimizer, scheduler
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        # perf.offload_activations: what the forward saves for backward waits in pinned host memory (train.offload)
+        # perf.offload_activations: what the forward saves for backward waits in pinned host memory
+        # (train.offload)
         self.offload = None
         if recipe.perf.offload_activations and dist_info.device.type == "cuda":
             self.offload = ActivationOffload()

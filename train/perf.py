@@ -66,8 +66,9 @@ def resolve_perf(
                 ""
                 if vlm.llm.config.model_type == "qwen2"
                 else f"no liger kernels for {vlm.llm.config.model_type}",
-                # Measured on one H100 (docs/benchmarks.md): the compiled layers without liger ran 12% faster than
-                # with it. Inductor fuses RMSNorm, RoPE and SwiGLU itself, and liger's RoPE breaks the layer's graph.
+                # Measured on one H100 (docs/benchmarks.md): the compiled layers without liger ran 12% faster
+                # than with it. Inductor fuses RMSNorm, RoPE and SwiGLU itself,
+                # and liger's RoPE breaks the layer's graph.
                 "the decoder layers compile (inductor fuses what liger would)" if compiles_llm else "",
             ],
         )

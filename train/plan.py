@@ -168,8 +168,8 @@ def setup_of(recipe: Recipe, model: ModelPlan, gpus: int, notes: list[str], sour
     qwen2 = model.config.text_config.get("model_type") == "qwen2"
     loss_impl = "liger" if perf.loss_impl == "auto" else perf.loss_impl
     # Where the decoder layers compile, resolve_perf leaves liger's kernels off: inductor fuses the same
-    # RMSNorm / RoPE / SwiGLU work, and its layers keep what liger's would (the calibration's 2026-12-06 rows).
-    # The memory model is liger's either way.
+    # RMSNorm / RoPE / SwiGLU work, and its layers keep what liger's would (the calibration's 2026-12-06
+    # rows). The memory model is liger's either way.
     liger_kernels = qwen2 if perf.liger_kernels == "auto" else perf.liger_kernels
     if "auto" in (perf.loss_impl, perf.liger_kernels):
         notes.append(
@@ -253,9 +253,9 @@ def micro_batch_shape(
 ) -> MicroBatch:
     """Rows and tokens of a micro-batch of ``micro_batch`` samples (DPO: pairs of ``group`` = 2 sequences,
     whose images the batch holds once per pair, data.collate) of ``tokens_per_sample`` tokens per sequence.
-    Packed (data.packing): greedy rows of up to pack_len (else max_len) tokens, padded to the longest row (data.packing.pack); otherwise one
-    sequence per row. ``max_forward_tokens`` (train.max_forward_tokens): forward passes of as many whole
-    rows as fit (at least one; data.collate.split_rows)."""
+    Packed (data.packing): greedy rows of up to pack_len (else max_len) tokens, padded to the longest row
+    (data.packing.pack); otherwise one sequence per row. ``max_forward_tokens`` (train.max_forward_tokens):
+    forward passes of as many whole rows as fit (at least one; data.collate.split_rows)."""
     sequences = micro_batch * group
     per_row = samples_per_row(data, tokens_per_sample, group)
     rows = math.ceil(sequences / per_row)
@@ -324,7 +324,8 @@ def needed_bytes(est: Estimate, setup: Setup) -> float:
 
 
 def budget_for_device(gpu_mem_gib: float, setup: Setup) -> float:
-    """The largest process peak (bytes) whose ``needed_bytes`` fits ``gpu_mem_gib``: the inverse of the allowance."""
+    """The largest process peak (bytes) whose ``needed_bytes`` fits ``gpu_mem_gib``:
+    the inverse of the allowance."""
     extra = NCCL_GIB if setup.gpus > 1 or setup.deepspeed else 0.0
     return (gpu_mem_gib - CONTEXT_GIB - extra) * GiB / (1 + ALLOCATOR_SLACK)
 
@@ -332,9 +333,10 @@ def budget_for_device(gpu_mem_gib: float, setup: Setup) -> float:
 def settle_budget(
     recipe: Recipe, model: ModelPlan, gpus: int, gpu_mem_gib: float, source: str
 ) -> tuple[Recipe, BudgetChoice | None]:
-    """``recipe`` with its ``auto`` activation settings filled in: chosen for train.memory_budget (train/budget.py;
-    ``auto``: ``gpu_mem_gib`` less the allowance), or as without a budget when it is None. The choice is planned
-    for the worst a forward can hold: samples of data.max_len tokens, every token of them an image slot."""
+    """``recipe`` with its ``auto`` activation settings filled in: chosen for train.memory_budget
+    (train/budget.py; ``auto``: ``gpu_mem_gib`` less the allowance), or as without a budget when it is None.
+    The choice is planned for the worst a forward can hold: samples of data.max_len tokens, every token of
+    them an image slot."""
     if recipe.train.memory_budget is None:
         return without_budget(recipe), None
     setup = setup_of(without_budget(recipe), model, gpus, [], source)
@@ -351,7 +353,8 @@ def settle_budget(
     if recipe.train.memory_budget == "auto":
         budget = budget_for_device(gpu_mem_gib, setup)
         how = (
-            f"auto: {gpu_mem_gib:.1f} GiB less the CUDA context{', NCCL' if setup.deepspeed or gpus > 1 else ''} "
+            f"auto: {gpu_mem_gib:.1f} GiB less the CUDA context"
+            f"{', NCCL' if setup.deepspeed or gpus > 1 else ''} "
             f"and allocator slack"
         )
     else:

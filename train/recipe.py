@@ -46,7 +46,8 @@ class ModelSection:
     # Which kind of model the section builds (train.assemble.FAMILIES; docs/design.md, "Model families").
     family: Literal["qwen_vl"] = "qwen_vl"
     # Start from any export of a previous stage (models.load_pretrained: a full export, a LoRA run's final/,
-    # whose adapter is merged into its base, merged/, adapter/). Takes precedence over preset / llm_path / openclip_*.
+    # whose adapter is merged into its base, merged/, adapter/). Takes precedence
+    # over preset / llm_path / openclip_*.
     init_from: str | None = None
     preset: Literal["tiny", "demo", "small", "qwen_vl_7b"] | None = None  # models.presets.<name>
     llm_path: str | None = None  # local HF directory of the LLM (weights + tokenizer)
@@ -130,7 +131,8 @@ class TrainSection:
     seed: int = 42
     resume: str | None = None  # "auto" = newest checkpoint in checkpoint.out_dir, or a checkpoint path
     max_bad_steps: int = 10  # abort after this many skipped non-finite steps
-    # Recorded in the export (eval picks ChatML after sft and dpo); dpo trains on preference pairs (`preference`).
+    # Recorded in the export (eval picks ChatML after sft and dpo); dpo trains on preference pairs
+    # (`preference`).
     stage: Literal["pretrain", "multitask", "sft", "dpo"] = "pretrain"
     stop_after_steps: int | None = (
         None  # end the run early (tests of resume); the schedule still uses `steps`
@@ -141,9 +143,10 @@ class TrainSection:
     max_forward_tokens: int | Literal["auto"] | None = None
     # The largest planned peak the run may reach, in GiB (what peak_mem_gib measures), or "auto": the GPU's
     # memory less the planner's allowance (CUDA context, NCCL, allocator slack). The trainer then chooses the
-    # fastest setting that fits for every setting left at "auto": max_forward_tokens, perf.checkpoint_llm_layers,
-    # perf.offload_activations, perf.checkpoint_vision (train/budget.py; docs/training.md). None, or no CUDA
-    # device: off ("auto" settings as without a budget: all checkpointed, no offload, forwards of one row).
+    # fastest setting that fits for every setting left at "auto": max_forward_tokens,
+    # perf.checkpoint_llm_layers, perf.offload_activations, perf.checkpoint_vision (train/budget.py;
+    # docs/training.md). None, or no CUDA device: off ("auto" settings as without a budget: all checkpointed,
+    # no offload, forwards of one row).
     memory_budget: float | Literal["auto"] | None = None
 
     def validate(self) -> None:
@@ -222,7 +225,8 @@ class PerfSection:
     offload_activations: bool | Literal["auto"] = False
     # LoRA linears of the parts that run uncompiled (Q-LoRA's decoder, DPO's, ...) with the adapter's
     # scaling on its rank-r product and its add inside the matrix product (train.lora.fuse_lora_forwards).
-    # Compiled parts keep peft's forward: inductor fuses its element-wise work itself. False: peft's everywhere.
+    # Compiled parts keep peft's forward: inductor fuses its element-wise work itself.
+    # False: peft's everywhere.
     fused_lora: bool = True
     # False: PyTorch's scaled_dot_product_attention never picks its cuDNN backend (the ViT's and the
     # resampler's attention), which builds a plan per new batch shape (a step meeting a new image count

@@ -58,7 +58,8 @@ def _mean_percent(scores: list[float]) -> float:
 
 # The score in [0, 1] of one sample, for every metric that is a mean over samples: the metrics below
 # average these, and `paired_change` compares two models sample by sample (python -m eval_mm compare).
-# Caption scores (CIDEr and the rest), MME's paired-image scores and circular accuracy are not per-sample means.
+# Caption scores (CIDEr and the rest), MME's paired-image scores and circular accuracy are
+# not per-sample means.
 SAMPLE_SCORES: dict[str, Callable[[str, Any, MetricOptions], float]] = {
     "vqa_accuracy": lambda p, r, o: vqa_question_accuracy(p, r),
     "anls": lambda p, r, o: anls_question_score(p, r, o.anls_threshold),

@@ -205,10 +205,11 @@ def vqa_question_accuracy(prediction: str, gt_answers: list[str]) -> float:
     """Score in [0, 1] of one question with (usually 10) human answers.
 
     Mean over the leave-one-out subsets of min(1, #matches among the other answers / 3). Ground truth
-    only gets punctuation processing, and only when the humans disagree (official behaviour). The
+    only gets punctuation processing, and only when the humans disagree (official behaviour).
     This follows the copy the reference scored with (LAVIS / Qwen-VL vqa_eval.py): the prediction is
-    always normalised, ground truth is not whitespace-cleaned. The official code removes "the same dict" from the list; with unique answer_ids that is exactly one
-    entry, i.e. leave-one-out by position, which is what we do.
+    always normalised, ground truth is not whitespace-cleaned. The official code removes "the same dict"
+    from the list; with unique answer_ids that is exactly one entry, i.e. leave-one-out by position, which
+    is what we do.
     """
     if not gt_answers:
         raise ValueError("a VQA question needs at least one ground-truth answer")

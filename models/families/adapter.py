@@ -55,7 +55,8 @@ class HFFamilyModel(nn.Module):
     parameter names are the HF ones under ``hf.`` (``hf.model.visual.merger...``)."""
 
     # peft treats a module whose ``config`` has a model_type as a transformers model and asks for its
-    # base_model_prefix (to scope transformers' checkpoint key conversions); the adapter has no prefix of its own.
+    # base_model_prefix (to scope transformers' checkpoint key conversions);
+    # the adapter has no prefix of its own.
     base_model_prefix = ""
 
     def __init__(self, spec: FamilySpec, hf_model: PreTrainedModel):
@@ -71,8 +72,8 @@ class HFFamilyModel(nn.Module):
     def from_preset(
         cls, name: str, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
     ) -> HFFamilyModel:
-        """Random weights in a preset's shape (``qwen2_5_vl_tiny``, ``qwen2_5_vl_7b``, ...; see specs.PRESETS).
-        ``device="meta"`` builds the shape without memory (parameter counts, planning)."""
+        """Random weights in a preset's shape (``qwen2_5_vl_tiny``, ``qwen2_5_vl_7b``, ...; see
+        specs.PRESETS). ``device="meta"`` builds the shape without memory (parameter counts, planning)."""
         spec, config = preset(name)
         with torch.device(device) if device is not None else contextlib.nullcontext():
             model = spec.model_class(config).to(dtype)

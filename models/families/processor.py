@@ -1,4 +1,5 @@
-"""A family's tokenizer and processor: built offline from `qwen.tiktoken`, or loaded from a released directory.
+"""A family's tokenizer and processor: built offline from `qwen.tiktoken`,
+or loaded from a released directory.
 
 The Qwen2 tokenizer family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) has the same 151,643 byte-level BPE tokens as
 Qwen-VL's `qwen.tiktoken` (reference 2.2). Its `vocab.json` is the ranks written over GPT-2's byte-to-unicode

@@ -182,7 +182,8 @@ def qwen2_5_vl_tiny() -> Qwen2_5_VLConfig:
 
 
 def qwen3_vl_tiny() -> Qwen3VLConfig:
-    # Qwen3VLTextConfig.head_dim defaults to 128: a tiny model must set it (sum(mrope_section) = head_dim / 2).
+    # Qwen3VLTextConfig.head_dim defaults to 128: a tiny model must set it
+    # (sum(mrope_section) = head_dim / 2).
     return Qwen3VLConfig(
         text_config=_text_config(TINY_VOCAB, 64, 128, 2, 4, 2, 4096, 5e6, [2, 3, 3], head_dim=16),
         vision_config=dict(
