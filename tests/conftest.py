@@ -1,8 +1,11 @@
-"""Shared test fixtures: a tiny in-memory tokenizer and a tiny seeded VLM (no downloads, CPU, seconds)."""
+"""Shared test fixtures: a tiny in-memory tokenizer, a tiny seeded VLM and tiny `qwen.tiktoken` vocabularies
+(no downloads, CPU, seconds); and the one way a test reaches the released Qwen vocabulary."""
 
 from __future__ import annotations
 
+import base64
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -62,6 +65,46 @@ def build_tiny_tokenizer():
         pad_token=ENDOFTEXT,
         extra_special_tokens=list(VLM_SPECIAL_TOKENS),
     )
+
+
+TINY_NUM_RANKS = 256 + 7  # write_tiny_tiktoken: 256 single bytes + a few merges
+
+
+def write_tiny_tiktoken(path: Path) -> None:
+    """The qwen.tiktoken layout: 256 single bytes as ranks 0-255 in a permuted order, then merges. "\\n\\n" is
+    one token, as in the released vocabulary: a newline opening a turn joins the one before it."""
+    order = list(range(256))
+    random.Random(0).shuffle(order)
+    tokens = [bytes([b]) for b in order] + [b"th", b"the", b" the", b"in", b"ing", b"\xe5\x9b", b"\n\n"]
+    assert len(tokens) == TINY_NUM_RANKS
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(tokens)))
+
+
+@pytest.fixture(scope="session")
+def tiny_tiktoken(tmp_path_factory) -> Path:
+    """A tiny `qwen.tiktoken` (write_tiny_tiktoken): what the HF-family tests build their tokenizers from."""
+    path = tmp_path_factory.mktemp("tiny_vocab") / "qwen.tiktoken"
+    write_tiny_tiktoken(path)
+    return path
+
+
+# The released vocabulary (Qwen-VL-Chat's qwen.tiktoken), for the few tests about it: the copy kept in
+# tests/assets/qwen_vl/ (see its README), or the file this variable names.
+QWEN_TIKTOKEN_VARIABLE = "VLRECIPE_QWEN_TIKTOKEN"
+SHIPPED_QWEN_TIKTOKEN = REPO_ROOT / "tests" / "assets" / "qwen_vl" / "qwen.tiktoken"
+
+
+@pytest.fixture(scope="session")
+def released_qwen_tiktoken() -> Path:
+    """The released qwen.tiktoken: ${VLRECIPE_QWEN_TIKTOKEN}, else the copy in tests/assets/qwen_vl/; the
+    test is skipped, saying so, where that file is absent."""
+    path = Path(os.environ.get(QWEN_TIKTOKEN_VARIABLE) or SHIPPED_QWEN_TIKTOKEN)
+    if not path.is_file():
+        pytest.skip(
+            f"needs the released Qwen vocabulary: {path} not found (set {QWEN_TIKTOKEN_VARIABLE} to "
+            "a copy of Qwen-VL-Chat's qwen.tiktoken)"
+        )
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -63,8 +63,8 @@ def write_vqa_root(root: Path, records: list[dict] | str) -> Path:
 def w(tmp_path_factory) -> SimpleNamespace:
     """Tiny inputs, good and bad, for every CLI."""
     from models import build_vlm, presets
-    from tests.conftest import build_tiny_tokenizer
-    from tests.test_convert_qwenvl import tiny_qwen_config, write_tiny_tiktoken
+    from tests.conftest import build_tiny_tokenizer, write_tiny_tiktoken
+    from tests.test_convert_qwenvl import tiny_qwen_config
 
     t = tmp_path_factory.mktemp("cli_errors")
     tokenizer = build_tiny_tokenizer()

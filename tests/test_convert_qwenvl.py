@@ -9,20 +9,18 @@ are interleaved per head; bicubic position resizing; the attn_pool resampler, ln
 
 from __future__ import annotations
 
-import base64
 import json
 import math
-import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from models.convert_qwenvl import convert_qwenvl
+from tests.conftest import TINY_NUM_RANKS, write_tiny_tiktoken
 
-NUM_RANKS = 256 + 6  # 256 single bytes + a few merges
 N_QUERIES = 256  # the reference's default: 256 <imgpad> slots per image
-IMG, IMG_END, IMGPAD = NUM_RANKS + 214, NUM_RANKS + 215, NUM_RANKS + 216  # reference offsets
+IMG, IMG_END, IMGPAD = (TINY_NUM_RANKS + offset for offset in (214, 215, 216))  # reference offsets
 # Qwen-VL-Chat's generation_config.json
 GENERATION_CONFIG = {
     "chat_format": "chatml",
@@ -145,15 +143,6 @@ def tiny_qwen_state_dict(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
         V + "proj": torch.randn(d, d, generator=g) * d**-0.5,
     }
     return sd
-
-
-def write_tiny_tiktoken(path) -> None:
-    """The qwen.tiktoken layout: 256 single bytes as ranks 0-255 in a permuted order, then merges."""
-    order = list(range(256))
-    random.Random(0).shuffle(order)
-    tokens = [bytes([b]) for b in order] + [b"th", b"the", b" the", b"in", b"ing", b"\xe5\x9b"]
-    assert len(tokens) == NUM_RANKS
-    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(tokens)))
 
 
 def write_qwen_dir(path, cfg: dict, sd: dict[str, torch.Tensor], fmt: str = "bin", shards: int = 2):
@@ -293,10 +282,8 @@ def reference_logits(sd, cfg, input_ids, images):
 
 def one_image_input(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    before, after = (
-        torch.randint(0, NUM_RANKS, (5,), generator=g),
-        torch.randint(0, NUM_RANKS, (7,), generator=g),
-    )
+    before = torch.randint(0, TINY_NUM_RANKS, (5,), generator=g)
+    after = torch.randint(0, TINY_NUM_RANKS, (7,), generator=g)
     ids = torch.cat(
         [before, torch.tensor([IMG]), torch.full((N_QUERIES,), IMGPAD), torch.tensor([IMG_END]), after]
     )
@@ -346,7 +333,7 @@ def test_converted_config_and_tokenizer(converted_fp32):
     assert cfg.text_config["intermediate_size"] == 96  # one SwiGLU branch
     assert cfg.text_config["vocab_size"] == 512  # embedding rows kept, not shrunk to the tokenizer
     assert (cfg.image_start_id, cfg.image_end_id, cfg.image_pad_id) == (IMG, IMG_END, IMGPAD)
-    assert cfg.pad_token_id == NUM_RANKS  # <|endoftext|>
+    assert cfg.pad_token_id == TINY_NUM_RANKS  # <|endoftext|>
     assert cfg.num_image_tokens == N_QUERIES and cfg.vision.pos_grid == 16
     assert not cfg.train_embeddings
     tok = converted_fp32.tokenizer

@@ -22,13 +22,11 @@ from safetensors.torch import load_file
 from test_convert_qwenvl import (
     GENERATION_CONFIG,
     IMG,
-    NUM_RANKS,
     one_image_input,
     reference_logits,
     tiny_qwen_config,
     tiny_qwen_state_dict,
     write_qwen_dir,
-    write_tiny_tiktoken,
 )
 
 from models import build_vlm, load_vlm
@@ -36,6 +34,7 @@ from models.convert_qwenvl import convert_qwenvl, vlm_config_from_qwen
 from models.errors import UserError
 from models.export_qwenvl import check_exportable, export_qwenvl, export_vlm, mlp_ratio_for
 from models.qwen_tokenizer import build_qwen_tokenizer
+from tests.conftest import TINY_NUM_RANKS, write_tiny_tiktoken
 
 SAMPLE_TEXTS = [
     "Describe the image in English: the cat sleeps.",
@@ -172,8 +171,8 @@ def test_a_released_checkpoint_survives_convert_then_export(tmp_path):
     # eos = pad = this vocabulary's <|endoftext|> (the fixture file copies the full-size release's ids)
     assert json.loads((tmp_path / "again" / "generation_config.json").read_text()) == {
         **GENERATION_CONFIG,
-        "eos_token_id": NUM_RANKS,
-        "pad_token_id": NUM_RANKS,
+        "eos_token_id": TINY_NUM_RANKS,
+        "pad_token_id": TINY_NUM_RANKS,
     }
     # Every key of the release's config.json comes back with its value; the precision flags follow
     # the export's dtype (float32 here), auto_map also names the release's configuration class, and
@@ -251,7 +250,7 @@ def test_the_written_files_and_config_keys_are_the_releases(exported):
     assert tokenizer_config["auto_map"]["AutoTokenizer"][0] == "tokenization_qwen.QWenTokenizer"
     generation = json.loads((exported / "generation_config.json").read_text())
     assert generation["chat_format"] == "chatml"
-    assert generation["eos_token_id"] == generation["pad_token_id"] == NUM_RANKS  # <|endoftext|>
+    assert generation["eos_token_id"] == generation["pad_token_id"] == TINY_NUM_RANKS  # <|endoftext|>
     assert generation["top_p"] == 0.3 and generation["max_window_size"] == 6144  # Qwen-VL-Chat's defaults
 
 
@@ -396,7 +395,7 @@ def test_the_release_architecture_itself_passes_the_checks(qwen_tokenizer):
         qwen_architecture_config(qwen_tokenizer), tokenizer=qwen_tokenizer, device="meta", init_weights=False
     )
     ranks = check_exportable(skeleton.config, skeleton.llm, qwen_tokenizer, where="SRC")
-    assert len(ranks) == NUM_RANKS
+    assert len(ranks) == TINY_NUM_RANKS
 
 
 def test_every_reason_is_listed_at_once(tiny_vlm):
