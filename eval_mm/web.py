@@ -47,9 +47,11 @@ def _import_gradio():
     return gr
 
 
-def shown(answer: str) -> str:
-    """An answer as the chat window shows it: verbatim, <ref>/<box> markup visible (escaped, not HTML)."""
-    return html.escape(answer, quote=False)
+def shown(text: str) -> dict:
+    """A question or answer as the chat window shows it: verbatim, <ref>/<box> markup visible (escaped, not
+    HTML). A text message, not a plain string: gradio's Chatbot runs inspect.cleandoc over a plain string
+    (tabs expanded, indentation and blank first or last lines dropped)."""
+    return {"type": "text", "text": html.escape(text, quote=False)}
 
 
 @dataclass

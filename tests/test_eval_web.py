@@ -257,6 +257,18 @@ def test_a_typed_img_tag_opens_nothing_and_the_answer_is_the_same_whether_the_fi
         assert str(path) not in opened_files, path
 
 
+def test_the_window_keeps_the_whitespace_of_a_message():
+    """An answer shows as the model wrote it: gradio's Chatbot would clean a plain string (inspect.cleandoc
+    expands tabs, drops indentation and blank first or last lines); the page's messages are kept as given."""
+    import gradio as gr
+
+    from eval_mm.web import shown
+
+    answer = "\n  indented\tand tabbed <ref>x</ref>\n    deeper\n\n"
+    [message] = gr.Chatbot().postprocess([{"role": "assistant", "content": shown(answer)}]).root
+    assert html.unescape(message.content[0].text) == answer
+
+
 def test_the_image_input_takes_only_uploads_and_says_the_same_whatever_the_path(
     served, files, opened_files, tmp_path
 ):
