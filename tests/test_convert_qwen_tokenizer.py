@@ -12,7 +12,6 @@ import base64
 import collections
 import random
 import unicodedata
-from pathlib import Path
 
 import pytest
 import regex
@@ -275,19 +274,18 @@ def test_special_tokens_the_release_does_not_have_or_puts_elsewhere_are_refused(
 
 
 # ------------------------------------------------------------------------------------------------
-# The released vocabulary itself, kept in the repository (see tests/assets/qwen_vl/README.md)
-
-RELEASED_VOCABULARY = Path(__file__).parent / "assets" / "qwen_vl" / "qwen.tiktoken"
+# The released vocabulary itself, kept in the repository (see tests/assets/qwen_vl/README.md; conftest's
+# released_qwen_tiktoken finds it)
 
 
 @pytest.fixture(scope="module")
-def released_tokenizer():
-    return build_qwen_tokenizer(RELEASED_VOCABULARY)  # ~20 s: 151,643 ranks, 294,166 merges
+def released_tokenizer(released_qwen_tiktoken):
+    return build_qwen_tokenizer(released_qwen_tiktoken)  # ~20 s: 151,643 ranks, 294,166 merges
 
 
 @pytest.mark.slow
-def test_the_released_vocabulary(released_tokenizer):
-    ranks = read_tiktoken_ranks(RELEASED_VOCABULARY)
+def test_the_released_vocabulary(released_tokenizer, released_qwen_tiktoken):
+    ranks = read_tiktoken_ranks(released_qwen_tiktoken)
     assert len(ranks) == QWEN_NUM_RANKS
     vocab = released_tokenizer.get_vocab()
     assert (vocab["<|endoftext|>"], vocab["<|im_end|>"], vocab["<ref>"], vocab["<imgpad>"]) == (
@@ -304,12 +302,14 @@ def test_the_released_vocabulary(released_tokenizer):
 
 
 @pytest.mark.slow
-def test_the_released_vocabulary_survives_convert_then_export_byte_for_byte(released_tokenizer, tmp_path):
+def test_the_released_vocabulary_survives_convert_then_export_byte_for_byte(
+    released_tokenizer, released_qwen_tiktoken, tmp_path
+):
     from models.export_qwenvl import read_saved_tokenizer
 
     released_tokenizer.save_pretrained(tmp_path)  # what models.convert_qwenvl writes beside the model
     ranks = tiktoken_ranks_from_tokenizer(read_saved_tokenizer(tmp_path))  # what models.export_qwenvl reads
     write_tiktoken_ranks(ranks, tmp_path / "qwen.tiktoken")
-    assert (tmp_path / "qwen.tiktoken").read_bytes() == RELEASED_VOCABULARY.read_bytes()
+    assert (tmp_path / "qwen.tiktoken").read_bytes() == released_qwen_tiktoken.read_bytes()
     # Converting that file again gives the same tokenizer: tiktoken_ranks_from_tokenizer has already
     # rebuilt it from the ranks and found its tokenizer.json identical to the one exported.

@@ -8,7 +8,6 @@ absolute pixels of the resized image, Qwen3-VL JSON in 0-1000.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 
@@ -23,9 +22,6 @@ from data.sample import IGNORE_INDEX
 from data.text import normalize_box
 from models.families.processor import build_family_processor
 from models.families.specs import FAMILIES
-
-TIKTOKEN = Path("/work/shared/data/qwen.tiktoken")
-needs_vocabulary = pytest.mark.skipif(not TIKTOKEN.is_file(), reason=f"needs the Qwen vocabulary {TIKTOKEN}")
 
 # The official notebook's example (QwenLM qwen-vl-finetune/tools/process_bbox.ipynb, reference 5.1/5.2): the
 # pixel box [146, 137, 615, 415] on a 640x428 (w x h) image.
@@ -45,12 +41,11 @@ def test_qwen2_vl_and_qwen3_vl_carry_thousandths_as_the_notebook_computes_them()
     )
 
 
-@needs_vocabulary
-def test_qwen2_5_vl_uses_pixels_of_the_resized_image_as_the_notebook():
+def test_qwen2_5_vl_uses_pixels_of_the_resized_image_as_the_notebook(tiny_tiktoken):
     """Notebook, with its max_pixels 14*14*4*1280: the image is resized to 644x420 and the box becomes
     [147, 134, 619, 407]; ours (from the stored thousandths) is within one resized pixel."""
     processor = build_family_processor(
-        FAMILIES["qwen2_5_vl"], TIKTOKEN, min_pixels=56 * 56, max_pixels=14 * 14 * 4 * 1280
+        FAMILIES["qwen2_5_vl"], tiny_tiktoken, min_pixels=56 * 56, max_pixels=14 * 14 * 4 * 1280
     )
     assert resized_size(processor, *NOTEBOOK_SIZE) == (644, 420)
     geometry = ImageGeometry(*NOTEBOOK_SIZE, 644, 420)
@@ -62,14 +57,13 @@ def test_qwen2_5_vl_uses_pixels_of_the_resized_image_as_the_notebook():
     assert all(abs(a - b) <= 1 for a, b in zip(coords, (147, 134, 619, 407))), coords
 
 
-@needs_vocabulary
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("size", [(640, 428), (1920, 1080), (97, 301), (33, 20)])
-def test_round_trip_through_the_family_convention_on_resized_images(family, size):
+def test_round_trip_through_the_family_convention_on_resized_images(family, size, tiny_tiktoken):
     """Our box -> the family's text -> our box, for images the processor shrinks or enlarges. Exact for
     the relative conventions and for resized sides of 1000 px or more; otherwise within 1000 / side + 1."""
     spec = FAMILIES[family]
-    processor = build_family_processor(spec, TIKTOKEN, min_pixels=64 * 64, max_pixels=1280 * 1280)
+    processor = build_family_processor(spec, tiny_tiktoken, min_pixels=64 * 64, max_pixels=1280 * 1280)
     resized = resized_size(processor, *size)
     assert resized != size  # the processor resized it
     geometry = ImageGeometry(*size, *resized)
@@ -142,11 +136,10 @@ def test_what_no_family_can_say_is_refused():
         boxes_to_family("x", "pixels")
 
 
-@needs_vocabulary
-def test_grounding_conversations_train_in_the_family_convention(tmp_path):
+def test_grounding_conversations_train_in_the_family_convention(tmp_path, tiny_tiktoken):
     """data.hf_encode rewrites boxes against the image before them; the answer is supervised as rewritten."""
     spec = FAMILIES["qwen2_5_vl"]
-    processor = build_family_processor(spec, TIKTOKEN, min_pixels=56 * 56, max_pixels=320 * 320)
+    processor = build_family_processor(spec, tiny_tiktoken, min_pixels=56 * 56, max_pixels=320 * 320)
     conversation = [
         {"from": "user", "value": "<img>a.png</img>\n<ref>the square</ref><box>"},
         {"from": "assistant", "value": "<ref>the square</ref><box>(100,200),(500,600)</box>"},

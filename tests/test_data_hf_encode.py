@@ -3,12 +3,11 @@
 The ids must equal what the family's own processor makes of the same conversation
 (``processor.apply_chat_template`` + ``processor(text, images)``), token for token, with each image's
 placeholder sized by its own grid; labels cover exactly the assistant turns' content and ``<|im_end|>``.
-The processors are the released ones rebuilt offline (models.families.processor).
+The processors are the families' own, rebuilt offline (models.families.processor) over the tiny vocabulary of
+tests/conftest.py; one test pins the ids of the released vocabulary.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,17 +19,14 @@ from data.sample import IGNORE_INDEX
 from models.families.processor import build_family_processor
 from models.families.specs import FAMILIES
 
-TIKTOKEN = Path("/work/shared/data/qwen.tiktoken")
-pytestmark = pytest.mark.skipif(not TIKTOKEN.is_file(), reason=f"needs the Qwen vocabulary {TIKTOKEN}")
-
 # A small pixel budget so that every test image is resized by the processor (down or up).
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 160 * 160
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def processor(request):
+def processor(request, tiny_tiktoken):
     return build_family_processor(
-        FAMILIES[request.param], TIKTOKEN, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS
+        FAMILIES[request.param], tiny_tiktoken, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS
     )
 
 
@@ -170,10 +166,10 @@ def test_records_of_every_format_encode_alike(processor, images, tmp_path):
     assert torch.equal(pixels["pixel_values"], expected["pixel_values"])
 
 
-def test_the_released_qwen2_vl_ids():
+def test_the_released_qwen2_vl_ids(released_qwen_tiktoken):
     """reference 1.2.4: a 56x84 image (grid 1x4x6, 6 pads) in Qwen2-VL's template,
     ids as transformers gives."""
-    processor = build_family_processor(FAMILIES["qwen2_vl"], TIKTOKEN)
+    processor = build_family_processor(FAMILIES["qwen2_vl"], released_qwen_tiktoken)
     conversation = [
         {"from": "user", "value": "<img>x.png</img>Describe this image."},
         {"from": "assistant", "value": "A black rectangle."},

@@ -5,7 +5,8 @@ A family export (an HF directory: the model's save_pretrained plus its processor
 models.load_pretrained as (HFFamilyModel, processor), full, as a peft adapter on its base, or merged;
 ``python -m eval_mm run`` scores it on the same benchmarks with the same metrics (prompts in the family's chat
 template, grounding answers converted from its box convention), and ``python -m eval_mm chat`` talks to it.
-Tiny random models from the presets, the synthetic world of tests/test_eval_end_to_end.py, CPU.
+Tiny random models from the presets over the tiny vocabulary of tests/conftest.py, the synthetic world of
+tests/test_eval_end_to_end.py, CPU.
 """
 
 from __future__ import annotations
@@ -37,8 +38,6 @@ from models.families.specs import FAMILIES
 from models.loading import is_family_model, load_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
-TIKTOKEN = Path("/work/shared/data/qwen.tiktoken")
-pytestmark = pytest.mark.skipif(not TIKTOKEN.is_file(), reason=f"needs the Qwen vocabulary {TIKTOKEN}")
 N_EVAL = 3
 SYNTH_BENCHES = "synth_caption,synth_vqa,synth_grounding,synth_mc,synth_preference"
 
@@ -60,8 +59,8 @@ def save_export(model: HFFamilyModel, processor, path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def processors():
-    return {name: build_family_processor(spec, TIKTOKEN) for name, spec in FAMILIES.items()}
+def processors(tiny_tiktoken):
+    return {name: build_family_processor(spec, tiny_tiktoken) for name, spec in FAMILIES.items()}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +70,8 @@ def exports(tmp_path_factory, processors):
     out = {}
     for name in FAMILIES:
         torch.manual_seed(0)
-        out[name] = save_export(HFFamilyModel.from_preset(f"{name}_tiny"), processors[name], root / name)
+        model = HFFamilyModel.from_preset(f"{name}_tiny", tokenizer=processors[name].tokenizer)
+        out[name] = save_export(model, processors[name], root / name)
     return out
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +24,8 @@ from models.families.processor import (
     load_family_processor,
     qwen2_vocab_and_merges,
 )
-from models.families.specs import FAMILIES, preset
+from models.families.specs import FAMILIES, QWEN2_ADDED_TOKENS, preset
+from tests.conftest import TINY_NUM_RANKS
 from train.freeze import apply_freezing
 from train.recipe import FreezeSection
 
@@ -208,10 +208,7 @@ def test_unsupported_directories_are_refused_by_name(tmp_path):
         preset("qwen9_vl")
 
 
-# ------------------------------------------------------------------ tokenizer and template, as released
-
-TIKTOKEN = Path("/work/shared/data/qwen.tiktoken")
-needs_vocabulary = pytest.mark.skipif(not TIKTOKEN.is_file(), reason=f"needs the Qwen vocabulary {TIKTOKEN}")
+# ------------------------------------------------------------------ tokenizer and template
 
 
 @pytest.mark.parametrize(
@@ -227,10 +224,9 @@ def test_chat_templates_are_the_released_bytes(family, sha256):
     assert hashlib.sha256(FAMILIES[family].chat_template.encode("utf-8")).hexdigest() == sha256
 
 
-@needs_vocabulary
-def test_vocab_and_merges_derived_from_tiktoken_are_the_released_files():
+def test_vocab_and_merges_derived_from_tiktoken_are_the_released_files(released_qwen_tiktoken):
     """Qwen2.5-VL-7B-Instruct's vocab.json and merges.txt (reference 2.2, third-party SHA-256 pins)."""
-    vocab, merges = qwen2_vocab_and_merges(str(TIKTOKEN))
+    vocab, merges = qwen2_vocab_and_merges(str(released_qwen_tiktoken))
     vocab_json = json.dumps(vocab, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     merges_txt = "".join(f"{a} {b}\n" for a, b in merges).encode("utf-8")
     assert (
@@ -243,10 +239,9 @@ def test_vocab_and_merges_derived_from_tiktoken_are_the_released_files():
     )
 
 
-@needs_vocabulary
 @pytest.mark.parametrize("family, size", [("qwen2_vl", 151657), ("qwen2_5_vl", 151665), ("qwen3_vl", 151669)])
-def test_family_tokenizers_carry_their_added_tokens(family, size):
-    tokenizer = build_family_tokenizer(FAMILIES[family], TIKTOKEN)
+def test_family_tokenizers_carry_their_added_tokens(family, size, released_qwen_tiktoken):
+    tokenizer = build_family_tokenizer(FAMILIES[family], released_qwen_tiktoken)
     assert len(tokenizer) == size
     ids = tokenizer.convert_tokens_to_ids(
         [
@@ -271,12 +266,51 @@ def test_family_tokenizers_carry_their_added_tokens(family, size):
     ]
 
 
-@needs_vocabulary
-def test_a_saved_model_directory_brings_its_processor(tmp_path):
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_over_any_vocabulary_the_added_tokens_follow_its_ranks(family, tiny_tiktoken):
+    """The release numbers its added tokens from the number of BPE tokens on (151643); over the tests' tiny
+    vocabulary they follow its ranks the same way, every one the chat template and model config name."""
+    spec = FAMILIES[family]
+    tokenizer = build_family_tokenizer(spec, tiny_tiktoken)
+    added = [token for token, _ in QWEN2_ADDED_TOKENS[: spec.num_added_tokens]]
+    assert len(tokenizer) == TINY_NUM_RANKS + spec.num_added_tokens
+    assert tokenizer.convert_tokens_to_ids(added) == [TINY_NUM_RANKS + i for i in range(len(added))]
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    im_start, image_pad = TINY_NUM_RANKS + 1, TINY_NUM_RANKS + 12
+    assert tokenizer.encode("<|im_start|><|image_pad|> the", add_special_tokens=False) == [
+        im_start,
+        image_pad,
+        tokenizer.convert_tokens_to_ids("Ġthe"),
+    ]
+
+
+def test_a_preset_for_a_tokenizer_takes_its_token_ids_and_one_row_per_token(tiny_tiktoken, tiny_tokenizer):
+    tokenizer = build_family_tokenizer(FAMILIES["qwen2_5_vl"], tiny_tiktoken)
+    model = HFFamilyModel.from_preset("qwen2_5_vl_tiny", device="meta", tokenizer=tokenizer)
+    names = [
+        "<|endoftext|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|image_pad|>",
+        "<|vision_end|>",
+        "<|video_pad|>",
+    ]
+    endoftext, im_end, start, pad, end, video = tokenizer.convert_tokens_to_ids(names)
+    assert (model.placeholder.start, model.placeholder.pad, model.placeholder.end) == (start, pad, end)
+    assert model.config.video_token_id == video
+    text_config = model.config.text_config
+    assert (text_config.bos_token_id, text_config.eos_token_id) == (endoftext, im_end)
+    assert model.hf.get_input_embeddings().num_embeddings == model.hf.lm_head.out_features == len(tokenizer)
+    # The Qwen-VL tokenizer of tests/conftest.py has none of the family's vision tokens.
+    with pytest.raises(UserError, match=r"preset qwen2_5_vl_tiny: the tokenizer has no <\|image_pad\|>"):
+        preset("qwen2_5_vl_tiny", tokenizer=tiny_tokenizer)
+
+
+def test_a_saved_model_directory_brings_its_processor(tmp_path, tiny_tiktoken):
     """save_pretrained of model + processor, loaded back: same template, same ids; the pixel budget can be
     changed on load (data.min_pixels / data.max_pixels)."""
     spec = FAMILIES["qwen3_vl"]
-    built = build_family_processor(spec, TIKTOKEN)
+    built = build_family_processor(spec, tiny_tiktoken)
     built.save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_vl"}))
     loaded = load_family_processor(tmp_path, max_pixels=200_000)

@@ -5,7 +5,6 @@ freezing says, and packed rows (per-sample M-RoPE and attention) equal to sample
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import peft
 import pytest
@@ -21,16 +20,13 @@ from models.families.specs import FAMILIES
 from train.freeze import apply_freezing
 from train.recipe import FreezeSection
 
-TIKTOKEN = Path("/work/shared/data/qwen.tiktoken")
-pytestmark = pytest.mark.skipif(not TIKTOKEN.is_file(), reason=f"needs the Qwen vocabulary {TIKTOKEN}")
-
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request, tmp_path_factory):
-    """(model, processor, items): a tiny model and three encoded samples, two images of different sizes in
-    the first, one in the second, none in the third."""
+def family(request, tmp_path_factory, tiny_tiktoken):
+    """(model, processor, items): a tiny model for the tiny vocabulary and three encoded samples, two images
+    of different sizes in the first, one in the second, none in the third."""
     spec = FAMILIES[request.param]
-    processor = build_family_processor(spec, TIKTOKEN, min_pixels=32 * 32, max_pixels=96 * 96)
+    processor = build_family_processor(spec, tiny_tiktoken, min_pixels=32 * 32, max_pixels=96 * 96)
     folder = tmp_path_factory.mktemp("img")
     paths = []
     for i, size in enumerate([(90, 60), (40, 70), (64, 64)]):
@@ -56,7 +52,7 @@ def family(request, tmp_path_factory):
     ]
     items = [encode_record(processor, {"conversations": c}, spec.box_convention) for c in records]
     torch.manual_seed(0)
-    model = HFFamilyModel.from_preset(f"{spec.name}_tiny").float()
+    model = HFFamilyModel.from_preset(f"{spec.name}_tiny", tokenizer=processor.tokenizer).float()
     return model, processor, items
 
 

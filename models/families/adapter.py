@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models.errors import MissingFileError, UserError
 from models.families.specs import FamilySpec, family_of_model_type, preset
@@ -70,11 +70,17 @@ class HFFamilyModel(nn.Module):
     # ------------------------------------------------------------------------------ construction
     @classmethod
     def from_preset(
-        cls, name: str, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+        cls,
+        name: str,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> HFFamilyModel:
         """Random weights in a preset's shape (``qwen2_5_vl_tiny``, ``qwen2_5_vl_7b``, ...; see
-        specs.PRESETS). ``device="meta"`` builds the shape without memory (parameter counts, planning)."""
-        spec, config = preset(name)
+        specs.PRESETS). ``device="meta"`` builds the shape without memory (parameter counts, planning).
+        ``tokenizer``: the family tokenizer the model will read, when not the released one (its token ids,
+        one row per token)."""
+        spec, config = preset(name, tokenizer)
         with torch.device(device) if device is not None else contextlib.nullcontext():
             model = spec.model_class(config).to(dtype)
         return cls(spec, model)

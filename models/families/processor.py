@@ -6,8 +6,11 @@ Qwen-VL's `qwen.tiktoken` (reference 2.2). Its `vocab.json` is the ranks written
 map, and its `merges.txt` has one merge per multi-byte token: the last merge of byte-pair encoding that
 token with the ranks, in rank order. Both are derived here; their bytes equal the released files
 (SHA-256 pinned by third parties for Qwen2.5-VL-7B-Instruct, checked in tests/test_model_families.py).
-The added tokens follow at 151643.. (specs.QWEN2_ADDED_TOKENS), eos is ``<|im_end|>`` as in the Instruct
-releases, and the chat template is the family's own, byte for byte.
+The added tokens (specs.QWEN2_ADDED_TOKENS) follow the ranks, as the release numbers them: 151643.. with the
+released file. Any other ranks file (the tests' tiny one) gives the same tokenizer over its own vocabulary,
+every added token included; a model for it takes its ids from it (``HFFamilyModel.from_preset(name,
+tokenizer=...)``). eos is ``<|im_end|>`` as in the Instruct releases, and the chat template is the family's
+own, byte for byte.
 
 The image processor is transformers' ``Qwen2VLImageProcessor`` with the family's released defaults
 (patch size, mean/std, min/max pixels); ``min_pixels``/``max_pixels`` override the pixel budget per image.
@@ -22,7 +25,7 @@ from transformers import AddedToken, AutoProcessor, ProcessorMixin, Qwen2Tokeniz
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from models.errors import MissingFileError, UserError
-from models.families.specs import FIRST_ADDED_TOKEN_ID, QWEN2_ADDED_TOKENS, FamilySpec
+from models.families.specs import QWEN2_ADDED_TOKENS, FamilySpec
 from models.qwen_tokenizer import read_tiktoken_ranks
 
 IMAGE_MERGE_SIZE = 2  # 2x2 patches become one LLM token in every family
@@ -65,15 +68,12 @@ def qwen2_vocab_and_merges(tiktoken_path: str) -> tuple[dict[str, int], list[tup
 
 
 def build_family_tokenizer(spec: FamilySpec, tiktoken_path: str | Path) -> Qwen2Tokenizer:
-    """The family's released tokenizer, rebuilt from `qwen.tiktoken` (no download)."""
+    """The family's tokenizer over the BPE tokens of a `qwen.tiktoken` ranks file, its added tokens right
+    after them (no download). From the released file, the released tokenizer."""
     tiktoken_path = Path(tiktoken_path)
     if not tiktoken_path.is_file():
         raise MissingFileError(f"{tiktoken_path}: tiktoken ranks file not found")
     vocab, merges = qwen2_vocab_and_merges(str(tiktoken_path.resolve()))
-    if len(vocab) != FIRST_ADDED_TOKEN_ID:
-        raise UserError(
-            f"{tiktoken_path}: {len(vocab)} ranks; the Qwen2 tokenizer has {FIRST_ADDED_TOKEN_ID}"
-        )
     tokenizer = Qwen2Tokenizer(
         vocab=dict(vocab),
         merges=list(merges),
@@ -85,9 +85,12 @@ def build_family_tokenizer(spec: FamilySpec, tiktoken_path: str | Path) -> Qwen2
     )
     added = QWEN2_ADDED_TOKENS[: spec.num_added_tokens]
     tokenizer.add_tokens([AddedToken(token, special=special, normalized=False) for token, special in added])
-    for offset, (token, _) in enumerate(added):
-        if tokenizer.convert_tokens_to_ids(token) != FIRST_ADDED_TOKEN_ID + offset:
-            raise UserError(f"{tiktoken_path}: {token} did not land on id {FIRST_ADDED_TOKEN_ID + offset}")
+    for offset, (token, _) in enumerate(added):  # only a ranks file holding the token itself can move it
+        if tokenizer.convert_tokens_to_ids(token) != len(vocab) + offset:
+            raise UserError(
+                f"{tiktoken_path}: {token} did not land on id {len(vocab) + offset}, "
+                f"right after the {len(vocab)} ranks"
+            )
     tokenizer.eos_token = "<|im_end|>"  # the Instruct releases end a turn, and generation, with it
     return tokenizer
 

@@ -5,8 +5,10 @@ released checkpoints, chat template, added tokens, box convention, model shapes)
 and `data.hf_encode` read them and hold no per-family branches of their own. Values come from
 /work/shared/reference/qwen2-vl-family.md (sections 2.1, 3.2, 5, 6.3, 7).
 
-Presets: ``<family>_tiny`` (a few layers of width 64, the real vocabulary: CPU tests and the demo) and the
-released shapes with random weights (``qwen2_vl_7b``, ``qwen2_5_vl_7b``, ``qwen3_vl_8b``) for speed runs.
+Presets: ``<family>_tiny`` (a few layers of width 64: CPU tests and the demo) and the released shapes with
+random weights (``qwen2_vl_7b``, ``qwen2_5_vl_7b``, ``qwen3_vl_8b``) for speed runs. A preset has the released
+vocabulary's token ids and embedding rows, or, given a tokenizer (one built from another `qwen.tiktoken`, as
+the tests' tiny one), that tokenizer's ids and one row per token.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from transformers import (
     PretrainedConfig,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
     ProcessorMixin,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -39,9 +42,10 @@ _TEMPLATES = Path(__file__).with_name("chat_templates")
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# Added tokens of the Qwen2 tokenizer family, from id 151643 on (reference 2.1). A family's tokenizer
-# carries the first `num_added_tokens` of them. (token, special): the Qwen2.5-family tokenizer_config
-# marks tool/FIM/think tokens "special": false (never split, but kept by decode(skip_special_tokens)).
+# Added tokens of the Qwen2 tokenizer family, in id order right after the BPE tokens: from 151643 on in the
+# released vocabulary (reference 2.1). A family's tokenizer carries the first `num_added_tokens` of them.
+# (token, special): the Qwen2.5-family tokenizer_config marks tool/FIM/think tokens "special": false (never
+# split, but kept by decode(skip_special_tokens)).
 QWEN2_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
     ("<|endoftext|>", True),
     ("<|im_start|>", True),
@@ -70,7 +74,16 @@ QWEN2_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
     ("<think>", False),
     ("</think>", False),
 )
-FIRST_ADDED_TOKEN_ID = 151643  # = the number of BPE tokens in qwen.tiktoken / vocab.json
+
+# The config fields that hold token ids, and the token each names (reference 2.1): the config classes
+# default to the released ids; a preset for another tokenizer takes them from it.
+CONFIG_TOKEN_FIELDS = {
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+}
+TEXT_CONFIG_TOKEN_FIELDS = {"bos_token_id": "<|endoftext|>", "eos_token_id": "<|im_end|>"}
 
 # Box conventions (data.hf_boxes implements them):
 BOX_TOKENS_1000 = (
@@ -349,10 +362,26 @@ def family_of_model_type(model_type: str, where: str) -> FamilySpec:
     raise UserError(f"{where}: model_type {model_type!r} is not a supported family (supported: {known})")
 
 
-def preset(name: str) -> tuple[FamilySpec, PretrainedConfig]:
-    """(family, config) of a named preset; UserError listing the presets otherwise."""
+def preset(
+    name: str, tokenizer: PreTrainedTokenizerBase | None = None
+) -> tuple[FamilySpec, PretrainedConfig]:
+    """(family, config) of a named preset; UserError listing the presets otherwise. With ``tokenizer`` (the
+    family's, built from any `qwen.tiktoken`), the config takes its token ids and has one embedding row per
+    token; without, the released ids and rows."""
     try:
         spec, build = PRESETS[name]
     except KeyError:
         raise UserError(f"unknown model preset {name!r}; expected one of {', '.join(PRESETS)}") from None
-    return spec, build()
+    config = build()
+    if tokenizer is None:
+        return spec, config
+    for target, fields in ((config, CONFIG_TOKEN_FIELDS), (config.text_config, TEXT_CONFIG_TOKEN_FIELDS)):
+        for field_name, token in fields.items():
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id is None or token_id == tokenizer.unk_token_id:
+                raise UserError(
+                    f"preset {name}: the tokenizer has no {token}; build it for family {spec.name}"
+                )
+            setattr(target, field_name, token_id)
+    config.text_config.vocab_size = len(tokenizer)
+    return spec, config
