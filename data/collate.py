@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from data import stats
+from data.hf_collate import concat_images
 from data.packing import pack, pad, supervised_positions
 
 
@@ -17,7 +18,8 @@ class Collator:
     """Runs in DataLoader workers. ``packing=False``: dynamic right padding with ``attention_mask``;
     ``packing=True``: several samples per row up to ``row_len`` tokens (data.packing), no attention mask.
 
-    Dataset items are either samples (``input_ids``, ``labels``, ``pixel_values``, ``truncated``),
+    Dataset items are either samples (``input_ids``, ``labels``, ``pixel_values``, ``truncated``; a Hugging Face
+    family's also ``image_grid_thw``, its ``pixel_values`` patch rows, data.hf_collate),
     preference pairs (``chosen`` and ``rejected`` samples sharing ``pixel_values``, ``truncated``, ``index``)
     or drop markers (``{"dropped": counter_name}``, with ``"bad_image": (file, message)`` for a bad image).
     The returned dict has the contract keys plus ``_stats`` (counts of this batch) and ``_bad_images`` (the
@@ -72,10 +74,14 @@ class Collator:
             batch["pair_index"] = torch.tensor([s.get("index", -1) for s in pairs], dtype=torch.long)
         else:
             batch["label_positions"] = supervised_positions(batch["labels"])
-        pixels = [s["pixel_values"] for s in (pairs or samples) if len(s["pixel_values"])]
-        batch["pixel_values"] = (
-            torch.cat(pixels) if pixels else torch.zeros(0, 3, self.image_size, self.image_size)
-        )
+        if "image_grid_thw" in samples[0]:  # a Hugging Face family's samples (FamilySampleBuilder)
+            batch.update(concat_images(samples))
+            batch.setdefault("pixel_values", None)  # text only: the model runs no image
+        else:
+            pixels = [s["pixel_values"] for s in (pairs or samples) if len(s["pixel_values"])]
+            batch["pixel_values"] = (
+                torch.cat(pixels) if pixels else torch.zeros(0, 3, self.image_size, self.image_size)
+            )
         if pairs:
             batch["image_index"] = pair_image_index([len(s["pixel_values"]) for s in pairs])
         batch["num_samples"] = len(samples)
@@ -94,6 +100,14 @@ def pair_image_index(images_per_pair: list[int]) -> torch.Tensor:
         index += [*range(first, first + n)] * 2
         first += n
     return torch.tensor(index, dtype=torch.long)
+
+
+def count_images(batch: dict) -> int:
+    """Images in a batch: rows of ``image_grid_thw`` for a family's batch (its pixel rows are patches), else
+    of ``pixel_values``."""
+    if "image_grid_thw" in batch:
+        return len(batch["image_grid_thw"])
+    return 0 if batch.get("pixel_values") is None else len(batch["pixel_values"])
 
 
 def split_rows(batch: dict, max_tokens: int | None, image_start_id: int) -> list[dict]:
@@ -126,6 +140,16 @@ def split_rows(batch: dict, max_tokens: int | None, image_start_id: int) -> list
             first, end = (int(index.min()), int(index.max()) + 1) if n_spans else (0, 0)
             part["image_index"] = index - first
             part["pixel_values"] = batch["pixel_values"][first:end]
+        elif "image_grid_thw" in batch:  # a family's images: patch rows, one grid row per image
+            grids = batch["image_grid_thw"]
+            first_row = int(grids[:first_span].prod(-1).sum())
+            num_rows = int(grids[first_span : first_span + n_spans].prod(-1).sum())
+            part["image_grid_thw"] = grids[first_span : first_span + n_spans]
+            part["pixel_values"] = (
+                batch["pixel_values"][first_row : first_row + num_rows] if n_spans else None
+            )
+        elif batch["pixel_values"] is None:  # a family's text-only batch
+            part["pixel_values"] = None
         else:
             part["pixel_values"] = batch["pixel_values"][first_span : first_span + n_spans]
         first_span += n_spans

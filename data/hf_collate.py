@@ -25,8 +25,20 @@ def collate_family_batch(
     batch = pad(samples, pad_id) if pack_to is None else pack(samples, pack_to, pad_id)
     if pack_to is None:
         del batch["position_ids"]  # 1-D positions; the model computes M-RoPE from the mask
-    pixels = [p for _, p in items if p]
-    if pixels:
-        batch["pixel_values"] = torch.cat([p["pixel_values"] for p in pixels])
-        batch["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in pixels])
+    batch.update(concat_images([p for _, p in items]))
     return batch
+
+
+def concat_images(per_sample: list[dict]) -> dict[str, torch.Tensor]:
+    """The images of samples in order: ``pixel_values`` (their patch rows concatenated) and ``image_grid_thw``
+    (one row per image); {} when no sample has an image (the model then runs no image through the ViT).
+    ``per_sample``: each sample's ``encode_images`` output or any dict holding those two keys."""
+    with_images = [
+        p for p in per_sample if p and p.get("pixel_values") is not None and len(p["pixel_values"])
+    ]
+    if not with_images:
+        return {}
+    return {
+        "pixel_values": torch.cat([p["pixel_values"] for p in with_images]),
+        "image_grid_thw": torch.cat([p["image_grid_thw"] for p in with_images]),
+    }

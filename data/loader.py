@@ -18,10 +18,10 @@ from data.formats import (
 )
 from data.images import ImageLoadError
 from data.map_style import Records, VLMDataset
+from data.sample_builder import FamilySampleBuilder, SampleBuilder
 from data.sampler import ResumableSampler
 from data.streamed_dataset import StreamingVLMDataset
 from models.errors import UserError
-from models.tokens import ENDOFTEXT
 
 logger = logging.getLogger(__name__)
 
@@ -173,24 +173,29 @@ def _plain(value):
 
 def build_dataloader(
     config: DataConfig,
-    tokenizer,
-    num_image_tokens: int,
-    batch_size: int,
+    tokenizer=None,
+    num_image_tokens: int | None = None,
+    batch_size: int = 1,
     rank: int = 0,
     world_size: int = 1,
     preference: bool = False,
     records: Records | None = None,
+    builder: SampleBuilder | FamilySampleBuilder | None = None,
 ) -> ResumableLoader:
     """The trainer's one entry point: a resumable loader of batch dicts (docs/design.md section 2).
 
     ``batch_size`` counts samples (preference pairs when ``preference``) per micro-batch and rank; with
     packing they share fewer rows. ``records``: what ``load_data(config, preference)`` returned (loaded
-    here when not given).
+    here when not given). ``builder``: how a record becomes a sample (data.sample_builder; default the Qwen-VL
+    model's, from ``tokenizer`` and ``num_image_tokens``); a Hugging Face family's is read map-style only.
     """
+    builder = builder or SampleBuilder(tokenizer, num_image_tokens, config)
     if preference and config.streaming:
         raise DataFormatError("preference pairs are read map-style; set data.streaming: false")
+    if not isinstance(builder, SampleBuilder) and config.streaming:
+        raise DataFormatError("a Hugging Face family reads its data map-style; set data.streaming: false")
     collator = Collator(
-        pad_id=tokenizer.convert_tokens_to_ids(ENDOFTEXT),
+        pad_id=builder.pad_id,
         image_size=config.image_size,
         row_len=config.row_len,
         packing=config.packing,
@@ -204,14 +209,14 @@ def build_dataloader(
         common["prefetch_factor"] = 2
     if config.streaming:
         dataset = StreamingVLMDataset(
-            config, tokenizer, num_image_tokens, rank, world_size, batch_size, collator
+            config, builder.tokenizer, builder.num_image_tokens, rank, world_size, batch_size, collator
         )
         return ResumableLoader(
             DataLoader(dataset, batch_size=None, collate_fn=_as_is, **common),
             batch_size,
             config.max_bad_images,
         )
-    dataset = VLMDataset(config, tokenizer, num_image_tokens, preference, records)
+    dataset = VLMDataset(config, tokenizer, num_image_tokens, preference, records, builder)
     lengths = dataset.token_lengths() if config.group_by_length else None
     sampler = ResumableSampler(
         len(dataset),

@@ -20,7 +20,7 @@ from data.formats import (
     record_image_paths,
 )
 from data.images import ImageLoadError
-from data.sample_builder import SampleBuilder
+from data.sample_builder import FamilySampleBuilder, SampleBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -128,10 +128,13 @@ class VLMDataset(Dataset):
         num_image_tokens: int,
         preference: bool = False,
         records: Records | None = None,
+        builder: SampleBuilder | FamilySampleBuilder | None = None,
     ) -> None:
+        """``builder``: how a record becomes a sample; default the Qwen-VL model's (``tokenizer`` and
+        ``num_image_tokens``), a FamilySampleBuilder for a Hugging Face family."""
         self.data = records if records is not None else load_data(config, preference)
         self.records, self.wheres = self.data.records, self.data.wheres
-        self.builder = SampleBuilder(tokenizer, num_image_tokens, config)
+        self.builder = builder or SampleBuilder(tokenizer, num_image_tokens, config)
 
     def __len__(self) -> int:
         return len(self.records)

@@ -1,5 +1,8 @@
 """One record -> one sample for the collator: tokenised (ChatML, task templates or a preference pair), cut to
-``data.max_len`` without cutting an image, its images decoded; or a drop marker saying why not."""
+``data.max_len`` without cutting an image, its images decoded; or a drop marker saying why not.
+
+``SampleBuilder`` writes the Qwen-VL model's tokens; ``FamilySampleBuilder`` a Hugging Face family's
+(Qwen2-VL, Qwen2.5-VL, Qwen3-VL: data.hf_encode), each image sized by its own grid."""
 
 from __future__ import annotations
 
@@ -15,11 +18,14 @@ from data.formats import (
     empty_answer_turn,
     is_preference,
 )
-from data.images import ImageLoadError, load_image
+from data.hf_encode import encode_conversation, encode_images, to_messages, truncate_family_sample
+from data.images import ImageLoadError, decode_image, load_image, open_image
 from data.sample import TokenizedSample, truncate_pair, truncate_span_safe
 from data.templates import render_task
 from data.text import token_id
-from models.tokens import IMG_END, IMG_START
+from models.errors import UserError
+from models.families.processor import set_pixel_budget
+from models.tokens import ENDOFTEXT, IMG_END, IMG_START
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +38,7 @@ class SampleBuilder:
         self.num_image_tokens = num_image_tokens
         self.config = config
         self.img_start, self.img_end = token_id(tokenizer, IMG_START), token_id(tokenizer, IMG_END)
+        self.pad_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
 
     def tokenize(self, record: dict, where: str) -> TokenizedSample:
         try:
@@ -120,6 +127,72 @@ class SampleBuilder:
             },
             "pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, 3, s, s),
             "truncated": truncated,
+        }
+
+
+class FamilySampleBuilder:
+    """One chat record -> a sample in a Hugging Face family's tokens (data.hf_encode), for the same collator:
+    ``input_ids``, ``labels``, ``pixel_values`` (patch rows of the family's image processor, run here in the
+    DataLoader worker), ``image_grid_thw`` (one (t, h, w) row per image) and ``truncated``; or a drop marker.
+
+    The processor is given the data section's pixel budget (``data.min_pixels`` / ``data.max_pixels``) in
+    place, so the export saves the budget training used. Chat records only (task templates and pretraining
+    captions are the Qwen-VL recipe's); preference pairs are not supported yet."""
+
+    def __init__(self, processor, box_convention: str, config: DataConfig) -> None:
+        set_pixel_budget(processor, config.min_pixels, config.max_pixels)
+        self.processor, self.box_convention, self.config = processor, box_convention, config
+        tokenizer = processor.tokenizer
+        self.pad_id = tokenizer.pad_token_id
+        self.img_start = tokenizer.convert_tokens_to_ids("<|vision_start|>")
+        self.img_end = tokenizer.convert_tokens_to_ids("<|vision_end|>")
+
+    def tokenize(self, record: dict, where: str, image_bytes: dict[str, bytes] | None = None):
+        """The record's FamilySample, each image's grid from its header (no pixel decoded)."""
+        if is_preference(record):
+            raise UserError(f"{where}: preference pairs (DPO) do not train a Hugging Face family yet")
+        if "conversations" not in record:
+            raise DataFormatError(
+                f"{where}: a Hugging Face family trains chat records (conversations); this record is a "
+                "task or caption record of the Qwen-VL recipe"
+            )
+        try:
+            sizes = []
+            for path in to_messages(record["conversations"])[1]:
+                with open_image(path, where, (image_bytes or {}).get(path)) as image:
+                    sizes.append(image.size)
+            return encode_conversation(self.processor, record["conversations"], sizes, self.box_convention)
+        except ImageLoadError:
+            raise
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataFormatError(f"{where}: {e}") from e
+
+    def build(self, record: dict, where: str, image_bytes: dict[str, bytes] | None = None) -> dict:
+        empty_turn = empty_answer_turn(record)
+        if empty_turn is not None:
+            logger.warning("%s: dropped: the assistant answer of turn %d is empty", where, empty_turn)
+            return {"dropped": stats.DROPPED_EMPTY_ANSWER}
+        try:
+            full = self.tokenize(record, where, image_bytes)
+            sample = truncate_family_sample(full, self.config.max_len, self.img_start, self.img_end)
+            if sample is None:
+                logger.warning(
+                    "%s: dropped: %d tokens, nothing supervised fits in max_len=%d without cutting an image",
+                    where,
+                    len(full),
+                    self.config.max_len,
+                )
+                return {"dropped": stats.DROPPED_TOO_LONG}
+            images = [decode_image(p, where, (image_bytes or {}).get(p)) for p in sample.image_paths]
+        except ImageLoadError as e:
+            return bad_image_marker(e)
+        encoded = encode_images(self.processor, images)
+        return {
+            "input_ids": torch.tensor(sample.input_ids, dtype=torch.long),
+            "labels": torch.tensor(sample.labels, dtype=torch.long),
+            "pixel_values": encoded.get("pixel_values"),
+            "image_grid_thw": encoded.get("image_grid_thw", torch.zeros(0, 3, dtype=torch.long)),
+            "truncated": len(sample) < len(full),
         }
 
 

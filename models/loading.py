@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from transformers import AutoConfig
 
 from models.build import load_tokenizer, load_vlm
 from models.config import VLMConfig
@@ -177,8 +178,11 @@ def _naming(path: Path, error: BaseException, what: str = "") -> str:
 def export_config_and_tokenizer(path: str | Path, base: str | Path | None = None, depth: int = 0):
     """``(VLMConfig, tokenizer directory)`` of any export, read from its files without loading weights
     (the dataset check needs both before the model is built). An adapter's are its own
-    ``vlm_config.json`` / tokenizer files where it has them, else its base's."""
+    ``vlm_config.json`` / tokenizer files where it has them, else its base's. A Hugging Face family's export
+    gives its transformers config and the directory holding its processor."""
     layout = resolve_export(path)
+    if layout.kind == "full" and _is_family(layout.path):
+        return AutoConfig.from_pretrained(layout.path, trust_remote_code=False), layout.path
     if layout.kind == "full":
         return VLMConfig.load(layout.path / "config.json"), layout.path
     if depth >= MAX_ADAPTER_CHAIN:

@@ -13,6 +13,8 @@ docs/design.md ("Model families") states what a family must provide.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,13 +23,21 @@ import torch
 from torch import nn
 from transformers import AutoConfig
 
+from data.config import DataConfig
+from data.sample_builder import FamilySampleBuilder, SampleBuilder
 from models import presets
+from models.attention import register_varlen_attention
 from models.build import build_vlm, load_tokenizer
 from models.config import VLMConfig
 from models.errors import UserError
+from models.families.adapter import HFFamilyModel
+from models.families.processor import build_family_processor, load_family_processor
+from models.families.specs import FAMILIES as FAMILY_SPECS
+from models.families.specs import FamilySpec
 from models.loading import export_config_and_tokenizer, load_pretrained
 from models.tokens import ensure_special_tokens
 from train.dpo import runs_adapter_off_reference
+from train.flops import StepFlops, llm_step_flops, step_flops
 from train.freeze import apply_freezing, trainable_modules
 from train.lora import apply_lora, quantize_llm_4bit
 from train.perf import apply_perf_switches, frozen_to_bf16, resolve_perf
@@ -80,6 +90,20 @@ class ModelFamily(Protocol):
         """(model, tokenizer or None) on the meta device, reading configs and tokenizers only. Files a
         template recipe names but a fresh clone lacks fall back to the preset's shape, with a line in
         ``notes``."""
+
+    def check_data_section(self, model: nn.Module, data: DataConfig, source: str | None) -> None:
+        """UserError when the recipe's data section cannot feed the model built (e.g. its image size)."""
+
+    def apply_perf(
+        self, vlm: nn.Module, recipe: Recipe, cuda: bool, mode: str
+    ) -> tuple[PerfSection, list[str]]:
+        """Resolve the recipe's ``perf`` section for this model and apply it; (resolved section, notes)."""
+
+    def sample_builder(self, data: DataConfig, tokenizer: Any, vlm: nn.Module) -> Any:
+        """How the data pipeline turns a record into a sample for this model (data.sample_builder)."""
+
+    def step_flops(self, vlm: nn.Module, recipe: Recipe, adapters: dict[str, int]) -> StepFlops:
+        """The model FLOPs of a training step (MFU), for what trains."""
 
 
 class QwenVL:
@@ -196,8 +220,166 @@ class QwenVL:
             config.text_config = text_config
         return config, tokenizer
 
+    def check_data_section(self, model: nn.Module, data: DataConfig, source: str | None) -> None:
+        check_image_size(model, data.image_size, source)
 
-FAMILIES: dict[str, ModelFamily] = {"qwen_vl": QwenVL()}
+    def apply_perf(
+        self, vlm: nn.Module, recipe: Recipe, cuda: bool, mode: str
+    ) -> tuple[PerfSection, list[str]]:
+        perf, notes = resolve_perf(
+            recipe.perf,
+            vlm,
+            cuda=cuda,
+            quantized=recipe.quantization.enabled,
+            zero3=mode == "zero3",
+            adapter_off_reference=runs_adapter_off_reference(recipe),
+        )
+        apply_perf_switches(vlm, perf)
+        return perf, notes
+
+    def sample_builder(self, data: DataConfig, tokenizer: Any, vlm: nn.Module) -> SampleBuilder:
+        return SampleBuilder(tokenizer, vlm.config.num_image_tokens, data)
+
+    def step_flops(self, vlm: nn.Module, recipe: Recipe, adapters: dict[str, int]) -> StepFlops:
+        vision_adapters = sum(size for n, size in adapters.items() if ".vision.blocks." in n)
+        return step_flops(
+            vlm.config,
+            vision_trains=recipe.freeze.vision == "train",
+            resampler_trains=recipe.freeze.resampler == "train",
+            llm_trains=recipe.freeze.llm == "train",
+            lora_params=sum(adapters.values()) - vision_adapters,
+            vision_lora_params=vision_adapters,
+        )
+
+
+class HFFamily:
+    """A Hugging Face VLM family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: models.families) built with transformers'
+    own classes: from a ``<family>_*`` preset (random weights) or ``model.init_from`` (a released HF
+    directory as it is, or any export of a previous stage: full, adapter, merged).
+
+    The text side is the family's processor (tokenizer, chat template, image processor): the init_from
+    directory's, else ``model.tokenizer_path``, a directory holding one or the Qwen ``qwen.tiktoken`` ranks
+    file it is rebuilt from offline (models.families.processor). The model carries it (``processor``) and
+    saves it beside its weights on export."""
+
+    def __init__(self, spec: FamilySpec):
+        self.spec = spec
+
+    def tokenizer(self, m: ModelSection) -> Any:
+        """The family's processor (its ``tokenizer`` attribute is the text tokenizer)."""
+        path = m.tokenizer_path
+        if path is None and m.init_from is not None:
+            path = export_config_and_tokenizer(m.init_from)[1]
+        if path is None:
+            raise UserError(
+                f"the recipe names no {self.spec.name} processor: set model.init_from (an HF directory) or "
+                "model.tokenizer_path (a directory holding the processor, or the qwen.tiktoken file)"
+            )
+        path = Path(path)
+        if path.is_file():
+            return build_family_processor(self.spec, path)
+        return load_family_processor(path)
+
+    def image_tokens(self, m: ModelSection) -> int:
+        raise UserError(
+            f"a {self.spec.name} image takes as many tokens as its own grid gives; there is no fixed count"
+        )
+
+    def build(
+        self,
+        m: ModelSection,
+        dtype: torch.dtype | None,
+        device: torch.device | None,
+        keep_fp32,
+        llm_on_meta: bool,
+    ) -> tuple[nn.Module, Any]:
+        if m.init_from is not None:
+            # A released directory or any export (an adapter is merged into its base here).
+            model, processor = load_pretrained(m.init_from, dtype=dtype or torch.float32, device=device)
+            if not isinstance(model, HFFamilyModel) or model.spec is not self.spec:
+                found = getattr(getattr(model, "spec", None), "name", "qwen_vl")
+                raise UserError(f"model.init_from={m.init_from} is a {found} model, not {self.spec.name}")
+            model.train()  # load_pretrained hands out models for inference
+            if m.tokenizer_path is not None:
+                processor = self.tokenizer(m)
+        else:
+            processor = self.tokenizer(m)
+            model = HFFamilyModel.from_preset(m.preset, dtype=dtype or torch.float32, device=device)
+        if keep_fp32 is not None:
+            for module in keep_fp32(model):
+                module.float()  # the optimiser's master weights
+        model.processor = processor
+        return model, processor
+
+    def build_meta(self, m: ModelSection, source: str, notes: list[str]) -> tuple[nn.Module, Any]:
+        config_file = Path(m.init_from or "") / "config.json"
+        processor = None
+        if m.init_from is not None and config_file.is_file():
+            model_type = _read_json_file(config_file, source).get("model_type")
+            if model_type != self.spec.model_type:
+                raise UserError(
+                    f"{source}: model.init_from={m.init_from} holds a {model_type} model, but model.family "
+                    f"is {self.spec.name}"
+                )
+            config = AutoConfig.from_pretrained(m.init_from, trust_remote_code=False)
+            with torch.device("meta"):
+                model = HFFamilyModel(self.spec, self.spec.model_class(config))
+        else:
+            name = m.preset or f"{self.spec.name}_tiny"
+            if m.init_from is not None:
+                notes.append(f"model.init_from={m.init_from} has no config.json yet: planned as {name}")
+            model = HFFamilyModel.from_preset(name, device="meta")
+        with contextlib.suppress(UserError, OSError):
+            processor = self.tokenizer(m)
+        return model, processor
+
+    def check_data_section(self, model: nn.Module, data: DataConfig, source: str | None) -> None:
+        if data.min_pixels is not None and data.max_pixels is not None and data.min_pixels > data.max_pixels:
+            raise UserError(
+                f"{source or 'recipe'}: data.min_pixels ({data.min_pixels}) exceeds data.max_pixels "
+                f"({data.max_pixels})"
+            )
+
+    def apply_perf(
+        self, vlm: nn.Module, recipe: Recipe, cuda: bool, mode: str
+    ) -> tuple[PerfSection, list[str]]:
+        """The switches that rewrite the Qwen-VL model's own modules (liger kernels, compiled layers, FP8,
+        fused LoRA forwards) are not verified on transformers' family classes: "auto" resolves to off with a
+        note, an explicit on is an error. The loss implementation and attention apply as they are."""
+        perf, notes, resolved = recipe.perf, [], {}
+        for key in ("liger_kernels", "compile_llm", "compile_vision", "fp8"):
+            value = getattr(perf, key)
+            if value is True:
+                raise UserError(f"perf.{key} is not available for model.family {self.spec.name} yet")
+            if value == "auto":
+                notes.append(f"perf.{key}: off (not available for {self.spec.name} yet)")
+            resolved[key] = False
+        if perf.offload_activations is not False and not cuda:
+            resolved["offload_activations"] = False
+        resolved["fused_lora"] = False
+        perf = dataclasses.replace(perf, **resolved)
+        vlm.loss_impl = perf.loss_impl
+        if perf.attention == "varlen":
+            register_varlen_attention()
+        # The LLM's attention only: the ViT keeps its own, which confines each image to its grid.
+        vlm.hf.model.language_model.set_attn_implementation(perf.attention)
+        return perf, notes
+
+    def sample_builder(self, data: DataConfig, tokenizer: Any, vlm: nn.Module) -> FamilySampleBuilder:
+        return FamilySampleBuilder(tokenizer, self.spec.box_convention, data)
+
+    def step_flops(self, vlm: nn.Module, recipe: Recipe, adapters: dict[str, int]) -> StepFlops:
+        return llm_step_flops(
+            vlm.config.text_config.to_dict(),
+            llm_trains=recipe.freeze.llm == "train",
+            lora_params=sum(n for name, n in adapters.items() if ".language_model." in name),
+        )
+
+
+FAMILIES: dict[str, ModelFamily] = {
+    "qwen_vl": QwenVL(),
+    **{name: HFFamily(spec) for name, spec in FAMILY_SPECS.items()},
+}
 
 
 def family_of(m: ModelSection) -> ModelFamily:
@@ -207,6 +389,13 @@ def family_of(m: ModelSection) -> ModelFamily:
 def preset(m: ModelSection):
     """The models.presets builder the model section names (the Qwen-VL 7B shape by default)."""
     return getattr(presets, m.preset or DEFAULT_PRESET)
+
+
+def _read_json_file(path: Path, source: str) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{source}: {path}: malformed JSON at line {e.lineno}: {e.msg}") from e
 
 
 def _tokenizer_if_present(path: str | None, notes: list[str]) -> Any:
@@ -267,7 +456,7 @@ def assemble(
             recipe.model.init_from is None or (mode != "zero3" and not recipe.quantization.enabled)
         )
         model, tokenizer = build_model(recipe, device=device if on_gpu else None)
-    check_image_size(model, recipe.data.image_size, source)
+    family.check_data_section(model, recipe.data, source)
     trains = apply_freezing(model, recipe.freeze)
     if not meta and recipe.train.grad_checkpointing:
         model.set_gradient_checkpointing(
@@ -289,15 +478,7 @@ def assemble(
         return Assembled(wrapped, vlm, tokenizer, trains, adapters, perf=None, notes=notes)
     if storage_dtypes(recipe) == (torch.bfloat16, True):
         frozen_to_bf16(vlm)  # what quantisation / LoRA wrapping left in fp32 while frozen
-    perf, notes = resolve_perf(
-        recipe.perf,
-        vlm,
-        cuda=device.type == "cuda",
-        quantized=recipe.quantization.enabled,
-        zero3=mode == "zero3",
-        adapter_off_reference=runs_adapter_off_reference(recipe),
-    )
-    apply_perf_switches(vlm, perf)
+    perf, notes = family.apply_perf(vlm, recipe, cuda=device.type == "cuda", mode=mode)
     return Assembled(wrapped, vlm, tokenizer, trains, adapters, perf=perf, notes=notes)
 
 

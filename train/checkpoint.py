@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from eval_mm.sharding import broadcast_from_rank0
 from models.errors import MissingFileError, UserError
-from models.loading import VLM_CONFIG_OF_ADAPTER
+from models.loading import VLM_CONFIG_OF_ADAPTER, is_family_model
 from models.manifest import CorruptCheckpointError, verify_manifest, write_manifest
 from train.parallel import DistInfo, Engine, barrier
 
@@ -265,9 +265,14 @@ def export_final(engine: Engine, out_dir: str | Path, training_info: dict, merge
             # What models.load_pretrained needs besides the base (training_info's init_from): the trained
             # model's config (its image size may differ from the base's) and the tokenizer it trained with.
             vlm = model.get_base_model()
-            vlm.config.save(out_dir / "adapter" / VLM_CONFIG_OF_ADAPTER)
-            if vlm.tokenizer is not None:
-                vlm.tokenizer.save_pretrained(out_dir / "adapter")
+            if is_family_model(
+                vlm
+            ):  # its processor (tokenizer, template, image processor); config: the base's
+                vlm.processor.save_pretrained(out_dir / "adapter")
+            else:
+                vlm.config.save(out_dir / "adapter" / VLM_CONFIG_OF_ADAPTER)
+                if vlm.tokenizer is not None:
+                    vlm.tokenizer.save_pretrained(out_dir / "adapter")
             if merge_lora:
                 merged = model.merge_and_unload()
                 merged.save_pretrained(out_dir / "merged", manifest=False)  # written below, with the rest

@@ -77,17 +77,8 @@ def forward_flops(config: VLMConfig, vision: bool = True) -> StepFlops:
 def _forward_parts(config: VLMConfig) -> tuple[int, int, int, int, int]:
     """(decoder linear + LM head parameters, attention forward FLOPs per s^2, patches per image, resampler
     and vision tower forward FLOPs per image)."""
-    vc, tc = config.vision, config.text_config
-    d, layers, ffn, vocab = (
-        tc["hidden_size"],
-        tc["num_hidden_layers"],
-        tc["intermediate_size"],
-        tc["vocab_size"],
-    )
-    kv_dim = d * tc["num_key_value_heads"] // tc["num_attention_heads"]
-    n_layer = d * (2 * d + 2 * kv_dim) + 3 * d * ffn  # q, o + k, v + gate, up, down
-    n_llm = layers * n_layer + d * vocab
-
+    vc, d = config.vision, config.text_config["hidden_size"]
+    n_llm, attention_fwd = _decoder_parts(config.text_config)
     patches = (vc.image_size // vc.patch_size) ** 2
     q = config.num_image_tokens
     resampler_fwd = (
@@ -97,7 +88,33 @@ def _forward_parts(config: VLMConfig) -> tuple[int, int, int, int, int]:
         2 * patches * (4 * vc.width**2 + 2 * vc.width * vc.mlp_dim) + 4 * patches**2 * vc.width
     )
     vit_fwd += 2 * patches * 3 * vc.patch_size**2 * vc.width  # patch embedding
-    return n_llm, 2 * d * layers, patches, resampler_fwd, vit_fwd
+    return n_llm, attention_fwd, patches, resampler_fwd, vit_fwd
+
+
+def _decoder_parts(tc: dict) -> tuple[int, int]:
+    """(decoder linear + LM head parameters, attention forward FLOPs per s^2) of an HF text config."""
+    d, layers, ffn, vocab = (
+        tc["hidden_size"],
+        tc["num_hidden_layers"],
+        tc["intermediate_size"],
+        tc["vocab_size"],
+    )
+    # q and o are heads x head_dim wide (Qwen3's head_dim need not be d / heads), k and v kv_heads x head_dim
+    head_dim = tc.get("head_dim") or d // tc["num_attention_heads"]
+    q_dim, kv_dim = tc["num_attention_heads"] * head_dim, tc["num_key_value_heads"] * head_dim
+    n_layer = d * (2 * q_dim + 2 * kv_dim) + 3 * d * ffn  # q, o + k, v + gate, up, down
+    return layers * n_layer + d * vocab, 2 * q_dim * layers
+
+
+def llm_step_flops(text_config: dict, *, llm_trains: bool, lora_params: int = 0) -> StepFlops:
+    """The decoder's share of a step's FLOPs (a Hugging Face family's: its ViT runs per patch of each image's
+    own grid, which the step's counts do not carry yet, so images are not counted and MFU reads low)."""
+    n_llm, attention_fwd = _decoder_parts(text_config)
+    return StepFlops(
+        per_token=float((6 if llm_trains else 4) * n_llm + 6 * lora_params),
+        per_attention_pair=float(3 * attention_fwd),
+        per_image=0.0,
+    )
 
 
 @dataclass(frozen=True)

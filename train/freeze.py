@@ -67,12 +67,13 @@ def trainable_table(model: nn.Module) -> str:
 
 
 def group_of(name: str) -> str:
-    # peft wraps the model: strip its prefixes so groups read the same with and without LoRA.
-    for prefix in ("base_model.model.", "module."):
+    # peft wraps the model: strip its prefixes so groups read the same with and without LoRA; a Hugging Face
+    # family's parts sit under hf.model. (visual, language_model) and hf. (lm_head).
+    for prefix in ("base_model.model.", "module.", "hf.model.", "hf."):
         if name.startswith(prefix):
             name = name[len(prefix) :]
     if "lora_" in name:
-        return "vision (lora adapters)" if name.startswith("vision.") else "llm (lora adapters)"
+        return "vision (lora adapters)" if name.startswith(("vision.", "visual.")) else "llm (lora adapters)"
     if "embed_tokens" in name or "lm_head" in name:
         return "llm (embeddings/head)"
     return name.split(".", 1)[0]

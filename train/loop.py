@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 import eval_mm
-from data.collate import split_rows, to_device
+from data.collate import count_images, split_rows, to_device
 from data.dataset import build_dataloader, load_data
 from eval_mm.benchmarks import get_benchmark
 from eval_mm.datasets import require_file
@@ -36,14 +36,14 @@ from eval_mm.runner import print_summary
 from eval_mm.sharding import barrier
 from models import load_pretrained
 from models.errors import MissingFileError, UserError
-from train.assemble import assemble
+from train.assemble import assemble, family_of
 from train.budget import BudgetChoice, without_budget
 from train.budget import apply as apply_settings
 from train.checkpoint import export_final, load_checkpoint, resolve_resume, save_checkpoint
 from train.data_check import check_data_at_startup
 from train.diagnose import finish_memory_recording, profiled, start_memory_recording
 from train.dpo import copy_for_reference
-from train.flops import forward_flops, step_flops
+from train.flops import forward_flops
 from train.freeze import trainable_table
 from train.logger import MetricLogger, peak_flops_per_device
 from train.objectives import LanguageModelling, Objective, build_objective, count_supervised
@@ -100,7 +100,7 @@ def accumulate_gradients(
             sum(count_supervised(b) for b in step_batches),
             sum(lengths),
             sum(b["num_samples"] for b in step_batches),
-            sum(len(b["pixel_values"]) for b in step_batches if b.get("pixel_values") is not None),
+            sum(count_images(b) for b in step_batches),
             sum(n * n for n in lengths),
             *objective.count(step_batches),
         ],
@@ -149,22 +149,15 @@ def train(recipe: Recipe) -> Path:
             ),
             flush=True,
         )
-    vision_adapters = sum(size for n, size in assembled.adapters.items() if ".vision.blocks." in n)
-    flops = step_flops(
-        vlm.config,
-        vision_trains=recipe.freeze.vision == "train",
-        resampler_trains=recipe.freeze.resampler == "train",
-        llm_trains=recipe.freeze.llm == "train",
-        lora_params=sum(assembled.adapters.values()) - vision_adapters,
-        vision_lora_params=vision_adapters,
-    )
+    family = family_of(recipe.model)
+    flops = family.step_flops(vlm, recipe, assembled.adapters)
     frozen_reference = copy_for_reference(model, recipe)  # DPO: before the engine wraps or shards the model
 
     # ---- data
+    builder = family.sample_builder(recipe.data, tokenizer, vlm)  # record -> sample, in the model's tokens
     loader = build_dataloader(
         recipe.data,
-        tokenizer,
-        num_image_tokens=vlm.config.num_image_tokens,
+        builder=builder,
         batch_size=recipe.train.micro_batch,
         rank=info.rank,
         world_size=info.world_size,
@@ -178,7 +171,8 @@ def train(recipe: Recipe) -> Path:
         total_steps = max(1, math.floor(recipe.train.epochs * len(loader) / accum))
 
     # ---- optimiser, schedule, parallel engine
-    optimizer = build_optimizer(model, recipe.optim, num_vit_blocks=vlm.config.vision.layers)
+    vit_blocks = vlm.config.vision.layers if recipe.optim.vit_layer_decay != 1.0 else 0  # Qwen-VL only
+    optimizer = build_optimizer(model, recipe.optim, num_vit_blocks=vit_blocks)
     scheduler = build_scheduler(optimizer, total_steps, recipe.optim.lr, recipe.schedule)
     engine = Engine(model, optimizer, scheduler, dataclasses.replace(recipe, perf=perf), info)
     pixel_dtype = torch.bfloat16 if engine.uses_deepspeed and recipe.train.bf16 else None
@@ -234,7 +228,7 @@ def train(recipe: Recipe) -> Path:
                 step_batches,
                 pixel_dtype,
                 recipe.train.max_forward_tokens,
-                vlm.config.image_start_id,
+                builder.img_start,
                 objective,
             )
         window["sums"] = sums if "sums" not in window else window["sums"] + sums

@@ -26,10 +26,19 @@ from train.recipe import FreezeSection, LoraSection, QuantizationSection
 
 
 def modules_to_save(model: nn.Module, freeze: FreezeSection) -> list[str]:
-    names = [group for group in ("vision", "resampler") if getattr(freeze, group) == "train"]
-    if embeddings_train(freeze, bool(model.config.train_embeddings)):
-        names += _embedding_module_names(model)
-    return names
+    """Attribute names (last path component) of the modules of ``module_groups()`` that the freeze section
+    trains besides the LLM: ``vision``/``resampler`` on the Qwen-VL model, a family's ``merger``..."""
+    names = {id(module): name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    groups = model.module_groups()
+    trained = [
+        names[id(m)]
+        for group in ("vision", "resampler")
+        if getattr(freeze, group) == "train"
+        for m in groups[group]
+    ]
+    if embeddings_train(freeze, bool(getattr(model.config, "train_embeddings", False))):
+        trained += _embedding_module_names(model)
+    return trained
 
 
 def _embedding_module_names(model: nn.Module) -> list[str]:
@@ -38,9 +47,12 @@ def _embedding_module_names(model: nn.Module) -> list[str]:
     return [name.rsplit(".", 1)[-1] for name, module in model.llm.named_modules() if id(module) in wanted]
 
 
-def target_pattern(lora: LoraSection) -> str:
+def target_pattern(lora: LoraSection, model: nn.Module | None = None) -> str:
     """peft's target_modules regex: the LLM's targets inside ``llm.``, the vision targets inside the ViT's
-    blocks, so same-named layers elsewhere never get adapters."""
+    blocks, so same-named layers elsewhere never get adapters. A Hugging Face family's model names its own
+    (``HFFamilyModel.lora_target_pattern``: its LLM and ViT sit elsewhere)."""
+    if hasattr(model, "lora_target_pattern"):
+        return model.lora_target_pattern(lora.targets, lora.vision_targets)
     pattern = rf"llm\..*\.({'|'.join(map(re.escape, lora.targets))})"
     if lora.vision_targets:
         pattern += rf"|vision\.blocks\.\d+\.({'|'.join(map(re.escape, lora.vision_targets))})"
@@ -64,7 +76,7 @@ def apply_lora(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=target_pattern(lora),
+        target_modules=target_pattern(lora, model),
         modules_to_save=modules_to_save(model, freeze) or None,
         bias="none",
     )

@@ -211,6 +211,8 @@ class Engine:
         """The model's output; only ``loss_sum`` and ``num_tokens`` are guaranteed (and ``token_logps``
         when asked for)."""
         extra = {"return_token_logps": True} if token_logps else {}
+        if batch.get("image_grid_thw") is not None:  # a Hugging Face family's images: one grid per image
+            extra["image_grid_thw"] = batch["image_grid_thw"]
         with self.offload.saved_on_host() if self.offload else contextlib.nullcontext():
             return self.module(
                 input_ids=batch["input_ids"],

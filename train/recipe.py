@@ -30,6 +30,7 @@ import yaml
 
 from data.dataset import DataConfig
 from models.errors import UserError
+from models.families.specs import PRESETS as FAMILY_PRESETS
 
 TrainOrFrozen = Literal["train", "frozen"]
 
@@ -44,12 +45,29 @@ class RecipeError(UserError):
 @dataclass
 class ModelSection:
     # Which kind of model the section builds (train.assemble.FAMILIES; docs/design.md, "Model families").
-    family: Literal["qwen_vl"] = "qwen_vl"
+    # qwen_vl: the Qwen-VL model (models.VLM); qwen2_vl, qwen2_5_vl, qwen3_vl: transformers' own classes
+    # (models.families), from a <family>_* preset or model.init_from a released or exported HF directory.
+    family: Literal["qwen_vl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"] = "qwen_vl"
     # Start from any export of a previous stage (models.load_pretrained: a full export, a LoRA run's final/,
     # whose adapter is merged into its base, merged/, adapter/). Takes precedence
     # over preset / llm_path / openclip_*.
     init_from: str | None = None
-    preset: Literal["tiny", "demo", "small", "qwen_vl_7b"] | None = None  # models.presets.<name>
+    # models.presets.<name>, or a family's (models.families.specs.PRESETS; random weights)
+    preset: (
+        Literal[
+            "tiny",
+            "demo",
+            "small",
+            "qwen_vl_7b",
+            "qwen2_vl_tiny",
+            "qwen2_5_vl_tiny",
+            "qwen3_vl_tiny",
+            "qwen2_vl_7b",
+            "qwen2_5_vl_7b",
+            "qwen3_vl_8b",
+        ]
+        | None
+    ) = None
     llm_path: str | None = None  # local HF directory of the LLM (weights + tokenizer)
     tokenizer_path: str | None = None  # default: llm_path, or init_from
     openclip_name: str | None = None  # e.g. "ViT-bigG-14": initialise the vision tower from OpenCLIP
@@ -64,6 +82,19 @@ class ModelSection:
             raise ValueError("set 'model.init_from' (a previous stage) or 'model.preset' / 'model.llm_path'")
         if (self.openclip_name is None) != (self.openclip_checkpoint is None):
             raise ValueError("set both 'model.openclip_name' and 'model.openclip_checkpoint', or neither")
+        preset_family = FAMILY_PRESETS[self.preset][0].name if self.preset in FAMILY_PRESETS else "qwen_vl"
+        if self.preset is not None and preset_family != self.family:
+            raise ValueError(
+                f"'model.preset: {self.preset}' is a {preset_family} preset but 'model.family' is {self.family}"
+            )
+        if self.family != "qwen_vl":
+            qwen_vl_only = ("llm_path", "openclip_name", "image_size", "pad_vocab_to")
+            for key in qwen_vl_only:
+                if getattr(self, key) is not None:
+                    raise ValueError(
+                        f"'model.{key}' is the Qwen-VL model's; a {self.family} model comes from "
+                        "'model.preset' or 'model.init_from' (an HF directory)"
+                    )
 
 
 @dataclass
@@ -646,9 +677,25 @@ def _check_consistency(recipe: Recipe) -> None:
         )
     if recipe.lora.vision_targets and recipe.freeze.vision == "train":
         raise ValueError("'lora.vision_targets' adapts a frozen vision tower; set 'freeze.vision: frozen'")
+    if recipe.model.family != "qwen_vl":
+        _check_family(recipe)
     if recipe.train.stage == "dpo":
         recipe.preference.validate()
         _check_preference(recipe)
+
+
+def _check_family(recipe: Recipe) -> None:
+    """What a Hugging Face family (model.family other than qwen_vl) does not train yet."""
+    family = recipe.model.family
+    if recipe.train.stage != "sft":
+        raise ValueError(
+            f"'model.family: {family}' trains 'train.stage: sft' (chat records); {recipe.train.stage} is the "
+            "Qwen-VL model's for now"
+        )
+    if recipe.data.streaming:
+        raise ValueError(f"'model.family: {family}' reads its data map-style; set 'data.streaming: false'")
+    if recipe.optim.vit_layer_decay != 1.0:
+        raise ValueError(f"'optim.vit_layer_decay' is not supported for 'model.family: {family}' yet")
 
 
 def _check_preference(recipe: Recipe) -> None:

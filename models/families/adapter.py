@@ -33,6 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from models.errors import MissingFileError, UserError
 from models.families.specs import FamilySpec, family_of_model_type, preset
 from models.loss import IGNORE_INDEX, causal_lm_loss_sum, causal_lm_token_logps
+from models.manifest import write_manifest
 from models.vlm import VLMOutput, checkpointed_layer_indices
 
 # Children of model.visual that project ViT features into the LLM (the "resampler" group). Everything else
@@ -66,6 +67,9 @@ class HFFamilyModel(nn.Module):
         self.spec = spec
         self.hf = hf_model
         self.loss_impl = "torch"  # models.loss: "torch" | "chunked" | "liger" | "auto", as VLM.loss_impl
+        # The processor training used (train.assemble attaches it): saved beside the weights, as VLM saves its
+        # tokenizer, so an export is a whole HF directory for AutoProcessor and eval_mm.
+        self.processor = None
 
     # ------------------------------------------------------------------------------ construction
     @classmethod
@@ -107,9 +111,21 @@ class HFFamilyModel(nn.Module):
         )
         return cls(spec, model)
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """An HF directory that ``from_pretrained`` and ``AutoModelForImageTextToText`` load (safetensors)."""
-        self.hf.save_pretrained(path)
+    def save_pretrained(
+        self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None, manifest: bool = True
+    ) -> None:
+        """An HF directory that ``from_pretrained`` and ``AutoModelForImageTextToText`` load (safetensors),
+        with the attached processor and, last, the project's manifest (models.manifest), as ``VLM`` writes.
+
+        ``state_dict``: this module's names (``hf.`` ...), e.g. gathered from ZeRO-3 shards; ``manifest=False``
+        leaves the manifest to a caller that adds files of its own (train.checkpoint.export_final)."""
+        if state_dict is not None:
+            state_dict = {name.removeprefix("hf."): tensor for name, tensor in state_dict.items()}
+        self.hf.save_pretrained(path, state_dict=state_dict)
+        if self.processor is not None:
+            self.processor.save_pretrained(path)
+        if manifest:
+            write_manifest(Path(path))
 
     # ------------------------------------------------------------------------------ parts
     @property
@@ -135,9 +151,12 @@ class HFFamilyModel(nn.Module):
         the HF model itself, which holds them (its decoder is ``model.language_model``)."""
         return self.hf
 
-    def set_gradient_checkpointing(self, enabled: bool = True, llm_layers: int | None = None) -> None:
+    def set_gradient_checkpointing(
+        self, enabled: bool = True, llm_layers: int | None = None, vision: bool = True
+    ) -> None:
         """Recompute the ViT blocks and LLM decoder layers in backward (non-reentrant), as ``VLM`` does.
-        ``llm_layers``: how many decoder layers to checkpoint (None = all), spread evenly over the depth."""
+        ``llm_layers``: how many decoder layers to checkpoint (None = all), spread evenly over the depth;
+        ``vision``: whether the ViT blocks are recomputed too."""
         if not enabled:
             self.hf.activation_checkpointing_disable()
             return
@@ -146,6 +165,8 @@ class HFFamilyModel(nn.Module):
         chosen = checkpointed_layer_indices(len(layers), len(layers) if llm_layers is None else llm_layers)
         for i, layer in enumerate(layers):
             layer.gradient_checkpointing = i in chosen
+        for block in self.hf.model.visual.blocks:
+            block.gradient_checkpointing = vision
 
     def part_prefixes(self) -> dict[str, tuple[str, ...]]:
         """{group: parameter-name prefixes} of ``module_groups`` (names as ``model.named_parameters()``
@@ -255,6 +276,7 @@ class HFFamilyModel(nn.Module):
         max_length: int | None = None,
         return_token_logps: bool = False,
         label_positions: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
     ) -> VLMOutput:
         """Loss (or logits without labels) of a batch: padded rows with ``attention_mask``, or packed rows
         (``attention_mask=None``, ``cu_seq_lens`` and ``max_length`` from data.packing.pack, passed on to
@@ -265,8 +287,13 @@ class HFFamilyModel(nn.Module):
         boundaries). ``use_cache=False``: transformers derives the per-sample mask of packed rows from the
         text positions only when there is no cache. ``return_token_logps`` (preference training) and
         ``label_positions`` (the supervised labels' flat positions, data.packing.supervised_positions) mean
-        what they mean for ``VLM.forward``.
+        what they mean for ``VLM.forward``. ``image_index`` (a preference pair's rows sharing one encoding of
+        its images) is not supported yet: the trainer passes None.
         """
+        if image_index is not None:
+            raise NotImplementedError(
+                "HFFamilyModel does not share image encodings between rows (image_index)"
+            )
         packed = attention_mask is None and cu_seq_lens is not None
         if position_ids is None or position_ids.dim() == 2:
             if packed:

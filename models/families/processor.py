@@ -143,9 +143,15 @@ def load_family_processor(
     if not path.is_dir():
         raise MissingFileError(f"{path}: model directory not found")
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
-    if min_pixels is not None or max_pixels is not None:
-        size = dict(processor.image_processor.size)
-        size["shortest_edge"] = min_pixels if min_pixels is not None else size["shortest_edge"]
-        size["longest_edge"] = max_pixels if max_pixels is not None else size["longest_edge"]
-        processor.image_processor.size = size
+    set_pixel_budget(processor, min_pixels, max_pixels)
     return processor
+
+
+def set_pixel_budget(processor: ProcessorMixin, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Give the processor's image processor a new pixel budget per image (in place); None keeps a bound."""
+    size = dict(processor.image_processor.size)
+    shortest = min_pixels if min_pixels is not None else size["shortest_edge"]
+    longest = max_pixels if max_pixels is not None else size["longest_edge"]
+    if not 0 < shortest <= longest:
+        raise UserError(f"min_pixels ({shortest}) must be positive and at most max_pixels ({longest})")
+    processor.image_processor.size = {**size, "shortest_edge": shortest, "longest_edge": longest}

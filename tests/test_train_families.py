@@ -1,0 +1,163 @@
+"""A Hugging Face family (Qwen2.5-VL) trains from a recipe: `model.family: qwen2_5_vl`, the tiny preset, the
+synthetic world's chat data encoded in the family's own tokens. The loss falls; the export is an HF directory
+that transformers' AutoModelForImageTextToText and models.load_pretrained both load, holding what trained and
+nothing else; LoRA from that export (packed rows) exports an adapter and a merged model; and a run stopped
+and resumed equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_train_world import TINY, make_world, read_losses, run_train
+
+TIKTOKEN = Path("/work/shared/data/qwen.tiktoken")
+pytestmark = pytest.mark.skipif(not TIKTOKEN.is_file(), reason=f"needs the Qwen vocabulary {TIKTOKEN}")
+
+RECIPE = TINY / "qwen2_5_vl_sft.yaml"
+
+
+def overrides(world: Path, run: Path) -> list[str]:
+    return [
+        f"model.tokenizer_path={TIKTOKEN}",
+        f"data.paths=[{world / 'chat.json'}]",
+        f"checkpoint.out_dir={run}",
+        "train.steps=6",
+        "checkpoint.every=3",  # step 3 is mid-epoch: 8 records, 4 per step
+    ]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    return make_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture(scope="module")
+def full_run(world, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("full")
+    run_train([str(RECIPE), *overrides(world, run)])
+    return run
+
+
+def initial_model():
+    """The model the trainer starts from: the preset drawn after seeding with train.seed (0)."""
+    from models.families.adapter import HFFamilyModel
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    return HFFamilyModel.from_preset("qwen2_5_vl_tiny")
+
+
+def test_the_loss_falls(full_run):
+    losses = read_losses(full_run)
+    assert sorted(losses) == list(range(1, 7))
+    assert losses[6] < losses[1] - 0.5, losses
+
+
+def test_the_export_is_an_hf_directory_holding_what_trained(full_run):
+    from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from models import load_pretrained
+    from models.families.adapter import HFFamilyModel
+
+    export = full_run / "final"
+    assert (export / "manifest.json").is_file() and (export / "training_info.json").is_file()
+    hf = AutoModelForImageTextToText.from_pretrained(export)
+    assert isinstance(hf, Qwen2_5_VLForConditionalGeneration)
+    processor = AutoProcessor.from_pretrained(export)
+    assert (
+        processor.image_processor.size["shortest_edge"],
+        processor.image_processor.size["longest_edge"],
+    ) == (
+        3136,
+        12544,
+    )  # the recipe's data.min_pixels / data.max_pixels
+    model, loaded_processor = load_pretrained(export)
+    assert isinstance(model, HFFamilyModel) and type(loaded_processor) is type(processor)
+    exported = {name: p for name, p in model.hf.named_parameters()}
+    for name, p in hf.named_parameters():
+        torch.testing.assert_close(p, exported[name], rtol=0, atol=0, msg=name)
+
+    # freeze: vision frozen, merger (resampler) and LLM train
+    start = dict(initial_model().hf.named_parameters())
+    changed = {name for name, p in exported.items() if not torch.equal(p, start[name])}
+    assert {
+        name for name in exported if name.startswith("model.visual.") and ".merger." not in name
+    }.isdisjoint(changed)
+    assert any(".merger." in name for name in changed)
+    assert "lm_head.weight" in changed and "model.language_model.embed_tokens.weight" in changed
+
+
+def test_lora_from_the_export_on_packed_rows_exports_adapter_and_merged_model(full_run, world, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from models import load_pretrained
+
+    run = tmp_path / "lora"
+    run_train(
+        [
+            str(TINY / "qwen2_5_vl_sft_lora.yaml"),
+            *overrides(world, run),
+            f"model.init_from={full_run / 'final'}",
+            "train.steps=4",
+            "checkpoint.every=0",
+            "data.packing=true",
+            "lora.merge_on_export=true",
+        ]
+    )
+    losses = read_losses(run)
+    assert losses[4] < losses[1], losses
+    adapter, merged = run / "final" / "adapter", run / "final" / "merged"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    from_adapter, _ = load_pretrained(adapter)  # its base: training_info's init_from, the full export
+    hf = AutoModelForImageTextToText.from_pretrained(merged)
+    base, _ = load_pretrained(full_run / "final")
+    merged_params = dict(hf.named_parameters())
+    base_params = dict(base.hf.named_parameters())
+    for name, p in from_adapter.hf.named_parameters():
+        torch.testing.assert_close(p, merged_params[name], msg=name)
+    changed = {name for name, p in merged_params.items() if not torch.equal(p, base_params[name])}
+    # adapters on the LLM's linears (merged in) and the merger; embeddings, head and ViT untouched
+    assert any(".language_model.layers." in n and n.endswith("q_proj.weight") for n in changed), changed
+    assert any(".merger." in n for n in changed)
+    assert not any(
+        n.startswith("model.visual.blocks.") or "embed_tokens" in n or "lm_head" in n for n in changed
+    )
+
+
+def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(full_run, world, tmp_path):
+    run = tmp_path / "resumed"
+    run_train([str(RECIPE), *overrides(world, run), "train.stop_after_steps=3"])
+    assert not (run / "final").exists()
+    run_train([str(RECIPE), *overrides(world, run), "train.resume=auto"])
+    assert read_losses(run) == read_losses(full_run)
+    from safetensors.torch import load_file
+
+    straight = load_file(full_run / "final" / "model.safetensors")
+    resumed = load_file(run / "final" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name, tensor in straight.items():
+        assert torch.equal(tensor, resumed[name]), name
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.preset=qwen3_vl_tiny", "is a qwen3_vl preset but 'model.family' is qwen2_5_vl"),
+        ("model.llm_path=/x", "'model.llm_path' is the Qwen-VL model's"),
+        ("train.stage=pretrain", "trains 'train.stage: sft'"),
+        ("optim.vit_layer_decay=0.9", "'optim.vit_layer_decay' is not supported"),
+    ],
+)
+def test_a_family_recipe_refuses_what_the_family_does_not_train(override, message):
+    from train.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_recipe(RECIPE, ["data.paths=[x.json]", override])
