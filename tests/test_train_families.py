@@ -161,3 +161,65 @@ def test_a_family_recipe_refuses_what_the_family_does_not_train(override, messag
 
     with pytest.raises(RecipeError, match=re.escape(message)):
         load_recipe(RECIPE, ["data.paths=[x.json]", override])
+
+
+def test_the_data_check_counts_each_images_own_tokens_as_the_processor_does(tmp_path):
+    """Two records, one with a small image and one with a small and a large one: the check's token total is
+    what the family's own processor gives the same conversations (each image its own grid within the
+    recipe's pixel budget), and the report says images have no fixed count."""
+    import json
+
+    from PIL import Image
+
+    from models.families.processor import build_family_processor
+    from models.families.specs import QWEN2_5_VL
+    from train.data_check import recipe_image_tokens, recipe_sample_builder, recipe_tokenizer
+    from train.recipe import load_recipe
+
+    sizes = {"small.png": (96, 80), "large.png": (200, 150)}
+    for name, size in sizes.items():
+        Image.new("RGB", size, (200, 30, 30)).save(tmp_path / name)
+    conversations = [
+        ["small.png"],
+        ["small.png", "large.png"],
+    ]
+    records = [
+        {
+            "conversations": [
+                {"from": "user", "value": "".join(f"<img>{tmp_path / n}</img>" for n in names) + "Colour?"},
+                {"from": "assistant", "value": "Red."},
+            ]
+        }
+        for names in conversations
+    ]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    recipe = load_recipe(
+        RECIPE, [f"model.tokenizer_path={TIKTOKEN}", f"data.paths=[{tmp_path / 'data.json'}]"]
+    )
+    tokenizer, image_tokens = recipe_tokenizer(recipe.model), recipe_image_tokens(recipe.model)
+    assert image_tokens is None
+    report = check_data_report(recipe, tokenizer, recipe_sample_builder(recipe, tokenizer, image_tokens))
+
+    processor = build_family_processor(QWEN2_5_VL, TIKTOKEN, min_pixels=3136, max_pixels=12544)
+    expected = 0
+    for names in conversations:
+        messages = [
+            {
+                "role": "user",
+                "content": [*({"type": "image"} for _ in names), {"type": "text", "text": "Colour?"}],
+            },
+            {"role": "assistant", "content": "Red."},
+        ]
+        text = processor.apply_chat_template(messages, tokenize=False)
+        images = [Image.open(tmp_path / n) for n in names]
+        expected += processor(text=[text], images=images, return_tensors="pt")["input_ids"].shape[1]
+    assert report["tokens"]["before_truncation"]["total"] == expected
+    assert "each image its own grid's tokens" in report["text"]
+
+
+def check_data_report(recipe, tokenizer, builder) -> dict:
+    from data.check import CheckOptions, check_data
+
+    options = CheckOptions(progress=False, workers=1)
+    report = check_data(recipe.data, tokenizer, None, options, builder)
+    return {**report.report, "text": report.text()}

@@ -73,8 +73,9 @@ class ModelFamily(Protocol):
     def tokenizer(self, m: ModelSection) -> Any:
         """The tokenizer training will use, its special tokens added; UserError when the recipe names none."""
 
-    def image_tokens(self, m: ModelSection) -> int:
-        """Tokens one image takes in a sample (for the data check's lengths)."""
+    def image_tokens(self, m: ModelSection) -> int | None:
+        """Tokens one image takes in a sample (for the data check's lengths); None when each image takes its own
+        count (the data check then reads it through ``sample_builder``)."""
 
     def build(
         self,
@@ -280,10 +281,8 @@ class HFFamily:
             return build_family_processor(self.spec, path)
         return load_family_processor(path)
 
-    def image_tokens(self, m: ModelSection) -> int:
-        raise UserError(
-            f"a {self.spec.name} image takes as many tokens as its own grid gives; there is no fixed count"
-        )
+    def image_tokens(self, m: ModelSection) -> None:
+        return None  # each image its own grid's (data.hf_encode.image_grid)
 
     def build(
         self,
@@ -365,7 +364,8 @@ class HFFamily:
         vlm.hf.model.language_model.set_attn_implementation(perf.attention)
         return perf, notes
 
-    def sample_builder(self, data: DataConfig, tokenizer: Any, vlm: nn.Module) -> FamilySampleBuilder:
+    def sample_builder(self, data: DataConfig, tokenizer: Any, vlm: nn.Module | None) -> FamilySampleBuilder:
+        # Needs no model: the data check builds the same samples before any weights exist (vlm None).
         return FamilySampleBuilder(tokenizer, self.spec.box_convention, data)
 
     def step_flops(self, vlm: nn.Module, recipe: Recipe, adapters: dict[str, int]) -> StepFlops:

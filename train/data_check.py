@@ -28,9 +28,17 @@ def recipe_tokenizer(model: ModelSection):
     return family_of(model).tokenizer(model)
 
 
-def recipe_image_tokens(model: ModelSection) -> int:
-    """Image tokens per image (the model family's: train.assemble)."""
+def recipe_image_tokens(model: ModelSection) -> int | None:
+    """Image tokens per image (the model family's: train.assemble); None when each image takes its own."""
     return family_of(model).image_tokens(model)
+
+
+def recipe_sample_builder(recipe: Recipe, tokenizer, image_tokens: int | None):
+    """The trainer's sample builder where images take their own token counts (a Hugging Face family's: the
+    check reads each image's size from its header), else None (data.check builds the Qwen-VL one)."""
+    if image_tokens is not None:
+        return None
+    return family_of(recipe.model).sample_builder(recipe.data, tokenizer, None)
 
 
 def check_data_at_startup(recipe: Recipe, is_main: bool, run_dir: Path) -> None:
@@ -69,7 +77,9 @@ def _run_check(recipe: Recipe, run_dir: Path) -> str | None:
         progress=recipe.log.progress_bar,
         limit=STREAMING_STARTUP_RECORDS if data.streaming else None,
     )
-    report = check_data(data, recipe_tokenizer(recipe.model), recipe_image_tokens(recipe.model), options)
+    tokenizer, image_tokens = recipe_tokenizer(recipe.model), recipe_image_tokens(recipe.model)
+    builder = recipe_sample_builder(recipe, tokenizer, image_tokens)
+    report = check_data(data, tokenizer, image_tokens, options, builder)
     report.write(run_dir)
     limited = f" (first {options.limit:,} records)" if options.limit else ""
     where = f"report: {run_dir / 'data_check.txt'}"

@@ -19,7 +19,7 @@ import argparse
 from data.check.run import CheckOptions, check_data
 from data.formats import FORMATS
 from models.errors import ArgumentParser, UserError
-from train.data_check import recipe_image_tokens, recipe_tokenizer
+from train.data_check import recipe_image_tokens, recipe_sample_builder, recipe_tokenizer
 from train.recipe import load_recipe, recipe_from_dict
 
 
@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m data.check") -> i
     )
     tokenizer = recipe_tokenizer(recipe.model)
     image_tokens = args.image_tokens or recipe_image_tokens(recipe.model)
-    report = check_data(d, tokenizer, image_tokens, options)
+    report = check_data(
+        d, tokenizer, image_tokens, options, recipe_sample_builder(recipe, tokenizer, image_tokens)
+    )
     print(report.text())
     out = args.out or (recipe.checkpoint.out_dir if recipe_path else "data_check")
     written = report.write(out, plot=args.plot)

@@ -82,7 +82,7 @@ def build_report(
     totals: Totals,
     config: DataConfig,
     options: CheckOptions,
-    num_image_tokens: int,
+    num_image_tokens: int | None,
     images_checked: int,
     bad_image_samples: int,
     seconds: dict[str, float],
@@ -266,7 +266,12 @@ def render_text(r: dict[str, Any]) -> str:
     packing = f"packing (rows of {d['pack_len'] or d['max_len']})" if d["packing"] else "no packing"
     lines = [
         f"data check ({r['check']['mode']}) of {', '.join(d['paths'])}",
-        f"  max_len {d['max_len']}, {packing}, {d['num_image_tokens']} tokens per image",
+        f"  max_len {d['max_len']}, {packing}, "
+        + (
+            f"{d['num_image_tokens']} tokens per image"
+            if d["num_image_tokens"] is not None
+            else "each image its own grid's tokens"
+        ),
         f"records: {r['records']:,}  samples: {r['samples']:,}",
         "by format: " + _counts(r["formats"]),
         "by task:   " + _counts(r["tasks"]),

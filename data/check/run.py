@@ -24,6 +24,7 @@ from data.check.images import check_images
 from data.check.report import CheckReport, build_report
 from data.check.scan import ChunkResult, init_scan, read_chunks, scan_chunk
 from data.dataset import DataConfig
+from data.sample_builder import FamilySampleBuilder
 from models.errors import UserError
 
 MODES = ("fast", "full")
@@ -101,8 +102,16 @@ class Totals:
         kept += examples[: max_examples - len(kept)]
 
 
-def check_data(config: DataConfig, tokenizer, num_image_tokens: int, options: CheckOptions) -> CheckReport:
-    """Read ``config``'s data as training would and report its problems (see data/check/__init__.py)."""
+def check_data(
+    config: DataConfig,
+    tokenizer,
+    num_image_tokens: int | None,
+    options: CheckOptions,
+    builder: FamilySampleBuilder | None = None,
+) -> CheckReport:
+    """Read ``config``'s data as training would and report its problems (see data/check/__init__.py).
+    ``builder``: a Hugging Face family's sample builder (``num_image_tokens`` None: each image takes its own
+    grid's tokens, read from its header); default the Qwen-VL model's (``tokenizer``, ``num_image_tokens``)."""
     if options.mode not in MODES:
         raise UserError(f"data check mode {options.mode!r}: expected one of {', '.join(MODES)}")
     if not config.paths:
@@ -116,7 +125,7 @@ def check_data(config: DataConfig, tokenizer, num_image_tokens: int, options: Ch
     start = time.perf_counter()
     with tqdm(desc="data.check records", unit="rec", disable=not options.progress, mininterval=1.0) as bar:
         chunks = read_chunks(config, malformed, options.limit, decode=options.mode == "full")
-        init_args = (tokenizer, num_image_tokens, config, options.max_examples)
+        init_args = (tokenizer, num_image_tokens, config, options.max_examples, builder)
         for result in _map_in_order(scan_chunk, chunks, workers, init_scan, init_args):
             totals.add(result, options.max_examples)
             bar.update(result.records)

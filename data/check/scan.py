@@ -21,6 +21,7 @@ from data.dataset import DataConfig, SampleBuilder, streamed_pair
 from data.formats import DataFormatError, detect_format, empty_answer_turn, iter_raw_records, normalize_record
 from data.images import ImageLoadError, decode_image
 from data.sample import TokenizedSample, span_safe_cut, truncate_span_safe
+from data.sample_builder import FamilySampleBuilder
 from data.shards import ShardReader, expand_shard_patterns, shard_kind
 from data.webdataset import BadSample, parse_caption_key, parse_image_keys
 
@@ -104,19 +105,26 @@ class ScanContext:
     """Per-process state of a scan: the tokenizer stand-in and the trainer's sample builder over it."""
 
     config: DataConfig
-    pieces: PieceCache
-    builder: SampleBuilder
+    builder: SampleBuilder | FamilySampleBuilder
     max_examples: int
 
 
 _context: ScanContext | None = None  # set in each worker process by init_scan
 
 
-def init_scan(tokenizer, num_image_tokens: int, config: DataConfig, max_examples: int) -> None:
-    """Worker initialiser (also called in-process when the scan runs without workers)."""
+def init_scan(
+    tokenizer,
+    num_image_tokens: int | None,
+    config: DataConfig,
+    max_examples: int,
+    builder: FamilySampleBuilder | None = None,
+) -> None:
+    """Worker initialiser (also called in-process when the scan runs without workers). ``builder``: a Hugging
+    Face family's (each image its own grid's tokens, from its header); default the Qwen-VL model's over the
+    tokenizer's memoised pieces."""
     global _context
-    pieces = PieceCache(tokenizer)
-    _context = ScanContext(config, pieces, SampleBuilder(pieces, num_image_tokens, config), max_examples)
+    builder = builder or SampleBuilder(PieceCache(tokenizer), num_image_tokens, config)
+    _context = ScanContext(config, builder, max_examples)
 
 
 def scan_chunk(chunk: Chunk) -> ChunkResult:
