@@ -223,3 +223,46 @@ def check_data_report(recipe, tokenizer, builder) -> dict:
     options = CheckOptions(progress=False, workers=1)
     report = check_data(recipe.data, tokenizer, None, options, builder)
     return {**report.report, "text": report.text()}
+
+
+@pytest.mark.slow
+def test_zero3_on_two_processes_with_text_only_and_image_samples_in_one_step(world, tmp_path):
+    """One sample per rank and step, in order: records I T T I T I I T (image / text only) put an image sample on
+    one rank and a text-only one on the other at some step, whichever way the sampler splits them. The
+    text-only rank runs the ViT on a blank image at the same point of its forward, so ZeRO-3's parameter
+    gathers match on both ranks: the run finishes (a mismatch aborts the collective or hangs until the
+    timeout) and exports whole weights."""
+    import json
+
+    from models import load_pretrained
+
+    image, text = (
+        lambda i: [
+            {
+                "from": "user",
+                "value": f"<img>{world / 'images' / f'{i}.png'}</img>\nWhat color is the picture?",
+            },
+            {"from": "assistant", "value": "A colour."},
+        ],
+        [{"from": "user", "value": "Say something."}, {"from": "assistant", "value": "Something."}],
+    )
+    records = [{"conversations": image(i) if kind == "I" else text} for i, kind in enumerate("ITTITIIT")]
+    (tmp_path / "mixed.json").write_text(json.dumps(records))
+    run = tmp_path / "zero3"
+    run_train(
+        [
+            str(RECIPE),
+            f"model.tokenizer_path={TIKTOKEN}",
+            f"data.paths=[{tmp_path / 'mixed.json'}]",
+            f"checkpoint.out_dir={run}",
+            "parallel.mode=zero3",
+            "train.micro_batch=1",
+            "train.steps=4",
+            "data.shuffle=false",
+        ],
+        nproc=2,
+        timeout=240,
+    )
+    assert all(np.isfinite(v) for v in read_losses(run).values()) and len(read_losses(run)) == 4
+    model, _ = load_pretrained(run / "final")  # gathered from the shards
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -302,11 +302,16 @@ class HFFamilyModel(nn.Module):
                 position_ids = self.position_ids(input_ids, image_grid_thw, attention_mask)
         # The vision tower runs first, on its own: the sample boundaries below are the LLM's, and keyword
         # arguments given to the HF model would reach the ViT's attention too (it has its own boundaries).
-        encoded = None
+        encoded, unused_vision = None, None
         if pixel_values is not None:
             encoded = {
                 "image": self.hf.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
             }
+        elif self.training:
+            # A text-only training batch runs the ViT here too, before the LLM, where an image batch runs it:
+            # ZeRO-3 gathers each module's parameters as it runs, so every rank must run the modules in one
+            # order (a rank running the ViT after the LLM while another ran it first breaks the collective).
+            unused_vision = self._unused_vision_term()
         varlen = {}
         if packed:  # flash / varlen attention read the boundaries; SDPA and eager ignore them
             cu_seq_lens = cu_seq_lens.to(input_ids.device, non_blocking=True)
@@ -339,8 +344,8 @@ class HFFamilyModel(nn.Module):
             loss_sum, num_tokens = causal_lm_loss_sum(
                 hidden, head, labels, impl=self.loss_impl, label_positions=label_positions
             )
-        if pixel_values is None and self.training:
-            loss_sum = loss_sum + self._unused_vision_term()
+        if unused_vision is not None:
+            loss_sum = loss_sum + unused_vision
         return VLMOutput(
             loss_sum=loss_sum,
             num_tokens=num_tokens,
