@@ -266,3 +266,27 @@ def test_zero3_on_two_processes_with_text_only_and_image_samples_in_one_step(wor
     assert all(np.isfinite(v) for v in read_losses(run).values()) and len(read_losses(run)) == 4
     model, _ = load_pretrained(run / "final")  # gathered from the shards
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "family, hf_class",
+    [("qwen2_vl", "Qwen2VLForConditionalGeneration"), ("qwen3_vl", "Qwen3VLForConditionalGeneration")],
+)
+def test_the_other_families_train_from_the_same_recipe_on_packed_rows(family, hf_class, world, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    run = tmp_path / family
+    run_train(
+        [
+            str(RECIPE),
+            *overrides(world, run),
+            f"model.family={family}",
+            f"model.preset={family}_tiny",
+            "train.steps=3",
+            "checkpoint.every=0",
+            "data.packing=true",
+        ]
+    )
+    losses = read_losses(run)
+    assert losses[3] < losses[1], losses
+    assert type(AutoModelForImageTextToText.from_pretrained(run / "final")).__name__ == hf_class
