@@ -1,8 +1,9 @@
 """A Hugging Face family (Qwen2.5-VL) trains from a recipe: `model.family: qwen2_5_vl`, the tiny preset, the
 synthetic world's chat data encoded in the family's own tokens. The loss falls; the export is an HF directory
 that transformers' AutoModelForImageTextToText and models.load_pretrained both load, holding what trained and
-nothing else; LoRA from that export (packed rows) exports an adapter and a merged model; and a run stopped
-and resumed equals an uninterrupted one.
+nothing else; LoRA from that export (packed rows) exports an adapter and a merged model; a run stopped and
+resumed equals an uninterrupted one; Qwen2-VL and Qwen3-VL train from the same recipe. Also: the data check
+counts each image's own tokens, and ZeRO-3 on 2 processes survives steps mixing text-only and image samples.
 """
 
 from __future__ import annotations
