@@ -18,8 +18,8 @@ class Collator:
     """Runs in DataLoader workers. ``packing=False``: dynamic right padding with ``attention_mask``;
     ``packing=True``: several samples per row up to ``row_len`` tokens (data.packing), no attention mask.
 
-    Dataset items are either samples (``input_ids``, ``labels``, ``pixel_values``, ``truncated``; a Hugging Face
-    family's also ``image_grid_thw``, its ``pixel_values`` patch rows, data.hf_collate),
+    Dataset items are either samples (``input_ids``, ``labels``, ``pixel_values``, ``truncated``; a Hugging
+    Face family's also ``image_grid_thw``, its ``pixel_values`` patch rows, data.hf_collate),
     preference pairs (``chosen`` and ``rejected`` samples sharing ``pixel_values``, ``truncated``, ``index``)
     or drop markers (``{"dropped": counter_name}``, with ``"bad_image": (file, message)`` for a bad image).
     The returned dict has the contract keys plus ``_stats`` (counts of this batch) and ``_bad_images`` (the

@@ -23,9 +23,10 @@ class DataConfig:
     image_size: int = 448  # 224 in the first pretraining stage of the recipe, 448 afterwards
     image_root: str | None = None  # relative image paths resolve here, else next to the data file
     max_len: int = 2048
-    # Hugging Face families (model.family: qwen2_vl, qwen2_5_vl, qwen3_vl) only: the pixel budget of one image.
-    # Each image is resized within it to multiples of 28 (32 for Qwen3-VL) and takes one token per 2x2 patches;
-    # None keeps the family's released preprocessor_config value. data.image_size is the Qwen-VL model's.
+    # Hugging Face families (model.family: qwen2_vl, qwen2_5_vl, qwen3_vl) only: the pixel budget of one
+    # image. Each image is resized within it to multiples of 28 (32 for Qwen3-VL) and takes one token per 2x2
+    # patches; None keeps the family's released preprocessor_config value. data.image_size is the Qwen-VL
+    # model's.
     min_pixels: int | None = None
     max_pixels: int | None = None
     packing: bool = False  # several samples per row (data.packing) instead of one padded sample per row

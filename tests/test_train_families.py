@@ -16,17 +16,16 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import write_tiny_tiktoken
 from tests.test_train_world import TINY, make_world, read_losses, run_train
 
-TIKTOKEN = Path("/work/shared/data/qwen.tiktoken")
-pytestmark = pytest.mark.skipif(not TIKTOKEN.is_file(), reason=f"needs the Qwen vocabulary {TIKTOKEN}")
-
 RECIPE = TINY / "qwen2_5_vl_sft.yaml"
+TIKTOKEN = "qwen.tiktoken"  # in the world folder
 
 
 def overrides(world: Path, run: Path) -> list[str]:
     return [
-        f"model.tokenizer_path={TIKTOKEN}",
+        f"model.tokenizer_path={world / TIKTOKEN}",
         f"data.paths=[{world / 'chat.json'}]",
         f"checkpoint.out_dir={run}",
         "train.steps=6",
@@ -36,7 +35,11 @@ def overrides(world: Path, run: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    return make_world(tmp_path_factory.mktemp("world"))
+    """The synthetic world, and a tiny qwen.tiktoken the family's tokenizer is built from (conftest): the
+    model's embeddings have one row per token of it, so the runs take seconds."""
+    world = make_world(tmp_path_factory.mktemp("world"))
+    write_tiny_tiktoken(world / TIKTOKEN)
+    return world
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +49,18 @@ def full_run(world, tmp_path_factory) -> Path:
     return run
 
 
-def initial_model():
-    """The model the trainer starts from: the preset drawn after seeding with train.seed (0)."""
+def initial_model(world: Path):
+    """The model the trainer starts from: the preset for the world's tokenizer, drawn after seeding with
+    train.seed (0)."""
     from models.families.adapter import HFFamilyModel
+    from models.families.processor import build_family_tokenizer
+    from models.families.specs import QWEN2_5_VL
 
+    tokenizer = build_family_tokenizer(QWEN2_5_VL, world / TIKTOKEN)
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
-    return HFFamilyModel.from_preset("qwen2_5_vl_tiny")
+    return HFFamilyModel.from_preset("qwen2_5_vl_tiny", tokenizer=tokenizer)
 
 
 def test_the_loss_falls(full_run):
@@ -62,7 +69,7 @@ def test_the_loss_falls(full_run):
     assert losses[6] < losses[1] - 0.5, losses
 
 
-def test_the_export_is_an_hf_directory_holding_what_trained(full_run):
+def test_the_export_is_an_hf_directory_holding_what_trained(full_run, world):
     from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     from models import load_pretrained
@@ -87,7 +94,7 @@ def test_the_export_is_an_hf_directory_holding_what_trained(full_run):
         torch.testing.assert_close(p, exported[name], rtol=0, atol=0, msg=name)
 
     # freeze: vision frozen, merger (resampler) and LLM train
-    start = dict(initial_model().hf.named_parameters())
+    start = dict(initial_model(world).hf.named_parameters())
     changed = {name for name, p in exported.items() if not torch.equal(p, start[name])}
     assert {
         name for name in exported if name.startswith("model.visual.") and ".merger." not in name
@@ -164,7 +171,7 @@ def test_a_family_recipe_refuses_what_the_family_does_not_train(override, messag
         load_recipe(RECIPE, ["data.paths=[x.json]", override])
 
 
-def test_the_data_check_counts_each_images_own_tokens_as_the_processor_does(tmp_path):
+def test_the_data_check_counts_each_images_own_tokens_as_the_processor_does(world, tmp_path):
     """Two records, one with a small image and one with a small and a large one: the check's token total is
     what the family's own processor gives the same conversations (each image its own grid within the
     recipe's pixel budget), and the report says images have no fixed count."""
@@ -195,13 +202,13 @@ def test_the_data_check_counts_each_images_own_tokens_as_the_processor_does(tmp_
     ]
     (tmp_path / "data.json").write_text(json.dumps(records))
     recipe = load_recipe(
-        RECIPE, [f"model.tokenizer_path={TIKTOKEN}", f"data.paths=[{tmp_path / 'data.json'}]"]
+        RECIPE, [f"model.tokenizer_path={world / TIKTOKEN}", f"data.paths=[{tmp_path / 'data.json'}]"]
     )
     tokenizer, image_tokens = recipe_tokenizer(recipe.model), recipe_image_tokens(recipe.model)
     assert image_tokens is None
     report = check_data_report(recipe, tokenizer, recipe_sample_builder(recipe, tokenizer, image_tokens))
 
-    processor = build_family_processor(QWEN2_5_VL, TIKTOKEN, min_pixels=3136, max_pixels=12544)
+    processor = build_family_processor(QWEN2_5_VL, world / TIKTOKEN, min_pixels=3136, max_pixels=12544)
     expected = 0
     for names in conversations:
         messages = [
@@ -228,11 +235,11 @@ def check_data_report(recipe, tokenizer, builder) -> dict:
 
 @pytest.mark.slow
 def test_zero3_on_two_processes_with_text_only_and_image_samples_in_one_step(world, tmp_path):
-    """One sample per rank and step, in order: records I T T I T I I T (image / text only) put an image sample on
-    one rank and a text-only one on the other at some step, whichever way the sampler splits them. The
-    text-only rank runs the ViT on a blank image at the same point of its forward, so ZeRO-3's parameter
-    gathers match on both ranks: the run finishes (a mismatch aborts the collective or hangs until the
-    timeout) and exports whole weights."""
+    """One sample per rank and step, in order: records I T T I T I I T (image / text only) put an image
+    sample on one rank and a text-only one on the other at some step, whichever way the sampler splits
+    them. The text-only rank runs the ViT on a blank image at the same point of its forward, so ZeRO-3's
+    parameter gathers match on both ranks: the run finishes (a mismatch aborts the collective or hangs until
+    the timeout) and exports whole weights."""
     import json
 
     from models import load_pretrained
@@ -253,7 +260,7 @@ def test_zero3_on_two_processes_with_text_only_and_image_samples_in_one_step(wor
     run_train(
         [
             str(RECIPE),
-            f"model.tokenizer_path={TIKTOKEN}",
+            f"model.tokenizer_path={world / TIKTOKEN}",
             f"data.paths=[{tmp_path / 'mixed.json'}]",
             f"checkpoint.out_dir={run}",
             "parallel.mode=zero3",

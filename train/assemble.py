@@ -34,6 +34,7 @@ from models.families.adapter import HFFamilyModel
 from models.families.processor import build_family_processor, load_family_processor
 from models.families.specs import FAMILIES as FAMILY_SPECS
 from models.families.specs import FamilySpec
+from models.families.specs import preset as family_preset
 from models.loading import export_config_and_tokenizer, load_pretrained
 from models.tokens import ensure_special_tokens
 from train.dpo import runs_adapter_off_reference
@@ -74,8 +75,8 @@ class ModelFamily(Protocol):
         """The tokenizer training will use, its special tokens added; UserError when the recipe names none."""
 
     def image_tokens(self, m: ModelSection) -> int | None:
-        """Tokens one image takes in a sample (for the data check's lengths); None when each image takes its own
-        count (the data check then reads it through ``sample_builder``)."""
+        """Tokens one image takes in a sample (for the data check's lengths); None when each image takes its
+        own count (the data check then reads it through ``sample_builder``)."""
 
     def build(
         self,
@@ -303,7 +304,7 @@ class HFFamily:
                 processor = self.tokenizer(m)
         else:
             processor = self.tokenizer(m)
-            model = HFFamilyModel.from_preset(m.preset, dtype=dtype or torch.float32, device=device)
+            model = self._preset_model(m.preset, processor, dtype=dtype or torch.float32, device=device)
         if keep_fp32 is not None:
             for module in keep_fp32(model):
                 module.float()  # the optimiser's master weights
@@ -327,10 +328,31 @@ class HFFamily:
             name = m.preset or f"{self.spec.name}_tiny"
             if m.init_from is not None:
                 notes.append(f"model.init_from={m.init_from} has no config.json yet: planned as {name}")
-            model = HFFamilyModel.from_preset(name, device="meta")
+            with contextlib.suppress(UserError, OSError):
+                processor = self.tokenizer(m)
+            return self._preset_model(name, processor, device="meta"), processor
         with contextlib.suppress(UserError, OSError):
             processor = self.tokenizer(m)
         return model, processor
+
+    def _preset_model(
+        self,
+        name: str,
+        processor: Any,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> HFFamilyModel:
+        """A preset for the processor's tokenizer. The released vocabulary keeps the preset's released ids and
+        embedding rows (its shape and parameter count); another (a tiny test vocabulary) gets its own ids
+        and one row per token."""
+        tokenizer = processor.tokenizer if processor is not None else None
+        released = family_preset(name)[1]
+        if tokenizer is not None and (
+            len(tokenizer) <= released.text_config.vocab_size
+            and tokenizer.convert_tokens_to_ids(processor.image_token) == released.image_token_id
+        ):
+            tokenizer = None
+        return HFFamilyModel.from_preset(name, dtype=dtype, device=device, tokenizer=tokenizer)
 
     def check_data_section(self, model: nn.Module, data: DataConfig, source: str | None) -> None:
         if data.min_pixels is not None and data.max_pixels is not None and data.min_pixels > data.max_pixels:

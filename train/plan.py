@@ -63,7 +63,8 @@ class ModelPlan:
 
 def plan_model(recipe: Recipe, source: str = "recipe") -> ModelPlan:
     """The recipe's model as the trainer assembles it (train.assemble), on the meta device, counted."""
-    if recipe.model.family != "qwen_vl":  # its memory model (ViT per image grid, no resampler) is not written yet
+    # A Hugging Face family's memory model (a ViT per image grid, no resampler) is not written yet.
+    if recipe.model.family != "qwen_vl":
         raise UserError(f"{source}: train.plan does not plan model.family {recipe.model.family} yet")
     assembled = assemble(recipe, "meta", source=source)
     model, wrapped = assembled.vlm, assembled.model

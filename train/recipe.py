@@ -85,7 +85,8 @@ class ModelSection:
         preset_family = FAMILY_PRESETS[self.preset][0].name if self.preset in FAMILY_PRESETS else "qwen_vl"
         if self.preset is not None and preset_family != self.family:
             raise ValueError(
-                f"'model.preset: {self.preset}' is a {preset_family} preset but 'model.family' is {self.family}"
+                f"'model.preset: {self.preset}' is a {preset_family} preset but 'model.family' is "
+                f"{self.family}"
             )
         if self.family != "qwen_vl":
             qwen_vl_only = ("llm_path", "openclip_name", "image_size", "pad_vocab_to")

@@ -110,8 +110,9 @@ def check_data(
     builder: FamilySampleBuilder | None = None,
 ) -> CheckReport:
     """Read ``config``'s data as training would and report its problems (see data/check/__init__.py).
-    ``builder``: a Hugging Face family's sample builder (``num_image_tokens`` None: each image takes its own
-    grid's tokens, read from its header); default the Qwen-VL model's (``tokenizer``, ``num_image_tokens``)."""
+    ``builder``: a Hugging Face family's sample builder (``num_image_tokens`` None: each image takes its
+    own grid's tokens, read from its header); default the Qwen-VL model's (``tokenizer``,
+    ``num_image_tokens``)."""
     if options.mode not in MODES:
         raise UserError(f"data check mode {options.mode!r}: expected one of {', '.join(MODES)}")
     if not config.paths:

@@ -117,8 +117,9 @@ class HFFamilyModel(nn.Module):
         """An HF directory that ``from_pretrained`` and ``AutoModelForImageTextToText`` load (safetensors),
         with the attached processor and, last, the project's manifest (models.manifest), as ``VLM`` writes.
 
-        ``state_dict``: this module's names (``hf.`` ...), e.g. gathered from ZeRO-3 shards; ``manifest=False``
-        leaves the manifest to a caller that adds files of its own (train.checkpoint.export_final)."""
+        ``state_dict``: this module's names (``hf.`` ...), e.g. gathered from ZeRO-3 shards;
+        ``manifest=False`` leaves the manifest to a caller that adds files of its own
+        (train.checkpoint.export_final)."""
         if state_dict is not None:
             state_dict = {name.removeprefix("hf."): tensor for name, tensor in state_dict.items()}
         self.hf.save_pretrained(path, state_dict=state_dict)
