@@ -314,6 +314,8 @@ class HFFamily:
     def build_meta(self, m: ModelSection, source: str, notes: list[str]) -> tuple[nn.Module, Any]:
         config_file = Path(m.init_from or "") / "config.json"
         processor = None
+        with contextlib.suppress(UserError, OSError):  # a template recipe's files may not exist yet
+            processor = self.tokenizer(m)
         if m.init_from is not None and config_file.is_file():
             model_type = _read_json_file(config_file, source).get("model_type")
             if model_type != self.spec.model_type:
@@ -323,17 +325,11 @@ class HFFamily:
                 )
             config = AutoConfig.from_pretrained(m.init_from, trust_remote_code=False)
             with torch.device("meta"):
-                model = HFFamilyModel(self.spec, self.spec.model_class(config))
-        else:
-            name = m.preset or f"{self.spec.name}_tiny"
-            if m.init_from is not None:
-                notes.append(f"model.init_from={m.init_from} has no config.json yet: planned as {name}")
-            with contextlib.suppress(UserError, OSError):
-                processor = self.tokenizer(m)
-            return self._preset_model(name, processor, device="meta"), processor
-        with contextlib.suppress(UserError, OSError):
-            processor = self.tokenizer(m)
-        return model, processor
+                return HFFamilyModel(self.spec, self.spec.model_class(config)), processor
+        name = m.preset or f"{self.spec.name}_tiny"
+        if m.init_from is not None:
+            notes.append(f"model.init_from={m.init_from} has no config.json yet: planned as {name}")
+        return self._preset_model(name, processor, device="meta"), processor
 
     def _preset_model(
         self,
