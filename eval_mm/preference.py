@@ -31,7 +31,7 @@ class PairBatchBuilder:
         config = DataConfig(paths=[], image_size=image_size, max_len=NO_TRUNCATION)
         self.builder = SampleBuilder(tokenizer, num_image_tokens, config)
         self.collate = Collator(
-            pad_id=tokenizer.convert_tokens_to_ids(ENDOFTEXT), image_size=image_size, max_len=NO_TRUNCATION
+            pad_id=tokenizer.convert_tokens_to_ids(ENDOFTEXT), image_size=image_size, row_len=NO_TRUNCATION
         )
         self.bench_name = bench_name
 
