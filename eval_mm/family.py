@@ -48,7 +48,7 @@ from data.sample import IGNORE_INDEX
 from data.text import split_image_spans, tokenize_plain
 from eval_mm.benchmarks import Benchmark
 from eval_mm.datasets import EvalSample
-from eval_mm.inference import PromptBatch, generate_tokens, left_pad, stop_token_ids
+from eval_mm.inference import PromptBatch, generate_tokens, left_pad, model_dtype, stop_token_ids
 from eval_mm.prompts import option_continuation
 from models.errors import UserError
 from models.loading import base_vlm
@@ -189,10 +189,6 @@ class FamilyBatchBuilder:
         )
 
 
-def _model_dtype(model) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
 @torch.no_grad()
 def generate_family_answers(
     model, processor: ProcessorMixin, batch: FamilyPromptBatch, bench: Benchmark, device: torch.device
@@ -204,7 +200,7 @@ def generate_family_answers(
         model,
         batch.input_ids.to(device),
         batch.attention_mask.to(device),
-        batch.pixel_values.to(device, _model_dtype(model)),
+        batch.pixel_values.to(device, model_dtype(model)),
         image_grid_thw=batch.image_grid_thw.to(device),
         max_new_tokens=bench.max_new_tokens,
         min_new_tokens=1,
@@ -248,7 +244,7 @@ def rank_family_options(
     images = {}
     if len(batch.image_grid_thw):  # a text-only batch has no images to encode
         images = {
-            "pixel_values": torch.cat(patches).to(device, _model_dtype(model)),
+            "pixel_values": torch.cat(patches).to(device, model_dtype(model)),
             "image_grid_thw": torch.cat(grids).to(device),
         }
     out = model(
@@ -312,7 +308,7 @@ def score_family_pairs(model, batch: dict[str, Any], device: torch.device) -> li
     images = {}
     if "pixel_values" in batch:
         images = {
-            "pixel_values": batch["pixel_values"].to(device, _model_dtype(model)),
+            "pixel_values": batch["pixel_values"].to(device, model_dtype(model)),
             "image_grid_thw": batch["image_grid_thw"].to(device),
         }
     out = model(

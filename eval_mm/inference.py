@@ -112,7 +112,8 @@ def stop_token_ids(tokenizer, prompt_format: str) -> list[int]:
     return ids
 
 
-def _model_dtype(model) -> torch.dtype:
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype inputs are cast to: the model's first parameter's."""
     return next(model.parameters()).dtype
 
 
@@ -124,7 +125,7 @@ def batch_to_device(
     return (
         batch.input_ids.to(device, non_blocking=True),
         batch.attention_mask.to(device, non_blocking=True),
-        batch.pixel_values.to(device, non_blocking=True).to(_model_dtype(model)),
+        batch.pixel_values.to(device, non_blocking=True).to(model_dtype(model)),
     )
 
 
@@ -316,7 +317,7 @@ def rank_options_per_row(model, batch: PromptBatch, device: torch.device) -> lis
         lengths.append([len(ids) for ids in options])
     input_ids, attention_mask = left_pad(rows, batch.pad_id)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    pixel_values = torch.cat(images).to(device, _model_dtype(model))
+    pixel_values = torch.cat(images).to(device, model_dtype(model))
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(
         input_ids[:, :-1],

@@ -14,6 +14,7 @@ OUT=$(realpath -m "${1:-runs/gpu_checks}")
 shift $(( $# > 0 ? 1 : 0 ))
 WORLD="$OUT/data/synthetic"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TOKENIZERS_PARALLELISM=false CUDA_DEVICE_MAX_CONNECTIONS=1
+vlrecipe() { python -m train.cli "$@"; }  # the command (train/cli.py), installed or not
 mkdir -p "$OUT"
 [[ -f "$WORLD/manifest.json" ]] || vlrecipe synth --out "$WORLD" --seed 0
 # The tiny recipes' optimiser, schedule and logging, with the small model at 448 px (256 image tokens).
@@ -26,7 +27,7 @@ for mode in zero2 zero3; do
         train.micro_batch=4 train.grad_accum=2 checkpoint.every=10 parallel.mode=$mode checkpoint.out_dir="$run")
   torchrun --standalone --nproc_per_node 2 -m train recipes/tiny/pretrain.yaml "${args[@]}" train.stop_after_steps=20
   torchrun --standalone --nproc_per_node 2 -m train recipes/tiny/pretrain.yaml "${args[@]}" train.resume=auto
-  python -c "from models import VLM; m = VLM.from_pretrained('$run/final'); print('$mode export loads:', sum(p.numel() for p in m.parameters()), 'params')"
+  python -c "from models import load_vlm; m = load_vlm('$run/final'); print('$mode export loads:', sum(p.numel() for p in m.parameters()), 'params')"
 done
 [[ -n "${SKIP_QLORA:-}" ]] && { echo "gpu checks done (Q-LoRA skipped): $OUT"; exit 0; }
 # Q-LoRA on one GPU: SFT from the ZeRO-2 export, the decoder in 4-bit.

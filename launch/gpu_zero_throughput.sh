@@ -16,6 +16,7 @@ NGPU=${NGPU:-$(python -c 'import torch; print(torch.cuda.device_count())')}
 # More than torchrun's default of one CPU thread per rank (image transforms, host-side set-up).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TOKENIZERS_PARALLELISM=false CUDA_DEVICE_MAX_CONNECTIONS=1
+vlrecipe() { python -m train.cli "$@"; }  # the command (train/cli.py), installed or not
 [[ -f "$WORLD/manifest.json" ]] || vlrecipe synth --out "$WORLD" --seed 0 --n-train 2000 --n-eval 10
 torchrun --standalone --nproc_per_node "$NGPU" -m train recipes/sft.yaml model.init_from=null \
     model.preset=qwen_vl_7b model.pad_vocab_to=151936 model.tokenizer_path="$WORLD/tokenizer" \

@@ -1,7 +1,7 @@
 """The one place the language-model loss is computed, so a fused linear + cross-entropy kernel can
 replace it without touching the model.
 
-Three implementations of the same number, chosen by ``impl`` (``VLM.loss_impl``):
+Three implementations of the same number, chosen by ``impl`` (``VLM.runtime.loss_impl``):
 - ``"torch"``: logits for every position, then ``F.cross_entropy`` in fp32. Simple; at Qwen's 151,936-token
   vocabulary it materialises [tokens, V] fp32 logits (about 13.9 GiB extra at 8,192 tokens).
 - ``"chunked"``: pure torch, the same maths over chunks of tokens, each chunk checkpointed so only one

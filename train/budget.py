@@ -127,7 +127,7 @@ class BudgetChoice:
             f"warning: peak memory {measured_gib:.1f} GiB "
             f"exceeds the planned {self.planned_peak_gib:.1f} GiB "
             f"by {measured_gib / self.planned_peak_gib - 1:.0%} (more than the planner's {PLAN_ERROR:.0%}): "
-            f"train/plan_calibration.py needs this run (python -m train.plan shows the plan)"
+            f"train/plan_calibration.json needs this run (python -m train.plan shows the plan)"
         )
 
 

@@ -246,7 +246,7 @@ class PrecomputedReference:
 def place_frozen_copy(reference: nn.Module, recipe: Recipe, engine: Engine) -> nn.Module:
     """The frozen copy where the policy runs: under ZeRO-3 a second engine (no optimiser) shards it the
     same way (as TRL prepares its reference model); otherwise a full copy on this rank's device, in the
-    dtype the policy has (DeepSpeed bf16 models were built in bf16, train.loop.load_dtype)."""
+    dtype the policy has (DeepSpeed bf16 models were built in bf16, train.assemble.storage_dtypes)."""
     if engine.mode != "zero3":
         return reference.to(engine.dist.device)
     import deepspeed

@@ -66,7 +66,9 @@ class HFFamilyModel(nn.Module):
         super().__init__()
         self.spec = spec
         self.hf = hf_model
-        self.loss_impl = "torch"  # models.loss: "torch" | "chunked" | "liger" | "auto", as VLM.loss_impl
+        self.loss_impl = (
+            "torch"  # models.loss: "torch" | "chunked" | "liger" | "auto", as VLM.runtime.loss_impl
+        )
         # The processor training used (train.assemble attaches it): saved beside the weights, as VLM saves its
         # tokenizer, so an export is a whole HF directory for AutoProcessor and eval_mm.
         self.processor = None
