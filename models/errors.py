@@ -68,7 +68,10 @@ def run_cli(main: Callable[[], int | None], user_errors: tuple[type[BaseExceptio
     except (UserError, *user_errors) as e:
         if debug:
             raise
-        print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
+        # One write call, so that under torchrun two ranks' lines never interleave on the shared pipe
+        # (print writes the text and its newline separately).
+        sys.stderr.write(f"error: {user_message(e)}\n")
+        sys.stderr.flush()
         sys.exit(EXIT_USER_ERROR)
     sys.exit(status or 0)
 
