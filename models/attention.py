@@ -41,6 +41,7 @@ def register_varlen_attention() -> str:
         if "is_causal" in inspect.signature(varlen_attn).parameters
         else {"window_size": (-1, 0)}
     )
+    takes_gqa = "enable_gqa" in inspect.signature(varlen_attn).parameters
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         b, h, length, dh = query.shape
@@ -57,8 +58,11 @@ def register_varlen_attention() -> str:
         def flat(t):
             return t.transpose(1, 2).reshape(b * length, -1, dh).to(dtype)
 
+        # Grouped-query attention (Qwen2.5-VL, Qwen3-VL: fewer key/value heads than query heads): the flash
+        # kernel reads each key/value head for its group of query heads, no copies.
+        gqa_kw = {"enable_gqa": True} if takes_gqa and key.shape[1] != h else {}
         out = varlen_attn(
-            flat(query), flat(key), flat(value), cu, cu, max_len, max_len, scale=scaling, **causal_kw
+            flat(query), flat(key), flat(value), cu, cu, max_len, max_len, scale=scaling, **causal_kw, **gqa_kw
         )
         return out.view(b, length, h, dh).to(query.dtype), None
 
