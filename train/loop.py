@@ -1,5 +1,7 @@
-"""The training loop: one function, read top to bottom, for every mode (single process, DDP,
-ZeRO-2/3, LoRA, Q-LoRA). Mode-specific details live in train.parallel, train.lora, train.checkpoint.
+"""The training loop for every mode (single process, DDP, ZeRO-2/3, LoRA, Q-LoRA, DPO): ``train`` builds a
+``Trainer``, resumes, fits and exports; the Trainer's methods read top to bottom in that order and only call
+the components that own each policy (train.assemble, data.loader, train.parallel, train.objectives,
+train.checkpoint, train.logger).
 
 Loss of an optimiser step = (sum of token losses over all its micro-batches and ranks) / (number of
 supervised tokens over all of them). The step's micro-batches are fetched first so the token count
@@ -120,202 +122,265 @@ def accumulate_gradients(
 
 
 def train(recipe: Recipe) -> Path:
-    """Run the recipe; returns the directory of the final export."""
-    # ---- processes, seeds, run directory
-    check_paths(recipe)
-    check_eval_section(recipe)
-    info: DistInfo = init_distributed(recipe.parallel)
-    mode = resolve_mode(recipe.parallel, info.world_size)
-    recipe, budget = settle_memory_budget(recipe, info)
-    seed_everything(recipe.train.seed)  # identical model init on every rank
-    run_dir = Path(recipe.checkpoint.out_dir)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved(recipe, run_dir / "resolved.yaml")
-    # data.check first: it reports every bad record at once (RUN_DIR/data_check.txt), where loading stops at
-    # the first; then the records are validated and their image files checked, all before any weights load.
-    check_data_at_startup(recipe, info.is_main, run_dir)
-    records = load_data(recipe.data, preference=recipe.train.stage == "dpo")
+    """Run the recipe; returns the directory of the final export (the run directory when
+    ``train.stop_after_steps`` stopped it early)."""
+    trainer = Trainer(recipe)
+    trainer.resume()
+    trainer.fit()
+    return trainer.finish()
 
-    # ---- model: build, freeze, (quantise), (LoRA), speed switches (train.assemble)
-    assembled = assemble(recipe, info.device, mode)
-    model, vlm, tokenizer = assembled.model, assembled.vlm, assembled.tokenizer
-    cuda = info.device.type == "cuda"
-    perf = assembled.perf
-    if info.is_main:
-        print(
-            "\n".join(
-                [f"mode {mode}, world size {info.world_size}", *assembled.notes, trainable_table(model)]
-            ),
-            flush=True,
-        )
-    family = family_of(recipe.model)
-    flops = family.step_flops(vlm, recipe, assembled.adapters)
-    frozen_reference = copy_for_reference(model, recipe)  # DPO: before the engine wraps or shards the model
 
-    # ---- data
-    builder = family.sample_builder(recipe.data, tokenizer, vlm)  # record -> sample, in the model's tokens
-    loader = build_dataloader(
-        recipe.data,
-        builder=builder,
-        batch_size=recipe.train.micro_batch,
-        rank=info.rank,
-        world_size=info.world_size,
-        preference=recipe.train.stage == "dpo",
-        records=records,
-    )
-    accum = recipe.train.grad_accum
-    if recipe.train.steps is not None:
-        total_steps = recipe.train.steps
-    else:
-        total_steps = max(1, math.floor(recipe.train.epochs * len(loader) / accum))
+class Trainer:
+    """One run: ``__init__`` builds its parts in the order they depend on each other (processes, data
+    check, model, data, optimiser and engine, objective), ``fit`` is the loop, ``finish`` the export.
+    Each part's policy lives in its own module; this class only calls them in order and holds the state
+    a resume restores (``step``, ``bad_steps``; the engine and the loader own the rest)."""
 
-    # ---- optimiser, schedule, parallel engine
-    vit_blocks = vlm.config.vision.layers if recipe.optim.vit_layer_decay != 1.0 else 0  # Qwen-VL only
-    optimizer = build_optimizer(model, recipe.optim, num_vit_blocks=vit_blocks)
-    scheduler = build_scheduler(optimizer, total_steps, recipe.optim.lr, recipe.schedule)
-    engine = Engine(model, optimizer, scheduler, dataclasses.replace(recipe, perf=perf), info)
-    pixel_dtype = torch.bfloat16 if engine.uses_deepspeed and recipe.train.bf16 else None
-    objective = build_objective(recipe, engine, loader, frozen_reference, pixel_dtype, run_dir)
-    if objective.runs_reference:  # DPO's reference forward is model work too
-        flops = flops + forward_flops(vlm.config, vision=objective.reference_encodes_images)
-    if info.is_main and cuda:  # what the step's activations add to this is the rest of the peak
-        print(
-            "memory before the first step: "
-            f"{torch.cuda.memory_allocated(info.device) / 2**30:.1f} GiB allocated "
-            "(weights and optimiser state; peak so far "
-            f"{torch.cuda.max_memory_allocated(info.device) / 2**30:.1f})",
-            flush=True,
-        )
-
-    # ---- resume
-    step, bad_steps = 0, 0
-    resume_from = resolve_resume(recipe.train.resume, run_dir, is_main=info.is_main)
-    if resume_from is not None:
-        trainer_state, loader_state = load_checkpoint(engine, resume_from)
-        loader.load_state_dict(loader_state)
-        step, bad_steps = trainer_state["step"], trainer_state["bad_steps"]
+    def __init__(self, recipe: Recipe):
+        # ---- processes, the memory budget, seeds, run directory
+        check_paths(recipe)
+        check_eval_section(recipe)
+        self.info = info = init_distributed(recipe.parallel)
+        self.mode = resolve_mode(recipe.parallel, info.world_size)
+        recipe, self.budget = settle_memory_budget(recipe, info)
+        self.recipe = recipe
+        seed_everything(recipe.train.seed)  # identical model init on every rank
+        self.run_dir = Path(recipe.checkpoint.out_dir)
         if info.is_main:
-            print(f"resumed from {resume_from} at step {step}", flush=True)
-    else:
-        seed_everything(recipe.train.seed + info.rank)  # per-rank streams (dropout) from here on
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_resolved(recipe, self.run_dir / "resolved.yaml")
+        # data.check first: it reports every bad record at once (RUN_DIR/data_check.txt), where loading stops
+        # at the first; then the records are validated and their images checked, all before any weights load.
+        check_data_at_startup(recipe, info.is_main, self.run_dir)
+        preference = recipe.train.stage == "dpo"
+        records = load_data(recipe.data, preference=preference)
 
-    # ---- loop
-    logger = MetricLogger(recipe.log, run_dir, info.is_main, config=recipe_to_dict(recipe))
-    peak = peak_flops_per_device()
-    progress = None
-    if info.is_main and recipe.log.progress_bar:
-        progress = tqdm(
-            total=total_steps, initial=step, desc=f"train ({recipe.train.stage})", dynamic_ncols=True
+        # ---- model: build, freeze, (quantise), (LoRA), speed switches (train.assemble)
+        assembled = assemble(recipe, info.device, self.mode)
+        model, vlm = assembled.model, assembled.vlm
+        if info.is_main:
+            table = trainable_table(model)
+            lines = [f"mode {self.mode}, world size {info.world_size}", *assembled.notes, table]
+            print("\n".join(lines), flush=True)
+        family = family_of(recipe.model)
+        self.flops = family.step_flops(vlm, recipe, assembled.adapters)
+        frozen_reference = copy_for_reference(model, recipe)  # DPO: before the engine wraps or shards it
+
+        # ---- data: record -> sample in the model's tokens (the builder), samples -> rows (the loader)
+        self.builder = family.sample_builder(recipe.data, assembled.tokenizer, vlm)
+        self.loader = build_dataloader(
+            recipe.data,
+            builder=self.builder,
+            batch_size=recipe.train.micro_batch,
+            rank=info.rank,
+            world_size=info.world_size,
+            preference=preference,
+            records=records,
         )
-    batches = micro_batches(loader)
-    last_step = min(total_steps, recipe.train.stop_after_steps or total_steps)
-    engine.train()
-    # Python's automatic full collections walk every object of the model, optimiser and compiled graphs:
-    # 0.3-0.5 s stalls at 7B, at the same steps of every run. Freeze what exists now, collect the young
-    # generation ourselves every GC_EVERY steps (as torchtitan does).
-    gc.collect()
-    gc.freeze()
-    gc.disable()
-    start_memory_recording(info.is_main)  # VLRECIPE_MEMORY_STEP (train/diagnose.py); off by default
-    window = {"steps": 0, "start": time.perf_counter()}
-    while step < last_step:
-        # Fetch the step's micro-batches first: their supervised-token (or pair) count normalises the loss.
-        step_batches = [next(batches) for _ in range(accum)]
-        with profiled(step + 1, info.is_main):
+        if recipe.train.steps is not None:
+            self.total_steps = recipe.train.steps
+        else:
+            self.total_steps = max(
+                1, math.floor(recipe.train.epochs * len(self.loader) / recipe.train.grad_accum)
+            )
+        self.last_step = min(self.total_steps, recipe.train.stop_after_steps or self.total_steps)
+
+        # ---- optimiser, schedule, parallel engine, the stage's objective
+        vit_blocks = vlm.config.vision.layers if recipe.optim.vit_layer_decay != 1.0 else 0  # Qwen-VL only
+        optimizer = build_optimizer(model, recipe.optim, num_vit_blocks=vit_blocks)
+        scheduler = build_scheduler(optimizer, self.total_steps, recipe.optim.lr, recipe.schedule)
+        self.engine = Engine(
+            model, optimizer, scheduler, dataclasses.replace(recipe, perf=assembled.perf), info
+        )
+        self.pixel_dtype = torch.bfloat16 if self.engine.uses_deepspeed and recipe.train.bf16 else None
+        self.objective = build_objective(
+            recipe, self.engine, self.loader, frozen_reference, self.pixel_dtype, self.run_dir
+        )
+        if self.objective.runs_reference:  # DPO's reference forward is model work too
+            self.flops = self.flops + forward_flops(
+                vlm.config, vision=self.objective.reference_encodes_images
+            )
+        if info.is_main and info.device.type == "cuda":  # the step's activations add the rest of the peak
+            print(
+                f"memory before the first step: {torch.cuda.memory_allocated(info.device) / 2**30:.1f} GiB "
+                "allocated (weights and optimiser state; peak so far "
+                f"{torch.cuda.max_memory_allocated(info.device) / 2**30:.1f})",
+                flush=True,
+            )
+        self.peak_flops = peak_flops_per_device()  # for MFU
+        self.step, self.bad_steps = 0, 0
+
+    def resume(self) -> None:
+        """Restore a checkpoint (train.resume: a path, or auto = the newest good one), or start fresh."""
+        resume_from = resolve_resume(self.recipe.train.resume, self.run_dir, is_main=self.info.is_main)
+        if resume_from is None:
+            seed_everything(
+                self.recipe.train.seed + self.info.rank
+            )  # per-rank streams (dropout) from here on
+            return
+        trainer_state, loader_state = load_checkpoint(self.engine, resume_from)
+        self.loader.load_state_dict(loader_state)
+        self.step, self.bad_steps = trainer_state["step"], trainer_state["bad_steps"]
+        if self.info.is_main:
+            print(f"resumed from {resume_from} at step {self.step}", flush=True)
+
+    def fit(self) -> None:
+        """Optimiser steps up to ``last_step``: each one's micro-batches, the step, then logging and
+        checkpoints on their schedules."""
+        recipe, info = self.recipe, self.info
+        self.logger = MetricLogger(recipe.log, self.run_dir, info.is_main, config=recipe_to_dict(recipe))
+        self.progress = None
+        if info.is_main and recipe.log.progress_bar:
+            self.progress = tqdm(
+                total=self.total_steps,
+                initial=self.step,
+                desc=f"train ({recipe.train.stage})",
+                dynamic_ncols=True,
+            )
+        batches = micro_batches(self.loader)
+        window = Window()
+        self.engine.train()
+        # Python's automatic full collections walk every object of the model, optimiser and compiled graphs:
+        # 0.3-0.5 s stalls at 7B, at the same steps of every run. Freeze what exists now, collect the young
+        # generation ourselves every GC_EVERY steps (as torchtitan does).
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+        start_memory_recording(info.is_main)  # VLRECIPE_MEMORY_STEP (train/diagnose.py); off by default
+        while self.step < self.last_step:
+            # The step's micro-batches come first: their supervised-token (or pair) count normalises the loss.
+            step_batches = [next(batches) for _ in range(recipe.train.grad_accum)]
+            lr, grad_norm = self.train_step(step_batches, window)
+            if self.step % GC_EVERY == 0:
+                gc.collect(1)
+            if self.progress is not None:
+                self.progress.update(1)
+            # The first step is logged too: it shows the run is alive and when training really began.
+            if self.step % recipe.log.every == 0 or self.step == self.last_step or self.step == 1:
+                self.log(window, lr, grad_norm)
+                window = Window()
+            if (
+                recipe.checkpoint.every
+                and self.step % recipe.checkpoint.every == 0
+                and self.step < self.total_steps
+            ):
+                self.save()
+        gc.enable()
+        if self.progress is not None:
+            self.progress.close()
+        self.logger.close()
+
+    def train_step(self, step_batches: list[dict[str, Any]], window: Window) -> tuple[float, torch.Tensor]:
+        """Forward and backward of the step's micro-batches, then the optimiser step (skipped, and counted,
+        when the gradient norm is not finite). Returns the lr the step applied and the gradient norm
+        (a device tensor: no sync here)."""
+        with profiled(self.step + 1, self.info.is_main):
             sums, counts = accumulate_gradients(
-                engine,
+                self.engine,
                 step_batches,
-                pixel_dtype,
-                recipe.train.max_forward_tokens,
-                builder.img_start,
-                objective,
+                self.pixel_dtype,
+                self.recipe.train.max_forward_tokens,
+                self.builder.img_start,
+                self.objective,
             )
-        window["sums"] = sums if "sums" not in window else window["sums"] + sums
-        lr = engine.lr()  # the lr this step applies (the schedule advances inside engine.step)
-        grad_norm, applied = engine.step()
-        step += 1
-        finish_memory_recording(step, info.is_main)
+        window.add(sums, counts)
+        lr = self.engine.lr()  # the lr this step applies (the schedule advances inside engine.step)
+        grad_norm, applied = self.engine.step()
+        self.step += 1
+        finish_memory_recording(self.step, self.info.is_main)
         if not applied:
-            bad_steps += 1
-            if info.is_main:
-                print(f"step {step}: non-finite gradient norm, step skipped ({bad_steps} so far)", flush=True)
-            if bad_steps > recipe.train.max_bad_steps:
-                raise NonFiniteLossError(
-                    f"{bad_steps} skipped non-finite steps exceed train.max_bad_steps="
-                    f"{recipe.train.max_bad_steps}; lower the lr or check the data"
+            self.bad_steps += 1
+            if self.info.is_main:
+                print(
+                    f"step {self.step}: non-finite gradient norm, step skipped ({self.bad_steps} so far)",
+                    flush=True,
                 )
-        window["steps"] += 1
-        if step % GC_EVERY == 0:
-            gc.collect(1)
-        window["counts"] = counts if "counts" not in window else window["counts"] + counts
-        if progress is not None:
-            progress.update(1)
+            if self.bad_steps > self.recipe.train.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"{self.bad_steps} skipped non-finite steps exceed train.max_bad_steps="
+                    f"{self.recipe.train.max_bad_steps}; lower the lr or check the data"
+                )
+        return lr, grad_norm
 
-        # ---- log (the only host syncs of the loop besides the NaN guard)
-        # The first step is logged too: it shows the run is alive and when training really began.
-        if step % recipe.log.every == 0 or step == last_step or step == 1:
-            sums = all_reduce_sum(window["sums"].clone())
-            _supervised, inputs, samples, images, sum_sq, *own = window["counts"].tolist()
-            elapsed = time.perf_counter() - window["start"]
-            metrics = {
-                **objective.metrics(sums.tolist(), own),
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "tokens_per_s": inputs / elapsed,
-                "tokens": inputs,  # sample tokens of the window (row padding excluded), over all ranks
-                "window_s": elapsed,
-                "time": time.time(),  # wall clock: start-up time = first step's time - process start
-                "samples_per_s": samples / elapsed,
-                "skipped_steps": bad_steps,
-            }
-            if peak is not None:
-                metrics["mfu"] = flops(inputs, images, sum_sq) / elapsed / (peak * info.world_size)
-            if info.device.type == "cuda":
-                metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(info.device) / 2**30  # this rank's
-                warning = budget.peak_warning(metrics["peak_mem_gib"]) if budget is not None else None
-                if warning and info.is_main:
-                    print(warning, flush=True)
-                    budget = None  # said once
-            logger.log(metrics, step, console=progress is None)
-            if progress is not None:
-                progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-            window = {"steps": 0, "start": time.perf_counter()}
-
-        # ---- checkpoint
-        if recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < total_steps:
-            save_checkpoint(
-                engine,
-                run_dir,
-                step,
-                {"bad_steps": bad_steps, "total_steps": total_steps},
-                loader.state_dict(),
-                recipe.checkpoint.keep_last,
+    def log(self, window: Window, lr: float, grad_norm: torch.Tensor) -> None:
+        """One metrics line for the window's steps: the only host syncs of the loop besides the NaN guard."""
+        info = self.info
+        sums = all_reduce_sum(window.sums.clone())
+        _supervised, inputs, samples, images, sum_sq, *own = window.counts.tolist()
+        elapsed = time.perf_counter() - window.start
+        metrics = {
+            **self.objective.metrics(sums.tolist(), own),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": inputs / elapsed,
+            "tokens": inputs,  # sample tokens of the window (row padding excluded), over all ranks
+            "window_s": elapsed,
+            "time": time.time(),  # wall clock: start-up time = first step's time - process start
+            "samples_per_s": samples / elapsed,
+            "skipped_steps": self.bad_steps,
+        }
+        if self.peak_flops is not None:
+            metrics["mfu"] = (
+                self.flops(inputs, images, sum_sq) / elapsed / (self.peak_flops * info.world_size)
             )
+        if info.device.type == "cuda":
+            metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(info.device) / 2**30  # this rank's
+            warning = self.budget.peak_warning(metrics["peak_mem_gib"]) if self.budget is not None else None
+            if warning and info.is_main:
+                print(warning, flush=True)
+                self.budget = None  # said once
+        self.logger.log(metrics, self.step, console=self.progress is None)
+        if self.progress is not None:
+            self.progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
 
-    gc.enable()
-    if progress is not None:
-        progress.close()
-    logger.close()
-    if info.is_main:
-        print(f"data: {loader.stats.total}", flush=True)
-    if step < total_steps:  # stopped early on purpose (train.stop_after_steps)
-        return run_dir
-    stage = recipe.train.stage
-    training_info = {
-        "stage": stage,
-        "prompt_format": PROMPT_FORMAT[stage],
-        "steps": step,
-        "skipped_steps": bad_steps,
-        "init_from": _absolute(recipe.model.init_from),
-        "data_stats": dict(loader.stats.total),
-    }
-    export = export_final(engine, run_dir / "final", training_info, merge_lora=recipe.lora.merge_on_export)
-    if info.is_main:
-        print(f"exported {export}", flush=True)
-    if recipe.eval.benches:
-        evaluate_export(recipe, export, info)
-    return export
+    def save(self) -> None:
+        trainer_state = {"bad_steps": self.bad_steps, "total_steps": self.total_steps}
+        save_checkpoint(
+            self.engine,
+            self.run_dir,
+            self.step,
+            trainer_state,
+            self.loader.state_dict(),
+            self.recipe.checkpoint.keep_last,
+        )
+
+    def finish(self) -> Path:
+        """The final export (and its evaluation, eval.benches), unless the run stopped early on purpose."""
+        if self.info.is_main:
+            print(f"data: {self.loader.stats.total}", flush=True)
+        if self.step < self.total_steps:  # train.stop_after_steps
+            return self.run_dir
+        stage = self.recipe.train.stage
+        training_info = {
+            "stage": stage,
+            "prompt_format": PROMPT_FORMAT[stage],
+            "steps": self.step,
+            "skipped_steps": self.bad_steps,
+            "init_from": _absolute(self.recipe.model.init_from),
+            "data_stats": dict(self.loader.stats.total),
+        }
+        export = export_final(
+            self.engine, self.run_dir / "final", training_info, merge_lora=self.recipe.lora.merge_on_export
+        )
+        if self.info.is_main:
+            print(f"exported {export}", flush=True)
+        if self.recipe.eval.benches:
+            evaluate_export(self.recipe, export, self.info)
+        return export
+
+
+class Window:
+    """The steps since the last log line: their objective sums and counts (device tensors, added without
+    a sync) and the time they took."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.sums: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None
+
+    def add(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        self.sums = sums if self.sums is None else self.sums + sums
+        self.counts = counts if self.counts is None else self.counts + counts
 
 
 def settle_memory_budget(recipe: Recipe, info: DistInfo) -> tuple[Recipe, BudgetChoice | None]:
