@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from models.fused_projections import fused_outputs
+
 # Decoder layers whose forward is exactly: norm -> attention -> residual -> norm -> down(act(gate) * up) ->
 # residual (tests/test_model_decoder_layers.py checks each against its own forward).
 SPLIT_LAYER_TYPES = frozenset(
@@ -44,7 +46,9 @@ def _core(layer: nn.Module, hidden_states: torch.Tensor, kwargs: dict) -> tuple[
     hidden = residual + hidden
     mlp = layer.mlp
     x = layer.post_attention_layernorm(hidden)
-    return hidden, mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+    # gate and up from one product where perf.fuse_frozen_projections fused them (models.fused_projections)
+    gate, up = fused_outputs(mlp, x) or (mlp.gate_proj(x), mlp.up_proj(x))
+    return hidden, mlp.act_fn(gate) * up
 
 
 def _whole(layer: nn.Module, hidden_states: torch.Tensor, kwargs: dict) -> torch.Tensor:

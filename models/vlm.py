@@ -95,6 +95,12 @@ class VLMOutput(ModelOutput):
     token_logps: torch.Tensor | None = None  # [B, L] fp32 log-prob of each label, with return_token_logps
 
 
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, copied when it is a slice of a larger storage (perf.fuse_frozen_projections makes the q/k/v
+    and gate/up weights slices of one matrix): safetensors refuses tensors that share memory."""
+    return tensor if tensor.untyped_storage().nbytes() == tensor.nbytes else tensor.clone()
+
+
 class VLM(nn.Module):
     def __init__(self, config: VLMConfig, llm: nn.Module):
         super().__init__()
@@ -392,7 +398,7 @@ class VLM(nn.Module):
         self.config.save(path / "config.json")
         split = split_torch_state_dict_into_shards(state_dict, max_shard_size=max_shard_size)
         for filename, keys in split.filename_to_tensors.items():
-            shard = {k: state_dict[k].detach().contiguous().cpu() for k in keys}
+            shard = {k: _own_storage(state_dict[k].detach().contiguous().cpu()) for k in keys}
             save_file(shard, path / filename, metadata={"format": "pt"})
         if split.is_sharded:
             index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}

@@ -361,10 +361,11 @@ class HFFamily:
         self, vlm: nn.Module, recipe: Recipe, cuda: bool, mode: str
     ) -> tuple[PerfSection, list[str]]:
         """The switches that rewrite the Qwen-VL model's own modules (liger kernels, compiled layers, FP8,
-        fused LoRA forwards) are not verified on transformers' family classes: "auto" resolves to off with a
-        note, an explicit on is an error. The loss implementation and attention apply as they are."""
+        fused LoRA forwards, fused projections) are not verified on transformers' family classes: "auto"
+        resolves to off with a note, an explicit on is an error. The loss implementation and attention apply
+        as they are."""
         perf, notes, resolved = recipe.perf, [], {}
-        for key in ("liger_kernels", "compile_llm", "compile_vision", "fp8"):
+        for key in ("liger_kernels", "compile_llm", "compile_vision", "fp8", "fuse_frozen_projections"):
             value = getattr(perf, key)
             if value is True:
                 raise UserError(f"perf.{key} is not available for model.family {self.spec.name} yet")

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models.errors import UserError
+from models.fused_projections import add_adapter_product, plain_adapter
 from models.loading import import_peft
 from train.freeze import embeddings_train
 from train.recipe import FreezeSection, LoraSection, QuantizationSection
@@ -159,27 +160,12 @@ def _fused_lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> to
     handles (adapters disabled or merged, several adapters, DoRA-like variants, extra arguments) goes to
     peft's own forward. Same maths; tests/test_train_lora.py pins outputs and gradients to peft's. Written
     here because peft has no such path (its forward is one per layer type, for every adapter setting)."""
-    active = self.active_adapters
-    if (
-        args
-        or kwargs
-        or self.disable_adapters
-        or self.merged
-        or len(active) != 1
-        or active[0] not in self.lora_A
-        or active[0] in getattr(self, "lora_variant", {})
-        or getattr(self, "lora_bias", {}).get(active[0])
-    ):
+    name = None if args or kwargs else plain_adapter(self)
+    if name is None:
         return type(self).forward(self, x, *args, **kwargs)
-    name = active[0]
-    a, b = self.lora_A[name].weight, self.lora_B[name].weight
     rows = x.reshape(-1, x.shape[-1])
     out = self.base_layer(rows)  # a fresh [tokens, out] tensor: nothing saves it, so it may take the add
-    dropped = self.lora_dropout[name](rows)
-    if not torch.is_autocast_enabled(x.device.type):
-        dropped = dropped.to(a.dtype)
-    h = torch.nn.functional.linear(dropped, a) * self.scaling[name]
-    out.addmm_(h.to(out.dtype), b.t().to(out.dtype))  # in-place ops skip autocast: cast B as autocast would
+    add_adapter_product(out, self, name, rows)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 

@@ -12,6 +12,9 @@ import importlib.util
 import torch
 
 from models.attention import set_attention
+from models.decoder_layers import SPLIT_LAYER_TYPES
+from models.errors import UserError
+from models.fused_projections import fuse_frozen_projections
 from models.vlm import RuntimeOptions
 from train.lora import fuse_lora_forwards
 from train.recipe import PerfSection
@@ -85,7 +88,30 @@ def resolve_perf(
             else "perf.fp8: on (frozen linears of the decoder layers and vision blocks in FP8, torchao)"
         )
         resolved["fp8"] = not why
+    if perf.fuse_frozen_projections == "auto":
+        # Loss-equal and free of memory, but not yet measured on a GPU (docs/benchmarks.md, issue 26).
+        notes.append("perf.fuse_frozen_projections: auto -> off (no GPU measurement shows it pays yet)")
+        resolved["fuse_frozen_projections"] = False
+    elif perf.fuse_frozen_projections:
+        why = fusion_unavailable(quantized, zero3, bool(resolved.get("fp8", perf.fp8)))
+        if why:
+            raise UserError(f"perf.fuse_frozen_projections: {why}; set it false")
     return dataclasses.replace(perf, **resolved), notes
+
+
+def fusion_unavailable(quantized: bool, zero3: bool, fp8: bool) -> str:
+    """Why perf.fuse_frozen_projections (models/fused_projections.py) cannot run, or "" where it can
+    (trainable projections are refused when it is applied)."""
+    if quantized:
+        return (
+            "Q-LoRA's projections are bitsandbytes 4-bit layers, each dequantised by its own kernel; "
+            "their packed weights do not concatenate into one product"
+        )
+    if zero3:
+        return "ZeRO-3 partitions each projection's weight on its own"
+    if fp8:
+        return "perf.fp8 runs each frozen projection as its own FP8 product"
+    return ""
 
 
 def fp8_unavailable(
@@ -116,7 +142,7 @@ def apply_perf_switches(vlm, perf: PerfSection) -> None:
     """Apply a resolved ``perf`` section (no "auto" left) to a built VLM, after freezing, quantisation and
     LoRA. Checkpointing depth is set by ``VLM.set_gradient_checkpointing``; frozen_bf16 by the trainer's
     build (train.assemble.storage_dtypes). Compilation and liger kernels cannot be undone."""
-    if "auto" in (perf.liger_kernels, perf.compile_llm, perf.compile_vision):
+    if "auto" in (perf.liger_kernels, perf.compile_llm, perf.compile_vision, perf.fuse_frozen_projections):
         raise ValueError("apply_perf_switches needs a resolved perf section (train.perf.resolve_perf)")
     set_attention(vlm, perf.attention)
     # FP8 before the LoRA forwards are fused and layers compile (models.fp8 converts the plain linears).
@@ -132,6 +158,9 @@ def apply_perf_switches(vlm, perf: PerfSection) -> None:
         ):
             if not compiles:
                 fuse_lora_forwards(part)  # before compilation, which would trace the forwards it finds
+    if perf.fuse_frozen_projections:
+        # After the fused LoRA forwards, which the fused projections then call for anything not fused.
+        fuse_frozen_projections(vlm.llm.get_decoder().layers, SPLIT_LAYER_TYPES)
     vlm.set_runtime(runtime_options(perf))
 
 

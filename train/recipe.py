@@ -268,6 +268,11 @@ class PerfSection:
     # torchao (models/fp8.py). Not loss-equal (docs/training.md says when to use it); CUDA with compute
     # capability >= 8.9 only, else off with a log line.
     fp8: bool = False
+    # The frozen q/k/v projections of each decoder layer as one matrix product, and gate/up as another, the
+    # LoRA adapters adding their own products to their slices (models/fused_projections.py; loss-equal, no
+    # second copy of the weights). Off until a GPU measurement shows it pays (docs/benchmarks.md); "auto"
+    # resolves to off with a log line. Not with Q-LoRA's 4-bit layers, perf.fp8, ZeRO or a trained LLM.
+    fuse_frozen_projections: bool | Literal["auto"] = False
 
 
 @dataclass
