@@ -60,10 +60,8 @@ def register_varlen_attention() -> str:
 
         # Grouped-query attention (Qwen2.5-VL, Qwen3-VL: fewer key/value heads than query heads): the flash
         # kernel reads each key/value head for its group of query heads, no copies.
-        gqa_kw = {"enable_gqa": True} if takes_gqa and key.shape[1] != h else {}
-        out = varlen_attn(
-            flat(query), flat(key), flat(value), cu, cu, max_len, max_len, scale=scaling, **causal_kw, **gqa_kw
-        )
+        kw = {**causal_kw, "enable_gqa": True} if takes_gqa and key.shape[1] != h else causal_kw
+        out = varlen_attn(flat(query), flat(key), flat(value), cu, cu, max_len, max_len, scale=scaling, **kw)
         return out.view(b, length, h, dh).to(query.dtype), None
 
     AttentionInterface.register("varlen", attention)

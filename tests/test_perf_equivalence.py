@@ -150,3 +150,39 @@ def test_everything_together_as_the_bench_runs_it(cuda_vlm, tiny_tokenizer):
     cuda_vlm.set_gradient_checkpointing(True, llm_layers=1)
     cuda_vlm.compile_blocks(vision=True, llm=False)
     assert_same(optimised(cuda_vlm, items, pixels, tiny_tokenizer.pad_token_id), ref)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_varlen_attention_confines_each_sample_with_grouped_query_heads(kv_heads):
+    """Qwen2.5-VL and Qwen3-VL have fewer key/value heads than query heads: a packed row through "varlen"
+    equals causal attention over each sample alone, the key/value heads repeated for their query groups."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from models.attention import register_varlen_attention
+
+    attention = ALL_ATTENTION_FUNCTIONS[register_varlen_attention()]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    lengths, heads, dh = [5, 11, 8], 4, 64
+    total = sum(lengths)
+    q, k, v = (
+        torch.randn(1, h, total, dh, device="cuda", generator=gen).bfloat16()
+        for h in (heads, kv_heads, kv_heads)
+    )
+    cu = torch.tensor([0, 5, 16, 24], device="cuda", dtype=torch.int32)
+    module = torch.nn.Module()
+    module.num_key_value_groups = heads // kv_heads
+    module.is_causal = True
+    out, _ = attention(module, q, k, v, None, scaling=dh**-0.5, cu_seq_lens_q=cu, max_length_q=11)
+    expected = []
+    for start, n in zip(cu[:-1].tolist(), lengths):
+        part = slice(start, start + n)
+        qs, ks, vs = (
+            q[:, :, part],
+            repeat_kv(k[:, :, part], heads // kv_heads),
+            repeat_kv(v[:, :, part], heads // kv_heads),
+        )
+        expected.append(
+            torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(1, 2)
+        )
+    torch.testing.assert_close(out, torch.cat(expected, dim=1), **BF16)
