@@ -17,7 +17,7 @@ from train.flops import recompute_flops
 from train.loop import settle_memory_budget
 from train.memory import Counts, Dims, GiB, MicroBatch, Setup, estimate
 from train.parallel import DistInfo
-from train.plan import budget_for_device, dims_of, make_plan, needed_bytes, plan_model, settle_budget
+from train.plan import budget_for_device, make_plan, needed_bytes, plan_model, settle_budget
 from train.recipe import RecipeError, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def test_the_planned_peak_is_the_planners_for_the_chosen_settings(qwen_vl):
     assert plan.estimate.process_peak / GiB == pytest.approx(choice.planned_peak_gib)
     # one more layer un-checkpointed would not have fitted
     tighter = dataclasses.replace(plan.setup, checkpointed_layers=s.checkpointed_layers - 1)
-    assert estimate(qwen_vl.counts, dims_of(qwen_vl.config), tighter, plan.batch).process_peak > 40 * GiB
+    assert estimate(qwen_vl.counts, qwen_vl.shape.dims, tighter, plan.batch).process_peak > 40 * GiB
 
 
 def test_auto_is_the_gpu_memory_less_the_planners_allowance(qwen_vl):

@@ -15,7 +15,6 @@ from torch import nn
 
 from models import build_vlm, presets
 from models.config import VLMConfig
-from models.errors import UserError
 from train.budget import PLAN_ERROR
 from train.freeze import apply_freezing
 from train.lora import apply_lora
@@ -382,11 +381,11 @@ SHIPPED = sorted(
 def test_every_shipped_recipe_plans(name, tmp_path):
     overrides = []
     recipe = load_recipe(REPO / name, ["data.paths=[x.json]", "model.init_from=x"])
-    if recipe.model.family != "qwen_vl":  # a Hugging Face family: not planned yet, and said so in one line
-        with pytest.raises(UserError, match=f"does not plan model.family {recipe.model.family} yet"):
-            make_plan(recipe, name)
-        return
-    if "tiny" in name:  # the tiny stages start from a previous stage's export: give them one (config only)
+    # A family's recipe whose init_from does not exist yet is planned at the family's released shape.
+    if recipe.model.family != "qwen_vl" and "tiny" in name and recipe.model.preset is None:
+        overrides = ["model.init_from=x", "data.paths=[x.json]"]  # a tiny stage from a previous one
+    # the tiny Qwen-VL stages start from a previous stage's export: give them one (config only)
+    if "tiny" in name and recipe.model.family == "qwen_vl":
         preset = presets.demo if "demo" in name else presets.tiny
         config = preset(vocab_size=1024)
         config.image_start_id, config.image_end_id, config.image_pad_id = 1021, 1022, 1023

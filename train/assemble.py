@@ -33,14 +33,23 @@ from models.errors import UserError
 from models.families.adapter import HFFamilyModel
 from models.families.processor import build_family_processor, load_family_processor
 from models.families.specs import FAMILIES as FAMILY_SPECS
+from models.families.specs import PRESETS as FAMILY_PRESETS
 from models.families.specs import FamilySpec
 from models.families.specs import preset as family_preset
 from models.loading import export_config_and_tokenizer, load_pretrained
 from models.tokens import ensure_special_tokens
 from train.dpo import runs_adapter_off_reference
-from train.flops import StepFlops, llm_step_flops, step_flops
+from train.flops import (
+    StepFlops,
+    forward_parts,
+    llm_step_flops,
+    qwen_vl_forward_parts,
+    step_flops,
+    vit_forward_flops,
+)
 from train.freeze import apply_freezing, trainable_modules
 from train.lora import apply_lora, quantize_llm_4bit
+from train.memory import Dims, ModelShape, decoder_dims
 from train.perf import apply_perf_switches, frozen_to_bf16, resolve_perf
 from train.recipe import ModelSection, PerfSection, Recipe
 
@@ -106,6 +115,11 @@ class ModelFamily(Protocol):
 
     def step_flops(self, vlm: nn.Module, recipe: Recipe, adapters: dict[str, int]) -> StepFlops:
         """The model FLOPs of a training step (MFU), for what trains."""
+
+    def plan_shape(self, vlm: nn.Module, data: DataConfig) -> ModelShape:
+        """What train.plan's memory model needs of the model (a meta-device one will do) beyond its parameter
+        counts: the LLM's and vision tower's shapes, one image's patches and tokens (for ``data``), the
+        forward FLOPs by part."""
 
 
 class QwenVL:
@@ -253,6 +267,25 @@ class QwenVL:
             vision_lora_params=vision_adapters,
         )
 
+    def plan_shape(self, vlm: nn.Module, data: DataConfig) -> ModelShape:
+        config, vc = vlm.config, vlm.config.vision
+        dims = Dims(
+            **decoder_dims(config.text_config),
+            vit_width=vc.width,
+            vit_mlp=vc.mlp_dim,
+            vit_layers=vc.layers,
+            patches=vc.num_patches,
+            queries=config.num_image_tokens,
+        )
+        return ModelShape(
+            dims=dims,
+            flops=qwen_vl_forward_parts(config),
+            image=f"{vc.image_size} px",
+            vision_blocks="vision.blocks",
+            # train.perf.resolve_perf: liger's kernels (or compiled layers fusing the same work) for Qwen2
+            liger_kernels=config.text_config.get("model_type") == "qwen2",
+        )
+
 
 class HFFamily:
     """A Hugging Face VLM family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: models.families) built with transformers'
@@ -266,6 +299,13 @@ class HFFamily:
 
     def __init__(self, spec: FamilySpec):
         self.spec = spec
+
+    @property
+    def released_preset(self) -> str:
+        """The preset of the family's released shape (qwen2_5_vl_7b ...): what its shipped recipes train."""
+        return next(
+            n for n, (spec, _) in FAMILY_PRESETS.items() if spec is self.spec and not n.endswith("_tiny")
+        )
 
     def tokenizer(self, m: ModelSection) -> Any:
         """The family's processor (its ``tokenizer`` attribute is the text tokenizer)."""
@@ -326,7 +366,8 @@ class HFFamily:
             config = AutoConfig.from_pretrained(m.init_from, trust_remote_code=False)
             with torch.device("meta"):
                 return HFFamilyModel(self.spec, self.spec.model_class(config)), processor
-        name = m.preset or f"{self.spec.name}_tiny"
+        # A template recipe's init_from (a released directory not downloaded yet): its released shape
+        name = m.preset or (self.released_preset if m.init_from is not None else f"{self.spec.name}_tiny")
         if m.init_from is not None:
             notes.append(f"model.init_from={m.init_from} has no config.json yet: planned as {name}")
         return self._preset_model(name, processor, device="meta"), processor
@@ -392,6 +433,48 @@ class HFFamily:
             vlm.config.text_config.to_dict(),
             llm_trains=recipe.freeze.llm == "train",
             lora_params=sum(n for name, n in adapters.items() if ".language_model." in name),
+        )
+
+    def plan_shape(self, vlm: nn.Module, data: DataConfig) -> ModelShape:
+        """Planned at the largest image the data section admits: data.max_pixels (else the released
+        processor's) gives at most max_pixels / (patch x merge)^2 LLM tokens, 4 ViT patches each (2x2 merge),
+        and no more than a sample holds (data.max_len with the image's two span tokens)."""
+        config, vc = vlm.config, vlm.config.vision_config
+        text = config.text_config.to_dict()
+        max_pixels = data.max_pixels or self.spec.max_pixels
+        merge = vc.spatial_merge_size**2
+        tokens = max(1, min(max_pixels // self.spec.resize_factor**2, data.max_len - 2))
+        patches = tokens * merge
+        block = vlm.hf.model.visual.blocks[0]
+        # Qwen2-VL's vision hidden_size is the LLM's width (its merger's output); its ViT width is embed_dim
+        width = block.norm1.weight.shape[0]
+        mlp_linears = [m for m in block.mlp.modules() if isinstance(m, nn.Linear)]  # 2: GELU, 3: SwiGLU
+        mlp = mlp_linears[0].out_features
+        # Qwen2.5-VL: window attention (window_size px of the resized image) except in fullatt_block_indexes
+        full_layers = getattr(vc, "fullatt_block_indexes", None)
+        window = min(patches, (vc.window_size // vc.patch_size) ** 2) if full_layers is not None else patches
+        attended = [patches if full_layers is None or i in full_layers else window for i in range(vc.depth)]
+        mergers = 1 + len(getattr(vc, "deepstack_visual_indexes", None) or [])
+        merged = merge * width  # a merger's input: 2x2 patches side by side
+        projector = mergers * 2 * tokens * (merged * merged + merged * text["hidden_size"])
+        patch_inputs = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+        vision = vit_forward_flops(patches, width, mlp, len(mlp_linears), patch_inputs, attended)
+        flops = forward_parts(text, patches, projector, vision)
+        dims = Dims(
+            **decoder_dims(text),
+            vit_width=width,
+            vit_mlp=mlp,
+            vit_layers=vc.depth,
+            patches=patches,
+            queries=tokens,
+            mergers=mergers,
+        )
+        return ModelShape(
+            dims=dims,
+            flops=flops,
+            image=f"up to {max_pixels:,} pixels ({tokens:,} tokens, {patches:,} patches; data.max_pixels)",
+            vision_blocks="hf.model.visual.blocks",
+            liger_kernels=False,  # HFFamily.apply_perf: liger's kernels do not cover the families yet
         )
 
 

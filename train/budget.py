@@ -10,7 +10,13 @@ one that fits. The settings chosen are those the recipe leaves at ``auto``:
 - ``perf.offload_activations``: the checkpointed layers' inputs wait in pinned host memory (train.offload);
 - ``train.max_forward_tokens``: how many whole rows one forward/backward pass holds;
 - ``perf.checkpoint_vision``: whether the resampler (and a vision tower that gradient runs through) is
-  checkpointed too.
+  checkpointed too. A Hugging Face family's merger is never checkpointed (transformers' blocks are the
+  checkpointed units): there the setting is a choice only when gradient runs through the vision tower.
+
+A Hugging Face family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) honours all four: HFFamilyModel's
+set_gradient_checkpointing takes the layer count and the vision switch, train.offload and
+train.max_forward_tokens work on any model. It is planned at its largest image (train.memory.ModelShape, from
+data.max_pixels).
 
 A setting the recipe gives a value keeps it, and the log line marks it "(set)".
 
@@ -73,6 +79,8 @@ class BudgetChoice:
     fits: bool
     fixed: tuple[str, ...] = ()  # the settings the recipe set (names of Settings' fields)
     vision_grad: bool = False  # gradient runs through the vision tower (it trains or has adapters)
+    # what perf.checkpoint_vision covers, for the line ("" where it is no choice: a family's frozen ViT)
+    vision_part: str = "resampler"
     extra_seconds: float = 0.0  # modelled cost per step of the recompute and offload chosen
     checkpointing: bool = (
         True  # train.grad_checkpointing: without it nothing is recomputed whatever the settings
@@ -99,7 +107,6 @@ class BudgetChoice:
                 if len(chosen) <= len(kept)
                 else f" (all but {', '.join(map(str, kept))})"
             )
-        vision = "vision tower and resampler" if self.vision_grad else "resampler"
         forwards = (
             f"forwards of {s.max_forward_tokens} tokens"
             if s.max_forward_tokens is not None
@@ -108,11 +115,14 @@ class BudgetChoice:
         parts = [
             layers + mark("checkpointed_layers"),
             ("offload" if s.offload else "no offload") + mark("offload"),
-            f"{vision} {'' if s.checkpoint_vision else 'not '}checkpointed" + mark("checkpoint_vision"),
+            f"{self.vision_part} {'' if s.checkpoint_vision else 'not '}checkpointed"
+            + mark("checkpoint_vision"),
             forwards + mark("max_forward_tokens"),
         ]
         if not self.checkpointing:
             parts[:3] = ["no activation checkpointing (train.grad_checkpointing: false)"]
+        elif not self.vision_part:
+            del parts[2]
         verdict = "" if self.fits else " > the budget: no setting fits, this is the one that needs least"
         return (
             f"memory budget {self.budget_gib:.1f} GiB ({self.how}): {', '.join(parts)}; "
@@ -145,9 +155,11 @@ def extra_seconds(
     samples = batch.samples * setup.grad_accum
     images = batch.images * setup.grad_accum
     per_layer = rates.layer_per_token + 2 * counts.lora / dims.layers  # adapters' forward: 2 per weight
-    # models.decoder_layers keeps a frozen down projection that autocast does not cast out of the checkpoint
+    # models.decoder_layers (the Qwen-VL model's, not a family's: Dims.mergers) keeps a frozen down
+    # projection that autocast does not cast out of the checkpoint
     down_outside = (
-        not setup.llm_trains
+        not dims.mergers
+        and not setup.llm_trains
         and dims.ffn not in setup.lora_inputs
         and (setup.frozen_bf16 or setup.deepspeed or setup.quantized)
     )
@@ -156,7 +168,7 @@ def extra_seconds(
     flops = layers * (tokens * per_layer + samples * tokens_per_sample**2 * rates.attention_per_layer_pair)
     if setup.grad_checkpointing and settings.checkpoint_vision:
         grad_reaches_vision = setup.vision_trains or bool(setup.vision_lora_inputs)
-        if grad_reaches_vision or setup.resampler_trains:
+        if grad_reaches_vision or (setup.resampler_trains and not dims.mergers):  # mergers: never recomputed
             flops += images * rates.resampler_per_image
         if grad_reaches_vision:
             flops += images * rates.vision_per_image
@@ -209,7 +221,12 @@ def choose(
     micro-batch planned; ``forwards``: the forward sizes to try; ``fixed``: the settings the recipe set."""
     fixed = fixed or {}
     vision_grad = setup.vision_trains or bool(setup.vision_lora_inputs)
-    vision_choice = setup.grad_checkpointing and (vision_grad or setup.resampler_trains)
+    # the Qwen-VL resampler follows perf.checkpoint_vision; a family's mergers never do (Dims.mergers)
+    resampler = not dims.mergers
+    vision_choice = setup.grad_checkpointing and (vision_grad or (resampler and setup.resampler_trains))
+    vision_part = " and ".join(
+        [*(["vision tower"] if vision_grad else []), *(["resampler"] if resampler else [])]
+    )
     planned = []
     # The host copies are verified in one process and under DDP, not with DeepSpeed's hooks (train.offload).
     offload_choice = setup.grad_checkpointing and not setup.deepspeed
@@ -243,6 +260,7 @@ def choose(
         fits=bool(fitting),
         fixed=tuple(name for name in FIELDS if name in fixed),
         vision_grad=vision_grad,
+        vision_part=vision_part,
         extra_seconds=cost,
         checkpointing=setup.grad_checkpointing,
     )

@@ -39,8 +39,23 @@ class StepFlops:
         )
 
 
+@dataclass(frozen=True)
+class ForwardParts:
+    """The forward FLOPs of a model, by part: what a model family gives the planner (train.assemble's
+    ``ModelFamily.plan_shape``; ``qwen_vl_forward_parts`` for the Qwen-VL model)."""
+
+    llm: int  # decoder linear + LM head parameters (2 FLOPs each per token)
+    head: int  # LM head parameters (hidden x vocab)
+    layers: int  # decoder layers
+    down_projection: int  # one decoder layer's down projection parameters (hidden x ffn)
+    attention_pair: int  # causal attention forward FLOPs per s^2 of a sample, all layers
+    patches: int  # vision tower patches per image
+    projector: int  # forward FLOPs per image of what projects it into the LLM (resampler, mergers)
+    vision: int  # forward FLOPs per image of the vision tower
+
+
 def step_flops(
-    config: VLMConfig,
+    model: VLMConfig | ForwardParts,
     *,
     vision_trains: bool,
     resampler_trains: bool,
@@ -48,47 +63,83 @@ def step_flops(
     lora_params: int = 0,
     vision_lora_params: int = 0,
 ) -> StepFlops:
-    """The FLOP rates of ``config`` (at ``config.vision.image_size``) for what trains. ``lora_params``:
-    adapter parameters in the LLM; ``vision_lora_params``: in the vision tower."""
-    n_llm, attention_fwd, patches, resampler_fwd, vit_fwd = _forward_parts(config)
-    per_token = (6 if llm_trains else 4) * n_llm + 6 * lora_params
+    """The FLOP rates of ``model`` (a Qwen-VL config at ``config.vision.image_size``, or any family's
+    parts) for what trains. ``lora_params``: adapter parameters in the LLM; ``vision_lora_params``: in the
+    vision tower."""
+    parts = _parts(model)
+    per_token = (6 if llm_trains else 4) * parts.llm + 6 * lora_params
     vit_factor = 3 if vision_trains else 2 if vision_lora_params else 1
     per_image = (
-        (3 if resampler_trains or vision_trains or vision_lora_params else 1) * resampler_fwd
-        + vit_factor * vit_fwd
-        + 6 * vision_lora_params * patches
+        (3 if resampler_trains or vision_trains or vision_lora_params else 1) * parts.projector
+        + vit_factor * parts.vision
+        + 6 * vision_lora_params * parts.patches
     )
     return StepFlops(
-        per_token=float(per_token), per_attention_pair=float(3 * attention_fwd), per_image=float(per_image)
+        per_token=float(per_token),
+        per_attention_pair=float(3 * parts.attention_pair),
+        per_image=float(per_image),
     )
 
 
-def forward_flops(config: VLMConfig, vision: bool = True) -> StepFlops:
+def forward_flops(model: VLMConfig | ForwardParts, vision: bool = True) -> StepFlops:
     """A forward pass only (DPO's frozen reference model); ``vision=False``: its images' vision tower
     encodings come from the policy's (models.vlm.frozen_vision_shared), only its resampler runs."""
-    n_llm, attention_fwd, _, resampler_fwd, vit_fwd = _forward_parts(config)
+    parts = _parts(model)
     return StepFlops(
-        per_token=float(2 * n_llm),
-        per_attention_pair=float(attention_fwd),
-        per_image=float(resampler_fwd + (vit_fwd if vision else 0)),
+        per_token=float(2 * parts.llm),
+        per_attention_pair=float(parts.attention_pair),
+        per_image=float(parts.projector + (parts.vision if vision else 0)),
     )
 
 
-def _forward_parts(config: VLMConfig) -> tuple[int, int, int, int, int]:
-    """(decoder linear + LM head parameters, attention forward FLOPs per s^2, patches per image, resampler
-    and vision tower forward FLOPs per image)."""
+def _parts(model: VLMConfig | ForwardParts) -> ForwardParts:
+    return model if isinstance(model, ForwardParts) else qwen_vl_forward_parts(model)
+
+
+def forward_parts(text_config: dict, patches: int, projector: int, vision: int) -> ForwardParts:
+    """A model's parts: the decoder's from its Hugging Face text config, the vision side's per image (of
+    ``patches`` patches) as the model family counts them."""
+    d = text_config["hidden_size"]
+    n_llm, attention_fwd = _decoder_parts(text_config)
+    return ForwardParts(
+        llm=n_llm,
+        head=d * text_config["vocab_size"],
+        layers=text_config["num_hidden_layers"],
+        down_projection=d * text_config["intermediate_size"],
+        attention_pair=attention_fwd,
+        patches=patches,
+        projector=projector,
+        vision=vision,
+    )
+
+
+def qwen_vl_forward_parts(config: VLMConfig) -> ForwardParts:
+    """The Qwen-VL model's parts: its ViT over every patch of a square image, then the resampler's
+    cross-attention of ``num_image_tokens`` queries."""
     vc, d = config.vision, config.text_config["hidden_size"]
-    n_llm, attention_fwd = _decoder_parts(config.text_config)
     patches = (vc.image_size // vc.patch_size) ** 2
     q = config.num_image_tokens
     resampler_fwd = (
         2 * (patches * vc.width * d + q * d * d + 2 * patches * d * d + 2 * q * d * d) + 4 * q * patches * d
     )
-    vit_fwd = vc.layers * (
-        2 * patches * (4 * vc.width**2 + 2 * vc.width * vc.mlp_dim) + 4 * patches**2 * vc.width
+    vit_fwd = vit_forward_flops(
+        patches, vc.width, vc.mlp_dim, 2, 3 * vc.patch_size**2, attended=[patches] * vc.layers
     )
-    vit_fwd += 2 * patches * 3 * vc.patch_size**2 * vc.width  # patch embedding
-    return n_llm, attention_fwd, patches, resampler_fwd, vit_fwd
+    return forward_parts(config.text_config, patches, resampler_fwd, vit_fwd)
+
+
+def vit_forward_flops(
+    patches: int, width: int, mlp: int, mlp_matrices: int, patch_inputs: int, attended: list[int]
+) -> int:
+    """Forward FLOPs of a ViT over one image of ``patches`` patches: per block its q, k, v and output
+    projections (4 w^2 per patch), ``mlp_matrices`` w x mlp products (2 for a GELU MLP, 3 for SwiGLU) and
+    attention over ``attended[i]`` patches in block i (every patch of the image, or of its window); the patch
+    embedding over ``patch_inputs`` values per patch."""
+    blocks = sum(
+        2 * patches * (4 * width**2 + mlp_matrices * width * mlp) + 4 * patches * span * width
+        for span in attended
+    )
+    return blocks + 2 * patches * patch_inputs * width
 
 
 def _decoder_parts(tc: dict) -> tuple[int, int]:
@@ -131,14 +182,12 @@ class RecomputeFlops:
     vision_per_image: float
 
 
-def recompute_flops(config: VLMConfig) -> RecomputeFlops:
-    n_llm, attention_fwd, _, resampler_fwd, vit_fwd = _forward_parts(config)
-    tc = config.text_config
-    d, layers, vocab = tc["hidden_size"], tc["num_hidden_layers"], tc["vocab_size"]
+def recompute_flops(model: VLMConfig | ForwardParts) -> RecomputeFlops:
+    parts = _parts(model)
     return RecomputeFlops(
-        layer_per_token=2 * (n_llm - d * vocab) / layers,
-        down_projection_per_token=2 * d * tc["intermediate_size"],
-        attention_per_layer_pair=attention_fwd / layers,
-        resampler_per_image=resampler_fwd,
-        vision_per_image=vit_fwd,
+        layer_per_token=2 * (parts.llm - parts.head) / parts.layers,
+        down_projection_per_token=2 * parts.down_projection,
+        attention_per_layer_pair=parts.attention_pair / parts.layers,
+        resampler_per_image=parts.projector,
+        vision_per_image=parts.vision,
     )

@@ -31,12 +31,16 @@ def modules_to_save(model: nn.Module, freeze: FreezeSection) -> list[str]:
     trains besides the LLM: ``vision``/``resampler`` on the Qwen-VL model, a family's ``merger``..."""
     names = {id(module): name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
     groups = model.module_groups()
-    trained = [
-        names[id(m)]
-        for group in ("vision", "resampler")
-        if getattr(freeze, group) == "train"
-        for m in groups[group]
-    ]
+    trained = []
+    for group in ("vision", "resampler"):
+        if getattr(freeze, group) != "train":
+            continue
+        for m in groups[group]:
+            if isinstance(m, nn.ModuleList):  # peft wraps modules, not lists (Qwen3-VL's DeepStack mergers):
+                # each child by its last two name components, a suffix no other module has
+                trained += [f"{names[id(m)]}.{i}" for i in range(len(m))]
+            else:
+                trained.append(names[id(m)])
     if embeddings_train(freeze, bool(getattr(model.config, "train_embeddings", False))):
         trained += _embedding_module_names(model)
     return trained

@@ -38,6 +38,11 @@ Activations of one forward pass of T tokens (row padding included) and N images:
   time in its forward); a trained one, or one with LoRA adapters, keeps each block's input when
   checkpointed (fp32 residual under autocast). The resampler keeps its inputs and k/v projections when
   gradient reaches it, only its input when checkpointed.
+- a Hugging Face family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): the same ViT terms per patch of each image's own
+  grid, planned at the largest image data.max_pixels admits; its window attention (Qwen2.5-VL) changes the
+  FLOPs, not what a block keeps (flash / SDPA keep no score matrix). Its patch mergers (2x2 patches into one
+  LLM token; Qwen3-VL's DeepStack mergers too) run outside any checkpoint and keep their norm's fp32 input
+  and their linears' bf16 inputs when gradient reaches them.
 - DPO (train.stage: dpo): a micro-batch of pairs holds two sequences per pair and each pair's images once; the
   per-token log-probs take the chunked path; ``frozen_copy`` keeps a second copy of the model (partitioned
   under ZeRO-3), and its or the adapter-disabled reference pass runs under no_grad before the policy's.
@@ -53,6 +58,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+from train.flops import ForwardParts
 
 GiB = 2**30
 ZERO_MODES = ("zero2", "zero3")
@@ -89,8 +96,40 @@ class Dims:
     vit_width: int
     vit_mlp: int
     vit_layers: int
-    patches: int  # per image at the image size
-    queries: int  # resampler outputs per image
+    patches: int  # vision tower patches per image (at the image size; a family's: its largest image)
+    queries: int  # LLM tokens per image (resampler outputs; a family's merged patches)
+    # Patch mergers (a Hugging Face family's merger, and Qwen3-VL's DeepStack mergers): a norm and two
+    # linears over 2x2 merged patches, outside any checkpoint. 0: the Qwen-VL resampler, which is
+    # checkpointed with the vision tower (perf.checkpoint_vision).
+    mergers: int = 0
+
+
+def decoder_dims(text_config: dict) -> dict[str, int]:
+    """The decoder's fields of ``Dims`` from a Hugging Face text config: key/value width from the key/value
+    heads (grouped-query attention), head_dim where the config sets it (Qwen3)."""
+    tc = text_config
+    heads = int(tc["num_attention_heads"])
+    head_dim = int(tc.get("head_dim") or tc["hidden_size"] // heads)
+    return dict(
+        hidden=int(tc["hidden_size"]),
+        kv_dim=head_dim * int(tc.get("num_key_value_heads") or heads),
+        ffn=int(tc["intermediate_size"]),
+        layers=int(tc["num_hidden_layers"]),
+        heads=heads,
+        vocab=int(tc["vocab_size"]),
+    )
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner needs of a model beyond its parameter counts; each model family gives its own
+    (train.assemble's ``ModelFamily.plan_shape``)."""
+
+    dims: Dims
+    flops: ForwardParts
+    image: str  # one image as the plan names it ("448 px"; a family's largest, from data.max_pixels)
+    vision_blocks: str  # qualified name of the vision tower's block list (where vision LoRA adapters sit)
+    liger_kernels: bool  # whether perf.liger_kernels "auto" turns liger's decoder kernels on (on CUDA)
 
 
 @dataclass(frozen=True)
@@ -368,7 +407,11 @@ def vision_terms(d: Dims, s: Setup, b: MicroBatch) -> tuple[float, float, float]
             work = n * p * 3 * act * m
     else:
         forward = n * p * (10 * w + 4 * m)  # under no_grad: one block of every image at a time
-    if s.vision_trains or s.vision_lora_inputs or s.resampler_trains:
+    if d.mergers and (s.vision_trains or s.vision_lora_inputs or s.resampler_trains):
+        # each merger keeps its norm's fp32 input, and the bf16 inputs of its two linears and of the GELU
+        # between them ([patches / 4, 4 x width] each), whatever the checkpoint settings
+        kept += d.mergers * n * p * (4 * w + 3 * act * w)
+    elif s.vision_trains or s.vision_lora_inputs or s.resampler_trains:
         # kv_proj's input, its output, LayerNorm's fp32 input and output, their bf16 casts, the k and v
         # projections: 1.45 GiB for 18 images measured at the Qwen-VL shape
         # (docs/benchmarks.md, memory at the peak)
@@ -378,7 +421,7 @@ def vision_terms(d: Dims, s: Setup, b: MicroBatch) -> tuple[float, float, float]
             work = max(work, resampler)  # its recompute, at the end of backward
         else:
             kept += resampler
-    kept += n * d.queries * d.hidden * act  # resampler outputs spliced into the embeddings
+    kept += n * d.queries * d.hidden * act  # resampler / merger outputs spliced into the embeddings
     return kept, work, forward
 
 

@@ -3,9 +3,11 @@ speed of a recipe per GPU, before anything is loaded.
 
 The model is built on the meta device (no memory, no weights read) from the recipe's preset, LLM
 config or ``init_from`` config.json, then frozen and LoRA-wrapped by the trainer's own functions
-(train.freeze, train.lora), so the parameter counts are the trainer's. train/memory.py turns the counts
-and the micro-batch's tokens and images into bytes per GPU; train/flops.py gives the FLOPs of a step
-(the convention of the training logs' MFU), and an assumed MFU gives the step time.
+(train.freeze, train.lora), so the parameter counts are the trainer's. Its shapes come from its model
+family (train.assemble's ``ModelFamily.plan_shape``): the Qwen-VL model's fixed image size, or a Hugging
+Face family's (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) largest image that data.max_pixels admits. train/memory.py
+turns the counts and the micro-batch's tokens and images into bytes per GPU; train/flops.py gives the
+FLOPs of a step (the convention of the training logs' MFU), and an assumed MFU gives the step time.
 
 What the planner assumes is printed with the plan (and is in ``--json``): tokens per sample (default
 ``data.max_len``, the worst case), images per sample (default 1), the loss kernel ``auto`` resolves to on a
@@ -26,13 +28,13 @@ from typing import Any
 from torch import nn
 
 from models.errors import ArgumentParser, UserError, run_cli
-from train.assemble import assemble
+from train.assemble import assemble, family_of
 from train.budget import BudgetChoice, choose, fixed_settings, without_budget
 from train.budget import apply as apply_settings
 from train.dpo import reference_mode
 from train.flops import forward_flops, recompute_flops, step_flops
 from train.freeze import group_of
-from train.memory import Counts, Dims, Estimate, GiB, MicroBatch, Setup, estimate
+from train.memory import Counts, Estimate, GiB, MicroBatch, ModelShape, Setup, estimate
 from train.optim import param_groups
 from train.parallel import deepspeed_config, resolve_mode
 from train.recipe import Recipe, RecipeError, load_recipe
@@ -51,7 +53,8 @@ MAX_MICRO_BATCH = 1 << 16
 class ModelPlan:
     """The model as the trainer would build it: config, counts, what trains."""
 
-    config: Any  # models.config.VLMConfig (vocabulary and image size resolved)
+    config: Any  # models.config.VLMConfig (vocabulary and image size resolved), or a family's HF config
+    shape: ModelShape  # dimensions and FLOPs by part (the family's plan_shape)
     counts: Counts
     groups: dict[str, tuple[int, int]]  # group -> (trainable, total)
     trains: dict[str, bool]  # vision, resampler, llm, embeddings (train.freeze.apply_freezing)
@@ -63,11 +66,9 @@ class ModelPlan:
 
 def plan_model(recipe: Recipe, source: str = "recipe") -> ModelPlan:
     """The recipe's model as the trainer assembles it (train.assemble), on the meta device, counted."""
-    # A Hugging Face family's memory model (a ViT per image grid, no resampler) is not written yet.
-    if recipe.model.family != "qwen_vl":
-        raise UserError(f"{source}: train.plan does not plan model.family {recipe.model.family} yet")
     assembled = assemble(recipe, "meta", source=source)
     model, wrapped = assembled.vlm, assembled.model
+    shape = family_of(recipe.model).plan_shape(model, recipe.data)
     decoder = model.llm.get_decoder()
     # The decoder's own linears (peft's adapters are linears too, named lora_*): train.lora.quantize_llm_4bit
     # turns exactly these weights into NF4.
@@ -87,7 +88,9 @@ def plan_model(recipe: Recipe, source: str = "recipe") -> ModelPlan:
     )
     lora_inputs = tuple(mod.in_features for mod in decoder.layers[0].modules() if hasattr(mod, "lora_A"))
     vision_lora_inputs = tuple(
-        mod.in_features for mod in model.vision.blocks[0].modules() if hasattr(mod, "lora_A")
+        mod.in_features
+        for mod in model.get_submodule(f"{shape.vision_blocks}.0").modules()
+        if hasattr(mod, "lora_A")
     )
 
     total = trainable = quantized = lora = vision_lora = 0
@@ -102,12 +105,12 @@ def plan_model(recipe: Recipe, source: str = "recipe") -> ModelPlan:
             row[0] += n
         quantized += n if id(p) in quantized_ids else 0
         lora += n if "lora_" in name else 0
-        vision_lora += n if "lora_" in name and ".vision.blocks." in f".{name}" else 0
+        vision_lora += n if "lora_" in name and f".{shape.vision_blocks}." in f".{name}" else 0
     if trainable == 0:
         raise UserError(f"{source}: nothing trains: check the freeze and lora sections")
     largest = max(
         sum(p.numel() for p in g["params"])
-        for g in param_groups(wrapped, recipe.optim, model.config.vision.layers)
+        for g in param_groups(wrapped, recipe.optim, shape.dims.vit_layers)
     )
     counts = Counts(
         total=total,
@@ -119,6 +122,7 @@ def plan_model(recipe: Recipe, source: str = "recipe") -> ModelPlan:
     )
     return ModelPlan(
         config=model.config,
+        shape=shape,
         counts=counts,
         groups={k: (v[0], v[1]) for k, v in groups.items()},
         trains=assembled.trains,
@@ -126,25 +130,6 @@ def plan_model(recipe: Recipe, source: str = "recipe") -> ModelPlan:
         vision_lora_inputs=vision_lora_inputs,
         vision_lora=vision_lora,
         notes=assembled.notes,
-    )
-
-
-def dims_of(config) -> Dims:
-    tc, vc = config.text_config, config.vision
-    heads = int(tc["num_attention_heads"])
-    head_dim = int(tc.get("head_dim") or tc["hidden_size"] // heads)
-    return Dims(
-        hidden=int(tc["hidden_size"]),
-        kv_dim=head_dim * int(tc.get("num_key_value_heads") or heads),
-        ffn=int(tc["intermediate_size"]),
-        layers=int(tc["num_hidden_layers"]),
-        heads=heads,
-        vocab=int(tc["vocab_size"]),
-        vit_width=vc.width,
-        vit_mlp=vc.mlp_dim,
-        vit_layers=vc.layers,
-        patches=vc.num_patches,
-        queries=config.num_image_tokens,
     )
 
 
@@ -160,7 +145,7 @@ def setup_of(recipe: Recipe, model: ModelPlan, gpus: int, notes: list[str], sour
             raise UserError(f"{source}: {e}") from e
         if zero.get("offload_optimizer") or zero.get("offload_param"):
             notes.append("DeepSpeed offload is set: the plan still counts the offloaded states on the GPU")
-    layers = int(model.config.text_config["num_hidden_layers"])
+    layers = model.shape.dims.layers
     checkpointed = recipe.perf.checkpoint_llm_layers
     if checkpointed is not None and not 0 <= checkpointed <= layers:
         raise UserError(
@@ -168,12 +153,11 @@ def setup_of(recipe: Recipe, model: ModelPlan, gpus: int, notes: list[str], sour
         )
     # "auto" as train.perf.resolve_perf decides it on the GPU machine, assumed to have the gpu extra (liger).
     perf = recipe.perf
-    qwen2 = model.config.text_config.get("model_type") == "qwen2"
     loss_impl = "liger" if perf.loss_impl == "auto" else perf.loss_impl
     # Where the decoder layers compile, resolve_perf leaves liger's kernels off: inductor fuses the same
     # RMSNorm / RoPE / SwiGLU work, and its layers keep what liger's would (the calibration's 2026-12-06
     # rows). The memory model is liger's either way.
-    liger_kernels = qwen2 if perf.liger_kernels == "auto" else perf.liger_kernels
+    liger_kernels = model.shape.liger_kernels if perf.liger_kernels == "auto" else perf.liger_kernels
     if "auto" in (perf.loss_impl, perf.liger_kernels):
         notes.append(
             "perf auto switches as on a CUDA machine with liger-kernel installed: fused liger loss"
@@ -344,7 +328,7 @@ def settle_budget(
         return without_budget(recipe), None
     setup = setup_of(without_budget(recipe), model, gpus, [], source)
     data, tokens = recipe.data, recipe.data.max_len
-    images = tokens / (model.config.num_image_tokens + 2)  # <img> + slots + </img>
+    images = tokens / (model.shape.dims.queries + 2)  # the image's start + slots + end
 
     def batch_for(max_forward_tokens: int | None) -> MicroBatch:
         return micro_batch_shape(
@@ -362,16 +346,16 @@ def settle_budget(
         )
     else:
         budget, how = recipe.train.memory_budget * GiB, "train.memory_budget"
-    layers = int(model.config.text_config["num_hidden_layers"])
+    layers = model.shape.dims.layers
     choice = choose(
         model.counts,
-        dims_of(model.config),
+        model.shape.dims,
         setup,
         batch_for,
         forwards,
         budget,
         how,
-        recompute_flops(model.config),
+        recompute_flops(model.shape.flops),
         tokens,
         fixed_settings(recipe, layers),
     )
@@ -413,7 +397,7 @@ def make_plan(
             f"every sample {data.max_len} tokens (data.max_len, the worst case; --tokens-per-sample)"
         )
     setup = setup_of(recipe, model, gpus, notes, source)
-    dims = dims_of(model.config)
+    dims = model.shape.dims
     group = 2 if setup.reference else 1  # DPO: a pair is two sequences
 
     def estimate_for(micro_batch: int) -> tuple[MicroBatch, Estimate]:
@@ -426,7 +410,7 @@ def make_plan(
     # The training loop's FLOP count: train.loop (adapters in the ViT per patch; DPO's reference forward).
     llm_lora = model.counts.lora - model.vision_lora
     rates = step_flops(
-        model.config,
+        model.shape.flops,
         vision_trains=setup.vision_trains,
         resampler_trains=setup.resampler_trains,
         llm_trains=setup.llm_trains,
@@ -435,7 +419,7 @@ def make_plan(
     )
     if setup.reference in ("frozen_copy", "adapter_disabled"):  # a frozen ViT's encoding is the policy's
         policy_vision_frozen = not setup.vision_trains and not model.vision_lora
-        rates = rates + forward_flops(model.config, vision=not policy_vision_frozen)
+        rates = rates + forward_flops(model.shape.flops, vision=not policy_vision_frozen)
     samples = batch.samples * setup.grad_accum
     flops = rates(samples * tokens, batch.images * setup.grad_accum, samples * tokens**2)
     plan = Plan(
@@ -530,11 +514,10 @@ def render(plan: Plan) -> str:
     what = f"{b.samples // 2} pairs = {b.samples} sequences" if s.reference else f"{b.samples} samples"
     lines.append(
         f"{'micro-batch':<34}{what} x {plan.tokens_per_sample:g} tokens = "
-        f"{b.tokens:,} tokens ({packing}), {b.images:g} images at {plan.model.config.vision.image_size} px"
+        f"{b.tokens:,} tokens ({packing}), {b.images:g} images at {plan.model.shape.image}"
     )
     ckpt = (
-        f"{s.checkpointed_layers} of {plan.model.config.text_config['num_hidden_layers']} decoder layers "
-        f"checkpointed"
+        f"{s.checkpointed_layers} of {plan.model.shape.dims.layers} decoder layers checkpointed"
         if s.grad_checkpointing
         else "no activation checkpointing"
     )

@@ -702,11 +702,6 @@ def _check_family(recipe: Recipe) -> None:
         raise ValueError(f"'model.family: {family}' reads its data map-style; set 'data.streaming: false'")
     if recipe.optim.vit_layer_decay != 1.0:
         raise ValueError(f"'optim.vit_layer_decay' is not supported for 'model.family: {family}' yet")
-    if recipe.train.memory_budget is not None:  # the planner has no memory model of a family's ViT yet
-        raise ValueError(
-            f"'train.memory_budget' is not supported for 'model.family: {family}' yet: set the activation "
-            "settings (perf.checkpoint_llm_layers, train.max_forward_tokens) yourself"
-        )
 
 
 def _check_preference(recipe: Recipe) -> None:
