@@ -289,6 +289,8 @@ def without_budget(recipe: Recipe) -> Recipe:
     the resampler checkpointed, forwards of one packed row (data.pack_len; without it, one per
     micro-batch)."""
     p, t, d = recipe.perf, recipe.train, recipe.data
+    # data.pack_len, not data.row_len: a recipe packing rows of max_len (no pack_len) keeps one forward per
+    # micro-batch, as it ran before the budget (tests/test_train_budget.py pins both)
     one_row = d.pack_len if d.packing else None
     return apply(
         recipe,
