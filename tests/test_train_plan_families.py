@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from models.families.adapter import HFFamilyModel
 from train.assemble import FAMILIES, assemble
@@ -112,6 +113,31 @@ def test_the_planned_counts_are_the_trainers(family, tiny_tiktoken):
     assert planned.lora == sum(p.numel() for n, p in real.named_parameters() if "lora_" in n) > 0
     mergers = [n for n, p in real.named_parameters() if p.requires_grad and "merger" in n]
     assert mergers and (family != "qwen3_vl" or any("deepstack_merger_list" in n for n in mergers))
+
+
+@pytest.mark.parametrize("stage", ["qwen2_5_vl_sft.yaml", "qwen2_5_vl_sft_lora.yaml"])
+def test_a_frozen_vit_records_no_graph_as_planned(stage, tiny_tiktoken):
+    """The plan counts nothing kept by a frozen ViT. With activation checkpointing on (every shipped recipe),
+    transformers would make every sub-model's input embeddings require grad, the ViT's patch embedding too:
+    the frozen tower would then record its graph and run its backward. Its output must not require grad, the
+    trained merger's must, and the decoder's trainable weights (LoRA adapters behind frozen embeddings, or
+    the whole LLM) still get their gradients through the checkpointed layers."""
+    recipe = load_recipe(
+        REPO / "recipes/tiny" / stage,
+        [
+            "model.preset=qwen2_5_vl_tiny",
+            f"model.tokenizer_path={tiny_tiktoken}",
+            "data.paths=[x.json]",
+            "train.grad_checkpointing=true",
+        ],
+    )
+    vlm = assemble(recipe, "cpu").vlm
+    vision = vlm.hf.model.visual(torch.randn(16, 3 * 2 * 14 * 14), grid_thw=torch.tensor([[1, 4, 4]]))
+    assert not vision.last_hidden_state.requires_grad and vision.pooler_output.requires_grad
+    hidden = vlm.hf.model.language_model(input_ids=torch.tensor([[1, 2, 3, 4]]), use_cache=False)
+    hidden.last_hidden_state.float().square().mean().backward()
+    trained = [p for n, p in vlm.named_parameters() if p.requires_grad and ".language_model." in f".{n}"]
+    assert trained and all(p.grad is not None for p in trained)
 
 
 # ------------------------------------------------------------------------------------------ the budget

@@ -87,9 +87,15 @@ def apply_lora(
     )
     if gradient_checkpointing:
         # Checkpointed blocks need an input that requires grad for their recompute to reach the
-        # adapters when the embeddings are frozen.
-        model.llm.enable_input_require_grads()
+        # adapters when the embeddings are frozen. The LLM's token embeddings only: transformers'
+        # enable_input_require_grads hooks every sub-model's, and a Hugging Face family's LLM is the whole
+        # VLM, whose frozen ViT would then record its graph and run its backward for nothing.
+        model.llm.get_input_embeddings().register_forward_hook(_output_requires_grad)
     return peft.get_peft_model(model, config)
+
+
+def _output_requires_grad(module: nn.Module, inputs, output: torch.Tensor) -> None:
+    output.requires_grad_(True)
 
 
 def quantize_llm_4bit(model: nn.Module, cfg: QuantizationSection, device: torch.device) -> None:

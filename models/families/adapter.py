@@ -164,6 +164,10 @@ class HFFamilyModel(nn.Module):
             self.hf.activation_checkpointing_disable()
             return
         self.hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # transformers then makes every sub-model's input embedding output require grad, the ViT's patch
+        # embedding too: a frozen ViT would record its graph, keep its blocks' inputs and run its backward for
+        # nothing. Non-reentrant checkpoints need no such hook; LoRA adds the LLM's own (train.lora).
+        self.hf.disable_input_require_grads()
         layers = self.hf.get_decoder().layers
         chosen = checkpointed_layer_indices(len(layers), len(layers) if llm_layers is None else llm_layers)
         for i, layer in enumerate(layers):
