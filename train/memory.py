@@ -85,7 +85,8 @@ class Counts:
 
 @dataclass(frozen=True)
 class Dims:
-    """The shape of the model (models.config.VLMConfig) at the recipe's image size."""
+    """The shape of the model: the Qwen-VL model at the recipe's image size, or a Hugging Face family's at its
+    largest image (train.assemble's ``ModelFamily.plan_shape``)."""
 
     hidden: int
     kv_dim: int
