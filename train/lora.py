@@ -31,11 +31,14 @@ def modules_to_save(model: nn.Module, freeze: FreezeSection) -> list[str]:
     trains besides the LLM: ``vision``/``resampler`` on the Qwen-VL model, a family's ``merger``..."""
     names = {id(module): name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
     groups = model.module_groups()
+    # peft wraps modules, not lists of them (Qwen3-VL's deepstack_merger_list): a list's elements are named
+    # by their dotted suffix ("deepstack_merger_list.0"), which peft's suffix match takes.
     trained = [
-        names[id(m)]
+        f"{names[id(m)]}.{i}" if isinstance(m, nn.ModuleList) else names[id(m)]
         for group in ("vision", "resampler")
         if getattr(freeze, group) == "train"
         for m in groups[group]
+        for i in range(len(m) if isinstance(m, nn.ModuleList) else 1)
     ]
     if embeddings_train(freeze, bool(getattr(model.config, "train_embeddings", False))):
         trained += _embedding_module_names(model)

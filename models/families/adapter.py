@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from models.decoder_layers import compile_layers, install_checkpointing, installed
 from models.errors import MissingFileError, UserError
 from models.families.specs import FamilySpec, family_of_model_type, preset
 from models.loss import IGNORE_INDEX, causal_lm_loss_sum, causal_lm_token_logps
@@ -159,17 +160,33 @@ class HFFamilyModel(nn.Module):
     ) -> None:
         """Recompute the ViT blocks and LLM decoder layers in backward (non-reentrant), as ``VLM`` does.
         ``llm_layers``: how many decoder layers to checkpoint (None = all), spread evenly over the depth;
-        ``vision``: whether the ViT blocks are recomputed too."""
+        ``vision``: whether the ViT blocks are recomputed too. The decoder layers run as the Qwen-VL model's
+        do (models.decoder_layers: a frozen down projection is not recomputed); the ViT blocks as transformers
+        checkpoints them."""
+        layers = self.hf.get_decoder().layers
         if not enabled:
             self.hf.activation_checkpointing_disable()
+            for layer in layers:
+                if installed(layer):
+                    install_checkpointing(layer, False)
             return
         self.hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        layers = self.hf.get_decoder().layers
         chosen = checkpointed_layer_indices(len(layers), len(layers) if llm_layers is None else llm_layers)
         for i, layer in enumerate(layers):
-            layer.gradient_checkpointing = i in chosen
+            if not install_checkpointing(layer, i in chosen):
+                layer.gradient_checkpointing = i in chosen
         for block in self.hf.model.visual.blocks:
             block.gradient_checkpointing = vision
+
+    def compile_llm_layers(self, backend: str = "inductor") -> None:
+        """torch.compile the decoder layers as ``VLM.compile_blocks(llm=True)`` does: the layers that
+        models.decoder_layers runs (every family's) compile their parts outside the checkpoint, one graph for
+        all layers; packed rows' changing lengths are traced once with a dynamic length."""
+        layers = list(self.hf.get_decoder().layers)
+        for layer in layers:
+            if not installed(layer):  # checkpointing off: the same forward, never checkpointed
+                install_checkpointing(layer, False)
+        compile_layers(layers, backend)
 
     def part_prefixes(self) -> dict[str, tuple[str, ...]]:
         """{group: parameter-name prefixes} of ``module_groups`` (names as ``model.named_parameters()``

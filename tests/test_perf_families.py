@@ -1,0 +1,155 @@
+"""The shipped speed switches on the HF VLM families (train.assemble.HFFamily.apply_perf), each pinned to the
+plain path's loss and gradients on a tiny family model in fp32, as tests/test_perf_*.py pin them for the
+Qwen-VL model: fused LoRA forwards, compiled decoder layers under checkpointing with packed rows whose length
+changes every step, and how the recipe's perf section resolves on a CPU (varlen attention, the switches that
+stay off for families)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from data.hf_collate import collate_family_batch
+from models.errors import UserError
+from models.families.adapter import HFFamilyModel
+from tests.test_model_families_training import family  # noqa: F401 (the tiny model and samples of each family)
+from tests.test_train_world import TINY
+from train.assemble import FAMILIES, FAMILY_SWITCHES_OFF
+from train.freeze import apply_freezing
+from train.lora import apply_lora
+from train.recipe import FreezeSection, LoraSection, load_recipe
+
+FREEZE = FreezeSection(vision="frozen", resampler="train", llm="frozen", embeddings="frozen")
+LORA = LoraSection(
+    enabled=True, r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj", "gate_proj", "down_proj"]
+)
+
+
+def family_recipe(spec_name: str, tiktoken, *overrides: str):
+    return load_recipe(
+        TINY / "qwen2_5_vl_sft.yaml",
+        [
+            f"model.family={spec_name}",
+            f"model.preset={spec_name}_tiny",
+            f"model.tokenizer_path={tiktoken}",
+            "lora.enabled=true",
+            "freeze.llm=frozen",
+            "freeze.embeddings=frozen",
+            *overrides,
+        ],
+    )
+
+
+def lora_model(model: HFFamilyModel):
+    """LoRA on the LLM's projections (the down projection's too) with every decoder layer checkpointed, as
+    the family's LoRA recipe trains it."""
+    vlm = copy.deepcopy(model).train()
+    apply_freezing(vlm, FREEZE)
+    vlm.set_gradient_checkpointing(True)
+    torch.manual_seed(0)  # the same adapters' initial weights for every copy
+    return apply_lora(vlm, LORA, FREEZE, gradient_checkpointing=True), vlm
+
+
+def packed_rows(items, pad_id: int) -> list[dict]:
+    """Two steps of packed rows of different lengths: all three samples, then the first two."""
+    return [
+        collate_family_batch(chosen, pad_id, pack_to=sum(len(s.input_ids) for s, _ in chosen) + extra)
+        for chosen, extra in ((items, 5), (items[:2], 2))
+    ]
+
+
+def losses_and_grads(model, batches) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    losses, grads = [], []
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        out = model(**batch)
+        out.loss_sum.backward()
+        losses.append(out.loss_sum.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    model.zero_grad(set_to_none=True)
+    return losses, grads
+
+
+def assert_same(got, expected, rtol: float, atol: float) -> None:
+    (losses, grads), (want_losses, want_grads) = got, expected
+    torch.testing.assert_close(losses, want_losses, rtol=rtol, atol=atol)
+    for step, want in enumerate(want_grads):
+        assert grads[step].keys() == want.keys()
+        for name, grad in want.items():
+            torch.testing.assert_close(
+                grads[step][name], grad, rtol=rtol, atol=atol, msg=lambda m, s=step, n=name: f"{s}: {n}: {m}"
+            )
+
+
+def test_fused_lora_forwards_keep_packed_loss_and_gradients(family, tiny_tiktoken):  # noqa: F811
+    model, processor, items = family
+    batches = packed_rows(items, processor.tokenizer.pad_token_id)
+    plain, _ = lora_model(model)
+    expected = losses_and_grads(plain, batches)
+
+    fused, vlm = lora_model(model)
+    recipe = family_recipe(model.spec.name, tiny_tiktoken, "perf.fused_lora=true")
+    perf, _ = FAMILIES[model.spec.name].apply_perf(vlm, recipe, cuda=False, mode="single")
+    assert perf.fused_lora and not perf.compile_llm
+    fused_layers = [n for n, m in fused.named_modules() if getattr(m, "_vlrecipe_fused", False)]
+    assert len(fused_layers) == 4 * len(vlm.hf.get_decoder().layers)
+    assert all(".language_model." in n for n in fused_layers)
+    # The projector trains in full beside the adapters: Qwen3-VL's DeepStack mergers (a list) too.
+    deepstack = [n for n, p in fused.named_parameters() if ".deepstack_merger_list." in n and p.requires_grad]
+    assert bool(deepstack) == (model.spec.name == "qwen3_vl")
+    assert_same(losses_and_grads(fused, batches), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_decoder_layers_under_checkpointing_with_changing_row_lengths(family):  # noqa: F811
+    """On the CPU the compiled graphs run through AOT autograd (where the recompute's saved tensors are
+    checked against the forward's) with the eager backend."""
+    torch._dynamo.reset()
+    model, processor, items = family
+    batches = packed_rows(items, processor.tokenizer.pad_token_id)
+    plain, _ = lora_model(model)
+    expected = losses_and_grads(plain, batches)
+    compiled, vlm = lora_model(model)
+    vlm.compile_llm_layers(backend="aot_eager")
+    assert_same(losses_and_grads(compiled, batches), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_on_a_cpu_the_family_recipes_perf_section_resolves_with_one_line_each(
+    family, tiny_tiktoken, monkeypatch  # noqa: F811
+):
+    """The family recipes' perf line on a CPU: varlen attention (a CUDA kernel) becomes SDPA, which keeps each
+    packed sample to itself too; "auto" switches that need CUDA or are off for families say so; an explicit
+    compile_llm compiles the decoder layers."""
+    model, _, _ = family
+    vlm = copy.deepcopy(model)
+    recipe = family_recipe(
+        model.spec.name,
+        tiny_tiktoken,
+        "perf.attention=varlen",
+        "perf.loss_impl=auto",
+        "perf.liger_kernels=auto",
+        "perf.compile_llm=auto",
+        "perf.compile_vision=auto",
+    )
+    perf, notes = FAMILIES[model.spec.name].apply_perf(vlm, recipe, cuda=False, mode="single")
+    assert perf.attention == "sdpa" and vlm.hf.model.language_model.config._attn_implementation == "sdpa"
+    assert (perf.liger_kernels, perf.compile_llm, perf.compile_vision) == (False, False, False)
+    assert any(n.startswith("perf.attention: varlen -> sdpa") for n in notes)
+    assert any(n.startswith("perf.compile_llm: auto -> off (no CUDA device") for n in notes)
+    assert any(n.startswith("perf.liger_kernels: off for") for n in notes)
+
+    compiled = []
+    monkeypatch.setattr(HFFamilyModel, "compile_llm_layers", lambda self: compiled.append(self))
+    explicit = family_recipe(model.spec.name, tiny_tiktoken, "perf.compile_llm=true")
+    FAMILIES[model.spec.name].apply_perf(vlm, explicit, cuda=False, mode="single")
+    assert compiled == [vlm]
+
+
+@pytest.mark.parametrize("switch", sorted(FAMILY_SWITCHES_OFF))
+def test_a_switch_not_available_for_families_is_refused_when_asked_for(switch, tiny_tiktoken):
+    vlm = HFFamilyModel.from_preset("qwen2_5_vl_tiny")
+    recipe = family_recipe("qwen2_5_vl", tiny_tiktoken, f"perf.{switch}=true")
+    with pytest.raises(UserError, match=f"perf.{switch} is not available for model.family qwen2_5_vl yet"):
+        FAMILIES["qwen2_5_vl"].apply_perf(vlm, recipe, cuda=False, mode="single")
