@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from data.hf_collate import collate_family_batch
+from data.packing import supervised_positions
 from models.errors import UserError
 from models.families.adapter import HFFamilyModel
 from tests.test_model_families_training import family  # noqa: F401 (the tiny model and samples of each family)
@@ -153,3 +154,30 @@ def test_a_switch_not_available_for_families_is_refused_when_asked_for(switch, t
     recipe = family_recipe("qwen2_5_vl", tiny_tiktoken, f"perf.{switch}=true")
     with pytest.raises(UserError, match=f"perf.{switch} is not available for model.family qwen2_5_vl yet"):
         FAMILIES["qwen2_5_vl"].apply_perf(vlm, recipe, cuda=False, mode="single")
+
+
+def test_the_full_logit_loss_of_the_plain_anchor_is_honoured(family, tiny_tiktoken, monkeypatch):  # noqa: F811
+    """train.bench's plain variant sets perf.loss_at_label_positions=false: the LM head and loss then run at
+    every position, as Hugging Face trains, though the collator ships the supervised positions; the loss is
+    the same either way."""
+    import models.families.adapter as adapter
+
+    model, processor, items = family
+    vlm = copy.deepcopy(model)
+    batch = collate_family_batch(items, processor.tokenizer.pad_token_id)
+    batch["label_positions"] = supervised_positions(batch["labels"])  # as data.collate ships them
+    losses, seen = [], []
+    loss_sum = adapter.causal_lm_loss_sum
+
+    def recording(*args, label_positions=None, **kwargs):
+        seen.append(label_positions is not None)
+        return loss_sum(*args, label_positions=label_positions, **kwargs)
+
+    monkeypatch.setattr(adapter, "causal_lm_loss_sum", recording)
+    for setting in ("true", "false"):
+        recipe = family_recipe(model.spec.name, tiny_tiktoken, f"perf.loss_at_label_positions={setting}")
+        FAMILIES[model.spec.name].apply_perf(vlm, recipe, cuda=False, mode="single")
+        with torch.no_grad():
+            losses.append(vlm(**batch).loss_sum)
+    assert seen == [True, False]
+    torch.testing.assert_close(losses[0], losses[1])

@@ -393,7 +393,7 @@ class HFFamily:
             zero3=mode == "zero3",
             adapter_off_reference=runs_adapter_off_reference(recipe),
         )
-        vlm.loss_impl = perf.loss_impl
+        vlm.loss_impl, vlm.loss_at_label_positions = perf.loss_impl, perf.loss_at_label_positions
         if perf.attention == "varlen":
             register_varlen_attention()
         # The LLM's attention only: the ViT keeps its own, which confines each image to its grid.

@@ -70,6 +70,9 @@ class HFFamilyModel(nn.Module):
         self.loss_impl = (
             "torch"  # models.loss: "torch" | "chunked" | "liger" | "auto", as VLM.runtime.loss_impl
         )
+        # The LM head and loss only at the supervised positions the collator ships (label_positions), as
+        # VLM.runtime.loss_at_label_positions; False: the full-logit loss (train.bench's plain anchor).
+        self.loss_at_label_positions = True
         # The processor training used (train.assemble attaches it): saved beside the weights, as VLM saves its
         # tokenizer, so an export is a whole HF directory for AutoProcessor and eval_mm.
         self.processor = None
@@ -361,8 +364,9 @@ class HFFamilyModel(nn.Module):
             token_logps = causal_lm_token_logps(hidden, head, labels, impl=self.loss_impl)
             loss_sum, num_tokens = -token_logps.sum(), (labels[:, 1:] != IGNORE_INDEX).sum()
         else:
+            positions = label_positions if self.loss_at_label_positions else None
             loss_sum, num_tokens = causal_lm_loss_sum(
-                hidden, head, labels, impl=self.loss_impl, label_positions=label_positions
+                hidden, head, labels, impl=self.loss_impl, label_positions=positions
             )
         if unused_vision is not None:
             loss_sum = loss_sum + unused_vision
