@@ -181,3 +181,35 @@ def test_the_full_logit_loss_of_the_plain_anchor_is_honoured(family, tiny_tiktok
             losses.append(vlm(**batch).loss_sum)
     assert seen == [True, False]
     torch.testing.assert_close(losses[0], losses[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (varlen flash attention, inductor)"
+)
+def test_compiled_varlen_family_layers_under_checkpointing_gpu(family, tiny_tiktoken):  # noqa: F811
+    """The LoRA recipe's switches as one GPU runs them: varlen attention on the collator's boundaries,
+    inductor-compiled decoder layers, every layer checkpointed, the fused loss, bf16 autocast; over packed
+    rows of changing length the losses stay within bf16 rounding of the plain path (SDPA, eager layers)."""
+    torch._dynamo.reset()
+    model, processor, items = family
+    batches = [
+        {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+        for batch in packed_rows(items, processor.tokenizer.pad_token_id)
+    ]
+    on_gpu = copy.deepcopy(model).cuda()
+    plain, _ = lora_model(on_gpu)
+    optimised, vlm = lora_model(on_gpu)
+    recipe = family_recipe(
+        model.spec.name,
+        tiny_tiktoken,
+        "perf.attention=varlen",
+        "perf.compile_llm=auto",
+        "perf.loss_impl=auto",
+    )
+    perf, _ = FAMILIES[model.spec.name].apply_perf(vlm, recipe, cuda=True, mode="single")
+    assert perf.attention == "varlen" and perf.compile_llm is True
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want, _ = losses_and_grads(plain, batches)
+        got, _ = losses_and_grads(optimised, batches)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-2)
