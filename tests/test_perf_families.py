@@ -140,6 +140,10 @@ def test_on_a_cpu_the_family_recipes_perf_section_resolves_with_one_line_each(
     assert any(n.startswith("perf.attention: varlen -> sdpa") for n in notes)
     assert any(n.startswith("perf.compile_llm: auto -> off (no CUDA device") for n in notes)
     assert any(n.startswith("perf.liger_kernels: off for") for n in notes)
+    fp8, notes = FAMILIES[model.spec.name].apply_perf(
+        vlm, family_recipe(model.spec.name, tiny_tiktoken, "perf.fp8=true"), cuda=False, mode="single"
+    )
+    assert fp8.fp8 is False and "perf.fp8: off (no CUDA device)" in notes
 
     compiled = []
     monkeypatch.setattr(HFFamilyModel, "compile_llm_layers", lambda self: compiled.append(self))
@@ -213,3 +217,31 @@ def test_compiled_varlen_family_layers_under_checkpointing_gpu(family, tiny_tikt
         want, _ = losses_and_grads(plain, batches)
         got, _ = losses_and_grads(optimised, batches)
     torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-2)
+
+
+def test_a_lora_step_in_emulated_fp8_moves_loss_and_gradients_only_by_fp8_rounding(family):  # noqa: F811
+    """perf.fp8 on a family: the frozen linears of the decoder layers and the ViT blocks become FP8 products
+    (torchao's emulation on a CPU), the adapters and the merger do not; the loss moves by FP8 rounding only.
+    On a CPU the trainer itself turns perf.fp8 off (train.perf.fp8_unavailable)."""
+    pytest.importorskip("torchao", reason="torchao is an optional dependency (pip install .[gpu])")
+    from models.fp8 import FrozenFloat8Linear, convert_frozen_linears
+
+    model, processor, items = family
+    batches = packed_rows(items, processor.tokenizer.pad_token_id)[:1]
+    runs = []
+    for in_fp8 in (False, True):
+        wrapped, vlm = lora_model(model)
+        if in_fp8:
+            counts = convert_frozen_linears(vlm, emulate=True)
+            converted = [n for n, m in wrapped.named_modules() if isinstance(m, FrozenFloat8Linear)]
+            assert counts["decoder"] > 0 and counts["vision"] > 0
+            assert all(".language_model.layers." in n or ".visual.blocks." in n for n in converted)
+        losses, grads = losses_and_grads(wrapped, batches)
+        runs.append((losses[0].item(), grads[0]))
+    (loss, grads), (fp8_loss, fp8_grads) = runs
+    assert fp8_loss == pytest.approx(loss, rel=0.02) and fp8_loss != loss
+    assert grads.keys() == fp8_grads.keys() and any("lora_B" in n for n in grads)
+    for name, g in grads.items():
+        if g.norm() > 0:
+            cosine = torch.nn.functional.cosine_similarity(g.flatten(), fp8_grads[name].flatten(), dim=0)
+            assert cosine > 0.98, (name, cosine)

@@ -262,7 +262,6 @@ FAMILY_SWITCHES_OFF = {
     # graph, the nesting inductor crashed on (models.decoder_layers).
     "compile_vision": "the ViT blocks are transformers', checkpointed inside their compiled forward",
     "fuse_frozen_projections": "its fused q/k/v and gate/up products are verified on the Qwen-VL decoder",
-    "fp8": "models.fp8 converts the Qwen-VL model's parts only",
 }
 
 
@@ -373,10 +372,10 @@ class HFFamily:
         self, vlm: nn.Module, recipe: Recipe, cuda: bool, mode: str
     ) -> tuple[PerfSection, list[str]]:
         """Resolved as for the Qwen-VL model (train.perf.resolve_perf: the same "auto" rules and log lines),
-        then applied to the family's modules: the loss implementation, attention (the LLM's only), compiled
-        decoder layers and fused LoRA forwards, each loss-equal on the families' own layer classes
-        (tests/test_perf_families.py). The switches in ``FAMILY_SWITCHES_OFF`` stay off: "auto" with a note,
-        an explicit true is an error."""
+        then applied to the family's modules: the loss implementation, attention (the LLM's only), FP8 of the
+        frozen linears (opt-in, not loss-equal, as for the Qwen-VL model), compiled decoder layers and fused
+        LoRA forwards, each pinned on the families' own layer classes (tests/test_perf_families.py). The
+        switches in ``FAMILY_SWITCHES_OFF`` stay off: "auto" with a note, an explicit true is an error."""
         requested, off, notes = recipe.perf, {}, []
         for key, why in FAMILY_SWITCHES_OFF.items():
             value = getattr(requested, key)
@@ -394,6 +393,11 @@ class HFFamily:
             adapter_off_reference=runs_adapter_off_reference(recipe),
         )
         vlm.loss_impl, vlm.loss_at_label_positions = perf.loss_impl, perf.loss_at_label_positions
+        if perf.fp8:  # before the LoRA forwards are fused and layers compile, as in apply_perf_switches
+            # torchao is an optional heavy dependency (the gpu extra): models.fp8 imports it.
+            from models.fp8 import convert_frozen_linears
+
+            convert_frozen_linears(vlm)
         if perf.attention == "varlen":
             register_varlen_attention()
         # The LLM's attention only: the ViT keeps its own, which confines each image to its grid.

@@ -191,6 +191,11 @@ class HFFamilyModel(nn.Module):
                 install_checkpointing(layer, False)
         compile_layers(layers, backend)
 
+    def fp8_parts(self) -> dict[str, nn.Module]:
+        """What ``perf.fp8`` converts (models.fp8): the decoder layers and the ViT's blocks, as on the
+        Qwen-VL model; not the merger (it trains in every shipped stage) nor the LM head."""
+        return {"decoder": self.hf.get_decoder().layers, "vision": self.hf.model.visual.blocks}
+
     def part_prefixes(self) -> dict[str, tuple[str, ...]]:
         """{group: parameter-name prefixes} of ``module_groups`` (names as ``model.named_parameters()``
         gives them, e.g. ``hf.model.visual.merger.``). Every parameter is under exactly one of vision,
