@@ -245,3 +245,19 @@ def test_a_lora_step_in_emulated_fp8_moves_loss_and_gradients_only_by_fp8_roundi
         if g.norm() > 0:
             cosine = torch.nn.functional.cosine_similarity(g.flatten(), fp8_grads[name].flatten(), dim=0)
             assert cosine > 0.98, (name, cosine)
+
+
+def test_outside_training_checkpointed_and_compiled_layers_generate_as_the_plain_model(family):  # noqa: F811
+    """Evaluation during a run (eval.benches) generates with the trained model: its decoder layers, installed
+    for checkpointing and compiled (models.decoder_layers), then run their own forward with the KV cache."""
+    torch._dynamo.reset()
+    model, processor, items = family
+    batch = collate_family_batch(items[1:2], processor.tokenizer.pad_token_id)
+    prompt = {k: batch[k] for k in ("input_ids", "pixel_values", "image_grid_thw")}
+    kwargs = dict(max_new_tokens=5, do_sample=False, eos_token_id=None)
+    plain = copy.deepcopy(model).eval()
+    switched = copy.deepcopy(model)
+    switched.set_gradient_checkpointing(True)
+    switched.compile_llm_layers(backend="aot_eager")
+    switched.eval()
+    assert torch.equal(switched.generate(**prompt, **kwargs), plain.generate(**prompt, **kwargs))
