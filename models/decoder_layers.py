@@ -33,8 +33,18 @@ from models.fused_projections import fused_outputs
 
 # Decoder layers whose forward is exactly: norm -> attention -> residual -> norm -> down(act(gate) * up) ->
 # residual (tests/test_model_decoder_layers.py checks each against its own forward).
+# The HF VLM families' decoders (models.families) are Qwen2 / Qwen3 decoders with M-RoPE position tables:
+# the same layer forward.
 SPLIT_LAYER_TYPES = frozenset(
-    {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
+    {
+        "LlamaDecoderLayer",
+        "MistralDecoderLayer",
+        "Qwen2DecoderLayer",
+        "Qwen3DecoderLayer",
+        "Qwen2VLDecoderLayer",
+        "Qwen2_5_VLDecoderLayer",
+        "Qwen3VLTextDecoderLayer",
+    }
 )
 
 

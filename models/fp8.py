@@ -46,7 +46,9 @@ def frozen_linear(module: nn.Module, name: str) -> bool:
 def fp8_parts(vlm) -> dict[str, nn.Module]:
     """The parts whose frozen linears run in FP8: the decoder layers (not the LM head: the fused loss reads
     its weight directly) and the vision tower's blocks (not the resampler,
-    which trains in every shipped stage)."""
+    which trains in every shipped stage). An HF family's model names its own (HFFamilyModel.fp8_parts)."""
+    if hasattr(vlm, "fp8_parts"):
+        return vlm.fp8_parts()
     return {"decoder": vlm.llm.get_decoder().layers, "vision": vlm.vision.blocks}
 
 

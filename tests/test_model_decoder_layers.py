@@ -18,11 +18,25 @@ CONFIGS = {  # each listed layer type, from its tiny config
     "MistralDecoderLayer": "MistralConfig",
     "Qwen2DecoderLayer": "Qwen2Config",
     "Qwen3DecoderLayer": "Qwen3Config",
+    # The HF VLM families' decoders (models.families), built alone: their text models with M-RoPE tables.
+    "Qwen2VLDecoderLayer": "Qwen2VLTextConfig",
+    "Qwen2_5_VLDecoderLayer": "Qwen2_5_VLTextConfig",
+    "Qwen3VLTextDecoderLayer": "Qwen3VLTextConfig",
 }
 
 
+class TextModelOnly(torch.nn.Module):
+    """A family's text model where the tests reach a causal LM's decoder: ``.model``."""
+
+    def __init__(self, decoder: torch.nn.Module):
+        super().__init__()
+        self.model = decoder
+
+
 def tiny_lm(layer_type: str, trainable_down: bool = False):
-    config = getattr(transformers, CONFIGS[layer_type])(
+    config_name = CONFIGS[layer_type]
+    family = config_name.endswith("TextConfig")
+    config = getattr(transformers, config_name)(
         hidden_size=32,
         intermediate_size=88,
         num_hidden_layers=3,
@@ -30,9 +44,14 @@ def tiny_lm(layer_type: str, trainable_down: bool = False):
         num_key_value_heads=2,
         vocab_size=64,
         head_dim=8,
+        # M-RoPE's (temporal, height, width) split of the head's 4 rotary frequencies
+        **({"rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1]}} if family else {}),
     )
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).train()
+    if family:
+        model = TextModelOnly(getattr(transformers, config_name.replace("Config", "Model"))(config)).train()
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config).train()
     assert type(model.model.layers[0]).__name__ == layer_type
     for name, p in model.named_parameters():  # as under LoRA: a few trainable projections, the rest frozen
         p.requires_grad_(
@@ -84,7 +103,7 @@ def test_checkpointed_layers_give_the_layers_own_loss_and_gradients(layer_type, 
     # checkpointing may stop early).
     split.zero_grad(set_to_none=True)
     whole = copy.deepcopy(plain)
-    whole.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    whole.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with set_checkpoint_early_stop(False):
         saved = step_flops(whole, ids) - step_flops(split, ids)
     assert saved == (0 if trainable_down else 3 * 2 * ids.numel() * 88 * 32)
@@ -107,12 +126,15 @@ def test_a_down_projection_that_would_keep_a_cast_copy_of_its_weight_stays_insid
     assert not down_projection_keeps_nothing(layer, "cpu")
 
 
-def test_compiled_cores_under_the_checkpoint_keep_loss_and_gradients():
+@pytest.mark.parametrize(
+    "layer_type", ["Qwen2DecoderLayer", "Qwen2_5_VLDecoderLayer", "Qwen3VLTextDecoderLayer"]
+)
+def test_compiled_cores_under_the_checkpoint_keep_loss_and_gradients(layer_type):
     """The compiled part is called by the checkpoint (AOT autograd on the CPU, where the recompute's saved
     tensors are checked against the forward's), one graph for every layer."""
     torch._dynamo.reset()
     ids = torch.randint(0, 64, (2, 13), generator=torch.Generator().manual_seed(2))
-    plain = tiny_lm("Qwen2DecoderLayer")
+    plain = tiny_lm(layer_type)
     expected = loss_and_grads(plain, ids)
     split = copy.deepcopy(plain)
     for i, layer in enumerate(split.model.layers):

@@ -327,6 +327,26 @@ def test_offloading_activations_needs_cuda_and_says_so_where_it_is_off(tiny_vlm)
     assert engine.offload is None
 
 
+def test_varlen_attention_is_sdpa_on_a_cpu_with_one_line(tiny_vlm, tiny_tokenizer):
+    """torch's varlen kernel is flash attention, CUDA-only (on a CPU: "aten::_flash_attention_forward" has no
+    backend). A recipe asking for varlen (recipes/sft.yaml, the family recipes) trains on a CPU with SDPA,
+    which keeps each packed sample to itself through the mask transformers builds from the restarting
+    positions."""
+    from train.perf import apply_perf_switches, resolve_perf
+    from train.recipe import PerfSection
+
+    varlen = PerfSection(attention="varlen")
+    assert resolve_perf(varlen, tiny_vlm, cuda=True, quantized=False)[0].attention == "varlen"
+    cpu, notes = resolve_perf(varlen, tiny_vlm, cuda=False, quantized=False)
+    assert cpu.attention == "sdpa" and any(n.startswith("perf.attention: varlen -> sdpa") for n in notes)
+    model = copy.deepcopy(tiny_vlm)
+    apply_perf_switches(model, cpu)
+    ids, labels, positions, pixels = _packed_batch(model, tiny_tokenizer)
+    with torch.no_grad():
+        out = model(ids, pixel_values=pixels, position_ids=positions, labels=labels)
+    assert torch.isfinite(out.loss)
+
+
 @pytest.mark.parametrize("compile_llm", [False, True])
 def test_fused_lora_forwards_go_only_where_the_blocks_do_not_compile(tiny_vlm, compile_llm):
     """perf.fused_lora: Q-LoRA's and DPO's eager decoder layers run the fused LoRA forward; compiled layers

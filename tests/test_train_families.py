@@ -284,7 +284,7 @@ def test_the_other_families_train_from_the_same_recipe_on_packed_rows(family, hf
     from transformers import AutoModelForImageTextToText
 
     run = tmp_path / family
-    run_train(
+    proc = run_train(
         [
             str(RECIPE),
             *overrides(world, run),
@@ -293,8 +293,13 @@ def test_the_other_families_train_from_the_same_recipe_on_packed_rows(family, hf
             "train.steps=3",
             "checkpoint.every=0",
             "data.packing=true",
+            # the family recipes' perf line (recipes/qwen2_5_vl/sft.yaml): on a CPU varlen becomes SDPA
+            "perf.attention=varlen",
+            "perf.loss_impl=auto",
+            "perf.compile_llm=auto",
         ]
     )
+    assert "perf.attention: varlen -> sdpa" in proc.stdout + proc.stderr
     losses = read_losses(run)
     assert losses[3] < losses[1], losses
     assert type(AutoModelForImageTextToText.from_pretrained(run / "final")).__name__ == hf_class

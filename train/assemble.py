@@ -48,7 +48,7 @@ from train.flops import (
     vit_forward_flops,
 )
 from train.freeze import apply_freezing, trainable_modules
-from train.lora import apply_lora, quantize_llm_4bit
+from train.lora import apply_lora, fuse_lora_forwards, quantize_llm_4bit
 from train.memory import Dims, ModelShape, decoder_dims
 from train.perf import apply_perf_switches, frozen_to_bf16, resolve_perf
 from train.recipe import ModelSection, PerfSection, Recipe
@@ -287,6 +287,17 @@ class QwenVL:
         )
 
 
+# The speed switches not yet applied to an HF family, and why (HFFamily.apply_perf).
+FAMILY_SWITCHES_OFF = {
+    "liger_kernels": "liger-kernel's Qwen2-VL, Qwen2.5-VL and Qwen3-VL entry points fail to import with "
+    "transformers 5 (liger-kernel 0.8.5)",
+    # transformers checkpoints a ViT block inside its forward: compiled, the checkpoint would sit inside the
+    # graph, the nesting inductor crashed on (models.decoder_layers).
+    "compile_vision": "the ViT blocks are transformers', checkpointed inside their compiled forward",
+    "fuse_frozen_projections": "its fused q/k/v and gate/up products are verified on the Qwen-VL decoder",
+}
+
+
 class HFFamily:
     """A Hugging Face VLM family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: models.families) built with transformers'
     own classes: from a ``<family>_*`` preset (random weights) or ``model.init_from`` (a released HF
@@ -401,28 +412,47 @@ class HFFamily:
     def apply_perf(
         self, vlm: nn.Module, recipe: Recipe, cuda: bool, mode: str
     ) -> tuple[PerfSection, list[str]]:
-        """The switches that rewrite the Qwen-VL model's own modules (liger kernels, compiled layers, FP8,
-        fused LoRA forwards, fused projections) are not verified on transformers' family classes: "auto"
-        resolves to off with a note, an explicit on is an error. The loss implementation and attention apply
-        as they are."""
-        perf, notes, resolved = recipe.perf, [], {}
-        for key in ("liger_kernels", "compile_llm", "compile_vision", "fp8", "fuse_frozen_projections"):
-            value = getattr(perf, key)
+        """Resolved as for the Qwen-VL model (train.perf.resolve_perf: the same "auto" rules and log lines),
+        then applied to the family's modules: the loss implementation, attention (the LLM's only), FP8 of the
+        frozen linears (opt-in, not loss-equal, as for the Qwen-VL model), compiled decoder layers and fused
+        LoRA forwards, each pinned on the families' own layer classes (tests/test_perf_families.py). The
+        switches in ``FAMILY_SWITCHES_OFF`` stay off: "auto" with a note, an explicit true is an error."""
+        requested, off, notes = recipe.perf, {}, []
+        for key, why in FAMILY_SWITCHES_OFF.items():
+            value = getattr(requested, key)
             if value is True:
-                raise UserError(f"perf.{key} is not available for model.family {self.spec.name} yet")
+                raise UserError(f"perf.{key} is not available for model.family {self.spec.name} yet: {why}")
             if value == "auto":
-                notes.append(f"perf.{key}: off (not available for {self.spec.name} yet)")
-            resolved[key] = False
-        if perf.offload_activations is not False and not cuda:
-            resolved["offload_activations"] = False
-        resolved["fused_lora"] = False
-        perf = dataclasses.replace(perf, **resolved)
-        vlm.loss_impl = perf.loss_impl
+                notes.append(f"perf.{key}: off for {self.spec.name} ({why})")
+            off[key] = False
+        perf, resolved_notes = resolve_perf(
+            dataclasses.replace(requested, **off),
+            vlm,
+            cuda=cuda,
+            quantized=recipe.quantization.enabled,
+            zero3=mode == "zero3",
+            adapter_off_reference=runs_adapter_off_reference(recipe),
+        )
+        vlm.loss_impl, vlm.loss_at_label_positions = perf.loss_impl, perf.loss_at_label_positions
+        if perf.fp8:  # before the LoRA forwards are fused and layers compile, as in apply_perf_switches
+            # torchao is an optional heavy dependency (the gpu extra): models.fp8 imports it.
+            from models.fp8 import convert_frozen_linears
+
+            convert_frozen_linears(vlm)
         if perf.attention == "varlen":
             register_varlen_attention()
         # The LLM's attention only: the ViT keeps its own, which confines each image to its grid.
         vlm.hf.model.language_model.set_attn_implementation(perf.attention)
-        return perf, notes
+        torch.backends.cuda.enable_cudnn_sdp(perf.cudnn_attention)  # process-wide, as apply_perf_switches
+        if perf.fused_lora:
+            # Before compilation, which would trace the forwards it finds; compiled layers keep peft's forward
+            # (inductor fuses its element-wise work), as in apply_perf_switches.
+            fuse_lora_forwards(vlm.hf.model.visual)
+            if not perf.compile_llm:
+                fuse_lora_forwards(vlm.hf.model.language_model)
+        if perf.compile_llm:
+            vlm.compile_llm_layers()
+        return perf, notes + resolved_notes
 
     def sample_builder(self, data: DataConfig, tokenizer: Any, vlm: nn.Module | None) -> FamilySampleBuilder:
         # Needs no model: the data check builds the same samples before any weights exist (vlm None).

@@ -77,6 +77,11 @@ def resolve_perf(
         )
     if perf.compile_vision == "auto":
         resolved["compile_vision"] = auto("compile_vision", [no_cuda, zero3_why if zero3 else ""])
+    if perf.attention == "varlen" and not cuda:
+        # torch's varlen kernel is flash attention, which has no CPU backend. SDPA confines attention to each
+        # packed sample too, with the mask transformers builds from positions restarting at 0 per sample.
+        notes.append("perf.attention: varlen -> sdpa (no CUDA device; the same per-sample attention)")
+        resolved["attention"] = "sdpa"
     if perf.offload_activations and not cuda:  # pinned host memory and copy streams are CUDA's
         notes.append("perf.offload_activations: off (no CUDA device)")
         resolved["offload_activations"] = False

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from models.decoder_layers import compile_layers, install_checkpointing, installed
 from models.errors import MissingFileError, UserError
 from models.families.specs import FamilySpec, family_of_model_type, preset
 from models.loss import IGNORE_INDEX, causal_lm_loss_sum, causal_lm_token_logps
@@ -69,6 +70,9 @@ class HFFamilyModel(nn.Module):
         self.loss_impl = (
             "torch"  # models.loss: "torch" | "chunked" | "liger" | "auto", as VLM.runtime.loss_impl
         )
+        # The LM head and loss only at the supervised positions the collator ships (label_positions), as
+        # VLM.runtime.loss_at_label_positions; False: the full-logit loss (train.bench's plain anchor).
+        self.loss_at_label_positions = True
         # The processor training used (train.assemble attaches it): saved beside the weights, as VLM saves its
         # tokenizer, so an export is a whole HF directory for AutoProcessor and eval_mm.
         self.processor = None
@@ -159,21 +163,42 @@ class HFFamilyModel(nn.Module):
     ) -> None:
         """Recompute the ViT blocks and LLM decoder layers in backward (non-reentrant), as ``VLM`` does.
         ``llm_layers``: how many decoder layers to checkpoint (None = all), spread evenly over the depth;
-        ``vision``: whether the ViT blocks are recomputed too."""
+        ``vision``: whether the ViT blocks are recomputed too. The decoder layers run as the Qwen-VL model's
+        do (models.decoder_layers: a frozen down projection is not recomputed); the ViT blocks as transformers
+        checkpoints them."""
+        layers = self.hf.get_decoder().layers
         if not enabled:
             self.hf.activation_checkpointing_disable()
+            for layer in layers:
+                if installed(layer):
+                    install_checkpointing(layer, False)
             return
         self.hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         # transformers then makes every sub-model's input embedding output require grad, the ViT's patch
         # embedding too: a frozen ViT would record its graph, keep its blocks' inputs and run its backward for
         # nothing. Non-reentrant checkpoints need no such hook; LoRA adds the LLM's own (train.lora).
         self.hf.disable_input_require_grads()
-        layers = self.hf.get_decoder().layers
         chosen = checkpointed_layer_indices(len(layers), len(layers) if llm_layers is None else llm_layers)
         for i, layer in enumerate(layers):
-            layer.gradient_checkpointing = i in chosen
+            if not install_checkpointing(layer, i in chosen):
+                layer.gradient_checkpointing = i in chosen
         for block in self.hf.model.visual.blocks:
             block.gradient_checkpointing = vision
+
+    def compile_llm_layers(self, backend: str = "inductor") -> None:
+        """torch.compile the decoder layers as ``VLM.compile_blocks(llm=True)`` does: the layers that
+        models.decoder_layers runs (every family's) compile their parts outside the checkpoint, one graph for
+        all layers; packed rows' changing lengths are traced once with a dynamic length."""
+        layers = list(self.hf.get_decoder().layers)
+        for layer in layers:
+            if not installed(layer):  # checkpointing off: the same forward, never checkpointed
+                install_checkpointing(layer, False)
+        compile_layers(layers, backend)
+
+    def fp8_parts(self) -> dict[str, nn.Module]:
+        """What ``perf.fp8`` converts (models.fp8): the decoder layers and the ViT's blocks, as on the
+        Qwen-VL model; not the merger (it trains in every shipped stage) nor the LM head."""
+        return {"decoder": self.hf.get_decoder().layers, "vision": self.hf.model.visual.blocks}
 
     def part_prefixes(self) -> dict[str, tuple[str, ...]]:
         """{group: parameter-name prefixes} of ``module_groups`` (names as ``model.named_parameters()``
@@ -348,8 +373,9 @@ class HFFamilyModel(nn.Module):
             token_logps = causal_lm_token_logps(hidden, head, labels, impl=self.loss_impl)
             loss_sum, num_tokens = -token_logps.sum(), (labels[:, 1:] != IGNORE_INDEX).sum()
         else:
+            positions = label_positions if self.loss_at_label_positions else None
             loss_sum, num_tokens = causal_lm_loss_sum(
-                hidden, head, labels, impl=self.loss_impl, label_positions=label_positions
+                hidden, head, labels, impl=self.loss_impl, label_positions=positions
             )
         if unused_vision is not None:
             loss_sum = loss_sum + unused_vision
