@@ -38,7 +38,7 @@ from models.families.specs import preset as family_preset
 from models.loading import export_config_and_tokenizer, load_pretrained
 from models.tokens import ensure_special_tokens
 from train.dpo import runs_adapter_off_reference
-from train.flops import StepFlops, llm_step_flops, step_flops
+from train.flops import StepFlops, forward_flops, llm_forward_flops, llm_step_flops, step_flops
 from train.freeze import apply_freezing, trainable_modules
 from train.lora import apply_lora, quantize_llm_4bit
 from train.perf import apply_perf_switches, frozen_to_bf16, resolve_perf
@@ -106,6 +106,9 @@ class ModelFamily(Protocol):
 
     def step_flops(self, vlm: nn.Module, recipe: Recipe, adapters: dict[str, int]) -> StepFlops:
         """The model FLOPs of a training step (MFU), for what trains."""
+
+    def reference_flops(self, vlm: nn.Module, vision: bool) -> StepFlops:
+        """The FLOPs of DPO's reference forward (MFU); ``vision``: with its own vision tower's encoding."""
 
 
 class QwenVL:
@@ -253,6 +256,9 @@ class QwenVL:
             vision_lora_params=vision_adapters,
         )
 
+    def reference_flops(self, vlm: nn.Module, vision: bool) -> StepFlops:
+        return forward_flops(vlm.config, vision=vision)
+
 
 class HFFamily:
     """A Hugging Face VLM family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: models.families) built with transformers'
@@ -393,6 +399,9 @@ class HFFamily:
             llm_trains=recipe.freeze.llm == "train",
             lora_params=sum(n for name, n in adapters.items() if ".language_model." in name),
         )
+
+    def reference_flops(self, vlm: nn.Module, vision: bool) -> StepFlops:
+        return llm_forward_flops(vlm.config.text_config.to_dict())
 
 
 FAMILIES: dict[str, ModelFamily] = {
