@@ -31,7 +31,9 @@ class Collator:
     sequences show the prompt's images (an answer holding one is refused on load, data.formats), which
     ``pixel_values`` holds once per pair: ``image_index`` maps each
     image span (in order of appearance) to its row of ``pixel_values``, so the vision tower and resampler
-    encode a pair's images once, not once per sequence. It adds ``sequence_ids`` (data.packing),
+    encode a pair's images once, not once per sequence. A family's pairs carry their images once per
+    sequence instead (``pixel_values`` patch rows and ``image_grid_thw`` rows in the order of the spans, no
+    ``image_index``): HFFamilyModel encodes each span's image itself. It adds ``sequence_ids`` (data.packing),
     ``num_pairs`` and ``pair_index`` (the pairs' dataset indices, for precomputed reference log-probs);
     ``num_samples`` and ``sample_lengths`` count sequences.
     """
@@ -57,11 +59,13 @@ class Collator:
         if not samples:
             return {"num_samples": 0, "_stats": counts, "_bad_images": bad_images}
         pairs = [s for s in samples if "chosen" in s]
+        family = "image_grid_thw" in samples[0]  # a Hugging Face family's samples (FamilySampleBuilder)
         if pairs:
             if len(pairs) != len(samples):
                 raise ValueError("a batch mixes preference pairs and plain samples")
+            images = ("pixel_values", "image_grid_thw") if family else ("pixel_values",)
             samples = [
-                {**s[key], "pixel_values": s["pixel_values"]} for s in pairs for key in ("chosen", "rejected")
+                {**s[key], **{k: s[k] for k in images}} for s in pairs for key in ("chosen", "rejected")
             ]
         if self.packing:
             batch = pack(
@@ -74,7 +78,7 @@ class Collator:
             batch["pair_index"] = torch.tensor([s.get("index", -1) for s in pairs], dtype=torch.long)
         else:
             batch["label_positions"] = supervised_positions(batch["labels"])
-        if "image_grid_thw" in samples[0]:  # a Hugging Face family's samples (FamilySampleBuilder)
+        if family:  # each sequence's images, a pair's twice (HFFamilyModel encodes every span's own)
             batch.update(concat_images(samples))
             batch.setdefault("pixel_values", None)  # text only: the model runs no image
         else:
@@ -82,7 +86,7 @@ class Collator:
             batch["pixel_values"] = (
                 torch.cat(pixels) if pixels else torch.zeros(0, 3, self.image_size, self.image_size)
             )
-        if pairs:
+        if pairs and not family:
             batch["image_index"] = pair_image_index([len(s["pixel_values"]) for s in pairs])
         batch["num_samples"] = len(samples)
         batch["sample_lengths"] = [len(s["input_ids"]) for s in samples]  # host ints: token counts, FLOPs

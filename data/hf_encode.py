@@ -18,7 +18,8 @@ How:
    assistant_only. Spans come from the template itself: the text rendered up to the assistant turn with
    the generation prompt ends where the answer begins, and up to the turn itself where it ends. A token is
    supervised when it starts inside such a span (a BPE piece that joins the prompt's last newline to a
-   newline opening the answer is not).
+   newline opening the answer is not). A preference pair's sequences (``answer_only``) supervise only the
+   last assistant turn, the answer the pair compares, as data.chatml's ``render_preference_pair`` does.
 
 Boxes: with ``box_convention``, our ``<ref>``/``<box>`` text is first rewritten into the family's convention
 (data.hf_boxes), each box against the last image before it.
@@ -158,12 +159,14 @@ def encode_conversation(
     conversation: list[dict],
     image_sizes: list[tuple[int, int]],
     box_convention: str | None = None,
+    answer_only: bool = False,
 ) -> FamilySample:
     """Token ids and labels of a conversation in the family's tokens (module docstring).
 
     ``image_sizes``: (width, height) of each image, in the order the images appear; each sets its grid
     (``image_grid``). ``box_convention`` (the family's ``spec.box_convention``): boxes are rewritten into it
-    first; None leaves the text as it is. ValueError if the sizes and the images differ in number.
+    first; None leaves the text as it is. ``answer_only``: only the last assistant turn is supervised (one
+    sequence of a preference pair). ValueError if the sizes and the images differ in number.
     """
     messages, paths = to_messages(conversation)
     if len(image_sizes) != len(paths):
@@ -173,6 +176,8 @@ def encode_conversation(
     image_grids = [image_grid(processor, w, h) for w, h in image_sizes]
     text = processor.apply_chat_template(messages, tokenize=False)
     spans = _supervised_spans(processor, messages, text)
+    if answer_only:
+        spans = spans[-1:]
     input_ids, labels = [], []
     for token, start in _tokens_with_image_spans(processor, text, image_grids):
         input_ids.append(token)

@@ -14,16 +14,22 @@ from data import stats
 from data.chatml import render_chatml, render_preference_pair
 from data.config import DataConfig
 from data.formats import (
+    PREFERENCE_KEYS,
     DataFormatError,
     empty_answer_turn,
     is_preference,
 )
-from data.hf_encode import encode_conversation, encode_images, to_messages, truncate_family_sample
+from data.hf_encode import (
+    FamilySample,
+    encode_conversation,
+    encode_images,
+    to_messages,
+    truncate_family_sample,
+)
 from data.images import ImageLoadError, decode_image, load_image, open_image
 from data.sample import TokenizedSample, truncate_pair, truncate_span_safe
 from data.templates import render_task
 from data.text import token_id
-from models.errors import UserError
 from models.families.processor import set_pixel_budget
 from models.tokens import ENDOFTEXT, IMG_END, IMG_START
 
@@ -119,15 +125,8 @@ class SampleBuilder:
         except ImageLoadError as e:
             return bad_image_marker(e)
         s = self.config.image_size
-        return {
-            "chosen": {"input_ids": torch.tensor(chosen.input_ids), "labels": torch.tensor(chosen.labels)},
-            "rejected": {
-                "input_ids": torch.tensor(rejected.input_ids),
-                "labels": torch.tensor(rejected.labels),
-            },
-            "pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, 3, s, s),
-            "truncated": truncated,
-        }
+        images = {"pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, 3, s, s)}
+        return pair_item(chosen, rejected, truncated, images)
 
 
 class FamilySampleBuilder:
@@ -136,8 +135,9 @@ class FamilySampleBuilder:
     DataLoader worker), ``image_grid_thw`` (one (t, h, w) row per image) and ``truncated``; or a drop marker.
 
     The processor is given the data section's pixel budget (``data.min_pixels`` / ``data.max_pixels``) in
-    place, so the export saves the budget training used. Chat records only (task templates and pretraining
-    captions are the Qwen-VL recipe's); preference pairs are not supported yet."""
+    place, so the export saves the budget training used. Chat records and preference pairs (the pair's
+    sequences in the family's own chat template, ``build_pair``); task templates and pretraining captions
+    are the Qwen-VL recipe's."""
 
     def __init__(self, processor, box_convention: str, config: DataConfig) -> None:
         set_pixel_budget(processor, config.min_pixels, config.max_pixels)
@@ -149,25 +149,53 @@ class FamilySampleBuilder:
 
     def tokenize(self, record: dict, where: str, image_bytes: dict[str, bytes] | None = None):
         """The record's FamilySample, each image's grid from its header (no pixel decoded)."""
-        if is_preference(record):
-            raise UserError(f"{where}: preference pairs (DPO) do not train a Hugging Face family yet")
         if "conversations" not in record:
             raise DataFormatError(
                 f"{where}: a Hugging Face family trains chat records (conversations); this record is a "
                 "task or caption record of the Qwen-VL recipe"
             )
+        return self._encode(record["conversations"], where, image_bytes)
+
+    def tokenize_pair(
+        self, record: dict, where: str, image_bytes: dict[str, bytes] | None = None
+    ) -> tuple[FamilySample, FamilySample]:
+        """A preference pair (data.formats: the prompt ``conversations`` ending with a user turn, the
+        ``chosen`` and ``rejected`` answer texts) as two samples: the prompt followed by each answer, each the
+        family's own chat template of that whole conversation, labels on the final answer only. Both show
+        the prompt's images (an answer holding one is refused on load), with the same grids."""
+        return tuple(
+            self._encode(
+                [*record["conversations"], {"from": "assistant", "value": record[key]}],
+                where,
+                image_bytes,
+                answer_only=True,
+            )
+            for key in PREFERENCE_KEYS
+        )
+
+    def _encode(
+        self,
+        conversation: list[dict],
+        where: str,
+        image_bytes: dict[str, bytes] | None,
+        answer_only: bool = False,
+    ) -> FamilySample:
         try:
             sizes = []
-            for path in to_messages(record["conversations"])[1]:
+            for path in to_messages(conversation)[1]:
                 with open_image(path, where, (image_bytes or {}).get(path)) as image:
                     sizes.append(image.size)
-            return encode_conversation(self.processor, record["conversations"], sizes, self.box_convention)
+            return encode_conversation(
+                self.processor, conversation, sizes, self.box_convention, answer_only=answer_only
+            )
         except ImageLoadError:
             raise
         except (ValueError, KeyError, TypeError) as e:
             raise DataFormatError(f"{where}: {e}") from e
 
     def build(self, record: dict, where: str, image_bytes: dict[str, bytes] | None = None) -> dict:
+        if is_preference(record):
+            return self.build_pair(record, where, image_bytes)
         empty_turn = empty_answer_turn(record)
         if empty_turn is not None:
             logger.warning("%s: dropped: the assistant answer of turn %d is empty", where, empty_turn)
@@ -194,6 +222,39 @@ class FamilySampleBuilder:
             "image_grid_thw": encoded.get("image_grid_thw", torch.zeros(0, 3, dtype=torch.long)),
             "truncated": len(sample) < len(full),
         }
+
+    def build_pair(self, record: dict, where: str, image_bytes: dict[str, bytes] | None = None) -> dict:
+        """A preference pair, as ``SampleBuilder.build_pair``: answers cut at max_len (a pair that cannot
+        fit is an error), the prompt's images decoded once for both sequences, with their grids."""
+        try:
+            chosen, rejected = self.tokenize_pair(record, where, image_bytes)
+            try:
+                # Images sit in the prompt, which truncate_pair never cuts: both keep every image and grid.
+                chosen, rejected, truncated = truncate_pair(
+                    chosen, rejected, self.config.max_len, self.img_start, self.img_end
+                )
+            except ValueError as e:
+                raise DataFormatError(f"{where}: {e}") from e
+            images = [decode_image(p, where, (image_bytes or {}).get(p)) for p in chosen.image_paths]
+        except ImageLoadError as e:
+            return bad_image_marker(e)
+        encoded = encode_images(self.processor, images)
+        images = {
+            "pixel_values": encoded.get("pixel_values"),
+            "image_grid_thw": encoded.get("image_grid_thw", torch.zeros(0, 3, dtype=torch.long)),
+        }
+        return pair_item(chosen, rejected, truncated, images)
+
+
+def pair_item(chosen: TokenizedSample, rejected: TokenizedSample, truncated: bool, images: dict) -> dict:
+    """The collator's item of a preference pair (data.collate): both sequences, and the images of their
+    shared prompt once (``images``: ``pixel_values``, and a family's ``image_grid_thw``)."""
+    return {
+        "chosen": {"input_ids": torch.tensor(chosen.input_ids), "labels": torch.tensor(chosen.labels)},
+        "rejected": {"input_ids": torch.tensor(rejected.input_ids), "labels": torch.tensor(rejected.labels)},
+        **images,
+        "truncated": truncated,
+    }
 
 
 def bad_image_marker(error: ImageLoadError) -> dict:

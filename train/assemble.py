@@ -41,7 +41,9 @@ from models.tokens import ensure_special_tokens
 from train.dpo import runs_adapter_off_reference
 from train.flops import (
     StepFlops,
+    forward_flops,
     forward_parts,
+    llm_forward_flops,
     llm_step_flops,
     qwen_vl_forward_parts,
     step_flops,
@@ -115,6 +117,9 @@ class ModelFamily(Protocol):
 
     def step_flops(self, vlm: nn.Module, recipe: Recipe, adapters: dict[str, int]) -> StepFlops:
         """The model FLOPs of a training step (MFU), for what trains."""
+
+    def reference_flops(self, vlm: nn.Module, vision: bool) -> StepFlops:
+        """The FLOPs of DPO's reference forward (MFU); ``vision``: with its own vision tower's encoding."""
 
     def plan_shape(self, vlm: nn.Module, data: DataConfig) -> ModelShape:
         """What train.plan's memory model needs of the model (a meta-device one will do) beyond its parameter
@@ -266,6 +271,9 @@ class QwenVL:
             lora_params=sum(adapters.values()) - vision_adapters,
             vision_lora_params=vision_adapters,
         )
+
+    def reference_flops(self, vlm: nn.Module, vision: bool) -> StepFlops:
+        return forward_flops(vlm.config, vision=vision)
 
     def plan_shape(self, vlm: nn.Module, data: DataConfig) -> ModelShape:
         config, vc = vlm.config, vlm.config.vision
@@ -464,6 +472,9 @@ class HFFamily:
             llm_trains=recipe.freeze.llm == "train",
             lora_params=sum(n for name, n in adapters.items() if ".language_model." in name),
         )
+
+    def reference_flops(self, vlm: nn.Module, vision: bool) -> StepFlops:
+        return llm_forward_flops(vlm.config.text_config.to_dict())
 
     def plan_shape(self, vlm: nn.Module, data: DataConfig) -> ModelShape:
         """Planned at the largest image the data section admits: data.max_pixels (else the released

@@ -281,13 +281,16 @@ def build_reference(
 # ------------------------------------------------------------------------------ precomputed log-probs
 def _fingerprint(d: DataConfig, init_from: str | None, num_records: int) -> dict[str, str]:
     """What the stored log-probs depend on besides the weights: a file made for other data is refused."""
-    return {
+    fingerprint = {
         "records": str(num_records),
         "paths": json.dumps(list(d.paths)),
         "max_len": str(d.max_len),
         "system_message": d.system_message,
         "init_from": str(init_from),
     }
+    if d.min_pixels is not None or d.max_pixels is not None:  # a family's image grids (so its tokens)
+        fingerprint["pixels"] = f"{d.min_pixels}..{d.max_pixels}"
+    return fingerprint
 
 
 def load_or_precompute(

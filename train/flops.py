@@ -168,6 +168,13 @@ def llm_step_flops(text_config: dict, *, llm_trains: bool, lora_params: int = 0)
     )
 
 
+def llm_forward_flops(text_config: dict) -> StepFlops:
+    """A forward pass of a Hugging Face family's decoder only (DPO's adapter-off reference; its images are
+    not counted, as in ``llm_step_flops``)."""
+    n_llm, attention_fwd = _decoder_parts(text_config)
+    return StepFlops(per_token=float(2 * n_llm), per_attention_pair=float(attention_fwd), per_image=0.0)
+
+
 @dataclass(frozen=True)
 class RecomputeFlops:
     """What activation checkpointing recomputes in backward (train.budget's cost model): the forward of one

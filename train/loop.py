@@ -45,7 +45,6 @@ from train.checkpoint import export_final, load_checkpoint, resolve_resume, save
 from train.data_check import check_data_at_startup
 from train.diagnose import finish_memory_recording, profiled, start_memory_recording
 from train.dpo import copy_for_reference
-from train.flops import forward_flops
 from train.freeze import trainable_table
 from train.logger import MetricLogger, peak_flops_per_device
 from train.objectives import LanguageModelling, Objective, build_objective, count_supervised
@@ -197,8 +196,8 @@ class Trainer:
             recipe, self.engine, self.loader, frozen_reference, self.pixel_dtype, self.run_dir
         )
         if self.objective.runs_reference:  # DPO's reference forward is model work too
-            self.flops = self.flops + forward_flops(
-                vlm.config, vision=self.objective.reference_encodes_images
+            self.flops = self.flops + family.reference_flops(
+                vlm, vision=self.objective.reference_encodes_images
             )
         if info.is_main and info.device.type == "cuda":  # the step's activations add the rest of the peak
             print(

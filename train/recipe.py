@@ -693,9 +693,18 @@ def _check_consistency(recipe: Recipe) -> None:
 def _check_family(recipe: Recipe) -> None:
     """What a Hugging Face family (model.family other than qwen_vl) does not train yet."""
     family = recipe.model.family
-    if recipe.train.stage != "sft":
+    if recipe.train.stage not in ("sft", "dpo"):
         raise ValueError(
-            f"'model.family: {family}' trains 'train.stage: sft' (chat records); {recipe.train.stage} is the "
+            f"'model.family: {family}' trains 'train.stage: sft' (chat records) or dpo (preference pairs); "
+            f"{recipe.train.stage} is the Qwen-VL model's for now"
+        )
+    reference = recipe.preference.reference
+    if recipe.train.stage == "dpo" and (
+        reference == "frozen_copy" or (reference == "auto" and not recipe.lora.enabled)
+    ):
+        raise ValueError(
+            f"'model.family: {family}' with 'train.stage: dpo' takes 'preference.reference: "
+            "adapter_disabled' (with LoRA) or 'precomputed'; a frozen copy (the default without LoRA) is the "
             "Qwen-VL model's for now"
         )
     if recipe.data.streaming:
