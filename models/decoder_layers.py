@@ -129,3 +129,39 @@ def compile_layers(layers: list[nn.Module], backend: str = "inductor") -> None:
     core, whole = _COMPILED[backend]
     for layer in layers:
         layer._vlrecipe_core, layer._vlrecipe_whole = core, whole
+
+
+def checkpointed_layer_indices(num_layers: int, num_checkpointed: int) -> set[int]:
+    """``num_checkpointed`` of ``num_layers`` indices, evenly spread (all when equal, none when 0)."""
+    if not 0 <= num_checkpointed <= num_layers:
+        raise ValueError(f"cannot checkpoint {num_checkpointed} of {num_layers} layers")
+    return (
+        {int(i * num_layers / num_checkpointed) for i in range(num_checkpointed)}
+        if num_checkpointed
+        else set()
+    )
+
+
+def set_decoder_checkpointing(model: nn.Module, enabled: bool, llm_layers: int | None = None) -> None:
+    """Switch transformers' activation checkpointing (non-reentrant) of ``model``, a Hugging Face model, on
+    or off, and choose which decoder layers (``model.get_decoder().layers``) recompute in backward:
+    ``llm_layers`` of them (None = all), spread evenly over the depth. Llama-family layers skip a frozen down
+    projection's recompute (``install_checkpointing``); others are checkpointed whole by transformers."""
+    layers = model.get_decoder().layers
+    # transformers 5.2x renamed gradient_checkpointing_* to activation_checkpointing_* (and warns on the old
+    # names); earlier 5.x releases (5.17, the GPU machines') have only the old ones.
+    renamed = hasattr(model, "activation_checkpointing_enable")
+    if not enabled:
+        (model.activation_checkpointing_disable if renamed else model.gradient_checkpointing_disable)()
+        for layer in layers:
+            if installed(layer):
+                install_checkpointing(layer, False)
+        return
+    if renamed:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    chosen = checkpointed_layer_indices(len(layers), len(layers) if llm_layers is None else llm_layers)
+    for i, layer in enumerate(layers):
+        if not install_checkpointing(layer, i in chosen):
+            layer.gradient_checkpointing = i in chosen

@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 
 from models.attention import sample_boundaries_from_position_ids, uses_varlen
 from models.config import VLMConfig
-from models.decoder_layers import compile_layers, install_checkpointing, installed
+from models.decoder_layers import compile_layers, installed, set_decoder_checkpointing
 from models.errors import UserError
 from models.liger import apply_liger_to
 from models.loss import IGNORE_INDEX, causal_lm_loss_sum, causal_lm_token_logps
@@ -31,17 +31,6 @@ from models.vision import VisionTower
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 MAX_SHARD_SIZE = "5GB"
-
-
-def checkpointed_layer_indices(num_layers: int, num_checkpointed: int) -> set[int]:
-    """``num_checkpointed`` of ``num_layers`` indices, evenly spread (all when equal, none when 0)."""
-    if not 0 <= num_checkpointed <= num_layers:
-        raise ValueError(f"cannot checkpoint {num_checkpointed} of {num_layers} layers")
-    return (
-        {int(i * num_layers / num_checkpointed) for i in range(num_checkpointed)}
-        if num_checkpointed
-        else set()
-    )
 
 
 @contextlib.contextmanager
@@ -339,28 +328,7 @@ class VLM(nn.Module):
         # 1024 patches at the LLM's width, their bf16 casts, LayerNorm's fp32 input): 1.4 GiB of a LoRA
         # step's 18 images, held through the whole decoder backward, and recomputed in ~0.2 ms per image.
         self.resampler_checkpointing = enabled and vision
-        # transformers 5 renamed gradient_* to activation_checkpointing_*;
-        # older releases only have the former.
-        if enabled:
-            enable = getattr(self.llm, "activation_checkpointing_enable", None)
-            if enable is not None:
-                enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            layers = self.llm.get_decoder().layers
-            chosen = checkpointed_layer_indices(
-                len(layers), len(layers) if llm_layers is None else llm_layers
-            )
-            for i, layer in enumerate(layers):
-                # Llama-family layers skip the down projection's recompute (models.decoder_layers); others
-                # are checkpointed whole by transformers.
-                if not install_checkpointing(layer, i in chosen):
-                    layer.gradient_checkpointing = i in chosen
-        else:
-            getattr(self.llm, "activation_checkpointing_disable", self.llm.gradient_checkpointing_disable)()
-            for layer in self.llm.get_decoder().layers:
-                if installed(layer):
-                    install_checkpointing(layer, False)
+        set_decoder_checkpointing(self.llm, enabled, llm_layers)
 
     def compile_blocks(self, vision: bool = True, llm: bool = False, backend: str = "inductor") -> None:
         """torch.compile each vision block and/or decoder layer in place (fuses LayerNorm/GELU/residual

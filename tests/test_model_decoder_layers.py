@@ -11,7 +11,13 @@ import torch
 import transformers
 from torch.utils.checkpoint import set_checkpoint_early_stop
 
-from models.decoder_layers import SPLIT_LAYER_TYPES, compile_layers, install_checkpointing, is_checkpointed
+from models.decoder_layers import (
+    SPLIT_LAYER_TYPES,
+    compile_layers,
+    install_checkpointing,
+    is_checkpointed,
+    set_decoder_checkpointing,
+)
 
 CONFIGS = {  # each listed layer type, from its tiny config
     "LlamaDecoderLayer": "LlamaConfig",
@@ -163,3 +169,29 @@ def test_other_architectures_are_left_to_transformers():
         gradient_checkpointing = False
 
     assert not install_checkpointing(OtherLayer(), checkpointed=True)
+
+
+@pytest.mark.parametrize("api", ["activation_checkpointing", "gradient_checkpointing"])
+def test_checkpointing_is_switched_through_either_name_transformers_gives_it(api, monkeypatch):
+    """transformers 5.25 names the switch activation_checkpointing_enable (and warns on the old name); 5.17,
+    on the GPU machines, has only gradient_checkpointing_enable. Either name is called, non-reentrant; the
+    chosen layers checkpoint, and switching off undoes it."""
+    model = tiny_lm("Qwen2DecoderLayer")
+    cls = type(model)
+    calls = []
+    if api == "gradient_checkpointing":  # the older release: only the old names, which this one forwards
+        for name in ("activation_checkpointing_enable", "activation_checkpointing_disable"):
+            monkeypatch.delattr(next(c for c in cls.__mro__ if name in vars(c)), name)
+        monkeypatch.setattr(cls, "gradient_checkpointing_enable", lambda self, **kw: calls.append(("on", kw)))
+        monkeypatch.setattr(cls, "gradient_checkpointing_disable", lambda self: calls.append(("off", {})))
+    else:
+        enable, disable = cls.activation_checkpointing_enable, cls.activation_checkpointing_disable
+        monkeypatch.setattr(
+            cls, f"{api}_enable", lambda self, **kw: calls.append(("on", kw)) or enable(self, **kw)
+        )
+        monkeypatch.setattr(cls, f"{api}_disable", lambda self: calls.append(("off", {})) or disable(self))
+    set_decoder_checkpointing(model, True, llm_layers=2)
+    assert [is_checkpointed(layer) for layer in model.model.layers] == [True, True, False]
+    set_decoder_checkpointing(model, False)
+    assert not any(is_checkpointed(layer) for layer in model.model.layers)
+    assert calls == [("on", {f"{api}_kwargs": {"use_reentrant": False}}), ("off", {})]

@@ -13,11 +13,12 @@ import re
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import save_file
 from transformers import AutoModelForImageTextToText
 
 from models.errors import UserError
-from models.families.adapter import HFFamilyModel
+from models.families.adapter import HFFamilyModel, require_transformers
 from models.families.processor import (
     build_family_processor,
     build_family_tokenizer,
@@ -322,3 +323,13 @@ def test_a_saved_model_directory_brings_its_processor(tmp_path, tiny_tiktoken):
     text = "<|im_start|>user\n<|box_start|>(1,2)<think> x<|im_end|>"
     assert loaded.tokenizer(text)["input_ids"] == built.tokenizer(text)["input_ids"]
     assert loaded.image_processor.size == {"shortest_edge": spec.min_pixels, "longest_edge": 200_000}
+
+
+def test_a_transformers_release_without_mm_encoder_outputs_is_refused_in_one_line(monkeypatch):
+    """Before 5.18 transformers ignores the vision features the adapter hands it (``mm_encoder_outputs``):
+    the model would train its image tokens on nothing, so building one says which release it needs."""
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    with pytest.raises(UserError, match=r"needs transformers>=5\.18 \(found 5\.17\.0\)"):
+        require_transformers(FAMILIES["qwen2_5_vl"])
+    monkeypatch.setattr(transformers, "__version__", "5.25.0")
+    require_transformers(FAMILIES["qwen2_5_vl"])

@@ -118,9 +118,9 @@ def test_compiled_decoder_layers_under_checkpointing_with_changing_row_lengths(f
 
 
 def test_on_a_cpu_the_family_recipes_perf_section_resolves_with_one_line_each(
-    family,
+    family,  # noqa: F811 (the fixture imported above)
     tiny_tiktoken,
-    monkeypatch,  # noqa: F811
+    monkeypatch,
 ):
     """The family recipes' perf line on a CPU: varlen attention (a CUDA kernel) becomes SDPA, which keeps each
     packed sample to itself too; "auto" switches that need CUDA or are off for families say so; an explicit

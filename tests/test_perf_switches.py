@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from models import loss as loss_mod
-from models.decoder_layers import is_checkpointed
+from models.decoder_layers import checkpointed_layer_indices, is_checkpointed
 from models.loss import causal_lm_loss_sum
 from models.tokens import image_token_ids
-from models.vlm import checkpointed_layer_indices
 
 
 def _labels(vocab: int, shape, gen) -> torch.Tensor:

@@ -6,7 +6,7 @@ train.plan``) asks the calibrated planner (train/memory.py) for each candidate's
 one that fits. The settings chosen are those the recipe leaves at ``auto``:
 
 - ``perf.checkpoint_llm_layers``: how many decoder layers recompute their forward in backward (spread evenly
-  over the depth, models.vlm.checkpointed_layer_indices);
+  over the depth, models.decoder_layers.checkpointed_layer_indices);
 - ``perf.offload_activations``: the checkpointed layers' inputs wait in pinned host memory (train.offload);
 - ``train.max_forward_tokens``: how many whole rows one forward/backward pass holds;
 - ``perf.checkpoint_vision``: whether the resampler (and a vision tower that gradient runs through) is
@@ -40,7 +40,7 @@ import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from models.vlm import checkpointed_layer_indices
+from models.decoder_layers import checkpointed_layer_indices
 from train.flops import RecomputeFlops
 from train.memory import Counts, Dims, GiB, MicroBatch, Setup, estimate, residual_bytes
 from train.recipe import Recipe

@@ -27,15 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
+from packaging.version import Version
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from models.decoder_layers import compile_layers, install_checkpointing, installed
+from models.decoder_layers import compile_layers, install_checkpointing, installed, set_decoder_checkpointing
 from models.errors import MissingFileError, UserError
 from models.families.specs import FamilySpec, family_of_model_type, preset
 from models.loss import IGNORE_INDEX, causal_lm_loss_sum, causal_lm_token_logps
 from models.manifest import write_manifest
-from models.vlm import VLMOutput, checkpointed_layer_indices
+from models.vlm import VLMOutput
 
 # Children of model.visual that project ViT features into the LLM (the "resampler" group). Everything else
 # under model.visual is the vision tower. Qwen3-VL's DeepStack mergers project features of middle layers.
@@ -51,6 +53,20 @@ class ImagePlaceholder:
     end: int  # <|vision_end|>
 
 
+# ``forward`` hands the vision tower's features to transformers' model as ``mm_encoder_outputs``, an argument
+# transformers added in 5.18: an older release ignores it, and the images' tokens would train on nothing
+# (under 5.17 the vision parameters got no gradient). The tests run on what the README's install resolves.
+MIN_TRANSFORMERS = "5.18"
+
+
+def require_transformers(spec: FamilySpec) -> None:
+    if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
+        raise UserError(
+            f"model.family {spec.name} needs transformers>={MIN_TRANSFORMERS} (found "
+            f"{transformers.__version__}): pip install -U transformers"
+        )
+
+
 class HFFamilyModel(nn.Module):
     """A transformers VLM of a supported family (``self.hf``), with its parts, placeholder and position ids
     named. An nn.Module, so the trainer, train.freeze and peft take it as they take the Qwen-VL ``VLM``;
@@ -64,6 +80,7 @@ class HFFamilyModel(nn.Module):
     def __init__(self, spec: FamilySpec, hf_model: PreTrainedModel):
         if not isinstance(hf_model, spec.model_class):
             raise TypeError(f"{spec.name} wraps {spec.model_class.__name__}, got {type(hf_model).__name__}")
+        require_transformers(spec)
         super().__init__()
         self.spec = spec
         self.hf = hf_model
@@ -166,24 +183,14 @@ class HFFamilyModel(nn.Module):
         ``vision``: whether the ViT blocks are recomputed too. The decoder layers run as the Qwen-VL model's
         do (models.decoder_layers: a frozen down projection is not recomputed); the ViT blocks as transformers
         checkpoints them."""
-        layers = self.hf.get_decoder().layers
-        if not enabled:
-            self.hf.activation_checkpointing_disable()
-            for layer in layers:
-                if installed(layer):
-                    install_checkpointing(layer, False)
-            return
-        self.hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        # transformers then makes every sub-model's input embedding output require grad, the ViT's patch
-        # embedding too: a frozen ViT would record its graph, keep its blocks' inputs and run its backward for
-        # nothing. Non-reentrant checkpoints need no such hook; LoRA adds the LLM's own (train.lora).
-        self.hf.disable_input_require_grads()
-        chosen = checkpointed_layer_indices(len(layers), len(layers) if llm_layers is None else llm_layers)
-        for i, layer in enumerate(layers):
-            if not install_checkpointing(layer, i in chosen):
-                layer.gradient_checkpointing = i in chosen
+        set_decoder_checkpointing(self.hf, enabled, llm_layers)
+        if enabled:
+            # transformers then makes every sub-model's input embedding output require grad, the ViT's patch
+            # embedding too: a frozen ViT would record its graph, keep its blocks' inputs and run its backward
+            # for nothing. Non-reentrant checkpoints need no such hook; LoRA adds the LLM's own (train.lora).
+            self.hf.disable_input_require_grads()
         for block in self.hf.model.visual.blocks:
-            block.gradient_checkpointing = vision
+            block.gradient_checkpointing = enabled and vision
 
     def compile_llm_layers(self, backend: str = "inductor") -> None:
         """torch.compile the decoder layers as ``VLM.compile_blocks(llm=True)`` does: the layers that
