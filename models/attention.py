@@ -85,3 +85,14 @@ def set_attention(vlm, name: str) -> None:
 
 def uses_varlen(vlm) -> bool:
     return getattr(vlm.llm.config, "_attn_implementation", None) == "varlen"
+
+
+def varlen_kwargs(cu_seq_lens: torch.Tensor, max_length: int) -> dict[str, torch.Tensor | int]:
+    """The sample boundaries of packed rows as transformers passes them to every attention call (the varlen
+    attention above reads them; SDPA and eager ignore them)."""
+    return {
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": max_length,
+        "max_length_k": max_length,
+    }

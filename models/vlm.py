@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.utils import ModelOutput
 
-from models.attention import sample_boundaries_from_position_ids, uses_varlen
+from models.attention import sample_boundaries_from_position_ids, uses_varlen, varlen_kwargs
 from models.config import VLMConfig
 from models.decoder_layers import compile_layers, installed, set_decoder_checkpointing
 from models.errors import UserError
@@ -82,6 +82,39 @@ class VLMOutput(ModelOutput):
     loss: torch.Tensor | None = None  # loss_sum / num_tokens
     logits: torch.Tensor | None = None  # [B, L, V], only when labels is None
     token_logps: torch.Tensor | None = None  # [B, L] fp32 log-prob of each label, with return_token_logps
+
+
+def lm_output(
+    hidden: torch.Tensor,
+    lm_head: nn.Module,
+    labels: torch.Tensor | None,
+    loss_impl: str,
+    label_positions: torch.Tensor | None = None,
+    return_token_logps: bool = False,
+    extra_loss: torch.Tensor | None = None,
+) -> VLMOutput:
+    """The LM head's part of a forward, for every model (``VLM`` and the families' ``HFFamilyModel``): logits
+    without labels; else the summed token loss (models.loss, ``loss_impl``; only at ``label_positions`` when
+    given) and its token count, or each label's log-probability (``return_token_logps``: preference
+    training). ``extra_loss`` (a zero-valued term that keeps unused parameters in the graph) joins the sum."""
+    if labels is None:
+        return VLMOutput(logits=lm_head(hidden))
+    token_logps = None
+    if return_token_logps:
+        token_logps = causal_lm_token_logps(hidden, lm_head.weight, labels, impl=loss_impl)
+        loss_sum, num_tokens = -token_logps.sum(), (labels[:, 1:] != IGNORE_INDEX).sum()
+    else:
+        loss_sum, num_tokens = causal_lm_loss_sum(
+            hidden, lm_head.weight, labels, impl=loss_impl, label_positions=label_positions
+        )
+    if extra_loss is not None:
+        loss_sum = loss_sum + extra_loss
+    return VLMOutput(
+        loss_sum=loss_sum,
+        num_tokens=num_tokens,
+        loss=loss_sum / num_tokens.clamp(min=1),
+        token_logps=token_logps,
+    )
 
 
 def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
@@ -226,12 +259,7 @@ class VLM(nn.Module):
             if cu_seq_lens is None:
                 cu_seq_lens, max_length = sample_boundaries_from_position_ids(position_ids)
             cu_seq_lens = cu_seq_lens.to(input_ids.device, non_blocking=True)
-            varlen = {
-                "cu_seq_lens_q": cu_seq_lens,
-                "cu_seq_lens_k": cu_seq_lens,
-                "max_length_q": max_length,
-                "max_length_k": max_length,
-            }
+            varlen = varlen_kwargs(cu_seq_lens, max_length)
         # use_cache=False: no KV cache in a full forward, and transformers only detects packed rows
         # (position_ids restarting at 0 with attention_mask=None -> block-diagonal causal mask) when
         # there is no cache (masking_utils.find_packed_sequence_indices).
@@ -242,23 +270,14 @@ class VLM(nn.Module):
             use_cache=False,
             **varlen,
         ).last_hidden_state
-        lm_head = self.llm.get_output_embeddings()
-        if labels is None:
-            return VLMOutput(logits=lm_head(hidden))
-        if return_token_logps:
-            token_logps = causal_lm_token_logps(hidden, lm_head.weight, labels, impl=self.runtime.loss_impl)
-            loss_sum, num_tokens = -token_logps.sum(), (labels[:, 1:] != IGNORE_INDEX).sum()
-        else:
-            token_logps = None
-            positions = label_positions if self.runtime.loss_at_label_positions else None
-            loss_sum, num_tokens = causal_lm_loss_sum(
-                hidden, lm_head.weight, labels, impl=self.runtime.loss_impl, label_positions=positions
-            )
-        return VLMOutput(
-            loss_sum=loss_sum,
-            num_tokens=num_tokens,
-            loss=loss_sum / num_tokens.clamp(min=1),
-            token_logps=token_logps,
+        positions = label_positions if self.runtime.loss_at_label_positions else None
+        return lm_output(
+            hidden,
+            self.llm.get_output_embeddings(),
+            labels,
+            self.runtime.loss_impl,
+            positions,
+            return_token_logps,
         )
 
     @torch.no_grad()

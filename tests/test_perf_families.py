@@ -166,20 +166,20 @@ def test_the_full_logit_loss_of_the_plain_anchor_is_honoured(family, tiny_tiktok
     """train.bench's plain variant sets perf.loss_at_label_positions=false: the LM head and loss then run at
     every position, as Hugging Face trains, though the collator ships the supervised positions; the loss is
     the same either way."""
-    import models.families.adapter as adapter
+    import models.vlm as vlm_module
 
     model, processor, items = family
     vlm = copy.deepcopy(model)
     batch = collate_family_batch(items, processor.tokenizer.pad_token_id)
     batch["label_positions"] = supervised_positions(batch["labels"])  # as data.collate ships them
     losses, seen = [], []
-    loss_sum = adapter.causal_lm_loss_sum
+    loss_sum = vlm_module.causal_lm_loss_sum
 
     def recording(*args, label_positions=None, **kwargs):
         seen.append(label_positions is not None)
         return loss_sum(*args, label_positions=label_positions, **kwargs)
 
-    monkeypatch.setattr(adapter, "causal_lm_loss_sum", recording)
+    monkeypatch.setattr(vlm_module, "causal_lm_loss_sum", recording)  # models.vlm.lm_output calls it
     for setting in ("true", "false"):
         recipe = family_recipe(model.spec.name, tiny_tiktoken, f"perf.loss_at_label_positions={setting}")
         FAMILIES[model.spec.name].apply_perf(vlm, recipe, cuda=False, mode="single")

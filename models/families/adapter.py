@@ -32,12 +32,12 @@ from packaging.version import Version
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from models.attention import varlen_kwargs
 from models.decoder_layers import compile_layers, install_checkpointing, installed, set_decoder_checkpointing
 from models.errors import MissingFileError, UserError
 from models.families.specs import FamilySpec, family_of_model_type, preset
-from models.loss import IGNORE_INDEX, causal_lm_loss_sum, causal_lm_token_logps
 from models.manifest import write_manifest
-from models.vlm import VLMOutput
+from models.vlm import VLMOutput, lm_output
 
 # Children of model.visual that project ViT features into the LLM (the "resampler" group). Everything else
 # under model.visual is the vision tower. Qwen3-VL's DeepStack mergers project features of middle layers.
@@ -356,12 +356,7 @@ class HFFamilyModel(nn.Module):
             cu_seq_lens = cu_seq_lens.to(input_ids.device, non_blocking=True)
             if max_length is None:
                 max_length = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
-            varlen = {
-                "cu_seq_lens_q": cu_seq_lens,
-                "cu_seq_lens_k": cu_seq_lens,
-                "max_length_q": max_length,
-                "max_length_k": max_length,
-            }
+            varlen = varlen_kwargs(cu_seq_lens, max_length)
         hidden = self.hf.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -372,25 +367,15 @@ class HFFamilyModel(nn.Module):
             use_cache=False,
             **varlen,
         ).last_hidden_state
-        if labels is None:
-            return VLMOutput(logits=self.hf.lm_head(hidden))
-        head = self.hf.lm_head.weight
-        token_logps = None
-        if return_token_logps:
-            token_logps = causal_lm_token_logps(hidden, head, labels, impl=self.loss_impl)
-            loss_sum, num_tokens = -token_logps.sum(), (labels[:, 1:] != IGNORE_INDEX).sum()
-        else:
-            positions = label_positions if self.loss_at_label_positions else None
-            loss_sum, num_tokens = causal_lm_loss_sum(
-                hidden, head, labels, impl=self.loss_impl, label_positions=positions
-            )
-        if unused_vision is not None:
-            loss_sum = loss_sum + unused_vision
-        return VLMOutput(
-            loss_sum=loss_sum,
-            num_tokens=num_tokens,
-            loss=loss_sum / num_tokens.clamp(min=1),
-            token_logps=token_logps,
+        positions = label_positions if self.loss_at_label_positions else None
+        return lm_output(
+            hidden,
+            self.hf.lm_head,
+            labels,
+            self.loss_impl,
+            positions,
+            return_token_logps,
+            extra_loss=unused_vision,
         )
 
     @torch.no_grad()
