@@ -162,6 +162,7 @@ def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(full_run, world, 
         ("model.llm_path=/x", "'model.llm_path' is the Qwen-VL model's"),
         ("train.stage=pretrain", "trains 'train.stage: sft'"),
         ("optim.vit_layer_decay=0.9", "'optim.vit_layer_decay' is not supported"),
+        ("perf.attention=flex_attention", "'perf.attention: flex_attention' is not available"),
     ],
 )
 def test_a_family_recipe_refuses_what_the_family_does_not_train(override, message):

@@ -711,6 +711,11 @@ def _check_family(recipe: Recipe) -> None:
         raise ValueError(f"'model.family: {family}' reads its data map-style; set 'data.streaming: false'")
     if recipe.optim.vit_layer_decay != 1.0:
         raise ValueError(f"'optim.vit_layer_decay' is not supported for 'model.family: {family}' yet")
+    if recipe.perf.attention == "flex_attention":  # transformers refuses it for these text models
+        raise ValueError(
+            f"'perf.attention: flex_attention' is not available for 'model.family: {family}' (transformers "
+            "has no flex attention for its text model): use varlen (packed rows, CUDA) or sdpa"
+        )
 
 
 def _check_preference(recipe: Recipe) -> None:
