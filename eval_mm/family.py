@@ -8,7 +8,9 @@ what changes is how a prompt reaches the model and how its answer comes back:
   in the DataLoader workers (the batch builders below are collate functions);
 * a grounding prompt ``<ref>phrase</ref><box>`` becomes the family's own request, and the boxes of its
   answer come back from the family's convention into ours (data.hf_boxes) before the metric sees them;
-  ``raw_output`` keeps the family's own text;
+  ``raw_output`` keeps the family's own text. The answer may be as long as the family's widest box answer
+  (``grounding_answer_budget``): a benchmark's ``max_new_tokens`` counts Qwen-VL's, which only continues the
+  prompt's open ``<box>`` with coordinates, where the JSON families write the label and the markup too;
 * generation is the transformers model's own ``generate`` (HFFamilyModel.generate);
 * likelihood-ranked benchmarks score with the per-token log-probs of ``HFFamilyModel.forward``
   (``return_token_logps``, models.loss), the quantity training uses: a multiple-choice option by the mean
@@ -52,6 +54,7 @@ from eval_mm.inference import PromptBatch, generate_tokens, left_pad, model_dtyp
 from eval_mm.prompts import option_continuation
 from models.errors import UserError
 from models.loading import base_vlm
+from models.tokens import BOX_END, REF_START
 
 # The family's chat template: stop words <|im_end|>, <|im_start|>, <|endoftext|>, options scored as "A".
 FAMILY_PROMPT_FORMAT = "chatml"
@@ -124,14 +127,27 @@ def family_answer(
     return tokenizer.decode(kept, skip_special_tokens=True).strip(), own
 
 
+def grounding_answer_budget(
+    processor: ProcessorMixin, box_convention: str, prompt_text: str, geometry: ImageGeometry | None
+) -> int:
+    """How many new tokens the family's answer to a grounding prompt (ending ``<ref>label</ref><box>``) may
+    need: one box for that label at its widest (three-digit coordinates; in pixels, the resized image's last
+    one) written in the family's convention, as its training data writes it, plus the end-of-turn token."""
+    request = prompt_text[prompt_text.rindex(REF_START) :]
+    widest = boxes_to_family(f"{request}(999,999),(999,999){BOX_END}", box_convention, geometry)
+    return len(tokenize_plain(processor.tokenizer, widest)) + 1
+
+
 # ------------------------------------------------------------------------------------------ batches
 @dataclass
 class FamilyPromptBatch(PromptBatch):
     """A PromptBatch of family prompts: ``pixel_values`` are patch rows (the image processor's), and each
-    image's grid is a row of ``image_grid_thw``; ``geometries``: per sample, its last image's."""
+    image's grid is a row of ``image_grid_thw``; ``geometries``: per sample, its last image's;
+    ``max_new_tokens``: the generation budget of the batch (the benchmark's, or its grounding answers')."""
 
     image_grid_thw: torch.Tensor | None = None
     geometries: list[ImageGeometry | None] | None = None
+    max_new_tokens: int = 0
 
 
 def _pixels(processor: ProcessorMixin, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,6 +167,7 @@ class FamilyBatchBuilder:
 
     def __call__(self, samples: list[EvalSample]) -> FamilyPromptBatch:
         rows, prompts, images, num_images, geometries, option_ids = [], [], [], [], [], []
+        max_new_tokens = self.bench.max_new_tokens
         for sample in samples:
             where = f"{self.bench.name} sample {sample.id} of {self.bench.test_file}"
             try:
@@ -164,6 +181,11 @@ class FamilyBatchBuilder:
             images += prompt.images
             num_images.append(len(prompt.images))
             geometries.append(prompt.geometry)
+            if self.bench.metric == "grounding":
+                budget = grounding_answer_budget(
+                    self.processor, self.box_convention, sample.text, prompt.geometry
+                )
+                max_new_tokens = max(max_new_tokens, budget)
             if self.bench.kind == "choice":
                 option_ids.append(
                     [
@@ -186,6 +208,7 @@ class FamilyBatchBuilder:
             self.pad_id,
             image_grid_thw=grids,
             geometries=geometries,
+            max_new_tokens=max_new_tokens,
         )
 
 
@@ -202,7 +225,7 @@ def generate_family_answers(
         batch.attention_mask.to(device),
         batch.pixel_values.to(device, model_dtype(model)),
         image_grid_thw=batch.image_grid_thw.to(device),
-        max_new_tokens=bench.max_new_tokens,
+        max_new_tokens=batch.max_new_tokens,
         min_new_tokens=1,
         stop_ids=stops,
     )

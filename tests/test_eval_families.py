@@ -24,11 +24,14 @@ import peft
 import pytest
 import torch
 
+import eval_mm.family
 from data.hf_boxes import ImageGeometry, boxes_to_family
 from data.hf_encode import resized_size
 from data.text import normalize_box
+from eval_mm.benchmarks import get_benchmark
 from eval_mm.chat import Chat, GenerationSettings
-from eval_mm.family import family_answer
+from eval_mm.datasets import load_references, load_samples
+from eval_mm.family import FamilyBatchBuilder, family_answer, generate_family_answers
 from eval_mm.inference import stop_token_ids
 from eval_mm.metrics import compute_metric
 from models.errors import UserError
@@ -234,6 +237,46 @@ def test_a_grounding_answer_in_the_family_convention_scores_like_its_qwen_vl_equ
         qwen_vl_score = compute_metric("grounding", {"0": ours}, reference)
         assert family_score == qwen_vl_score
         assert family_score["accuracy_iou0.5"] == hit
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_family_may_write_its_whole_box_answer(family, exports, processors, data_root, monkeypatch):
+    """A grounding benchmark's max_new_tokens (28) counts Qwen-VL's answer, the coordinates after the prompt's
+    open <box>; a family writes the label and its markup too (a JSON object in a fenced list). Every held-out
+    box written as the family's training data writes it, plus its end-of-turn token, fits the budget the
+    batch is generated with; other benchmarks keep theirs."""
+    processor, spec = processors[family], FAMILIES[family]
+    bench = get_benchmark("synth_grounding")
+    samples = load_samples(bench, data_root)
+    references = load_references(bench, data_root / bench.references_file)
+    batch = FamilyBatchBuilder(processor, bench, spec.box_convention)(samples)
+    longest = 0
+    for sample, geometry in zip(samples, batch.geometries, strict=True):
+        ref = references[sample.id]
+        x1, y1, x2, y2 = normalize_box(ref["bbox"], ref["width"], ref["height"])
+        label = sample.text.split("<ref>")[1].split("</ref>")[0]
+        answer = boxes_to_family(
+            f"<ref>{label}</ref><box>({x1},{y1}),({x2},{y2})</box>", spec.box_convention, geometry
+        )
+        longest = max(longest, len(processor.tokenizer(answer, add_special_tokens=False)["input_ids"]) + 1)
+    assert longest <= batch.max_new_tokens
+    if family != "qwen2_vl":  # the JSON conventions: more than the benchmark's budget
+        assert longest > bench.max_new_tokens
+    vqa = get_benchmark("synth_vqa")
+    vqa_batch = FamilyBatchBuilder(processor, vqa, spec.box_convention)(load_samples(vqa, data_root))
+    assert vqa_batch.max_new_tokens == vqa.max_new_tokens
+
+    budgets = []  # what generation is asked for
+    monkeypatch.setattr(
+        eval_mm.family,
+        "generate_tokens",
+        lambda *args, max_new_tokens, **kwargs: (
+            budgets.append(max_new_tokens) or torch.zeros(len(samples), 0)
+        ),
+    )
+    model, _ = load_pretrained(exports[family])
+    generate_family_answers(model, processor, batch, bench, torch.device("cpu"))
+    assert budgets == [batch.max_new_tokens]
 
 
 def test_chat_cli_answers_about_an_image_with_a_family_model(exports, data_root):
