@@ -6,7 +6,11 @@
 #                                         pairs (about 2 minutes more),
 #                                         the held-out preference accuracy (synth_preference) to every
 #                                         evaluation, and DPO's change over SFT sample by sample
-#   vlrecipe demo [OUT_DIR] [--dpo]    the same: runs this script (train/demo.py)
+#   bash launch/demo.sh OUT_DIR --family qwen2_5_vl   a tiny random Qwen2.5-VL (transformers' own class,
+#                                         models.families) instead: one SFT stage on the world's conversations
+#                                         in the family's chat template and box convention
+#                                         (recipes/tiny/demo_qwen2_5_vl.yaml), evaluated untrained and trained
+#   vlrecipe demo [OUT_DIR] [--dpo] [--family NAME]   the same: runs this script (train/demo.py)
 # Prints a metrics table after each stage and writes OUT_DIR/metrics.json as
 # {stage: {benchmark: {metric: value}}}, the untrained model as stage "untrained"; with DPO=1 also
 # OUT_DIR/dpo_vs_sft.json (eval_mm.compare: each change with its paired standard error).
@@ -16,6 +20,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${1:-runs/demo}")
+# --family NAME: the Qwen-VL model of models.presets (qwen_vl, the default) or an HF family with a demo recipe.
+FAMILY=qwen_vl
+if [[ $# -gt 1 ]]; then
+    if [[ $# -ne 3 || $2 != --family ]]; then
+        echo "error: launch/demo.sh: usage: bash launch/demo.sh [OUT_DIR [--family NAME]]" >&2; exit 2
+    fi
+    FAMILY=$3
+fi
+if [[ $FAMILY != qwen_vl && ! -f recipes/tiny/demo_$FAMILY.yaml ]]; then
+    known=$(cd recipes/tiny && ls demo_qwen*.yaml | sed 's/^demo_//; s/\.yaml$//' | paste -sd, -)
+    echo "error: launch/demo.sh --family $FAMILY: no recipes/tiny/demo_$FAMILY.yaml (families: qwen_vl,$known)" >&2
+    exit 2
+fi
+if [[ $FAMILY != qwen_vl && -n "${DPO:-}" ]]; then
+    echo "error: launch/demo.sh: DPO=1 (--dpo) is for the Qwen-VL demo; --family $FAMILY has no DPO stage" >&2
+    exit 2
+fi
 PY=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python)}
 DATA_ROOT="$OUT/data"  # eval_mm's data root: the synthetic benchmarks live in DATA_ROOT/synthetic
 WORLD="$DATA_ROOT/synthetic"
@@ -35,9 +56,17 @@ start=$SECONDS
 mkdir -p "$OUT"
 [[ -f "$WORLD/manifest.json" ]] || vlrecipe synth --out "$WORLD" --seed 0 \
     --n-train "${N_TRAIN:-2000}" --n-eval "${N_EVAL:-1000}"
+TOKENIZER=$WORLD/tokenizer
+if [[ $FAMILY != qwen_vl ]]; then
+    # A family's tokenizer is built from a qwen.tiktoken ranks file: the world's own BPE written as one
+    # (train/demo.py), so the model has one embedding row per world token, as the Qwen-VL demo's does.
+    TOKENIZER=$WORLD/qwen.tiktoken
+    "$PY" -c 'import sys; from train.demo import write_world_tiktoken; write_world_tiktoken(*sys.argv[1:])' \
+        "$WORLD/tokenizer" "$TOKENIZER"
+fi
 
 # Overrides shared by every stage; the optional ones only when set in the environment.
-common=(model.tokenizer_path="$WORLD/tokenizer" log.progress_bar=false
+common=(model.tokenizer_path="$TOKENIZER" log.progress_bar=false
         "eval.benches=[$BENCHES]" eval.data_root="$DATA_ROOT")
 [[ -n "$EVAL_LIMIT" ]] && common+=(eval.limit="$EVAL_LIMIT")
 [[ -n "${MICRO_BATCH:-}" ]] && common+=(train.micro_batch="$MICRO_BATCH")
@@ -48,22 +77,29 @@ stage() {  # stage NAME RECIPE DATA_FILE STEPS [overrides...]
         checkpoint.out_dir="$OUT/$name" ${n:+train.steps=$n} "$@"
 }
 
-# The untrained model: stage 1's initial weights (same seed), exported by a one-step run at lr 0.
-stage untrained demo_pretrain.yaml pretrain.jsonl 1 optim.lr=0.0 schedule.warmup_steps=0 schedule.min_lr=0.0
-stage pretrain demo_pretrain.yaml pretrain.jsonl "${PRETRAIN_STEPS:-}"
-stage multitask demo_multitask.yaml multitask.jsonl "${MULTITASK_STEPS:-}" model.init_from="$OUT/pretrain/final"
-stage sft demo_sft.yaml sft.json "${SFT_STEPS:-}" model.init_from="$OUT/multitask/final"
-if [[ -n "${DPO:-}" ]]; then
-    stage dpo demo_dpo.yaml dpo_count_color.json "${DPO_STEPS:-}" model.init_from="$OUT/sft/final"
+# The untrained model: the first stage's initial weights (same seed), exported by a one-step run at lr 0.
+untrained=(1 optim.lr=0.0 schedule.warmup_steps=0 schedule.min_lr=0.0)
+if [[ $FAMILY == qwen_vl ]]; then
+    stages=(untrained pretrain multitask sft ${DPO:+dpo})
+    stage untrained demo_pretrain.yaml pretrain.jsonl "${untrained[@]}"
+    stage pretrain demo_pretrain.yaml pretrain.jsonl "${PRETRAIN_STEPS:-}"
+    stage multitask demo_multitask.yaml multitask.jsonl "${MULTITASK_STEPS:-}" model.init_from="$OUT/pretrain/final"
+    stage sft demo_sft.yaml sft.json "${SFT_STEPS:-}" model.init_from="$OUT/multitask/final"
+    if [[ -n "${DPO:-}" ]]; then
+        stage dpo demo_dpo.yaml dpo_count_color.json "${DPO_STEPS:-}" model.init_from="$OUT/sft/final"
+    fi
+else
+    stages=(untrained sft)
+    stage untrained "demo_$FAMILY.yaml" sft.json "${untrained[@]}"
+    stage sft "demo_$FAMILY.yaml" sft.json "${SFT_STEPS:-}"
 fi
 
 # Gather the per-stage figures (RUN/final/metrics.json, written by the recipe's eval) into one file.
-$PY - "$OUT" "$(( SECONDS - start ))" "${DPO:-}" <<'PYEOF'
+$PY - "$OUT" "$(( SECONDS - start ))" "${stages[@]}" <<'PYEOF'
 import json, sys
 from pathlib import Path
 
-out, seconds = Path(sys.argv[1]), int(sys.argv[2])
-stages = ("untrained", "pretrain", "multitask", "sft") + (("dpo",) if sys.argv[3] else ())
+out, seconds, stages = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 results = {s: json.loads((out / s / "final" / "metrics.json").read_text()) for s in stages}
 (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
 # The headline metric of each benchmark, one row per stage (the README's table).

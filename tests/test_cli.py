@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from models.errors import UserError
 from train import demo
 from train.cli import VERBS, main
 
@@ -131,6 +132,22 @@ def test_demo_runs_the_demo_script_with_this_interpreter(tmp_path, monkeypatch):
     assert argv == ["bash", str(REPO / "launch" / "demo.sh"), str(tmp_path / "out")]
     assert env["PYTHON"] == sys.executable and env["DPO"] == "1"
     assert default_argv[-1] == str(tmp_path / "runs" / "demo") and "DPO" not in default_env
+    # --family: the script's own switch; families without a demo recipe, and DPO with a family, are refused
+    assert demo.main(["out", "--family", "qwen2_5_vl"]) == 0
+    assert calls[-1][0] == [
+        "bash",
+        str(REPO / "launch" / "demo.sh"),
+        str(tmp_path / "out"),
+        "--family",
+        "qwen2_5_vl",
+    ]
+    for refused, message in (
+        (["--family", "qwen9_vl"], "invalid choice: 'qwen9_vl'"),
+        (["--family", "qwen2_5_vl", "--dpo"], "--family qwen2_5_vl has none"),
+    ):
+        with pytest.raises(UserError, match=message):
+            demo.main(refused)
+    assert len(calls) == 3
 
 
 def test_the_console_script_is_the_command():
