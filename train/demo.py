@@ -26,8 +26,9 @@ from models.qwen_tokenizer import write_tiktoken_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_SCRIPT = REPO / "launch" / "demo.sh"
+DEMO_RECIPES = REPO / "recipes" / "tiny"
 # The HF families the demo trains: those with a demo recipe (launch/demo.sh --family).
-DEMO_FAMILIES = ["qwen_vl", *(name for name in FAMILIES if (REPO / f"recipes/tiny/demo_{name}.yaml").is_file())]
+DEMO_FAMILIES = ["qwen_vl", *(name for name in FAMILIES if (DEMO_RECIPES / f"demo_{name}.yaml").is_file())]
 
 
 def write_world_tiktoken(tokenizer_dir: str | Path, out: str | Path) -> None:
