@@ -186,7 +186,12 @@ class FamilySampleBuilder:
                 with open_image(path, where, (image_bytes or {}).get(path)) as image:
                     sizes.append(image.size)
             return encode_conversation(
-                self.processor, conversation, sizes, self.box_convention, answer_only=answer_only
+                self.processor,
+                conversation,
+                sizes,
+                self.box_convention,
+                answer_only=answer_only,
+                max_len=self.config.max_len,
             )
         except ImageLoadError:
             raise

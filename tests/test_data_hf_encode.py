@@ -243,3 +243,31 @@ def test_truncation_never_cuts_an_image_span_and_keeps_the_grids_of_the_images_i
     assert cut.input_ids == sample.input_ids[:last_image]
     assert cut.image_paths == sample.image_paths[:2] and cut.image_grid_thw == sample.image_grid_thw[:2]
     assert truncate_family_sample(sample, len(sample), start, end) is sample
+
+
+def test_a_long_conversation_cut_at_max_len_renders_only_the_turns_before_the_cut(processor, images):
+    """Each turn's span costs a render of the conversation up to it (quadratic in turns: 1.3 s for a
+    600-turn record). With ``max_len``, the turns after the cut are not rendered, and the labels up to the cut
+    are exactly those of the whole conversation's."""
+    wide = next(iter(images))
+    conversation = [{"from": "user", "value": f"<img>{wide}</img>\nWhat is this?"}]
+    for i in range(200):
+        conversation += [
+            {"from": "assistant", "value": f"Answer number {i}."},
+            {"from": "user", "value": f"And question {i + 1}?"},
+        ]
+    conversation += [{"from": "assistant", "value": "The last answer."}]
+    sizes = sizes_of(images, conversation)
+    whole = encode_conversation(processor, conversation, sizes)
+    renders = []
+    original = processor.apply_chat_template
+    processor.apply_chat_template = lambda *a, **k: renders.append(a) or original(*a, **k)
+    try:
+        cut = encode_conversation(processor, conversation, sizes, max_len=300)
+    finally:
+        del processor.apply_chat_template  # the class's method again
+    assert cut.input_ids == whole.input_ids
+    assert cut.labels[:300] == whole.labels[:300]
+    assert any(label != IGNORE_INDEX for label in cut.labels[:300])
+    assert all(label == IGNORE_INDEX for label in cut.labels[310:])  # past the cut: not looked for
+    assert len(renders) < 2 * 60  # the whole text, then two renders for each turn before the cut (~35)

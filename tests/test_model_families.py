@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import save_file
+from torch.utils._python_dispatch import TorchDispatchMode  # sees every tensor a build creates
 from transformers import AutoModelForImageTextToText
 
 from models.errors import UserError
@@ -55,6 +56,29 @@ def test_presets_have_the_released_shapes(name, total, visual):
     adapter = HFFamilyModel.from_preset(name, device="meta")
     assert adapter.num_parameters() == total
     assert sum(p.numel() for p in adapter.hf.model.visual.parameters()) == visual
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_a_preset_is_drawn_in_its_storage_dtype_without_an_fp32_copy(name):
+    """A bf16 preset never exists in fp32, not even while it is built: the 7B shape's fp32 copy is 31 GiB,
+    which an H100 run measured as the whole run's peak (and a 24 GiB card cannot hold). Every tensor of more
+    than 1,000 elements created while building is bf16; the model's floating weights are bf16 too."""
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.fp32_elements = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.numel() > 1000:
+                self.fp32_elements += out.numel()
+            return out
+
+    with Allocations() as allocations:
+        model = HFFamilyModel.from_preset(name, dtype=torch.bfloat16)
+    assert allocations.fp32_elements == 0
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
 def test_every_parameter_belongs_to_exactly_one_part(tiny):

@@ -108,8 +108,11 @@ class HFFamilyModel(nn.Module):
         ``tokenizer``: the family tokenizer the model will read, when not the released one (its token ids,
         one row per token)."""
         spec, config = preset(name, tokenizer)
+        # Drawn straight in ``dtype`` (transformers' own constructor sets torch's default dtype around the
+        # build): built in fp32 and then cast, a 7B preset first takes 31 GiB, which an H100 run measured as
+        # the whole run's peak, and which a 24 GiB card cannot hold at all.
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            model = spec.model_class(config).to(dtype)
+            model = spec.model_class._from_config(config, dtype=dtype)
         return cls(spec, model)
 
     @classmethod
