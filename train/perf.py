@@ -94,8 +94,11 @@ def resolve_perf(
         )
         resolved["fp8"] = not why
     if perf.fuse_frozen_projections == "auto":
-        # Loss-equal and free of memory, but not yet measured on a GPU (docs/benchmarks.md, issue 26).
-        notes.append("perf.fuse_frozen_projections: auto -> off (no GPU measurement shows it pays yet)")
+        # Loss-equal and free of memory, but measured slower on the LoRA recipe (docs/benchmarks.md).
+        notes.append(
+            "perf.fuse_frozen_projections: auto -> off (9% slower than unfused on the LoRA recipe, one H100; "
+            "docs/benchmarks.md)"
+        )
         resolved["fuse_frozen_projections"] = False
     elif perf.fuse_frozen_projections:
         why = fusion_unavailable(quantized, zero3, bool(resolved.get("fp8", perf.fp8)))
