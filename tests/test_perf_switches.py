@@ -308,7 +308,7 @@ def test_offloading_activations_needs_cuda_and_says_so_where_it_is_off(tiny_vlm)
     streams: on a CPU run the trainer turns it off with one line, and its engine offloads nothing."""
     from train.parallel import DistInfo, Engine
     from train.perf import resolve_perf
-    from train.recipe import PerfSection, Recipe
+    from train.recipe import ParallelSection, PerfSection, TrainSection
 
     on = PerfSection(offload_activations=True)
     assert resolve_perf(on, tiny_vlm, cuda=True, quantized=False)[0].offload_activations is True
@@ -320,8 +320,11 @@ def test_offloading_activations_needs_cuda_and_says_so_where_it_is_off(tiny_vlm)
         model,
         optimizer,
         torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-        Recipe(perf=on),
         DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")),
+        ParallelSection(),
+        TrainSection(),
+        clip_grad=1.0,
+        offload_activations=on.offload_activations,
     )
     assert engine.offload is None
 

@@ -180,7 +180,16 @@ def dpo_recipe(**sections):
 def make_engine(model, recipe):
     opt = build_optimizer(model, recipe.optim, model.config.vision.layers if hasattr(model, "vision") else 2)
     sched = build_scheduler(opt, 10, recipe.optim.lr, recipe.schedule)
-    return Engine(model, opt, sched, recipe, DistInfo(0, 1, 0, torch.device("cpu")))
+    return Engine(
+        model,
+        opt,
+        sched,
+        DistInfo(0, 1, 0, torch.device("cpu")),
+        recipe.parallel,
+        recipe.train,
+        recipe.optim.clip_grad,
+        offload_activations=recipe.perf.offload_activations,
+    )
 
 
 def full_dpo(tiny_vlm, **preference):
@@ -193,9 +202,7 @@ def full_dpo(tiny_vlm, **preference):
     apply_freezing(model, recipe.freeze)
     reference = copy_for_reference(model, recipe)
     engine = make_engine(model, recipe)
-    objective = DirectPreference(
-        recipe.preference, FrozenCopyReference(place_frozen_copy(reference, recipe, engine))
-    )
+    objective = DirectPreference(recipe.preference, FrozenCopyReference(place_frozen_copy(reference, engine)))
     return engine, objective
 
 

@@ -31,7 +31,16 @@ def tiny_recipe(**sections):
 def single_engine(model, recipe):
     opt = build_optimizer(model, recipe.optim, model.config.vision.layers)
     sched = build_scheduler(opt, 10, recipe.optim.lr, recipe.schedule)
-    return Engine(model, opt, sched, recipe, DistInfo(0, 1, 0, torch.device("cpu")))
+    return Engine(
+        model,
+        opt,
+        sched,
+        DistInfo(0, 1, 0, torch.device("cpu")),
+        recipe.parallel,
+        recipe.train,
+        recipe.optim.clip_grad,
+        offload_activations=recipe.perf.offload_activations,
+    )
 
 
 def make_batch(model, lengths, seed, num_supervised):

@@ -41,7 +41,7 @@ from models.errors import UserError
 from models.loading import base_vlm
 from models.loss import IGNORE_INDEX, sum_per_sequence
 from models.vlm import frozen_vision_shared
-from train.parallel import Engine, LossOutputs, all_reduce_sum, barrier, deepspeed_config
+from train.parallel import Engine, LossOutputs, all_reduce_sum, barrier
 from train.recipe import LoraSection, PreferenceSection, Recipe
 
 REFERENCE_FILE = "reference_logps.safetensors"
@@ -243,7 +243,7 @@ class PrecomputedReference:
         return self.table[batch["pair_index"]]
 
 
-def place_frozen_copy(reference: nn.Module, recipe: Recipe, engine: Engine) -> nn.Module:
+def place_frozen_copy(reference: nn.Module, engine: Engine) -> nn.Module:
     """The frozen copy where the policy runs: under ZeRO-3 a second engine (no optimiser) shards it the
     same way (as TRL prepares its reference model); otherwise a full copy on this rank's device, in the
     dtype the policy has (DeepSpeed bf16 models were built in bf16, train.assemble.storage_dtypes)."""
@@ -251,9 +251,8 @@ def place_frozen_copy(reference: nn.Module, recipe: Recipe, engine: Engine) -> n
         return reference.to(engine.dist.device)
     import deepspeed
 
-    config = deepspeed_config(recipe, engine.mode, engine.dist.world_size)
     wrapped = LossOutputs(reference)
-    ref_engine, *_ = deepspeed.initialize(model=wrapped, config=config)
+    ref_engine, *_ = deepspeed.initialize(model=wrapped, config=engine.deepspeed_config)
     # VLM.forward reads lm_head.weight directly (fused loss): ZeRO-3 must gather it for the forward.
     deepspeed.zero.register_external_parameter(wrapped, reference.llm.get_output_embeddings().weight)
     ref_engine.eval()  # DeepSpeedEngine.eval returns None, unlike nn.Module.eval
@@ -272,9 +271,7 @@ def build_reference(
     if mode == "adapter_disabled":
         return AdapterDisabledReference()
     if mode == "frozen_copy":
-        return FrozenCopyReference(
-            place_frozen_copy(frozen_reference, recipe, engine), zero3=engine.mode == "zero3"
-        )
+        return FrozenCopyReference(place_frozen_copy(frozen_reference, engine), zero3=engine.mode == "zero3")
     return PrecomputedReference(load_or_precompute(recipe, engine, loader, pixel_dtype, run_dir))
 
 

@@ -189,7 +189,14 @@ class Trainer:
         optimizer = build_optimizer(model, recipe.optim, num_vit_blocks=vit_blocks)
         scheduler = build_scheduler(optimizer, self.total_steps, recipe.optim.lr, recipe.schedule)
         self.engine = Engine(
-            model, optimizer, scheduler, dataclasses.replace(recipe, perf=assembled.perf), info
+            model,
+            optimizer,
+            scheduler,
+            info,
+            recipe.parallel,
+            recipe.train,
+            recipe.optim.clip_grad,
+            offload_activations=assembled.perf.offload_activations,
         )
         self.pixel_dtype = torch.bfloat16 if self.engine.uses_deepspeed and recipe.train.bf16 else None
         self.objective = build_objective(

@@ -28,7 +28,7 @@ from torch import nn
 
 from models.errors import UserError
 from train.offload import ActivationOffload
-from train.recipe import ParallelSection, Recipe
+from train.recipe import ParallelSection, TrainSection
 
 DS_CONFIG_DIR = Path(__file__).parent / "ds_configs"
 
@@ -77,11 +77,14 @@ def init_distributed(cfg: ParallelSection) -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def deepspeed_config(recipe: Recipe, mode: str, world_size: int) -> dict[str, Any]:
+def deepspeed_config(
+    parallel: ParallelSection, train: TrainSection, clip_grad: float, mode: str, world_size: int
+) -> dict[str, Any]:
     """The shipped train/ds_configs/<mode>.json (or the user's JSON), with the batch, clipping and
-    precision entries filled in from the recipe ("auto" or absent -> recipe value; a different
-    explicit value is an error, so the JSON and the recipe cannot silently disagree)."""
-    path = Path(recipe.parallel.deepspeed_config or DS_CONFIG_DIR / f"{mode}.json")
+    precision entries filled in from the recipe's train section and ``optim.clip_grad`` ("auto" or absent ->
+    recipe value; a different explicit value is an error, so the JSON and the recipe cannot silently
+    disagree)."""
+    path = Path(parallel.deepspeed_config or DS_CONFIG_DIR / f"{mode}.json")
     try:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -92,12 +95,11 @@ def deepspeed_config(recipe: Recipe, mode: str, world_size: int) -> dict[str, An
                 f"{path}: remove '{owned}'; the optimiser and lr schedule come from the recipe's optim / "
                 "schedule sections (a DeepSpeed scheduler would silently replace the cosine, Qwen-VL#183)"
             )
-    t = recipe.train
     wanted = {
-        "train_micro_batch_size_per_gpu": t.micro_batch,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch * t.grad_accum * world_size,
-        "gradient_clipping": recipe.optim.clip_grad,
+        "train_micro_batch_size_per_gpu": train.micro_batch,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.micro_batch * train.grad_accum * world_size,
+        "gradient_clipping": clip_grad,
     }
     for key, value in wanted.items():
         if config.get(key, "auto") not in ("auto", value):
@@ -106,9 +108,9 @@ def deepspeed_config(recipe: Recipe, mode: str, world_size: int) -> dict[str, An
             )
         config[key] = value
     bf16 = config.setdefault("bf16", {})
-    if bf16.get("enabled", "auto") not in ("auto", recipe.train.bf16):
-        raise UserError(f"{path}: 'bf16.enabled' disagrees with train.bf16={recipe.train.bf16}")
-    bf16["enabled"] = recipe.train.bf16
+    if bf16.get("enabled", "auto") not in ("auto", train.bf16):
+        raise UserError(f"{path}: 'bf16.enabled' disagrees with train.bf16={train.bf16}")
+    bf16["enabled"] = train.bf16
     zero = config.setdefault("zero_optimization", {})
     expected_stage = int(mode[-1])
     if zero.get("stage", expected_stage) != expected_stage:
@@ -144,25 +146,35 @@ class LossOutputs(nn.Module):
 
 
 class Engine:
-    """Forward / backward / optimiser step of ``model`` in one of the four modes."""
+    """Forward / backward / optimiser step of ``model`` in one of the four modes.
+
+    It reads the recipe's parallel and train sections, ``optim.clip_grad`` and ``perf.offload_activations``
+    (as resolved for this device: train.perf)."""
 
     def __init__(
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
-        recipe: Recipe,
         dist_info: DistInfo,
+        parallel: ParallelSection,
+        train: TrainSection,
+        clip_grad: float,
+        offload_activations: bool = False,
     ):
-        self.mode = resolve_mode(recipe.parallel, dist_info.world_size)
+        self.mode = resolve_mode(parallel, dist_info.world_size)
         self.dist = dist_info
         self.model = model  # the unwrapped model (state dicts, export)
-        self.clip_grad = recipe.optim.clip_grad
-        self.autocast_bf16 = recipe.train.bf16 and not self.mode.startswith("zero")  # DS casts itself
+        self.clip_grad = clip_grad
+        self.autocast_bf16 = train.bf16 and not self.mode.startswith("zero")  # DS casts itself
+        # The DeepSpeed config of a ZeRO run (None otherwise): a frozen reference model is sharded alike.
+        self.deepspeed_config: dict[str, Any] | None = None
         if self.mode.startswith("zero"):
             import deepspeed  # optional heavy dependency: only ZeRO runs import it
 
-            config = deepspeed_config(recipe, self.mode, dist_info.world_size)
+            config = self.deepspeed_config = deepspeed_config(
+                parallel, train, clip_grad, self.mode, dist_info.world_size
+            )
             wrapped = LossOutputs(model) if self.mode == "zero3" else model
             # A callable gives the engine our LambdaLR bound to the torch optimiser it wraps.
             self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -184,7 +196,7 @@ class Engine:
         # perf.offload_activations: what the forward saves for backward waits in pinned host memory
         # (train.offload)
         self.offload = None
-        if recipe.perf.offload_activations and dist_info.device.type == "cuda":
+        if offload_activations and dist_info.device.type == "cuda":
             self.offload = ActivationOffload()
 
     @property

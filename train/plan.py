@@ -140,7 +140,8 @@ def setup_of(recipe: Recipe, model: ModelPlan, gpus: int, notes: list[str], sour
     zero: dict = {}
     if mode in ("zero2", "zero3"):
         try:
-            zero = deepspeed_config(recipe, mode, gpus)["zero_optimization"]
+            config = deepspeed_config(recipe.parallel, recipe.train, recipe.optim.clip_grad, mode, gpus)
+            zero = config["zero_optimization"]
         except ValueError as e:
             raise UserError(f"{source}: {e}") from e
         if zero.get("offload_optimizer") or zero.get("offload_param"):
