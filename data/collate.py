@@ -42,6 +42,9 @@ class Collator:
     image_size: int
     row_len: int  # tokens a packed row holds (DataConfig.row_len; unused without packing)
     packing: bool = False
+    # A family's M-RoPE (models.families.mrope.MRope): its position ids ([4, B, L] packed, [3, B, L] padded)
+    # are computed here, in the workers, not in the training step. None: the model computes them.
+    mrope: Any = None
 
     def __call__(self, items: list[dict]) -> dict:
         counters = (stats.SAMPLES, stats.TRUNCATED, *stats.SAMPLER_DROPS, stats.DROPPED_BAD_SAMPLE)
@@ -81,6 +84,13 @@ class Collator:
         if family:  # each sequence's images, a pair's twice (HFFamilyModel encodes every span's own)
             batch.update(concat_images(samples))
             batch.setdefault("pixel_values", None)  # text only: the model runs no image
+            if self.mrope is not None:
+                grids = batch.get("image_grid_thw")
+                batch["position_ids"] = (
+                    self.mrope.packed(batch["input_ids"], grids, batch["cu_seq_lens"])
+                    if self.packing
+                    else self.mrope.padded(batch["input_ids"], grids, batch["attention_mask"])
+                )
         else:
             pixels = [s["pixel_values"] for s in (pairs or samples) if len(s["pixel_values"])]
             batch["pixel_values"] = (
@@ -133,11 +143,10 @@ def split_rows(batch: dict, max_tokens: int | None, image_start_id: int) -> list
     parts, first_span = [], 0
     for r0 in range(0, rows, per_forward):
         r1 = min(rows, r0 + per_forward)
-        part = {
-            k: batch[k][r0:r1]
-            for k in ("input_ids", "labels", "position_ids", "attention_mask")
-            if k in batch
-        }
+        part = {k: batch[k][r0:r1] for k in ("input_ids", "labels", "attention_mask") if k in batch}
+        if "position_ids" in batch:  # [B, L], or a family's M-RoPE rows [3 or 4, B, L]
+            positions = batch["position_ids"]
+            part["position_ids"] = positions[r0:r1] if positions.dim() == 2 else positions[:, r0:r1]
         n_spans = sum(images_per_row[r0:r1])
         if "image_index" in batch:  # pairs: the part's spans point into a contiguous run of images
             index = batch["image_index"][first_span : first_span + n_spans]

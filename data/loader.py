@@ -199,6 +199,7 @@ def build_dataloader(
         image_size=config.image_size,
         row_len=config.row_len,
         packing=config.packing,
+        mrope=getattr(builder, "mrope", None),
     )
     common = {
         "num_workers": config.num_workers,

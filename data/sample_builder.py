@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
@@ -139,9 +140,12 @@ class FamilySampleBuilder:
     sequences in the family's own chat template, ``build_pair``); task templates and pretraining captions
     are the Qwen-VL recipe's."""
 
-    def __init__(self, processor, box_convention: str, config: DataConfig) -> None:
+    def __init__(self, processor, box_convention: str, config: DataConfig, mrope: Any = None) -> None:
+        """``mrope``: the model's models.families.mrope.MRope, when the batches should carry their M-RoPE
+        position ids (computed in the collator, in DataLoader workers); None leaves them to the model."""
         set_pixel_budget(processor, config.min_pixels, config.max_pixels)
         self.processor, self.box_convention, self.config = processor, box_convention, config
+        self.mrope = mrope
         tokenizer = processor.tokenizer
         self.pad_id = tokenizer.pad_token_id
         self.img_start = tokenizer.convert_tokens_to_ids("<|vision_start|>")

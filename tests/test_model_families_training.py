@@ -5,12 +5,14 @@ freezing says, and packed rows (per-sample M-RoPE and attention) equal to sample
 from __future__ import annotations
 
 import copy
+import pickle
 
 import peft
 import pytest
 import torch
 from PIL import Image
 
+from data.collate import Collator, split_rows
 from data.hf_collate import collate_family_batch
 from data.hf_encode import encode_record
 from data.packing import supervised_positions
@@ -148,6 +150,55 @@ def test_packed_positions_restart_per_sample(family):
         )
         assert torch.equal(positions[1:, :, start:end], alone)
         assert positions[0, 0, start:end].tolist() == list(range(end - start))
+
+
+FORWARD_KEYS = ("input_ids", "labels", "pixel_values", "image_grid_thw", "attention_mask", "position_ids")
+FORWARD_KEYS += ("cu_seq_lens", "max_length", "label_positions")
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_the_trainers_collator_computes_m_rope_in_the_workers_with_the_same_loss(family, packing):
+    """Given the model's MRope (pickled, as DataLoader workers receive it), the trainer's Collator ships the
+    position ids the model would otherwise compute inside the step (a host loop with GPU round trips): 4 rows
+    packed, 3 padded, equal to the model's own, the same loss, and sliced with the rows when a step is split
+    into forwards of one row each."""
+    model, processor, items = family
+    pad_id = processor.tokenizer.pad_token_id
+    dataset_items = [
+        {
+            "input_ids": torch.tensor(s.input_ids),
+            "labels": torch.tensor(s.labels),
+            "pixel_values": p.get("pixel_values"),
+            "image_grid_thw": p.get("image_grid_thw", torch.zeros(0, 3, dtype=torch.long)),
+            "truncated": False,
+        }
+        for s, p in items
+    ]
+    row_len = max(len(s.input_ids) for s, _ in items)  # the longest alone: rows of 1-2 samples
+    collate = Collator(pad_id, image_size=0, row_len=row_len, packing=packing)
+    without = collate(dataset_items)
+    collate.mrope = pickle.loads(pickle.dumps(model.mrope))
+    batch = collate(dataset_items)
+
+    grids = batch["image_grid_thw"]
+    if packing:
+        expected = model.packed_position_ids(batch["input_ids"], grids, batch["cu_seq_lens"])
+    else:
+        expected = model.position_ids(batch["input_ids"], grids, batch["attention_mask"])
+    assert batch["position_ids"].shape[0] == (4 if packing else 3)
+    assert torch.equal(batch["position_ids"], expected)
+    assert without["position_ids"].dim() == 2  # without it the model computes them
+    with torch.no_grad():
+        loss = model(**{k: batch[k] for k in FORWARD_KEYS if k in batch}).loss_sum
+        loss_without = model(**{k: without[k] for k in FORWARD_KEYS if k in without}).loss_sum
+    assert torch.equal(loss, loss_without)
+
+    rows, width = batch["input_ids"].shape
+    assert rows > 1
+    parts = split_rows(batch, width, model.placeholder.start)
+    assert len(parts) == rows
+    for r, part in enumerate(parts):
+        assert torch.equal(part["position_ids"], batch["position_ids"][:, r : r + 1])
 
 
 def test_a_text_only_training_batch_still_reaches_every_vision_parameter(family):

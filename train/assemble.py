@@ -464,7 +464,9 @@ class HFFamily:
 
     def sample_builder(self, data: DataConfig, tokenizer: Any, vlm: nn.Module | None) -> FamilySampleBuilder:
         # Needs no model: the data check builds the same samples before any weights exist (vlm None).
-        return FamilySampleBuilder(tokenizer, self.spec.box_convention, data)
+        return FamilySampleBuilder(
+            tokenizer, self.spec.box_convention, data, mrope=getattr(vlm, "mrope", None)
+        )
 
     def step_flops(self, vlm: nn.Module, recipe: Recipe, adapters: dict[str, int]) -> StepFlops:
         return llm_step_flops(

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from models.attention import varlen_kwargs
 from models.decoder_layers import compile_layers, install_checkpointing, installed, set_decoder_checkpointing
 from models.errors import MissingFileError, UserError
+from models.families.mrope import ImagePlaceholder, MRope
 from models.families.specs import FamilySpec, family_of_model_type, preset
 from models.manifest import write_manifest
 from models.vlm import VLMOutput, lm_output
@@ -42,15 +42,6 @@ from models.vlm import VLMOutput, lm_output
 # Children of model.visual that project ViT features into the LLM (the "resampler" group). Everything else
 # under model.visual is the vision tower. Qwen3-VL's DeepStack mergers project features of middle layers.
 PROJECTOR_CHILDREN = ("merger", "deepstack_merger_list")
-
-
-@dataclass(frozen=True)
-class ImagePlaceholder:
-    """An image in the token stream: ``start`` + one ``pad`` per merged patch + ``end``."""
-
-    start: int  # <|vision_start|>
-    pad: int  # <|image_pad|>: the slots the vision features replace
-    end: int  # <|vision_end|>
 
 
 # ``forward`` hands the vision tower's features to transformers' model as ``mm_encoder_outputs``, an argument
@@ -84,6 +75,9 @@ class HFFamilyModel(nn.Module):
         super().__init__()
         self.spec = spec
         self.hf = hf_model
+        # M-RoPE positions, by the model class's own method on the config alone: the trainer's collator
+        # computes them in DataLoader workers with this same object (data.collate.Collator.mrope).
+        self.mrope = MRope(type(hf_model.model), hf_model.config)
         self.loss_impl = (
             "torch"  # models.loss: "torch" | "chunked" | "liger" | "auto", as VLM.runtime.loss_impl
         )
@@ -236,19 +230,17 @@ class HFFamilyModel(nn.Module):
     # ------------------------------------------------------------------------------ image span, positions
     @property
     def placeholder(self) -> ImagePlaceholder:
-        config = self.hf.config
-        return ImagePlaceholder(
-            start=config.vision_start_token_id, pad=config.image_token_id, end=config.vision_end_token_id
-        )
+        return self.mrope.placeholder
 
     @property
     def spatial_merge_size(self) -> int:
         return self.hf.config.vision_config.spatial_merge_size
 
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
     def mm_token_type_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """1 on image slots, 0 elsewhere: what transformers 5.x's M-RoPE uses to find image runs (videos,
-        type 2, are not supported by the recipe)."""
-        return (input_ids == self.placeholder.pad).int()
+        return self.mrope.mm_token_type_ids(input_ids)
 
     def position_ids(
         self,
@@ -256,55 +248,14 @@ class HFFamilyModel(nn.Module):
         image_grid_thw: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """M-RoPE position ids [3, B, L] (temporal, height, width) by the model's own ``get_rope_index``.
-
-        Text advances all three rows by one per token; an image's slots take (t, h, w) grid coordinates
-        from its start, and the text after it resumes at start + max(h, w) / merge. Padded slots
-        (attention_mask 0) get 0. A batch without images gets ``arange`` in every row.
-        """
-        if image_grid_thw is None or not len(image_grid_thw):
-            if attention_mask is None:
-                positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-            else:
-                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) * attention_mask.long()
-            return positions.unsqueeze(0).expand(3, -1, -1).clone()
-        positions, _ = self.hf.model.get_rope_index(
-            input_ids,
-            mm_token_type_ids=self.mm_token_type_ids(input_ids),
-            image_grid_thw=image_grid_thw,
-            attention_mask=attention_mask,
-        )
-        return positions
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """M-RoPE position ids [3, B, L] of padded rows (models.families.mrope.MRope.padded)."""
+        return self.mrope.padded(input_ids, image_grid_thw, attention_mask)
 
     def packed_position_ids(
         self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, cu_seq_lens: torch.Tensor
     ) -> torch.Tensor:
-        """Position ids [4, B, L] of packed rows: row 0 the text positions restarting at 0 in every sample
-        (transformers builds the per-sample causal mask, or the varlen boundaries, from it), rows 1-3 each
-        sample's own M-RoPE, as if it were alone. ``cu_seq_lens``: sample boundaries over the flattened rows
-        (data.packing.pack; a row's padding is a segment of its own). Images are taken from
-        ``image_grid_thw`` in order of appearance. Computed on the host (one copy of the ids)."""
-        flat_ids = input_ids.reshape(-1).cpu()
-        bounds = cu_seq_lens.tolist()
-        grids = image_grid_thw.cpu() if image_grid_thw is not None else torch.zeros(0, 3, dtype=torch.long)
-        text = torch.zeros_like(flat_ids)
-        mrope = torch.zeros(3, flat_ids.numel(), dtype=torch.long)
-        next_image = 0
-        for start, end in zip(bounds, bounds[1:]):
-            segment = flat_ids[start:end]
-            num_images = int((segment == self.placeholder.start).sum())
-            text[start:end] = torch.arange(end - start)
-            mrope[:, start:end] = self.position_ids(
-                segment[None], grids[next_image : next_image + num_images]
-            )[:, 0]
-            next_image += num_images
-        if next_image != len(grids):
-            raise ValueError(f"the packed rows hold {next_image} images but image_grid_thw has {len(grids)}")
-        rows = torch.cat([text[None], mrope]).view(4, *input_ids.shape)
-        return rows.to(input_ids.device)
+        """Position ids [4, B, L] of packed rows (models.families.mrope.MRope.packed)."""
+        return self.mrope.packed(input_ids, image_grid_thw, cu_seq_lens)
 
     def forward(
         self,
