@@ -107,6 +107,27 @@ def released_qwen_tiktoken() -> Path:
     return path
 
 
+def single_process_engine(model, recipe):
+    """The trainer's Engine for ``recipe`` in one CPU process: the recipe's optimiser (the ViT's depth for its
+    layer decay), a 10-step schedule, and the recipe's parallel, train and clip settings."""
+    from train.optim import build_optimizer, build_scheduler
+    from train.parallel import DistInfo, Engine
+
+    vit_blocks = model.config.vision.layers if hasattr(model, "vision") else 2
+    optimizer = build_optimizer(model, recipe.optim, vit_blocks)
+    scheduler = build_scheduler(optimizer, 10, recipe.optim.lr, recipe.schedule)
+    return Engine(
+        model,
+        optimizer,
+        scheduler,
+        DistInfo(0, 1, 0, torch.device("cpu")),
+        recipe.parallel,
+        recipe.train,
+        recipe.optim.clip_grad,
+        offload_activations=recipe.perf.offload_activations,
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tiny_tokenizer()

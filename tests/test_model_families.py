@@ -127,7 +127,7 @@ def test_position_ids_are_mrope_of_the_image_grid(tiny):
     """reference 4.2: a 1x4x4 grid (4 slots after the 2x2 merge) at position 4: T, H, W rows; text after
     the image resumes at 4 + max(h, w) / 2 = 6."""
     ids = torch.tensor([[151644, 872, 198, 151652] + [151655] * 4 + [151653, 5, 6]])
-    positions = tiny.position_ids(ids, torch.tensor([[1, 4, 4]]))
+    positions = tiny.mrope.padded(ids, torch.tensor([[1, 4, 4]]))
     assert positions.tolist() == [
         [[0, 1, 2, 3, 4, 4, 4, 4, 6, 7, 8]],
         [[0, 1, 2, 3, 4, 4, 5, 5, 6, 7, 8]],
@@ -140,14 +140,14 @@ def test_position_ids_skip_padding_and_text_only_rows(tiny):
         [[151644, 151652] + [151655] * 4 + [151653, 0, 0], [151644, 5, 6, 7, 8, 9, 10, 11, 12]]
     )
     mask = torch.tensor([[1] * 7 + [0, 0], [1] * 9])
-    positions = tiny.position_ids(ids, torch.tensor([[1, 4, 4]]), attention_mask=mask)
+    positions = tiny.mrope.padded(ids, torch.tensor([[1, 4, 4]]), attention_mask=mask)
     assert positions[:, 0].tolist() == [
         [0, 1, 2, 2, 2, 2, 4, 0, 0],
         [0, 1, 2, 2, 3, 3, 4, 0, 0],
         [0, 1, 2, 3, 2, 3, 4, 0, 0],
     ]
     assert positions[:, 1].tolist() == [list(range(9))] * 3
-    text_only = tiny.position_ids(ids[1:], None)
+    text_only = tiny.mrope.padded(ids[1:], None)
     assert text_only.tolist() == [[list(range(9))]] * 3
 
 

@@ -63,7 +63,9 @@ def test_padded_loss_is_the_hf_models_own_loss(family):
     model, processor, items = family
     batch = collate_family_batch(items, processor.tokenizer.pad_token_id)
     ours = model(**batch)
-    theirs = model.hf(**batch, mm_token_type_ids=model.mm_token_type_ids(batch["input_ids"]), use_cache=False)
+    theirs = model.hf(
+        **batch, mm_token_type_ids=model.mrope.mm_token_type_ids(batch["input_ids"]), use_cache=False
+    )
     assert torch.isfinite(ours.loss)
     assert ours.num_tokens == sum(sum(label != -100 for label in s.labels[1:]) for s, _ in items)
     torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=1e-6)
@@ -137,14 +139,12 @@ def test_packed_positions_restart_per_sample(family):
     packed = collate_family_batch(
         items, processor.tokenizer.pad_token_id, pack_to=sum(len(s.input_ids) for s, _ in items) + 5
     )
-    positions = model.packed_position_ids(
-        packed["input_ids"], packed.get("image_grid_thw"), packed["cu_seq_lens"]
-    )
+    positions = model.mrope.packed(packed["input_ids"], packed.get("image_grid_thw"), packed["cu_seq_lens"])
     bounds = packed["cu_seq_lens"].tolist()
     grids = packed["image_grid_thw"]
     counts = [2, 1, 0]
     for k, (start, end) in enumerate(zip(bounds[:3], bounds[1:4])):
-        alone = model.position_ids(
+        alone = model.mrope.padded(
             packed["input_ids"][:, start:end],
             grids[sum(counts[:k]) : sum(counts[: k + 1])] if counts[k] else None,
         )
@@ -182,9 +182,9 @@ def test_the_trainers_collator_computes_m_rope_in_the_workers_with_the_same_loss
 
     grids = batch["image_grid_thw"]
     if packing:
-        expected = model.packed_position_ids(batch["input_ids"], grids, batch["cu_seq_lens"])
+        expected = model.mrope.packed(batch["input_ids"], grids, batch["cu_seq_lens"])
     else:
-        expected = model.position_ids(batch["input_ids"], grids, batch["attention_mask"])
+        expected = model.mrope.padded(batch["input_ids"], grids, batch["attention_mask"])
     assert batch["position_ids"].shape[0] == (4 if packing else 3)
     assert torch.equal(batch["position_ids"], expected)
     assert without["position_ids"].dim() == 2  # without it the model computes them

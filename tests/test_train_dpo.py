@@ -18,6 +18,7 @@ from data.sample import IGNORE_INDEX
 from eval_mm.metrics import REWARD_MARGIN_TOLERANCE
 from models.loss import causal_lm_loss_sum, causal_lm_token_logps
 from models.vlm import frozen_vision_shared
+from tests.conftest import single_process_engine
 from train.dpo import (
     AdapterDisabledReference,
     DirectPreference,
@@ -33,8 +34,6 @@ from train.dpo import (
 from train.freeze import apply_freezing
 from train.loop import NUM_COUNTS, accumulate_gradients, to_device
 from train.lora import apply_lora
-from train.optim import build_optimizer, build_scheduler
-from train.parallel import DistInfo, Engine
 from train.recipe import LoraSection, recipe_from_dict
 
 LOG2 = math.log(2)
@@ -177,21 +176,6 @@ def dpo_recipe(**sections):
     return recipe_from_dict(raw)
 
 
-def make_engine(model, recipe):
-    opt = build_optimizer(model, recipe.optim, model.config.vision.layers if hasattr(model, "vision") else 2)
-    sched = build_scheduler(opt, 10, recipe.optim.lr, recipe.schedule)
-    return Engine(
-        model,
-        opt,
-        sched,
-        DistInfo(0, 1, 0, torch.device("cpu")),
-        recipe.parallel,
-        recipe.train,
-        recipe.optim.clip_grad,
-        offload_activations=recipe.perf.offload_activations,
-    )
-
-
 def full_dpo(tiny_vlm, **preference):
     recipe = dpo_recipe(
         freeze={"vision": "frozen", "llm": "train"},
@@ -201,7 +185,7 @@ def full_dpo(tiny_vlm, **preference):
     model = copy.deepcopy(tiny_vlm).train()
     apply_freezing(model, recipe.freeze)
     reference = copy_for_reference(model, recipe)
-    engine = make_engine(model, recipe)
+    engine = single_process_engine(model, recipe)
     objective = DirectPreference(recipe.preference, FrozenCopyReference(place_frozen_copy(reference, engine)))
     return engine, objective
 
@@ -349,7 +333,7 @@ def test_adapter_disabled_reference_gives_the_base_models_log_probs(tiny_vlm):
     lora = LoraSection(enabled=True, r=4, alpha=8, dropout=0.0, vision_targets=["attn.qkv", "mlp.fc2"])
     model = apply_lora(base, lora, recipe.freeze)
     _perturb_trainable(model)  # adapters and the resampler (modules_to_save) move away from the base
-    engine = make_engine(model, recipe)
+    engine = single_process_engine(model, recipe)
     engine.eval()
     image = (
         cfg.image_start_id,
@@ -428,7 +412,7 @@ def test_precomputed_reference_equals_the_reference_computed_in_the_step(tiny_vl
     recipe = dpo_recipe(freeze={"vision": "frozen", "llm": "train"}, preference={"reference": "precomputed"})
     model = copy.deepcopy(tiny_vlm).train()
     apply_freezing(model, recipe.freeze)
-    engine = make_engine(model, recipe)
+    engine = single_process_engine(model, recipe)
     table = precompute_reference_logps(engine, loader, None)
     assert table.shape == (6, 2) and torch.isfinite(table).all()
     assert model.training  # back in train mode for the steps

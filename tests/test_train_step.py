@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import single_process_engine
 from train.freeze import apply_freezing, trainable_table
 from train.loop import accumulate_gradients
-from train.optim import build_optimizer, build_scheduler, lr_factor, vit_lr_scale
-from train.parallel import DistInfo, Engine
+from train.optim import build_optimizer, lr_factor, vit_lr_scale
 from train.recipe import ScheduleSection, load_recipe, recipe_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,21 +26,6 @@ def tiny_recipe(**sections):
         **sections,
     }
     return recipe_from_dict(raw)
-
-
-def single_engine(model, recipe):
-    opt = build_optimizer(model, recipe.optim, model.config.vision.layers)
-    sched = build_scheduler(opt, 10, recipe.optim.lr, recipe.schedule)
-    return Engine(
-        model,
-        opt,
-        sched,
-        DistInfo(0, 1, 0, torch.device("cpu")),
-        recipe.parallel,
-        recipe.train,
-        recipe.optim.clip_grad,
-        offload_activations=recipe.perf.offload_activations,
-    )
 
 
 def make_batch(model, lengths, seed, num_supervised):
@@ -128,9 +113,9 @@ def test_accumulating_k_micro_batches_gives_the_gradient_of_one_big_batch(tiny_v
     b = make_batch(tiny_vlm, [5, 10], seed=2, num_supervised=[1, 8])  # other token counts than a
 
     small = copy.deepcopy(tiny_vlm).train()
-    loss_small, counts = accumulate_gradients(single_engine(small, recipe), [a, b])
+    loss_small, counts = accumulate_gradients(single_process_engine(small, recipe), [a, b])
     big = copy.deepcopy(tiny_vlm).train()
-    loss_big, _ = accumulate_gradients(single_engine(big, recipe), [concat(a, b)])
+    loss_big, _ = accumulate_gradients(single_process_engine(big, recipe), [concat(a, b)])
 
     # [supervised, sample tokens, samples, images, sum of squared lengths] + the objective's [supervised]
     assert counts.tolist() == [
@@ -159,7 +144,7 @@ def test_loss_ignores_masked_labels(tiny_vlm):
     recipe = tiny_recipe(freeze={"llm": "train"})
     a = make_batch(tiny_vlm, [12, 9], seed=3, num_supervised=[4, 3])
     model = copy.deepcopy(tiny_vlm).train()
-    loss_sum, counts = accumulate_gradients(single_engine(model, recipe), [a])
+    loss_sum, counts = accumulate_gradients(single_process_engine(model, recipe), [a])
     assert int(counts[0]) == 4 + 3
     # The same sum computed by hand over the supervised (shifted) positions only.
     with torch.no_grad():
@@ -174,7 +159,7 @@ def test_loss_ignores_masked_labels(tiny_vlm):
     # Supervising one more token changes both the count and the loss.
     more = dict(a, labels=a["labels"].clone())
     more["labels"][0, 3] = a["input_ids"][0, 3]
-    l3, c3 = accumulate_gradients(single_engine(copy.deepcopy(tiny_vlm).train(), recipe), [more])
+    l3, c3 = accumulate_gradients(single_process_engine(copy.deepcopy(tiny_vlm).train(), recipe), [more])
     assert int(c3[0]) == 8 and not torch.allclose(loss_sum, l3)
 
 
@@ -313,7 +298,7 @@ def test_a_micro_batch_split_into_forwards_of_whole_rows_keeps_loss_and_gradient
     grads = []
     for max_tokens in (None, 2 * width, 1):
         model = copy.deepcopy(tiny_vlm).train()
-        engine = single_engine(model, recipe)
+        engine = single_process_engine(model, recipe)
         loss, counts = accumulate_gradients(
             engine, [batch], max_forward_tokens=max_tokens, image_start_id=tiny_vlm.config.image_start_id
         )

@@ -8,8 +8,8 @@ needs to know and the model does not say in one place:
   family (vision, resampler, llm, embeddings; "resampler" is the family's merger/projector), and
   ``part_prefixes()`` / ``lora_target_pattern()`` name them by parameter-name prefix;
 * its image placeholder span: ``placeholder`` (vision_start, image_pad, vision_end ids, from the config);
-* its position ids: ``position_ids()`` runs the model's own ``get_rope_index`` (M-RoPE, 3 rows), per sample
-  in a packed row (``packed_position_ids``).
+* its position ids: ``mrope`` (models.families.mrope.MRope) runs the model class's own ``get_rope_index``
+  (M-RoPE, 3 rows) on padded rows, per sample in a packed row.
 
 ``forward`` takes the batches of data.hf_encode samples, padded or packed, and returns ``VLMOutput`` with the
 loss summed by models.loss, as the Qwen-VL ``VLM`` does.
@@ -239,24 +239,6 @@ class HFFamilyModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def mm_token_type_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.mrope.mm_token_type_ids(input_ids)
-
-    def position_ids(
-        self,
-        input_ids: torch.Tensor,
-        image_grid_thw: torch.Tensor | None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """M-RoPE position ids [3, B, L] of padded rows (models.families.mrope.MRope.padded)."""
-        return self.mrope.padded(input_ids, image_grid_thw, attention_mask)
-
-    def packed_position_ids(
-        self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, cu_seq_lens: torch.Tensor
-    ) -> torch.Tensor:
-        """Position ids [4, B, L] of packed rows (models.families.mrope.MRope.packed)."""
-        return self.mrope.packed(input_ids, image_grid_thw, cu_seq_lens)
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -290,9 +272,9 @@ class HFFamilyModel(nn.Module):
         packed = attention_mask is None and cu_seq_lens is not None
         if position_ids is None or position_ids.dim() == 2:
             if packed:
-                position_ids = self.packed_position_ids(input_ids, image_grid_thw, cu_seq_lens)
+                position_ids = self.mrope.packed(input_ids, image_grid_thw, cu_seq_lens)
             else:
-                position_ids = self.position_ids(input_ids, image_grid_thw, attention_mask)
+                position_ids = self.mrope.padded(input_ids, image_grid_thw, attention_mask)
         # The vision tower runs first, on its own: the sample boundaries below are the LLM's, and keyword
         # arguments given to the HF model would reach the ViT's attention too (it has its own boundaries).
         encoded, unused_vision = None, None
@@ -317,7 +299,7 @@ class HFFamilyModel(nn.Module):
             position_ids=position_ids,
             mm_encoder_outputs=encoded,
             image_grid_thw=image_grid_thw,
-            mm_token_type_ids=self.mm_token_type_ids(input_ids),
+            mm_token_type_ids=self.mrope.mm_token_type_ids(input_ids),
             use_cache=False,
             **varlen,
         ).last_hidden_state
@@ -355,7 +337,7 @@ class HFFamilyModel(nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             **images,
-            mm_token_type_ids=self.mm_token_type_ids(input_ids),
+            mm_token_type_ids=self.mrope.mm_token_type_ids(input_ids),
             **generate_kwargs,
         )
         return out[:, input_ids.shape[1] :]
