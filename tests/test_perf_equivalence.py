@@ -153,9 +153,11 @@ def test_everything_together_as_the_bench_runs_it(cuda_vlm, tiny_tokenizer):
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
-def test_varlen_attention_confines_each_sample_with_grouped_query_heads(kv_heads):
+@pytest.mark.parametrize("causal", [True, False], ids=["decoder", "vision"])
+def test_varlen_attention_confines_each_sample_with_grouped_query_heads(kv_heads, causal):
     """Qwen2.5-VL and Qwen3-VL have fewer key/value heads than query heads: a packed row through "varlen"
-    equals causal attention over each sample alone, the key/value heads repeated for their query groups."""
+    equals attention over each sample alone, the key/value heads repeated for their query groups. Causal for
+    a decoder; both ways when the caller says ``is_causal=False``, as the families' vision towers do."""
     from transformers.integrations.sdpa_attention import repeat_kv
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -173,7 +175,8 @@ def test_varlen_attention_confines_each_sample_with_grouped_query_heads(kv_heads
     module = torch.nn.Module()
     module.num_key_value_groups = heads // kv_heads
     module.is_causal = True
-    out, _ = attention(module, q, k, v, None, scaling=dh**-0.5, cu_seq_lens_q=cu, max_length_q=11)
+    extra = {} if causal else {"is_causal": False}
+    out, _ = attention(module, q, k, v, None, scaling=dh**-0.5, cu_seq_lens_q=cu, max_length_q=11, **extra)
     expected = []
     for start, n in zip(cu[:-1].tolist(), lengths):
         part = slice(start, start + n)
@@ -183,6 +186,6 @@ def test_varlen_attention_confines_each_sample_with_grouped_query_heads(kv_heads
             repeat_kv(v[:, :, part], heads // kv_heads),
         )
         expected.append(
-            torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(1, 2)
+            torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal).transpose(1, 2)
         )
     torch.testing.assert_close(out, torch.cat(expected, dim=1), **BF16)

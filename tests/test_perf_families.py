@@ -10,9 +10,11 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from data.hf_collate import collate_family_batch
 from data.packing import supervised_positions
+from models.attention import VISION_VARLEN, set_vision_varlen
 from models.errors import UserError
 from models.families.adapter import HFFamilyModel
 from tests.test_model_families_training import family  # noqa: F401 (the tiny model and samples of each family)
@@ -189,6 +191,62 @@ def test_the_full_logit_loss_of_the_plain_anchor_is_honoured(family, tiny_tiktok
     torch.testing.assert_close(losses[0], losses[1])
 
 
+BF16_FEATURES = {"rtol": 2e-2, "atol": 2e-3}
+
+
+def segment_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, is_causal=None, window_size=None):
+    """torch's varlen_attn as plain SDPA over each segment ([tokens, heads, dim] in and out): a CPU stand-in
+    that keeps the kernel's contract (boundaries, scale, causal or not)."""
+    causal = is_causal if is_causal is not None else tuple(window_size) == (-1, 0)
+    parts = []
+    for start, end in zip(cu_q.tolist(), cu_q.tolist()[1:]):
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale)
+        parts.append(out.transpose(0, 1))
+    return torch.cat(parts)
+
+
+def test_varlen_runs_the_vision_tower_in_one_call_per_block_confined_to_each_image(family, monkeypatch):  # noqa: F811
+    """perf.attention: varlen also runs the ViT through the varlen kernel: transformers hands it every image's
+    boundaries (Qwen2.5-VL: its windows') in one non-causal call per block, where its SDPA path makes one
+    call per image after a host sync in every block. The features equal the SDPA tower's."""
+    import models.attention
+
+    model, _, items = family
+    batch = collate_family_batch(items, 0)
+    pixels, grid = batch["pixel_values"], batch["image_grid_thw"]
+    assert len(grid) >= 2, "the test needs images of several sizes in one call"
+    visual = copy.deepcopy(model).eval().hf.model.visual
+    with torch.no_grad():
+        want = visual(pixels, grid_thw=grid, return_dict=True).last_hidden_state
+
+    calls = []
+
+    def kernel(*args, **kwargs):
+        calls.append(kwargs.get("is_causal", kwargs.get("window_size")))
+        return segment_attention(*args, **kwargs)
+
+    monkeypatch.setattr(models.attention, "varlen_attn", kernel)
+    set_vision_varlen(visual.config)
+    with torch.no_grad():
+        got = visual(pixels, grid_thw=grid, return_dict=True).last_hidden_state
+    assert len(calls) == len(visual.blocks)
+    assert all(c in (False, (-1, -1)) for c in calls), calls
+    # the kernel takes bf16 (flash), so the features agree to bf16 rounding; attending across the images'
+    # boundaries would move them far more than that (checked with one segment for the whole batch)
+    torch.testing.assert_close(got, want, **BF16_FEATURES)
+
+    def unconfined(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
+        whole = cu_q.new_tensor([0, len(q)])
+        return segment_attention(q, k, v, whole, whole, len(q), len(q), **kwargs)
+
+    monkeypatch.setattr(models.attention, "varlen_attn", unconfined)
+    with torch.no_grad():
+        leaked = visual(pixels, grid_thw=grid, return_dict=True).last_hidden_state
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(leaked, want, **BF16_FEATURES)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (varlen flash attention, inductor)"
@@ -215,6 +273,7 @@ def test_compiled_varlen_family_layers_under_checkpointing_gpu(family, tiny_tikt
     )
     perf, _ = FAMILIES[model.spec.name].apply_perf(vlm, recipe, cuda=True, mode="single")
     assert perf.attention == "varlen" and perf.compile_llm is True
+    assert vlm.hf.model.visual.config._attn_implementation == VISION_VARLEN
     with torch.autocast("cuda", dtype=torch.bfloat16):
         want, _ = losses_and_grads(plain, batches)
         got, _ = losses_and_grads(optimised, batches)
