@@ -22,6 +22,27 @@ from train.recipe import PerfSection
 FP8_MIN_CAPABILITY = (8, 9)  # FP8 tensor cores (torch._scaled_mm): Ada, Hopper and newer
 
 
+# ZeRO-3 gathers each layer's parameters in module hooks; compiled layers under it are not verified.
+ZERO3_COMPILE_WHY = "not verified under ZeRO-3"
+
+
+def compile_llm_blockers(cuda: bool, quantized: bool, zero3: bool, adapter_off_reference: bool) -> list[str]:
+    """Why ``perf.compile_llm: auto`` leaves the decoder layers uncompiled (none: they compile). The planner
+    asks the same question: compiled layers keep fewer bytes than eager ones (train.plan)."""
+    reasons = [
+        "" if cuda else "no CUDA device",
+        "bitsandbytes 4-bit layers do not compile" if quantized else "",
+        ZERO3_COMPILE_WHY if zero3 else "",
+        # DPO's reference pass through the same layers with the adapters switched off: on the H100 the
+        # compiled decoder layers' checkpointed recompute then saved other tensors than their forward
+        # (CheckpointError).
+        "DPO's adapter-disabled reference pass breaks the compiled layers' recompute"
+        if adapter_off_reference
+        else "",
+    ]
+    return [why for why in reasons if why]
+
+
 def resolve_perf(
     perf: PerfSection,
     vlm,
@@ -41,21 +62,10 @@ def resolve_perf(
         return not blockers
 
     no_cuda = "" if cuda else "no CUDA device"
-    # ZeRO-3 gathers each layer's parameters in module hooks; compiled layers under it are not verified.
-    zero3_why = "not verified under ZeRO-3"
-    # DPO's reference pass through the same layers with the adapters switched off: on the H100 the compiled
-    # decoder layers' checkpointed recompute then saved other tensors than their forward (CheckpointError).
-    adapter_off_why = "DPO's adapter-disabled reference pass breaks the compiled layers' recompute"
     resolved = {}
     if perf.compile_llm == "auto":
         resolved["compile_llm"] = auto(
-            "compile_llm",
-            [
-                no_cuda,
-                "bitsandbytes 4-bit layers do not compile" if quantized else "",
-                zero3_why if zero3 else "",
-                adapter_off_why if adapter_off_reference else "",
-            ],
+            "compile_llm", compile_llm_blockers(cuda, quantized, zero3, adapter_off_reference)
         )
     compiles_llm = resolved.get("compile_llm", perf.compile_llm) is True
     if perf.liger_kernels == "auto":
@@ -76,7 +86,7 @@ def resolve_perf(
             ],
         )
     if perf.compile_vision == "auto":
-        resolved["compile_vision"] = auto("compile_vision", [no_cuda, zero3_why if zero3 else ""])
+        resolved["compile_vision"] = auto("compile_vision", [no_cuda, ZERO3_COMPILE_WHY if zero3 else ""])
     if perf.attention == "varlen" and not cuda:
         # torch's varlen kernel is flash attention, which has no CPU backend. SDPA confines attention to each
         # packed sample too, with the mask transformers builds from positions restarting at 0 per sample.

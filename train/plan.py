@@ -31,12 +31,13 @@ from models.errors import ArgumentParser, UserError, run_cli
 from train.assemble import assemble, family_of
 from train.budget import BudgetChoice, choose, fixed_settings, without_budget
 from train.budget import apply as apply_settings
-from train.dpo import reference_mode
+from train.dpo import reference_mode, runs_adapter_off_reference
 from train.flops import forward_flops, recompute_flops, step_flops
 from train.freeze import group_of
 from train.memory import Counts, Estimate, GiB, MicroBatch, ModelShape, Setup, estimate
 from train.optim import param_groups
 from train.parallel import deepspeed_config, resolve_mode
+from train.perf import compile_llm_blockers
 from train.recipe import Recipe, RecipeError, load_recipe
 
 DEFAULT_GPU_MEM_GIB = 80.0  # H100 80GB
@@ -156,9 +157,21 @@ def setup_of(recipe: Recipe, model: ModelPlan, gpus: int, notes: list[str], sour
     perf = recipe.perf
     loss_impl = "liger" if perf.loss_impl == "auto" else perf.loss_impl
     # Where the decoder layers compile, resolve_perf leaves liger's kernels off: inductor fuses the same
-    # RMSNorm / RoPE / SwiGLU work, and its layers keep what liger's would (the calibration's 2026-12-06
-    # rows). The memory model is liger's either way.
-    liger_kernels = model.shape.liger_kernels if perf.liger_kernels == "auto" else perf.liger_kernels
+    # RMSNorm / RoPE / SwiGLU work, and its layers keep what liger's would (bf16 norm inputs, no SiLU
+    # output: the calibration's rows, docs/experiments/2026-12-07-compiled-activations.md). So the memory
+    # model is liger's either way, also for a family that liger's kernels do not cover.
+    compiles = perf.compile_llm is True or (
+        perf.compile_llm == "auto"
+        and not compile_llm_blockers(
+            cuda=True,
+            quantized=recipe.quantization.enabled,
+            zero3=mode == "zero3",
+            adapter_off_reference=runs_adapter_off_reference(recipe),
+        )
+    )
+    liger_kernels = (
+        model.shape.liger_kernels if perf.liger_kernels == "auto" else perf.liger_kernels
+    ) or compiles
     if "auto" in (perf.loss_impl, perf.liger_kernels):
         notes.append(
             "perf auto switches as on a CUDA machine with liger-kernel installed: fused liger loss"
