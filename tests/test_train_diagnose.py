@@ -1,6 +1,8 @@
 """The diagnosis aids (train/diagnose.py): which steps are profiled, and the memory report at the peak."""
 
-from train.diagnose import _env_steps, live_at_peak
+import torch
+
+from train.diagnose import _env_steps, live_at_peak, profiled
 
 
 def frame(path: str, line: int, name: str) -> dict:
@@ -46,3 +48,20 @@ def test_gpu_busy_time_is_the_union_of_kernel_spans():
 
     assert busy_time([(0, 10), (5, 15), (20, 25), (21, 22)]) == 20
     assert busy_time([]) == 0
+
+
+def test_a_profiled_step_reports_the_ops_by_their_own_host_time(monkeypatch, capsys):
+    """The step named by VLRECIPE_PROFILE_STEP prints its ops, then the same ops by their own host time (where
+    a step the GPU waits on spends it); other steps print nothing."""
+    monkeypatch.setenv("VLRECIPE_PROFILE_STEP", "2")
+    for step in (1, 2):
+        with profiled(step, is_main=True):
+            x = torch.randn(64, 64, requires_grad=True)
+            (x @ x).sum().backward()
+            float(x.grad.norm())  # .item(): a device->host wait on a GPU
+    out = capsys.readouterr().out
+    assert "profile of step 1" not in out and "profile of step 2:" in out
+    host = out.split("host time of step 2 by op (self CPU time):")[1]
+    rows = [line.split()[0] for line in host.splitlines() if line.strip().startswith(("aten::", "autograd"))]
+    assert "aten::mm" in rows[:3]  # the matrix product's own time leads; its callers' totals do not count
+    assert "aten::matmul" in rows and rows.index("aten::matmul") > rows.index("aten::mm")

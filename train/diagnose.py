@@ -2,8 +2,8 @@
 
 - ``VLRECIPE_PROFILE_STEP=N`` (or ``N,M,...``): profile step N (forward, backward and optimiser step) with
   torch.profiler; rank 0 prints the top kernels by device time, the step's wall time and how much of it the
-  GPU was busy, and, with ``VLRECIPE_PROFILE_DIR=DIR``, writes DIR/trace_stepN.json.gz
-  (chrome://tracing, Perfetto).
+  GPU was busy, the ops by their own host time (a step the GPU waits on: where the host spends it), and,
+  with ``VLRECIPE_PROFILE_DIR=DIR``, writes DIR/trace_stepN.json.gz (chrome://tracing, Perfetto).
 - ``VLRECIPE_MEMORY_STEP=N``: record every CUDA allocation from the first step to the end of step N
   (torch.cuda.memory._record_memory_history), then print what was live at the peak, grouped by the
   allocating source line, and write the snapshot to ``VLRECIPE_PROFILE_DIR`` (pytorch.org/memory_viz).
@@ -76,6 +76,12 @@ def profiled(step: int, is_main: bool):
             f"step {step}: wall {wall * 1e3:.0f} ms, GPU kernels {busy * 1e3:.0f} ms "
             f"({100 * busy / wall:.0f}% busy)"
         )
+    # Where a step the GPU waits on spends its host time: the ops' own CPU time, the CUDA runtime's calls
+    # among them (the count of cudaStreamSynchronize is the device->host waits: .item(), .tolist(), .cpu()).
+    lines += [
+        f"host time of step {step} by op (self CPU time):",
+        averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70),
+    ]
     print("\n".join(lines), flush=True)
     out = _out_dir()
     if out is not None:
