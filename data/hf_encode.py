@@ -38,7 +38,7 @@ from transformers import ProcessorMixin
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from data.hf_boxes import ImageGeometry, boxes_to_family
-from data.images import decode_image
+from data.image_files import decode_image
 from data.sample import IGNORE_INDEX, TokenizedSample, truncate_span_safe
 from data.text import split_image_spans
 from models.tokens import IMG_END, IMG_START

@@ -16,7 +16,7 @@ from data.config import DataConfig
 from data.formats import (
     DataFormatError,
 )
-from data.images import ImageLoadError
+from data.image_files import ImageLoadError
 from data.map_style import Records, VLMDataset
 from data.sample_builder import FamilySampleBuilder, SampleBuilder
 from data.sampler import ResumableSampler

@@ -19,7 +19,7 @@ from data.formats import (
     load_records,
     record_image_paths,
 )
-from data.images import ImageLoadError
+from data.image_files import ImageLoadError
 from data.sample_builder import FamilySampleBuilder, SampleBuilder
 
 logger = logging.getLogger(__name__)

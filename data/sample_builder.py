@@ -27,7 +27,8 @@ from data.hf_encode import (
     to_messages,
     truncate_family_sample,
 )
-from data.images import ImageLoadError, decode_image, load_image, open_image
+from data.image_files import ImageLoadError, decode_image, open_image
+from data.images import load_image
 from data.sample import TokenizedSample, truncate_pair, truncate_span_safe
 from data.templates import render_task
 from data.text import token_id

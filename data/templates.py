@@ -19,7 +19,7 @@ prompt (the text task has none) starts with the image, ``<img>p</img>``, then:
 
 from __future__ import annotations
 
-from data.images import image_size_of
+from data.image_files import image_size_of
 from data.sample import IGNORE_INDEX, TokenizedSample, mask_first_label
 from data.text import (
     BoxError,

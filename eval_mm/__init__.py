@@ -1,5 +1,2 @@
-"""Benchmark evaluation: `python -m eval_mm run|score|list`, or `eval_mm.evaluate(...)` in-process."""
-
-from eval_mm.runner import evaluate
-
-__all__ = ["evaluate"]
+"""Benchmark evaluation: `vlrecipe eval run|score|compare|list` (eval_mm.cli), or
+`eval_mm.runner.evaluate(...)` in-process."""

@@ -50,12 +50,13 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from data.chatml import DEFAULT_SYSTEM_MESSAGE, encode_conversation_prompt
 from data.hf_encode import encode_images
-from data.images import ImageLoadError, decode_image, image_size_of, load_image
+from data.image_files import ImageLoadError, decode_image, image_size_of
+from data.images import load_image
 from data.text import COORD_RANGE, Message, TypedMarkupError, encode_text_with_images, markup_spelt_out
 from eval_mm.family import check_family_prompt_format, encode_family_prompt, family_answer
 from eval_mm.inference import stop_token_ids
 from eval_mm.prompts import checkpoint_prompt_format
-from models.errors import UserError, positive_int
+from models.errors import UserError
 from models.loading import base_vlm, is_family_model, load_pretrained, pick_device, resolve_export
 from models.tokens import BOX_END, BOX_START, IMG_END, IMG_START, REF_END, REF_START
 
@@ -508,47 +509,6 @@ class Chat:
 
 
 # ------------------------------------------------------------------------------ command line
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The checkpoint and decoding options of ``python -m eval_mm chat`` and ``python -m eval_mm.web``."""
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="any export: a full one, merged/, an adapter, or a run's final/ (models.load_pretrained)",
-    )
-    parser.add_argument(
-        "--base", default=None, help="the base an adapter goes on (default: its training_info.json init_from)"
-    )
-    parser.add_argument(
-        "--system", default=None, help="the ChatML system message (default: the training default)"
-    )
-    parser.add_argument("--max-new-tokens", type=positive_int, default=512)
-    parser.add_argument(
-        "--temperature",
-        type=float,
-        default=None,
-        help="sample at this temperature (default: greedy; 0 = greedy)",
-    )
-    parser.add_argument("--top-p", type=float, default=None, help="sample from the top-p nucleus")
-    parser.add_argument("--top-k", type=positive_int, default=None, help="sample from the k likeliest tokens")
-    parser.add_argument("--repetition-penalty", type=float, default=None)
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed of sampling (re-applied before every answer)"
-    )
-    parser.add_argument(
-        "--prompt-format",
-        choices=["auto", "chatml", "raw"],
-        default="auto",
-        help="auto: the one the checkpoint records (chatml after SFT, else raw)",
-    )
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        default="auto",
-        help="auto: bfloat16 on GPU, float32 on CPU",
-    )
-
-
 def chat_from_args(args: argparse.Namespace) -> Chat:
     """A Chat from the options ``add_model_arguments`` declares."""
     settings = GenerationSettings(

@@ -3,57 +3,23 @@ A mistake in the command line, a benchmark file or a path prints one line ``erro
 status 2 (``--debug`` shows the traceback)."""
 
 import argparse
+import importlib
 import json
-import os
-import sys
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
-from eval_mm.benchmarks import BENCHMARKS, get_benchmark, parse_bench_list
-from eval_mm.chat import add_model_arguments, chat_from_args, interactive, one_shot
+from eval_mm.benchmarks import BENCHMARKS, get_benchmark
 from eval_mm.compare import compare_runs, format_comparison
 from eval_mm.datasets import load_references
-from eval_mm.metrics import MetricOptions, compute_metric, reward_accuracy
-from eval_mm.prompts import PROMPT_FORMATS, checkpoint_prompt_format
-from eval_mm.runner import evaluate, print_summary
-from models.errors import ArgumentParser, MissingFileError, UserError, non_negative_int, positive_int
-from models.loading import is_family_model, load_pretrained, pick_device, resolve_export
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _add_metric_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--chartqa-reference-order",
-        action="store_true",
-        help="score ChartQA with the reference's swapped relaxed_correctness arguments",
-    )
-    parser.add_argument(
-        "--box-divisor",
-        type=positive_float,
-        default=1000.0,
-        help="map box coordinates back with x / DIVISOR * width (1000, as training; 999 = reference RefCOCO)",
-    )
-    parser.add_argument("--meteor", action="store_true", help="also compute METEOR for captions (needs Java)")
-
-
-def _metric_options(args) -> MetricOptions:
-    return MetricOptions(
-        chartqa_reference_order=args.chartqa_reference_order,
-        box_divisor=args.box_divisor,
-        with_meteor=args.meteor,
-    )
-
+from eval_mm.metrics import compute_metric, reward_accuracy
+from eval_mm.options import (
+    PROMPT_FORMATS,
+    add_checkpoint_arguments,
+    add_metric_options,
+    add_model_arguments,
+    metric_options,
+)
+from eval_mm.predictions import read_prediction_file
+from models.errors import ArgumentParser, UserError, non_negative_int, positive_int
 
 DEMO_EXPORT = "runs/demo/sft/final"  # what `vlrecipe demo` trains: the examples run on it
 
@@ -81,14 +47,7 @@ def build_parser(prog: str = "python -m eval_mm") -> argparse.ArgumentParser:
             "--data-root runs/demo/data --out runs/eval_sft --limit 200"
         ],
     )
-    run.add_argument(
-        "--checkpoint",
-        required=True,
-        help="any export: a full one, merged/, an adapter, or a run's final/ (models.load_pretrained)",
-    )
-    run.add_argument(
-        "--base", default=None, help="the base an adapter goes on (default: its training_info.json init_from)"
-    )
+    add_checkpoint_arguments(run)
     run.add_argument("--bench", required=True, help="comma-separated benchmark names (see `list`)")
     run.add_argument("--data-root", required=True)
     run.add_argument("--out", required=True)
@@ -126,7 +85,7 @@ def build_parser(prog: str = "python -m eval_mm") -> argparse.ArgumentParser:
         help="on: a static KV cache whose decode step transformers compiles (CUDA graphs), and "
         "compiled vision blocks; auto: on with CUDA (docs/evaluation.md)",
     )
-    _add_metric_options(run)
+    add_metric_options(run)
 
     score_example = (
         "--bench synth_vqa --predictions runs/eval_sft/synth_vqa/predictions.jsonl "
@@ -143,7 +102,7 @@ def build_parser(prog: str = "python -m eval_mm") -> argparse.ArgumentParser:
         help="a preference benchmark's predictions by the reference model (e.g. the SFT export "
         "a DPO run started from): adds the held-out reward accuracy (eval_mm.metrics)",
     )
-    _add_metric_options(score)
+    add_metric_options(score)
 
     compare = sub.add_parser(
         "compare",
@@ -158,7 +117,7 @@ def build_parser(prog: str = "python -m eval_mm") -> argparse.ArgumentParser:
         "--bench", default=None, help="comma-separated benchmarks (default: every one both hold)"
     )
     compare.add_argument("--json", action="store_true", help="print the results as one JSON object")
-    _add_metric_options(compare)
+    add_metric_options(compare)
 
     sub.add_parser("list", help="benchmarks, their data files and metrics", examples=[""])
 
@@ -210,7 +169,7 @@ def cmd_score(args) -> dict:
         bench.metric,
         predictions,
         references,
-        _metric_options(args),
+        metric_options(args),
         where=f"{bench.name} ({path} vs {args.annotations})",
     )
     if args.reference_predictions is not None:
@@ -227,90 +186,9 @@ def cmd_score(args) -> dict:
 
 
 def cmd_compare(args) -> dict:
-    results = compare_runs(args.baseline, args.candidate, args.data_root, args.bench, _metric_options(args))
+    results = compare_runs(args.baseline, args.candidate, args.data_root, args.bench, metric_options(args))
     print(json.dumps(results) if args.json else format_comparison(results))
     return results
-
-
-def read_prediction_file(path: Path) -> dict[str, str]:
-    """id -> prediction of a ``predictions.jsonl`` (what ``run`` writes); one error line per bad record."""
-    if not path.is_file():
-        raise MissingFileError(f"predictions file not found: {path}")
-    predictions = {}
-    for index, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            predictions[str(record["id"])] = str(
-                record["prediction"] if record["prediction"] is not None else ""
-            )
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UserError(
-                f"{path} line {index + 1}: need a JSON object with 'id' and 'prediction' ({e})"
-            ) from e
-    return predictions
-
-
-def cmd_run(args) -> dict:
-    benches = parse_bench_list(args.bench)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    try:
-        model, tokenizer = load_pretrained(
-            args.checkpoint, base=args.base, dtype=args.dtype, device=pick_device()
-        )
-        compiled = torch.cuda.is_available() if args.compile == "auto" else args.compile == "on"
-        if compiled and is_family_model(model):  # the Qwen-VL model's compiled blocks and static cache only
-            if args.compile == "on":
-                raise UserError(
-                    "--compile on: a family model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) is evaluated "
-                    "uncompiled; use --compile off or auto"
-                )
-            compiled = False
-        if compiled:
-            model.compile_blocks(vision=True)
-        weights_dir = resolve_export(
-            args.checkpoint
-        ).path  # merged/ or adapter/ of a run's final/: the format is there
-        prompt_format = (
-            checkpoint_prompt_format(weights_dir) if args.prompt_format == "auto" else args.prompt_format
-        )
-        results = evaluate(
-            model,
-            tokenizer,
-            benches,
-            args.data_root,
-            args.out,
-            limit=args.limit,
-            batch_size=args.batch_size,
-            prompt_format=prompt_format,
-            metric_options=_metric_options(args),
-            num_workers=args.num_workers,
-            static_cache=compiled,
-        )
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-            print(f"prompt format: {prompt_format}")
-            print_summary(results)
-            print(json.dumps(results))
-        return results
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def cmd_chat(args) -> None:
-    if args.json and args.prompt is None:
-        raise UserError("--json needs --prompt (one question, one JSON line)")
-    chat = chat_from_args(args)
-    if args.prompt is not None:
-        one_shot(chat, args.prompt, args.image, sys.stdout, as_json=args.json, draw=args.draw)
-    else:
-        for image in args.image:
-            chat.add_image(image)
-        interactive(chat, sys.stdin, sys.stdout, draw=args.draw)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m eval_mm") -> int:
@@ -321,8 +199,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m eval_mm") -> int:
         cmd_score(args)
     elif args.command == "compare":
         cmd_compare(args)
-    elif args.command == "chat":
-        cmd_chat(args)
-    else:
-        cmd_run(args)
+    else:  # run, chat: they load a model; the module that does is imported only now (torch, transformers)
+        commands = importlib.import_module("eval_mm.model_commands")
+        if args.command == "chat":
+            commands.cmd_chat(args)
+        else:
+            commands.cmd_run(args)
     return 0

@@ -45,7 +45,7 @@ from data.hf_encode import (
     image_grid,
     resized_size,
 )
-from data.images import decode_image
+from data.image_files import decode_image
 from data.sample import IGNORE_INDEX
 from data.text import split_image_spans, tokenize_plain
 from eval_mm.benchmarks import Benchmark
@@ -89,7 +89,7 @@ def encode_family_prompt(
     parsed for them). A user turn's ``<ref>``/``<box>`` text is rewritten into the family's convention
     against the last image before it; assistant turns are the family's own answers, kept as they are.
     ``system``: a system message (None: the template's default). ValueError for a box the convention cannot
-    carry; data.images.ImageLoadError (naming ``where``) for an image that cannot be read."""
+    carry; data.image_files.ImageLoadError (naming ``where``) for an image that cannot be read."""
     messages = [] if system is None else [{"role": "system", "content": system}]
     images: list[Image.Image] = []
     geometry = None

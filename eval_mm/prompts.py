@@ -10,8 +10,6 @@ from models.tokens import IM_END, IM_START
 
 FAMILY_MODEL_TYPES = {spec.model_type for spec in FAMILIES.values()}
 
-PROMPT_FORMATS = ("auto", "chatml", "raw")
-
 
 def checkpoint_prompt_format(checkpoint: str | Path) -> str:
     """'chatml' when the checkpoint says it is a chat model, else 'raw'.

@@ -29,6 +29,7 @@ from eval_mm.family import (
 )
 from eval_mm.inference import BatchBuilder, PromptBatch, StaticCacheSlot, generate_answers, rank_options
 from eval_mm.metrics import MetricOptions, compute_metric
+from eval_mm.predictions import read_predictions
 from eval_mm.preference import PairBatchBuilder, score_pairs
 from eval_mm.sharding import barrier, broadcast_from_rank0, gather_to_all, shard_range, world
 from models.errors import UserError
@@ -261,26 +262,6 @@ def _predict_batch(
         {"id": s.id, "prediction": answer, "prompt": p, "raw_output": raw}
         for s, p, (answer, raw) in zip(batch.samples, batch.prompts, answers, strict=True)
     ]
-
-
-def read_predictions(bench_dir: Path) -> dict[str, dict]:
-    """Records already predicted: the merged file plus the parts of an interrupted run. A truncated
-    last line (a run killed mid-write) is ignored, and its sample predicted again."""
-    records: dict[str, dict] = {}
-    files = [bench_dir / "predictions.jsonl", *sorted(bench_dir.glob("predictions.part*.jsonl"))]
-    for file in files:
-        if not file.exists():
-            continue
-        lines = file.read_text(encoding="utf-8").splitlines()
-        for index, line in enumerate(lines):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                if index == len(lines) - 1:
-                    continue
-                raise UserError(f"{file} line {index + 1}: invalid JSON: {e}") from e
-            records[str(record["id"])] = record
-    return records
 
 
 def _check_run_info(bench_dir: Path, prompt_format: str) -> None:

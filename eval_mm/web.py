@@ -24,7 +24,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from eval_mm.chat import Chat, ChatImageError, add_model_arguments, chat_from_args, draw_boxes
+from eval_mm.chat import Chat, ChatImageError, chat_from_args, draw_boxes
+from eval_mm.options import add_model_arguments
 from models.errors import ArgumentParser, MissingFileError, UserError, positive_int, run_cli
 
 TITLE = "vlrecipe chat"

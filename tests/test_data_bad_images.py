@@ -11,7 +11,7 @@ from PIL import Image
 
 from data import stats
 from data.dataset import DataConfig, build_dataloader, find_missing_images, load_data
-from data.images import ImageLoadError
+from data.image_files import ImageLoadError
 
 N_IMG = 4
 

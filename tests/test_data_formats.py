@@ -10,7 +10,8 @@ from PIL import Image
 from data import stats
 from data.dataset import DataConfig, build_dataloader
 from data.formats import DataFormatError, empty_answer_turn, llava_to_qwen, load_pretrain_pairs, load_records
-from data.images import CLIP_MEAN, CLIP_STD, ImageLoadError, load_image
+from data.image_files import ImageLoadError
+from data.images import CLIP_MEAN, CLIP_STD, load_image
 from data.templates import render_task, task_prompt_and_target
 
 N_IMG = 4

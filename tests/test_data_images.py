@@ -12,17 +12,15 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from data.images import (
-    CLIP_MEAN,
-    CLIP_STD,
+from data.image_files import (
     IMAGE_FORMATS,
     MAX_IMAGE_PIXELS,
     ImageLoadError,
     decode_image,
     image_size_of,
-    load_image,
     open_image,
 )
+from data.images import CLIP_MEAN, CLIP_STD, load_image
 
 
 def png_claiming(width: int, height: int) -> bytes:

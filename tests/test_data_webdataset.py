@@ -16,7 +16,7 @@ from PIL import Image
 
 from data import stats
 from data.dataset import DataConfig, build_dataloader
-from data.images import ImageLoadError
+from data.image_files import ImageLoadError
 from data.synthetic import generate
 from data.webdataset import write_shards
 from models.errors import UserError

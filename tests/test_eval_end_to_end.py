@@ -113,16 +113,16 @@ def test_single_process_then_resume_then_two_process_gloo(checkpoint, data_root,
 def test_in_process_api_is_independent_of_batch_size_and_resumes_partial_runs(
     tiny_vlm, tiny_tokenizer, data_root, tmp_path
 ):
-    import eval_mm
+    from eval_mm.runner import evaluate
 
     benches = ["synth_vqa", "synth_mc"]
-    by_one = eval_mm.evaluate(
+    by_one = evaluate(
         tiny_vlm, tiny_tokenizer, benches, data_root, tmp_path / "a", batch_size=1, progress=False
     )
     # Batches of 3 (the loader sorts prompts by length, the last batch is short) with the static KV cache,
     # and all 5 in one batch: the same predictions, option losses and metrics, in dataset order.
     for name, batch_size, static_cache in (("b", 3, True), ("c", N_EVAL, False)):
-        other = eval_mm.evaluate(
+        other = evaluate(
             tiny_vlm,
             tiny_tokenizer,
             benches,
@@ -153,22 +153,20 @@ def test_in_process_api_is_independent_of_batch_size_and_resumes_partial_runs(
     lines = (tmp_path / "a" / "synth_vqa" / "predictions.jsonl").read_text().splitlines()
     (partial / "predictions.part0.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:10])
     (partial / "run_info.json").write_text(json.dumps({"prompt_format": "raw"}))
-    resumed = eval_mm.evaluate(
-        tiny_vlm, tiny_tokenizer, ["synth_vqa"], data_root, tmp_path / "d", progress=False
-    )
+    resumed = evaluate(tiny_vlm, tiny_tokenizer, ["synth_vqa"], data_root, tmp_path / "d", progress=False)
     assert resumed["synth_vqa"]["num_resumed"] == 2
     assert (partial / "predictions.jsonl").read_text().splitlines() == lines
 
 
 def test_limit_and_prompt_format_mismatch(tiny_vlm, tiny_tokenizer, data_root, tmp_path):
-    import eval_mm
+    from eval_mm.runner import evaluate
 
-    out = eval_mm.evaluate(
+    out = evaluate(
         tiny_vlm, tiny_tokenizer, ["synth_grounding"], data_root, tmp_path, limit=2, progress=False
     )
     assert out["synth_grounding"]["num_samples"] == 2
     with pytest.raises(ValueError, match="prompt format 'raw', not 'chatml'"):
-        eval_mm.evaluate(
+        evaluate(
             tiny_vlm,
             tiny_tokenizer,
             ["synth_grounding"],
@@ -181,9 +179,9 @@ def test_limit_and_prompt_format_mismatch(tiny_vlm, tiny_tokenizer, data_root, t
 
 
 def test_chatml_prompts_run(tiny_vlm, tiny_tokenizer, data_root, tmp_path):
-    import eval_mm
+    from eval_mm.runner import evaluate
 
-    out = eval_mm.evaluate(
+    out = evaluate(
         tiny_vlm,
         tiny_tokenizer,
         ["synth_mc", "synth_caption"],
@@ -201,10 +199,10 @@ def test_chatml_prompts_run(tiny_vlm, tiny_tokenizer, data_root, tmp_path):
 
 
 def test_missing_data_file_names_the_expected_path(tiny_vlm, tiny_tokenizer, tmp_path):
-    import eval_mm
+    from eval_mm.runner import evaluate
 
     with pytest.raises(FileNotFoundError, match=r"expected .*vqav2/vqav2_val.jsonl"):
-        eval_mm.evaluate(tiny_vlm, tiny_tokenizer, ["vqav2_val"], tmp_path, tmp_path / "out", progress=False)
+        evaluate(tiny_vlm, tiny_tokenizer, ["vqav2_val"], tmp_path, tmp_path / "out", progress=False)
 
 
 def test_checkpoint_without_tokenizer_is_a_clear_error(checkpoint, tmp_path):

@@ -183,11 +183,11 @@ def test_eval_run_scores_a_family_export_on_every_benchmark_kind(exports, data_r
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
 def test_the_other_families_score_in_process(family, exports, data_root, tmp_path):
     """In-process, with the prompts and images encoded in a DataLoader worker (the processor goes there)."""
-    import eval_mm
+    from eval_mm.runner import evaluate
 
     model, processor = load_pretrained(exports[family])
     benches = ["synth_grounding", "synth_mc", "synth_preference"]
-    results = eval_mm.evaluate(
+    results = evaluate(
         model,
         processor,
         benches,
@@ -201,7 +201,7 @@ def test_the_other_families_score_in_process(family, exports, data_root, tmp_pat
     )
     assert [results[b]["num_samples"] for b in benches] == [2, 2, 2]
     with pytest.raises(UserError, match="its own chat template only"):
-        eval_mm.evaluate(
+        evaluate(
             model,
             processor,
             ["synth_vqa"],

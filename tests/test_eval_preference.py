@@ -31,13 +31,13 @@ def test_preference_accuracy_is_the_share_of_pairs_whose_chosen_answer_is_likeli
 
 
 def test_synth_preference_scores_every_held_out_pair_with_its_margin(data_root, tmp_path, tiny_tokenizer):
-    import eval_mm
+    from eval_mm.runner import evaluate
     from models import build_vlm, load_tokenizer, presets
 
     tokenizer = load_tokenizer(data_root / "synthetic" / "tokenizer")
     torch.manual_seed(0)
     model = build_vlm(presets.tiny(vocab_size=len(tokenizer)), tokenizer=tokenizer).eval()
-    results = eval_mm.evaluate(
+    results = evaluate(
         model,
         tokenizer,
         ["synth_preference"],

@@ -28,13 +28,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import eval_mm
 from data.collate import count_images, split_rows, to_device
 from data.dataset import build_dataloader, load_data
 from eval_mm.benchmarks import get_benchmark
 from eval_mm.datasets import require_file
 from eval_mm.prompts import checkpoint_prompt_format
-from eval_mm.runner import print_summary
+from eval_mm.runner import evaluate, print_summary
 from eval_mm.sharding import barrier
 from models import load_pretrained
 from models.errors import MissingFileError, UserError
@@ -466,7 +465,7 @@ def evaluate_export(recipe: Recipe, export: Path, info: DistInfo) -> dict[str, d
     model, tokenizer = load_pretrained(export, device=info.device)  # an adapter goes on init_from, merged
     prompt_format = checkpoint_prompt_format(export)
     e = recipe.eval
-    results = eval_mm.evaluate(
+    results = evaluate(
         model,
         tokenizer,
         e.benches,

@@ -222,7 +222,7 @@ class EvalSection:
     benches: list[str] = field(default_factory=list)  # evaluated on the final export; empty = none
     data_root: str | None = None
     limit: int | None = None
-    batch_size: int = 32  # prompts per batch (eval_mm.evaluate)
+    batch_size: int = 32  # prompts per batch (eval_mm.runner.evaluate)
 
 
 @dataclass

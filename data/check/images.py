@@ -1,6 +1,6 @@
 """The image part of the dataset check: every distinct image path (or a random sample of them) is
 checked once, by a thread pool: ``exists`` (fast mode: the file is there) or ``decode`` (full mode:
-the whole image decodes, as data.images.decode_image does in training, at the size training resizes to).
+the whole image decodes, as data.image_files.decode_image does in training, at the size training resizes to).
 Threads suffice: Pillow
 releases the GIL while it decodes, and a network file system is latency-bound."""
 
@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
-from data.images import ImageLoadError, decode_image
+from data.image_files import ImageLoadError, decode_image
 
 PATHS_PER_TASK = 64  # paths per thread-pool task: amortises the pool's per-task cost on cheap stat() calls
 

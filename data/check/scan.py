@@ -19,7 +19,7 @@ from pathlib import Path
 from data.check.problems import PROBLEMS, classify, record_kind, text_problems
 from data.dataset import DataConfig, SampleBuilder, streamed_pair
 from data.formats import DataFormatError, detect_format, empty_answer_turn, iter_raw_records, normalize_record
-from data.images import ImageLoadError, decode_image
+from data.image_files import ImageLoadError, decode_image
 from data.sample import TokenizedSample, span_safe_cut, truncate_span_safe
 from data.sample_builder import FamilySampleBuilder
 from data.shards import ShardReader, expand_shard_patterns, shard_kind
