@@ -18,10 +18,8 @@ from pathlib import Path
 from eval_mm.benchmarks import BENCHMARKS, Benchmark, parse_bench_list
 from eval_mm.datasets import load_references
 from eval_mm.metrics import SAMPLE_SCORES, MetricOptions, paired_change, reward_accuracy, sample_scores
-from eval_mm.predictions import read_predictions
+from eval_mm.predictions import PREDICTIONS, read_predictions
 from models.errors import MissingFileError, UserError
-
-PREDICTIONS = "predictions.jsonl"
 
 
 def _predictions(run_dir: Path, bench: Benchmark) -> dict[str, str | float]:

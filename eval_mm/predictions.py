@@ -8,12 +8,19 @@ from pathlib import Path
 
 from models.errors import MissingFileError, UserError
 
+PREDICTIONS = "predictions.jsonl"  # a benchmark's merged predictions, one JSON record per line
+PARTS = "predictions.part*.jsonl"  # what each rank of an unfinished run wrote (predictions.part<R>.jsonl)
+
+
+def part_file(bench_dir: Path, rank: int) -> Path:
+    return bench_dir / f"predictions.part{rank}.jsonl"
+
 
 def read_predictions(bench_dir: Path) -> dict[str, dict]:
     """Records already predicted: the merged file plus the parts of an interrupted run. A truncated
     last line (a run killed mid-write) is ignored, and its sample predicted again."""
     records: dict[str, dict] = {}
-    files = [bench_dir / "predictions.jsonl", *sorted(bench_dir.glob("predictions.part*.jsonl"))]
+    files = [bench_dir / PREDICTIONS, *sorted(bench_dir.glob(PARTS))]
     for file in files:
         if not file.exists():
             continue

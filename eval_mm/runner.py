@@ -29,7 +29,7 @@ from eval_mm.family import (
 )
 from eval_mm.inference import BatchBuilder, PromptBatch, StaticCacheSlot, generate_answers, rank_options
 from eval_mm.metrics import MetricOptions, compute_metric
-from eval_mm.predictions import read_predictions
+from eval_mm.predictions import PARTS, PREDICTIONS, part_file, read_predictions
 from eval_mm.preference import PairBatchBuilder, score_pairs
 from eval_mm.sharding import barrier, broadcast_from_rank0, gather_to_all, shard_range, world
 from models.errors import UserError
@@ -126,7 +126,7 @@ def _evaluate_one(
         tokenizer,
         bench,
         mine,
-        bench_dir / f"predictions.part{rank}.jsonl",
+        part_file(bench_dir, rank),
         batch_size,
         prompt_format,
         num_workers,
@@ -140,10 +140,10 @@ def _evaluate_one(
         merged = {**done, **{r["id"]: r for r in new_records}}
         order = {s.id: i for i, s in enumerate(samples)}
         _write_jsonl(
-            bench_dir / "predictions.jsonl",
+            bench_dir / PREDICTIONS,
             sorted(merged.values(), key=lambda r: order.get(r["id"], len(order))),
         )
-        for part in bench_dir.glob("predictions.part*.jsonl"):
+        for part in bench_dir.glob(PARTS):
             part.unlink()
         predictions = {s.id: merged[s.id]["prediction"] for s in samples}
         metrics = compute_metric(

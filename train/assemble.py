@@ -26,7 +26,7 @@ from transformers import AutoConfig
 from data.config import DataConfig
 from data.sample_builder import FamilySampleBuilder, SampleBuilder
 from models import presets
-from models.attention import register_varlen_attention, set_vision_varlen
+from models.attention import set_vision_varlen
 from models.build import build_vlm, load_tokenizer
 from models.config import VLMConfig
 from models.errors import UserError
@@ -448,9 +448,9 @@ class HFFamily:
 
             convert_frozen_linears(vlm)
         if perf.attention == "varlen":
-            register_varlen_attention()
-            # The ViT too: one kernel call per block over every image's own boundaries (its windows', in
-            # Qwen2.5-VL's windowed blocks), where its SDPA path runs one call per image after a host sync.
+            # Registers the kernel (the LLM's "varlen" below) and runs the ViT through it too: one call per
+            # block over every image's own boundaries (its windows', in Qwen2.5-VL's windowed blocks), where
+            # its SDPA path runs one call per image after a host sync.
             set_vision_varlen(vlm.hf.model.visual.config)
         vlm.hf.model.language_model.set_attn_implementation(perf.attention)
         torch.backends.cuda.enable_cudnn_sdp(perf.cudnn_attention)  # process-wide, as apply_perf_switches
