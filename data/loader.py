@@ -19,7 +19,7 @@ from data.formats import (
 from data.image_files import ImageLoadError
 from data.map_style import Records, VLMDataset
 from data.sample_builder import FamilySampleBuilder, SampleBuilder
-from data.sampler import ResumableSampler
+from data.sampler import ResumableSampler, TokenBatchSampler
 from data.streamed_dataset import StreamingVLMDataset
 from models.errors import UserError
 
@@ -49,6 +49,7 @@ class ResumableLoader:
     batch_size: int
     max_bad_images: int
     sampler: ResumableSampler | None = None  # None when streaming
+    batch_sampler: TokenBatchSampler | None = None  # batches bounded by tokens (train.micro_batch_tokens)
     stats: stats.DataStats = field(default_factory=stats.DataStats)
     epoch: int = 0
     positions: dict[int, dict] = field(
@@ -67,6 +68,8 @@ class ResumableLoader:
         """Batches left in this epoch (map-style only)."""
         if self.sampler is None:
             raise TypeError("a streaming loader has no length")
+        if self.batch_sampler is not None:
+            return len(self.batch_sampler)
         return -(-len(self.sampler) // self.batch_size)
 
     def __iter__(self) -> Iterator[dict]:
@@ -181,19 +184,28 @@ def build_dataloader(
     preference: bool = False,
     records: Records | None = None,
     builder: SampleBuilder | FamilySampleBuilder | None = None,
+    batch_tokens: int | None = None,
 ) -> ResumableLoader:
     """The trainer's one entry point: a resumable loader of batch dicts (docs/design.md section 2).
 
     ``batch_size`` counts samples (preference pairs when ``preference``) per micro-batch and rank; with
-    packing they share fewer rows. ``records``: what ``load_data(config, preference)`` returned (loaded
-    here when not given). ``builder``: how a record becomes a sample (data.sample_builder; default the Qwen-VL
-    model's, from ``tokenizer`` and ``num_image_tokens``); a Hugging Face family's is read map-style only.
+    packing they share fewer rows. ``batch_tokens`` (packing, map-style): a micro-batch also stops before
+    its tokens would exceed this, ``batch_size`` then being a cap on its samples (data.sampler.token_batches;
+    every sample is tokenised once at start-up to know its length). ``records``: what
+    ``load_data(config, preference)`` returned (loaded here when not given). ``builder``: how a record
+    becomes a sample (data.sample_builder; default the Qwen-VL model's, from ``tokenizer`` and
+    ``num_image_tokens``); a Hugging Face family's is read map-style only.
     """
     builder = builder or SampleBuilder(tokenizer, num_image_tokens, config)
     if preference and config.streaming:
         raise DataFormatError("preference pairs are read map-style; set data.streaming: false")
     if not isinstance(builder, SampleBuilder) and config.streaming:
         raise DataFormatError("a Hugging Face family reads its data map-style; set data.streaming: false")
+    if batch_tokens is not None and (config.streaming or not config.packing):
+        raise UserError(
+            "train.micro_batch_tokens batches packed map-style data: set data.packing: true and "
+            "data.streaming: false, or leave it unset"
+        )
     collator = Collator(
         pad_id=builder.pad_id,
         image_size=config.image_size,
@@ -218,20 +230,27 @@ def build_dataloader(
             config.max_bad_images,
         )
     dataset = VLMDataset(config, tokenizer, num_image_tokens, preference, records, builder)
-    lengths = dataset.token_lengths() if config.group_by_length else None
+    lengths = dataset.token_lengths() if config.group_by_length or batch_tokens is not None else None
     sampler = ResumableSampler(
         len(dataset),
         seed=config.seed,
         rank=rank,
         world_size=world_size,
         shuffle=config.shuffle,
-        lengths=lengths,
+        lengths=lengths if config.group_by_length else None,
     )
+    if batch_tokens is None:
+        batch_sampler = None
+        batching = {"sampler": sampler, "batch_size": batch_size}
+    else:
+        batch_sampler = TokenBatchSampler(sampler, lengths, max_tokens=batch_tokens, max_samples=batch_size)
+        batching = {"batch_sampler": batch_sampler}
     loader = ResumableLoader(
-        DataLoader(dataset, sampler=sampler, batch_size=batch_size, collate_fn=collator, **common),
+        DataLoader(dataset, collate_fn=collator, **batching, **common),
         batch_size,
         config.max_bad_images,
         sampler=sampler,
+        batch_sampler=batch_sampler,
     )
     loader.stats.start_with_missing_images(dataset.data.missing_images, dataset.data.dropped)
     return loader

@@ -24,6 +24,8 @@ from data.sample_builder import FamilySampleBuilder, SampleBuilder
 
 logger = logging.getLogger(__name__)
 
+LENGTHS_PROGRESS_FROM = 20_000  # records: below this the lengths take seconds, no progress bar
+
 
 @dataclass
 class Records:
@@ -146,13 +148,27 @@ class VLMDataset(Dataset):
         return item
 
     def token_lengths(self) -> list[int]:
-        """Token count of every sample (of both sequences of a pair; tokenises everything once: used for
-        length grouping)."""
+        """Token count of every sample (of both sequences of a pair), for length grouping and batches bounded
+        by tokens. Tokenises everything once, reading each image's size from its header where images take
+        their own token counts (about 1.3 ms a record for a family on one core: a progress bar shows it). A
+        record whose image cannot be read counts 0: building it skips it, counted as a bad image."""
         max_len = self.builder.config.max_len
 
         def length(record: dict, where: str) -> int:
-            if is_preference(record):
-                return sum(min(len(s), max_len) for s in self.builder.tokenize_pair(record, where))
-            return min(len(self.builder.tokenize(record, where)), max_len)
+            try:
+                if is_preference(record):
+                    return sum(min(len(s), max_len) for s in self.builder.tokenize_pair(record, where))
+                return min(len(self.builder.tokenize(record, where)), max_len)
+            except ImageLoadError:
+                return 0
 
-        return [length(r, w) for r, w in zip(self.records, self.wheres, strict=True)]
+        pairs = zip(self.records, self.wheres, strict=True)
+        bar = tqdm(
+            pairs,
+            total=len(self.records),
+            desc="sample lengths",
+            unit="rec",
+            mininterval=2.0,
+            disable=len(self.records) < LENGTHS_PROGRESS_FROM,
+        )
+        return [length(r, w) for r, w in bar]

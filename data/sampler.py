@@ -11,7 +11,7 @@ samples it would have seen.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -102,3 +102,49 @@ class ResumableSampler(Sampler[int]):
                     "the resumed order would differ"
                 )
         self.epoch, self.consumed = state["epoch"], state["consumed"]
+
+
+def token_batches(
+    indices: Iterable[int], lengths: Sequence[int], max_tokens: int, max_samples: int
+) -> Iterator[list[int]]:
+    """Consecutive samples grouped greedily, in order: a batch closes when the next sample would bring its
+    tokens above ``max_tokens`` or its count above ``max_samples``; a sample longer than ``max_tokens`` is a
+    batch of its own. A pure function of where it starts, so a run resumed at a batch boundary forms the
+    same batches as the run it continues."""
+    batch: list[int] = []
+    tokens = 0
+    for i in indices:
+        n = lengths[i]
+        if batch and (tokens + n > max_tokens or len(batch) == max_samples):
+            yield batch
+            batch, tokens = [], 0
+        batch.append(i)
+        tokens += n
+    if batch:
+        yield batch
+
+
+class TokenBatchSampler(Sampler[list[int]]):
+    """Micro-batches bounded by tokens (``train.micro_batch_tokens``) over a ResumableSampler's order.
+
+    At native resolution a sample's token count is set by its images (4 to 16,384 tokens an image in the
+    Hugging Face families): a fixed number of samples makes steps of very different work and memory, and
+    short samples leave a packed row mostly empty. Batching by tokens keeps every step near the same work,
+    as fairseq's ``--max-tokens`` does. The position stays the ResumableSampler's (samples consumed, advanced
+    by the loader as batches are delivered), so resume and rank sharding are unchanged; ranks may form
+    different numbers of batches in an epoch (the trainer runs the same number of steps on every rank)."""
+
+    def __init__(
+        self, sampler: ResumableSampler, lengths: Sequence[int], max_tokens: int, max_samples: int
+    ) -> None:
+        if len(lengths) != sampler.num_samples:
+            raise ValueError(f"{len(lengths)} lengths for {sampler.num_samples} samples")
+        self.sampler, self.lengths = sampler, lengths
+        self.max_tokens, self.max_samples = max_tokens, max_samples
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return token_batches(self.sampler, self.lengths, self.max_tokens, self.max_samples)
+
+    def __len__(self) -> int:
+        """Batches left in this epoch."""
+        return sum(1 for _ in self)

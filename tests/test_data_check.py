@@ -270,6 +270,25 @@ def test_packing_changes_the_padding_estimate_not_the_samples(folder, tiny_token
     assert packed4["batches"]["padding_fraction"] < padded4["batches"]["padding_fraction"]
 
 
+def test_the_padding_estimate_forms_the_trainers_token_bounded_batches(folder, tiny_tokenizer):
+    """train.micro_batch_tokens: a bound no sample pair fits makes every sample its own batch (no padding);
+    a bound nothing reaches leaves micro_batch's batches."""
+    path = write(folder, "bounded.json", clean_records())
+    config = DataConfig(paths=[str(path)], max_len=64, packing=True)  # four samples take more than a row
+
+    def batches(**bound):
+        options = CheckOptions(progress=False, workers=1, micro_batch=4, **bound)
+        return check_data(config, tiny_tokenizer, N_IMG, options).report["batches"]
+
+    by_samples = batches()
+    assert by_samples["padding_fraction"] > 0
+    assert {
+        k: v for k, v in batches(micro_batch_tokens=10**9).items() if k != "micro_batch_tokens"
+    } == by_samples
+    alone = batches(micro_batch_tokens=1)
+    assert alone["padding_fraction"] == 0 and alone["micro_batch_tokens"] == 1
+
+
 def test_streamed_pretraining_pairs_are_checked_like_the_streaming_dataset(folder, tiny_tokenizer):
     pairs = [{"img": "a.png", "text": f"a red picture {i}"} for i in range(5)] + [
         {"img": "nope.png", "text": "x"}

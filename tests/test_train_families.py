@@ -8,6 +8,7 @@ counts each image's own tokens, and ZeRO-3 on 2 processes survives steps mixing 
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from pathlib import Path
@@ -176,8 +177,6 @@ def test_the_data_check_counts_each_images_own_tokens_as_the_processor_does(worl
     """Two records, one with a small image and one with a small and a large one: the check's token total is
     what the family's own processor gives the same conversations (each image its own grid within the
     recipe's pixel budget), and the report says images have no fixed count."""
-    import json
-
     from PIL import Image
 
     from models.families.processor import build_family_processor
@@ -234,6 +233,26 @@ def check_data_report(recipe, tokenizer, builder) -> dict:
     return {**report.report, "text": report.text()}
 
 
+def train_on_two_ranks(world: Path, folder: Path, records: list[dict], *settings: str) -> Path:
+    """The tiny family recipe on ``records`` (written to FOLDER/records.json, read in order) under torchrun
+    with 2 processes; returns the run directory."""
+    (folder / "records.json").write_text(json.dumps(records))
+    run = folder / "run"
+    run_train(
+        [
+            str(RECIPE),
+            f"model.tokenizer_path={world / TIKTOKEN}",
+            f"data.paths=[{folder / 'records.json'}]",
+            f"checkpoint.out_dir={run}",
+            "data.shuffle=false",
+            *settings,
+        ],
+        nproc=2,
+        timeout=240,
+    )
+    return run
+
+
 @pytest.mark.slow
 def test_zero3_on_two_processes_with_text_only_and_image_samples_in_one_step(world, tmp_path):
     """One sample per rank and step, in order: records I T T I T I I T (image / text only) put an image
@@ -241,8 +260,6 @@ def test_zero3_on_two_processes_with_text_only_and_image_samples_in_one_step(wor
     them. The text-only rank runs the ViT on a blank image at the same point of its forward, so ZeRO-3's
     parameter gathers match on both ranks: the run finishes (a mismatch aborts the collective or hangs until
     the timeout) and exports whole weights."""
-    import json
-
     from models import load_pretrained
 
     image, text = (
@@ -256,25 +273,45 @@ def test_zero3_on_two_processes_with_text_only_and_image_samples_in_one_step(wor
         [{"from": "user", "value": "Say something."}, {"from": "assistant", "value": "Something."}],
     )
     records = [{"conversations": image(i) if kind == "I" else text} for i, kind in enumerate("ITTITIIT")]
-    (tmp_path / "mixed.json").write_text(json.dumps(records))
-    run = tmp_path / "zero3"
-    run_train(
-        [
-            str(RECIPE),
-            f"model.tokenizer_path={world / TIKTOKEN}",
-            f"data.paths=[{tmp_path / 'mixed.json'}]",
-            f"checkpoint.out_dir={run}",
-            "parallel.mode=zero3",
-            "train.micro_batch=1",
-            "train.steps=4",
-            "data.shuffle=false",
-        ],
-        nproc=2,
-        timeout=240,
+    run = train_on_two_ranks(
+        world, tmp_path, records, "parallel.mode=zero3", "train.micro_batch=1", "train.steps=4"
     )
     assert all(np.isfinite(v) for v in read_losses(run).values()) and len(read_losses(run)) == 4
     model, _ = load_pretrained(run / "final")  # gathered from the shards
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_token_bounded_micro_batches_keep_two_ranks_in_step_when_they_form_different_numbers(world, tmp_path):
+    """train.micro_batch_tokens with train.epochs under DDP on 2 processes. In order, rank 0 takes the
+    records with an image (153 tokens each) and rank 1 the short text-only ones (65): under a bound of 200
+    tokens rank 0 forms 6 micro-batches of one sample, rank 1 two of three. Both ranks run the fewer (one
+    epoch = 2 steps); a rank planning its own 6 would wait for the other in its third step's all-reduce."""
+    image = [
+        {"from": "user", "value": "<img>{}</img>\nWhat color is the picture? Describe it in detail."},
+        {"from": "assistant", "value": "A colour, and a long answer about it."},
+    ]
+    text = [{"from": "user", "value": "Hi."}, {"from": "assistant", "value": "Hi."}]
+    records = []
+    for i in range(12):
+        path = world / "images" / f"{i % 8}.png"
+        turns = [{**image[0], "value": image[0]["value"].format(path)}, image[1]] if i % 2 == 0 else text
+        records.append({"conversations": turns})
+    run = train_on_two_ranks(
+        world,
+        tmp_path,
+        records,
+        "parallel.mode=ddp",
+        "data.packing=true",
+        "train.micro_batch=4",
+        "train.micro_batch_tokens=200",
+        "train.steps=null",
+        "train.epochs=1",
+    )
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["tokens"] for r in rows] == [153 + 3 * 65] * 2  # rank 0's one sample, rank 1's three
+    assert (run / "final" / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize(

@@ -183,6 +183,19 @@ def test_pack_len_needs_packing_a_row_at_least_max_len_and_attention_confined_wi
     )
 
 
+def test_micro_batches_bounded_by_tokens_need_packed_map_style_data(tmp_path):
+    f = write(tmp_path / "r.yaml", BASE)
+    for data in (["data.packing=false"], ["data.packing=true", "data.streaming=true"]):
+        with pytest.raises(
+            RecipeError, match="'train.micro_batch_tokens' bounds micro-batches of packed map"
+        ):
+            load_recipe(f, [*data, "train.micro_batch_tokens=4096"])
+    assert (
+        load_recipe(f, ["data.packing=true", "train.micro_batch_tokens=4096"]).train.micro_batch_tokens
+        == 4096
+    )
+
+
 @pytest.mark.parametrize("name", FULL_SCALE)
 def test_full_scale_recipes_load(name):
     load_recipe(REPO / "recipes" / name)
@@ -280,6 +293,7 @@ def test_each_section_checks_its_own_rules_where_it_is_defined():
         ),
         (TrainSection(steps=10, epochs=1.0), "set exactly one of 'train.steps' and 'train.epochs'"),
         (TrainSection(steps=10, micro_batch=0), "'train.micro_batch' must be >= 1"),
+        (TrainSection(steps=10, micro_batch_tokens=0), "'train.micro_batch_tokens' must be >= 1"),
         (
             ModelSection(openclip_name="ViT-bigG-14", preset="tiny"),
             "'model.openclip_name' and 'model.openclip_checkpoint'",

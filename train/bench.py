@@ -11,7 +11,8 @@ step here:
 - ``plain``: the anchor, the way the reference finetune.py trains with Hugging Face: one padded sample per
   row with an attention mask, SDPA, labels into the full-logit cross-entropy, every decoder layer
   checkpointed, fp32 master copies of frozen weights, nothing compiled; two samples per forward (the
-  reference's per-device batch) with gradient accumulation to the recipe's samples per step.
+  reference's per-device batch) with gradient accumulation to the recipe's samples per step (16 where the
+  recipe bounds its micro-batches by tokens).
 
 It prints tokens/s (sample tokens, row padding excluded) and samples/s over the steps after ``--warmup``,
 MFU by the loop's model-FLOP convention (train/flops.py), the peak memory the loop logs
@@ -59,7 +60,9 @@ PLAIN = [  # the reference's way (see the module docstring)
     "perf.fused_lora=false",
     "perf.cudnn_attention=true",
     "train.memory_budget=null",
+    "train.micro_batch_tokens=null",
 ]
+PLAIN_SAMPLES_PER_STEP = 16  # the anchor's step where the recipe bounds micro-batches by tokens
 
 
 @dataclass
@@ -288,9 +291,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m train.bench") -> 
 
 
 def plain_batching(recipe_path: str, overrides: list[str]) -> list[str]:
-    """The anchor's batching: two samples per forward, accumulated to the recipe's samples per step."""
+    """The anchor's batching: two samples per forward, accumulated to the recipe's samples per step; where
+    the recipe bounds its micro-batches by tokens (train.micro_batch_tokens), to 16 samples a step (the
+    Qwen-VL reference's per-GPU batch): one padded sample per row, the anchor's tokens/s does not depend
+    on how many samples its step holds."""
     t = load_recipe(recipe_path, overrides).train
     per_step = t.micro_batch * t.grad_accum
+    if t.micro_batch_tokens is not None:
+        per_step = PLAIN_SAMPLES_PER_STEP * t.grad_accum
     return [f"train.micro_batch={min(2, per_step)}", f"train.grad_accum={max(1, per_step // 2)}"]
 
 

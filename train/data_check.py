@@ -74,6 +74,7 @@ def _run_check(recipe: Recipe, run_dir: Path) -> str | None:
         mode=data.check,
         max_error_fraction=data.check_max_error_fraction,
         micro_batch=recipe.train.micro_batch,
+        micro_batch_tokens=recipe.train.micro_batch_tokens,
         progress=recipe.log.progress_bar,
         limit=STREAMING_STARTUP_RECORDS if data.streaming else None,
     )

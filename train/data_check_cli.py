@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m data.check") -> i
         image_sample=args.image_sample,
         limit=args.limit,
         micro_batch=args.micro_batch or recipe.train.micro_batch,
+        micro_batch_tokens=recipe.train.micro_batch_tokens,
         progress=not args.no_progress,
     )
     tokenizer = recipe_tokenizer(recipe.model)

@@ -48,7 +48,7 @@ from train.freeze import trainable_table
 from train.logger import MetricLogger, peak_flops_per_device
 from train.objectives import LanguageModelling, Objective, build_objective, count_supervised
 from train.optim import build_optimizer, build_scheduler
-from train.parallel import DistInfo, Engine, all_reduce_sum, init_distributed, resolve_mode
+from train.parallel import DistInfo, Engine, all_reduce_min, all_reduce_sum, init_distributed, resolve_mode
 from train.plan import plan_model, settle_budget
 from train.recipe import Recipe, recipe_to_dict, save_resolved
 
@@ -170,6 +170,7 @@ class Trainer:
             recipe.data,
             builder=self.builder,
             batch_size=recipe.train.micro_batch,
+            batch_tokens=recipe.train.micro_batch_tokens,
             rank=info.rank,
             world_size=info.world_size,
             preference=preference,
@@ -177,10 +178,9 @@ class Trainer:
         )
         if recipe.train.steps is not None:
             self.total_steps = recipe.train.steps
-        else:
-            self.total_steps = max(
-                1, math.floor(recipe.train.epochs * len(self.loader) / recipe.train.grad_accum)
-            )
+        else:  # batches bounded by tokens: ranks may form different numbers; all run the fewest
+            batches = all_reduce_min(len(self.loader), info.device)
+            self.total_steps = max(1, math.floor(recipe.train.epochs * batches / recipe.train.grad_accum))
         self.last_step = min(self.total_steps, recipe.train.stop_after_steps or self.total_steps)
 
         # ---- optimiser, schedule, parallel engine, the stage's objective

@@ -244,6 +244,16 @@ def samples_per_row(data, tokens_per_sample: float, group: int = 1) -> int:
     return group * max(1, int(data.row_len // (group * tokens_per_sample)))
 
 
+def samples_per_micro_batch(train, tokens_per_sample: float, group: int = 1) -> int:
+    """Samples (DPO: pairs of ``group`` sequences) of ``tokens_per_sample`` tokens each in a micro-batch:
+    ``train.micro_batch``, or fewer where ``train.micro_batch_tokens`` closes it first (at least one,
+    data.sampler.token_batches)."""
+    if train.micro_batch_tokens is None:
+        return train.micro_batch
+    fitting = int(train.micro_batch_tokens // (group * tokens_per_sample))
+    return max(1, min(train.micro_batch, fitting))
+
+
 def micro_batch_shape(
     data,
     micro_batch: int,
@@ -345,9 +355,9 @@ def settle_budget(
     images = tokens / (model.shape.dims.queries + 2)  # the image's start + slots + end
 
     def batch_for(max_forward_tokens: int | None) -> MicroBatch:
-        return micro_batch_shape(
-            data, recipe.train.micro_batch, tokens, images, max_forward_tokens, 2 if setup.reference else 1
-        )
+        group = 2 if setup.reference else 1
+        samples = samples_per_micro_batch(recipe.train, tokens, group)
+        return micro_batch_shape(data, samples, tokens, images, max_forward_tokens, group)
 
     whole = batch_for(None)
     forwards = sorted({whole.row_len * min(2**i, whole.rows) for i in range(whole.rows.bit_length() + 1)})
@@ -420,7 +430,7 @@ def make_plan(
         )
         return batch, estimate(model.counts, dims, setup, batch)
 
-    batch, est = estimate_for(recipe.train.micro_batch)
+    batch, est = estimate_for(samples_per_micro_batch(recipe.train, tokens, group))
     # The training loop's FLOP count: train.loop (adapters in the ViT per patch; DPO's reference forward).
     llm_lora = model.counts.lora - model.vision_lora
     rates = step_flops(

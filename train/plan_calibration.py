@@ -115,6 +115,8 @@ def calibrate(measurements: list[Measurement] = MEASUREMENTS) -> list[Row]:
                 recipe.quantization,
                 recipe.optim,
                 recipe.data.image_size,
+                recipe.data.min_pixels,  # a family's image sizes (the model plan's per-image shapes)
+                recipe.data.max_pixels,
             )
         )
         if key not in models:

@@ -156,7 +156,11 @@ class ScheduleSection:
 class TrainSection:
     steps: int | None = None  # optimiser steps; exactly one of steps / epochs
     epochs: float | None = None
-    micro_batch: int = 1  # samples (or packed rows) per rank per forward
+    micro_batch: int = 1  # samples (preference pairs) per rank and micro-batch
+    # Packed map-style data: a micro-batch also closes before its tokens would exceed this (micro_batch then
+    # caps its samples), so steps hold about the same work whatever the images' sizes (data.sampler.
+    # token_batches; the samples' lengths are counted once at start-up). None: micro_batch samples.
+    micro_batch_tokens: int | None = None
     grad_accum: int = 1
     bf16: bool = True  # autocast to bfloat16 (parameters stay fp32 outside DeepSpeed)
     grad_checkpointing: bool = False
@@ -191,6 +195,10 @@ class TrainSection:
         for name in ("micro_batch", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"'train.{name}' must be >= 1")
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
+            raise ValueError(
+                "'train.micro_batch_tokens' must be >= 1 (or null: batches of micro_batch samples)"
+            )
 
 
 @dataclass
@@ -680,6 +688,11 @@ def _check_consistency(recipe: Recipe) -> None:
         raise ValueError(
             f"'data.pack_len' > 'data.max_len' with 'perf.attention: sdpa' builds a dense "
             f"{d.pack_len}x{d.pack_len} mask per row; use varlen or flex_attention"
+        )
+    if recipe.train.micro_batch_tokens is not None and (d.streaming or not d.packing):
+        raise ValueError(
+            "'train.micro_batch_tokens' bounds micro-batches of packed map-style data: set "
+            "'data.packing: true' and 'data.streaming: false', or leave it unset"
         )
     if recipe.lora.vision_targets and recipe.freeze.vision == "train":
         raise ValueError("'lora.vision_targets' adapts a frozen vision tower; set 'freeze.vision: frozen'")

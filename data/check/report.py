@@ -18,7 +18,7 @@ import numpy as np
 
 from data.check.problems import IMAGE_PROBLEMS, PROBLEMS
 from data.packing import plan_rows
-from data.sampler import ResumableSampler
+from data.sampler import ResumableSampler, token_batches
 from models.errors import UserError
 
 if TYPE_CHECKING:
@@ -147,7 +147,7 @@ def build_report(
             "supervised": supervised,
             "supervised_fraction": supervised / used if used else 0.0,
         },
-        "batches": batch_padding(kept, config, options.micro_batch),
+        "batches": batch_padding(kept, config, options.micro_batch, options.micro_batch_tokens),
         "problems": problems,
         "images": {
             "distinct": len(totals.image_ids),
@@ -206,11 +206,16 @@ def length_histogram(lengths: np.ndarray, max_len: int) -> list[dict[str, int]]:
     return [{"from": lo, "to": hi - 1, "samples": int(c)} for lo, hi, c in zip(edges, edges[1:], counts)]
 
 
-def batch_padding(kept: np.ndarray, config: DataConfig, micro_batch: int) -> dict[str, Any]:
+def batch_padding(
+    kept: np.ndarray, config: DataConfig, micro_batch: int, micro_batch_tokens: int | None = None
+) -> dict[str, Any]:
     """Token slots the batches of one epoch would hold (samples dealt in the sampler's epoch-0 order on
-    one rank, micro_batch at a time; padded to the longest sample, or packed into rows of pack_len and
-    padded to the longest row) and the fraction of them that is padding."""
+    one rank, micro_batch at a time, or as the trainer bounds them by ``micro_batch_tokens``; padded to the
+    longest sample, or packed into rows of pack_len and padded to the longest row) and the fraction of them
+    that is padding."""
     out: dict[str, Any] = {"micro_batch": micro_batch, "packing": config.packing}
+    if micro_batch_tokens is not None:
+        out["micro_batch_tokens"] = micro_batch_tokens
     if not len(kept) or not kept.any():
         return out
     lengths = np.minimum(kept, config.max_len)
@@ -221,10 +226,14 @@ def batch_padding(kept: np.ndarray, config: DataConfig, micro_batch: int) -> dic
         lengths=lengths.tolist() if config.group_by_length else None,
     )
     order = sampler.epoch_order(0)
+    if micro_batch_tokens is None:
+        batches = [order[start : start + micro_batch] for start in range(0, len(order), micro_batch)]
+    else:
+        batches = token_batches(order, lengths.tolist(), micro_batch_tokens, micro_batch)
     row_len = config.row_len
     slots = 0
-    for start in range(0, len(order), micro_batch):
-        batch = [int(kept[i]) for i in order[start : start + micro_batch] if kept[i] > 0]  # 0: dropped
+    for indices in batches:
+        batch = [int(kept[i]) for i in indices if kept[i] > 0]  # 0: dropped
         if not batch:
             continue
         if config.packing:
@@ -290,8 +299,14 @@ def render_text(r: dict[str, Any]) -> str:
         )
     batches = r["batches"]
     if "padding_fraction" in batches:
+        bound = batches.get("micro_batch_tokens")
+        size = (
+            f"at most {batches['micro_batch']} samples and {bound:,} tokens"
+            if bound
+            else batches["micro_batch"]
+        )
         lines.append(
-            f"batches of {batches['micro_batch']} (epoch-0 order, one rank): "
+            f"batches of {size} (epoch-0 order, one rank): "
             f"{100 * batches['padding_fraction']:.1f}% of {batches['token_slots']:,} token slots are padding"
         )
     im = r["images"]

@@ -44,6 +44,9 @@ class CheckOptions:
     image_sample: int | None = None  # check only this many distinct images, drawn at random
     limit: int | None = None  # read only the first N records
     micro_batch: int = 1  # samples per micro-batch, for the padding estimate
+    micro_batch_tokens: int | None = (
+        None  # the trainer's token bound on a micro-batch (train.micro_batch_tokens)
+    )
     progress: bool = True
     max_examples: int = 5  # examples listed per problem kind
 
