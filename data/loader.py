@@ -230,7 +230,10 @@ def build_dataloader(
             config.max_bad_images,
         )
     dataset = VLMDataset(config, tokenizer, num_image_tokens, preference, records, builder)
-    lengths = dataset.token_lengths() if config.group_by_length or batch_tokens is not None else None
+    if config.group_by_length or batch_tokens is not None:
+        lengths = dataset.token_lengths(config.num_workers)
+    else:
+        lengths = None
     sampler = ResumableSampler(
         len(dataset),
         seed=config.seed,

@@ -109,6 +109,18 @@ def epoch_batches(loader, tok) -> list[list[int]]:
     return [sample_ids(b, tok) for b in loader]
 
 
+def test_sample_lengths_counted_in_worker_processes_are_those_counted_in_order(
+    data_file, tiny_tokenizer, monkeypatch
+):
+    import data.map_style
+
+    monkeypatch.setattr(data.map_style, "LENGTHS_CHUNK", 5)  # 23 samples: 5 chunks over 2 workers
+    dataset = make_loader(data_file, tiny_tokenizer, rank=0, batch_tokens=BATCH_TOKENS).dataloader.dataset
+    in_order = dataset.token_lengths(num_workers=0)
+    assert in_order == [dataset.token_length(i) for i in range(N)] and len(set(in_order)) > 1
+    assert dataset.token_lengths(num_workers=2) == in_order
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("batch_tokens", [None, BATCH_TOKENS], ids=["samples", "tokens"])
 def test_resumed_run_sees_exactly_the_samples_of_an_uninterrupted_run(
