@@ -192,6 +192,17 @@ def test_the_planned_peak_is_the_planners_for_the_chosen_settings(qwen2_5_vl, re
     assert estimate(qwen2_5_vl.counts, qwen2_5_vl.shape.dims, tighter, plan.batch).process_peak > 40 * GiB
 
 
+def test_a_plan_says_when_its_samples_cannot_hold_the_images_it_plans(qwen2_5_vl, released_qwen_tiktoken):
+    recipe = qwen2_5_vl_lora(released_qwen_tiktoken)  # images planned at data.max_pixels: 1,280 tokens
+
+    def warned(tokens: int, images: float) -> bool:
+        plan = make_plan(recipe, "r", tokens_per_sample=tokens, images_per_sample=images, model=qwen2_5_vl)
+        return any("cannot hold" in note for note in plan.notes)
+
+    assert warned(200, 1.0) and warned(2000, 2.0)
+    assert not warned(1282, 1.0) and not warned(4096, 3.0) and not warned(200, 0.0)
+
+
 def test_a_trained_vit_is_checkpointed_by_the_budget_but_never_the_merger(qwen2_5_vl, released_qwen_tiktoken):
     plan = make_plan(
         qwen2_5_vl_lora(released_qwen_tiktoken, "train.memory_budget=null"), "r", model=qwen2_5_vl

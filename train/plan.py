@@ -423,6 +423,13 @@ def make_plan(
     setup = setup_of(recipe, model, gpus, notes, source)
     dims = model.shape.dims
     group = 2 if setup.reference else 1  # DPO: a pair is two sequences
+    image_tokens = images_per_sample * (dims.queries + 2)  # the image's start + slots + end
+    if image_tokens > tokens:  # a family's image planned at data.max_pixels, larger than such samples hold
+        notes.append(
+            f"{images_per_sample:g} image(s) a sample, each {model.shape.image}, take {image_tokens:,.0f} "
+            f"tokens, more than a sample's {tokens:g}: the vision part is planned for images these samples "
+            "cannot hold; set data.max_pixels to your images' size"
+        )
 
     def estimate_for(micro_batch: int) -> tuple[MicroBatch, Estimate]:
         batch = micro_batch_shape(
