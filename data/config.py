@@ -70,6 +70,15 @@ class DataConfig:
         limit, which is also a packed row's by default)."""
         return self.pack_len or self.max_len
 
+    def check_token_batches(self) -> None:
+        """Raise ValueError unless micro-batches bounded by tokens (train.micro_batch_tokens) can be formed
+        here: they need every sample's length before the epoch starts, so packed map-style data."""
+        if self.streaming or not self.packing:
+            raise ValueError(
+                "'train.micro_batch_tokens' bounds micro-batches of packed map-style data: set "
+                "'data.packing: true' and 'data.streaming: false', or leave it unset"
+            )
+
     def validate(self) -> None:
         """Raise ValueError naming the key when the section contradicts itself (the recipe loader adds the
         file; rules that involve other sections are the recipe's, train/recipe.py)."""

@@ -201,11 +201,11 @@ def build_dataloader(
         raise DataFormatError("preference pairs are read map-style; set data.streaming: false")
     if not isinstance(builder, SampleBuilder) and config.streaming:
         raise DataFormatError("a Hugging Face family reads its data map-style; set data.streaming: false")
-    if batch_tokens is not None and (config.streaming or not config.packing):
-        raise UserError(
-            "train.micro_batch_tokens batches packed map-style data: set data.packing: true and "
-            "data.streaming: false, or leave it unset"
-        )
+    if batch_tokens is not None:
+        try:
+            config.check_token_batches()
+        except ValueError as e:
+            raise UserError(str(e)) from None
     collator = Collator(
         pad_id=builder.pad_id,
         image_size=config.image_size,

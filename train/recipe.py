@@ -689,11 +689,8 @@ def _check_consistency(recipe: Recipe) -> None:
             f"'data.pack_len' > 'data.max_len' with 'perf.attention: sdpa' builds a dense "
             f"{d.pack_len}x{d.pack_len} mask per row; use varlen or flex_attention"
         )
-    if recipe.train.micro_batch_tokens is not None and (d.streaming or not d.packing):
-        raise ValueError(
-            "'train.micro_batch_tokens' bounds micro-batches of packed map-style data: set "
-            "'data.packing: true' and 'data.streaming: false', or leave it unset"
-        )
+    if recipe.train.micro_batch_tokens is not None:
+        d.check_token_batches()
     if recipe.lora.vision_targets and recipe.freeze.vision == "train":
         raise ValueError("'lora.vision_targets' adapts a frozen vision tower; set 'freeze.vision: frozen'")
     if recipe.model.family != "qwen_vl":
